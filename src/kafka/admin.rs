@@ -1,0 +1,108 @@
+//! Internal topics: created if missing, with the right partitions and cleanup policy.
+//! A broker that refuses or ignores CreateTopics is tolerated when the topic exists anyway
+//! (or is auto-created on first produce); this is checked through metadata.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::types::RDKafkaErrorCode;
+
+use super::{KafkaError, KafkaSettings};
+
+/// Partition count of `topic`, `None` if it does not exist.
+pub fn partition_count(
+    settings: &KafkaSettings,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<i32>, KafkaError> {
+    let c: BaseConsumer = settings.restore_consumer("readstate-metadata").create()?;
+    let md = c.fetch_metadata(Some(topic), timeout)?;
+    Ok(md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .and_then(|t| {
+            if t.error().is_some() || t.partitions().is_empty() {
+                None
+            } else {
+                Some(t.partitions().len() as i32)
+            }
+        }))
+}
+
+/// An internal topic to make sure of.
+#[derive(Debug, Clone)]
+pub struct TopicRequest {
+    pub name: String,
+    pub partitions: i32,
+    pub compacted: bool,
+    pub replication: i32,
+}
+
+/// Create every missing topic. Topics that already exist are left as they are. If creation
+/// fails or times out but the topic exists afterwards, that is fine; otherwise a warning is
+/// logged and the topic is left to broker auto-creation.
+pub async fn ensure_topics(
+    settings: &KafkaSettings,
+    topics: &[TopicRequest],
+    timeout: Duration,
+) -> Result<(), KafkaError> {
+    let mut missing = Vec::new();
+    for t in topics {
+        if partition_count(settings, &t.name, timeout)?.is_none() {
+            missing.push(t);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        settings.restore_consumer("readstate-admin").create()?;
+    let new: Vec<NewTopic<'_>> = missing
+        .iter()
+        .map(|t| {
+            let nt = NewTopic::new(
+                &t.name,
+                t.partitions,
+                TopicReplication::Fixed(t.replication),
+            );
+            if t.compacted {
+                nt.set("cleanup.policy", "compact")
+            } else {
+                nt
+            }
+        })
+        .collect();
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout));
+    match tokio::time::timeout(
+        timeout + Duration::from_secs(1),
+        admin.create_topics(&new, &opts),
+    )
+    .await
+    {
+        Ok(Ok(results)) => {
+            for r in results {
+                match r {
+                    Ok(name) => tracing::info!(topic = %name, "created internal topic"),
+                    Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                        tracing::debug!(topic = %name, "topic exists")
+                    }
+                    Err((name, code)) => {
+                        tracing::warn!(topic = %name, error = %code, "could not create topic")
+                    }
+                }
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "CreateTopics failed; relying on existing or auto-created topics")
+        }
+        Err(_) => {
+            tracing::warn!("CreateTopics timed out; relying on existing or auto-created topics")
+        }
+    }
+    Ok(())
+}

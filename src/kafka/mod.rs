@@ -1,0 +1,102 @@
+//! Kafka clients: settings shared by consumers and producers, and internal-topic admin.
+
+pub mod admin;
+
+use rdkafka::config::ClientConfig;
+
+/// Errors of the Kafka layer.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    #[error("kafka: {0}")]
+    Client(#[from] rdkafka::error::KafkaError),
+    #[error("topic {topic} does not exist and could not be created: {reason}")]
+    MissingTopic { topic: String, reason: String },
+    #[error("delivery of {failed} record(s) failed: {last}")]
+    Delivery { failed: u64, last: String },
+    #[error("invalid kafka property {0:?} (expected key=value)")]
+    Property(String),
+}
+
+/// Broker address and librdkafka properties passed through (`-X key=value`).
+#[derive(Debug, Clone, Default)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub properties: Vec<(String, String)>,
+}
+
+impl KafkaSettings {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            properties: Vec::new(),
+        }
+    }
+
+    /// Add `key=value` pairs, rejecting anything else.
+    pub fn with_properties(mut self, props: &[String]) -> Result<Self, KafkaError> {
+        for p in props {
+            let (k, v) = p
+                .split_once('=')
+                .ok_or_else(|| KafkaError::Property(p.clone()))?;
+            self.properties
+                .push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+        Ok(self)
+    }
+
+    fn base(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        c
+    }
+
+    fn apply_overrides(&self, c: &mut ClientConfig) {
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+    }
+
+    /// A group consumer: manual offset commits, cooperative-sticky assignment.
+    pub fn consumer(&self, group: &str) -> ClientConfig {
+        let mut c = self.base();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.partition.eof", "false")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("fetch.wait.max.ms", "50");
+        self.apply_overrides(&mut c);
+        c
+    }
+
+    /// A consumer without a group, for restoring changelogs by manual assignment.
+    pub fn restore_consumer(&self, group: &str) -> ClientConfig {
+        let mut c = self.base();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", "10");
+        self.apply_overrides(&mut c);
+        c
+    }
+
+    /// An idempotent producer (no duplicates or reordering from retries), batched and
+    /// compressed; Java-compatible key partitioning.
+    pub fn producer(&self) -> ClientConfig {
+        let mut c = self.base();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("batch.num.messages", "10000")
+            .set("compression.type", "lz4")
+            .set("partitioner", "murmur2_random")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("message.timeout.ms", "120000");
+        self.apply_overrides(&mut c);
+        c
+    }
+}

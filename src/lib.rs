@@ -1,0 +1,34 @@
+//! readstate: a Kafka Streams-style stateful stream processor for chat read state.
+//!
+//! # Layout
+//!
+//! The data path, in order (see `ARCHITECTURE.md` for the commit protocol):
+//!
+//! - [`ids`]: newtypes for identifiers (`ConversationId`, `ReaderId`, `TaskId`, `TopicName`,
+//!   `StoreName`, `Origin`, ...).
+//! - [`model`]: the domain records, `ReadEvent` in and `ReceiptUpdate` out.
+//! - [`config`]: topology files as written (TOML), unknown fields collected.
+//! - [`topology`]: compile a spec into a checked `Topology` (every error at once) and
+//!   describe it.
+//! - [`serde`]: Avro in the Confluent wire format; the `SchemaResolver` seam (Confluent
+//!   registry or local schemas).
+//! - [`processor`]: the read-state processor: monotonic fold, replay marks, coalescing and
+//!   the minimum emit interval.
+//! - [`state`]: key-value stores (RocksDB, in-memory), the value codec, the record cache.
+//! - [`task`]: one task per input partition: decode, fold, dead letters, flush.
+//! - [`kafka`]: client settings (consumer, producer) and internal-topic admin.
+//! - [`runtime`]: `readstate run`: the consumer-group instance, task lifecycle on
+//!   rebalance, changelog restore and the commit protocol.
+//! - [`testing`]: `TopologyTestDriver`, the whole core without a broker.
+
+pub mod config;
+pub mod ids;
+pub mod kafka;
+pub mod model;
+pub mod processor;
+pub mod runtime;
+pub mod serde;
+pub mod state;
+pub mod task;
+pub mod testing;
+pub mod topology;

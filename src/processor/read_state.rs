@@ -1,0 +1,341 @@
+//! The read-state processor: fold raw read events into one monotonic pointer per
+//! (conversation, reader) and emit coalesced updates at flush.
+//!
+//! Rules (DESIGN.md §2):
+//! - the pointer only moves forward: an event with `seq <= stored` is a no-op, counted stale;
+//! - the max carries its message id, sender, device and read time;
+//! - `version` counts advances, so it is the same after a replay as before;
+//! - each key remembers the highest source offset folded per origin partition and skips
+//!   records at or below it, so counts stay exact when the source is replayed after a crash;
+//! - at a flush, a key whose pointer advanced since its last emitted update yields exactly one
+//!   update, unless the minimum emit interval holds it back; a held-back advance is recorded
+//!   in the store's pending index and emitted at the first flush after its slot opens, also
+//!   after a restart.
+
+use hashbrown::HashMap;
+
+use super::ProcessorError;
+use crate::ids::Origin;
+use crate::model::{ReadEvent, ReceiptUpdate, StateKey};
+use crate::state::cache::RecordCache;
+use crate::state::codec::{StoreKey, TAG_PENDING};
+use crate::state::{put_checkpoint, KeyValueStore, ReadState, StoreBatch, StoreError};
+
+/// When an advance may be emitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EmitPolicy {
+    /// At most one update per key per this many milliseconds (`0`: one per flush).
+    pub min_emit_interval_ms: i64,
+}
+
+impl EmitPolicy {
+    fn due_at(&self, state: &ReadState) -> i64 {
+        if self.min_emit_interval_ms == 0 || state.last_emit_ms == i64::MIN {
+            i64::MIN
+        } else {
+            state.last_emit_ms.saturating_add(self.min_emit_interval_ms)
+        }
+    }
+}
+
+/// Counters of what the processor did; monotone over the processor's life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcessStats {
+    /// Events folded into state (advanced + stale).
+    pub folded: u64,
+    pub advanced: u64,
+    pub stale: u64,
+    /// Records skipped because their key had already folded that source offset.
+    pub replayed: u64,
+    pub updates_emitted: u64,
+    pub cache_misses: u64,
+    pub flushes: u64,
+}
+
+/// What a flush produced; the caller makes `updates` and `changelog` durable, then hands
+/// `batch` back to [`ReadStateProcessor::commit_flush`].
+#[derive(Debug, Default)]
+pub struct FlushOutput {
+    pub updates: Vec<ReceiptUpdate>,
+    /// (store key, encoded state) for the changelog topic.
+    pub changelog: Vec<(StoreKey, Vec<u8>)>,
+    /// The store writes, to apply once the above are acknowledged.
+    pub batch: StoreBatch,
+}
+
+impl FlushOutput {
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+}
+
+pub struct ReadStateProcessor {
+    store: Box<dyn KeyValueStore>,
+    cache: RecordCache,
+    /// Keys with an advance held back by the emit interval, and when their slot opens.
+    pending: HashMap<StateKey, i64>,
+    policy: EmitPolicy,
+    stats: ProcessStats,
+}
+
+impl ReadStateProcessor {
+    /// Open over a store, reloading the advances still waiting to be emitted.
+    pub fn open(
+        store: Box<dyn KeyValueStore>,
+        policy: EmitPolicy,
+        cache_capacity: usize,
+    ) -> Result<Self, ProcessorError> {
+        let mut p = Self {
+            store,
+            cache: RecordCache::new(cache_capacity),
+            pending: HashMap::new(),
+            policy,
+            stats: ProcessStats::default(),
+        };
+        p.reload_pending()?;
+        Ok(p)
+    }
+
+    fn reload_pending(&mut self) -> Result<(), ProcessorError> {
+        self.pending.clear();
+        let keys: Vec<StateKey> = self
+            .store
+            .scan_prefix(&[TAG_PENDING])?
+            .into_iter()
+            .filter_map(|(k, _)| StoreKey::decode(&k).map(|(_, key)| key))
+            .collect();
+        self.cache
+            .ensure_loaded(keys.iter().copied(), &*self.store)?;
+        for k in keys {
+            if let Some(state) = self.cache.get(&k) {
+                if state.has_unemitted_advance() {
+                    self.pending.insert(k, self.policy.due_at(state));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fold a batch of events. Misses are loaded with one `multi_get`; no other store I/O.
+    pub fn process(&mut self, events: &[(ReadEvent, Origin)]) -> Result<(), ProcessorError> {
+        let misses = self
+            .cache
+            .ensure_loaded(events.iter().map(|(e, _)| e.key()), &*self.store)?;
+        self.stats.cache_misses += misses as u64;
+        for (event, origin) in events {
+            let state = self
+                .cache
+                .get_mut_dirty(&event.key())
+                .expect("ensure_loaded loaded every key of the batch");
+            match fold(state, event, *origin) {
+                Fold::Advanced => {
+                    self.stats.folded += 1;
+                    self.stats.advanced += 1;
+                }
+                Fold::Stale => {
+                    self.stats.folded += 1;
+                    self.stats.stale += 1;
+                }
+                Fold::Replayed => self.stats.replayed += 1,
+            }
+        }
+        Ok(())
+    }
+
+    /// Decide the updates of this flush and prepare the store batch. `now_ms` is wall-clock
+    /// time; it stamps updates and drives the minimum emit interval.
+    pub fn prepare_flush(&mut self, now_ms: i64) -> FlushOutput {
+        let mut out = FlushOutput::default();
+        let dirty = self.cache.take_dirty();
+        for key in &dirty {
+            self.flush_key(*key, now_ms, &mut out);
+        }
+        if !self.pending.is_empty() {
+            let due: Vec<StateKey> = self
+                .pending
+                .iter()
+                .filter(|(_, at)| **at <= now_ms)
+                .map(|(k, _)| *k)
+                .collect();
+            for key in due {
+                self.flush_key(key, now_ms, &mut out);
+            }
+        }
+        self.stats.updates_emitted += out.updates.len() as u64;
+        out
+    }
+
+    fn flush_key(&mut self, key: StateKey, now_ms: i64, out: &mut FlushOutput) {
+        let Some(state) = self.cache.get_mut_clean(&key) else {
+            return;
+        };
+        if state.has_unemitted_advance() {
+            let due = self.policy.due_at(state);
+            if due <= now_ms {
+                out.updates.push(state.to_update(key, now_ms));
+                state.emitted_version = state.version;
+                state.last_emit_ms = now_ms;
+                state.events_since_emit = 0;
+                state.stale_since_emit = 0;
+                if self.pending.remove(&key).is_some() {
+                    out.batch.delete(StoreKey::pending(key).as_bytes().to_vec());
+                }
+            } else if self.pending.insert(key, due).is_none() {
+                out.batch
+                    .put(StoreKey::pending(key).as_bytes().to_vec(), Vec::new());
+            }
+        }
+        let value = state.to_bytes();
+        let skey = StoreKey::state(key);
+        out.batch.put(skey.as_bytes().to_vec(), value.clone());
+        out.changelog.push((skey, value));
+    }
+
+    /// Apply a prepared flush to the store, with the changelog position it reflects.
+    pub fn commit_flush(
+        &mut self,
+        mut batch: StoreBatch,
+        changelog_next_offset: Option<i64>,
+    ) -> Result<(), ProcessorError> {
+        if let Some(off) = changelog_next_offset {
+            put_checkpoint(&mut batch, off);
+        }
+        if !batch.is_empty() {
+            self.store.write(batch)?;
+        }
+        self.stats.flushes += 1;
+        self.cache.end_flush(&self.pending);
+        Ok(())
+    }
+
+    /// Drop everything not committed to the store (after a flush whose outputs could not be
+    /// made durable): the task continues from its store as after a crash.
+    pub fn reset_to_store(&mut self) -> Result<(), ProcessorError> {
+        self.cache.clear();
+        self.reload_pending()
+    }
+
+    /// The state of a key: cached (possibly not yet flushed) or stored.
+    pub fn state(&self, key: StateKey) -> Result<Option<ReadState>, StoreError> {
+        if let Some(s) = self.cache.get(&key) {
+            return Ok(Some(s.clone()));
+        }
+        match self.store.get(StoreKey::state(key).as_bytes())? {
+            None => Ok(None),
+            Some(b) => ReadState::decode(&b)
+                .map(Some)
+                .map_err(|reason| StoreError::Corrupt {
+                    store: self.store.name().clone(),
+                    key: StoreKey::state(key).as_bytes().to_vec(),
+                    reason,
+                }),
+        }
+    }
+
+    pub fn store(&self) -> &dyn KeyValueStore {
+        &*self.store
+    }
+
+    pub fn store_mut(&mut self) -> &mut dyn KeyValueStore {
+        &mut *self.store
+    }
+
+    /// Give the store back (closing the task).
+    pub fn into_store(self) -> Box<dyn KeyValueStore> {
+        self.store
+    }
+
+    pub fn stats(&self) -> ProcessStats {
+        self.stats
+    }
+
+    pub fn dirty_len(&self) -> usize {
+        self.cache.dirty_len()
+    }
+
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fold {
+    Advanced,
+    Stale,
+    Replayed,
+}
+
+/// Fold one event into its key's state.
+pub fn fold(state: &mut ReadState, event: &ReadEvent, origin: Origin) -> Fold {
+    match state
+        .marks
+        .iter_mut()
+        .find(|(src, _)| *src == origin.source)
+    {
+        Some((_, off)) if origin.offset <= *off => return Fold::Replayed,
+        Some((_, off)) => *off = origin.offset,
+        None => state.marks.push((origin.source, origin.offset)),
+    }
+    state.events_total += 1;
+    state.events_since_emit += 1;
+    if event.message_seq > state.last_read_seq {
+        state.last_read_seq = event.message_seq;
+        state.message_id.clone_from(&event.message_id);
+        state.sender_id = event.sender_id;
+        state.device_id.clone_from(&event.device_id);
+        state.read_at_ms = event.read_at_ms;
+        state.version += 1;
+        Fold::Advanced
+    } else {
+        state.stale_total += 1;
+        state.stale_since_emit += 1;
+        Fold::Stale
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{ConversationId, ReaderId};
+
+    fn ev(seq: i64, dev: &str) -> ReadEvent {
+        ReadEvent {
+            reader_id: ReaderId(1),
+            conversation_id: ConversationId(2),
+            message_seq: seq,
+            device_id: Some(dev.into()),
+            ..Default::default()
+        }
+    }
+
+    fn at(off: i64) -> Origin {
+        Origin {
+            source: 9,
+            offset: off,
+        }
+    }
+
+    #[test]
+    fn fold_is_monotonic_and_counts() {
+        let mut s = ReadState::default();
+        assert_eq!(fold(&mut s, &ev(5, "a"), at(0)), Fold::Advanced);
+        assert_eq!(fold(&mut s, &ev(3, "b"), at(1)), Fold::Stale);
+        assert_eq!(fold(&mut s, &ev(5, "b"), at(2)), Fold::Stale);
+        assert_eq!(fold(&mut s, &ev(9, "b"), at(3)), Fold::Advanced);
+        assert_eq!(fold(&mut s, &ev(9, "c"), at(3)), Fold::Replayed);
+        assert_eq!(
+            fold(
+                &mut s,
+                &ev(1, "c"),
+                Origin {
+                    source: 8,
+                    offset: 0
+                }
+            ),
+            Fold::Stale
+        );
+        assert_eq!(s.last_read_seq, 9);
+        assert_eq!(s.device_id.as_deref(), Some("b"));
+        assert_eq!((s.version, s.events_total, s.stale_total), (2, 5, 3));
+    }
+}

@@ -1,0 +1,616 @@
+//! The tasks of one instance and the flush/commit protocol over Kafka.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::message::{BorrowedMessage, DeliveryResult, Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+
+use super::{RunConfig, RuntimeError};
+use crate::ids::{Origin, TaskId};
+use crate::kafka::{KafkaError, KafkaSettings};
+use crate::processor::{EmitPolicy, ReadStateProcessor};
+use crate::serde::avro::AvroReceiptUpdate;
+use crate::serde::{EventDecoder, SerdeError, UpdateEncoder};
+use crate::state::memory::InMemoryStore;
+use crate::state::restore::apply_changelog;
+use crate::state::rocks::RocksDbStore;
+use crate::state::{read_checkpoint, KeyValueStore};
+use crate::task::{DeadLetter, SourceRecord, StreamTask};
+use crate::topology::{StoreKind, Topology};
+
+/// What an instance did, for logs and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    pub records_consumed: u64,
+    pub events_folded: u64,
+    pub replayed_skipped: u64,
+    pub dead_letters: u64,
+    pub updates_emitted: u64,
+    pub changelog_records: u64,
+    pub restored_records: u64,
+    pub commits: u64,
+    pub tasks_opened: u64,
+    pub tasks_closed: u64,
+}
+
+#[derive(Default)]
+struct Deliveries {
+    failed: u64,
+    last_error: Option<String>,
+    /// Highest offset acknowledged per changelog partition in the current flush.
+    changelog_high: HashMap<i32, i64>,
+}
+
+/// Producer context: counts failed deliveries and remembers changelog offsets.
+pub(super) struct DeliveryTracker {
+    changelog_topic: Option<String>,
+    state: Mutex<Deliveries>,
+}
+
+impl ClientContext for DeliveryTracker {}
+
+impl ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let mut s = self.state.lock().expect("delivery lock");
+        match result {
+            Ok(m) => {
+                if self.changelog_topic.as_deref() == Some(m.topic()) {
+                    let e = s.changelog_high.entry(m.partition()).or_insert(m.offset());
+                    *e = (*e).max(m.offset());
+                }
+            }
+            Err((e, m)) => {
+                s.failed += 1;
+                s.last_error = Some(format!("{} [{}]: {e}", m.topic(), m.partition()));
+            }
+        }
+    }
+}
+
+struct OpenTask {
+    task: StreamTask,
+}
+
+pub(super) struct Engine {
+    topology: Topology,
+    kafka: KafkaSettings,
+    state_dir: PathBuf,
+    input_topics: Vec<String>,
+    tasks: BTreeMap<i32, OpenTask>,
+    /// Partitions assigned but not yet opened.
+    to_open: Vec<i32>,
+    /// Next offset to commit per (topic, partition).
+    positions: HashMap<(String, i32), i64>,
+    origin_ids: HashMap<(String, i32), u32>,
+    producer: ThreadedProducer<DeliveryTracker>,
+    decoder: EventDecoder,
+    encoder: UpdateEncoder,
+    rt: tokio::runtime::Runtime,
+    dead_letters: Vec<DeadLetter>,
+    summary: RunSummary,
+    failed: bool,
+    buf: Vec<u8>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Engine {
+    pub(super) fn new(
+        config: &RunConfig,
+        encoder: UpdateEncoder,
+        rt: tokio::runtime::Runtime,
+    ) -> Result<Self, RuntimeError> {
+        let t = &config.topology;
+        let producer: ThreadedProducer<DeliveryTracker> = config
+            .kafka
+            .producer()
+            .create_with_context(DeliveryTracker {
+                changelog_topic: t.store.changelog_topic.as_ref().map(|c| c.0.clone()),
+                state: Mutex::new(Deliveries::default()),
+            })
+            .map_err(KafkaError::from)?;
+        Ok(Self {
+            topology: t.clone(),
+            kafka: config.kafka.clone(),
+            state_dir: config.state_dir.clone(),
+            input_topics: t.task_input_topics().into_iter().map(|x| x.0).collect(),
+            tasks: BTreeMap::new(),
+            to_open: Vec::new(),
+            positions: HashMap::new(),
+            origin_ids: HashMap::new(),
+            producer,
+            decoder: EventDecoder::new(config.resolver.clone())?,
+            encoder,
+            rt,
+            dead_letters: Vec::new(),
+            summary: RunSummary::default(),
+            failed: false,
+            buf: Vec::with_capacity(256),
+        })
+    }
+
+    pub(super) fn summary(&self) -> RunSummary {
+        self.summary.clone()
+    }
+
+    pub(super) fn mark_failed(&mut self) {
+        self.failed = true;
+    }
+
+    pub(super) fn consumer_error(&mut self, e: rdkafka::error::KafkaError) {
+        // Transport failures and the like are transient: librdkafka reconnects by itself.
+        tracing::warn!(error = %e, "consumer error");
+    }
+
+    pub(super) fn assign(&mut self, parts: &[(String, i32)]) {
+        for (topic, p) in parts {
+            if self.input_topics.contains(topic)
+                && !self.tasks.contains_key(p)
+                && !self.to_open.contains(p)
+            {
+                self.to_open.push(*p);
+            }
+        }
+    }
+
+    /// Open (and restore) every newly assigned task.
+    pub(super) fn open_assigned(&mut self) -> Result<(), RuntimeError> {
+        while let Some(p) = self.to_open.pop() {
+            let task = self.open_task(p)?;
+            self.tasks.insert(p, OpenTask { task });
+            self.summary.tasks_opened += 1;
+        }
+        Ok(())
+    }
+
+    fn open_task(&mut self, partition: i32) -> Result<StreamTask, RuntimeError> {
+        let t = &self.topology;
+        let id = TaskId::new(0, partition);
+        let mut store: Box<dyn KeyValueStore> = match t.store.kind {
+            StoreKind::RocksDb => {
+                let path = self
+                    .state_dir
+                    .join(t.application_id.as_str())
+                    .join(id.to_string())
+                    .join(t.store.name.as_str());
+                Box::new(RocksDbStore::open(
+                    t.store.name.clone(),
+                    &path,
+                    &t.store.rocksdb,
+                )?)
+            }
+            StoreKind::Memory => Box::new(InMemoryStore::new(t.store.name.clone())),
+        };
+        if let Some(changelog) = t.store.changelog_topic.clone() {
+            let started = Instant::now();
+            let n = self.restore(&mut *store, changelog.as_str(), partition)?;
+            self.summary.restored_records += n;
+            tracing::info!(task = %id, records = n, elapsed = ?started.elapsed(), "task restored");
+        }
+        let policy = EmitPolicy {
+            min_emit_interval_ms: t.processor.min_emit_interval.as_millis() as i64,
+        };
+        let processor = ReadStateProcessor::open(store, policy, t.store.cache_max_entries)?;
+        Ok(StreamTask::new(id, processor))
+    }
+
+    /// Replay the changelog partition from the store's checkpoint to its end.
+    fn restore(
+        &self,
+        store: &mut dyn KeyValueStore,
+        topic: &str,
+        partition: i32,
+    ) -> Result<u64, RuntimeError> {
+        let consumer: BaseConsumer = self
+            .kafka
+            .restore_consumer(&format!("{}-restore", self.topology.application_id))
+            .create()
+            .map_err(KafkaError::from)?;
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .map_err(KafkaError::from)?;
+        let from = read_checkpoint(store)?.unwrap_or(0).max(low);
+        if from >= high {
+            return Ok(0);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(from))
+            .map_err(KafkaError::from)?;
+        consumer.assign(&tpl).map_err(KafkaError::from)?;
+        let mut restored = 0u64;
+        let mut next = from;
+        let mut last_progress = Instant::now();
+        while next < high {
+            let mut batch = Vec::new();
+            if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                batch.push(m);
+                while batch.len() < 20_000 {
+                    match consumer.poll(Duration::ZERO) {
+                        Some(m) => batch.push(m),
+                        None => break,
+                    }
+                }
+            }
+            let mut msgs = Vec::with_capacity(batch.len());
+            for m in batch {
+                match m {
+                    Ok(m) => msgs.push(m),
+                    Err(e) => {
+                        tracing::warn!(error = %e, topic, partition, "restore consumer error")
+                    }
+                }
+            }
+            if let Some(last) = msgs.last() {
+                next = last.offset() + 1;
+                let n = apply_changelog(
+                    store,
+                    msgs.iter()
+                        .filter_map(|m| m.key().map(|k| (k, m.payload()))),
+                    next,
+                )?;
+                restored += n as u64;
+                last_progress = Instant::now();
+                metrics::counter!("readstate_changelog_records_restored_total").increment(n as u64);
+            } else if let Ok(pos) = consumer.position() {
+                // Compaction leaves offset gaps at the end: the position tells where we are.
+                if let Some(Offset::Offset(o)) =
+                    pos.find_partition(topic, partition).map(|e| e.offset())
+                {
+                    if o >= high {
+                        break;
+                    }
+                }
+            }
+            if last_progress.elapsed() > Duration::from_secs(120) {
+                return Err(RuntimeError::Config(format!("restore of {topic} [{partition}] made no progress for 120 s at offset {next} of {high}")));
+            }
+        }
+        Ok(restored)
+    }
+
+    fn origin_id(&mut self, topic: &str, partition: i32) -> u32 {
+        if let Some(id) = self.origin_ids.get(&(topic.to_owned(), partition)) {
+            return *id;
+        }
+        let id = Origin::source_id(topic, partition);
+        self.origin_ids.insert((topic.to_owned(), partition), id);
+        id
+    }
+
+    /// Decode and fold a polled batch.
+    pub(super) fn process(
+        &mut self,
+        msgs: &[BorrowedMessage<'_>],
+        shutdown: &AtomicBool,
+    ) -> Result<(), RuntimeError> {
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        self.summary.records_consumed += msgs.len() as u64;
+        metrics::counter!("readstate_events_consumed_total").increment(msgs.len() as u64);
+        // Fetch unknown writer schemas first; a registry outage is retried, never a dead letter.
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self
+                .rt
+                .block_on(self.decoder.prepare(msgs.iter().map(|m| m.payload())))
+            {
+                Ok(()) => break,
+                Err(SerdeError::RegistryUnavailable(e)) if !shutdown.load(Ordering::Relaxed) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "schema registry unavailable");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Group by partition, keeping order within each.
+        let mut by_part: BTreeMap<i32, Vec<SourceRecord<'_>>> = BTreeMap::new();
+        for m in msgs {
+            let p = m.partition();
+            if !self.tasks.contains_key(&p) {
+                // Revoked during this poll: the next owner consumes it from the committed offset.
+                continue;
+            }
+            let source = self.origin_id(m.topic(), p);
+            by_part.entry(p).or_default().push(SourceRecord {
+                topic: m.topic(),
+                partition: p,
+                offset: m.offset(),
+                key: m.key(),
+                value: m.payload(),
+                origin: Origin {
+                    source,
+                    offset: m.offset(),
+                },
+            });
+        }
+        for (p, recs) in by_part {
+            let before = self.dead_letters.len();
+            let task = &mut self.tasks.get_mut(&p).expect("checked above").task;
+            task.process(&self.decoder, &recs, &mut self.dead_letters)?;
+            for d in &self.dead_letters[before..] {
+                tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, reason = d.reason, error = %d.error, "dead letter");
+                metrics::counter!("readstate_dead_letters_total", "reason" => d.reason)
+                    .increment(1);
+            }
+            for r in &recs {
+                let e = self
+                    .positions
+                    .entry((r.topic.to_owned(), p))
+                    .or_insert(r.offset + 1);
+                *e = (*e).max(r.offset + 1);
+            }
+        }
+        Ok(())
+    }
+
+    /// True when some task's cache holds so many dirty keys that it should flush now.
+    pub(super) fn needs_flush(&self) -> bool {
+        self.tasks
+            .values()
+            .any(|t| t.task.processor().dirty_len() >= self.topology.store.cache_max_entries / 2)
+    }
+
+    pub(super) fn commit_all<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<(), RuntimeError> {
+        let parts: Vec<i32> = self.tasks.keys().copied().collect();
+        self.commit_tasks(consumer, &parts)
+    }
+
+    /// Flush revoked tasks and commit their offsets, then close them.
+    pub(super) fn revoke<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        parts: &[(String, i32)],
+    ) -> Result<(), RuntimeError> {
+        self.to_open.retain(|p| !parts.iter().any(|(_, q)| q == p));
+        let revoked: Vec<i32> = parts
+            .iter()
+            .filter(|(t, _)| self.input_topics.contains(t))
+            .map(|(_, p)| *p)
+            .filter(|p| self.tasks.contains_key(p))
+            .collect();
+        if revoked.is_empty() {
+            return Ok(());
+        }
+        let r = if self.failed {
+            Ok(())
+        } else {
+            self.commit_tasks(consumer, &revoked)
+        };
+        for p in &revoked {
+            self.tasks.remove(p);
+            self.positions.retain(|(_, q), _| q != p);
+            self.summary.tasks_closed += 1;
+        }
+        tracing::info!(partitions = ?revoked, "revoked tasks closed");
+        r
+    }
+
+    pub(super) fn close_all(&mut self) {
+        self.summary.tasks_closed += self.tasks.len() as u64;
+        self.tasks.clear();
+        let _ = self.producer.flush(Duration::from_secs(10));
+    }
+
+    /// The commit protocol for a set of tasks (see ARCHITECTURE.md).
+    fn commit_tasks<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        parts: &[i32],
+    ) -> Result<(), RuntimeError> {
+        if self.failed {
+            return Ok(());
+        }
+        let r = self.try_commit_tasks(consumer, parts);
+        if r.is_err() {
+            // Outputs could not be made durable: forget what is not in the stores and stop;
+            // the offsets were not committed, so the work is replayed.
+            self.failed = true;
+            for p in parts {
+                if let Some(t) = self.tasks.get_mut(p) {
+                    let _ = t.task.reset_to_store();
+                }
+            }
+        }
+        r
+    }
+
+    fn try_commit_tasks<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        parts: &[i32],
+    ) -> Result<(), RuntimeError> {
+        let started = Instant::now();
+        let now = now_ms();
+        let output_topic = self.topology.output.topic.0.clone();
+        // 1. prepare; 2. outputs + dead letters, acknowledged.
+        let mut flushed = Vec::with_capacity(parts.len());
+        for p in parts {
+            let Some(t) = self.tasks.get_mut(p) else {
+                continue;
+            };
+            let out = t.task.prepare_flush(now);
+            for u in &out.updates {
+                self.buf.clear();
+                self.encoder
+                    .encode_into(&AvroReceiptUpdate::from(u), &mut self.buf)?;
+                let key = u.conversation_id.0.to_string();
+                send(
+                    &self.producer,
+                    BaseRecord::to(&output_topic)
+                        .key(key.as_bytes())
+                        .payload(&self.buf),
+                )?;
+            }
+            self.summary.updates_emitted += out.updates.len() as u64;
+            metrics::counter!("readstate_updates_emitted_total")
+                .increment(out.updates.len() as u64);
+            flushed.push((*p, out));
+        }
+        let dlq = self.topology.dead_letter_topic.0.clone();
+        for d in std::mem::take(&mut self.dead_letters) {
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "readstate.source.topic",
+                    value: Some(d.topic.as_bytes()),
+                })
+                .insert(Header {
+                    key: "readstate.source.partition",
+                    value: Some(d.partition.to_string().as_bytes()),
+                })
+                .insert(Header {
+                    key: "readstate.source.offset",
+                    value: Some(d.offset.to_string().as_bytes()),
+                })
+                .insert(Header {
+                    key: "readstate.error.reason",
+                    value: Some(d.reason.as_bytes()),
+                })
+                .insert(Header {
+                    key: "readstate.error.message",
+                    value: Some(d.error.as_bytes()),
+                });
+            let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&dlq).headers(headers);
+            if let Some(k) = d.key.as_deref() {
+                rec = rec.key(k);
+            }
+            if let Some(v) = d.value.as_deref() {
+                rec = rec.payload(v);
+            }
+            send(&self.producer, rec)?;
+            self.summary.dead_letters += 1;
+        }
+        self.await_deliveries()?;
+        // 3. changelog, acknowledged.
+        if let Some(changelog) = self.topology.store.changelog_topic.clone() {
+            self.producer
+                .context()
+                .state
+                .lock()
+                .expect("delivery lock")
+                .changelog_high
+                .clear();
+            for (p, out) in &flushed {
+                for (k, v) in &out.changelog {
+                    send(
+                        &self.producer,
+                        BaseRecord::to(changelog.as_str())
+                            .partition(*p)
+                            .key(k.as_bytes())
+                            .payload(v),
+                    )?;
+                }
+                self.summary.changelog_records += out.changelog.len() as u64;
+                metrics::counter!("readstate_changelog_records_written_total")
+                    .increment(out.changelog.len() as u64);
+            }
+            self.await_deliveries()?;
+        }
+        // 4. store batches with their checkpoints.
+        let highs = std::mem::take(
+            &mut self
+                .producer
+                .context()
+                .state
+                .lock()
+                .expect("delivery lock")
+                .changelog_high,
+        );
+        for (p, out) in flushed {
+            let next = highs.get(&p).map(|o| o + 1);
+            let t = self.tasks.get_mut(&p).expect("task flushed above");
+            t.task.commit_flush(out.batch, next)?;
+        }
+        // 5. source offsets.
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, p), off) in &self.positions {
+            if parts.contains(p) {
+                tpl.add_partition_offset(topic, *p, Offset::Offset(*off))
+                    .map_err(KafkaError::from)?;
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                // Not fatal: the next commit covers it, and replay marks make a replay harmless.
+                tracing::warn!(error = %e, "offset commit failed");
+            }
+        }
+        self.summary.commits += 1;
+        self.refresh_summary();
+        metrics::histogram!("readstate_commit_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    fn refresh_summary(&mut self) {
+        let (mut folded, mut replayed) = (0, 0);
+        for t in self.tasks.values() {
+            let s = t.task.stats();
+            folded += s.folded;
+            replayed += s.replayed;
+        }
+        self.summary.events_folded = self.summary.events_folded.max(folded);
+        self.summary.replayed_skipped = self.summary.replayed_skipped.max(replayed);
+    }
+
+    fn await_deliveries(&self) -> Result<(), RuntimeError> {
+        self.producer
+            .flush(DELIVERY_TIMEOUT)
+            .map_err(KafkaError::from)?;
+        let mut s = self.producer.context().state.lock().expect("delivery lock");
+        if s.failed > 0 {
+            let err = KafkaError::Delivery {
+                failed: s.failed,
+                last: s.last_error.take().unwrap_or_default(),
+            };
+            s.failed = 0;
+            return Err(err.into());
+        }
+        Ok(())
+    }
+}
+
+/// Enqueue a record, waiting while the producer queue is full.
+fn send<K, P>(
+    producer: &ThreadedProducer<DeliveryTracker>,
+    mut rec: BaseRecord<'_, K, P>,
+) -> Result<(), RuntimeError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(rec) {
+            Ok(()) => return Ok(()),
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                r,
+            )) => {
+                rec = r;
+                // Back-pressure: the producer's own thread drains the queue.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(KafkaError::from(e).into()),
+        }
+    }
+}

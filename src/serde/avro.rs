@@ -1,0 +1,499 @@
+//! Avro decoding and encoding for the Confluent wire format.
+//!
+//! A [`WireDecoder`] keeps one decoding plan per writer schema id, fetched once from the
+//! [`SchemaResolver`] and cached. When the writer schema is the reader schema (the common
+//! case) it uses apache-avro's schema-aware serde reader; otherwise it decodes with the
+//! writer schema and resolves to the reader schema (added fields take their defaults,
+//! removed optional fields are dropped), then maps to the record type.
+//!
+//! Schemas are leaked to get `'static` decoders: there is one per schema id ever seen, a
+//! handful per deployment.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::schema_compatibility::SchemaCompatibility;
+use apache_avro::writer::datum::GenericDatumWriter;
+use apache_avro::Schema;
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::{Deserialize, Serialize};
+
+use super::registry::SchemaResolver;
+use super::{split_wire, write_wire_header, DecodeError, SerdeError};
+use crate::ids::{ConversationId, ReaderId, SenderId};
+use crate::model::{ReadEvent, ReceiptUpdate};
+
+/// Largest record accepted (bytes); larger ones are dead letters.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+/// Longest message id or device id accepted.
+pub const MAX_ID_LEN: usize = 256;
+
+fn leak_schema(text: &str) -> Result<&'static Schema, SerdeError> {
+    // Bound what a corrupt length prefix may make apache-avro allocate (process-wide, once).
+    apache_avro::util::max_allocation_bytes(4 * MAX_RECORD_BYTES);
+    let s = Schema::parse_str(text).map_err(|e| SerdeError::Schema(e.to_string()))?;
+    Ok(Box::leak(Box::new(s)))
+}
+
+struct Plan {
+    reader: GenericDatumReader<'static>,
+    /// Writer schema equals the reader schema: decode straight into the record type.
+    direct: bool,
+}
+
+/// Decodes Confluent-framed Avro into `T` (a serde mirror of the reader schema).
+pub struct WireDecoder<T> {
+    resolver: Arc<dyn SchemaResolver>,
+    reader_schema: &'static Schema,
+    reader_canonical: String,
+    plans: HashMap<u32, Result<Plan, DecodeError>>,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T: DeserializeOwned> WireDecoder<T> {
+    pub fn new(resolver: Arc<dyn SchemaResolver>, reader_schema: &str) -> Result<Self, SerdeError> {
+        let reader_schema = leak_schema(reader_schema)?;
+        Ok(Self {
+            resolver,
+            reader_canonical: reader_schema.canonical_form(),
+            reader_schema,
+            plans: HashMap::new(),
+            _t: PhantomData,
+        })
+    }
+
+    /// Fetch the writer schemas of `payloads` not seen before. An error here means the
+    /// registry is unreachable: the caller retries later; records are not dead-lettered.
+    pub async fn prepare<'a>(
+        &mut self,
+        payloads: impl Iterator<Item = Option<&'a [u8]>>,
+    ) -> Result<(), SerdeError> {
+        let mut missing: Vec<u32> = Vec::new();
+        for p in payloads.flatten() {
+            if let Ok((id, _)) = split_wire(p) {
+                if !self.plans.contains_key(&id) && !missing.contains(&id) {
+                    missing.push(id);
+                }
+            }
+        }
+        for id in missing {
+            let plan = match self.resolver.schema_by_id(id).await? {
+                None => Err(DecodeError::UnknownSchema(id)),
+                Some(text) => self.plan_for(id, &text),
+            };
+            self.plans.insert(id, plan);
+        }
+        Ok(())
+    }
+
+    fn plan_for(&self, id: u32, text: &str) -> Result<Plan, DecodeError> {
+        let incompatible = |reason: String| DecodeError::IncompatibleSchema { id, reason };
+        let writer = leak_schema(text).map_err(|e| incompatible(e.to_string()))?;
+        SchemaCompatibility::can_read(writer, self.reader_schema)
+            .map_err(|e| incompatible(e.to_string()))?;
+        let direct = writer.canonical_form() == self.reader_canonical;
+        let reader = if direct {
+            GenericDatumReader::builder(writer).build()
+        } else {
+            GenericDatumReader::builder(writer)
+                .reader_schema(self.reader_schema)
+                .build()
+        }
+        .map_err(|e| incompatible(e.to_string()))?;
+        Ok(Plan { reader, direct })
+    }
+
+    /// Decode one record. The writer schema must have been [`prepare`](Self::prepare)d;
+    /// an unprepared id is reported as unknown.
+    pub fn decode(&self, payload: &[u8]) -> Result<T, DecodeError> {
+        if payload.len() > MAX_RECORD_BYTES {
+            return Err(DecodeError::TooLarge {
+                size: payload.len(),
+                limit: MAX_RECORD_BYTES,
+            });
+        }
+        let (id, mut datum) = split_wire(payload)?;
+        let plan = match self.plans.get(&id) {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => return Err(e.clone()),
+            None => return Err(DecodeError::UnknownSchema(id)),
+        };
+        let malformed = |e: apache_avro::Error| DecodeError::Malformed {
+            id,
+            reason: e.to_string(),
+        };
+        let value: T = if plan.direct {
+            plan.reader.read_deser(&mut datum).map_err(malformed)?
+        } else {
+            let v = plan.reader.read_value(&mut datum).map_err(malformed)?;
+            apache_avro::from_value(&v).map_err(malformed)?
+        };
+        if !datum.is_empty() {
+            return Err(DecodeError::Malformed {
+                id,
+                reason: format!("{} bytes after the datum", datum.len()),
+            });
+        }
+        Ok(value)
+    }
+}
+
+/// Encodes `T` as Confluent-framed Avro under a fixed schema id.
+pub struct WireEncoder<T> {
+    schema_id: u32,
+    writer: GenericDatumWriter<'static>,
+    _t: PhantomData<fn(&T)>,
+}
+
+impl<T: Serialize> WireEncoder<T> {
+    pub fn new(schema: &str, schema_id: u32) -> Result<Self, SerdeError> {
+        let schema = leak_schema(schema)?;
+        let writer = GenericDatumWriter::builder(schema)
+            .build()
+            .map_err(|e| SerdeError::Schema(e.to_string()))?;
+        Ok(Self {
+            schema_id,
+            writer,
+            _t: PhantomData,
+        })
+    }
+
+    /// Register `schema` under `subject` and build an encoder for the id it gets.
+    pub async fn register(
+        resolver: &dyn SchemaResolver,
+        subject: &str,
+        schema: &str,
+    ) -> Result<Self, SerdeError> {
+        let id = resolver.register(subject, schema).await?;
+        Self::new(schema, id)
+    }
+
+    pub fn schema_id(&self) -> u32 {
+        self.schema_id
+    }
+
+    /// Append the framed record to `out`.
+    pub fn encode_into(&self, value: &T, out: &mut Vec<u8>) -> Result<(), SerdeError> {
+        write_wire_header(out, self.schema_id);
+        self.writer
+            .write_ser(out, value)
+            .map(|_| ())
+            .map_err(|e| SerdeError::Encode(e.to_string()))
+    }
+
+    pub fn encode(&self, value: &T) -> Result<Vec<u8>, SerdeError> {
+        let mut out = Vec::with_capacity(96);
+        self.encode_into(value, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// Serde mirror of `read_event.avsc`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename = "ReadEvent")]
+pub struct AvroReadEvent {
+    pub reader_id: i64,
+    pub conversation_id: i64,
+    pub message_seq: i64,
+    pub message_id: Option<String>,
+    pub sender_id: Option<i64>,
+    pub device_id: Option<String>,
+    pub read_at: i64,
+    pub client: Option<String>,
+    pub trace_id: Option<String>,
+}
+
+/// What the hot path decodes: the fields it needs, the rest skipped without allocating.
+#[derive(Debug, Deserialize)]
+#[serde(rename = "ReadEvent")]
+pub struct DecodedReadEvent {
+    reader_id: i64,
+    conversation_id: i64,
+    message_seq: i64,
+    message_id: Option<String>,
+    sender_id: Option<i64>,
+    device_id: Option<String>,
+    read_at: i64,
+    #[serde(default)]
+    #[allow(dead_code)]
+    client: Option<IgnoredAny>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    trace_id: Option<IgnoredAny>,
+}
+
+impl From<&ReadEvent> for AvroReadEvent {
+    fn from(e: &ReadEvent) -> Self {
+        Self {
+            reader_id: e.reader_id.0,
+            conversation_id: e.conversation_id.0,
+            message_seq: e.message_seq,
+            message_id: e.message_id.clone(),
+            sender_id: e.sender_id.map(|s| s.0),
+            device_id: e.device_id.clone(),
+            read_at: e.read_at_ms,
+            client: None,
+            trace_id: None,
+        }
+    }
+}
+
+/// Check a decoded event against the domain rules.
+pub fn validate(e: DecodedReadEvent) -> Result<ReadEvent, DecodeError> {
+    if e.message_seq < 0 {
+        return Err(DecodeError::Invalid(format!(
+            "message_seq {} is negative",
+            e.message_seq
+        )));
+    }
+    for (name, v) in [("message_id", &e.message_id), ("device_id", &e.device_id)] {
+        if let Some(s) = v {
+            if s.len() > MAX_ID_LEN {
+                return Err(DecodeError::Invalid(format!(
+                    "{name} of {} bytes exceeds {MAX_ID_LEN}",
+                    s.len()
+                )));
+            }
+        }
+    }
+    Ok(ReadEvent {
+        reader_id: ReaderId(e.reader_id),
+        conversation_id: ConversationId(e.conversation_id),
+        message_seq: e.message_seq,
+        message_id: e.message_id,
+        sender_id: e.sender_id.map(SenderId),
+        device_id: e.device_id,
+        read_at_ms: e.read_at,
+    })
+}
+
+/// Decodes and validates read events.
+pub struct EventDecoder {
+    inner: WireDecoder<DecodedReadEvent>,
+}
+
+impl EventDecoder {
+    pub fn new(resolver: Arc<dyn SchemaResolver>) -> Result<Self, SerdeError> {
+        Ok(Self {
+            inner: WireDecoder::new(resolver, super::READ_EVENT_SCHEMA)?,
+        })
+    }
+
+    pub async fn prepare<'a>(
+        &mut self,
+        payloads: impl Iterator<Item = Option<&'a [u8]>>,
+    ) -> Result<(), SerdeError> {
+        self.inner.prepare(payloads).await
+    }
+
+    pub fn decode(&self, payload: Option<&[u8]>) -> Result<ReadEvent, DecodeError> {
+        let payload = payload.ok_or(DecodeError::EmptyValue)?;
+        validate(self.inner.decode(payload)?)
+    }
+}
+
+/// Serde mirror of `receipt_update.avsc`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename = "ReceiptUpdate")]
+pub struct AvroReceiptUpdate {
+    pub conversation_id: i64,
+    pub reader_id: i64,
+    pub last_read_seq: i64,
+    pub message_id: Option<String>,
+    pub sender_id: Option<i64>,
+    pub device_id: Option<String>,
+    pub read_at: Option<i64>,
+    pub version: i64,
+    pub events_folded: i64,
+    pub stale_events: i64,
+    pub events_total: i64,
+    pub stale_total: i64,
+    pub emitted_at: i64,
+}
+
+impl From<&ReceiptUpdate> for AvroReceiptUpdate {
+    fn from(u: &ReceiptUpdate) -> Self {
+        Self {
+            conversation_id: u.conversation_id.0,
+            reader_id: u.reader_id.0,
+            last_read_seq: u.last_read_seq,
+            message_id: u.message_id.clone(),
+            sender_id: u.sender_id.map(|s| s.0),
+            device_id: u.device_id.clone(),
+            read_at: u.read_at_ms,
+            version: u.version,
+            events_folded: u.events_folded,
+            stale_events: u.stale_events,
+            events_total: u.events_total,
+            stale_total: u.stale_total,
+            emitted_at: u.emitted_at_ms,
+        }
+    }
+}
+
+impl From<AvroReceiptUpdate> for ReceiptUpdate {
+    fn from(u: AvroReceiptUpdate) -> Self {
+        Self {
+            conversation_id: ConversationId(u.conversation_id),
+            reader_id: ReaderId(u.reader_id),
+            last_read_seq: u.last_read_seq,
+            message_id: u.message_id,
+            sender_id: u.sender_id.map(SenderId),
+            device_id: u.device_id,
+            read_at_ms: u.read_at,
+            version: u.version,
+            events_folded: u.events_folded,
+            stale_events: u.stale_events,
+            events_total: u.events_total,
+            stale_total: u.stale_total,
+            emitted_at_ms: u.emitted_at,
+        }
+    }
+}
+
+/// Encodes receipt updates for the output topic.
+pub type UpdateEncoder = WireEncoder<AvroReceiptUpdate>;
+/// Encodes read events (load generator, tests, upstream examples).
+pub type EventEncoder = WireEncoder<AvroReadEvent>;
+/// Decodes receipt updates (the Postgres sink, tests, analysts' tools).
+pub type UpdateDecoder = WireDecoder<AvroReceiptUpdate>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serde::registry::{LocalRegistry, LOCAL_READ_EVENT_ID};
+    use crate::serde::READ_EVENT_SCHEMA;
+
+    fn event() -> ReadEvent {
+        ReadEvent {
+            reader_id: ReaderId(7),
+            conversation_id: ConversationId(-3),
+            message_seq: 99,
+            message_id: Some("m-99".into()),
+            sender_id: Some(SenderId(5)),
+            device_id: Some("ios-1".into()),
+            read_at_ms: 1_700_000_000_000,
+        }
+    }
+
+    fn decoder(reg: LocalRegistry) -> EventDecoder {
+        EventDecoder::new(Arc::new(reg)).unwrap()
+    }
+
+    fn decode_one(d: &mut EventDecoder, p: &[u8]) -> Result<ReadEvent, DecodeError> {
+        futures::executor::block_on(d.prepare(std::iter::once(Some(p)))).unwrap();
+        d.decode(Some(p))
+    }
+
+    #[test]
+    fn same_schema_roundtrip() {
+        let enc = EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID).unwrap();
+        let bytes = enc.encode(&AvroReadEvent::from(&event())).unwrap();
+        assert_eq!(&bytes[..5], &[0, 0, 0, 0, 1]);
+        let mut d = decoder(LocalRegistry::new());
+        assert_eq!(decode_one(&mut d, &bytes).unwrap(), event());
+    }
+
+    #[test]
+    fn evolved_writers_resolve() {
+        // v0: a writer without the optional fields; v2: a writer with an extra field.
+        let v0 = r#"{"type":"record","name":"ReadEvent","namespace":"chat.readstate.v1","fields":[
+            {"name":"reader_id","type":"long"},{"name":"conversation_id","type":"long"},
+            {"name":"message_seq","type":"long"},
+            {"name":"read_at","type":{"type":"long","logicalType":"timestamp-millis"}}]}"#;
+        let mut v2: serde_json::Value = serde_json::from_str(READ_EVENT_SCHEMA).unwrap();
+        v2["fields"].as_array_mut().unwrap().push(serde_json::json!(
+            {"name":"thread_id","type":["null","long"],"default":null}));
+        let v2 = v2.to_string();
+        let reg = LocalRegistry::new()
+            .with_schema(10, v0)
+            .with_schema(12, &v2);
+        let mut d = decoder(reg);
+
+        #[derive(Serialize)]
+        #[serde(rename = "ReadEvent")]
+        struct V0 {
+            reader_id: i64,
+            conversation_id: i64,
+            message_seq: i64,
+            read_at: i64,
+        }
+        let b0 = WireEncoder::<V0>::new(v0, 10)
+            .unwrap()
+            .encode(&V0 {
+                reader_id: 1,
+                conversation_id: 2,
+                message_seq: 3,
+                read_at: 4,
+            })
+            .unwrap();
+        let got = decode_one(&mut d, &b0).unwrap();
+        assert_eq!(
+            (got.reader_id.0, got.message_seq, got.device_id),
+            (1, 3, None)
+        );
+
+        #[derive(Serialize)]
+        #[serde(rename = "ReadEvent")]
+        struct V2 {
+            #[serde(flatten)]
+            base: AvroReadEvent,
+            thread_id: Option<i64>,
+        }
+        let b2 = WireEncoder::<V2>::new(&v2, 12)
+            .unwrap()
+            .encode(&V2 {
+                base: AvroReadEvent::from(&event()),
+                thread_id: Some(8),
+            })
+            .unwrap();
+        assert_eq!(decode_one(&mut d, &b2).unwrap(), event());
+    }
+
+    #[test]
+    fn bad_records_are_classified() {
+        let mut d = decoder(LocalRegistry::new());
+        let enc = EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID).unwrap();
+        let mut neg = event();
+        neg.message_seq = -1;
+        let neg = enc.encode(&AvroReadEvent::from(&neg)).unwrap();
+        assert_eq!(
+            decode_one(&mut d, &neg).unwrap_err().reason(),
+            "invalid_event"
+        );
+        assert_eq!(
+            decode_one(&mut d, b"hello world").unwrap_err().reason(),
+            "not_wire_format"
+        );
+        assert_eq!(
+            decode_one(&mut d, &[0, 0, 0, 0, 77, 1])
+                .unwrap_err()
+                .reason(),
+            "unknown_schema"
+        );
+        let good = enc.encode(&AvroReadEvent::from(&event())).unwrap();
+        assert_eq!(
+            decode_one(&mut d, &good[..good.len() - 3])
+                .unwrap_err()
+                .reason(),
+            "malformed"
+        );
+        let mut long = good.clone();
+        long.push(0);
+        assert_eq!(decode_one(&mut d, &long).unwrap_err().reason(), "malformed");
+        let huge = vec![0u8; MAX_RECORD_BYTES + 1];
+        assert_eq!(decode_one(&mut d, &huge).unwrap_err().reason(), "too_large");
+        assert_eq!(d.decode(None).unwrap_err().reason(), "empty_value");
+        // A writer whose field types do not match.
+        let bad = r#"{"type":"record","name":"ReadEvent","fields":[{"name":"reader_id","type":"string"}]}"#;
+        let mut d = decoder(LocalRegistry::new().with_schema(20, bad));
+        assert_eq!(
+            decode_one(&mut d, &[0, 0, 0, 0, 20, 2, b'x'])
+                .unwrap_err()
+                .reason(),
+            "incompatible_schema"
+        );
+    }
+}

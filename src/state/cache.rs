@@ -1,0 +1,230 @@
+//! The record cache: read state folded in memory between flushes.
+//!
+//! Misses are loaded in bulk with one `multi_get` per input batch, never per event. Dirty
+//! keys are tracked in a list so a flush touches only what changed. After a flush the cache
+//! keeps clean entries as a read cache up to `capacity`, evicting those not touched in the
+//! latest flush interval first. Pinned keys (advances waiting for their emit slot) are never
+//! evicted.
+
+use hashbrown::{HashMap, HashSet};
+
+use super::codec::{ReadState, StoreKey};
+use super::{KeyValueStore, StoreError};
+use crate::model::StateKey;
+
+#[derive(Debug)]
+pub struct CacheEntry {
+    pub state: ReadState,
+    dirty: bool,
+    touched_epoch: u64,
+}
+
+#[derive(Debug)]
+pub struct RecordCache {
+    entries: HashMap<StateKey, CacheEntry>,
+    dirty: Vec<StateKey>,
+    capacity: usize,
+    epoch: u64,
+    // Scratch buffers reused across batches.
+    miss_keys: Vec<StateKey>,
+    miss_seen: HashSet<StateKey>,
+}
+
+impl RecordCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            dirty: Vec::new(),
+            capacity: capacity.max(1),
+            epoch: 0,
+            miss_keys: Vec::new(),
+            miss_seen: HashSet::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn dirty_len(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// Make sure every key in `keys` has an entry, loading misses from `store` with one
+    /// `multi_get`. Keys absent from the store get a fresh default state. Returns the number
+    /// of misses loaded.
+    pub fn ensure_loaded(
+        &mut self,
+        keys: impl Iterator<Item = StateKey>,
+        store: &dyn KeyValueStore,
+    ) -> Result<usize, StoreError> {
+        self.miss_keys.clear();
+        self.miss_seen.clear();
+        for k in keys {
+            if !self.entries.contains_key(&k) && self.miss_seen.insert(k) {
+                self.miss_keys.push(k);
+            }
+        }
+        if self.miss_keys.is_empty() {
+            return Ok(0);
+        }
+        let encoded: Vec<StoreKey> = self.miss_keys.iter().map(|k| StoreKey::state(*k)).collect();
+        let refs: Vec<&[u8]> = encoded.iter().map(|k| k.as_bytes()).collect();
+        let values = store.multi_get(&refs)?;
+        for ((k, enc), v) in self.miss_keys.iter().zip(&encoded).zip(values) {
+            let state = match v {
+                Some(bytes) => ReadState::decode(&bytes).map_err(|reason| StoreError::Corrupt {
+                    store: store.name().clone(),
+                    key: enc.as_bytes().to_vec(),
+                    reason,
+                })?,
+                None => ReadState::default(),
+            };
+            self.entries.insert(
+                *k,
+                CacheEntry {
+                    state,
+                    dirty: false,
+                    touched_epoch: self.epoch,
+                },
+            );
+        }
+        Ok(self.miss_keys.len())
+    }
+
+    /// Insert a state loaded elsewhere (e.g. pending keys at start-up), clean.
+    pub fn insert_clean(&mut self, key: StateKey, state: ReadState) {
+        self.entries.insert(
+            key,
+            CacheEntry {
+                state,
+                dirty: false,
+                touched_epoch: self.epoch,
+            },
+        );
+    }
+
+    pub fn get(&self, key: &StateKey) -> Option<&ReadState> {
+        self.entries.get(key).map(|e| &e.state)
+    }
+
+    /// Mutable access to a loaded key, marking it dirty. `None` if not loaded.
+    pub fn get_mut_dirty(&mut self, key: &StateKey) -> Option<&mut ReadState> {
+        let e = self.entries.get_mut(key)?;
+        e.touched_epoch = self.epoch;
+        if !e.dirty {
+            e.dirty = true;
+            self.dirty.push(*key);
+        }
+        Some(&mut e.state)
+    }
+
+    /// Mutable access without marking dirty (the flush itself writes the entry).
+    pub fn get_mut_clean(&mut self, key: &StateKey) -> Option<&mut ReadState> {
+        self.entries.get_mut(key).map(|e| &mut e.state)
+    }
+
+    /// Take the dirty keys (in the order they first became dirty) and mark them clean.
+    pub fn take_dirty(&mut self) -> Vec<StateKey> {
+        let dirty = std::mem::take(&mut self.dirty);
+        for k in &dirty {
+            if let Some(e) = self.entries.get_mut(k) {
+                e.dirty = false;
+            }
+        }
+        dirty
+    }
+
+    /// Forget everything (a task that must be rebuilt from its store after a failed flush).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.dirty.clear();
+    }
+
+    /// Called after a flush: start a new epoch and shrink to capacity, never dropping a
+    /// dirty or pinned key.
+    pub fn end_flush(&mut self, pinned: &HashMap<StateKey, i64>) {
+        let current = self.epoch;
+        self.epoch += 1;
+        if self.entries.len() <= self.capacity {
+            return;
+        }
+        self.entries
+            .retain(|k, e| e.dirty || pinned.contains_key(k) || e.touched_epoch == current);
+        let mut excess = self.entries.len().saturating_sub(self.capacity);
+        if excess > 0 {
+            self.entries.retain(|k, e| {
+                if excess == 0 || e.dirty || pinned.contains_key(k) {
+                    return true;
+                }
+                excess -= 1;
+                false
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{ConversationId, ReaderId};
+    use crate::state::memory::InMemoryStore;
+    use crate::state::StoreBatch;
+
+    fn k(c: i64) -> StateKey {
+        StateKey {
+            conversation: ConversationId(c),
+            reader: ReaderId(1),
+        }
+    }
+
+    #[test]
+    fn loads_misses_in_one_multi_get_and_tracks_dirty() {
+        let mut store = InMemoryStore::new("s".into());
+        let st = ReadState {
+            last_read_seq: 42,
+            ..Default::default()
+        };
+        let mut b = StoreBatch::default();
+        b.put(StoreKey::state(k(1)).as_bytes().to_vec(), st.to_bytes());
+        store.write(b).unwrap();
+
+        let mut c = RecordCache::new(10);
+        let loaded = c
+            .ensure_loaded([k(1), k(2), k(1)].into_iter(), &store)
+            .unwrap();
+        assert_eq!(loaded, 2);
+        assert_eq!(c.get(&k(1)).unwrap().last_read_seq, 42);
+        assert_eq!(c.get(&k(2)).unwrap().last_read_seq, -1);
+        assert_eq!(c.ensure_loaded([k(1)].into_iter(), &store).unwrap(), 0);
+
+        c.get_mut_dirty(&k(2)).unwrap().last_read_seq = 5;
+        c.get_mut_dirty(&k(2)).unwrap();
+        assert_eq!(c.take_dirty(), vec![k(2)]);
+        assert_eq!(c.dirty_len(), 0);
+    }
+
+    #[test]
+    fn eviction_keeps_pinned_and_recent() {
+        let store = InMemoryStore::new("s".into());
+        let mut c = RecordCache::new(2);
+        let mut pinned = HashMap::new();
+        pinned.insert(k(0), 0);
+        c.ensure_loaded((0..5).map(k), &store).unwrap();
+        c.end_flush(&pinned);
+        assert_eq!(c.len(), 2, "shrunk to capacity");
+        assert!(c.get(&k(0)).is_some(), "pinned survives");
+        // Next interval touches key 4 only: the untouched ones go first.
+        c.ensure_loaded([k(4)].into_iter(), &store).unwrap();
+        c.get_mut_dirty(&k(4)).unwrap();
+        c.take_dirty();
+        c.end_flush(&pinned);
+        assert_eq!(c.len(), 2);
+        assert!(c.get(&k(0)).is_some());
+        assert!(c.get(&k(4)).is_some());
+    }
+}

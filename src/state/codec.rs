@@ -1,0 +1,315 @@
+//! Byte layout of the read-state store and its changelog.
+//!
+//! Keys are 17 bytes: a tag, then conversation id and reader id as order-preserving
+//! big-endian integers (sign bit flipped). All readers of one conversation therefore share
+//! the 9-byte prefix `tag ‖ conversation`, and a prefix scan lists them in reader order.
+//!
+//! Values are a compact versioned binary record ([`ReadState::encode`]), the same bytes in
+//! the store and in the changelog topic.
+
+use crate::ids::{ConversationId, ReaderId, SenderId};
+use crate::model::{ReceiptUpdate, StateKey};
+
+/// Tag of a read-state entry.
+pub const TAG_STATE: u8 = b's';
+/// Tag of the pending-emit index (advances held back by the minimum emit interval).
+pub const TAG_PENDING: u8 = b'p';
+
+const SIGN: u64 = 1 << 63;
+
+/// Encoded store key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StoreKey(pub [u8; 17]);
+
+impl StoreKey {
+    pub fn new(tag: u8, key: StateKey) -> Self {
+        let mut b = [0u8; 17];
+        b[0] = tag;
+        b[1..9].copy_from_slice(&((key.conversation.0 as u64) ^ SIGN).to_be_bytes());
+        b[9..17].copy_from_slice(&((key.reader.0 as u64) ^ SIGN).to_be_bytes());
+        Self(b)
+    }
+
+    pub fn state(key: StateKey) -> Self {
+        Self::new(TAG_STATE, key)
+    }
+
+    pub fn pending(key: StateKey) -> Self {
+        Self::new(TAG_PENDING, key)
+    }
+
+    /// The prefix shared by every reader of `conversation` under `tag`.
+    pub fn conversation_prefix(tag: u8, conversation: ConversationId) -> [u8; 9] {
+        let mut b = [0u8; 9];
+        b[0] = tag;
+        b[1..9].copy_from_slice(&((conversation.0 as u64) ^ SIGN).to_be_bytes());
+        b
+    }
+
+    /// Decode a key; `None` when the bytes are not a 17-byte key.
+    pub fn decode(bytes: &[u8]) -> Option<(u8, StateKey)> {
+        if bytes.len() != 17 {
+            return None;
+        }
+        let c = u64::from_be_bytes(bytes[1..9].try_into().ok()?) ^ SIGN;
+        let r = u64::from_be_bytes(bytes[9..17].try_into().ok()?) ^ SIGN;
+        Some((
+            bytes[0],
+            StateKey {
+                conversation: ConversationId(c as i64),
+                reader: ReaderId(r as i64),
+            },
+        ))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Replay mark: the highest offset folded from one origin topic-partition.
+pub type Mark = (u32, i64);
+
+/// The state of one (conversation, reader).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadState {
+    /// The pointer: every message with seq <= this is read. `-1` before the first event.
+    pub last_read_seq: i64,
+    pub message_id: Option<String>,
+    pub sender_id: Option<SenderId>,
+    pub device_id: Option<String>,
+    pub read_at_ms: i64,
+    /// Number of advances so far.
+    pub version: i64,
+    /// Version of the last emitted update (`0`: none yet).
+    pub emitted_version: i64,
+    /// Wall-clock millis of the last emitted update (`i64::MIN`: never).
+    pub last_emit_ms: i64,
+    pub events_total: i64,
+    pub stale_total: i64,
+    pub events_since_emit: i64,
+    pub stale_since_emit: i64,
+    /// Highest source offset folded, per origin topic-partition (see `ids::Origin`).
+    pub marks: Vec<Mark>,
+}
+
+impl Default for ReadState {
+    fn default() -> Self {
+        Self {
+            last_read_seq: -1,
+            message_id: None,
+            sender_id: None,
+            device_id: None,
+            read_at_ms: 0,
+            version: 0,
+            emitted_version: 0,
+            last_emit_ms: i64::MIN,
+            events_total: 0,
+            stale_total: 0,
+            events_since_emit: 0,
+            stale_since_emit: 0,
+            marks: Vec::new(),
+        }
+    }
+}
+
+const FORMAT_V1: u8 = 1;
+
+impl ReadState {
+    /// True when the pointer advanced beyond what was last emitted.
+    pub fn has_unemitted_advance(&self) -> bool {
+        self.version > self.emitted_version
+    }
+
+    /// The update describing this state now.
+    pub fn to_update(&self, key: StateKey, emitted_at_ms: i64) -> ReceiptUpdate {
+        ReceiptUpdate {
+            conversation_id: key.conversation,
+            reader_id: key.reader,
+            last_read_seq: self.last_read_seq,
+            message_id: self.message_id.clone(),
+            sender_id: self.sender_id,
+            device_id: self.device_id.clone(),
+            read_at_ms: Some(self.read_at_ms),
+            version: self.version,
+            events_folded: self.events_since_emit,
+            stale_events: self.stale_since_emit,
+            events_total: self.events_total,
+            stale_total: self.stale_total,
+            emitted_at_ms,
+        }
+    }
+
+    /// Append the binary form to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(FORMAT_V1);
+        for v in [
+            self.last_read_seq,
+            self.read_at_ms,
+            self.version,
+            self.emitted_version,
+            self.last_emit_ms,
+            self.events_total,
+            self.stale_total,
+            self.events_since_emit,
+            self.stale_since_emit,
+        ] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        match self.sender_id {
+            Some(s) => {
+                out.push(1);
+                out.extend_from_slice(&s.0.to_le_bytes());
+            }
+            None => out.push(0),
+        }
+        put_opt_str(out, self.message_id.as_deref());
+        put_opt_str(out, self.device_id.as_deref());
+        out.extend_from_slice(&(self.marks.len() as u32).to_le_bytes());
+        for (src, off) in &self.marks {
+            out.extend_from_slice(&src.to_le_bytes());
+            out.extend_from_slice(&off.to_le_bytes());
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(128);
+        self.encode(&mut v);
+        v
+    }
+
+    /// Decode the binary form.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let mut r = Reader { b: bytes, pos: 0 };
+        let fmt = r.u8()?;
+        if fmt != FORMAT_V1 {
+            return Err(format!("unknown state format {fmt}"));
+        }
+        let mut s = ReadState {
+            last_read_seq: r.i64()?,
+            read_at_ms: r.i64()?,
+            version: r.i64()?,
+            emitted_version: r.i64()?,
+            last_emit_ms: r.i64()?,
+            events_total: r.i64()?,
+            stale_total: r.i64()?,
+            events_since_emit: r.i64()?,
+            stale_since_emit: r.i64()?,
+            ..Default::default()
+        };
+        s.sender_id = match r.u8()? {
+            0 => None,
+            _ => Some(SenderId(r.i64()?)),
+        };
+        s.message_id = r.opt_str()?;
+        s.device_id = r.opt_str()?;
+        let n = r.u32()? as usize;
+        if n > (bytes.len() - r.pos) / 12 {
+            return Err(format!("mark count {n} exceeds value size"));
+        }
+        s.marks.reserve_exact(n);
+        for _ in 0..n {
+            let src = r.u32()?;
+            let off = r.i64()?;
+            s.marks.push((src, off));
+        }
+        if r.pos != bytes.len() {
+            return Err(format!("{} trailing bytes", bytes.len() - r.pos));
+        }
+        Ok(s)
+    }
+}
+
+fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => {
+            out.extend_from_slice(&(s.len() as u32 + 1).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+        None => out.extend_from_slice(&0u32.to_le_bytes()),
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.b.len() - self.pos < n {
+            return Err(format!("truncated at byte {}", self.pos));
+        }
+        let s = &self.b[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn i64(&mut self) -> Result<i64, String> {
+        Ok(i64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn opt_str(&mut self) -> Result<Option<String>, String> {
+        let n = self.u32()? as usize;
+        if n == 0 {
+            return Ok(None);
+        }
+        let bytes = self.take(n - 1)?;
+        String::from_utf8(bytes.to_vec())
+            .map(Some)
+            .map_err(|e| format!("invalid utf-8: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(c: i64, r: i64) -> StateKey {
+        StateKey {
+            conversation: ConversationId(c),
+            reader: ReaderId(r),
+        }
+    }
+
+    #[test]
+    fn key_roundtrip_and_prefix() {
+        let k = key(-5, 7);
+        let enc = StoreKey::state(k);
+        assert_eq!(StoreKey::decode(enc.as_bytes()), Some((TAG_STATE, k)));
+        let prefix = StoreKey::conversation_prefix(TAG_STATE, ConversationId(-5));
+        assert!(enc.as_bytes().starts_with(&prefix));
+        assert!(!StoreKey::state(key(-4, 7)).as_bytes().starts_with(&prefix));
+    }
+
+    proptest! {
+        #[test]
+        fn key_order_matches_integer_order(a in any::<(i64, i64)>(), b in any::<(i64, i64)>()) {
+            let ka = StoreKey::state(key(a.0, a.1));
+            let kb = StoreKey::state(key(b.0, b.1));
+            prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+        }
+
+        #[test]
+        fn value_roundtrip(seq in any::<i64>(), v in 0i64..1000, mid in proptest::option::of(".{0,40}"),
+                           dev in proptest::option::of("[a-z0-9]{0,12}"), sender in proptest::option::of(any::<i64>()),
+                           marks in proptest::collection::vec(any::<(u32, i64)>(), 0..5)) {
+            let s = ReadState {
+                last_read_seq: seq, message_id: mid, sender_id: sender.map(SenderId), device_id: dev,
+                read_at_ms: 17, version: v, emitted_version: v / 2, last_emit_ms: -3,
+                events_total: 9, stale_total: 2, events_since_emit: 4, stale_since_emit: 1, marks,
+            };
+            prop_assert_eq!(ReadState::decode(&s.to_bytes()).unwrap(), s);
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = ReadState::decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! State: key-value stores, the read-state value and its encoding, the record cache.
+//!
+//! Stores are layered like Kafka Streams' `KeyValueStoreBuilder`: the processor talks to a
+//! [`cache::RecordCache`] (fold in memory, flush dirty entries in one batch) in front of a
+//! [`KeyValueStore`] ([`rocks::RocksDbStore`] in production, [`memory::InMemoryStore`] in
+//! tests). The changelog topic (written by the task at each flush) makes a store
+//! rebuildable; see `ARCHITECTURE.md` for the commit protocol.
+
+pub mod cache;
+pub mod codec;
+pub mod memory;
+pub mod restore;
+pub mod rocks;
+
+use crate::ids::StoreName;
+
+pub use codec::{ReadState, StoreKey};
+
+/// Errors of the state layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {store}: rocksdb: {source}")]
+    Rocks {
+        store: StoreName,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("store {store}: corrupt value for key {key:02x?}: {reason}")]
+    Corrupt {
+        store: StoreName,
+        key: Vec<u8>,
+        reason: String,
+    },
+    #[error("store {store}: io: {source}")]
+    Io {
+        store: StoreName,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A key and its value, as returned by scans.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
+/// One operation of an atomic write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOp {
+    Put { key: Vec<u8>, value: Vec<u8> },
+    Delete { key: Vec<u8> },
+}
+
+/// An atomic group of writes: all or nothing.
+#[derive(Debug, Default, Clone)]
+pub struct StoreBatch {
+    pub ops: Vec<BatchOp>,
+}
+
+impl StoreBatch {
+    pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push(BatchOp::Put {
+            key: key.into(),
+            value: value.into(),
+        });
+    }
+
+    pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
+        self.ops.push(BatchOp::Delete { key: key.into() });
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// A byte-oriented key-value store owned by one task.
+///
+/// Keys sort bytewise, so a prefix scan returns one conversation's readers in order (see
+/// [`codec::StoreKey`]). Writes are atomic batches: the state of many keys plus the
+/// changelog checkpoint land together or not at all.
+pub trait KeyValueStore: Send {
+    fn name(&self) -> &StoreName;
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Point lookups of many keys at once (RocksDB `multi_get`); results in key order given.
+    fn multi_get(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError>;
+    fn write(&mut self, batch: StoreBatch) -> Result<(), StoreError>;
+    /// All entries whose key starts with `prefix`, in key order.
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<Entry>, StoreError>;
+    /// Estimated number of live keys (cheap; for metrics).
+    fn approximate_num_keys(&self) -> u64;
+    /// Estimated bytes on disk (cheap; for metrics).
+    fn approximate_size_bytes(&self) -> u64;
+    /// Make everything written so far durable (flush memtables).
+    fn flush(&mut self) -> Result<(), StoreError>;
+}
+
+/// Key of the store's own metadata: the changelog offset its contents reflect.
+pub const CHECKPOINT_KEY: &[u8] = b"m/changelog-offset";
+
+/// Read the changelog checkpoint recorded in a store: the offset of the next changelog
+/// record not yet reflected in it (`None` for a store never written).
+pub fn read_checkpoint(store: &dyn KeyValueStore) -> Result<Option<i64>, StoreError> {
+    match store.get(CHECKPOINT_KEY)? {
+        None => Ok(None),
+        Some(v) if v.len() == 8 => Ok(Some(i64::from_be_bytes(v.try_into().unwrap()))),
+        Some(v) => Err(StoreError::Corrupt {
+            store: store.name().clone(),
+            key: CHECKPOINT_KEY.to_vec(),
+            reason: format!("checkpoint has {} bytes, expected 8", v.len()),
+        }),
+    }
+}
+
+/// Add the checkpoint write to a batch.
+pub fn put_checkpoint(batch: &mut StoreBatch, next_offset: i64) {
+    batch.put(CHECKPOINT_KEY, next_offset.to_be_bytes());
+}

@@ -1,0 +1,135 @@
+//! Tasks: one per input partition, each owning its processor and store.
+//!
+//! A [`StreamTask`] turns a batch of source records into folded state (decode, validate,
+//! fold) and dead letters; flushing is delegated to its processor (see `ARCHITECTURE.md`
+//! for the order in which a flush's outputs become durable).
+
+use crate::ids::{Origin, TaskId};
+use crate::model::ReadEvent;
+use crate::processor::{FlushOutput, ProcessStats, ProcessorError, ReadStateProcessor};
+use crate::serde::EventDecoder;
+use crate::state::StoreBatch;
+
+/// A record as consumed: where it is, and its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceRecord<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    /// Where the event first entered readstate (differs from topic/offset after a
+    /// repartition); drives replay detection.
+    pub origin: Origin,
+}
+
+/// A record that could not be processed, with everything needed to find and replay it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    /// Bounded label (`DecodeError::reason`).
+    pub reason: &'static str,
+    pub error: String,
+}
+
+impl DeadLetter {
+    pub fn from_record(r: &SourceRecord<'_>, reason: &'static str, error: String) -> Self {
+        Self {
+            topic: r.topic.to_owned(),
+            partition: r.partition,
+            offset: r.offset,
+            key: r.key.map(<[u8]>::to_vec),
+            value: r.value.map(<[u8]>::to_vec),
+            reason,
+            error,
+        }
+    }
+}
+
+pub struct StreamTask {
+    id: TaskId,
+    processor: ReadStateProcessor,
+    events: Vec<(ReadEvent, Origin)>,
+}
+
+impl StreamTask {
+    pub fn new(id: TaskId, processor: ReadStateProcessor) -> Self {
+        Self {
+            id,
+            processor,
+            events: Vec::new(),
+        }
+    }
+
+    pub fn id(&self) -> TaskId {
+        self.id
+    }
+
+    /// Decode and fold a batch. The decoder must have been prepared for the batch (writer
+    /// schemas fetched). Undecodable records are returned as dead letters; the rest are
+    /// folded with one bulk store read for cache misses.
+    pub fn process(
+        &mut self,
+        decoder: &EventDecoder,
+        records: &[SourceRecord<'_>],
+        dead_letters: &mut Vec<DeadLetter>,
+    ) -> Result<(), ProcessorError> {
+        self.events.clear();
+        for r in records {
+            match decoder.decode(r.value) {
+                Ok(e) => self.events.push((e, r.origin)),
+                Err(e) => dead_letters.push(DeadLetter::from_record(r, e.reason(), e.to_string())),
+            }
+        }
+        self.process_events_inner()
+    }
+
+    /// Fold already-decoded events (used by benchmarks and the test driver's typed input).
+    pub fn process_events(&mut self, events: &[(ReadEvent, Origin)]) -> Result<(), ProcessorError> {
+        self.processor.process(events)
+    }
+
+    fn process_events_inner(&mut self) -> Result<(), ProcessorError> {
+        let events = std::mem::take(&mut self.events);
+        let r = self.processor.process(&events);
+        self.events = events;
+        r
+    }
+
+    pub fn prepare_flush(&mut self, now_ms: i64) -> FlushOutput {
+        self.processor.prepare_flush(now_ms)
+    }
+
+    pub fn commit_flush(
+        &mut self,
+        batch: StoreBatch,
+        changelog_next_offset: Option<i64>,
+    ) -> Result<(), ProcessorError> {
+        self.processor.commit_flush(batch, changelog_next_offset)
+    }
+
+    /// Forget what was not committed (a failed flush): continue from the store.
+    pub fn reset_to_store(&mut self) -> Result<(), ProcessorError> {
+        self.processor.reset_to_store()
+    }
+
+    pub fn processor(&self) -> &ReadStateProcessor {
+        &self.processor
+    }
+
+    pub fn processor_mut(&mut self) -> &mut ReadStateProcessor {
+        &mut self.processor
+    }
+
+    pub fn stats(&self) -> ProcessStats {
+        self.processor.stats()
+    }
+
+    pub fn into_processor(self) -> ReadStateProcessor {
+        self.processor
+    }
+}

@@ -1,0 +1,318 @@
+//! A test driver for topologies, like Kafka Streams' `TopologyTestDriver`: pipe input
+//! records (with partition and offset) into a compiled topology, advance wall-clock time,
+//! read the emitted updates and dead letters, inspect the stores; no broker.
+//!
+//! The driver runs the same task, processor, store, cache and Avro code as `readstate run`.
+//! What it replaces is Kafka: a flush's updates are "acknowledged" at once, then the store
+//! batch is written and the consumed offsets count as committed. Crashes can be simulated at
+//! the two interesting points (before a flush; after the outputs but before the commit).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::ids::{Origin, TaskId};
+use crate::model::{ReadEvent, ReceiptUpdate, StateKey};
+use crate::processor::{EmitPolicy, ProcessStats, ReadStateProcessor};
+use crate::serde::avro::{AvroReadEvent, EventEncoder};
+use crate::serde::registry::{LocalRegistry, SchemaResolver, LOCAL_READ_EVENT_ID};
+use crate::serde::{EventDecoder, READ_EVENT_SCHEMA};
+use crate::state::memory::InMemoryStore;
+use crate::state::rocks::RocksDbStore;
+use crate::state::{KeyValueStore, ReadState};
+use crate::task::{DeadLetter, SourceRecord, StreamTask};
+use crate::topology::Topology;
+
+/// Where the driver's stores live.
+#[derive(Debug, Clone)]
+pub enum DriverStores {
+    Memory,
+    RocksDb(PathBuf),
+}
+
+struct PartitionState {
+    task: Option<StreamTask>,
+    /// Next offset after the last record piped.
+    consumed: i64,
+    /// Next offset after the last record covered by a commit.
+    committed: i64,
+}
+
+pub struct TopologyTestDriver {
+    topology: Topology,
+    stores: DriverStores,
+    decoder: EventDecoder,
+    encoder: EventEncoder,
+    partitions: BTreeMap<i32, PartitionState>,
+    now_ms: i64,
+    last_flush_ms: i64,
+    outputs: Vec<ReceiptUpdate>,
+    dead_letters: Vec<DeadLetter>,
+    flushes: u64,
+}
+
+/// The driver's wall clock starts here (2023-11-14T22:13:20Z).
+pub const START_MS: i64 = 1_700_000_000_000;
+
+impl TopologyTestDriver {
+    /// A driver with in-memory stores and the local schema registry.
+    pub fn new(topology: Topology) -> Self {
+        Self::with(
+            topology,
+            DriverStores::Memory,
+            Arc::new(LocalRegistry::new()),
+        )
+    }
+
+    pub fn with(
+        topology: Topology,
+        stores: DriverStores,
+        resolver: Arc<dyn SchemaResolver>,
+    ) -> Self {
+        Self {
+            topology,
+            stores,
+            decoder: EventDecoder::new(resolver).expect("embedded schema parses"),
+            encoder: EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID)
+                .expect("embedded schema parses"),
+            partitions: BTreeMap::new(),
+            now_ms: START_MS,
+            last_flush_ms: START_MS,
+            outputs: Vec::new(),
+            dead_letters: Vec::new(),
+            flushes: 0,
+        }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    fn store_path(root: &Path, topology: &Topology, partition: i32) -> PathBuf {
+        root.join(topology.application_id.as_str())
+            .join(TaskId::new(0, partition).to_string())
+            .join(topology.store.name.as_str())
+    }
+
+    fn open_task(&self, partition: i32) -> StreamTask {
+        let store: Box<dyn KeyValueStore> = match &self.stores {
+            DriverStores::Memory => Box::new(InMemoryStore::new(self.topology.store.name.clone())),
+            DriverStores::RocksDb(root) => Box::new(
+                RocksDbStore::open(
+                    self.topology.store.name.clone(),
+                    &Self::store_path(root, &self.topology, partition),
+                    &self.topology.store.rocksdb,
+                )
+                .expect("open rocksdb store"),
+            ),
+        };
+        self.task_over(partition, store)
+    }
+
+    fn task_over(&self, partition: i32, store: Box<dyn KeyValueStore>) -> StreamTask {
+        let policy = EmitPolicy {
+            min_emit_interval_ms: self.topology.processor.min_emit_interval.as_millis() as i64,
+        };
+        let p = ReadStateProcessor::open(store, policy, self.topology.store.cache_max_entries)
+            .expect("open processor");
+        StreamTask::new(TaskId::new(0, partition), p)
+    }
+
+    fn partition(&mut self, partition: i32) -> &mut PartitionState {
+        if !self.partitions.contains_key(&partition) {
+            let task = self.open_task(partition);
+            self.partitions.insert(
+                partition,
+                PartitionState {
+                    task: Some(task),
+                    consumed: 0,
+                    committed: 0,
+                },
+            );
+        }
+        self.partitions.get_mut(&partition).expect("inserted")
+    }
+
+    /// Encode `event` in the Confluent wire format (local schema id) and pipe it.
+    pub fn pipe_event(&mut self, partition: i32, offset: i64, event: &ReadEvent) {
+        let bytes = self
+            .encoder
+            .encode(&AvroReadEvent::from(event))
+            .expect("encode event");
+        self.pipe_raw(partition, offset, Some(&bytes));
+    }
+
+    /// Pipe one raw record value, as read from the source topic.
+    pub fn pipe_raw(&mut self, partition: i32, offset: i64, value: Option<&[u8]>) {
+        self.pipe_batch(partition, &[(offset, value)]);
+    }
+
+    /// Pipe a batch of raw records of one partition (the shape a consumer poll returns).
+    pub fn pipe_batch(&mut self, partition: i32, records: &[(i64, Option<&[u8]>)]) {
+        let topic = self.topology.sources[0].topic.as_str().to_owned();
+        let source = Origin::source_id(&topic, partition);
+        let recs: Vec<SourceRecord<'_>> = records
+            .iter()
+            .map(|(offset, value)| SourceRecord {
+                topic: &topic,
+                partition,
+                offset: *offset,
+                key: None,
+                value: *value,
+                origin: Origin {
+                    source,
+                    offset: *offset,
+                },
+            })
+            .collect();
+        futures::executor::block_on(self.decoder.prepare(recs.iter().map(|r| r.value)))
+            .expect("local registry");
+        let max_next = records.iter().map(|(o, _)| o + 1).max().unwrap_or(0);
+        let ps = self
+            .partitions
+            .entry(partition)
+            .or_insert_with(|| PartitionState {
+                task: None,
+                consumed: 0,
+                committed: 0,
+            });
+        ps.consumed = ps.consumed.max(max_next);
+        if ps.task.is_none() {
+            let t = self.open_task(partition);
+            self.partitions.get_mut(&partition).expect("present").task = Some(t);
+        }
+        let ps = self.partitions.get_mut(&partition).expect("present");
+        let task = ps.task.as_mut().expect("open");
+        task.process(&self.decoder, &recs, &mut self.dead_letters)
+            .expect("process");
+    }
+
+    /// Advance the wall clock; flushes when a commit interval has passed (like the runtime).
+    pub fn advance_wall_clock(&mut self, by: Duration) {
+        self.now_ms += by.as_millis() as i64;
+        if self.now_ms - self.last_flush_ms >= self.topology.commit_interval.as_millis() as i64 {
+            self.flush();
+        }
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.now_ms
+    }
+
+    /// Flush and commit every task now.
+    pub fn flush(&mut self) {
+        let now = self.now_ms;
+        for ps in self.partitions.values_mut() {
+            let Some(task) = ps.task.as_mut() else {
+                continue;
+            };
+            let out = task.prepare_flush(now);
+            self.outputs.extend(out.updates);
+            task.commit_flush(out.batch, None).expect("commit flush");
+            ps.committed = ps.consumed;
+        }
+        self.last_flush_ms = now;
+        self.flushes += 1;
+    }
+
+    /// Simulate a crash before the next flush: everything not committed is lost; the
+    /// consumer would resume every partition at [`committed_offset`](Self::committed_offset).
+    pub fn crash(&mut self) {
+        for ps in self.partitions.values_mut() {
+            if let Some(task) = ps.task.as_mut() {
+                task.reset_to_store().expect("reset");
+            }
+            ps.consumed = ps.committed;
+        }
+    }
+
+    /// Simulate a crash in the middle of a flush: the updates reached the output topic, but
+    /// the store batch and the offset commit did not happen.
+    pub fn crash_after_output(&mut self) {
+        let now = self.now_ms;
+        for ps in self.partitions.values_mut() {
+            if let Some(task) = ps.task.as_mut() {
+                let out = task.prepare_flush(now);
+                self.outputs.extend(out.updates);
+            }
+        }
+        self.crash();
+    }
+
+    /// Close every task (dropping RocksDB handles) and reopen them from their stores, as a
+    /// restarted process would. In-memory stores survive; the caches do not.
+    pub fn restart(&mut self) {
+        let parts: Vec<i32> = self.partitions.keys().copied().collect();
+        for p in parts {
+            let task = self.partitions.get_mut(&p).and_then(|ps| ps.task.take());
+            let reopened = match (&self.stores, task) {
+                (DriverStores::Memory, Some(t)) => {
+                    let store = t.into_processor().into_store();
+                    self.task_over(p, store)
+                }
+                (_, t) => {
+                    drop(t);
+                    self.open_task(p)
+                }
+            };
+            let ps = self.partition(p);
+            ps.task = Some(reopened);
+            ps.consumed = ps.committed;
+        }
+    }
+
+    /// Next offset to consume in `partition` after the last commit.
+    pub fn committed_offset(&self, partition: i32) -> i64 {
+        self.partitions.get(&partition).map_or(0, |p| p.committed)
+    }
+
+    /// Take the updates emitted so far.
+    pub fn read_output(&mut self) -> Vec<ReceiptUpdate> {
+        std::mem::take(&mut self.outputs)
+    }
+
+    pub fn dead_letters(&self) -> &[DeadLetter] {
+        &self.dead_letters
+    }
+
+    /// The state of `key` as its task sees it (cached or stored), searching every task.
+    pub fn state(&self, key: StateKey) -> Option<ReadState> {
+        self.partitions
+            .values()
+            .filter_map(|ps| ps.task.as_ref())
+            .find_map(|t| t.processor().state(key).expect("store read"))
+    }
+
+    /// The store of a partition's task.
+    pub fn store(&self, partition: i32) -> Option<&dyn KeyValueStore> {
+        self.partitions
+            .get(&partition)?
+            .task
+            .as_ref()
+            .map(|t| t.processor().store())
+    }
+
+    pub fn stats(&self) -> ProcessStats {
+        let mut s = ProcessStats::default();
+        for t in self.partitions.values().filter_map(|p| p.task.as_ref()) {
+            let x = t.stats();
+            s.folded += x.folded;
+            s.advanced += x.advanced;
+            s.stale += x.stale;
+            s.replayed += x.replayed;
+            s.updates_emitted += x.updates_emitted;
+            s.cache_misses += x.cache_misses;
+            s.flushes += x.flushes;
+        }
+        s
+    }
+
+    pub fn pending_len(&self) -> usize {
+        self.partitions
+            .values()
+            .filter_map(|p| p.task.as_ref())
+            .map(|t| t.processor().pending_len())
+            .sum()
+    }
+}

@@ -1,0 +1,158 @@
+//! `readstate describe`: the graph in the shape of Kafka Streams' `TopologyDescription`.
+
+use std::fmt::Write;
+
+use super::{StoreKind, Topology};
+
+/// Render the topology: sources → processors → stores → sinks, then internal topics.
+pub fn describe(t: &Topology) -> String {
+    let mut o = String::new();
+    let ms = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let _ = writeln!(
+        o,
+        "Topology: {} (commit interval {})",
+        t.application_id,
+        ms(t.commit_interval)
+    );
+    let _ = writeln!(o, "  consumer group: {}", t.application_id);
+    let _ = writeln!(
+        o,
+        "  state dir:      {}/{}/<task>/{}",
+        t.state_dir.display(),
+        t.application_id,
+        t.store.name
+    );
+    let repartitioned: Vec<_> = t
+        .sources
+        .iter()
+        .filter(|s| s.repartition_topic.is_some())
+        .collect();
+    let mut sub = 0;
+    if !repartitioned.is_empty() {
+        let _ = writeln!(o, "Sub-topology: {sub} (repartition by conversation_id)");
+        for s in &repartitioned {
+            let _ = writeln!(
+                o,
+                "  Source: {} (topics: [{}], keyed by {})",
+                s.name,
+                s.topic,
+                s.keyed_by.as_str()
+            );
+            let _ = writeln!(o, "    --> {}-repartition-sink", s.name);
+            let _ = writeln!(
+                o,
+                "  Sink: {}-repartition-sink (topic: {}, keyed by conversation_id)",
+                s.name,
+                s.repartition_topic.as_ref().expect("repartitioned")
+            );
+            let _ = writeln!(o, "    <-- {}", s.name);
+        }
+        sub += 1;
+    }
+    let _ = writeln!(o, "Sub-topology: {sub} (one task per input partition)");
+    for s in &t.sources {
+        match &s.repartition_topic {
+            Some(r) => {
+                let _ = writeln!(
+                    o,
+                    "  Source: {}-repartition-source (topics: [{r}], keyed by conversation_id)",
+                    s.name
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    o,
+                    "  Source: {} (topics: [{}], keyed by conversation_id, format avro-confluent)",
+                    s.name, s.topic
+                );
+            }
+        }
+        let _ = writeln!(o, "    --> {}", t.processor.name);
+    }
+    let p = &t.processor;
+    let emit = if p.min_emit_interval.is_zero() {
+        "one update per key per flush".to_owned()
+    } else {
+        format!("at most one update per key per {}", ms(p.min_emit_interval))
+    };
+    let _ = writeln!(
+        o,
+        "  Processor: {} (kind: read-state, stores: [{}], {emit})",
+        p.name, p.store
+    );
+    for s in &t.sources {
+        let from = if s.repartition_topic.is_some() {
+            format!("{}-repartition-source", s.name)
+        } else {
+            s.name.clone()
+        };
+        let _ = writeln!(o, "    <-- {from}");
+    }
+    let _ = writeln!(o, "    --> {}", t.output.name);
+    let _ = writeln!(
+        o,
+        "  Sink: {} (topic: {}, keyed by conversation_id, format avro-confluent)",
+        t.output.name, t.output.topic
+    );
+    let _ = writeln!(o, "    <-- {}", p.name);
+    let _ = writeln!(o, "Stores:");
+    let kind = match t.store.kind {
+        StoreKind::RocksDb => format!(
+            "rocksdb, block cache {} MiB, write buffer {} MiB{}",
+            t.store.rocksdb.block_cache_bytes >> 20,
+            t.store.rocksdb.write_buffer_bytes >> 20,
+            if t.store.rocksdb.disable_wal {
+                ", WAL off"
+            } else {
+                ""
+            }
+        ),
+        StoreKind::Memory => "in-memory".to_owned(),
+    };
+    let _ = writeln!(
+        o,
+        "  {}: {kind}; record cache {} entries",
+        t.store.name, t.store.cache_max_entries
+    );
+    match &t.store.changelog_topic {
+        Some(c) => {
+            let _ = writeln!(o, "    changelog: {c} (compacted)");
+        }
+        None => {
+            let _ = writeln!(o, "    changelog: none (state is lost with the node)");
+        }
+    }
+    if let Some(pg) = &t.postgres {
+        let _ = writeln!(
+            o,
+            "Postgres sink: {} (consumer group {}, reads {})",
+            pg.name, pg.consumer_group, pg.topic
+        );
+        let _ = writeln!(
+            o,
+            "  table {}: batches of {} rows or {}, pool {}, statement timeout {}, {}",
+            pg.table,
+            pg.batch_size,
+            ms(pg.linger),
+            pg.pool_size,
+            ms(pg.statement_timeout),
+            if pg.embedded {
+                "runs inside `readstate run`"
+            } else {
+                "runs as `readstate sink`"
+            }
+        );
+    }
+    let _ = writeln!(o, "Internal topics:");
+    for (topic, compacted) in t.internal_topics() {
+        let what = if compacted {
+            "compacted changelog"
+        } else if topic == t.dead_letter_topic {
+            "dead letters"
+        } else {
+            "repartition"
+        };
+        let _ = writeln!(o, "  {topic} ({what})");
+    }
+    o
+}

@@ -1,0 +1,131 @@
+//! Shared helpers for integration tests: topologies, workloads and an independent oracle.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use readstate::ids::{ConversationId, ReaderId, SenderId};
+use readstate::model::{ReadEvent, ReceiptUpdate, StateKey};
+use readstate::topology::{compile, Topology};
+
+/// A minimal topology with the given minimum emit interval ("0s" for none).
+pub fn topology(min_emit: &str) -> Topology {
+    compile(&format!(
+        r#"
+[application]
+id = "test-app"
+commit_interval = "1s"
+[[source]]
+name = "events"
+topic = "read-events"
+[[store]]
+name = "read-state"
+[[processor]]
+name = "read-state"
+kind = "read-state"
+inputs = ["events"]
+store = "read-state"
+min_emit_interval = "{min_emit}"
+[[sink]]
+name = "updates"
+kind = "kafka"
+input = "read-state"
+topic = "receipt-updates"
+"#
+    ))
+    .expect("test topology compiles")
+}
+
+pub fn event(conv: i64, reader: i64, seq: i64, device: &str) -> ReadEvent {
+    ReadEvent {
+        reader_id: ReaderId(reader),
+        conversation_id: ConversationId(conv),
+        message_seq: seq,
+        message_id: Some(format!("m-{conv}-{seq}")),
+        sender_id: Some(SenderId(1000 + seq % 7)),
+        device_id: Some(device.to_owned()),
+        read_at_ms: 1_700_000_000_000 + seq,
+    }
+}
+
+pub fn key(conv: i64, reader: i64) -> StateKey {
+    StateKey {
+        conversation: ConversationId(conv),
+        reader: ReaderId(reader),
+    }
+}
+
+/// What the state of each key must be after folding events in a given order: computed
+/// directly from the definition, sharing no code with the processor.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Expected {
+    pub max_seq: i64,
+    pub device_of_max: Option<String>,
+    pub events: i64,
+    pub advances: i64,
+}
+
+pub fn oracle(events: &[ReadEvent]) -> HashMap<StateKey, Expected> {
+    let mut m: HashMap<StateKey, Expected> = HashMap::new();
+    for e in events {
+        let x = m.entry(e.key()).or_insert(Expected {
+            max_seq: -1,
+            ..Default::default()
+        });
+        x.events += 1;
+        if e.message_seq > x.max_seq {
+            x.max_seq = e.message_seq;
+            x.device_of_max = e.device_id.clone();
+            x.advances += 1;
+        }
+    }
+    m
+}
+
+/// A random workload: `keys` keys, each read up to a random head in steps, events shuffled,
+/// some duplicated; several devices per reader.
+pub fn workload(seed: u64, keys: usize, events_per_key: usize) -> Vec<ReadEvent> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = Vec::new();
+    for k in 0..keys {
+        let conv = (k / 3) as i64;
+        let reader = 100 + (k % 3) as i64;
+        for _ in 0..events_per_key {
+            let seq = rng.gen_range(0..(events_per_key as i64 * 3));
+            let dev = format!("dev-{}", rng.gen_range(0..3));
+            out.push(event(conv, reader, seq, &dev));
+            if rng.gen_bool(0.1) {
+                out.push(out.last().unwrap().clone());
+            }
+        }
+    }
+    out.shuffle(&mut rng);
+    out
+}
+
+/// Last update per key, checking versions strictly increase per key along the way.
+pub fn last_updates(updates: &[ReceiptUpdate]) -> HashMap<StateKey, ReceiptUpdate> {
+    let mut last: HashMap<StateKey, ReceiptUpdate> = HashMap::new();
+    for u in updates {
+        if let Some(prev) = last.get(&u.key()) {
+            assert!(
+                u.version > prev.version && u.last_read_seq > prev.last_read_seq,
+                "update for {:?} went from v{} seq {} to v{} seq {}",
+                u.key(),
+                prev.version,
+                prev.last_read_seq,
+                u.version,
+                u.last_read_seq
+            );
+        }
+        last.insert(u.key(), u.clone());
+    }
+    last
+}
+
+/// Partition of a conversation among `n` (the tests' stand-in for the key partitioner).
+pub fn partition_of(conv: ConversationId, n: i32) -> i32 {
+    conv.0.rem_euclid(n as i64) as i32
+}

@@ -20,13 +20,7 @@ fn pipe_all(d: &mut TopologyTestDriver, events: &[ReadEvent], parts: i32, next: 
 }
 
 fn assert_matches_oracle(d: &TopologyTestDriver, events: &[ReadEvent]) {
-    for (k, x) in oracle(events) {
-        let s = d.state(k).unwrap_or_else(|| panic!("no state for {k:?}"));
-        assert_eq!(s.last_read_seq, x.max_seq, "pointer of {k:?}");
-        assert_eq!(s.events_total, x.events, "events of {k:?}");
-        assert_eq!(s.stale_total, x.events - x.advances, "stale of {k:?}");
-        assert_eq!(s.version, x.advances, "version of {k:?}");
-    }
+    assert_states_match(&oracle(events), |k| d.state(k));
 }
 
 #[test]

@@ -8,18 +8,27 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use readstate::ids::{ConversationId, ReaderId, SenderId};
 use readstate::model::{ReadEvent, ReceiptUpdate, StateKey};
+use readstate::state::ReadState;
 use readstate::topology::{compile, Topology};
 
-/// A minimal topology with the given minimum emit interval ("0s" for none).
-pub fn topology(min_emit: &str) -> Topology {
-    compile(&format!(
+/// The text of a minimal topology.
+pub fn topology_text(
+    app: &str,
+    commit: &str,
+    state_dir: &str,
+    source: &str,
+    output: &str,
+    min_emit: &str,
+) -> String {
+    format!(
         r#"
 [application]
-id = "test-app"
-commit_interval = "1s"
+id = "{app}"
+commit_interval = "{commit}"
+state_dir = "{state_dir}"
 [[source]]
 name = "events"
-topic = "read-events"
+topic = "{source}"
 [[store]]
 name = "read-state"
 [[processor]]
@@ -32,10 +41,36 @@ min_emit_interval = "{min_emit}"
 name = "updates"
 kind = "kafka"
 input = "read-state"
-topic = "receipt-updates"
+topic = "{output}"
 "#
+    )
+}
+
+/// A minimal topology with the given minimum emit interval ("0s" for none).
+pub fn topology(min_emit: &str) -> Topology {
+    compile(&topology_text(
+        "test-app",
+        "1s",
+        "./state",
+        "read-events",
+        "receipt-updates",
+        min_emit,
     ))
     .expect("test topology compiles")
+}
+
+/// Every key's state (looked up with `state_of`) equals the oracle: pointer, counts, version.
+pub fn assert_states_match(
+    want: &HashMap<StateKey, Expected>,
+    state_of: impl Fn(StateKey) -> Option<ReadState>,
+) {
+    for (k, x) in want {
+        let s = state_of(*k).unwrap_or_else(|| panic!("no state for {k:?}"));
+        assert_eq!(s.last_read_seq, x.max_seq, "pointer of {k:?}");
+        assert_eq!(s.events_total, x.events, "events of {k:?}");
+        assert_eq!(s.stale_total, x.events - x.advances, "stale of {k:?}");
+        assert_eq!(s.version, x.advances, "version of {k:?}");
+    }
 }
 
 pub fn event(conv: i64, reader: i64, seq: i64, device: &str) -> ReadEvent {

@@ -125,6 +125,26 @@ impl Origin {
         }
         h
     }
+
+    /// Header carrying the origin through a repartition topic.
+    pub const HEADER: &'static str = "readstate.origin";
+
+    /// 12 bytes: source id (u32) and offset (i64), big-endian.
+    pub fn to_bytes(self) -> [u8; 12] {
+        let mut b = [0u8; 12];
+        b[..4].copy_from_slice(&self.source.to_be_bytes());
+        b[4..].copy_from_slice(&self.offset.to_be_bytes());
+        b
+    }
+
+    /// The inverse of [`Origin::to_bytes`]; `None` unless exactly 12 bytes.
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        let b: &[u8; 12] = b.try_into().ok()?;
+        Some(Self {
+            source: u32::from_be_bytes(b[..4].try_into().ok()?),
+            offset: i64::from_be_bytes(b[4..].try_into().ok()?),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -138,5 +158,15 @@ mod tests {
         assert_ne!(a, Origin::source_id("events", 1));
         assert_ne!(a, Origin::source_id("events2", 0));
         assert_eq!(TaskId::new(0, 3).to_string(), "0_3");
+    }
+
+    #[test]
+    fn origin_round_trips_through_header_bytes() {
+        let o = Origin {
+            source: 0xdead_beef,
+            offset: 1 << 40,
+        };
+        assert_eq!(Origin::from_bytes(&o.to_bytes()), Some(o));
+        assert_eq!(Origin::from_bytes(&o.to_bytes()[..11]), None);
     }
 }

@@ -1,6 +1,8 @@
 //! `readstate run` against an in-process Kafka-protocol broker (MockCluster).
 
 mod common;
+#[path = "common/fake_registry.rs"]
+mod fake_registry;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +22,9 @@ use readstate::kafka::KafkaSettings;
 use readstate::model::{ReadEvent, ReceiptUpdate, StateKey};
 use readstate::runtime::{run, RunConfig, RunSummary};
 use readstate::serde::avro::{AvroReadEvent, EventEncoder, UpdateDecoder};
-use readstate::serde::registry::LOCAL_READ_EVENT_ID;
+use readstate::serde::registry::{
+    ConfluentRegistry, SchemaResolver, LOCAL_READ_EVENT_ID, LOCAL_RECEIPT_UPDATE_ID,
+};
 use readstate::serde::{LocalRegistry, READ_EVENT_SCHEMA, RECEIPT_UPDATE_SCHEMA};
 use readstate::state::rocks::{RocksDbOptions, RocksDbStore};
 use readstate::state::{KeyValueStore, ReadState, StoreKey};
@@ -34,6 +38,8 @@ struct Env {
     source: String,
     output: String,
     state: tempfile::TempDir,
+    /// `Some("reader_id")` etc.: the source is keyed by that field and repartitioned.
+    keyed_by: Option<&'static str>,
 }
 
 fn suffix() -> String {
@@ -42,6 +48,11 @@ fn suffix() -> String {
 
 impl Env {
     fn new() -> Self {
+        Self::keyed_by(None)
+    }
+
+    /// An environment whose source is keyed by `keyed_by` (None: by conversation_id).
+    fn keyed_by(keyed_by: Option<&'static str>) -> Self {
         let mock = MockCluster::new(1).unwrap();
         let s = suffix();
         let env = Env {
@@ -50,7 +61,14 @@ impl Env {
             source: format!("events-{s}"),
             output: format!("updates-{s}"),
             state: tempfile::tempdir().unwrap(),
+            keyed_by,
         };
+        if keyed_by.is_some() {
+            // The mock broker does not answer CreateTopics: internal topics are made here.
+            env.mock
+                .create_topic(&format!("{}-events-repartition", env.app), PARTS, 1)
+                .unwrap();
+        }
         env.mock.create_topic(&env.source, PARTS, 1).unwrap();
         env.mock.create_topic(&env.output, PARTS, 1).unwrap();
         env.mock
@@ -67,14 +85,30 @@ impl Env {
     }
 
     fn topology_text(&self) -> String {
-        topology_text(
+        self.topology_text_with_commit("200ms")
+    }
+
+    fn topology_text_with_commit(&self, commit_interval: &str) -> String {
+        let text = topology_text(
             &self.app,
-            "200ms",
+            commit_interval,
             &self.state.path().display().to_string(),
             &self.source,
             &self.output,
             "0s",
-        )
+        );
+        match self.keyed_by {
+            Some(k) => text.replace(
+                &format!("topic = \"{}\"", self.source),
+                &format!("topic = \"{}\"\nkeyed_by = \"{k}\"", self.source),
+            ),
+            None => text,
+        }
+    }
+
+    /// Sub-topology of the stateful tasks: 1 behind a repartition, else 0.
+    fn task_dir(&self, p: i32) -> String {
+        format!("{}_{p}", u8::from(self.keyed_by.is_some()))
     }
 
     fn brokers(&self) -> String {
@@ -87,16 +121,47 @@ impl Env {
 
     /// Start an instance with its own state directory.
     fn start_in(&self, state_dir: &std::path::Path) -> Instance {
+        self.start_with(state_dir, Arc::new(LocalRegistry::new()))
+    }
+
+    fn start_with(
+        &self,
+        state_dir: &std::path::Path,
+        resolver: Arc<dyn SchemaResolver>,
+    ) -> Instance {
         let mut cfg = RunConfig::new(
             self.topology(),
             KafkaSettings::new(self.brokers()),
-            Arc::new(LocalRegistry::new()),
+            resolver,
         );
         cfg.state_dir = state_dir.to_path_buf();
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
         let handle = std::thread::spawn(move || run(cfg, s2).expect("instance runs"));
         Instance { stop, handle }
+    }
+
+    /// Produce records already encoded.
+    fn produce_raw(&self, records: &[(String, Vec<u8>)]) {
+        let p = self.producer();
+        for (k, v) in records {
+            send(
+                &p,
+                BaseRecord::to(&self.source)
+                    .key(k.as_str())
+                    .payload(v.as_slice()),
+            );
+        }
+        p.flush(Duration::from_secs(30)).unwrap();
+    }
+
+    fn producer(&self) -> ThreadedProducer<DefaultProducerContext> {
+        ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "5")
+            .create()
+            .unwrap()
     }
 
     fn produce(&self, events: &[ReadEvent], garbage_every: usize) -> usize {
@@ -109,7 +174,10 @@ impl Env {
         let enc = EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID).unwrap();
         let mut garbage = 0;
         for (i, e) in events.iter().enumerate() {
-            let key = e.conversation_id.0.to_string();
+            let key = match self.keyed_by {
+                Some(_) => e.reader_id.0.to_string(),
+                None => e.conversation_id.0.to_string(),
+            };
             let v = enc.encode(&AvroReadEvent::from(e)).unwrap();
             send(
                 &p,
@@ -173,10 +241,20 @@ impl Env {
     }
 
     fn read_updates(&self, want: &HashMap<StateKey, Expected>) -> Vec<ReceiptUpdate> {
-        let reg = Arc::new(LocalRegistry::new());
+        self.read_updates_as(want, LOCAL_RECEIPT_UPDATE_ID)
+    }
+
+    /// Output updates, written with schema id `schema_id` (registered by the instance).
+    fn read_updates_as(
+        &self,
+        want: &HashMap<StateKey, Expected>,
+        schema_id: u32,
+    ) -> Vec<ReceiptUpdate> {
+        let reg = Arc::new(LocalRegistry::new().with_schema(schema_id, RECEIPT_UPDATE_SCHEMA));
         let mut dec = UpdateDecoder::new(reg, RECEIPT_UPDATE_SCHEMA).unwrap();
-        futures::executor::block_on(dec.prepare(std::iter::once(Some(&[0u8, 0, 0, 0, 2][..]))))
-            .unwrap();
+        let mut header = vec![0u8];
+        header.extend_from_slice(&schema_id.to_be_bytes());
+        futures::executor::block_on(dec.prepare(std::iter::once(Some(header.as_slice())))).unwrap();
         self.read_until(
             &self.output,
             |m| ReceiptUpdate::from(dec.decode(m.payload().unwrap()).unwrap()),
@@ -201,7 +279,7 @@ impl Env {
         for p in 0..PARTS {
             let path = dir
                 .join(&self.app)
-                .join(format!("0_{p}"))
+                .join(self.task_dir(p))
                 .join("read-state");
             if !path.exists() {
                 continue;
@@ -391,6 +469,20 @@ fn check_output_monotonic(updates: &[ReceiptUpdate], want: &HashMap<StateKey, Ex
     }
 }
 
+/// SIGTERM, and the instance exits 0 after its last flush and commit.
+fn terminate(child: &mut std::process::Child) {
+    let status = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        child.wait().unwrap().success(),
+        "graceful shutdown on SIGTERM"
+    );
+}
+
 fn spawn_cli(env: &Env, topology: &std::path::Path) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
         .args(["run", "--local-schemas", "--topology"])
@@ -404,8 +496,47 @@ fn spawn_cli(env: &Env, topology: &std::path::Path) -> std::process::Child {
 
 #[test]
 fn sigkill_mid_stream_then_restart_keeps_counts_exact() {
-    let env = Env::new();
-    let events = zipf_workload(4, 16_000);
+    sigkill_mid_stream_then_restart(Env::new(), 4);
+}
+
+/// A crash behind a repartition, between forwarding and committing: every source record
+/// forwarded before the kill is forwarded again after the restart, and the origin header
+/// makes the copies harmless (counts stay exact).
+#[test]
+fn sigkill_between_forward_and_commit_keeps_counts_exact() {
+    let env = Env::keyed_by(Some("reader_id"));
+    let events = zipf_workload(6, 12_000);
+    let (first, second) = events.split_at(events.len() / 2);
+    let want = oracle(&events);
+    let repartition = format!("{}-events-repartition", env.app);
+    let file = env.state.path().join("topology.toml");
+    // First run: no commit for 10 minutes, so nothing it forwards is committed.
+    std::fs::write(&file, env.topology_text_with_commit("10m")).unwrap();
+    env.produce(first, 0);
+    let mut child = spawn_cli(&env, &file);
+    env.read_until(&repartition, |_| (), |d: &[()]| d.len() >= first.len());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::fs::write(&file, env.topology_text()).unwrap();
+    env.produce(second, 0);
+    let mut child = spawn_cli(&env, &file);
+    let updates = env.read_updates(&want);
+    terminate(&mut child);
+    let forwarded = env.read_until(
+        &repartition,
+        |_| (),
+        |d: &[()]| d.len() >= first.len() + events.len(),
+    );
+    assert!(
+        forwarded.len() >= first.len() + events.len(),
+        "the first half was forwarded twice"
+    );
+    check_output_monotonic(&updates, &want);
+    check_final_state(&env, &want);
+}
+
+fn sigkill_mid_stream_then_restart(env: Env, seed: u64) {
+    let events = zipf_workload(seed, 16_000);
     let (first, second) = events.split_at(events.len() / 2);
     let want = oracle(&events);
     let file = env.state.path().join("topology.toml");
@@ -419,16 +550,7 @@ fn sigkill_mid_stream_then_restart_keeps_counts_exact() {
     env.produce(second, 0);
     let mut child = spawn_cli(&env, &file);
     let updates = env.read_updates(&want);
-    let status = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(
-        child.wait().unwrap().success(),
-        "graceful shutdown on SIGTERM"
-    );
+    terminate(&mut child);
     check_output_monotonic(&updates, &want);
     check_final_state(&env, &want);
 }
@@ -457,4 +579,146 @@ fn instances_joining_and_leaving_mid_stream_converge() {
     // B owned every partition at the end: its stores hold the whole, exact state.
     let stored = env.stored_states_in(dir_b.path());
     assert_states_match(&want, |k| stored.get(&k).cloned());
+}
+
+/// A source keyed by reader_id: sub-topology 0 re-keys it by conversation through the
+/// repartition topic while instances join and leave; state and output equal the oracle and
+/// poison pills are caught before the repartition.
+#[test]
+fn repartitioned_source_with_instances_joining_and_leaving() {
+    let env = Env::keyed_by(Some("reader_id"));
+    let events = zipf_workload(7, 15_000);
+    let want = oracle(&events);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let chunks: Vec<&[ReadEvent]> = events.chunks(5_000).collect();
+    let a = env.start_in(dir_a.path());
+    let mut garbage = env.produce(chunks[0], 200);
+    let b = env.start_in(dir_b.path());
+    garbage += env.produce(chunks[1], 200);
+    env.read_until(&env.output, |_| (), |d: &[()]| d.len() >= 50);
+    let sa = a.stop();
+    garbage += env.produce(chunks[2], 200);
+    let updates = env.read_updates(&want);
+    let sb = b.stop();
+    check_output_monotonic(&updates, &want);
+    let stored = env.stored_states_in(dir_b.path());
+    assert_eq!(stored.len(), want.len());
+    assert_states_match(&want, |k| stored.get(&k).cloned());
+    assert!(
+        sa.records_forwarded + sb.records_forwarded >= events.len() as u64,
+        "every event went through the repartition topic: {sa:?} {sb:?}"
+    );
+    // Dead letters are counted when written; A's last flush wrote its share.
+    let dlq = env.read_until(
+        &format!("{}-dlq", env.app),
+        |_| (),
+        |d: &[()]| d.len() >= garbage,
+    );
+    assert_eq!(dlq.len(), garbage);
+}
+
+/// The reader schema without two optional fields: what an older upstream service writes.
+fn v1_writer_schema() -> String {
+    let mut v: serde_json::Value = serde_json::from_str(READ_EVENT_SCHEMA).unwrap();
+    let fields = v["fields"].as_array_mut().unwrap();
+    fields.retain(|f| f["name"] != "client" && f["name"] != "trace_id");
+    v.to_string()
+}
+
+/// The reader schema plus a field readstate does not know: what a newer service writes.
+fn v2_writer_schema() -> String {
+    let mut v: serde_json::Value = serde_json::from_str(READ_EVENT_SCHEMA).unwrap();
+    v["fields"].as_array_mut().unwrap().push(serde_json::json!(
+        {"name": "thread_id", "type": ["null", "long"], "default": null}
+    ));
+    v.to_string()
+}
+
+/// Confluent wire format with a writer schema of the test's own (apache-avro's generic
+/// `Value` path, independent of readstate's encoder).
+fn encode_with(schema_text: &str, id: u32, e: &ReadEvent) -> Vec<u8> {
+    use apache_avro::types::{Record, Value};
+    let schema = apache_avro::Schema::parse_str(schema_text).unwrap();
+    let mut r = Record::new(&schema).unwrap();
+    let has = |name: &str| schema_text.contains(&format!("\"{name}\""));
+    r.put("reader_id", e.reader_id.0);
+    r.put("conversation_id", e.conversation_id.0);
+    r.put("message_seq", e.message_seq);
+    r.put("message_id", e.message_id.clone());
+    r.put("sender_id", e.sender_id.map(|s| s.0));
+    r.put("device_id", e.device_id.clone());
+    r.put("read_at", Value::TimestampMillis(e.read_at_ms));
+    if has("client") {
+        r.put("client", Some("test/1.0".to_owned()));
+        r.put("trace_id", None::<String>);
+    }
+    if has("thread_id") {
+        r.put("thread_id", Some(e.message_seq));
+    }
+    let mut out = vec![0u8];
+    out.extend_from_slice(&id.to_be_bytes());
+    let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+        .build()
+        .unwrap();
+    out.extend(writer.write_value_to_vec(r).unwrap());
+    out
+}
+
+/// Writers of three schema versions go through `run` with the Confluent registry over HTTP,
+/// which is down (HTTP 503) for the first registration and lookups: every event is
+/// decoded with schema resolution and folded; none becomes a dead letter because of the
+/// outage; records naming a schema id the registry does not have are dead letters.
+#[test]
+fn evolved_writers_through_an_http_registry_that_is_down_at_first() {
+    let env = Env::new();
+    let reg = fake_registry::FakeRegistry::start();
+    let subject = format!("{}-value", env.source);
+    let v1 = v1_writer_schema();
+    let v2 = v2_writer_schema();
+    let writers = [
+        (v1.as_str(), reg.add(&subject, &v1)),
+        (READ_EVENT_SCHEMA, reg.add(&subject, READ_EVENT_SCHEMA)),
+        (v2.as_str(), reg.add(&subject, &v2)),
+    ];
+    let events = zipf_workload(8, 9_000);
+    let want = oracle(&events);
+    let mut records: Vec<(String, Vec<u8>)> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let (schema, id) = writers[i % 3];
+            (e.conversation_id.0.to_string(), encode_with(schema, id, e))
+        })
+        .collect();
+    let unknown = 10;
+    for e in &events[..unknown] {
+        let v = encode_with(READ_EVENT_SCHEMA, 999, e);
+        records.push(("x".into(), v));
+    }
+    env.produce_raw(&records);
+    reg.fail_next(3, 2);
+    let resolver = Arc::new(ConfluentRegistry::new(&reg.url(), Duration::from_secs(5)).unwrap());
+    let inst = env.start_with(env.state.path(), resolver);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let output_id = loop {
+        if let Some(id) = reg.id_of(&format!("{}-value", env.output)) {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "output schema never registered");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let updates = env.read_updates_as(&want, output_id);
+    let summary = inst.stop();
+    assert_eq!(reg.failed(), 5, "the outage was met and retried");
+    check_output_monotonic(&updates, &want);
+    check_final_state(&env, &want);
+    assert_eq!(summary.records_consumed as usize, records.len());
+    assert_eq!(summary.dead_letters as usize, unknown, "{summary:?}");
+    for u in last_updates(&updates).values() {
+        assert_eq!(
+            u.device_id.as_deref(),
+            want[&u.key()].device_of_max.as_deref(),
+            "device rides along with the max"
+        );
+    }
 }

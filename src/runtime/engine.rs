@@ -1,13 +1,13 @@
 //! The tasks of one instance and the flush/commit protocol over Kafka.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::message::{BorrowedMessage, DeliveryResult, Header, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, DeliveryResult, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
@@ -29,6 +29,8 @@ use crate::topology::{StoreKind, Topology};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunSummary {
     pub records_consumed: u64,
+    /// Records re-keyed into the repartition topic (sub-topology 0).
+    pub records_forwarded: u64,
     pub events_folded: u64,
     pub replayed_skipped: u64,
     pub dead_letters: u64,
@@ -80,11 +82,25 @@ struct OpenTask {
     task: StreamTask,
 }
 
+/// Sub-topology 0 of a repartitioned topology: source partitions whose records are
+/// re-keyed by conversation_id and forwarded to the repartition topic.
+struct Forwarding {
+    source_topic: String,
+    repartition_topic: String,
+    /// Assigned partitions of the source topic.
+    partitions: BTreeSet<i32>,
+}
+
 pub(super) struct Engine {
     topology: Topology,
     kafka: KafkaSettings,
     state_dir: PathBuf,
-    input_topics: Vec<String>,
+    /// The topic the stateful tasks consume (the source, or its repartition topic).
+    task_topic: String,
+    /// Sub-topology number of the stateful tasks (1 when repartitioned, else 0).
+    task_subtopology: u32,
+    forwarding: Option<Forwarding>,
+    /// Stateful tasks by partition of `task_topic`.
     tasks: BTreeMap<i32, OpenTask>,
     /// Partitions assigned but not yet opened.
     to_open: Vec<i32>,
@@ -125,11 +141,24 @@ impl Engine {
                 state: Mutex::new(Deliveries::default()),
             })
             .map_err(KafkaError::from)?;
+        let [source] = t.sources.as_slice() else {
+            return Err(RuntimeError::Config(format!(
+                "{} sources feed one store; run supports one source per topology",
+                t.sources.len()
+            )));
+        };
+        let forwarding = source.repartition_topic.as_ref().map(|r| Forwarding {
+            source_topic: source.topic.0.clone(),
+            repartition_topic: r.0.clone(),
+            partitions: BTreeSet::new(),
+        });
         Ok(Self {
             topology: t.clone(),
             kafka: config.kafka.clone(),
             state_dir: config.state_dir.clone(),
-            input_topics: t.task_input_topics().into_iter().map(|x| x.0).collect(),
+            task_topic: source.task_input_topic().0.clone(),
+            task_subtopology: u32::from(forwarding.is_some()),
+            forwarding,
             tasks: BTreeMap::new(),
             to_open: Vec::new(),
             positions: HashMap::new(),
@@ -160,13 +189,29 @@ impl Engine {
 
     pub(super) fn assign(&mut self, parts: &[(String, i32)]) {
         for (topic, p) in parts {
-            if self.input_topics.contains(topic)
-                && !self.tasks.contains_key(p)
-                && !self.to_open.contains(p)
-            {
-                self.to_open.push(*p);
+            if *topic == self.task_topic {
+                if !self.tasks.contains_key(p) && !self.to_open.contains(p) {
+                    self.to_open.push(*p);
+                }
+            } else if let Some(f) = &mut self.forwarding {
+                if *topic == f.source_topic {
+                    f.partitions.insert(*p);
+                }
             }
         }
+    }
+
+    /// Every topic-partition this instance works on: stateful tasks and forwarders.
+    fn owned(&self) -> Vec<(String, i32)> {
+        let mut v: Vec<(String, i32)> = self
+            .tasks
+            .keys()
+            .map(|p| (self.task_topic.clone(), *p))
+            .collect();
+        if let Some(f) = &self.forwarding {
+            v.extend(f.partitions.iter().map(|p| (f.source_topic.clone(), *p)));
+        }
+        v
     }
 
     /// Open (and restore) every newly assigned task.
@@ -181,7 +226,7 @@ impl Engine {
 
     fn open_task(&mut self, partition: i32) -> Result<StreamTask, RuntimeError> {
         let t = &self.topology;
-        let id = TaskId::new(0, partition);
+        let id = TaskId::new(self.task_subtopology, partition);
         let mut store: Box<dyn KeyValueStore> = match t.store.kind {
             StoreKind::RocksDb => {
                 let path = self
@@ -320,36 +365,43 @@ impl Engine {
                 Err(e) => return Err(e.into()),
             }
         }
-        // Group by partition, keeping order within each.
+        // Group by partition, keeping order within each; forward what needs repartitioning.
         let mut by_part: BTreeMap<i32, Vec<SourceRecord<'_>>> = BTreeMap::new();
         for m in msgs {
             let p = m.partition();
+            if m.topic() != self.task_topic {
+                self.forward(m)?;
+                continue;
+            }
             if !self.tasks.contains_key(&p) {
                 // Revoked during this poll: the next owner consumes it from the committed offset.
                 continue;
             }
-            let source = self.origin_id(m.topic(), p);
-            by_part.entry(p).or_default().push(SourceRecord {
-                topic: m.topic(),
-                partition: p,
-                offset: m.offset(),
-                key: m.key(),
-                value: m.payload(),
-                origin: Origin {
-                    source,
+            let origin = match self.forwarding.is_some() {
+                // Through a repartition topic the origin rides in a header; a record without
+                // one (not written by readstate) counts as originating where it is.
+                true => m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == Origin::HEADER)
+                        .and_then(|h| h.value)
+                        .and_then(Origin::from_bytes)
+                }),
+                false => None,
+            };
+            let origin = match origin {
+                Some(o) => o,
+                None => Origin {
+                    source: self.origin_id(m.topic(), p),
                     offset: m.offset(),
                 },
-            });
+            };
+            by_part.entry(p).or_default().push(source_record(m, origin));
         }
         for (p, recs) in by_part {
             let before = self.dead_letters.len();
             let task = &mut self.tasks.get_mut(&p).expect("checked above").task;
             task.process(&self.decoder, &recs, &mut self.dead_letters)?;
-            for d in &self.dead_letters[before..] {
-                tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, reason = d.reason, error = %d.error, "dead letter");
-                metrics::counter!("readstate_dead_letters_total", "reason" => d.reason)
-                    .increment(1);
-            }
+            self.dead_letters[before..].iter().for_each(log_dead_letter);
             for r in &recs {
                 let e = self
                     .positions
@@ -358,6 +410,53 @@ impl Engine {
                 *e = (*e).max(r.offset + 1);
             }
         }
+        Ok(())
+    }
+
+    /// Sub-topology 0: re-key one source record by conversation_id and produce it to the
+    /// repartition topic with its origin; undecodable records become dead letters here.
+    fn forward(&mut self, m: &BorrowedMessage<'_>) -> Result<(), RuntimeError> {
+        let p = m.partition();
+        let Some(f) = &self.forwarding else {
+            return Ok(());
+        };
+        if m.topic() != f.source_topic || !f.partitions.contains(&p) {
+            return Ok(());
+        }
+        let origin = Origin {
+            source: self.origin_id(m.topic(), p),
+            offset: m.offset(),
+        };
+        let f = self.forwarding.as_ref().expect("checked above");
+        match self.decoder.decode(m.payload()) {
+            Ok(e) => {
+                let key = e.conversation_id.0.to_string();
+                let headers = OwnedHeaders::new().insert(Header {
+                    key: Origin::HEADER,
+                    value: Some(&origin.to_bytes()),
+                });
+                let mut rec = BaseRecord::to(&f.repartition_topic)
+                    .key(key.as_bytes())
+                    .headers(headers);
+                if let Some(v) = m.payload() {
+                    rec = rec.payload(v);
+                }
+                send(&self.producer, rec)?;
+                self.summary.records_forwarded += 1;
+                metrics::counter!("readstate_repartition_records_total").increment(1);
+            }
+            Err(e) => {
+                let rec = source_record(m, origin);
+                let d = DeadLetter::from_record(&rec, e.reason(), e.to_string());
+                log_dead_letter(&d);
+                self.dead_letters.push(d);
+            }
+        }
+        let e = self
+            .positions
+            .entry((m.topic().to_owned(), p))
+            .or_insert(m.offset() + 1);
+        *e = (*e).max(m.offset() + 1);
         Ok(())
     }
 
@@ -372,7 +471,7 @@ impl Engine {
         &mut self,
         consumer: &BaseConsumer<C>,
     ) -> Result<(), RuntimeError> {
-        let parts: Vec<i32> = self.tasks.keys().copied().collect();
+        let parts = self.owned();
         self.commit_tasks(consumer, &parts)
     }
 
@@ -382,12 +481,14 @@ impl Engine {
         consumer: &BaseConsumer<C>,
         parts: &[(String, i32)],
     ) -> Result<(), RuntimeError> {
-        self.to_open.retain(|p| !parts.iter().any(|(_, q)| q == p));
-        let revoked: Vec<i32> = parts
+        let task_topic = self.task_topic.clone();
+        self.to_open
+            .retain(|p| !parts.iter().any(|(t, q)| *t == task_topic && q == p));
+        let owned = self.owned();
+        let revoked: Vec<(String, i32)> = parts
             .iter()
-            .filter(|(t, _)| self.input_topics.contains(t))
-            .map(|(_, p)| *p)
-            .filter(|p| self.tasks.contains_key(p))
+            .filter(|tp| owned.contains(tp))
+            .cloned()
             .collect();
         if revoked.is_empty() {
             return Ok(());
@@ -397,12 +498,16 @@ impl Engine {
         } else {
             self.commit_tasks(consumer, &revoked)
         };
-        for p in &revoked {
-            self.tasks.remove(p);
-            self.positions.retain(|(_, q), _| q != p);
-            self.summary.tasks_closed += 1;
+        for (t, p) in &revoked {
+            if *t == task_topic {
+                self.tasks.remove(p);
+                self.summary.tasks_closed += 1;
+            } else if let Some(f) = &mut self.forwarding {
+                f.partitions.remove(p);
+            }
+            self.positions.remove(&(t.clone(), *p));
         }
-        tracing::info!(partitions = ?revoked, "revoked tasks closed");
+        tracing::info!(partitions = ?revoked, "revoked partitions closed");
         r
     }
 
@@ -416,7 +521,7 @@ impl Engine {
     fn commit_tasks<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
-        parts: &[i32],
+        parts: &[(String, i32)],
     ) -> Result<(), RuntimeError> {
         if self.failed {
             return Ok(());
@@ -426,7 +531,7 @@ impl Engine {
             // Outputs could not be made durable: forget what is not in the stores and stop;
             // the offsets were not committed, so the work is replayed.
             self.failed = true;
-            for p in parts {
+            for (_, p) in parts {
                 if let Some(t) = self.tasks.get_mut(p) {
                     let _ = t.task.reset_to_store();
                 }
@@ -438,14 +543,17 @@ impl Engine {
     fn try_commit_tasks<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
-        parts: &[i32],
+        parts: &[(String, i32)],
     ) -> Result<(), RuntimeError> {
         let started = Instant::now();
         let now = now_ms();
         let output_topic = self.topology.output.topic.0.clone();
         // 1. prepare; 2. outputs + dead letters, acknowledged.
         let mut flushed = Vec::with_capacity(parts.len());
-        for p in parts {
+        for (topic, p) in parts {
+            if *topic != self.task_topic {
+                continue;
+            }
             let Some(t) = self.tasks.get_mut(p) else {
                 continue;
             };
@@ -500,6 +608,7 @@ impl Engine {
             send(&self.producer, rec)?;
             self.summary.dead_letters += 1;
         }
+        // Also awaits the records forwarded to the repartition topic since the last commit.
         self.await_deliveries()?;
         // 3. changelog, acknowledged.
         if let Some(changelog) = self.topology.store.changelog_topic.clone() {
@@ -544,7 +653,7 @@ impl Engine {
         // 5. source offsets.
         let mut tpl = TopicPartitionList::new();
         for ((topic, p), off) in &self.positions {
-            if parts.contains(p) {
+            if parts.iter().any(|(t, q)| t == topic && q == p) {
                 tpl.add_partition_offset(topic, *p, Offset::Offset(*off))
                     .map_err(KafkaError::from)?;
             }
@@ -588,6 +697,22 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+fn source_record<'a>(m: &'a BorrowedMessage<'_>, origin: Origin) -> SourceRecord<'a> {
+    SourceRecord {
+        topic: m.topic(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key(),
+        value: m.payload(),
+        origin,
+    }
+}
+
+fn log_dead_letter(d: &DeadLetter) {
+    tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, reason = d.reason, error = %d.error, "dead letter");
+    metrics::counter!("readstate_dead_letters_total", "reason" => d.reason).increment(1);
 }
 
 /// Enqueue a record, waiting while the producer queue is full.

@@ -127,14 +127,6 @@ pub fn run(config: RunConfig, shutdown: Arc<AtomicBool>) -> Result<RunSummary, R
     let t = &config.topology;
     let md_timeout = Duration::from_secs(10);
 
-    if let Some(s) = t.sources.iter().find(|s| s.repartition_topic.is_some()) {
-        return Err(RuntimeError::Config(format!(
-            "source {} is keyed by {}: repartitioning through {} is not implemented yet; key the source by conversation_id",
-            s.name,
-            s.keyed_by.as_str(),
-            s.repartition_topic.as_ref().expect("checked")
-        )));
-    }
     // Source topics must exist; internal topics get the source's partition count.
     let mut partitions = None;
     for s in &t.sources {
@@ -183,7 +175,13 @@ pub fn run(config: RunConfig, shutdown: Arc<AtomicBool>) -> Result<RunSummary, R
             engine: engine.clone(),
         })
         .map_err(KafkaError::from)?;
-    let topics: Vec<String> = t.sources.iter().map(|s| s.topic.0.clone()).collect();
+    // Sources, plus the repartition topics the stateful tasks read.
+    let mut topics: Vec<String> = t.sources.iter().map(|s| s.topic.0.clone()).collect();
+    topics.extend(
+        t.sources
+            .iter()
+            .filter_map(|s| s.repartition_topic.as_ref().map(|r| r.0.clone())),
+    );
     consumer
         .subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())
         .map_err(KafkaError::from)?;

@@ -19,6 +19,7 @@
 //! - [`kafka`]: client settings (consumer, producer) and internal-topic admin.
 //! - [`runtime`]: `readstate run`: the consumer-group instance, task lifecycle on
 //!   rebalance, changelog restore and the commit protocol.
+//! - [`telemetry`]: the Prometheus recorder and `/metrics`, `/health`, `/ready`.
 //! - [`testing`]: `TopologyTestDriver`, the whole core without a broker.
 
 pub mod config;
@@ -30,5 +31,6 @@ pub mod runtime;
 pub mod serde;
 pub mod state;
 pub mod task;
+pub mod telemetry;
 pub mod testing;
 pub mod topology;

@@ -65,6 +65,9 @@ struct RunArgs {
     /// Replication factor of internal topics readstate creates.
     #[arg(long, env = "READSTATE_REPLICATION", default_value_t = 1)]
     replication: i32,
+    /// Serve /metrics (Prometheus), /health and /ready on this address, e.g. 0.0.0.0:9464.
+    #[arg(long, env = "METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -127,6 +130,10 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         config.state_dir = dir;
     }
     config.replication = args.replication;
+    let _metrics = match args.metrics_addr {
+        Some(addr) => Some(readstate::telemetry::serve(addr, config.health.clone())?),
+        None => None,
+    };
     let shutdown = Arc::new(AtomicBool::new(false));
     spawn_signal_handler(shutdown.clone())?;
     let summary = run(config, shutdown).context("readstate run")?;

@@ -124,16 +124,41 @@ impl Env {
         self.start_with(state_dir, Arc::new(LocalRegistry::new()))
     }
 
+    /// Start an instance serving /metrics, /health and /ready on 127.0.0.1:0.
+    fn start_observed(&self) -> (Instance, readstate::telemetry::Server) {
+        let health = readstate::telemetry::Health::new();
+        let server =
+            readstate::telemetry::serve("127.0.0.1:0".parse().unwrap(), health.clone()).unwrap();
+        let inst = self.start_cfg(
+            self.state.path(),
+            Arc::new(LocalRegistry::new()),
+            Some(health),
+        );
+        (inst, server)
+    }
+
     fn start_with(
         &self,
         state_dir: &std::path::Path,
         resolver: Arc<dyn SchemaResolver>,
+    ) -> Instance {
+        self.start_cfg(state_dir, resolver, None)
+    }
+
+    fn start_cfg(
+        &self,
+        state_dir: &std::path::Path,
+        resolver: Arc<dyn SchemaResolver>,
+        health: Option<Arc<readstate::telemetry::Health>>,
     ) -> Instance {
         let mut cfg = RunConfig::new(
             self.topology(),
             KafkaSettings::new(self.brokers()),
             resolver,
         );
+        if let Some(h) = health {
+            cfg.health = h;
+        }
         cfg.state_dir = state_dir.to_path_buf();
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
@@ -295,6 +320,10 @@ impl Env {
     }
 }
 
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    readstate::testing::http_get(addr, path).unwrap()
+}
+
 fn send(p: &ThreadedProducer<DefaultProducerContext>, mut r: BaseRecord<'_, str, [u8]>) {
     loop {
         match p.send(r) {
@@ -424,9 +453,28 @@ fn deleting_the_state_directory_costs_only_a_restore() {
     env.produce(&second, 0);
     let all: Vec<ReadEvent> = first.iter().chain(second.iter()).cloned().collect();
     let want = oracle(&all);
-    let inst = env.start();
+    let (inst, server) = env.start_observed();
+    // Ready only once every assigned task has restored; the restore is on /metrics.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http_get(server.addr(), "/ready").starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     env.read_updates(&want);
+    let metrics = http_get(server.addr(), "/metrics");
     let s2 = inst.stop();
+    assert!(
+        metrics.contains("readstate_restore_remaining_records{task=\"0_0\"}"),
+        "restore progress is exposed per task"
+    );
+    let restored: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("readstate_changelog_records_restored_total "))
+        .expect("restored counter")
+        .parse()
+        .unwrap();
+    // The recorder is per process and tests run in parallel: at least this instance's.
+    assert!(restored >= s2.restored_records as f64);
     assert!(
         s2.restored_records > 0,
         "state came back from the changelog"

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
@@ -23,6 +23,7 @@ use crate::state::restore::apply_changelog;
 use crate::state::rocks::RocksDbStore;
 use crate::state::{read_checkpoint, KeyValueStore};
 use crate::task::{DeadLetter, SourceRecord, StreamTask};
+use crate::telemetry::Health;
 use crate::topology::{StoreKind, Topology};
 
 /// What an instance did, for logs and tests.
@@ -115,6 +116,7 @@ pub(super) struct Engine {
     summary: RunSummary,
     failed: bool,
     buf: Vec<u8>,
+    health: Arc<Health>,
 }
 
 fn now_ms() -> i64 {
@@ -171,6 +173,7 @@ impl Engine {
             summary: RunSummary::default(),
             failed: false,
             buf: Vec::with_capacity(256),
+            health: config.health.clone(),
         })
     }
 
@@ -192,6 +195,7 @@ impl Engine {
             if *topic == self.task_topic {
                 if !self.tasks.contains_key(p) && !self.to_open.contains(p) {
                     self.to_open.push(*p);
+                    self.health.set_ready(false);
                 }
             } else if let Some(f) = &mut self.forwarding {
                 if *topic == f.source_topic {
@@ -221,6 +225,8 @@ impl Engine {
             self.tasks.insert(p, OpenTask { task });
             self.summary.tasks_opened += 1;
         }
+        metrics::gauge!("readstate_tasks_assigned").set(self.tasks.len() as f64);
+        self.health.set_ready(true);
         Ok(())
     }
 
@@ -244,7 +250,7 @@ impl Engine {
         };
         if let Some(changelog) = t.store.changelog_topic.clone() {
             let started = Instant::now();
-            let n = self.restore(&mut *store, changelog.as_str(), partition)?;
+            let n = self.restore(&mut *store, changelog.as_str(), id)?;
             self.summary.restored_records += n;
             tracing::info!(task = %id, records = n, elapsed = ?started.elapsed(), "task restored");
         }
@@ -260,8 +266,11 @@ impl Engine {
         &self,
         store: &mut dyn KeyValueStore,
         topic: &str,
-        partition: i32,
+        task: TaskId,
     ) -> Result<u64, RuntimeError> {
+        let partition = task.partition;
+        let remaining =
+            metrics::gauge!("readstate_restore_remaining_records", "task" => task.to_string());
         let consumer: BaseConsumer = self
             .kafka
             .restore_consumer(&format!("{}-restore", self.topology.application_id))
@@ -272,8 +281,10 @@ impl Engine {
             .map_err(KafkaError::from)?;
         let from = read_checkpoint(store)?.unwrap_or(0).max(low);
         if from >= high {
+            remaining.set(0.0);
             return Ok(0);
         }
+        remaining.set((high - from) as f64);
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition, Offset::Offset(from))
             .map_err(KafkaError::from)?;
@@ -281,6 +292,7 @@ impl Engine {
         let mut restored = 0u64;
         let mut next = from;
         let mut last_progress = Instant::now();
+        let mut last_log = Instant::now();
         while next < high {
             let mut batch = Vec::new();
             if let Some(m) = consumer.poll(Duration::from_millis(200)) {
@@ -310,6 +322,11 @@ impl Engine {
                     next,
                 )?;
                 restored += n as u64;
+                remaining.set((high - next).max(0) as f64);
+                if last_log.elapsed() > Duration::from_secs(5) {
+                    tracing::info!(%task, restored, remaining = high - next, "restoring");
+                    last_log = Instant::now();
+                }
                 last_progress = Instant::now();
                 metrics::counter!("readstate_changelog_records_restored_total").increment(n as u64);
             } else if let Ok(pos) = consumer.position() {
@@ -323,9 +340,11 @@ impl Engine {
                 }
             }
             if last_progress.elapsed() > Duration::from_secs(120) {
+                remaining.set(0.0);
                 return Err(RuntimeError::Config(format!("restore of {topic} [{partition}] made no progress for 120 s at offset {next} of {high}")));
             }
         }
+        remaining.set(0.0);
         Ok(restored)
     }
 

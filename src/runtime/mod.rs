@@ -23,6 +23,7 @@ use crate::kafka::admin::{ensure_topics, partition_count, TopicRequest};
 use crate::kafka::{KafkaError, KafkaSettings};
 use crate::serde::registry::SchemaResolver;
 use crate::serde::{SerdeError, UpdateEncoder, RECEIPT_UPDATE_SCHEMA};
+use crate::telemetry::Health;
 use crate::topology::Topology;
 
 use engine::Engine;
@@ -60,6 +61,8 @@ pub struct RunConfig {
     pub max_poll_records: usize,
     /// Replication factor of internal topics created by readstate.
     pub replication: i32,
+    /// Liveness and readiness, for `/health` and `/ready`.
+    pub health: Arc<Health>,
 }
 
 impl RunConfig {
@@ -75,6 +78,7 @@ impl RunConfig {
             resolver,
             max_poll_records: 10_000,
             replication: 1,
+            health: Health::new(),
         }
     }
 }
@@ -231,6 +235,8 @@ pub fn run(config: RunConfig, shutdown: Arc<AtomicBool>) -> Result<RunSummary, R
     };
     consumer.unsubscribe();
     drop(consumer);
+    config.health.set_live(false);
+    config.health.set_ready(false);
     result.map(|_| summary)
 }
 

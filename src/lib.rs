@@ -19,6 +19,8 @@
 //! - [`kafka`]: client settings (consumer, producer) and internal-topic admin.
 //! - [`runtime`]: `readstate run`: the consumer-group instance, task lifecycle on
 //!   rebalance, changelog restore and the commit protocol.
+//! - [`sink`]: the PostgreSQL sink: migrations, batching, the version-guarded upsert with
+//!   offsets in the same transaction, and its consumer loop.
 //! - [`telemetry`]: the Prometheus recorder and `/metrics`, `/health`, `/ready`.
 //! - [`testing`]: `TopologyTestDriver`, the whole core without a broker.
 
@@ -29,6 +31,7 @@ pub mod model;
 pub mod processor;
 pub mod runtime;
 pub mod serde;
+pub mod sink;
 pub mod state;
 pub mod task;
 pub mod telemetry;

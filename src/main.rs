@@ -12,6 +12,7 @@ use readstate::kafka::KafkaSettings;
 use readstate::runtime::{run, RunConfig};
 use readstate::serde::registry::SchemaResolver;
 use readstate::serde::{ConfluentRegistry, LocalRegistry};
+use readstate::sink::{run_sink, PostgresTable};
 use readstate::topology::{describe, Topology};
 
 #[derive(Parser)]
@@ -37,15 +38,17 @@ enum Command {
         /// Topology file (TOML).
         file: PathBuf,
     },
-    /// Run an instance: join the consumer group and process until SIGINT/SIGTERM.
+    /// Run an instance: join the consumer group and process until SIGINT/SIGTERM (with the
+    /// PostgreSQL sink inside unless the topology says `embedded = false`).
     Run(RunArgs),
+    /// Run the PostgreSQL sink alone (group `<application.id>-pg-sink`) until SIGINT/SIGTERM.
+    Sink(SinkArgs),
+    /// Apply the SQL migrations for the topology's PostgreSQL table (each once).
+    Migrate(MigrateArgs),
 }
 
 #[derive(clap::Args)]
-struct RunArgs {
-    /// Topology file (TOML).
-    #[arg(long, short)]
-    topology: PathBuf,
+struct KafkaArgs {
     /// Kafka bootstrap servers.
     #[arg(long, env = "KAFKA_BROKERS")]
     brokers: String,
@@ -56,12 +59,77 @@ struct RunArgs {
     /// of a registry.
     #[arg(long)]
     local_schemas: bool,
-    /// Local state root (overrides the topology's state_dir).
-    #[arg(long, env = "STATE_DIR")]
-    state_dir: Option<PathBuf>,
     /// librdkafka property passed to every client, e.g. -X security.protocol=SSL (repeatable).
     #[arg(short = 'X', value_name = "KEY=VALUE")]
     kafka_property: Vec<String>,
+}
+
+impl KafkaArgs {
+    fn settings(&self) -> anyhow::Result<KafkaSettings> {
+        Ok(KafkaSettings::new(self.brokers.clone()).with_properties(&self.kafka_property)?)
+    }
+
+    fn resolver(&self) -> anyhow::Result<Arc<dyn SchemaResolver>> {
+        Ok(match (&self.schema_registry_url, self.local_schemas) {
+            (Some(url), _) => Arc::new(ConfluentRegistry::new(url, Duration::from_secs(10))?),
+            (None, true) => Arc::new(LocalRegistry::new()),
+            (None, false) => anyhow::bail!("no schema registry: set SCHEMA_REGISTRY_URL (or --schema-registry-url), or pass --local-schemas"),
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct DatabaseArgs {
+    /// PostgreSQL URL (postgres://user@host:port/db?sslmode=require); overrides the
+    /// topology's sink `url`.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+}
+
+impl DatabaseArgs {
+    fn url(&self, t: &Topology) -> anyhow::Result<String> {
+        self.database_url
+            .clone()
+            .or_else(|| t.postgres.as_ref().and_then(|p| p.url.clone()))
+            .ok_or_else(|| anyhow::anyhow!("no database: set DATABASE_URL (or --database-url), or the postgres sink's url in the topology"))
+    }
+}
+
+#[derive(clap::Args)]
+struct SinkArgs {
+    /// Topology file (TOML) with a postgres sink.
+    #[arg(long, short)]
+    topology: PathBuf,
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// Serve /metrics, /health and /ready on this address, e.g. 0.0.0.0:9465.
+    #[arg(long, env = "METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// Topology file (TOML) with a postgres sink (for its table name).
+    #[arg(long, short)]
+    topology: PathBuf,
+    #[command(flatten)]
+    database: DatabaseArgs,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Topology file (TOML).
+    #[arg(long, short)]
+    topology: PathBuf,
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// Local state root (overrides the topology's state_dir).
+    #[arg(long, env = "STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Replication factor of internal topics readstate creates.
     #[arg(long, env = "READSTATE_REPLICATION", default_value_t = 1)]
     replication: i32,
@@ -107,23 +175,80 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run(args) => match run_command(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Run(args) => exit(run_command(args)),
+        Command::Sink(args) => exit(sink_command(args)),
+        Command::Migrate(args) => exit(migrate_command(args)),
     }
+}
+
+fn exit(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn migrate_command(args: MigrateArgs) -> anyhow::Result<()> {
+    let topology = Topology::from_file(&args.topology)?;
+    let pg = topology
+        .postgres
+        .as_ref()
+        .context("the topology has no [[sink]] of kind \"postgres\"")?;
+    let url = args.database.url(&topology)?;
+    let table = PostgresTable::connect(&url, &pg.table, 1, pg.statement_timeout)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let applied = rt.block_on(table.migrate())?;
+    if applied.is_empty() {
+        println!("{}: up to date", pg.table);
+    } else {
+        println!("{}: applied migrations {applied:?}", pg.table);
+    }
+    Ok(())
+}
+
+fn sink_command(args: SinkArgs) -> anyhow::Result<()> {
+    let topology = Topology::from_file(&args.topology)?;
+    let url = args.database.url(&topology)?;
+    let config = readstate::sink::from_topology(
+        &topology,
+        args.kafka.settings()?,
+        args.kafka.resolver()?,
+        &url,
+    )?;
+    let health = readstate::telemetry::Health::new();
+    let _metrics = match args.metrics_addr {
+        Some(addr) => Some(readstate::telemetry::serve(addr, health.clone())?),
+        None => None,
+    };
+    health.set_ready(true);
+    let shutdown = Arc::new(AtomicBool::new(false));
+    spawn_signal_handler(shutdown.clone())?;
+    let summary = run_sink(config, shutdown).context("readstate sink")?;
+    tracing::info!(?summary, "sink stopped");
+    Ok(())
 }
 
 fn run_command(args: RunArgs) -> anyhow::Result<()> {
     let topology = Topology::from_file(&args.topology)?;
-    let kafka = KafkaSettings::new(args.brokers).with_properties(&args.kafka_property)?;
-    let resolver: Arc<dyn SchemaResolver> = match (args.schema_registry_url, args.local_schemas) {
-        (Some(url), _) => Arc::new(ConfluentRegistry::new(&url, Duration::from_secs(10))?),
-        (None, true) => Arc::new(LocalRegistry::new()),
-        (None, false) => anyhow::bail!("no schema registry: set SCHEMA_REGISTRY_URL (or --schema-registry-url), or pass --local-schemas"),
+    let kafka = args.kafka.settings()?;
+    let resolver = args.kafka.resolver()?;
+    // The embedded sink refuses to start against an unmigrated database, before anything.
+    let sink = match &topology.postgres {
+        Some(pg) if pg.embedded => {
+            let url = args.database.url(&topology)?;
+            Some(readstate::sink::from_topology(
+                &topology,
+                kafka.clone(),
+                resolver.clone(),
+                &url,
+            )?)
+        }
+        _ => None,
     };
     let mut config = RunConfig::new(topology, kafka, resolver);
     if let Some(dir) = args.state_dir {
@@ -136,7 +261,33 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
     };
     let shutdown = Arc::new(AtomicBool::new(false));
     spawn_signal_handler(shutdown.clone())?;
-    let summary = run(config, shutdown).context("readstate run")?;
+    let sink = match sink {
+        Some(cfg) => {
+            let stop = shutdown.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("pg-sink".into())
+                    .spawn(move || {
+                        let r = run_sink(cfg, stop.clone());
+                        // A sink that stops for good stops the instance, so a supervisor
+                        // restarts the whole thing.
+                        stop.store(true, Ordering::Relaxed);
+                        r
+                    })?,
+            )
+        }
+        None => None,
+    };
+    let result = run(config, shutdown.clone()).context("readstate run");
+    shutdown.store(true, Ordering::Relaxed);
+    if let Some(h) = sink {
+        let summary = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("sink thread panicked"))?
+            .context("postgres sink")?;
+        tracing::info!(?summary, "sink stopped");
+    }
+    let summary = result?;
     tracing::info!(?summary, "stopped");
     Ok(())
 }

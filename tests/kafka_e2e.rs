@@ -3,6 +3,8 @@
 mod common;
 #[path = "common/fake_registry.rs"]
 mod fake_registry;
+#[path = "common/kafka.rs"]
+mod kafka;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,13 +13,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
+use kafka::{send, suffix};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Zipf};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 use readstate::kafka::KafkaSettings;
 use readstate::model::{ReadEvent, ReceiptUpdate, StateKey};
 use readstate::runtime::{run, RunConfig, RunSummary};
@@ -40,10 +42,6 @@ struct Env {
     state: tempfile::TempDir,
     /// `Some("reader_id")` etc.: the source is keyed by that field and repartitioned.
     keyed_by: Option<&'static str>,
-}
-
-fn suffix() -> String {
-    format!("{:08x}", rand::random::<u32>())
 }
 
 impl Env {
@@ -181,21 +179,11 @@ impl Env {
     }
 
     fn producer(&self) -> ThreadedProducer<DefaultProducerContext> {
-        ClientConfig::new()
-            .set("bootstrap.servers", self.brokers())
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", "5")
-            .create()
-            .unwrap()
+        kafka::producer(&self.brokers())
     }
 
     fn produce(&self, events: &[ReadEvent], garbage_every: usize) -> usize {
-        let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-            .set("bootstrap.servers", self.brokers())
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", "5")
-            .create()
-            .unwrap();
+        let p = self.producer();
         let enc = EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID).unwrap();
         let mut garbage = 0;
         for (i, e) in events.iter().enumerate() {
@@ -231,38 +219,7 @@ impl Env {
         decode: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> T,
         done: impl Fn(&[T]) -> bool,
     ) -> Vec<T> {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.brokers())
-            .set("group.id", format!("reader-{}", suffix()))
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        let parts = c
-            .fetch_metadata(Some(topic), Duration::from_secs(5))
-            .unwrap()
-            .topics()[0]
-            .partitions()
-            .len() as i32;
-        for p in 0..parts {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .unwrap();
-        }
-        c.assign(&tpl).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let mut out = Vec::new();
-        while Instant::now() < deadline {
-            match c.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) => out.push(decode(&m)),
-                Some(Err(e)) => eprintln!("reader: {e}"),
-                None => {
-                    if done(&out) {
-                        return out;
-                    }
-                }
-            }
-        }
-        panic!("timed out reading {topic}: {} records", out.len());
+        kafka::read_until(&self.brokers(), topic, decode, done)
     }
 
     fn read_updates(&self, want: &HashMap<StateKey, Expected>) -> Vec<ReceiptUpdate> {
@@ -322,18 +279,6 @@ impl Env {
 
 fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     readstate::testing::http_get(addr, path).unwrap()
-}
-
-fn send(p: &ThreadedProducer<DefaultProducerContext>, mut r: BaseRecord<'_, str, [u8]>) {
-    loop {
-        match p.send(r) {
-            Ok(()) => return,
-            Err((_, back)) => {
-                r = back;
-                p.flush(Duration::from_millis(100)).ok();
-            }
-        }
-    }
 }
 
 struct Instance {

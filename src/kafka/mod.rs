@@ -3,6 +3,30 @@
 pub mod admin;
 
 use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+
+use crate::task::DeadLetter;
+
+/// The provenance headers of a dead-letter record: `readstate.source.topic`, `.partition`,
+/// `.offset`, `readstate.error.reason` and `.message`.
+pub fn dead_letter_headers(d: &DeadLetter) -> OwnedHeaders {
+    let partition = d.partition.to_string();
+    let offset = d.offset.to_string();
+    [
+        ("readstate.source.topic", d.topic.as_bytes()),
+        ("readstate.source.partition", partition.as_bytes()),
+        ("readstate.source.offset", offset.as_bytes()),
+        ("readstate.error.reason", d.reason.as_bytes()),
+        ("readstate.error.message", d.error.as_bytes()),
+    ]
+    .into_iter()
+    .fold(OwnedHeaders::new_with_capacity(5), |h, (key, v)| {
+        h.insert(Header {
+            key,
+            value: Some(v),
+        })
+    })
+}
 
 /// Errors of the Kafka layer.
 #[derive(Debug, thiserror::Error)]

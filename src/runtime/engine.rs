@@ -14,7 +14,7 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use super::{RunConfig, RuntimeError};
 use crate::ids::{Origin, TaskId};
-use crate::kafka::{KafkaError, KafkaSettings};
+use crate::kafka::{dead_letter_headers, KafkaError, KafkaSettings};
 use crate::processor::{EmitPolicy, ReadStateProcessor};
 use crate::serde::avro::AvroReceiptUpdate;
 use crate::serde::{EventDecoder, SerdeError, UpdateEncoder};
@@ -596,27 +596,7 @@ impl Engine {
         }
         let dlq = self.topology.dead_letter_topic.0.clone();
         for d in std::mem::take(&mut self.dead_letters) {
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "readstate.source.topic",
-                    value: Some(d.topic.as_bytes()),
-                })
-                .insert(Header {
-                    key: "readstate.source.partition",
-                    value: Some(d.partition.to_string().as_bytes()),
-                })
-                .insert(Header {
-                    key: "readstate.source.offset",
-                    value: Some(d.offset.to_string().as_bytes()),
-                })
-                .insert(Header {
-                    key: "readstate.error.reason",
-                    value: Some(d.reason.as_bytes()),
-                })
-                .insert(Header {
-                    key: "readstate.error.message",
-                    value: Some(d.error.as_bytes()),
-                });
+            let headers = dead_letter_headers(&d);
             let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&dlq).headers(headers);
             if let Some(k) = d.key.as_deref() {
                 rec = rec.key(k);

@@ -1,0 +1,153 @@
+//! The PostgreSQL sink: the output topic, batched, into `read_receipts`, exactly once.
+//!
+//! - [`migrate`]: the SQL in `migrations/`, applied once each and checked before start.
+//! - [`batch`]: the in-memory batch: one row per key (highest version), and per partition
+//!   the offset range it covers.
+//! - [`table`]: the [`ReceiptTable`](table::ReceiptTable) seam: [`PostgresTable`] (one
+//!   transaction per batch: version-guarded `UNNEST` upsert + fenced offsets update) and
+//!   [`MemoryTable`] for tests.
+//! - [`runner`]: the consumer loop in group `<application.id>-pg-sink`: claims and seeks to
+//!   the offsets stored in PostgreSQL on assignment, batches by size and linger, retries
+//!   with backoff while the partitions are paused, sends rejected rows to the dead-letter
+//!   topic.
+//!
+//! Errors are classified once, here, at the sink's boundary ([`classify`]).
+
+pub mod batch;
+pub mod migrate;
+pub mod runner;
+pub mod table;
+
+pub use runner::{run_sink, SinkConfig, SinkSummary};
+pub use table::{MemoryTable, PostgresTable, ReceiptTable};
+
+/// Errors of the sink layer, by what the sink does about them.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Worth retrying: connection lost or refused, server restarting, serialization
+    /// failure, deadlock, statement timeout, too many connections.
+    #[error("retriable database error: {0}")]
+    Retriable(String),
+    /// Rows the database rejects for good (data exceptions, constraint violations), by
+    /// index in the batch, with the error. The batch was rolled back.
+    #[error("{} row(s) rejected by the database", .0.len())]
+    Rejected(Vec<(usize, String)>),
+    /// Another sink instance moved the stored offsets of these partitions: this one no
+    /// longer owns them (a zombie after a rebalance). The batch was rolled back.
+    #[error("offsets of partitions {0:?} were moved by another sink instance")]
+    Fenced(Vec<i32>),
+    /// The database is not migrated for this table.
+    #[error("database is not migrated for table {table}: {detail}; run `readstate migrate`")]
+    NotMigrated { table: String, detail: String },
+    /// Anything else (bad URL, undefined table, permission denied): stop.
+    #[error("database: {0}")]
+    Fatal(String),
+    #[error(transparent)]
+    Kafka(#[from] crate::kafka::KafkaError),
+    #[error(transparent)]
+    Serde(#[from] crate::serde::SerdeError),
+}
+
+/// What the sink does about a database error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    Retriable,
+    /// The data of some row is at fault (SQLSTATE classes 22 and 23).
+    RowRejected,
+    Fatal,
+}
+
+/// Classify a `tokio_postgres` error by SQLSTATE; no code means the connection failed.
+pub fn classify(e: &tokio_postgres::Error) -> ErrorClass {
+    match e.code() {
+        None => ErrorClass::Retriable,
+        Some(code) => classify_sqlstate(code.code()),
+    }
+}
+
+/// Classify a SQLSTATE (five characters; the first two are its class).
+pub fn classify_sqlstate(code: &str) -> ErrorClass {
+    match code.get(..2).unwrap_or("") {
+        // connection exception, transaction rollback (serialization, deadlock),
+        // insufficient resources, operator intervention (shutdown, cancel: statement
+        // timeout), system error.
+        "08" | "40" | "53" | "57" | "58" => ErrorClass::Retriable,
+        // object not in prerequisite state: lock not available, a database not accepting
+        // connections (ALLOW_CONNECTIONS false during maintenance), object in use.
+        "55" => ErrorClass::Retriable,
+        "22" | "23" => ErrorClass::RowRejected,
+        _ => ErrorClass::Fatal,
+    }
+}
+
+impl SinkError {
+    /// Wrap a database error according to its class (row rejections need the batch
+    /// context, so here they become retriable only through [`table`]'s bisection).
+    pub fn from_db(e: &tokio_postgres::Error) -> Self {
+        let text = db_error_text(e);
+        match classify(e) {
+            ErrorClass::Retriable => SinkError::Retriable(text),
+            ErrorClass::RowRejected | ErrorClass::Fatal => SinkError::Fatal(text),
+        }
+    }
+}
+
+/// The most useful text of a database error: the server's message and SQLSTATE when there
+/// is one.
+pub fn db_error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{} (SQLSTATE {})", d.message(), d.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// The sink of `topology` against `url`: connects, checks the migrations, and returns the
+/// runner's configuration.
+pub fn from_topology(
+    topology: &crate::topology::Topology,
+    kafka: crate::kafka::KafkaSettings,
+    resolver: std::sync::Arc<dyn crate::serde::registry::SchemaResolver>,
+    url: &str,
+) -> Result<SinkConfig, SinkError> {
+    let pg = topology.postgres.as_ref().ok_or_else(|| {
+        SinkError::Fatal("the topology has no [[sink]] of kind \"postgres\"".into())
+    })?;
+    let table = PostgresTable::connect(url, &pg.table, pg.pool_size, pg.statement_timeout)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| SinkError::Fatal(format!("tokio runtime: {e}")))?;
+    rt.block_on(table.check_migrated())?;
+    Ok(SinkConfig {
+        group: pg.consumer_group.clone(),
+        topic: pg.topic.0.clone(),
+        dead_letter_topic: topology.dead_letter_topic.0.clone(),
+        batch_size: pg.batch_size,
+        linger: pg.linger,
+        kafka,
+        resolver,
+        table: std::sync::Arc::new(table),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_are_classified_once() {
+        assert_eq!(classify_sqlstate("40001"), ErrorClass::Retriable); // serialization
+        assert_eq!(classify_sqlstate("40P01"), ErrorClass::Retriable); // deadlock
+        assert_eq!(classify_sqlstate("57014"), ErrorClass::Retriable); // statement timeout
+        assert_eq!(classify_sqlstate("57P01"), ErrorClass::Retriable); // admin shutdown
+        assert_eq!(classify_sqlstate("08006"), ErrorClass::Retriable); // connection failure
+        assert_eq!(classify_sqlstate("53300"), ErrorClass::Retriable); // too many connections
+        assert_eq!(classify_sqlstate("55P03"), ErrorClass::Retriable); // lock not available
+        assert_eq!(classify_sqlstate("55000"), ErrorClass::Retriable); // not accepting conns
+        assert_eq!(classify_sqlstate("22008"), ErrorClass::RowRejected); // datetime overflow
+        assert_eq!(classify_sqlstate("22021"), ErrorClass::RowRejected); // bad encoding
+        assert_eq!(classify_sqlstate("23514"), ErrorClass::RowRejected); // check violation
+        assert_eq!(classify_sqlstate("42P01"), ErrorClass::Fatal); // undefined table
+        assert_eq!(classify_sqlstate("28000"), ErrorClass::Fatal); // bad authorization
+    }
+}

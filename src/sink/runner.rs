@@ -1,0 +1,542 @@
+//! The sink's consumer loop (`readstate sink`, or embedded in `readstate run`).
+//!
+//! Consumes the output topic in its own group, so a slow or dead database never stalls
+//! stream processing: the topic is the shock absorber and the sink's lag is its backlog.
+//!
+//! - **Assign**: the partitions are claimed in the database (offset row created if new),
+//!   and the consumer seeks to the stored `next_offset` (the beginning if none). Records
+//!   below the stored offset are skipped even if they arrive before the seek takes effect.
+//! - **Batch**: decoded updates are folded to one row per key (highest version) until
+//!   `batch_size` distinct rows or `linger` since the batch's first record.
+//! - **Write**: one transaction: the rows and the offsets they cover (see
+//!   [`super::table`]). Then, for lag tooling only, the same offsets are committed to Kafka.
+//! - **Faults**: a retriable error pauses every assigned partition and retries with
+//!   exponential backoff and jitter (the consumer keeps serving the group meanwhile); rows
+//!   the database rejects for good go to the dead-letter topic and the batch is retried
+//!   without them; a fenced write (another instance owns the partition now) drops that
+//!   partition's part of the batch and claims it again.
+//! - **Revoke**: the unwritten part of the batch for the revoked partitions is dropped; the
+//!   next owner reads it again from the offsets in the database.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+
+use super::batch::{Batcher, WriteBatch};
+use super::table::ReceiptTable;
+use super::SinkError;
+use crate::kafka::{dead_letter_headers, KafkaError, KafkaSettings};
+use crate::model::ReceiptUpdate;
+use crate::serde::avro::UpdateDecoder;
+use crate::serde::registry::SchemaResolver;
+use crate::serde::{SerdeError, RECEIPT_UPDATE_SCHEMA};
+use crate::task::DeadLetter;
+
+/// Everything a sink instance needs.
+pub struct SinkConfig {
+    /// Consumer group, `<application.id>-pg-sink`.
+    pub group: String,
+    /// The output topic it consumes.
+    pub topic: String,
+    pub dead_letter_topic: String,
+    pub batch_size: usize,
+    pub linger: Duration,
+    pub kafka: KafkaSettings,
+    pub resolver: Arc<dyn SchemaResolver>,
+    pub table: Arc<dyn ReceiptTable>,
+}
+
+/// What a sink instance did, for logs and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SinkSummary {
+    pub records: u64,
+    pub batches: u64,
+    /// Upsert statements executed.
+    pub statements: u64,
+    /// Rows inserted or moved forward.
+    pub rows_changed: u64,
+    pub dead_letters: u64,
+    pub retries: u64,
+    pub fenced: u64,
+}
+
+enum RebalanceEvent {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+/// Consumer context: queues rebalances for the loop, which owns the database work.
+struct SinkContext {
+    topic: String,
+    events: Mutex<Vec<RebalanceEvent>>,
+}
+
+impl ClientContext for SinkContext {}
+
+impl SinkContext {
+    fn partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
+        tpl.elements()
+            .iter()
+            .filter(|e| e.topic() == self.topic)
+            .map(|e| e.partition())
+            .collect()
+    }
+}
+
+impl ConsumerContext for SinkContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let parts = self.partitions(tpl);
+            self.events
+                .lock()
+                .expect("events lock")
+                .push(RebalanceEvent::Revoked(parts));
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let parts = self.partitions(tpl);
+            self.events
+                .lock()
+                .expect("events lock")
+                .push(RebalanceEvent::Assigned(parts));
+        }
+    }
+}
+
+/// Run one sink instance until `shutdown` is set or a fatal error.
+pub fn run_sink(config: SinkConfig, shutdown: Arc<AtomicBool>) -> Result<SinkSummary, SinkError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| SinkError::Fatal(format!("tokio runtime: {e}")))?;
+    rt.block_on(async move {
+        let mut sink = Sink::new(config)?;
+        let r = sink.run(&shutdown).await;
+        sink.consumer.unsubscribe();
+        r.map(|_| sink.summary)
+    })
+}
+
+struct Sink {
+    cfg: SinkConfig,
+    consumer: BaseConsumer<SinkContext>,
+    producer: FutureProducer,
+    decoder: UpdateDecoder,
+    /// Stored `next_offset` per owned partition (-1: none).
+    owned: BTreeMap<i32, i64>,
+    summary: SinkSummary,
+    lag_checked: Instant,
+}
+
+/// How often the sink's lag per partition is measured (a watermark request each).
+const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+impl Sink {
+    fn new(cfg: SinkConfig) -> Result<Self, SinkError> {
+        let consumer: BaseConsumer<SinkContext> = cfg
+            .kafka
+            .consumer(&cfg.group)
+            .create_with_context(SinkContext {
+                topic: cfg.topic.clone(),
+                events: Mutex::new(Vec::new()),
+            })
+            .map_err(KafkaError::from)?;
+        let producer: FutureProducer = cfg.kafka.producer().create().map_err(KafkaError::from)?;
+        let decoder = UpdateDecoder::new(cfg.resolver.clone(), RECEIPT_UPDATE_SCHEMA)?;
+        Ok(Self {
+            cfg,
+            consumer,
+            producer,
+            decoder,
+            owned: BTreeMap::new(),
+            summary: SinkSummary::default(),
+            lag_checked: Instant::now(),
+        })
+    }
+
+    async fn run(&mut self, shutdown: &AtomicBool) -> Result<(), SinkError> {
+        self.consumer
+            .subscribe(&[self.cfg.topic.as_str()])
+            .map_err(KafkaError::from)?;
+        tracing::info!(group = %self.cfg.group, topic = %self.cfg.topic, "sink joined its consumer group");
+        let mut batch = Batcher::new();
+        while !shutdown.load(Ordering::Relaxed) {
+            self.rebalances(&mut batch, None).await?;
+            // BaseConsumer::poll blocks; keep it short and yield to the runtime between.
+            let polled = self.consumer.poll(Duration::from_millis(50));
+            match polled {
+                Some(Ok(m)) => {
+                    let (p, off) = (m.partition(), m.offset());
+                    let payload = m.payload().map(<[u8]>::to_vec);
+                    let key = m.key().map(<[u8]>::to_vec);
+                    drop(m);
+                    self.accept(p, off, key, payload, &mut batch, shutdown)
+                        .await?;
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "sink consumer error"),
+                None => tokio::task::yield_now().await,
+            }
+            let due = batch.age().is_some_and(|a| a >= self.cfg.linger);
+            if batch.rows() >= self.cfg.batch_size || due {
+                self.flush(&mut batch, shutdown).await?;
+            }
+        }
+        self.flush(&mut batch, shutdown).await
+    }
+
+    /// Apply queued rebalances: drop revoked partitions' unwritten work, claim and seek
+    /// newly assigned ones.
+    async fn rebalances(
+        &mut self,
+        batch: &mut Batcher,
+        mut writing: Option<&mut WriteBatch>,
+    ) -> Result<(), SinkError> {
+        let events = std::mem::take(&mut *self.consumer.context().events.lock().expect("lock"));
+        for ev in events {
+            match ev {
+                RebalanceEvent::Revoked(parts) => {
+                    for p in &parts {
+                        self.owned.remove(p);
+                        batch.drop_partition(*p);
+                        if let Some(w) = writing.as_deref_mut() {
+                            w.remove_partition(*p);
+                        }
+                    }
+                    tracing::info!(partitions = ?parts, "sink partitions revoked");
+                }
+                RebalanceEvent::Assigned(parts) if !parts.is_empty() => {
+                    self.claim(&parts).await?;
+                }
+                RebalanceEvent::Assigned(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Load the stored offsets of `parts` (retrying while the database is unavailable)
+    /// and seek to them.
+    async fn claim(&mut self, parts: &[i32]) -> Result<(), SinkError> {
+        let mut backoff = Duration::from_millis(100);
+        let stored = loop {
+            match self
+                .cfg
+                .table
+                .claim(&self.cfg.group, &self.cfg.topic, parts)
+                .await
+            {
+                Ok(s) => break s,
+                Err(SinkError::Retriable(e)) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "claiming sink partitions");
+                    self.summary.retries += 1;
+                    metrics::counter!("readstate_sink_retries_total").increment(1);
+                    tokio::time::sleep(jitter(backoff)).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        for p in parts {
+            let next = stored.get(p).copied().unwrap_or(-1);
+            self.owned.insert(*p, next);
+            let to = if next >= 0 {
+                Offset::Offset(next)
+            } else {
+                Offset::Beginning
+            };
+            // Best effort: records below the stored offset are skipped in `accept` anyway.
+            if let Err(e) = self
+                .consumer
+                .seek(&self.cfg.topic, *p, to, Duration::from_secs(5))
+            {
+                tracing::debug!(partition = p, error = %e, "seek after assignment deferred");
+            }
+        }
+        tracing::info!(partitions = ?parts, offsets = ?self.owned, "sink partitions claimed");
+        Ok(())
+    }
+
+    async fn accept(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        key: Option<Vec<u8>>,
+        payload: Option<Vec<u8>>,
+        batch: &mut Batcher,
+        shutdown: &AtomicBool,
+    ) -> Result<(), SinkError> {
+        if !self.owned.contains_key(&partition) {
+            // Assigned in the poll that returned this record: claim first.
+            self.rebalances(batch, None).await?;
+        }
+        let Some(stored) = self.owned.get(&partition).copied() else {
+            return Ok(()); // revoked meanwhile: the next owner reads it
+        };
+        if offset < stored {
+            return Ok(()); // written already (before the seek took effect)
+        }
+        self.summary.records += 1;
+        metrics::counter!("readstate_sink_records_total").increment(1);
+        let update = match self.decode(payload.as_deref(), shutdown).await? {
+            Ok(u) => Some(u),
+            Err((reason, error)) => {
+                let d = DeadLetter {
+                    topic: self.cfg.topic.clone(),
+                    partition,
+                    offset,
+                    key,
+                    value: payload,
+                    reason,
+                    error,
+                };
+                self.dead_letter(d).await?;
+                None
+            }
+        };
+        batch.add(partition, offset, update);
+        Ok(())
+    }
+
+    /// Decode one output record; a registry outage is retried, never a dead letter.
+    async fn decode(
+        &mut self,
+        payload: Option<&[u8]>,
+        shutdown: &AtomicBool,
+    ) -> Result<Result<ReceiptUpdate, (&'static str, String)>, SinkError> {
+        let Some(bytes) = payload else {
+            return Ok(Err(("empty", "record has no value".into())));
+        };
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.decoder.prepare(std::iter::once(Some(bytes))).await {
+                Ok(()) => break,
+                Err(SerdeError::RegistryUnavailable(e)) if !shutdown.load(Ordering::Relaxed) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "schema registry unavailable");
+                    tokio::time::sleep(jitter(backoff)).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(match self.decoder.decode(bytes) {
+            Ok(u) => Ok(ReceiptUpdate::from(u)),
+            Err(e) => Err((e.reason(), e.to_string())),
+        })
+    }
+
+    /// Produce a dead letter and wait for its acknowledgement.
+    async fn dead_letter(&mut self, d: DeadLetter) -> Result<(), SinkError> {
+        tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, reason = d.reason, error = %d.error, "sink dead letter");
+        metrics::counter!("readstate_dead_letters_total", "reason" => d.reason).increment(1);
+        let mut rec: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.cfg.dead_letter_topic).headers(dead_letter_headers(&d));
+        if let Some(k) = d.key.as_deref() {
+            rec = rec.key(k);
+        }
+        if let Some(v) = d.value.as_deref() {
+            rec = rec.payload(v);
+        }
+        self.producer
+            .send(rec, Duration::from_secs(60))
+            .await
+            .map_err(|(e, _)| KafkaError::from(e))?;
+        self.summary.dead_letters += 1;
+        Ok(())
+    }
+
+    fn assignment(&self) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for p in self.owned.keys() {
+            tpl.add_partition(&self.cfg.topic, *p);
+        }
+        tpl
+    }
+
+    /// Write the batch (one transaction), retrying as its errors say.
+    async fn flush(&mut self, batch: &mut Batcher, shutdown: &AtomicBool) -> Result<(), SinkError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let owned = self.owned.clone();
+        let mut w = batch.take(|p| owned.get(&p).copied().unwrap_or(-1));
+        let mut backoff = Duration::from_millis(100);
+        let mut paused = false;
+        let mut outage_started: Option<Instant> = None;
+        let result = loop {
+            if w.is_empty() {
+                break Ok(());
+            }
+            let started = Instant::now();
+            match self
+                .cfg
+                .table
+                .write(&self.cfg.group, &self.cfg.topic, &w)
+                .await
+            {
+                Ok(report) => {
+                    self.committed(&w, report, started.elapsed());
+                    if let Some(t) = outage_started {
+                        tracing::info!(after = ?t.elapsed(), "database available again; sink resumed");
+                    }
+                    break Ok(());
+                }
+                Err(SinkError::Retriable(e)) => {
+                    if shutdown.load(Ordering::Relaxed) {
+                        // Not written, offsets not moved: the next owner writes it.
+                        tracing::warn!(error = %e, "database unavailable at shutdown; batch left to be replayed");
+                        break Ok(());
+                    }
+                    if !paused {
+                        self.consumer
+                            .pause(&self.assignment())
+                            .map_err(KafkaError::from)?;
+                        paused = true;
+                        outage_started = Some(Instant::now());
+                    }
+                    tracing::warn!(error = %e, retry_in = ?backoff, "database write failed; consumption paused");
+                    self.summary.retries += 1;
+                    metrics::counter!("readstate_sink_retries_total").increment(1);
+                    self.wait_serving_group(jitter(backoff), batch, &mut w, shutdown)
+                        .await?;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(SinkError::Rejected(rows)) => {
+                    let idx: Vec<usize> = rows.iter().map(|(i, _)| *i).collect();
+                    for (i, error) in rows {
+                        let u = &w.rows[i];
+                        let d = DeadLetter {
+                            topic: self.cfg.topic.clone(),
+                            partition: w.row_partitions[i],
+                            offset: w.row_offsets[i],
+                            key: Some(u.conversation_id.0.to_string().into_bytes()),
+                            value: Some(row_json(u).into_bytes()),
+                            reason: "rejected_by_database",
+                            error,
+                        };
+                        self.dead_letter(d).await?;
+                    }
+                    w.remove_rows(&idx);
+                }
+                Err(SinkError::Fenced(parts)) => {
+                    tracing::warn!(partitions = ?parts, "sink fenced: another instance moved these offsets; claiming again");
+                    self.summary.fenced += 1;
+                    for p in &parts {
+                        w.remove_partition(*p);
+                        batch.drop_partition(*p);
+                    }
+                    let still: Vec<i32> = parts
+                        .into_iter()
+                        .filter(|p| self.owned.contains_key(p))
+                        .collect();
+                    if !still.is_empty() {
+                        self.claim(&still).await?;
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        if paused {
+            let tpl = self.assignment();
+            if tpl.count() > 0 {
+                self.consumer.resume(&tpl).map_err(KafkaError::from)?;
+            }
+        }
+        result
+    }
+
+    /// Sleep `d` while still polling the consumer, so the group sees us alive and
+    /// rebalances are served; records that were already fetched go to the next batch.
+    async fn wait_serving_group(
+        &mut self,
+        d: Duration,
+        batch: &mut Batcher,
+        w: &mut WriteBatch,
+        shutdown: &AtomicBool,
+    ) -> Result<(), SinkError> {
+        let until = Instant::now() + d;
+        while Instant::now() < until && !shutdown.load(Ordering::Relaxed) {
+            let polled = self.consumer.poll(Duration::from_millis(50));
+            if let Some(Ok(m)) = polled {
+                let (p, off) = (m.partition(), m.offset());
+                let payload = m.payload().map(<[u8]>::to_vec);
+                let key = m.key().map(<[u8]>::to_vec);
+                drop(m);
+                self.accept(p, off, key, payload, batch, shutdown).await?;
+            }
+            self.rebalances(batch, Some(w)).await?;
+            tokio::task::yield_now().await;
+        }
+        Ok(())
+    }
+
+    /// After a committed transaction: remember the offsets, tell Kafka (for lag tooling),
+    /// record metrics.
+    fn committed(&mut self, w: &WriteBatch, report: super::table::WriteReport, took: Duration) {
+        let mut tpl = TopicPartitionList::new();
+        for r in &w.ranges {
+            if let Some(stored) = self.owned.get_mut(&r.partition) {
+                *stored = r.next;
+                let _ =
+                    tpl.add_partition_offset(&self.cfg.topic, r.partition, Offset::Offset(r.next));
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+                tracing::debug!(error = %e, "kafka offset commit (informational) failed");
+            }
+        }
+        self.summary.batches += 1;
+        self.summary.statements += report.statements;
+        self.summary.rows_changed += report.rows_changed;
+        metrics::counter!("readstate_sink_batches_total").increment(1);
+        metrics::counter!("readstate_sink_statements_total").increment(report.statements);
+        metrics::counter!("readstate_sink_rows_written_total").increment(report.rows_changed);
+        metrics::counter!("readstate_sink_rows_total").increment(w.rows.len() as u64);
+        metrics::histogram!("readstate_sink_batch_duration_seconds").record(took.as_secs_f64());
+        if self.lag_checked.elapsed() >= LAG_INTERVAL {
+            self.lag_checked = Instant::now();
+            for (p, next) in &self.owned {
+                let w = self
+                    .consumer
+                    .fetch_watermarks(&self.cfg.topic, *p, Duration::from_secs(1));
+                if let Ok((_, high)) = w {
+                    let lag = (high - (*next).max(0)).max(0);
+                    metrics::gauge!("readstate_sink_lag_records", "partition" => p.to_string())
+                        .set(lag as f64);
+                }
+            }
+        }
+    }
+}
+
+/// Full jitter on top of half the delay: spreads retries of many instances.
+fn jitter(d: Duration) -> Duration {
+    let half = d / 2;
+    half + half.mul_f64(rand::thread_rng().gen_range(0.0..1.0))
+}
+
+/// A rejected row as JSON, for the dead-letter record's value.
+fn row_json(u: &ReceiptUpdate) -> String {
+    serde_json::json!({
+        "conversation_id": u.conversation_id.0,
+        "reader_id": u.reader_id.0,
+        "last_read_seq": u.last_read_seq,
+        "message_id": u.message_id,
+        "sender_id": u.sender_id.map(|s| s.0),
+        "device_id": u.device_id,
+        "read_at_ms": u.read_at_ms,
+        "version": u.version,
+        "events_total": u.events_total,
+        "stale_total": u.stale_total,
+    })
+    .to_string()
+}

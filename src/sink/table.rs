@@ -1,0 +1,480 @@
+//! Where the sink writes: the [`ReceiptTable`] seam.
+//!
+//! - [`PostgresTable`]: one transaction per batch: a set-based upsert of every row
+//!   (`INSERT … SELECT FROM unnest(…) ON CONFLICT … DO UPDATE … WHERE version < EXCLUDED.version`)
+//!   and an update of the stored offsets that succeeds only if they are still what this
+//!   instance loaded (fencing).
+//! - [`MemoryTable`]: the same contract in memory, with injectable faults, for tests.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures::future::BoxFuture;
+use tokio_postgres::types::ToSql;
+
+use super::batch::WriteBatch;
+use super::{classify, db_error_text, ErrorClass, SinkError};
+use crate::model::{ReceiptUpdate, StateKey};
+
+/// What a successful write did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteReport {
+    /// Rows inserted or moved forward (a row at an equal or higher version is untouched).
+    pub rows_changed: u64,
+    /// Upsert statements executed (one per non-empty batch).
+    pub statements: u64,
+}
+
+/// The sink's target: version-guarded rows plus the offsets they cover, atomically.
+pub trait ReceiptTable: Send + Sync {
+    /// Register `partitions` for this group and topic (as -1 when new) and return each
+    /// one's stored `next_offset` (-1: nothing written yet).
+    fn claim<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+        partitions: &'a [i32],
+    ) -> BoxFuture<'a, Result<HashMap<i32, i64>, SinkError>>;
+
+    /// Upsert the batch's rows and move its partitions' offsets from `expected` to `next`,
+    /// all or nothing.
+    fn write<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+        batch: &'a WriteBatch,
+    ) -> BoxFuture<'a, Result<WriteReport, SinkError>>;
+}
+
+/// PostgreSQL behind a connection pool.
+pub struct PostgresTable {
+    pool: Pool,
+    table: String,
+    upsert: String,
+}
+
+const CLAIM: &str =
+    "INSERT INTO readstate_sink_offsets (consumer_group, topic, partition, next_offset)
+    SELECT $1, $2, p, -1 FROM unnest($3::int4[]) AS p
+    ON CONFLICT (consumer_group, topic, partition) DO NOTHING";
+
+const LOAD: &str = "SELECT partition, next_offset FROM readstate_sink_offsets
+    WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int4[])";
+
+const ADVANCE: &str = "UPDATE readstate_sink_offsets AS o
+    SET next_offset = t.next, records_applied = o.records_applied + t.records, updated_at = now()
+    FROM unnest($3::int4[], $4::int8[], $5::int8[], $6::int8[]) AS t(p, expected, next, records)
+    WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = t.p
+      AND o.next_offset = t.expected";
+
+fn upsert_sql(table: &str) -> String {
+    format!(
+        "INSERT INTO {table} AS r (conversation_id, reader_id, last_read_seq, message_id, sender_id,
+                device_id, read_at, version, events_total, stale_total, updated_at)
+         SELECT c, rd, s, m, sd, d,
+                CASE WHEN ra IS NULL THEN NULL
+                     ELSE timestamptz 'epoch' + ra * interval '1 millisecond' END,
+                v, et, st, now()
+         FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::int8[], $6::text[],
+                     $7::int8[], $8::int8[], $9::int8[], $10::int8[])
+              AS t(c, rd, s, m, sd, d, ra, v, et, st)
+         ON CONFLICT (conversation_id, reader_id) DO UPDATE SET
+                last_read_seq = EXCLUDED.last_read_seq, message_id = EXCLUDED.message_id,
+                sender_id = EXCLUDED.sender_id, device_id = EXCLUDED.device_id,
+                read_at = EXCLUDED.read_at, version = EXCLUDED.version,
+                events_total = EXCLUDED.events_total, stale_total = EXCLUDED.stale_total,
+                updated_at = EXCLUDED.updated_at
+         WHERE r.version < EXCLUDED.version"
+    )
+}
+
+/// The rows as column arrays, the shape `unnest` takes.
+struct Columns<'a> {
+    conv: Vec<i64>,
+    reader: Vec<i64>,
+    seq: Vec<i64>,
+    message: Vec<Option<&'a str>>,
+    sender: Vec<Option<i64>>,
+    device: Vec<Option<&'a str>>,
+    read_at: Vec<Option<i64>>,
+    version: Vec<i64>,
+    events: Vec<i64>,
+    stale: Vec<i64>,
+}
+
+impl<'a> Columns<'a> {
+    fn new(rows: &'a [ReceiptUpdate]) -> Self {
+        Self {
+            conv: rows.iter().map(|u| u.conversation_id.0).collect(),
+            reader: rows.iter().map(|u| u.reader_id.0).collect(),
+            seq: rows.iter().map(|u| u.last_read_seq).collect(),
+            message: rows.iter().map(|u| u.message_id.as_deref()).collect(),
+            sender: rows.iter().map(|u| u.sender_id.map(|s| s.0)).collect(),
+            device: rows.iter().map(|u| u.device_id.as_deref()).collect(),
+            read_at: rows.iter().map(|u| u.read_at_ms).collect(),
+            version: rows.iter().map(|u| u.version).collect(),
+            events: rows.iter().map(|u| u.events_total).collect(),
+            stale: rows.iter().map(|u| u.stale_total).collect(),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 10] {
+        [
+            &self.conv,
+            &self.reader,
+            &self.seq,
+            &self.message,
+            &self.sender,
+            &self.device,
+            &self.read_at,
+            &self.version,
+            &self.events,
+            &self.stale,
+        ]
+    }
+}
+
+fn db(e: tokio_postgres::Error) -> SinkError {
+    SinkError::from_db(&e)
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> SinkError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => SinkError::from_db(&e),
+        other => SinkError::Retriable(format!("connection pool: {other}")),
+    }
+}
+
+impl PostgresTable {
+    /// A pool of up to `pool_size` connections to `url` (libpq URL or key=value string;
+    /// `sslmode` honoured), each with `statement_timeout` set.
+    pub fn connect(
+        url: &str,
+        table: &str,
+        pool_size: usize,
+        statement_timeout: Duration,
+    ) -> Result<Self, SinkError> {
+        let mut cfg = tokio_postgres::Config::from_str(url)
+            .map_err(|e| SinkError::Fatal(format!("invalid database URL: {e}")))?;
+        cfg.options(format!(
+            "-c statement_timeout={}",
+            statement_timeout.as_millis().max(1)
+        ));
+        if cfg.get_connect_timeout().is_none() {
+            cfg.connect_timeout(Duration::from_secs(10));
+        }
+        if cfg.get_application_name().is_none() {
+            cfg.application_name("readstate-sink");
+        }
+        let tls = native_tls::TlsConnector::new()
+            .map_err(|e| SinkError::Fatal(format!("TLS setup: {e}")))?;
+        let manager = Manager::from_config(
+            cfg,
+            postgres_native_tls::MakeTlsConnector::new(tls),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| SinkError::Fatal(format!("connection pool: {e}")))?;
+        Ok(Self {
+            pool,
+            table: table.to_owned(),
+            upsert: upsert_sql(table),
+        })
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// A pooled connection.
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, SinkError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Fail unless the database is migrated for this table.
+    pub async fn check_migrated(&self) -> Result<(), SinkError> {
+        let client = self.client().await?;
+        super::migrate::check_migrated(&client, &self.table).await
+    }
+
+    /// Apply the migrations for this table; returns the versions applied now.
+    pub async fn migrate(&self) -> Result<Vec<i32>, SinkError> {
+        let mut client = self.client().await?;
+        super::migrate::migrate(&mut client, &self.table).await
+    }
+
+    async fn write_batch(
+        &self,
+        group: &str,
+        topic: &str,
+        batch: &WriteBatch,
+    ) -> Result<WriteReport, SinkError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        let mut report = WriteReport::default();
+        if !batch.rows.is_empty() {
+            let stmt = tx.prepare_cached(&self.upsert).await.map_err(db)?;
+            let cols = Columns::new(&batch.rows);
+            let started = std::time::Instant::now();
+            let r = tx.execute(&stmt, &cols.params()).await;
+            metrics::histogram!("readstate_sink_statement_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            match r {
+                Ok(n) => report.rows_changed = n,
+                Err(e) if classify(&e) == ErrorClass::RowRejected => {
+                    drop(tx);
+                    let rejected = self.find_rejected(&mut client, &batch.rows).await?;
+                    if rejected.is_empty() {
+                        // Not reproducible row by row: treat like a transient failure.
+                        return Err(SinkError::Retriable(db_error_text(&e)));
+                    }
+                    return Err(SinkError::Rejected(rejected));
+                }
+                Err(e) => return Err(SinkError::from_db(&e)),
+            }
+            report.statements = 1;
+        }
+        let parts: Vec<i32> = batch.ranges.iter().map(|r| r.partition).collect();
+        let expected: Vec<i64> = batch.ranges.iter().map(|r| r.expected).collect();
+        let next: Vec<i64> = batch.ranges.iter().map(|r| r.next).collect();
+        let records: Vec<i64> = batch.ranges.iter().map(|r| r.records).collect();
+        let advanced = tx
+            .execute(
+                ADVANCE,
+                &[&group, &topic, &parts, &expected, &next, &records],
+            )
+            .await
+            .map_err(db)?;
+        if advanced as usize != batch.ranges.len() {
+            tx.rollback().await.map_err(db)?;
+            return Err(SinkError::Fenced(parts));
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(report)
+    }
+
+    /// Find the rows the database rejects, by bisection under savepoints in a transaction
+    /// that is rolled back: O(rejected × log rows) statements, only after a failure.
+    async fn find_rejected(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        rows: &[ReceiptUpdate],
+    ) -> Result<Vec<(usize, String)>, SinkError> {
+        let tx = client.transaction().await.map_err(db)?;
+        let stmt = tx.prepare_cached(&self.upsert).await.map_err(db)?;
+        let mut rejected = Vec::new();
+        let mut stack = vec![(0usize, rows.len())];
+        while let Some((lo, hi)) = stack.pop() {
+            tx.batch_execute("SAVEPOINT probe").await.map_err(db)?;
+            let cols = Columns::new(&rows[lo..hi]);
+            match tx.execute(&stmt, &cols.params()).await {
+                Ok(_) => tx
+                    .batch_execute("RELEASE SAVEPOINT probe")
+                    .await
+                    .map_err(db)?,
+                Err(e) if classify(&e) == ErrorClass::RowRejected => {
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT probe")
+                        .await
+                        .map_err(db)?;
+                    if hi - lo == 1 {
+                        rejected.push((lo, db_error_text(&e)));
+                    } else {
+                        let mid = lo + (hi - lo) / 2;
+                        stack.push((mid, hi));
+                        stack.push((lo, mid));
+                    }
+                }
+                Err(e) => return Err(SinkError::from_db(&e)),
+            }
+        }
+        tx.rollback().await.map_err(db)?;
+        rejected.sort_by_key(|(i, _)| *i);
+        Ok(rejected)
+    }
+
+    async fn claim_partitions(
+        &self,
+        group: &str,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<HashMap<i32, i64>, SinkError> {
+        let client = self.client().await?;
+        let parts: Vec<i32> = partitions.to_vec();
+        client
+            .execute(CLAIM, &[&group, &topic, &parts])
+            .await
+            .map_err(db)?;
+        let rows = client
+            .query(LOAD, &[&group, &topic, &parts])
+            .await
+            .map_err(db)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))
+            .collect())
+    }
+}
+
+impl ReceiptTable for PostgresTable {
+    fn claim<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+        partitions: &'a [i32],
+    ) -> BoxFuture<'a, Result<HashMap<i32, i64>, SinkError>> {
+        Box::pin(self.claim_partitions(group, topic, partitions))
+    }
+
+    fn write<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+        batch: &'a WriteBatch,
+    ) -> BoxFuture<'a, Result<WriteReport, SinkError>> {
+        Box::pin(self.write_batch(group, topic, batch))
+    }
+}
+
+/// The [`ReceiptTable`] contract in memory, with faults on demand.
+#[derive(Default)]
+pub struct MemoryTable {
+    state: Mutex<MemoryState>,
+    /// Fail this many more writes with a retriable error (a database that is down).
+    fail_writes: AtomicU64,
+    /// Rows whose `message_id` equals this are rejected for good.
+    reject_message_id: Mutex<Option<String>>,
+}
+
+#[derive(Default)]
+struct MemoryState {
+    rows: HashMap<StateKey, ReceiptUpdate>,
+    offsets: HashMap<(String, String, i32), (i64, i64)>,
+    statements: u64,
+}
+
+impl MemoryTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn fail_next_writes(&self, n: u64) {
+        self.fail_writes.store(n, Ordering::SeqCst);
+    }
+
+    pub fn reject_message_id(&self, id: &str) {
+        *self.reject_message_id.lock().expect("lock") = Some(id.to_owned());
+    }
+
+    pub fn rows(&self) -> HashMap<StateKey, ReceiptUpdate> {
+        self.state.lock().expect("lock").rows.clone()
+    }
+
+    /// (next_offset, records_applied) per partition.
+    pub fn offsets(&self, group: &str, topic: &str) -> HashMap<i32, (i64, i64)> {
+        let s = self.state.lock().expect("lock");
+        s.offsets
+            .iter()
+            .filter(|((g, t, _), _)| g == group && t == topic)
+            .map(|((_, _, p), v)| (*p, *v))
+            .collect()
+    }
+
+    pub fn statements(&self) -> u64 {
+        self.state.lock().expect("lock").statements
+    }
+
+    fn apply(&self, group: &str, topic: &str, b: &WriteBatch) -> Result<WriteReport, SinkError> {
+        let left = self.fail_writes.load(Ordering::SeqCst);
+        if left > 0 {
+            self.fail_writes.store(left - 1, Ordering::SeqCst);
+            return Err(SinkError::Retriable("injected outage".into()));
+        }
+        if let Some(bad) = self.reject_message_id.lock().expect("lock").as_deref() {
+            let rejected: Vec<(usize, String)> = b
+                .rows
+                .iter()
+                .enumerate()
+                .filter(|(_, u)| u.message_id.as_deref() == Some(bad))
+                .map(|(i, _)| (i, "injected rejection".to_owned()))
+                .collect();
+            if !rejected.is_empty() {
+                return Err(SinkError::Rejected(rejected));
+            }
+        }
+        let mut s = self.state.lock().expect("lock");
+        for r in &b.ranges {
+            let stored = s
+                .offsets
+                .get(&(group.to_owned(), topic.to_owned(), r.partition))
+                .map(|v| v.0);
+            if stored != Some(r.expected) {
+                return Err(SinkError::Fenced(vec![r.partition]));
+            }
+        }
+        let mut report = WriteReport::default();
+        for u in &b.rows {
+            match s.rows.get(&u.key()) {
+                Some(old) if old.version >= u.version => {}
+                _ => {
+                    s.rows.insert(u.key(), u.clone());
+                    report.rows_changed += 1;
+                }
+            }
+        }
+        if !b.rows.is_empty() {
+            report.statements = 1;
+            s.statements += 1;
+        }
+        for r in &b.ranges {
+            let e = s
+                .offsets
+                .get_mut(&(group.to_owned(), topic.to_owned(), r.partition))
+                .expect("checked above");
+            *e = (r.next, e.1 + r.records);
+        }
+        Ok(report)
+    }
+}
+
+impl ReceiptTable for MemoryTable {
+    fn claim<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+        partitions: &'a [i32],
+    ) -> BoxFuture<'a, Result<HashMap<i32, i64>, SinkError>> {
+        let mut s = self.state.lock().expect("lock");
+        let out = partitions
+            .iter()
+            .map(|p| {
+                let e = s
+                    .offsets
+                    .entry((group.to_owned(), topic.to_owned(), *p))
+                    .or_insert((-1, 0));
+                (*p, e.0)
+            })
+            .collect();
+        Box::pin(async move { Ok(out) })
+    }
+
+    fn write<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+        batch: &'a WriteBatch,
+    ) -> BoxFuture<'a, Result<WriteReport, SinkError>> {
+        let r = self.apply(group, topic, batch);
+        Box::pin(async move { r })
+    }
+}

@@ -1,0 +1,119 @@
+//! Kafka helpers shared by the MockCluster tests: producing, reading topics, offsets.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+pub fn suffix() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+/// A producer partitioning keys as Java clients (and readstate) do.
+pub fn producer(brokers: &str) -> ThreadedProducer<DefaultProducerContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap()
+}
+
+/// Send, waiting while the local queue is full.
+pub fn send(p: &ThreadedProducer<DefaultProducerContext>, mut r: BaseRecord<'_, str, [u8]>) {
+    use rdkafka::producer::Producer;
+    loop {
+        match p.send(r) {
+            Ok(()) => return,
+            Err((_, back)) => {
+                r = back;
+                p.flush(Duration::from_millis(100)).ok();
+            }
+        }
+    }
+}
+
+fn partitions(c: &BaseConsumer, topic: &str) -> i32 {
+    c.fetch_metadata(Some(topic), Duration::from_secs(5))
+        .unwrap()
+        .topics()[0]
+        .partitions()
+        .len() as i32
+}
+
+/// Read a whole topic from the beginning until `done` holds and nothing more arrives
+/// (bounded in time).
+pub fn read_until<T>(
+    brokers: &str,
+    topic: &str,
+    decode: impl Fn(&BorrowedMessage<'_>) -> T,
+    done: impl Fn(&[T]) -> bool,
+) -> Vec<T> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{}", suffix()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions(&c, topic) {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut out = Vec::new();
+    while Instant::now() < deadline {
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => out.push(decode(&m)),
+            Some(Err(e)) => eprintln!("reader: {e}"),
+            None => {
+                if done(&out) {
+                    return out;
+                }
+            }
+        }
+    }
+    panic!("timed out reading {topic}: {} records", out.len());
+}
+
+/// High watermark per partition.
+pub fn end_offsets(brokers: &str, topic: &str) -> Vec<i64> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    (0..partitions(&c, topic))
+        .map(|p| {
+            c.fetch_watermarks(topic, p, Duration::from_secs(5))
+                .unwrap()
+                .1
+        })
+        .collect()
+}
+
+/// Offsets committed in Kafka by `group` per partition (-1: none).
+pub fn committed(brokers: &str, group: &str, topic: &str) -> Vec<i64> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let n = partitions(&c, topic);
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..n {
+        tpl.add_partition(topic, p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(5)).unwrap();
+    let out = (0..n)
+        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => -1,
+        })
+        .collect();
+    drop(got); // before the consumer, or closing it can hang
+    out
+}

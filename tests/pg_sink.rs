@@ -91,7 +91,11 @@ impl Db {
     }
 
     fn table(&self) -> PostgresTable {
-        PostgresTable::connect(&self.url, "read_receipts", 2, Duration::from_secs(30)).unwrap()
+        self.table_with_timeout(Duration::from_secs(30))
+    }
+
+    fn table_with_timeout(&self, statement_timeout: Duration) -> PostgresTable {
+        PostgresTable::connect(&self.url, "read_receipts", 2, statement_timeout).unwrap()
     }
 
     fn migrate(&self) {
@@ -737,4 +741,51 @@ fn sigkill_sink_then_restart_applies_every_batch_exactly_once() {
     for (p, e) in end.iter().enumerate() {
         assert_eq!(offsets[&(p as i32)].0, *e, "partition {p} fully consumed");
     }
+}
+
+/// A statement that times out (the table is locked by someone else) is retried, not
+/// fatal: once the lock is gone the sink writes everything.
+#[test]
+fn statement_timeouts_are_retried() {
+    let (db, k) = (Db::new(), Kafka::new());
+    db.migrate();
+    let updates = update_stream(4, 500, 4);
+    let want = latest(&updates);
+    let locker = db.connect(&db.url).unwrap();
+    db.rt
+        .block_on(locker.batch_execute("BEGIN; LOCK TABLE read_receipts IN ACCESS EXCLUSIVE MODE"))
+        .unwrap();
+    k.produce(&updates);
+    let mut cfg = k.sink_config(&db, 100, Duration::from_millis(50));
+    cfg.table = Arc::new(db.table_with_timeout(Duration::from_millis(300)));
+    let sink = start_sink(cfg);
+    // Hold the lock until the sink has been seen waiting on it twice, a timeout apart.
+    let watcher = db.connect(&db.url).unwrap();
+    let mut seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen < 2 {
+        let waiting: i64 = db
+            .rt
+            .block_on(watcher.query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            ))
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            seen += 1;
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sink never waited on the lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    db.rt.block_on(locker.batch_execute("COMMIT")).unwrap();
+    db.wait_rows(&want);
+    let summary = sink.stop();
+    assert!(summary.retries >= 1, "{summary:?}");
+    assert_eq!(records_applied(&db, &k.group()), k.records());
 }

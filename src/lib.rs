@@ -22,11 +22,15 @@
 //! - [`sink`]: the PostgreSQL sink: migrations, batching, the version-guarded upsert with
 //!   offsets in the same transaction, and its consumer loop.
 //! - [`telemetry`]: the Prometheus recorder and `/metrics`, `/health`, `/ready`.
+//! - [`loadgen`]: a realistic workload generator and its oracle (`loadgen`, `demo`).
+//! - [`demo`]: `readstate demo`: embedded broker, generator, run + sink, PASS/FAIL check.
 //! - [`testing`]: `TopologyTestDriver`, the whole core without a broker.
 
 pub mod config;
+pub mod demo;
 pub mod ids;
 pub mod kafka;
+pub mod loadgen;
 pub mod model;
 pub mod processor;
 pub mod runtime;

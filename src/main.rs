@@ -45,6 +45,82 @@ enum Command {
     Sink(SinkArgs),
     /// Apply the SQL migrations for the topology's PostgreSQL table (each once).
     Migrate(MigrateArgs),
+    /// Everything on this machine: an embedded broker, a generated workload, run + sink into
+    /// PostgreSQL, and a PASS/FAIL check of every row against the generator.
+    Demo(DemoArgs),
+    /// Produce the demo's workload to any Kafka cluster (Avro, Confluent wire format).
+    Loadgen(LoadgenArgs),
+}
+
+#[derive(clap::Args)]
+struct WorkloadArgs {
+    /// Read events to generate.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Distinct conversations (Zipf-distributed activity).
+    #[arg(long, default_value_t = 50_000)]
+    conversations: u64,
+    /// Zipf exponent.
+    #[arg(long, default_value_t = 1.05)]
+    zipf: f64,
+    /// Random seed (same seed, same workload).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Share of records that are poison pills.
+    #[arg(long, default_value_t = 0.0005)]
+    poison_rate: f64,
+}
+
+impl WorkloadArgs {
+    fn spec(&self) -> readstate::loadgen::WorkloadSpec {
+        readstate::loadgen::WorkloadSpec {
+            events: self.events,
+            conversations: self.conversations,
+            zipf: self.zipf,
+            seed: self.seed,
+            poison_rate: self.poison_rate,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    workload: WorkloadArgs,
+    /// Partitions of every topic.
+    #[arg(long, default_value_t = 16)]
+    partitions: i32,
+    /// PostgreSQL to create the database readstate_demo on (dropped and recreated).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
+    /// Serve /metrics, /health and /ready here while the demo runs.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:0")]
+    metrics_addr: std::net::SocketAddr,
+    /// Sink batch size.
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+}
+
+#[derive(clap::Args)]
+struct LoadgenArgs {
+    #[command(flatten)]
+    workload: WorkloadArgs,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    brokers: String,
+    /// Topic to produce to (keyed by conversation_id).
+    #[arg(long, default_value = "chat.read-events")]
+    topic: String,
+    /// Schema id to put in the wire header (the id of read_event.avsc in your registry).
+    #[arg(long, default_value_t = 1)]
+    schema_id: u32,
+    /// Events per second (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// librdkafka property for the producer (repeatable).
+    #[arg(short = 'X', value_name = "KEY=VALUE")]
+    kafka_property: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -178,7 +254,101 @@ fn main() -> ExitCode {
         Command::Run(args) => exit(run_command(args)),
         Command::Sink(args) => exit(sink_command(args)),
         Command::Migrate(args) => exit(migrate_command(args)),
+        Command::Demo(args) => match demo_command(args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Loadgen(args) => exit(loadgen_command(args)),
     }
+}
+
+fn demo_command(args: DemoArgs) -> anyhow::Result<bool> {
+    let report = readstate::demo::run_demo(readstate::demo::DemoConfig {
+        spec: args.workload.spec(),
+        partitions: args.partitions,
+        database_url: args.database_url,
+        metrics_addr: Some(args.metrics_addr),
+        batch_size: args.batch_size,
+        progress_every: Duration::from_secs(2),
+    })?;
+    print!("{}", report.render());
+    Ok(report.pass())
+}
+
+fn loadgen_command(args: LoadgenArgs) -> anyhow::Result<()> {
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let settings = KafkaSettings::new(args.brokers).with_properties(&args.kafka_property)?;
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        settings.producer().create()?;
+    let encoder = readstate::serde::avro::EventEncoder::new(
+        readstate::serde::READ_EVENT_SCHEMA,
+        args.schema_id,
+    )?;
+    let started = std::time::Instant::now();
+    let mut last = started;
+    let mut oracle = readstate::loadgen::Oracle::default();
+    let mut buf = Vec::with_capacity(256);
+    for (i, g) in readstate::loadgen::Generator::new(args.workload.spec()).enumerate() {
+        if args.rate > 0 {
+            let due = Duration::from_secs_f64(i as f64 / args.rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        oracle.record(&g);
+        let key = match &g {
+            readstate::loadgen::Generated::Event(e) => {
+                buf.clear();
+                encoder.encode_into(&readstate::serde::avro::AvroReadEvent::from(e), &mut buf)?;
+                e.conversation_id.0.to_string()
+            }
+            readstate::loadgen::Generated::Poison(b) => {
+                buf.clone_from(b);
+                "poison".to_owned()
+            }
+        };
+        let mut rec = BaseRecord::to(&args.topic)
+            .key(key.as_str())
+            .payload(buf.as_slice());
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    r,
+                )) => {
+                    rec = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+        if last.elapsed() >= Duration::from_secs(2) {
+            eprintln!(
+                "    produced {} records, {:.0}/s",
+                i + 1,
+                (i + 1) as f64 / started.elapsed().as_secs_f64()
+            );
+            last = std::time::Instant::now();
+        }
+    }
+    producer.flush(Duration::from_secs(60))?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "produced {} events + {} poison pills to {} in {secs:.1} s ({:.0}/s); {} distinct (conversation, reader) keys",
+        oracle.events,
+        oracle.poison,
+        args.topic,
+        (oracle.events + oracle.poison) as f64 / secs,
+        oracle.keys.len()
+    );
+    Ok(())
 }
 
 fn exit(r: anyhow::Result<()>) -> ExitCode {

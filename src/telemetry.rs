@@ -5,7 +5,7 @@
 //! recorder behind the facade once per process and [`serve`] answers scrapes over HTTP.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -50,6 +50,28 @@ pub fn install() -> Result<PrometheusHandle, TelemetryError> {
         tracing::debug!("a metrics recorder is already installed");
     }
     Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// Live counters for progress displays (the demo) and flow control; one atomic add per
+/// batch, not per event.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub records_consumed: AtomicU64,
+    pub updates_emitted: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub sink_records: AtomicU64,
+    pub sink_rows_written: AtomicU64,
+    pub sink_statements: AtomicU64,
+}
+
+impl Progress {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 /// Liveness and readiness as the runtime sees them.

@@ -270,6 +270,7 @@ impl Kafka {
             kafka: KafkaSettings::new(self.brokers()),
             resolver: Arc::new(LocalRegistry::new()),
             table: Arc::new(db.table()),
+            progress: Default::default(),
         }
     }
 

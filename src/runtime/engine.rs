@@ -23,7 +23,7 @@ use crate::state::restore::apply_changelog;
 use crate::state::rocks::RocksDbStore;
 use crate::state::{read_checkpoint, KeyValueStore};
 use crate::task::{DeadLetter, SourceRecord, StreamTask};
-use crate::telemetry::Health;
+use crate::telemetry::{Health, Progress};
 use crate::topology::{StoreKind, Topology};
 
 /// What an instance did, for logs and tests.
@@ -117,6 +117,8 @@ pub(super) struct Engine {
     failed: bool,
     buf: Vec<u8>,
     health: Arc<Health>,
+    progress: Arc<Progress>,
+    assigned_once: bool,
 }
 
 fn now_ms() -> i64 {
@@ -174,6 +176,8 @@ impl Engine {
             failed: false,
             buf: Vec::with_capacity(256),
             health: config.health.clone(),
+            progress: config.progress.clone(),
+            assigned_once: false,
         })
     }
 
@@ -191,6 +195,7 @@ impl Engine {
     }
 
     pub(super) fn assign(&mut self, parts: &[(String, i32)]) {
+        self.assigned_once = true;
         for (topic, p) in parts {
             if *topic == self.task_topic {
                 if !self.tasks.contains_key(p) && !self.to_open.contains(p) {
@@ -226,7 +231,9 @@ impl Engine {
             self.summary.tasks_opened += 1;
         }
         metrics::gauge!("readstate_tasks_assigned").set(self.tasks.len() as f64);
-        self.health.set_ready(true);
+        // Ready once the group has given us an assignment (even an empty one) and every
+        // assigned task has restored.
+        self.health.set_ready(self.assigned_once);
         Ok(())
     }
 
@@ -367,6 +374,7 @@ impl Engine {
             return Ok(());
         }
         self.summary.records_consumed += msgs.len() as u64;
+        Progress::add(&self.progress.records_consumed, msgs.len() as u64);
         metrics::counter!("readstate_events_consumed_total").increment(msgs.len() as u64);
         // Fetch unknown writer schemas first; a registry outage is retried, never a dead letter.
         let mut backoff = Duration::from_millis(100);
@@ -590,6 +598,7 @@ impl Engine {
                 )?;
             }
             self.summary.updates_emitted += out.updates.len() as u64;
+            Progress::add(&self.progress.updates_emitted, out.updates.len() as u64);
             metrics::counter!("readstate_updates_emitted_total")
                 .increment(out.updates.len() as u64);
             flushed.push((*p, out));
@@ -606,6 +615,7 @@ impl Engine {
             }
             send(&self.producer, rec)?;
             self.summary.dead_letters += 1;
+            Progress::add(&self.progress.dead_letters, 1);
         }
         // Also awaits the records forwarded to the repartition topic since the last commit.
         self.await_deliveries()?;

@@ -23,7 +23,7 @@ use crate::kafka::admin::{ensure_topics, partition_count, TopicRequest};
 use crate::kafka::{KafkaError, KafkaSettings};
 use crate::serde::registry::SchemaResolver;
 use crate::serde::{SerdeError, UpdateEncoder, RECEIPT_UPDATE_SCHEMA};
-use crate::telemetry::Health;
+use crate::telemetry::{Health, Progress};
 use crate::topology::Topology;
 
 use engine::Engine;
@@ -63,6 +63,8 @@ pub struct RunConfig {
     pub replication: i32,
     /// Liveness and readiness, for `/health` and `/ready`.
     pub health: Arc<Health>,
+    /// Live counters (records consumed, updates emitted, dead letters).
+    pub progress: Arc<Progress>,
 }
 
 impl RunConfig {
@@ -79,6 +81,7 @@ impl RunConfig {
             max_poll_records: 10_000,
             replication: 1,
             health: Health::new(),
+            progress: Arc::new(Progress::default()),
         }
     }
 }

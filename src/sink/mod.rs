@@ -127,6 +127,7 @@ pub fn from_topology(
         kafka,
         resolver,
         table: std::sync::Arc::new(table),
+        progress: Default::default(),
     })
 }
 

@@ -37,6 +37,7 @@ use crate::serde::avro::UpdateDecoder;
 use crate::serde::registry::SchemaResolver;
 use crate::serde::{SerdeError, RECEIPT_UPDATE_SCHEMA};
 use crate::task::DeadLetter;
+use crate::telemetry::Progress;
 
 /// Everything a sink instance needs.
 pub struct SinkConfig {
@@ -50,6 +51,8 @@ pub struct SinkConfig {
     pub kafka: KafkaSettings,
     pub resolver: Arc<dyn SchemaResolver>,
     pub table: Arc<dyn ReceiptTable>,
+    /// Live counters (sink records, rows written, statements).
+    pub progress: Arc<Progress>,
 }
 
 /// What a sink instance did, for logs and tests.
@@ -254,10 +257,7 @@ impl Sink {
                 Offset::Beginning
             };
             // Best effort: records below the stored offset are skipped in `accept` anyway.
-            if let Err(e) = self
-                .consumer
-                .seek(&self.cfg.topic, *p, to, Duration::from_secs(5))
-            {
+            if let Err(e) = self.consumer.seek(&self.cfg.topic, *p, to, Duration::ZERO) {
                 tracing::debug!(partition = p, error = %e, "seek after assignment deferred");
             }
         }
@@ -494,6 +494,11 @@ impl Sink {
                 tracing::debug!(error = %e, "kafka offset commit (informational) failed");
             }
         }
+        let pr = &self.cfg.progress;
+        let covered: i64 = w.ranges.iter().map(|r| r.records).sum();
+        Progress::add(&pr.sink_records, covered.max(0) as u64);
+        Progress::add(&pr.sink_rows_written, report.rows_changed);
+        Progress::add(&pr.sink_statements, report.statements);
         self.summary.batches += 1;
         self.summary.statements += report.statements;
         self.summary.rows_changed += report.rows_changed;

@@ -53,6 +53,8 @@ pub trait ReceiptTable: Send + Sync {
 /// PostgreSQL behind a connection pool.
 pub struct PostgresTable {
     pool: Pool,
+    config: tokio_postgres::Config,
+    tls: postgres_native_tls::MakeTlsConnector,
     table: String,
     upsert: String,
 }
@@ -172,9 +174,10 @@ impl PostgresTable {
         }
         let tls = native_tls::TlsConnector::new()
             .map_err(|e| SinkError::Fatal(format!("TLS setup: {e}")))?;
+        let tls = postgres_native_tls::MakeTlsConnector::new(tls);
         let manager = Manager::from_config(
-            cfg,
-            postgres_native_tls::MakeTlsConnector::new(tls),
+            cfg.clone(),
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -188,6 +191,8 @@ impl PostgresTable {
             .map_err(|e| SinkError::Fatal(format!("connection pool: {e}")))?;
         Ok(Self {
             pool,
+            config: cfg,
+            tls,
             table: table.to_owned(),
             upsert: upsert_sql(table),
         })
@@ -202,15 +207,28 @@ impl PostgresTable {
         self.pool.get().await.map_err(pool_error)
     }
 
+    /// A connection outside the pool, driven by the calling runtime and closed when
+    /// dropped: for one-off work (migrations, checks) that may run on another runtime than
+    /// the sink's, whose pooled connections must stay on the sink's.
+    async fn direct(&self) -> Result<tokio_postgres::Client, SinkError> {
+        let (client, conn) = self.config.connect(self.tls.clone()).await.map_err(db)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "one-off database connection ended");
+            }
+        });
+        Ok(client)
+    }
+
     /// Fail unless the database is migrated for this table.
     pub async fn check_migrated(&self) -> Result<(), SinkError> {
-        let client = self.client().await?;
+        let client = self.direct().await?;
         super::migrate::check_migrated(&client, &self.table).await
     }
 
     /// Apply the migrations for this table; returns the versions applied now.
     pub async fn migrate(&self) -> Result<Vec<i32>, SinkError> {
-        let mut client = self.client().await?;
+        let mut client = self.direct().await?;
         super::migrate::migrate(&mut client, &self.table).await
     }
 

@@ -51,8 +51,10 @@ pub enum DemoError {
 pub struct DemoConfig {
     pub spec: WorkloadSpec,
     pub partitions: i32,
-    /// A PostgreSQL the demo may create the database `readstate_demo` on.
+    /// A PostgreSQL the demo may create its database on.
     pub database_url: String,
+    /// The database it drops and creates there (`readstate_demo`).
+    pub database_name: String,
     pub metrics_addr: Option<SocketAddr>,
     pub batch_size: usize,
     /// Print progress lines every this often.
@@ -218,15 +220,21 @@ pub fn run_demo(cfg: DemoConfig) -> Result<DemoReport, DemoError> {
     let started = Instant::now();
 
     // PostgreSQL: a fresh database.
-    let demo_url = with_database(&cfg.database_url, "readstate_demo");
+    let db = &cfg.database_name;
+    if db.is_empty() || !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(DemoError::Other(format!(
+            "{db:?} is not a plain database name"
+        )));
+    }
+    let demo_url = with_database(&cfg.database_url, db);
     rt.block_on(admin(
         &cfg.database_url,
-        "DROP DATABASE IF EXISTS readstate_demo WITH (FORCE)",
+        &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
     ))?;
-    rt.block_on(admin(&cfg.database_url, "CREATE DATABASE readstate_demo"))?;
+    rt.block_on(admin(&cfg.database_url, &format!("CREATE DATABASE {db}")))?;
     let table = PostgresTable::connect(&demo_url, "read_receipts", 2, Duration::from_secs(30))?;
     rt.block_on(table.migrate())?;
-    eprintln!("==> PostgreSQL database readstate_demo migrated");
+    eprintln!("==> PostgreSQL database {db} migrated");
 
     // Kafka: an in-process broker with the topics.
     let mock: MockCluster<'static, DefaultProducerContext> = MockCluster::new(1)?;

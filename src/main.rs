@@ -271,6 +271,7 @@ fn demo_command(args: DemoArgs) -> anyhow::Result<bool> {
         spec: args.workload.spec(),
         partitions: args.partitions,
         database_url: args.database_url,
+        database_name: "readstate_demo".into(),
         metrics_addr: Some(args.metrics_addr),
         batch_size: args.batch_size,
         progress_every: Duration::from_secs(2),

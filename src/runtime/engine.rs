@@ -81,6 +81,8 @@ impl ProducerContext for DeliveryTracker {
 
 struct OpenTask {
     task: StreamTask,
+    /// Stats already turned into metrics.
+    reported: crate::processor::ProcessStats,
 }
 
 /// Sub-topology 0 of a repartitioned topology: source partitions whose records are
@@ -119,6 +121,7 @@ pub(super) struct Engine {
     health: Arc<Health>,
     progress: Arc<Progress>,
     assigned_once: bool,
+    lag_measured: Instant,
 }
 
 fn now_ms() -> i64 {
@@ -178,6 +181,7 @@ impl Engine {
             health: config.health.clone(),
             progress: config.progress.clone(),
             assigned_once: false,
+            lag_measured: Instant::now(),
         })
     }
 
@@ -227,7 +231,13 @@ impl Engine {
     pub(super) fn open_assigned(&mut self) -> Result<(), RuntimeError> {
         while let Some(p) = self.to_open.pop() {
             let task = self.open_task(p)?;
-            self.tasks.insert(p, OpenTask { task });
+            self.tasks.insert(
+                p,
+                OpenTask {
+                    task,
+                    reported: Default::default(),
+                },
+            );
             self.summary.tasks_opened += 1;
         }
         metrics::gauge!("readstate_tasks_assigned").set(self.tasks.len() as f64);
@@ -584,7 +594,10 @@ impl Engine {
             let Some(t) = self.tasks.get_mut(p) else {
                 continue;
             };
+            let flush_started = Instant::now();
             let out = t.task.prepare_flush(now);
+            metrics::histogram!("readstate_flush_duration_seconds")
+                .record(flush_started.elapsed().as_secs_f64());
             for u in &out.updates {
                 self.buf.clear();
                 self.encoder
@@ -675,20 +688,50 @@ impl Engine {
         }
         self.summary.commits += 1;
         self.refresh_summary();
+        if self.lag_measured.elapsed() >= Duration::from_secs(5) {
+            self.lag_measured = Instant::now();
+            for ((topic, p), next) in &self.positions {
+                if let Ok((_, high)) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(1))
+                {
+                    metrics::gauge!("readstate_consumer_lag_records", "topic" => topic.clone(), "partition" => p.to_string())
+                        .set((high - next).max(0) as f64);
+                }
+            }
+        }
         metrics::histogram!("readstate_commit_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         Ok(())
     }
 
+    /// Summary and metrics after a commit: counters advance by what the open tasks did
+    /// since the last commit; gauges are per task (bounded by the partition count).
     fn refresh_summary(&mut self) {
-        let (mut folded, mut replayed) = (0, 0);
-        for t in self.tasks.values() {
+        let mut total = crate::processor::ProcessStats::default();
+        for t in self.tasks.values_mut() {
             let s = t.task.stats();
-            folded += s.folded;
-            replayed += s.replayed;
+            let d = |now: u64, before: u64| now.saturating_sub(before);
+            metrics::counter!("readstate_events_folded_total")
+                .increment(d(s.folded, t.reported.folded));
+            metrics::counter!("readstate_events_stale_total")
+                .increment(d(s.stale, t.reported.stale));
+            metrics::counter!("readstate_events_replayed_skipped_total")
+                .increment(d(s.replayed, t.reported.replayed));
+            t.reported = s;
+            total.folded += s.folded;
+            total.replayed += s.replayed;
+            let id = t.task.id().to_string();
+            let store = t.task.processor().store();
+            metrics::gauge!("readstate_store_estimated_keys", "task" => id.clone())
+                .set(store.approximate_num_keys() as f64);
+            metrics::gauge!("readstate_store_size_bytes", "task" => id)
+                .set(store.approximate_size_bytes() as f64);
         }
-        self.summary.events_folded = self.summary.events_folded.max(folded);
-        self.summary.replayed_skipped = self.summary.replayed_skipped.max(replayed);
+        self.summary.events_folded = self.summary.events_folded.max(total.folded);
+        self.summary.replayed_skipped = self.summary.replayed_skipped.max(total.replayed);
+        if self.summary.updates_emitted > 0 {
+            metrics::gauge!("readstate_coalescing_ratio")
+                .set(self.summary.events_folded as f64 / self.summary.updates_emitted as f64);
+        }
     }
 
     fn await_deliveries(&self) -> Result<(), RuntimeError> {

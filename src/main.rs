@@ -112,7 +112,10 @@ struct LoadgenArgs {
     /// Topic to produce to (keyed by conversation_id).
     #[arg(long, default_value = "chat.read-events")]
     topic: String,
-    /// Schema id to put in the wire header (the id of read_event.avsc in your registry).
+    /// Register read_event.avsc under <topic>-value in this registry and use its id.
+    #[arg(long, env = "SCHEMA_REGISTRY_URL")]
+    schema_registry_url: Option<String>,
+    /// Without a registry: the schema id to put in the wire header.
     #[arg(long, default_value_t = 1)]
     schema_id: u32,
     /// Events per second (0: as fast as possible).
@@ -285,10 +288,19 @@ fn loadgen_command(args: LoadgenArgs) -> anyhow::Result<()> {
     let settings = KafkaSettings::new(args.brokers).with_properties(&args.kafka_property)?;
     let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
         settings.producer().create()?;
-    let encoder = readstate::serde::avro::EventEncoder::new(
-        readstate::serde::READ_EVENT_SCHEMA,
-        args.schema_id,
-    )?;
+    let schema_id = match &args.schema_registry_url {
+        Some(url) => {
+            let registry = ConfluentRegistry::new(url, Duration::from_secs(10))?;
+            let subject = format!("{}-value", args.topic);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(registry.register(&subject, readstate::serde::READ_EVENT_SCHEMA))?
+        }
+        None => args.schema_id,
+    };
+    let encoder =
+        readstate::serde::avro::EventEncoder::new(readstate::serde::READ_EVENT_SCHEMA, schema_id)?;
     let started = std::time::Instant::now();
     let mut last = started;
     let mut oracle = readstate::loadgen::Oracle::default();

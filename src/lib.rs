@@ -24,8 +24,10 @@
 //! - [`telemetry`]: the Prometheus recorder and `/metrics`, `/health`, `/ready`.
 //! - [`loadgen`]: a realistic workload generator and its oracle (`loadgen`, `demo`).
 //! - [`demo`]: `readstate demo`: embedded broker, generator, run + sink, PASS/FAIL check.
+//! - [`bench`]: `readstate bench`: figures next to their targets (PERFORMANCE.md).
 //! - [`testing`]: `TopologyTestDriver`, the whole core without a broker.
 
+pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod ids;

@@ -50,6 +50,23 @@ enum Command {
     Demo(DemoArgs),
     /// Produce the demo's workload to any Kafka cluster (Avro, Confluent wire format).
     Loadgen(LoadgenArgs),
+    /// Print performance figures next to their targets (see PERFORMANCE.md).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    workload: WorkloadArgs,
+    /// Changelog records for the restore figure.
+    #[arg(long, default_value_t = 2_000_000)]
+    restore_records: usize,
+    /// Rows per sink figure (skipped without DATABASE_URL).
+    #[arg(long, default_value_t = 200_000)]
+    sink_rows: usize,
+    /// PostgreSQL for the sink figures.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -266,7 +283,32 @@ fn main() -> ExitCode {
             }
         },
         Command::Loadgen(args) => exit(loadgen_command(args)),
+        Command::Bench(args) => exit(bench_command(args)),
     }
+}
+
+fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
+    use readstate::bench;
+    let spec = args.workload.spec();
+    println!(
+        "workload: {} events, {} conversations, Zipf s={}, seed {}, 1 partition (core)",
+        spec.events, spec.conversations, spec.zipf, spec.seed
+    );
+    println!(
+        "{:<34} {:>12} {:<10} {:>12}",
+        "figure", "measured", "unit", "target"
+    );
+    println!("{}", bench::core(&spec, 100_000)?.render());
+    println!("{}", bench::restore(args.restore_records)?.render());
+    match &args.database_url {
+        Some(url) => {
+            for b in [100, 500, 2000] {
+                println!("{}", bench::sink(url, args.sink_rows, b)?.render());
+            }
+        }
+        None => println!("sink figures skipped: set DATABASE_URL"),
+    }
+    Ok(())
 }
 
 fn demo_command(args: DemoArgs) -> anyhow::Result<bool> {

@@ -63,3 +63,29 @@ fn describe_prints_the_graph_and_internal_topics() {
     assert!(out.contains("read-receipts-read-state-changelog (compacted changelog)"));
     assert!(out.contains("read-receipts-dlq (dead letters)"));
 }
+
+#[test]
+fn bench_prints_every_figure_with_its_target() {
+    let out = Command::new(env!("CARGO_BIN_EXE_readstate"))
+        .args([
+            "bench",
+            "--events",
+            "5000",
+            "--conversations",
+            "100",
+            "--restore-records",
+            "3000",
+        ])
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for figure in ["core: decode", "restore: changelog", "sink figures skipped"] {
+        assert!(text.contains(figure), "{figure} missing from:\n{text}");
+    }
+    assert!(
+        text.contains("2,000,000") && text.contains("1,000,000"),
+        "targets printed"
+    );
+}

@@ -1,0 +1,275 @@
+//! `readstate bench`: figures for a stated workload, each printed next to its target.
+//!
+//! - **core**: decode (Confluent wire format, Avro) → fold → coalesce → flush into RocksDB,
+//!   in-process on one thread, no broker; events/s.
+//! - **restore**: changelog records applied into an empty RocksDB store in the batches the
+//!   runtime uses (20,000 records, each batch atomic with its checkpoint); records/s. The
+//!   records come from memory, so this is the store side of a restore, not the fetch.
+//! - **sink**: version-guarded `UNNEST` upserts into PostgreSQL through the sink's
+//!   [`PostgresTable`], one transaction per batch with its offsets; rows/s per batch size.
+//!
+//! Figures are printed, never asserted: this machine is shared and noisy.
+
+use std::time::{Duration, Instant};
+
+use crate::ids::{Origin, StoreName, TaskId};
+use crate::loadgen::{Generated, Generator, WorkloadSpec};
+use crate::model::ReceiptUpdate;
+use crate::processor::{EmitPolicy, ReadStateProcessor};
+use crate::serde::avro::{AvroReadEvent, EventEncoder};
+use crate::serde::registry::LOCAL_READ_EVENT_ID;
+use crate::serde::{EventDecoder, LocalRegistry, READ_EVENT_SCHEMA};
+use crate::sink::batch::{PartitionRange, WriteBatch};
+use crate::sink::table::ReceiptTable;
+use crate::sink::PostgresTable;
+use crate::state::restore::apply_changelog;
+use crate::state::rocks::{RocksDbOptions, RocksDbStore};
+use crate::state::KeyValueStore;
+use crate::task::{SourceRecord, StreamTask};
+
+/// One printed figure.
+#[derive(Debug, Clone)]
+pub struct Figure {
+    pub name: String,
+    pub value: f64,
+    pub unit: &'static str,
+    pub target: Option<f64>,
+    pub note: String,
+}
+
+impl Figure {
+    pub fn render(&self) -> String {
+        let target = match self.target {
+            Some(t) => format!(
+                "{:>12} {}",
+                fmt_num(t),
+                if self.value >= t { "met" } else { "NOT met" }
+            ),
+            None => format!("{:>12}", "-"),
+        };
+        format!(
+            "{:<34} {:>12} {:<10} {target}  {}",
+            self.name,
+            fmt_num(self.value),
+            self.unit,
+            self.note
+        )
+    }
+}
+
+fn fmt_num(v: f64) -> String {
+    let n = v.round() as i64;
+    let s = n.abs().to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+/// Errors of the benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Store(#[from] crate::state::StoreError),
+    #[error(transparent)]
+    Processor(#[from] crate::processor::ProcessorError),
+    #[error(transparent)]
+    Serde(#[from] crate::serde::SerdeError),
+    #[error(transparent)]
+    Sink(#[from] crate::sink::SinkError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Core: wire bytes → decode → fold → flush to RocksDB every `flush_every` events.
+pub fn core(spec: &WorkloadSpec, flush_every: usize) -> Result<Figure, BenchError> {
+    let encoder = EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID)?;
+    let records: Vec<Vec<u8>> = Generator::new(spec.clone())
+        .filter_map(|g| match g {
+            Generated::Event(e) => encoder.encode(&AvroReadEvent::from(&e)).ok(),
+            Generated::Poison(_) => None,
+        })
+        .collect();
+    let dir = tempfile::tempdir().map_err(|e| BenchError::Other(e.to_string()))?;
+    let store = RocksDbStore::open(
+        StoreName::from("bench"),
+        &dir.path().join("store"),
+        &RocksDbOptions::default(),
+    )?;
+    let processor = ReadStateProcessor::open(Box::new(store), EmitPolicy::default(), 1_000_000)?;
+    let mut task = StreamTask::new(TaskId::new(0, 0), processor);
+    let mut decoder = EventDecoder::new(std::sync::Arc::new(LocalRegistry::new()))?;
+    futures::executor::block_on(decoder.prepare(records.iter().take(1).map(|r| Some(&r[..]))))?;
+    let source = Origin::source_id("bench", 0);
+    let mut dead = Vec::new();
+    let mut updates = 0usize;
+    let started = Instant::now();
+    for (chunk_no, chunk) in records.chunks(flush_every.max(1)).enumerate() {
+        let base = (chunk_no * flush_every) as i64;
+        let batch: Vec<SourceRecord<'_>> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, r)| SourceRecord {
+                topic: "bench",
+                partition: 0,
+                offset: base + i as i64,
+                key: None,
+                value: Some(r),
+                origin: Origin {
+                    source,
+                    offset: base + i as i64,
+                },
+            })
+            .collect();
+        task.process(&decoder, &batch, &mut dead)?;
+        let out = task.prepare_flush(0);
+        updates += out.updates.len();
+        task.commit_flush(out.batch, Some(base + chunk.len() as i64))?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(Figure {
+        name: "core: decode→fold→flush (1 thread)".into(),
+        value: records.len() as f64 / secs,
+        unit: "events/s",
+        target: Some(2_000_000.0),
+        note: format!(
+            "{} events, {} updates, flush every {flush_every}",
+            records.len(),
+            updates
+        ),
+    })
+}
+
+/// Restore: `records` changelog records (distinct keys) into an empty store.
+pub fn restore(records: usize) -> Result<Figure, BenchError> {
+    let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(records);
+    for i in 0..records as i64 {
+        let key = crate::model::StateKey {
+            conversation: crate::ids::ConversationId(i / 8),
+            reader: crate::ids::ReaderId(i % 8),
+        };
+        let state = crate::state::ReadState {
+            last_read_seq: i,
+            version: 3,
+            emitted_version: 3,
+            events_total: 7,
+            device_id: Some("dev-1".into()),
+            message_id: Some(format!("m-{i}")),
+            marks: vec![(1, i)],
+            ..Default::default()
+        };
+        pairs.push((
+            crate::state::StoreKey::state(key).as_bytes().to_vec(),
+            state.to_bytes(),
+        ));
+    }
+    let dir = tempfile::tempdir().map_err(|e| BenchError::Other(e.to_string()))?;
+    let mut store = RocksDbStore::open(
+        StoreName::from("restore"),
+        &dir.path().join("store"),
+        &RocksDbOptions::default(),
+    )?;
+    let started = Instant::now();
+    let mut next = 0i64;
+    for chunk in pairs.chunks(20_000) {
+        next += chunk.len() as i64;
+        apply_changelog(
+            &mut store,
+            chunk
+                .iter()
+                .map(|(k, v)| (k.as_slice(), Some(v.as_slice()))),
+            next,
+        )?;
+    }
+    store.flush()?;
+    let secs = started.elapsed().as_secs_f64();
+    Ok(Figure {
+        name: "restore: changelog → RocksDB".into(),
+        value: records as f64 / secs,
+        unit: "records/s",
+        target: Some(1_000_000.0),
+        note: format!("{records} records in batches of 20,000; store side only (no fetch)"),
+    })
+}
+
+/// Sink: `rows` distinct rows written in batches of `batch_size` into a fresh table.
+pub fn sink(url: &str, rows: usize, batch_size: usize) -> Result<Figure, BenchError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| BenchError::Other(e.to_string()))?;
+    let table_name = format!("bench_{batch_size}_{:08x}", rand::random::<u32>());
+    let table = PostgresTable::connect(url, &table_name, 1, Duration::from_secs(60))?;
+    rt.block_on(table.migrate())?;
+    let group = format!("bench-{table_name}");
+    rt.block_on(table.claim(&group, "bench", &[0]))?;
+    let started = Instant::now();
+    let mut expected = -1i64;
+    let mut written = 0u64;
+    for (n, chunk) in (0..rows as i64)
+        .collect::<Vec<_>>()
+        .chunks(batch_size.max(1))
+        .enumerate()
+    {
+        let rows: Vec<ReceiptUpdate> = chunk
+            .iter()
+            .map(|i| ReceiptUpdate {
+                conversation_id: crate::ids::ConversationId(i / 8),
+                reader_id: crate::ids::ReaderId(i % 8),
+                last_read_seq: *i,
+                message_id: Some(format!("m-{i}")),
+                sender_id: Some(crate::ids::SenderId(7)),
+                device_id: Some("dev-1".into()),
+                read_at_ms: Some(1_760_000_000_000),
+                version: 1,
+                events_folded: 3,
+                stale_events: 1,
+                events_total: 3,
+                stale_total: 1,
+                emitted_at_ms: 0,
+            })
+            .collect();
+        let next = ((n + 1) * batch_size) as i64;
+        let batch = WriteBatch {
+            row_partitions: vec![0; rows.len()],
+            row_offsets: chunk.to_vec(),
+            ranges: vec![PartitionRange {
+                partition: 0,
+                expected,
+                next,
+                records: rows.len() as i64,
+            }],
+            rows,
+        };
+        written += rt
+            .block_on(table.write(&group, "bench", &batch))?
+            .rows_changed;
+        expected = next;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let drop = format!(
+        "DROP TABLE {table_name}; DELETE FROM readstate_migrations WHERE table_name = '{table_name}'; DELETE FROM readstate_sink_offsets WHERE consumer_group = '{group}'"
+    );
+    rt.block_on(async {
+        let client = table.client().await?;
+        client
+            .batch_execute(&drop)
+            .await
+            .map_err(|e| crate::sink::SinkError::from_db(&e))
+    })?;
+    Ok(Figure {
+        name: format!("sink: upsert, batch {batch_size}"),
+        value: written as f64 / secs,
+        unit: "rows/s",
+        target: Some(150_000.0),
+        note: format!("{rows} new rows, one transaction per batch (rows + offsets)"),
+    })
+}

@@ -273,3 +273,146 @@ pub fn sink(url: &str, rows: usize, batch_size: usize) -> Result<Figure, BenchEr
         note: format!("{rows} new rows, one transaction per batch (rows + offsets)"),
     })
 }
+
+/// End to end: the workload pre-produced into an in-process broker (MockCluster) over
+/// `partitions` partitions (enough that each stays under the mock's 5 MB retention), then
+/// `run` timed from start until it has consumed every record, with its final commit.
+pub fn end_to_end(spec: &WorkloadSpec, partitions: i32) -> Result<Figure, BenchError> {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let other = |e: rdkafka::error::KafkaError| BenchError::Other(format!("kafka: {e}"));
+    let mock: rdkafka::mocking::MockCluster<'static, DefaultProducerContext> =
+        rdkafka::mocking::MockCluster::new(1).map_err(other)?;
+    let brokers = mock.bootstrap_servers();
+    let app = "readstate-bench";
+    for t in [
+        "bench.events",
+        "bench.updates",
+        "readstate-bench-read-state-changelog",
+    ] {
+        mock.create_topic(t, partitions, 1).map_err(other)?;
+    }
+    mock.create_topic("readstate-bench-dlq", 1, 1)
+        .map_err(other)?;
+    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "20")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .map_err(other)?;
+    let encoder = EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID)?;
+    let mut records = 0u64;
+    let mut bytes = 0usize;
+    for g in Generator::new(spec.clone()) {
+        let (key, value) = match g {
+            Generated::Event(e) => (
+                e.conversation_id.0.to_string(),
+                encoder.encode(&AvroReadEvent::from(&e))?,
+            ),
+            Generated::Poison(b) => ("poison".to_owned(), b),
+        };
+        bytes += key.len() + value.len();
+        let mut rec = BaseRecord::to("bench.events").key(&key).payload(&value);
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    rec = r;
+                    producer.poll(Duration::from_millis(5));
+                }
+            }
+        }
+        records += 1;
+    }
+    producer.flush(Duration::from_secs(120)).map_err(other)?;
+    // Verify the broker kept everything (the mock deletes old data past its retention).
+    {
+        use rdkafka::consumer::Consumer;
+        let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .map_err(other)?;
+        let mut kept = 0i64;
+        for p in 0..partitions {
+            let (low, high) = c
+                .fetch_watermarks("bench.events", p, Duration::from_secs(10))
+                .map_err(other)?;
+            kept += high - low;
+        }
+        if kept != records as i64 {
+            return Err(BenchError::Other(format!(
+                "the broker holds {kept} of {records} records produced (the mock broker's retention deleted the rest); use more partitions or fewer events"
+            )));
+        }
+    }
+    if bytes / partitions.max(1) as usize > 4_000_000 {
+        return Err(BenchError::Other(format!(
+            "{bytes} bytes over {partitions} partitions exceeds the mock broker's 5 MB per partition; use more partitions"
+        )));
+    }
+    let state = tempfile::tempdir().map_err(|e| BenchError::Other(e.to_string()))?;
+    let text = format!(
+        "[application]\nid = \"{app}\"\ncommit_interval = \"1s\"\nstate_dir = \"{}\"\n\
+         [[source]]\nname = \"events\"\ntopic = \"bench.events\"\n\
+         [[store]]\nname = \"read-state\"\n\
+         [[processor]]\nname = \"read-state\"\nkind = \"read-state\"\ninputs = [\"events\"]\nstore = \"read-state\"\n\
+         [[sink]]\nname = \"updates\"\nkind = \"kafka\"\ninput = \"read-state\"\ntopic = \"bench.updates\"\n",
+        state.path().display()
+    );
+    let topology = crate::topology::compile(&text)
+        .map_err(|e| BenchError::Other(format!("bench topology: {e:?}")))?;
+    let cfg = crate::runtime::RunConfig::new(
+        topology,
+        crate::kafka::KafkaSettings::new(brokers),
+        std::sync::Arc::new(LocalRegistry::new()),
+    );
+    let progress = cfg.progress.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let instance = {
+        let stop = stop.clone();
+        std::thread::spawn(move || crate::runtime::run(cfg, stop))
+    };
+    let (mut seen, mut moved) = (u64::MAX, Instant::now());
+    while crate::telemetry::Progress::get(&progress.records_consumed) < records {
+        let now = crate::telemetry::Progress::get(&progress.records_consumed);
+        if now != seen {
+            (seen, moved) = (now, Instant::now());
+        }
+        // No progress for 30 s: the mock broker dropped data (retention) or run is stuck.
+        if instance.is_finished() || moved.elapsed() > Duration::from_secs(30) {
+            return Err(BenchError::Other(format!(
+                "run consumed {} of {records} records",
+                crate::telemetry::Progress::get(&progress.records_consumed)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let summary = instance
+        .join()
+        .map_err(|_| BenchError::Other("run panicked".into()))?
+        .map_err(|e| BenchError::Other(e.to_string()))?;
+    let secs = started.elapsed().as_secs_f64();
+    drop(producer);
+    drop(mock);
+    if summary.records_consumed != records {
+        return Err(BenchError::Other(format!(
+            "run accounted for {} of {records} records",
+            summary.records_consumed
+        )));
+    }
+    Ok(Figure {
+        name: "end to end: run, MockCluster".into(),
+        value: records as f64 / secs,
+        unit: "events/s",
+        target: Some(500_000.0),
+        note: format!(
+            "{records} records over {partitions} partitions, start to caught up incl. group join; {:.1} events per update",
+            summary.events_folded as f64 / summary.updates_emitted.max(1) as f64
+        ),
+    })
+}

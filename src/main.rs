@@ -58,6 +58,13 @@ enum Command {
 struct BenchArgs {
     #[command(flatten)]
     workload: WorkloadArgs,
+    /// Partitions for the end-to-end figure (the mock broker keeps 5 MB per partition).
+    #[arg(long, default_value_t = 64)]
+    partitions: i32,
+    /// Events for the end-to-end figure: pre-produced, so bounded by the mock broker's 5 MB
+    /// per partition (hot Zipf conversations fill their partitions first).
+    #[arg(long, default_value_t = 400_000)]
+    e2e_events: u64,
     /// Changelog records for the restore figure.
     #[arg(long, default_value_t = 2_000_000)]
     restore_records: usize,
@@ -299,6 +306,11 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
         "figure", "measured", "unit", "target"
     );
     println!("{}", bench::core(&spec, 100_000)?.render());
+    let e2e = readstate::loadgen::WorkloadSpec {
+        events: args.e2e_events,
+        ..spec.clone()
+    };
+    println!("{}", bench::end_to_end(&e2e, args.partitions)?.render());
     println!("{}", bench::restore(args.restore_records)?.render());
     match &args.database_url {
         Some(url) => {

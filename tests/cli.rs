@@ -75,13 +75,22 @@ fn bench_prints_every_figure_with_its_target() {
             "100",
             "--restore-records",
             "3000",
+            "--e2e-events",
+            "3000",
+            "--partitions",
+            "4",
         ])
         .env_remove("DATABASE_URL")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    for figure in ["core: decode", "restore: changelog", "sink figures skipped"] {
+    for figure in [
+        "core: decode",
+        "end to end: run",
+        "restore: changelog",
+        "sink figures skipped",
+    ] {
         assert!(text.contains(figure), "{figure} missing from:\n{text}");
     }
     assert!(

@@ -416,3 +416,98 @@ pub fn end_to_end(spec: &WorkloadSpec, partitions: i32) -> Result<Figure, BenchE
         ),
     })
 }
+
+/// Peak memory and state size with `keys` distinct keys: one event per key through a task
+/// (RocksDB store, record cache of `cache_entries`), flushed every 100,000 events. Run it
+/// first in a process: the peak RSS it reports is the process's.
+pub fn many_keys(keys: u64, cache_entries: usize) -> Result<Vec<Figure>, BenchError> {
+    let dir = tempfile::tempdir().map_err(|e| BenchError::Other(e.to_string()))?;
+    let opts = RocksDbOptions::default();
+    let store = RocksDbStore::open(StoreName::from("keys"), &dir.path().join("store"), &opts)?;
+    let processor =
+        ReadStateProcessor::open(Box::new(store), EmitPolicy::default(), cache_entries)?;
+    let mut task = StreamTask::new(TaskId::new(0, 0), processor);
+    let source = Origin::source_id("keys", 0);
+    let started = Instant::now();
+    let chunk = 100_000u64;
+    let mut events = Vec::with_capacity(chunk as usize);
+    let mut done = 0u64;
+    while done < keys {
+        events.clear();
+        for i in done..(done + chunk).min(keys) {
+            let e = crate::model::ReadEvent {
+                reader_id: crate::ids::ReaderId((i % 8) as i64),
+                conversation_id: crate::ids::ConversationId((i / 8) as i64),
+                message_seq: (i % 1000) as i64,
+                message_id: None,
+                sender_id: None,
+                device_id: Some("dev-1".into()),
+                read_at_ms: 1_760_000_000_000,
+            };
+            events.push((
+                e,
+                Origin {
+                    source,
+                    offset: i as i64,
+                },
+            ));
+        }
+        done += events.len() as u64;
+        task.process_events(&events)?;
+        let out = task.prepare_flush(0);
+        task.commit_flush(out.batch, Some(done as i64))?;
+    }
+    task.processor_mut().store_mut().flush()?;
+    let secs = started.elapsed().as_secs_f64();
+    let disk = dir_size(dir.path());
+    let rss = peak_rss_bytes();
+    Ok(vec![
+        Figure {
+            name: format!("peak RSS, {keys} keys"),
+            value: rss as f64 / (1024.0 * 1024.0),
+            unit: "MiB",
+            target: None,
+            note: format!(
+                "target <= 512 MiB; cache {cache_entries} entries, RocksDB defaults; {:.0} keys/s",
+                keys as f64 / secs
+            ),
+        },
+        Figure {
+            name: format!("state on disk, {keys} keys"),
+            value: disk as f64 / (1024.0 * 1024.0),
+            unit: "MiB",
+            target: None,
+            note: format!(
+                "{:.0} bytes per key (lz4/zstd by level)",
+                disk as f64 / keys.max(1) as f64
+            ),
+        },
+    ])
+}
+
+fn dir_size(p: &std::path::Path) -> u64 {
+    std::fs::read_dir(p)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_size(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The process's peak resident set (VmHWM), Linux only; 0 elsewhere.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}

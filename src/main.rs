@@ -65,6 +65,12 @@ struct BenchArgs {
     /// per partition (hot Zipf conversations fill their partitions first).
     #[arg(long, default_value_t = 400_000)]
     e2e_events: u64,
+    /// Distinct keys for the peak-RSS and state-size figures (0: skip).
+    #[arg(long, default_value_t = 10_000_000)]
+    keys: u64,
+    /// Record-cache entries for the peak-RSS figure (the topology's cache_max_entries).
+    #[arg(long, default_value_t = 1_000_000)]
+    cache_entries: usize,
     /// Changelog records for the restore figure.
     #[arg(long, default_value_t = 2_000_000)]
     restore_records: usize,
@@ -305,6 +311,12 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
         "{:<34} {:>12} {:<10} {:>12}",
         "figure", "measured", "unit", "target"
     );
+    // First: its peak RSS is the process's so far.
+    if args.keys > 0 {
+        for f in bench::many_keys(args.keys, args.cache_entries)? {
+            println!("{}", f.render());
+        }
+    }
     println!("{}", bench::core(&spec, 100_000)?.render());
     let e2e = readstate::loadgen::WorkloadSpec {
         events: args.e2e_events,

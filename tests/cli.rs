@@ -77,6 +77,8 @@ fn bench_prints_every_figure_with_its_target() {
             "3000",
             "--e2e-events",
             "3000",
+            "--keys",
+            "20000",
             "--partitions",
             "4",
         ])
@@ -86,6 +88,7 @@ fn bench_prints_every_figure_with_its_target() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     for figure in [
+        "peak RSS",
         "core: decode",
         "end to end: run",
         "restore: changelog",

@@ -315,16 +315,11 @@ pub fn end_to_end(spec: &WorkloadSpec, partitions: i32) -> Result<Figure, BenchE
             Generated::Poison(b) => ("poison".to_owned(), b),
         };
         bytes += key.len() + value.len();
-        let mut rec = BaseRecord::to("bench.events").key(&key).payload(&value);
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    producer.poll(Duration::from_millis(5));
-                }
-            }
-        }
+        crate::kafka::send_waiting(
+            &producer,
+            BaseRecord::to("bench.events").key(&key).payload(&value),
+        )
+        .map_err(other)?;
         records += 1;
     }
     producer.flush(Duration::from_secs(120)).map_err(other)?;

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 
 use crate::kafka::KafkaSettings;
@@ -378,20 +377,10 @@ linger = "500ms"
             }
             Generated::Poison(b) => ("poison".to_owned(), b),
         };
-        let mut rec = BaseRecord::to(source).key(key.as_str()).payload(payload);
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
-                    r,
-                )) => {
-                    rec = r;
-                    producer.poll(Duration::from_millis(1));
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
-        }
+        crate::kafka::send_waiting(
+            &producer,
+            BaseRecord::to(source).key(key.as_str()).payload(payload),
+        )?;
         produced += 1;
         if last_print.elapsed() >= cfg.progress_every {
             print("running", produced, &progress);

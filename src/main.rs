@@ -390,24 +390,12 @@ fn loadgen_command(args: LoadgenArgs) -> anyhow::Result<()> {
                 "poison".to_owned()
             }
         };
-        let mut rec = BaseRecord::to(&args.topic)
-            .key(key.as_str())
-            .payload(buf.as_slice());
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    r,
-                )) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
-        }
+        readstate::kafka::send_waiting(
+            &producer,
+            BaseRecord::to(&args.topic)
+                .key(key.as_str())
+                .payload(buf.as_slice()),
+        )?;
         if last.elapsed() >= Duration::from_secs(2) {
             eprintln!(
                 "    produced {} records, {:.0}/s",

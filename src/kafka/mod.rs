@@ -7,6 +7,31 @@ use rdkafka::message::{Header, OwnedHeaders};
 
 use crate::task::DeadLetter;
 
+/// Enqueue a record, waiting while the producer's local queue is full (back-pressure: the
+/// producer's own thread drains it); any other error is returned.
+pub fn send_waiting<C, K, P>(
+    producer: &rdkafka::producer::ThreadedProducer<C>,
+    mut rec: rdkafka::producer::BaseRecord<'_, K, P, C::DeliveryOpaque>,
+) -> Result<(), rdkafka::error::KafkaError>
+where
+    C: rdkafka::producer::ProducerContext + 'static,
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    use rdkafka::error::KafkaError as E;
+    use rdkafka::types::RDKafkaErrorCode::QueueFull;
+    loop {
+        match producer.send(rec) {
+            Ok(()) => return Ok(()),
+            Err((E::MessageProduction(QueueFull), r)) => {
+                rec = r;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
 /// The provenance headers of a dead-letter record: `readstate.source.topic`, `.partition`,
 /// `.offset`, `readstate.error.reason` and `.message`.
 pub fn dead_letter_headers(d: &DeadLetter) -> OwnedHeaders {

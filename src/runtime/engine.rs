@@ -9,7 +9,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::{BorrowedMessage, DeliveryResult, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use super::{RunConfig, RuntimeError};
@@ -785,24 +784,11 @@ fn log_dead_letter(d: &DeadLetter) {
 /// Enqueue a record, waiting while the producer queue is full.
 fn send<K, P>(
     producer: &ThreadedProducer<DeliveryTracker>,
-    mut rec: BaseRecord<'_, K, P>,
+    rec: BaseRecord<'_, K, P>,
 ) -> Result<(), RuntimeError>
 where
     K: rdkafka::message::ToBytes + ?Sized,
     P: rdkafka::message::ToBytes + ?Sized,
 {
-    loop {
-        match producer.send(rec) {
-            Ok(()) => return Ok(()),
-            Err((
-                rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
-                r,
-            )) => {
-                rec = r;
-                // Back-pressure: the producer's own thread drains the queue.
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err((e, _)) => return Err(KafkaError::from(e).into()),
-        }
-    }
+    crate::kafka::send_waiting(producer, rec).map_err(|e| KafkaError::from(e).into())
 }

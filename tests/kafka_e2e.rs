@@ -277,6 +277,16 @@ impl Env {
     }
 }
 
+/// A header's value as text.
+fn header(m: &rdkafka::message::BorrowedMessage<'_>, name: &str) -> Option<String> {
+    use rdkafka::message::Headers;
+    m.headers()?
+        .iter()
+        .find(|x| x.key == name)
+        .and_then(|x| x.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
 fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     readstate::testing::http_get(addr, path).unwrap()
 }
@@ -359,14 +369,7 @@ fn end_to_end_output_and_state_match_the_oracle() {
     let dlq = env.read_until(
         &format!("{}-dlq", env.app),
         |m| {
-            use rdkafka::message::Headers;
-            let h = m.headers().unwrap();
-            let get = |name: &str| {
-                h.iter()
-                    .find(|x| x.key == name)
-                    .and_then(|x| x.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            };
+            let get = |name: &str| header(m, name);
             (
                 get("readstate.source.topic"),
                 get("readstate.error.reason"),
@@ -607,14 +610,7 @@ fn repartitioned_source_with_instances_joining_and_leaving() {
     let dlq = env.read_until(
         &format!("{}-dlq", env.app),
         |m| {
-            use rdkafka::message::Headers;
-            let h = m.headers().unwrap();
-            let get = |name: &str| {
-                h.iter()
-                    .find(|x| x.key == name)
-                    .and_then(|x| x.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            };
+            let get = |name: &str| header(m, name);
             (
                 get("readstate.source.partition"),
                 get("readstate.source.offset"),

@@ -283,8 +283,32 @@ pub fn end_to_end(spec: &WorkloadSpec, partitions: i32) -> Result<Figure, BenchE
     use std::sync::Arc;
 
     let other = |e: rdkafka::error::KafkaError| BenchError::Other(format!("kafka: {e}"));
-    let mock: rdkafka::mocking::MockCluster<'static, DefaultProducerContext> =
-        rdkafka::mocking::MockCluster::new(1).map_err(other)?;
+    // The pre-producer owns the in-process broker. It batches for up to 1 s so that the
+    // broker holds few, large message sets: the mock answers a fetch with one message set
+    // per partition (a real broker fills the fetch), so small sets would make the fetch
+    // round trip, not readstate, the bound.
+    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+        .set("test.mock.num.brokers", "1")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "1000")
+        .set("batch.num.messages", "1000000")
+        .set("batch.size", "1000000")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .map_err(other)?;
+    let mock = producer
+        .client()
+        .mock_cluster()
+        .ok_or_else(|| BenchError::Other("no mock cluster".into()))?;
+    // Kafka's broker default delays the first rebalance of a new group by 3 s
+    // (group.initial.rebalance.delay.ms); test clusters set it to 0, as here.
+    // SAFETY: the handle is the live mock cluster owned by `producer`.
+    unsafe {
+        rdkafka::bindings::rd_kafka_mock_group_initial_rebalance_delay_ms(
+            rdkafka::bindings::rd_kafka_handle_mock_cluster(producer.client().native_ptr()),
+            0,
+        );
+    }
     let brokers = mock.bootstrap_servers();
     let app = "readstate-bench";
     for t in [
@@ -295,13 +319,6 @@ pub fn end_to_end(spec: &WorkloadSpec, partitions: i32) -> Result<Figure, BenchE
         mock.create_topic(t, partitions, 1).map_err(other)?;
     }
     mock.create_topic("readstate-bench-dlq", 1, 1)
-        .map_err(other)?;
-    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "20")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
         .map_err(other)?;
     let encoder = EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID)?;
     let mut records = 0u64;
@@ -392,8 +409,8 @@ pub fn end_to_end(spec: &WorkloadSpec, partitions: i32) -> Result<Figure, BenchE
         .map_err(|_| BenchError::Other("run panicked".into()))?
         .map_err(|e| BenchError::Other(e.to_string()))?;
     let secs = started.elapsed().as_secs_f64();
-    drop(producer);
     drop(mock);
+    drop(producer);
     if summary.records_consumed != records {
         return Err(BenchError::Other(format!(
             "run accounted for {} of {records} records",

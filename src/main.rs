@@ -80,6 +80,9 @@ struct BenchArgs {
     /// PostgreSQL for the sink figures.
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
+    /// Only these figures (comma-separated: keys, core, e2e, restore, sink); all by default.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -311,20 +314,28 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
         "{:<34} {:>12} {:<10} {:>12}",
         "figure", "measured", "unit", "target"
     );
+    let want = |f: &str| args.only.is_empty() || args.only.iter().any(|o| o == f);
     // First: its peak RSS is the process's so far.
-    if args.keys > 0 {
+    if args.keys > 0 && want("keys") {
         for f in bench::many_keys(args.keys, args.cache_entries)? {
             println!("{}", f.render());
         }
     }
-    println!("{}", bench::core(&spec, 100_000)?.render());
-    let e2e = readstate::loadgen::WorkloadSpec {
-        events: args.e2e_events,
-        ..spec.clone()
-    };
-    println!("{}", bench::end_to_end(&e2e, args.partitions)?.render());
-    println!("{}", bench::restore(args.restore_records)?.render());
+    if want("core") {
+        println!("{}", bench::core(&spec, 100_000)?.render());
+    }
+    if want("e2e") {
+        let e2e = readstate::loadgen::WorkloadSpec {
+            events: args.e2e_events,
+            ..spec.clone()
+        };
+        println!("{}", bench::end_to_end(&e2e, args.partitions)?.render());
+    }
+    if want("restore") {
+        println!("{}", bench::restore(args.restore_records)?.render());
+    }
     match &args.database_url {
+        _ if !want("sink") => {}
         Some(url) => {
             for b in [100, 500, 2000] {
                 println!("{}", bench::sink(url, args.sink_rows, b)?.render());

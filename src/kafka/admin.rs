@@ -17,7 +17,27 @@ pub fn partition_count(
     topic: &str,
     timeout: Duration,
 ) -> Result<Option<i32>, KafkaError> {
+    Ok(partition_counts(settings, &[topic], timeout)?[0])
+}
+
+/// Partition counts of `topics` (in that order), through one client.
+pub fn partition_counts(
+    settings: &KafkaSettings,
+    topics: &[&str],
+    timeout: Duration,
+) -> Result<Vec<Option<i32>>, KafkaError> {
     let c: BaseConsumer = settings.restore_consumer("readstate-metadata").create()?;
+    topics
+        .iter()
+        .map(|t| topic_partitions(&c, t, timeout))
+        .collect()
+}
+
+fn topic_partitions(
+    c: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<i32>, KafkaError> {
     let md = c.fetch_metadata(Some(topic), timeout)?;
     Ok(md
         .topics()
@@ -49,12 +69,14 @@ pub async fn ensure_topics(
     topics: &[TopicRequest],
     timeout: Duration,
 ) -> Result<(), KafkaError> {
-    let mut missing = Vec::new();
-    for t in topics {
-        if partition_count(settings, &t.name, timeout)?.is_none() {
-            missing.push(t);
-        }
-    }
+    let names: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
+    let counts = partition_counts(settings, &names, timeout)?;
+    let missing: Vec<&TopicRequest> = topics
+        .iter()
+        .zip(counts)
+        .filter(|(_, n)| n.is_none())
+        .map(|(t, _)| t)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }

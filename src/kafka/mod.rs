@@ -116,7 +116,11 @@ impl KafkaSettings {
             .set("enable.partition.eof", "false")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
-            .set("fetch.wait.max.ms", "50");
+            .set("fetch.wait.max.ms", "50")
+            // The queue thresholds count the whole consumer queue (all partitions): once it
+            // holds queued.min.messages, every partition's next fetch waits this long
+            // (librdkafka's default of 1 s left the consumer idle for most of each second).
+            .set("fetch.queue.backoff.ms", "10");
         self.apply_overrides(&mut c);
         c
     }
@@ -128,7 +132,8 @@ impl KafkaSettings {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", "10");
+            .set("fetch.wait.max.ms", "10")
+            .set("fetch.queue.backoff.ms", "10");
         self.apply_overrides(&mut c);
         c
     }

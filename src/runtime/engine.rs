@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
@@ -44,16 +44,34 @@ pub struct RunSummary {
 
 #[derive(Default)]
 struct Deliveries {
+    /// Records handed to the producer whose delivery has not been reported yet.
+    outstanding: u64,
     failed: u64,
     last_error: Option<String>,
     /// Highest offset acknowledged per changelog partition in the current flush.
     changelog_high: HashMap<i32, i64>,
 }
 
-/// Producer context: counts failed deliveries and remembers changelog offsets.
+/// Producer context: counts outstanding and failed deliveries and remembers changelog
+/// offsets. Awaiting deliveries waits on `drained` (signalled by the last delivery report)
+/// rather than `flush`, which polls in 100 ms steps when another thread serves the reports.
 pub(super) struct DeliveryTracker {
     changelog_topic: Option<String>,
     state: Mutex<Deliveries>,
+    drained: Condvar,
+}
+
+impl DeliveryTracker {
+    fn sending(&self) {
+        self.state.lock().expect("delivery lock").outstanding += 1;
+    }
+
+    fn settled(&self, s: &mut Deliveries) {
+        s.outstanding = s.outstanding.saturating_sub(1);
+        if s.outstanding == 0 {
+            self.drained.notify_all();
+        }
+    }
 }
 
 impl ClientContext for DeliveryTracker {}
@@ -63,6 +81,7 @@ impl ProducerContext for DeliveryTracker {
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         let mut s = self.state.lock().expect("delivery lock");
+        self.settled(&mut s);
         match result {
             Ok(m) => {
                 if self.changelog_topic.as_deref() == Some(m.topic()) {
@@ -106,9 +125,10 @@ pub(super) struct Engine {
     tasks: BTreeMap<i32, OpenTask>,
     /// Partitions assigned but not yet opened.
     to_open: Vec<i32>,
-    /// Next offset to commit per (topic, partition).
-    positions: HashMap<(String, i32), i64>,
-    origin_ids: HashMap<(String, i32), u32>,
+    /// Next offset to commit per topic and partition (keyed by topic first, so the hot
+    /// path looks up by `&str` without allocating).
+    positions: HashMap<String, BTreeMap<i32, i64>>,
+    origin_ids: HashMap<String, HashMap<i32, u32>>,
     producer: ThreadedProducer<DeliveryTracker>,
     decoder: EventDecoder,
     encoder: UpdateEncoder,
@@ -145,6 +165,7 @@ impl Engine {
             .create_with_context(DeliveryTracker {
                 changelog_topic: t.store.changelog_topic.as_ref().map(|c| c.0.clone()),
                 state: Mutex::new(Deliveries::default()),
+                drained: Condvar::new(),
             })
             .map_err(KafkaError::from)?;
         let [source] = t.sources.as_slice() else {
@@ -231,8 +252,12 @@ impl Engine {
         // One restore consumer for every task opened now (creating and closing one per task
         // cost ~100 ms each).
         let mut restorer: Option<BaseConsumer> = None;
-        while let Some(p) = self.to_open.pop() {
-            let task = self.open_task(p, &mut restorer)?;
+        // Opening a RocksDB store is mostly waiting on the file system (~10 ms for a new
+        // one): open them on a few threads, then restore one after the other.
+        let parts: Vec<i32> = std::mem::take(&mut self.to_open);
+        let stores = self.open_stores(&parts);
+        for (p, store) in parts.into_iter().zip(stores) {
+            let task = self.open_task(p, store?, &mut restorer)?;
             self.tasks.insert(
                 p,
                 OpenTask {
@@ -249,28 +274,51 @@ impl Engine {
         Ok(())
     }
 
+    /// Open the stores of `parts` (in that order), several at a time.
+    fn open_stores(&self, parts: &[i32]) -> Vec<Result<Box<dyn KeyValueStore>, RuntimeError>> {
+        const OPENERS: usize = 8;
+        let (t, state_dir, subtopology) = (&self.topology, &self.state_dir, self.task_subtopology);
+        let open = |p: i32| -> Result<Box<dyn KeyValueStore>, RuntimeError> {
+            let id = TaskId::new(subtopology, p);
+            Ok(match t.store.kind {
+                StoreKind::RocksDb => {
+                    let path = state_dir
+                        .join(t.application_id.as_str())
+                        .join(id.to_string())
+                        .join(t.store.name.as_str());
+                    Box::new(RocksDbStore::open(
+                        t.store.name.clone(),
+                        &path,
+                        &t.store.rocksdb,
+                    )?)
+                }
+                StoreKind::Memory => Box::new(InMemoryStore::new(t.store.name.clone())),
+            })
+        };
+        if parts.len() <= 1 {
+            return parts.iter().map(|p| open(*p)).collect();
+        }
+        let chunk = parts.len().div_ceil(OPENERS);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = parts
+                .chunks(chunk)
+                .map(|c| s.spawn(|| c.iter().map(|p| open(*p)).collect::<Vec<_>>()))
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("store opener panicked"))
+                .collect()
+        })
+    }
+
     fn open_task(
         &mut self,
         partition: i32,
+        mut store: Box<dyn KeyValueStore>,
         restorer: &mut Option<BaseConsumer>,
     ) -> Result<StreamTask, RuntimeError> {
         let t = &self.topology;
         let id = TaskId::new(self.task_subtopology, partition);
-        let mut store: Box<dyn KeyValueStore> = match t.store.kind {
-            StoreKind::RocksDb => {
-                let path = self
-                    .state_dir
-                    .join(t.application_id.as_str())
-                    .join(id.to_string())
-                    .join(t.store.name.as_str());
-                Box::new(RocksDbStore::open(
-                    t.store.name.clone(),
-                    &path,
-                    &t.store.rocksdb,
-                )?)
-            }
-            StoreKind::Memory => Box::new(InMemoryStore::new(t.store.name.clone())),
-        };
         if let Some(changelog) = t.store.changelog_topic.clone() {
             let started = Instant::now();
             if restorer.is_none() {
@@ -380,12 +428,22 @@ impl Engine {
     }
 
     fn origin_id(&mut self, topic: &str, partition: i32) -> u32 {
-        if let Some(id) = self.origin_ids.get(&(topic.to_owned(), partition)) {
-            return *id;
+        if !self.origin_ids.contains_key(topic) {
+            self.origin_ids.insert(topic.to_owned(), HashMap::new());
         }
-        let id = Origin::source_id(topic, partition);
-        self.origin_ids.insert((topic.to_owned(), partition), id);
-        id
+        let ids = self.origin_ids.get_mut(topic).expect("inserted above");
+        *ids.entry(partition)
+            .or_insert_with(|| Origin::source_id(topic, partition))
+    }
+
+    /// Record that everything below `next` of (topic, partition) has been processed.
+    fn advance_position(&mut self, topic: &str, partition: i32, next: i64) {
+        if !self.positions.contains_key(topic) {
+            self.positions.insert(topic.to_owned(), BTreeMap::new());
+        }
+        let pos = self.positions.get_mut(topic).expect("inserted above");
+        let e = pos.entry(partition).or_insert(next);
+        *e = (*e).max(next);
     }
 
     /// Decode and fold a polled batch.
@@ -453,12 +511,9 @@ impl Engine {
             let task = &mut self.tasks.get_mut(&p).expect("checked above").task;
             task.process(&self.decoder, &recs, &mut self.dead_letters)?;
             self.dead_letters[before..].iter().for_each(log_dead_letter);
-            for r in &recs {
-                let e = self
-                    .positions
-                    .entry((r.topic.to_owned(), p))
-                    .or_insert(r.offset + 1);
-                *e = (*e).max(r.offset + 1);
+            if let Some(next) = recs.iter().map(|r| r.offset + 1).max() {
+                let topic = recs[0].topic;
+                self.advance_position(topic, p, next);
             }
         }
         Ok(())
@@ -503,12 +558,14 @@ impl Engine {
                 self.dead_letters.push(d);
             }
         }
-        let e = self
-            .positions
-            .entry((m.topic().to_owned(), p))
-            .or_insert(m.offset() + 1);
-        *e = (*e).max(m.offset() + 1);
+        self.advance_position(m.topic(), p, m.offset() + 1);
         Ok(())
+    }
+
+    fn position_entries(&self) -> impl Iterator<Item = (&str, i32, i64)> + '_ {
+        self.positions
+            .iter()
+            .flat_map(|(t, ps)| ps.iter().map(move |(p, o)| (t.as_str(), *p, *o)))
     }
 
     /// True when some task's cache holds so many dirty keys that it should flush now.
@@ -556,7 +613,9 @@ impl Engine {
             } else if let Some(f) = &mut self.forwarding {
                 f.partitions.remove(p);
             }
-            self.positions.remove(&(t.clone(), *p));
+            if let Some(pos) = self.positions.get_mut(t) {
+                pos.remove(p);
+            }
         }
         tracing::info!(partitions = ?revoked, "revoked partitions closed");
         r
@@ -644,8 +703,10 @@ impl Engine {
             self.summary.dead_letters += 1;
             Progress::add(&self.progress.dead_letters, 1);
         }
+        let prepared = started.elapsed();
         // Also awaits the records forwarded to the repartition topic since the last commit.
         self.await_deliveries()?;
+        let outputs_acked = started.elapsed();
         // 3. changelog, acknowledged.
         if let Some(changelog) = self.topology.store.changelog_topic.clone() {
             self.producer
@@ -671,6 +732,7 @@ impl Engine {
             }
             self.await_deliveries()?;
         }
+        let changelog_acked = started.elapsed();
         // 4. store batches with their checkpoints.
         let highs = std::mem::take(
             &mut self
@@ -686,11 +748,12 @@ impl Engine {
             let t = self.tasks.get_mut(&p).expect("task flushed above");
             t.task.commit_flush(out.batch, next)?;
         }
+        let stored = started.elapsed();
         // 5. source offsets.
         let mut tpl = TopicPartitionList::new();
-        for ((topic, p), off) in &self.positions {
-            if parts.iter().any(|(t, q)| t == topic && q == p) {
-                tpl.add_partition_offset(topic, *p, Offset::Offset(*off))
+        for (topic, p, off) in self.position_entries() {
+            if parts.iter().any(|(t, q)| t == topic && *q == p) {
+                tpl.add_partition_offset(topic, p, Offset::Offset(off))
                     .map_err(KafkaError::from)?;
             }
         }
@@ -704,16 +767,16 @@ impl Engine {
         self.refresh_summary();
         if self.lag_measured.elapsed() >= Duration::from_secs(5) {
             self.lag_measured = Instant::now();
-            for ((topic, p), next) in &self.positions {
-                if let Ok((_, high)) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(1))
-                {
-                    metrics::gauge!("readstate_consumer_lag_records", "topic" => topic.clone(), "partition" => p.to_string())
+            for (topic, p, next) in self.position_entries() {
+                if let Ok((_, high)) = consumer.fetch_watermarks(topic, p, Duration::from_secs(1)) {
+                    metrics::gauge!("readstate_consumer_lag_records", "topic" => topic.to_owned(), "partition" => p.to_string())
                         .set((high - next).max(0) as f64);
                 }
             }
         }
         metrics::histogram!("readstate_commit_duration_seconds")
             .record(started.elapsed().as_secs_f64());
+        tracing::debug!(tasks = parts.len(), ?prepared, ?outputs_acked, ?changelog_acked, ?stored, elapsed = ?started.elapsed(), "committed");
         Ok(())
     }
 
@@ -749,10 +812,20 @@ impl Engine {
     }
 
     fn await_deliveries(&self) -> Result<(), RuntimeError> {
-        self.producer
-            .flush(DELIVERY_TIMEOUT)
-            .map_err(KafkaError::from)?;
-        let mut s = self.producer.context().state.lock().expect("delivery lock");
+        let ctx = self.producer.context();
+        let deadline = Instant::now() + DELIVERY_TIMEOUT;
+        let mut s = ctx.state.lock().expect("delivery lock");
+        while s.outstanding > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(KafkaError::Delivery {
+                    failed: s.outstanding,
+                    last: format!("not acknowledged within {DELIVERY_TIMEOUT:?}"),
+                }
+                .into());
+            }
+            s = ctx.drained.wait_timeout(s, left).expect("delivery lock").0;
+        }
         if s.failed > 0 {
             let err = KafkaError::Delivery {
                 failed: s.failed,
@@ -790,5 +863,10 @@ where
     K: rdkafka::message::ToBytes + ?Sized,
     P: rdkafka::message::ToBytes + ?Sized,
 {
-    crate::kafka::send_waiting(producer, rec).map_err(|e| KafkaError::from(e).into())
+    producer.context().sending();
+    crate::kafka::send_waiting(producer, rec).map_err(|e| {
+        let ctx = producer.context();
+        ctx.settled(&mut ctx.state.lock().expect("delivery lock"));
+        KafkaError::from(e).into()
+    })
 }

@@ -19,7 +19,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::ClientContext;
 
-use crate::kafka::admin::{ensure_topics, partition_count, TopicRequest};
+use crate::kafka::admin::{ensure_topics, partition_counts, TopicRequest};
 use crate::kafka::{KafkaError, KafkaSettings};
 use crate::serde::registry::SchemaResolver;
 use crate::serde::{SerdeError, UpdateEncoder, RECEIPT_UPDATE_SCHEMA};
@@ -133,11 +133,14 @@ pub fn run(config: RunConfig, shutdown: Arc<AtomicBool>) -> Result<RunSummary, R
         .map_err(|e| RuntimeError::Config(format!("tokio runtime: {e}")))?;
     let t = &config.topology;
     let md_timeout = Duration::from_secs(10);
+    tracing::info!(application = %t.application_id, brokers = %config.kafka.brokers, "starting");
 
     // Source topics must exist; internal topics get the source's partition count.
     let mut partitions = None;
-    for s in &t.sources {
-        let n = partition_count(&config.kafka, s.topic.as_str(), md_timeout)?.ok_or_else(|| {
+    let names: Vec<&str> = t.sources.iter().map(|s| s.topic.as_str()).collect();
+    let counts = partition_counts(&config.kafka, &names, md_timeout)?;
+    for (s, n) in t.sources.iter().zip(counts) {
+        let n = n.ok_or_else(|| {
             RuntimeError::Config(format!("source topic {} does not exist", s.topic))
         })?;
         if let Some(m) = partitions {
@@ -168,6 +171,7 @@ pub fn run(config: RunConfig, shutdown: Arc<AtomicBool>) -> Result<RunSummary, R
         replication: config.replication,
     });
     rt.block_on(ensure_topics(&config.kafka, &wanted, md_timeout))?;
+    tracing::debug!(topics = wanted.len(), "internal and output topics ready");
 
     let encoder = rt.block_on(register_with_retry(
         &*config.resolver,
@@ -217,7 +221,9 @@ pub fn run(config: RunConfig, shutdown: Arc<AtomicBool>) -> Result<RunSummary, R
                     Err(e) => engine.consumer_error(e),
                 }
             }
+            let processing = Instant::now();
             engine.process(&msgs, &shutdown)?;
+            tracing::trace!(records = msgs.len(), elapsed = ?processing.elapsed(), "processed a poll");
             drop(msgs);
             if last_commit.elapsed() >= commit_interval || engine.needs_flush() {
                 engine.commit_all(&consumer)?;

@@ -57,7 +57,8 @@ pub struct StoreSpec {
     pub block_cache_mb: Option<i64>,
     /// RocksDB memtable size, MiB (default 32).
     pub write_buffer_mb: Option<i64>,
-    /// Skip RocksDB's WAL; the changelog makes the store rebuildable (default false).
+    /// Skip RocksDB's WAL; the changelog makes the store rebuildable (default: true when
+    /// the store has a changelog; refused without one).
     pub disable_wal: Option<bool>,
 }
 

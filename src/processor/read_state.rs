@@ -16,10 +16,10 @@ use hashbrown::HashMap;
 
 use super::ProcessorError;
 use crate::ids::Origin;
-use crate::model::{ReadEvent, ReceiptUpdate, StateKey};
+use crate::model::{EventRef, ReceiptUpdate, StateKey};
 use crate::state::cache::RecordCache;
 use crate::state::codec::{StoreKey, TAG_PENDING};
-use crate::state::{put_checkpoint, KeyValueStore, ReadState, StoreBatch, StoreError};
+use crate::state::{put_checkpoint, BatchOp, KeyValueStore, ReadState, StoreBatch, StoreError};
 
 /// When an advance may be emitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -57,15 +57,30 @@ pub struct ProcessStats {
 #[derive(Debug, Default)]
 pub struct FlushOutput {
     pub updates: Vec<ReceiptUpdate>,
-    /// (store key, encoded state) for the changelog topic.
-    pub changelog: Vec<(StoreKey, Vec<u8>)>,
-    /// The store writes, to apply once the above are acknowledged.
+    /// The store writes, to apply once the updates and changelog are acknowledged.
     pub batch: StoreBatch,
+    /// Which of `batch`'s puts go to the changelog topic (the state values; not the
+    /// pending index).
+    changelog: Vec<usize>,
 }
 
 impl FlushOutput {
     pub fn is_empty(&self) -> bool {
         self.batch.is_empty()
+    }
+
+    /// (store key, encoded state) records for the changelog topic, borrowed from the batch.
+    pub fn changelog(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.changelog
+            .iter()
+            .filter_map(|&i| match &self.batch.ops[i] {
+                BatchOp::Put { key, value } => Some((key.as_slice(), value.as_slice())),
+                BatchOp::Delete { .. } => None,
+            })
+    }
+
+    pub fn changelog_len(&self) -> usize {
+        self.changelog.len()
     }
 }
 
@@ -117,7 +132,7 @@ impl ReadStateProcessor {
     }
 
     /// Fold a batch of events. Misses are loaded with one `multi_get`; no other store I/O.
-    pub fn process(&mut self, events: &[(ReadEvent, Origin)]) -> Result<(), ProcessorError> {
+    pub fn process(&mut self, events: &[(EventRef<'_>, Origin)]) -> Result<(), ProcessorError> {
         let misses = self
             .cache
             .ensure_loaded(events.iter().map(|(e, _)| e.key()), &*self.store)?;
@@ -146,7 +161,10 @@ impl ReadStateProcessor {
     /// time; it stamps updates and drives the minimum emit interval.
     pub fn prepare_flush(&mut self, now_ms: i64) -> FlushOutput {
         let mut out = FlushOutput::default();
-        let dirty = self.cache.take_dirty();
+        let mut dirty = self.cache.take_dirty();
+        // In store-key order (StateKey's order is the encoded key's): the store batch is
+        // then already sorted, which keeps its memtable inserts sequential.
+        dirty.sort_unstable();
         for key in &dirty {
             self.flush_key(*key, now_ms, &mut out);
         }
@@ -185,10 +203,9 @@ impl ReadStateProcessor {
                     .put(StoreKey::pending(key).as_bytes().to_vec(), Vec::new());
             }
         }
-        let value = state.to_bytes();
-        let skey = StoreKey::state(key);
-        out.batch.put(skey.as_bytes().to_vec(), value.clone());
-        out.changelog.push((skey, value));
+        out.changelog.push(out.batch.ops.len());
+        out.batch
+            .put(StoreKey::state(key).as_bytes().to_vec(), state.to_bytes());
     }
 
     /// Apply a prepared flush to the store, with the changelog position it reflects.
@@ -266,7 +283,7 @@ pub enum Fold {
 }
 
 /// Fold one event into its key's state.
-pub fn fold(state: &mut ReadState, event: &ReadEvent, origin: Origin) -> Fold {
+pub fn fold(state: &mut ReadState, event: &EventRef<'_>, origin: Origin) -> Fold {
     match state
         .marks
         .iter_mut()
@@ -280,9 +297,9 @@ pub fn fold(state: &mut ReadState, event: &ReadEvent, origin: Origin) -> Fold {
     state.events_since_emit += 1;
     if event.message_seq > state.last_read_seq {
         state.last_read_seq = event.message_seq;
-        state.message_id.clone_from(&event.message_id);
+        assign(&mut state.message_id, event.message_id.as_deref());
         state.sender_id = event.sender_id;
-        state.device_id.clone_from(&event.device_id);
+        assign(&mut state.device_id, event.device_id.as_deref());
         state.read_at_ms = event.read_at_ms;
         state.version += 1;
         Fold::Advanced
@@ -293,10 +310,23 @@ pub fn fold(state: &mut ReadState, event: &ReadEvent, origin: Origin) -> Fold {
     }
 }
 
+/// Overwrite an optional id, reusing the existing allocation when there is one.
+fn assign(dst: &mut Option<String>, src: Option<&str>) {
+    match (dst.as_mut(), src) {
+        (Some(d), Some(s)) => {
+            d.clear();
+            d.push_str(s);
+        }
+        (None, Some(s)) => *dst = Some(s.to_owned()),
+        (_, None) => *dst = None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ids::{ConversationId, ReaderId};
+    use crate::model::ReadEvent;
 
     fn ev(seq: i64, dev: &str) -> ReadEvent {
         ReadEvent {
@@ -306,6 +336,10 @@ mod tests {
             device_id: Some(dev.into()),
             ..Default::default()
         }
+    }
+
+    fn ev_view(seq: i64, dev: &str) -> EventRef<'static> {
+        ev(seq, dev).into()
     }
 
     fn at(off: i64) -> Origin {
@@ -318,15 +352,15 @@ mod tests {
     #[test]
     fn fold_is_monotonic_and_counts() {
         let mut s = ReadState::default();
-        assert_eq!(fold(&mut s, &ev(5, "a"), at(0)), Fold::Advanced);
-        assert_eq!(fold(&mut s, &ev(3, "b"), at(1)), Fold::Stale);
-        assert_eq!(fold(&mut s, &ev(5, "b"), at(2)), Fold::Stale);
-        assert_eq!(fold(&mut s, &ev(9, "b"), at(3)), Fold::Advanced);
-        assert_eq!(fold(&mut s, &ev(9, "c"), at(3)), Fold::Replayed);
+        assert_eq!(fold(&mut s, &ev_view(5, "a"), at(0)), Fold::Advanced);
+        assert_eq!(fold(&mut s, &ev_view(3, "b"), at(1)), Fold::Stale);
+        assert_eq!(fold(&mut s, &ev_view(5, "b"), at(2)), Fold::Stale);
+        assert_eq!(fold(&mut s, &ev_view(9, "b"), at(3)), Fold::Advanced);
+        assert_eq!(fold(&mut s, &ev_view(9, "c"), at(3)), Fold::Replayed);
         assert_eq!(
             fold(
                 &mut s,
-                &ev(1, "c"),
+                &ev_view(1, "c"),
                 Origin {
                     source: 8,
                     offset: 0

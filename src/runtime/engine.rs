@@ -717,18 +717,18 @@ impl Engine {
                 .changelog_high
                 .clear();
             for (p, out) in &flushed {
-                for (k, v) in &out.changelog {
+                for (k, v) in out.changelog() {
                     send(
                         &self.producer,
                         BaseRecord::to(changelog.as_str())
                             .partition(*p)
-                            .key(k.as_bytes())
+                            .key(k)
                             .payload(v),
                     )?;
                 }
-                self.summary.changelog_records += out.changelog.len() as u64;
+                self.summary.changelog_records += out.changelog_len() as u64;
                 metrics::counter!("readstate_changelog_records_written_total")
-                    .increment(out.changelog.len() as u64);
+                    .increment(out.changelog_len() as u64);
             }
             self.await_deliveries()?;
         }

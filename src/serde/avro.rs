@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::registry::SchemaResolver;
 use super::{split_wire, write_wire_header, DecodeError, SerdeError};
 use crate::ids::{ConversationId, ReaderId, SenderId};
-use crate::model::{ReadEvent, ReceiptUpdate};
+use crate::model::{EventRef, ReadEvent, ReceiptUpdate};
 
 /// Largest record accepted (bytes); larger ones are dead letters.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
@@ -103,6 +103,12 @@ impl<T: DeserializeOwned> WireDecoder<T> {
         }
         .map_err(|e| incompatible(e.to_string()))?;
         Ok(Plan { reader, direct })
+    }
+
+    /// True when records with writer schema `id` were written with the reader schema itself
+    /// (prepared, compatible and identical in canonical form).
+    pub fn writes_reader_schema(&self, id: u32) -> bool {
+        matches!(self.plans.get(&id), Some(Ok(p)) if p.direct)
     }
 
     /// Decode one record. The writer schema must have been [`prepare`](Self::prepare)d;
@@ -205,7 +211,8 @@ pub struct AvroReadEvent {
     pub trace_id: Option<String>,
 }
 
-/// What the hot path decodes: the fields it needs, the rest skipped without allocating.
+/// What the general path decodes: the fields the processor needs, the rest skipped without
+/// allocating. (Records written with the reader schema take [`super::fast`] instead.)
 #[derive(Debug, Deserialize)]
 #[serde(rename = "ReadEvent")]
 pub struct DecodedReadEvent {
@@ -240,8 +247,23 @@ impl From<&ReadEvent> for AvroReadEvent {
     }
 }
 
+impl DecodedReadEvent {
+    /// The event as decoded, not yet validated.
+    pub fn into_event(self) -> ReadEvent {
+        ReadEvent {
+            reader_id: ReaderId(self.reader_id),
+            conversation_id: ConversationId(self.conversation_id),
+            message_seq: self.message_seq,
+            message_id: self.message_id,
+            sender_id: self.sender_id.map(SenderId),
+            device_id: self.device_id,
+            read_at_ms: self.read_at,
+        }
+    }
+}
+
 /// Check a decoded event against the domain rules.
-pub fn validate(e: DecodedReadEvent) -> Result<ReadEvent, DecodeError> {
+pub fn validate(e: EventRef<'_>) -> Result<EventRef<'_>, DecodeError> {
     if e.message_seq < 0 {
         return Err(DecodeError::Invalid(format!(
             "message_seq {} is negative",
@@ -249,7 +271,7 @@ pub fn validate(e: DecodedReadEvent) -> Result<ReadEvent, DecodeError> {
         )));
     }
     for (name, v) in [("message_id", &e.message_id), ("device_id", &e.device_id)] {
-        if let Some(s) = v {
+        if let Some(s) = v.as_deref() {
             if s.len() > MAX_ID_LEN {
                 return Err(DecodeError::Invalid(format!(
                     "{name} of {} bytes exceeds {MAX_ID_LEN}",
@@ -258,15 +280,7 @@ pub fn validate(e: DecodedReadEvent) -> Result<ReadEvent, DecodeError> {
             }
         }
     }
-    Ok(ReadEvent {
-        reader_id: ReaderId(e.reader_id),
-        conversation_id: ConversationId(e.conversation_id),
-        message_seq: e.message_seq,
-        message_id: e.message_id,
-        sender_id: e.sender_id.map(SenderId),
-        device_id: e.device_id,
-        read_at_ms: e.read_at,
-    })
+    Ok(e)
 }
 
 /// Decodes and validates read events.
@@ -288,9 +302,27 @@ impl EventDecoder {
         self.inner.prepare(payloads).await
     }
 
-    pub fn decode(&self, payload: Option<&[u8]>) -> Result<ReadEvent, DecodeError> {
+    /// Decode and validate one record, borrowing its ids from `payload` when it was written
+    /// with the reader schema (no allocation); other writers go through apache-avro's
+    /// schema resolution.
+    pub fn decode_ref<'a>(&self, payload: Option<&'a [u8]>) -> Result<EventRef<'a>, DecodeError> {
         let payload = payload.ok_or(DecodeError::EmptyValue)?;
-        validate(self.inner.decode(payload)?)
+        if payload.len() <= MAX_RECORD_BYTES {
+            if let Ok((id, datum)) = split_wire(payload) {
+                if self.inner.writes_reader_schema(id) {
+                    if let Some(e) = super::fast::decode_read_event(datum) {
+                        return validate(e);
+                    }
+                }
+            }
+        }
+        // Evolved writers, and anything the fast path does not accept: apache-avro decides
+        // and explains.
+        validate(EventRef::from(self.inner.decode(payload)?.into_event()))
+    }
+
+    pub fn decode(&self, payload: Option<&[u8]>) -> Result<ReadEvent, DecodeError> {
+        self.decode_ref(payload).map(EventRef::into_owned)
     }
 }
 

@@ -7,6 +7,7 @@
 //!   updates.
 
 pub mod avro;
+pub mod fast;
 pub mod registry;
 
 pub use avro::{EventDecoder, UpdateEncoder};

@@ -49,6 +49,14 @@ pub enum BatchOp {
     Delete { key: Vec<u8> },
 }
 
+impl BatchOp {
+    pub fn key(&self) -> &[u8] {
+        match self {
+            BatchOp::Put { key, .. } | BatchOp::Delete { key } => key,
+        }
+    }
+}
+
 /// An atomic group of writes: all or nothing.
 #[derive(Debug, Default, Clone)]
 pub struct StoreBatch {

@@ -29,7 +29,8 @@ impl Default for RocksDbOptions {
             block_cache_bytes: 64 << 20,
             write_buffer_bytes: 32 << 20,
             max_write_buffers: 3,
-            disable_wal: false,
+            // A store with a changelog (the default topology) needs no WAL.
+            disable_wal: true,
         }
     }
 }
@@ -110,7 +111,10 @@ impl KeyValueStore for RocksDbStore {
             .collect()
     }
 
-    fn write(&mut self, batch: StoreBatch) -> Result<(), StoreError> {
+    fn write(&mut self, mut batch: StoreBatch) -> Result<(), StoreError> {
+        // Key order makes the memtable inserts sequential (the skip list reuses its last
+        // insert position); the sort is stable, so ops on one key keep their order.
+        batch.ops.sort_by(|a, b| a.key().cmp(b.key()));
         let mut wb = WriteBatch::default();
         for op in &batch.ops {
             match op {

@@ -53,16 +53,11 @@ impl DeadLetter {
 pub struct StreamTask {
     id: TaskId,
     processor: ReadStateProcessor,
-    events: Vec<(ReadEvent, Origin)>,
 }
 
 impl StreamTask {
     pub fn new(id: TaskId, processor: ReadStateProcessor) -> Self {
-        Self {
-            id,
-            processor,
-            events: Vec::new(),
-        }
+        Self { id, processor }
     }
 
     pub fn id(&self) -> TaskId {
@@ -78,26 +73,21 @@ impl StreamTask {
         records: &[SourceRecord<'_>],
         dead_letters: &mut Vec<DeadLetter>,
     ) -> Result<(), ProcessorError> {
-        self.events.clear();
+        // One allocation per batch; the events borrow their ids from the records.
+        let mut events = Vec::with_capacity(records.len());
         for r in records {
-            match decoder.decode(r.value) {
-                Ok(e) => self.events.push((e, r.origin)),
+            match decoder.decode_ref(r.value) {
+                Ok(e) => events.push((e, r.origin)),
                 Err(e) => dead_letters.push(DeadLetter::from_record(r, e.reason(), e.to_string())),
             }
         }
-        self.process_events_inner()
+        self.processor.process(&events)
     }
 
     /// Fold already-decoded events (used by benchmarks and the test driver's typed input).
     pub fn process_events(&mut self, events: &[(ReadEvent, Origin)]) -> Result<(), ProcessorError> {
-        self.processor.process(events)
-    }
-
-    fn process_events_inner(&mut self) -> Result<(), ProcessorError> {
-        let events = std::mem::take(&mut self.events);
-        let r = self.processor.process(&events);
-        self.events = events;
-        r
+        let views: Vec<_> = events.iter().map(|(e, o)| (e.view(), *o)).collect();
+        self.processor.process(&views)
     }
 
     pub fn prepare_flush(&mut self, now_ms: i64) -> FlushOutput {

@@ -403,6 +403,13 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
             if let Some(t) = &changelog_topic {
                 check_topic(errs, &format!("{at}.name"), t.as_str());
             }
+            if changelog_topic.is_none() && s.disable_wal == Some(true) {
+                errs.push(
+                    format!("{at}.disable_wal"),
+                    "disable_wal needs the changelog: without either, a crash loses the store's latest writes",
+                );
+            }
+            let has_changelog = changelog_topic.is_some();
             stores.push(Store {
                 name: StoreName(name.to_owned()),
                 kind,
@@ -412,7 +419,9 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
                     block_cache_bytes: block_cache_mb << 20,
                     write_buffer_bytes: write_buffer_mb << 20,
                     max_write_buffers: defaults.max_write_buffers,
-                    disable_wal: s.disable_wal.unwrap_or(false),
+                    // As in Kafka Streams: the changelog (written before the store, with the
+                    // checkpoint in the same batch) makes the WAL redundant.
+                    disable_wal: s.disable_wal.unwrap_or(has_changelog),
                 },
             });
         }

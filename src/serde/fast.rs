@@ -1,0 +1,213 @@
+//! The fast path for the common case: a read event written with exactly the reader schema.
+//!
+//! Avro's binary encoding of `read_event.avsc` is a fixed sequence of zig-zag varints,
+//! union branch indexes and length-prefixed strings, so it can be read in one pass that
+//! borrows the ids from the record's bytes instead of allocating them. This path only ever
+//! *accepts* a record it has read completely and exactly; anything else (an unexpected
+//! branch, an overlong varint, invalid UTF-8, trailing bytes) returns `None`, and the caller
+//! hands the record to apache-avro, which decides and explains. So the fast path can be
+//! stricter than apache-avro, never more lenient; `tests::agrees_with_apache_avro` checks it
+//! against apache-avro on valid and corrupted records.
+
+use std::borrow::Cow;
+
+use crate::ids::{ConversationId, ReaderId, SenderId};
+use crate::model::EventRef;
+
+/// Reads the Avro binary encoding of the fields, in schema order.
+struct Cursor<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    /// A zig-zag varint `long` of at most 10 bytes.
+    #[inline]
+    fn long(&mut self) -> Option<i64> {
+        let mut v: u64 = 0;
+        for (i, &b) in self.buf.iter().enumerate().take(10) {
+            if i == 9 && b > 1 {
+                return None; // more than 64 bits
+            }
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                self.buf = &self.buf[i + 1..];
+                return Some((v >> 1) as i64 ^ -((v & 1) as i64));
+            }
+        }
+        None
+    }
+
+    /// A string: a `long` length, then that many bytes of UTF-8.
+    #[inline]
+    fn string(&mut self) -> Option<&'a str> {
+        let len = usize::try_from(self.long()?).ok()?;
+        if len > self.buf.len() {
+            return None;
+        }
+        let (s, rest) = self.buf.split_at(len);
+        self.buf = rest;
+        std::str::from_utf8(s).ok()
+    }
+
+    /// The branch of a `["null", T]` union: `false` for null, `true` for `T`.
+    #[inline]
+    fn present(&mut self) -> Option<bool> {
+        match self.long()? {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        }
+    }
+
+    #[inline]
+    fn opt_long(&mut self) -> Option<Option<i64>> {
+        Some(if self.present()? {
+            Some(self.long()?)
+        } else {
+            None
+        })
+    }
+
+    #[inline]
+    fn opt_string(&mut self) -> Option<Option<&'a str>> {
+        Some(if self.present()? {
+            Some(self.string()?)
+        } else {
+            None
+        })
+    }
+}
+
+/// Decode the Avro datum (without the wire header) of a read event written with the reader
+/// schema, or `None` if it is not exactly such a datum.
+pub fn decode_read_event(datum: &[u8]) -> Option<EventRef<'_>> {
+    let mut c = Cursor { buf: datum };
+    let reader_id = c.long()?;
+    let conversation_id = c.long()?;
+    let message_seq = c.long()?;
+    let message_id = c.opt_string()?;
+    let sender_id = c.opt_long()?;
+    let device_id = c.opt_string()?;
+    let read_at_ms = c.long()?;
+    let _client = c.opt_string()?;
+    let _trace_id = c.opt_string()?;
+    if !c.buf.is_empty() {
+        return None;
+    }
+    Some(EventRef {
+        reader_id: ReaderId(reader_id),
+        conversation_id: ConversationId(conversation_id),
+        message_seq,
+        message_id: message_id.map(Cow::Borrowed),
+        sender_id: sender_id.map(SenderId),
+        device_id: device_id.map(Cow::Borrowed),
+        read_at_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ReadEvent;
+    use crate::serde::avro::{AvroReadEvent, DecodedReadEvent, EventEncoder};
+    use crate::serde::registry::LOCAL_READ_EVENT_ID;
+    use crate::serde::READ_EVENT_SCHEMA;
+    use proptest::prelude::*;
+
+    fn avro_event() -> impl Strategy<Value = AvroReadEvent> {
+        let id = proptest::option::of("[a-z0-9\\-é]{0,40}");
+        (
+            any::<i64>(),
+            any::<i64>(),
+            any::<i64>(),
+            id.clone(),
+            proptest::option::of(any::<i64>()),
+            id.clone(),
+            any::<i64>(),
+            id.clone(),
+            id,
+        )
+            .prop_map(|(r, c, s, m, snd, d, at, cl, tr)| AvroReadEvent {
+                reader_id: r,
+                conversation_id: c,
+                message_seq: s,
+                message_id: m,
+                sender_id: snd,
+                device_id: d,
+                read_at: at,
+                client: cl,
+                trace_id: tr,
+            })
+    }
+
+    /// apache-avro's reading of the datum, as the fast path's fields.
+    fn reference(datum: &[u8]) -> Option<ReadEvent> {
+        let schema = apache_avro::Schema::parse_str(READ_EVENT_SCHEMA).unwrap();
+        let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+            .build()
+            .unwrap();
+        let mut rest = datum;
+        let d: DecodedReadEvent = reader.read_deser(&mut rest).ok()?;
+        if !rest.is_empty() {
+            return None;
+        }
+        Some(d.into_event())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn agrees_with_apache_avro(e in avro_event(), flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3), cut in any::<prop::sample::Index>(), truncate in any::<bool>()) {
+            let enc = EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID).unwrap();
+            let framed = enc.encode(&e).unwrap();
+            let mut datum = framed[5..].to_vec();
+            // Valid records decode identically.
+            let fast = decode_read_event(&datum).map(EventRef::into_owned);
+            prop_assert_eq!(fast.clone(), reference(&datum));
+            prop_assert!(fast.is_some());
+            // Corrupted ones: whatever the fast path accepts, apache-avro accepts the same.
+            for (i, b) in flips {
+                let at = i.index(datum.len());
+                datum[at] = b;
+            }
+            if truncate {
+                datum.truncate(cut.index(datum.len() + 1));
+            }
+            if let Some(f) = decode_read_event(&datum) {
+                prop_assert_eq!(Some(f.into_owned()), reference(&datum));
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_what_it_does_not_fully_read() {
+        let enc = EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID).unwrap();
+        let e = AvroReadEvent {
+            reader_id: 1,
+            conversation_id: 2,
+            message_seq: 3,
+            message_id: Some("m".into()),
+            sender_id: None,
+            device_id: Some("d".into()),
+            read_at: 4,
+            client: None,
+            trace_id: None,
+        };
+        let datum = enc.encode(&e).unwrap()[5..].to_vec();
+        let got = decode_read_event(&datum).unwrap();
+        assert_eq!(got.message_id.as_deref(), Some("m"));
+        assert!(matches!(got.device_id, Some(Cow::Borrowed("d"))));
+        let mut long = datum.clone();
+        long.push(0);
+        assert!(decode_read_event(&long).is_none(), "trailing byte");
+        assert!(decode_read_event(&datum[..datum.len() - 1]).is_none());
+        let mut bad_branch = datum.clone();
+        bad_branch[3] = 4; // message_id's union index: 2 is not a branch
+        assert!(decode_read_event(&bad_branch).is_none());
+        assert!(
+            decode_read_event(&[0xff; 11]).is_none(),
+            "varint over 10 bytes"
+        );
+    }
+}

@@ -332,7 +332,11 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", bench::end_to_end(&e2e, args.partitions)?.render());
     }
     if want("restore") {
-        println!("{}", bench::restore(args.restore_records)?.render());
+        println!(
+            "{}",
+            bench::restore(args.restore_records, Some(50_000))?.render()
+        );
+        println!("{}", bench::restore(args.restore_records, None)?.render());
     }
     match &args.database_url {
         _ if !want("sink") => {}

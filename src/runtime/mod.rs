@@ -9,6 +9,7 @@
 //! to the end, before they process anything.
 
 mod engine;
+pub use engine::RESTORE_BATCH;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

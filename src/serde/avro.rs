@@ -387,6 +387,16 @@ impl From<AvroReceiptUpdate> for ReceiptUpdate {
 
 /// Encodes receipt updates for the output topic.
 pub type UpdateEncoder = WireEncoder<AvroReceiptUpdate>;
+
+impl WireEncoder<AvroReceiptUpdate> {
+    /// Append the framed update to `out` through the fast encoder (same bytes as
+    /// [`encode_into`](Self::encode_into) of the serde record; the encoder's schema is
+    /// `receipt_update.avsc`).
+    pub fn encode_update_into(&self, u: &ReceiptUpdate, out: &mut Vec<u8>) {
+        write_wire_header(out, self.schema_id);
+        super::fast::encode_receipt_update(u, out);
+    }
+}
 /// Encodes read events (load generator, tests, upstream examples).
 pub type EventEncoder = WireEncoder<AvroReadEvent>;
 /// Decodes receipt updates (the Postgres sink, tests, analysts' tools).

@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 
 use crate::ids::{ConversationId, ReaderId, SenderId};
-use crate::model::EventRef;
+use crate::model::{EventRef, ReceiptUpdate};
 
 /// Reads the Avro binary encoding of the fields, in schema order.
 struct Cursor<'a> {
@@ -105,6 +105,62 @@ pub fn decode_read_event(datum: &[u8]) -> Option<EventRef<'_>> {
     })
 }
 
+/// Append the Avro binary encoding of `u` under `receipt_update.avsc` (without the wire
+/// header): the same bytes apache-avro writes (`tests::update_encoding_matches_apache_avro`),
+/// without building its serde record or cloning the ids.
+pub fn encode_receipt_update(u: &ReceiptUpdate, out: &mut Vec<u8>) {
+    put_long(out, u.conversation_id.0);
+    put_long(out, u.reader_id.0);
+    put_long(out, u.last_read_seq);
+    put_opt_string(out, u.message_id.as_deref());
+    put_opt_long(out, u.sender_id.map(|s| s.0));
+    put_opt_string(out, u.device_id.as_deref());
+    put_opt_long(out, u.read_at_ms);
+    for v in [
+        u.version,
+        u.events_folded,
+        u.stale_events,
+        u.events_total,
+        u.stale_total,
+        u.emitted_at_ms,
+    ] {
+        put_long(out, v);
+    }
+}
+
+#[inline]
+fn put_long(out: &mut Vec<u8>, v: i64) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    while z >= 0x80 {
+        out.push((z as u8) | 0x80);
+        z >>= 7;
+    }
+    out.push(z as u8);
+}
+
+#[inline]
+fn put_opt_long(out: &mut Vec<u8>, v: Option<i64>) {
+    match v {
+        Some(v) => {
+            put_long(out, 1);
+            put_long(out, v);
+        }
+        None => put_long(out, 0),
+    }
+}
+
+#[inline]
+fn put_opt_string(out: &mut Vec<u8>, v: Option<&str>) {
+    match v {
+        Some(s) => {
+            put_long(out, 1);
+            put_long(out, s.len() as i64);
+            out.extend_from_slice(s.as_bytes());
+        }
+        None => put_long(out, 0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +212,40 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn update_encoding_matches_apache_avro(
+            ids in any::<(i64, i64, i64, i64, i64, i64, i64, i64, i64)>(),
+            message_id in proptest::option::of("[a-z0-9\\-é]{0,40}"),
+            device_id in proptest::option::of("[a-z0-9\\-é]{0,40}"),
+            sender in proptest::option::of(any::<i64>()),
+            read_at in proptest::option::of(any::<i64>()),
+        ) {
+            use crate::ids::{ConversationId, ReaderId, SenderId};
+            use crate::serde::avro::{AvroReceiptUpdate, UpdateEncoder};
+            let u = ReceiptUpdate {
+                conversation_id: ConversationId(ids.0),
+                reader_id: ReaderId(ids.1),
+                last_read_seq: ids.2,
+                message_id,
+                sender_id: sender.map(SenderId),
+                device_id,
+                read_at_ms: read_at,
+                version: ids.3,
+                events_folded: ids.4,
+                stale_events: ids.5,
+                events_total: ids.6,
+                stale_total: ids.7,
+                emitted_at_ms: ids.8,
+            };
+            let reference = UpdateEncoder::new(crate::serde::RECEIPT_UPDATE_SCHEMA, 3)
+                .unwrap()
+                .encode(&AvroReceiptUpdate::from(&u))
+                .unwrap();
+            let mut ours = Vec::new();
+            encode_receipt_update(&u, &mut ours);
+            prop_assert_eq!(&ours[..], &reference[5..]);
+        }
 
         #[test]
         fn agrees_with_apache_avro(e in avro_event(), flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3), cut in any::<prop::sample::Index>(), truncate in any::<bool>()) {

@@ -180,43 +180,84 @@ impl ReadState {
 
     /// Decode the binary form.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let v = ValueView::parse(bytes)?;
+        Ok(ReadState {
+            last_read_seq: v.nums[0],
+            read_at_ms: v.nums[1],
+            version: v.nums[2],
+            emitted_version: v.nums[3],
+            last_emit_ms: v.nums[4],
+            events_total: v.nums[5],
+            stale_total: v.nums[6],
+            events_since_emit: v.nums[7],
+            stale_since_emit: v.nums[8],
+            sender_id: v.sender_id,
+            message_id: v.message_id.map(str::to_owned),
+            device_id: v.device_id.map(str::to_owned),
+            marks: v.marks().collect(),
+        })
+    }
+
+    /// Check the binary form and read only whether it holds an unemitted advance, without
+    /// allocating (restore needs no more).
+    pub fn peek_unemitted_advance(bytes: &[u8]) -> Result<bool, String> {
+        let v = ValueView::parse(bytes)?;
+        Ok(v.nums[2] > v.nums[3])
+    }
+}
+
+/// A checked, borrowed reading of an encoded [`ReadState`].
+struct ValueView<'a> {
+    /// last_read_seq, read_at_ms, version, emitted_version, last_emit_ms, events_total,
+    /// stale_total, events_since_emit, stale_since_emit: the encoding's order.
+    nums: [i64; 9],
+    sender_id: Option<SenderId>,
+    message_id: Option<&'a str>,
+    device_id: Option<&'a str>,
+    marks: &'a [u8],
+}
+
+impl<'a> ValueView<'a> {
+    fn parse(bytes: &'a [u8]) -> Result<Self, String> {
         let mut r = Reader { b: bytes, pos: 0 };
         let fmt = r.u8()?;
         if fmt != FORMAT_V1 {
             return Err(format!("unknown state format {fmt}"));
         }
-        let mut s = ReadState {
-            last_read_seq: r.i64()?,
-            read_at_ms: r.i64()?,
-            version: r.i64()?,
-            emitted_version: r.i64()?,
-            last_emit_ms: r.i64()?,
-            events_total: r.i64()?,
-            stale_total: r.i64()?,
-            events_since_emit: r.i64()?,
-            stale_since_emit: r.i64()?,
-            ..Default::default()
-        };
-        s.sender_id = match r.u8()? {
+        let mut nums = [0i64; 9];
+        for n in &mut nums {
+            *n = r.i64()?;
+        }
+        let sender_id = match r.u8()? {
             0 => None,
             _ => Some(SenderId(r.i64()?)),
         };
-        s.message_id = r.opt_str()?;
-        s.device_id = r.opt_str()?;
+        let message_id = r.opt_str()?;
+        let device_id = r.opt_str()?;
         let n = r.u32()? as usize;
         if n > (bytes.len() - r.pos) / 12 {
             return Err(format!("mark count {n} exceeds value size"));
         }
-        s.marks.reserve_exact(n);
-        for _ in 0..n {
-            let src = r.u32()?;
-            let off = r.i64()?;
-            s.marks.push((src, off));
-        }
+        let marks = r.take(n * 12)?;
         if r.pos != bytes.len() {
             return Err(format!("{} trailing bytes", bytes.len() - r.pos));
         }
-        Ok(s)
+        Ok(Self {
+            nums,
+            sender_id,
+            message_id,
+            device_id,
+            marks,
+        })
+    }
+
+    fn marks(&self) -> impl Iterator<Item = Mark> + 'a {
+        self.marks.chunks_exact(12).map(|m| {
+            (
+                u32::from_le_bytes(m[..4].try_into().expect("4 bytes")),
+                i64::from_le_bytes(m[4..].try_into().expect("8 bytes")),
+            )
+        })
     }
 }
 
@@ -253,13 +294,13 @@ impl<'a> Reader<'a> {
     fn i64(&mut self) -> Result<i64, String> {
         Ok(i64::from_le_bytes(self.take(8)?.try_into().unwrap()))
     }
-    fn opt_str(&mut self) -> Result<Option<String>, String> {
+    fn opt_str(&mut self) -> Result<Option<&'a str>, String> {
         let n = self.u32()? as usize;
         if n == 0 {
             return Ok(None);
         }
         let bytes = self.take(n - 1)?;
-        String::from_utf8(bytes.to_vec())
+        std::str::from_utf8(bytes)
             .map(Some)
             .map_err(|e| format!("invalid utf-8: {e}"))
     }

@@ -1,57 +1,97 @@
 //! Applying changelog records to a store (restore), keeping the pending-emit index and the
 //! checkpoint consistent with the values.
 
-use super::codec::{ReadState, StoreKey, TAG_STATE};
-use super::{put_checkpoint, KeyValueStore, StoreBatch, StoreError};
+use hashbrown::HashSet;
 
-/// Apply a run of changelog records (key, value; `None` is a tombstone) and record
-/// `next_offset` as the store's checkpoint, in one atomic batch. Returns records applied.
+use super::codec::{ReadState, StoreKey, TAG_PENDING, TAG_STATE};
+use super::{put_checkpoint, KeyValueStore, StoreBatch, StoreError};
+use crate::model::StateKey;
+
+/// Applies the changelog records of one store, batch by batch, keeping its pending-emit
+/// index (a key has an entry exactly when its value holds an unemitted advance) and its
+/// checkpoint consistent with the values.
+pub struct ChangelogRestorer {
+    /// Keys of the pending index that may exist in the store: `None` when the store had
+    /// entries before the restore (then every value without one needs a delete), else the
+    /// keys this restore gave an entry (only those can need a delete; a new store skips
+    /// one write per record).
+    pending: Option<HashSet<StateKey>>,
+}
+
+impl ChangelogRestorer {
+    pub fn new(store: &dyn KeyValueStore) -> Result<Self, StoreError> {
+        let had_pending = !store.scan_prefix(&[TAG_PENDING])?.is_empty();
+        Ok(Self {
+            pending: (!had_pending).then(HashSet::new),
+        })
+    }
+
+    /// Apply a run of changelog records (key, value; `None` is a tombstone) and record
+    /// `next_offset` as the store's checkpoint, in one atomic batch. Values are checked
+    /// but not decoded. Returns records applied.
+    pub fn apply<'a>(
+        &mut self,
+        store: &mut dyn KeyValueStore,
+        records: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+        next_offset: i64,
+    ) -> Result<usize, StoreError> {
+        let mut batch = StoreBatch::default();
+        let mut added: Vec<StateKey> = Vec::new();
+        let mut n = 0;
+        for (key, value) in records {
+            let corrupt = |reason: String| StoreError::Corrupt {
+                store: store.name().clone(),
+                key: key.to_vec(),
+                reason,
+            };
+            let (tag, k) = StoreKey::decode(key)
+                .ok_or_else(|| corrupt("changelog key is not a 17-byte store key".into()))?;
+            if tag != TAG_STATE {
+                return Err(corrupt(format!("changelog key has tag {tag:#x}")));
+            }
+            let pending = StoreKey::pending(k);
+            let unemitted = match value {
+                None => {
+                    batch.delete(key.to_vec());
+                    false
+                }
+                Some(v) => {
+                    let unemitted = ReadState::peek_unemitted_advance(v).map_err(corrupt)?;
+                    batch.put(key.to_vec(), v.to_vec());
+                    unemitted
+                }
+            };
+            if unemitted {
+                batch.put(pending.as_bytes().to_vec(), Vec::new());
+                added.push(k);
+            } else if self.pending.as_ref().is_none_or(|p| p.contains(&k)) {
+                batch.delete(pending.as_bytes().to_vec());
+            }
+            n += 1;
+        }
+        put_checkpoint(&mut batch, next_offset);
+        store.write(batch)?;
+        // Only once the batch is written: a failed batch leaves nothing behind.
+        if let Some(p) = &mut self.pending {
+            p.extend(added);
+        }
+        Ok(n)
+    }
+}
+
+/// Apply one run of changelog records (see [`ChangelogRestorer::apply`]).
 pub fn apply_changelog<'a>(
     store: &mut dyn KeyValueStore,
     records: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
     next_offset: i64,
 ) -> Result<usize, StoreError> {
-    let mut batch = StoreBatch::default();
-    let mut n = 0;
-    for (key, value) in records {
-        let corrupt = |reason: String| StoreError::Corrupt {
-            store: store.name().clone(),
-            key: key.to_vec(),
-            reason,
-        };
-        let (tag, k) = StoreKey::decode(key)
-            .ok_or_else(|| corrupt("changelog key is not a 17-byte store key".into()))?;
-        if tag != TAG_STATE {
-            return Err(corrupt(format!("changelog key has tag {tag:#x}")));
-        }
-        let pending = StoreKey::pending(k);
-        match value {
-            None => {
-                batch.delete(key.to_vec());
-                batch.delete(pending.as_bytes().to_vec());
-            }
-            Some(v) => {
-                let state = ReadState::decode(v).map_err(corrupt)?;
-                batch.put(key.to_vec(), v.to_vec());
-                if state.has_unemitted_advance() {
-                    batch.put(pending.as_bytes().to_vec(), Vec::new());
-                } else {
-                    batch.delete(pending.as_bytes().to_vec());
-                }
-            }
-        }
-        n += 1;
-    }
-    put_checkpoint(&mut batch, next_offset);
-    store.write(batch)?;
-    Ok(n)
+    ChangelogRestorer::new(store)?.apply(store, records, next_offset)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ids::{ConversationId, ReaderId};
-    use crate::model::StateKey;
     use crate::state::memory::InMemoryStore;
     use crate::state::read_checkpoint;
 

@@ -164,8 +164,8 @@ pub fn restore(records: usize, flush_run: Option<usize>) -> Result<Figure, Bench
             emitted_version: 3,
             events_total: 7,
             device_id: Some("dev-1".into()),
-            message_id: Some(format!("m-{i}")),
-            marks: vec![(1, i)],
+            message_id: Some(format!("m-{i}").into()),
+            marks: [(1, i)].into_iter().collect(),
             ..Default::default()
         };
         pairs.push((

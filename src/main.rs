@@ -69,7 +69,7 @@ struct BenchArgs {
     #[arg(long, default_value_t = 10_000_000)]
     keys: u64,
     /// Record-cache entries for the peak-RSS figure (the topology's cache_max_entries).
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = readstate::topology::DEFAULT_CACHE_MAX_ENTRIES)]
     cache_entries: usize,
     /// Changelog records for the restore figure.
     #[arg(long, default_value_t = 2_000_000)]

@@ -35,8 +35,8 @@ fn validate_reports_three_mistakes_in_one_run() {
         .replace("inputs = [\"read-events\"]", "inputs = [\"read-evnts\"]")
         .replace("batch_size = 500", "batch_size = 0")
         .replace(
-            "cache_max_entries = 1000000",
-            "cache_max_entries = 1000000\ncompresion = \"lz4\"",
+            "cache_max_entries = 500000",
+            "cache_max_entries = 500000\ncompresion = \"lz4\"",
         );
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("bad.toml");

@@ -12,6 +12,7 @@
 //!   in the store's pending index and emitted at the first flush after its slot opens, also
 //!   after a restart.
 
+use compact_str::CompactString;
 use hashbrown::HashMap;
 
 use super::ProcessorError;
@@ -266,6 +267,15 @@ impl ReadStateProcessor {
         self.stats
     }
 
+    /// Keys the record cache keeps between flushes (its share of the instance's budget).
+    pub fn cache_capacity(&self) -> usize {
+        self.cache.capacity()
+    }
+
+    pub fn set_cache_capacity(&mut self, entries: usize) {
+        self.cache.set_capacity(entries);
+    }
+
     pub fn dirty_len(&self) -> usize {
         self.cache.dirty_len()
     }
@@ -311,13 +321,13 @@ pub fn fold(state: &mut ReadState, event: &EventRef<'_>, origin: Origin) -> Fold
 }
 
 /// Overwrite an optional id, reusing the existing allocation when there is one.
-fn assign(dst: &mut Option<String>, src: Option<&str>) {
+fn assign(dst: &mut Option<CompactString>, src: Option<&str>) {
     match (dst.as_mut(), src) {
         (Some(d), Some(s)) => {
             d.clear();
             d.push_str(s);
         }
-        (None, Some(s)) => *dst = Some(s.to_owned()),
+        (None, Some(s)) => *dst = Some(CompactString::from(s)),
         (_, None) => *dst = None,
     }
 }

@@ -18,7 +18,7 @@ use crate::processor::{EmitPolicy, ReadStateProcessor};
 use crate::serde::{EventDecoder, SerdeError, UpdateEncoder};
 use crate::state::memory::InMemoryStore;
 use crate::state::restore::ChangelogRestorer;
-use crate::state::rocks::RocksDbStore;
+use crate::state::rocks::{RocksDbMemory, RocksDbStore};
 use crate::state::{read_checkpoint, KeyValueStore};
 use crate::task::{DeadLetter, SourceRecord, StreamTask};
 use crate::telemetry::{Health, Progress};
@@ -129,6 +129,8 @@ pub(super) struct Engine {
     positions: HashMap<String, BTreeMap<i32, i64>>,
     origin_ids: HashMap<String, HashMap<i32, u32>>,
     producer: ThreadedProducer<DeliveryTracker>,
+    /// Block cache and memtable budget shared by every store of this instance.
+    rocks_memory: RocksDbMemory,
     decoder: EventDecoder,
     encoder: UpdateEncoder,
     rt: tokio::runtime::Runtime,
@@ -193,6 +195,7 @@ impl Engine {
             positions: HashMap::new(),
             origin_ids: HashMap::new(),
             producer,
+            rocks_memory: RocksDbMemory::new(&t.store.rocksdb),
             decoder: EventDecoder::new(config.resolver.clone())?,
             encoder,
             rt,
@@ -270,6 +273,7 @@ impl Engine {
             self.summary.tasks_opened += 1;
         }
         metrics::gauge!("readstate_tasks_assigned").set(self.tasks.len() as f64);
+        self.share_cache_budget();
         // Ready once the group has given us an assignment (even an empty one) and every
         // assigned task has restored.
         self.health.set_ready(self.assigned_once);
@@ -280,6 +284,7 @@ impl Engine {
     fn open_stores(&self, parts: &[i32]) -> Vec<Result<Box<dyn KeyValueStore>, RuntimeError>> {
         const OPENERS: usize = 8;
         let (t, state_dir, subtopology) = (&self.topology, &self.state_dir, self.task_subtopology);
+        let memory = &self.rocks_memory;
         let open = |p: i32| -> Result<Box<dyn KeyValueStore>, RuntimeError> {
             let id = TaskId::new(subtopology, p);
             Ok(match t.store.kind {
@@ -288,10 +293,11 @@ impl Engine {
                         .join(t.application_id.as_str())
                         .join(id.to_string())
                         .join(t.store.name.as_str());
-                    Box::new(RocksDbStore::open(
+                    Box::new(RocksDbStore::open_with(
                         t.store.name.clone(),
                         &path,
                         &t.store.rocksdb,
+                        memory,
                     )?)
                 }
                 StoreKind::Memory => Box::new(InMemoryStore::new(t.store.name.clone())),
@@ -572,11 +578,21 @@ impl Engine {
             .flat_map(|(t, ps)| ps.iter().map(move |(p, o)| (t.as_str(), *p, *o)))
     }
 
+    /// `cache_max_entries` is the instance's record-cache budget (as Kafka Streams'
+    /// `statestore.cache.max.bytes`): each open task gets an equal share.
+    fn share_cache_budget(&mut self) {
+        let share = (self.topology.store.cache_max_entries / self.tasks.len().max(1)).max(1);
+        for t in self.tasks.values_mut() {
+            t.task.processor_mut().set_cache_capacity(share);
+        }
+    }
+
     /// True when some task's cache holds so many dirty keys that it should flush now.
     pub(super) fn needs_flush(&self) -> bool {
-        self.tasks
-            .values()
-            .any(|t| t.task.processor().dirty_len() >= self.topology.store.cache_max_entries / 2)
+        self.tasks.values().any(|t| {
+            let p = t.task.processor();
+            p.dirty_len() >= p.cache_capacity() / 2
+        })
     }
 
     pub(super) fn commit_all<C: ConsumerContext>(
@@ -621,6 +637,7 @@ impl Engine {
                 pos.remove(p);
             }
         }
+        self.share_cache_budget();
         tracing::info!(partitions = ?revoked, "revoked partitions closed");
         r
     }
@@ -786,6 +803,8 @@ impl Engine {
     /// Summary and metrics after a commit: counters advance by what the open tasks did
     /// since the last commit; gauges are per task (bounded by the partition count).
     fn refresh_summary(&mut self) {
+        metrics::gauge!("readstate_rocksdb_memory_bytes")
+            .set(self.rocks_memory.usage_bytes() as f64);
         let mut total = crate::processor::ProcessStats::default();
         for t in self.tasks.values_mut() {
             let s = t.task.stats();

@@ -21,7 +21,9 @@ pub struct CacheEntry {
 
 #[derive(Debug)]
 pub struct RecordCache {
-    entries: HashMap<StateKey, CacheEntry>,
+    /// Boxed: the table then costs 24 bytes per slot, not the entry's ~180 (slots are
+    /// allocated in powers of two, up to half of them empty).
+    entries: HashMap<StateKey, Box<CacheEntry>>,
     dirty: Vec<StateKey>,
     capacity: usize,
     epoch: u64,
@@ -44,6 +46,15 @@ impl RecordCache {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Change the capacity; the cache shrinks to it at the next flush.
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity.max(1);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -86,11 +97,11 @@ impl RecordCache {
             };
             self.entries.insert(
                 *k,
-                CacheEntry {
+                Box::new(CacheEntry {
                     state,
                     dirty: false,
                     touched_epoch: self.epoch,
-                },
+                }),
             );
         }
         Ok(self.miss_keys.len())
@@ -100,11 +111,11 @@ impl RecordCache {
     pub fn insert_clean(&mut self, key: StateKey, state: ReadState) {
         self.entries.insert(
             key,
-            CacheEntry {
+            Box::new(CacheEntry {
                 state,
                 dirty: false,
                 touched_epoch: self.epoch,
-            },
+            }),
         );
     }
 
@@ -153,12 +164,19 @@ impl RecordCache {
         if self.entries.len() <= self.capacity {
             return;
         }
-        self.entries
-            .retain(|k, e| e.dirty || pinned.contains_key(k) || e.touched_epoch == current);
-        let mut excess = self.entries.len().saturating_sub(self.capacity);
-        if excess > 0 {
+        // Down to capacity: first keys not touched in the latest interval, then any clean
+        // one; never a dirty or pinned key.
+        let mut excess = self.entries.len() - self.capacity;
+        for only_untouched in [true, false] {
+            if excess == 0 {
+                break;
+            }
             self.entries.retain(|k, e| {
-                if excess == 0 || e.dirty || pinned.contains_key(k) {
+                if excess == 0
+                    || e.dirty
+                    || pinned.contains_key(k)
+                    || (only_untouched && e.touched_epoch == current)
+                {
                     return true;
                 }
                 excess -= 1;
@@ -206,6 +224,22 @@ mod tests {
         c.get_mut_dirty(&k(2)).unwrap();
         assert_eq!(c.take_dirty(), vec![k(2)]);
         assert_eq!(c.dirty_len(), 0);
+    }
+
+    #[test]
+    fn a_smaller_share_applies_at_the_next_flush() {
+        let store = InMemoryStore::new("s".into());
+        let mut c = RecordCache::new(10);
+        c.ensure_loaded((0..8).map(k), &store).unwrap();
+        c.end_flush(&HashMap::new());
+        assert_eq!(c.len(), 8);
+        c.set_capacity(3);
+        c.ensure_loaded([k(9)].into_iter(), &store).unwrap();
+        c.get_mut_dirty(&k(9)).unwrap();
+        c.take_dirty();
+        c.end_flush(&HashMap::new());
+        assert_eq!(c.len(), 3);
+        assert!(c.get(&k(9)).is_some(), "the key touched last stays");
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! Values are a compact versioned binary record ([`ReadState::encode`]), the same bytes in
 //! the store and in the changelog topic.
 
+use compact_str::CompactString;
+use smallvec::SmallVec;
+
 use crate::ids::{ConversationId, ReaderId, SenderId};
 use crate::model::{ReceiptUpdate, StateKey};
 
@@ -69,15 +72,18 @@ impl StoreKey {
 
 /// Replay mark: the highest offset folded from one origin topic-partition.
 pub type Mark = (u32, i64);
+/// A key's replay marks: one, inline, unless its events came from several partitions.
+pub type Marks = SmallVec<[Mark; 1]>;
 
 /// The state of one (conversation, reader).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadState {
     /// The pointer: every message with seq <= this is read. `-1` before the first event.
     pub last_read_seq: i64,
-    pub message_id: Option<String>,
+    /// Ids up to 24 bytes are stored inline (no allocation per cached key).
+    pub message_id: Option<CompactString>,
     pub sender_id: Option<SenderId>,
-    pub device_id: Option<String>,
+    pub device_id: Option<CompactString>,
     pub read_at_ms: i64,
     /// Number of advances so far.
     pub version: i64,
@@ -90,7 +96,7 @@ pub struct ReadState {
     pub events_since_emit: i64,
     pub stale_since_emit: i64,
     /// Highest source offset folded, per origin topic-partition (see `ids::Origin`).
-    pub marks: Vec<Mark>,
+    pub marks: Marks,
 }
 
 impl Default for ReadState {
@@ -108,7 +114,7 @@ impl Default for ReadState {
             stale_total: 0,
             events_since_emit: 0,
             stale_since_emit: 0,
-            marks: Vec::new(),
+            marks: Marks::new(),
         }
     }
 }
@@ -127,9 +133,9 @@ impl ReadState {
             conversation_id: key.conversation,
             reader_id: key.reader,
             last_read_seq: self.last_read_seq,
-            message_id: self.message_id.clone(),
+            message_id: self.message_id.as_deref().map(str::to_owned),
             sender_id: self.sender_id,
-            device_id: self.device_id.clone(),
+            device_id: self.device_id.as_deref().map(str::to_owned),
             read_at_ms: Some(self.read_at_ms),
             version: self.version,
             events_folded: self.events_since_emit,
@@ -192,8 +198,8 @@ impl ReadState {
             events_since_emit: v.nums[7],
             stale_since_emit: v.nums[8],
             sender_id: v.sender_id,
-            message_id: v.message_id.map(str::to_owned),
-            device_id: v.device_id.map(str::to_owned),
+            message_id: v.message_id.map(CompactString::from),
+            device_id: v.device_id.map(CompactString::from),
             marks: v.marks().collect(),
         })
     }
@@ -341,9 +347,9 @@ mod tests {
                            dev in proptest::option::of("[a-z0-9]{0,12}"), sender in proptest::option::of(any::<i64>()),
                            marks in proptest::collection::vec(any::<(u32, i64)>(), 0..5)) {
             let s = ReadState {
-                last_read_seq: seq, message_id: mid, sender_id: sender.map(SenderId), device_id: dev,
+                last_read_seq: seq, message_id: mid.map(Into::into), sender_id: sender.map(SenderId), device_id: dev.map(Into::into),
                 read_at_ms: 17, version: v, emitted_version: v / 2, last_emit_ms: -3,
-                events_total: 9, stale_total: 2, events_since_emit: 4, stale_since_emit: 1, marks,
+                events_total: 9, stale_total: 2, events_since_emit: 4, stale_since_emit: 1, marks: marks.into(),
             };
             prop_assert_eq!(ReadState::decode(&s.to_bytes()).unwrap(), s);
         }

@@ -3,7 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use rocksdb::{BlockBasedOptions, Cache, DBCompressionType, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    BlockBasedOptions, Cache, DBCompressionType, Options, WriteBatch, WriteBufferManager,
+    WriteOptions, DB,
+};
 
 use super::{BatchOp, Entry, KeyValueStore, StoreBatch, StoreError};
 use crate::ids::StoreName;
@@ -35,6 +38,35 @@ impl Default for RocksDbOptions {
     }
 }
 
+/// RocksDB memory shared by every store of an instance, as Kafka Streams'
+/// `BoundedMemoryRocksDBConfig`: one LRU block cache, and one write-buffer manager whose
+/// memtable budget (`write_buffer_bytes × max_write_buffers`) is charged to that cache. An
+/// instance's RocksDB memory is then bounded by `block_cache_bytes` plus that budget,
+/// however many tasks (stores) it runs.
+#[derive(Clone)]
+pub struct RocksDbMemory {
+    cache: Cache,
+    write_buffers: WriteBufferManager,
+}
+
+impl RocksDbMemory {
+    pub fn new(opts: &RocksDbOptions) -> Self {
+        let budget = opts.write_buffer_bytes * opts.max_write_buffers.max(1) as usize;
+        let cache = Cache::new_lru_cache(opts.block_cache_bytes + budget);
+        let write_buffers =
+            WriteBufferManager::new_write_buffer_manager_with_cache(budget, false, cache.clone());
+        Self {
+            cache,
+            write_buffers,
+        }
+    }
+
+    /// Bytes in use: blocks cached plus memtables (which are charged to the cache).
+    pub fn usage_bytes(&self) -> usize {
+        self.cache.get_usage()
+    }
+}
+
 pub struct RocksDbStore {
     name: StoreName,
     path: PathBuf,
@@ -43,8 +75,19 @@ pub struct RocksDbStore {
 }
 
 impl RocksDbStore {
-    /// Open (creating if missing) the store at `path`.
+    /// Open (creating if missing) the store at `path`, with memory of its own.
     pub fn open(name: StoreName, path: &Path, opts: &RocksDbOptions) -> Result<Self, StoreError> {
+        Self::open_with(name, path, opts, &RocksDbMemory::new(opts))
+    }
+
+    /// Open (creating if missing) the store at `path`, within `memory` shared with the
+    /// instance's other stores.
+    pub fn open_with(
+        name: StoreName,
+        path: &Path,
+        opts: &RocksDbOptions,
+        memory: &RocksDbMemory,
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(path).map_err(|source| StoreError::Io {
             store: name.clone(),
             source,
@@ -57,9 +100,9 @@ impl RocksDbStore {
         o.set_bottommost_compression_type(DBCompressionType::Zstd);
         o.set_max_background_jobs(2);
         o.set_keep_log_file_num(3);
+        o.set_write_buffer_manager(&memory.write_buffers);
         let mut bb = BlockBasedOptions::default();
-        let cache = Cache::new_lru_cache(opts.block_cache_bytes);
-        bb.set_block_cache(&cache);
+        bb.set_block_cache(&memory.cache);
         bb.set_bloom_filter(10.0, false);
         bb.set_cache_index_and_filter_blocks(true);
         bb.set_pin_l0_filter_and_index_blocks_in_cache(true);

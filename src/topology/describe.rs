@@ -98,8 +98,9 @@ pub fn describe(t: &Topology) -> String {
     let _ = writeln!(o, "Stores:");
     let kind = match t.store.kind {
         StoreKind::RocksDb => format!(
-            "rocksdb, block cache {} MiB, write buffer {} MiB{}",
+            "rocksdb, per instance: block cache {} MiB + memtables {} x {} MiB{}",
             t.store.rocksdb.block_cache_bytes >> 20,
+            t.store.rocksdb.max_write_buffers,
             t.store.rocksdb.write_buffer_bytes >> 20,
             if t.store.rocksdb.disable_wal {
                 ", WAL off"
@@ -111,7 +112,7 @@ pub fn describe(t: &Topology) -> String {
     };
     let _ = writeln!(
         o,
-        "  {}: {kind}; record cache {} entries",
+        "  {}: {kind}; record cache {} entries per instance",
         t.store.name, t.store.cache_max_entries
     );
     match &t.store.changelog_topic {

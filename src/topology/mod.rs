@@ -15,6 +15,10 @@ use crate::ids::{ApplicationId, StoreName, TopicName};
 
 pub use describe::describe;
 
+/// Default record-cache budget of an instance, in entries (~200 bytes each in memory; the
+/// hash table holds up to 917,504 of them in 2^20 slots, so this stays in one size class).
+pub const DEFAULT_CACHE_MAX_ENTRIES: usize = 500_000;
+
 /// One mistake in a topology file, with where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopologyError {
@@ -114,6 +118,7 @@ pub struct Store {
     pub name: StoreName,
     pub kind: StoreKind,
     pub changelog_topic: Option<TopicName>,
+    /// Record-cache entries for the whole instance, shared equally by its tasks.
     pub cache_max_entries: usize,
     pub rocksdb: crate::state::rocks::RocksDbOptions,
 }
@@ -373,7 +378,7 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
         let cache_max_entries = errs.positive(
             &format!("{at}.cache_max_entries"),
             s.cache_max_entries,
-            1_000_000,
+            DEFAULT_CACHE_MAX_ENTRIES,
             1 << 40,
         );
         let defaults = crate::state::rocks::RocksDbOptions::default();
@@ -678,6 +683,26 @@ topic = "chat.receipt-updates"
             t.task_input_topics(),
             vec![TopicName::from("chat.read-events")]
         );
+    }
+
+    #[test]
+    fn the_wal_is_off_only_where_a_changelog_rebuilds_the_store() {
+        assert!(compile(GOOD).unwrap().store.rocksdb.disable_wal);
+        let no_changelog = GOOD.replace(
+            "name = \"read-state\"\n[[processor]]",
+            "name = \"read-state\"\nchangelog = false\n[[processor]]",
+        );
+        let t = compile(&no_changelog).unwrap();
+        assert!(t.store.changelog_topic.is_none());
+        assert!(
+            !t.store.rocksdb.disable_wal,
+            "no changelog: the WAL stays on"
+        );
+        let errs = compile(
+            &no_changelog.replace("changelog = false", "changelog = false\ndisable_wal = true"),
+        )
+        .unwrap_err();
+        assert_eq!(errs[0].at, "store[0].disable_wal", "{errs:?}");
     }
 
     #[test]

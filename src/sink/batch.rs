@@ -71,6 +71,45 @@ impl WriteBatch {
     pub fn is_empty(&self) -> bool {
         self.ranges.is_empty()
     }
+
+    /// Split into at most `n` batches over disjoint partitions, balanced by rows. Each is
+    /// a transaction of its own: the offsets are fenced per partition, so they commit
+    /// independently, and a key's rows stay in its partition's batch.
+    pub fn split(self, n: usize) -> Vec<WriteBatch> {
+        if n <= 1 || self.ranges.len() <= 1 {
+            return vec![self];
+        }
+        let mut rows_of: HashMap<i32, usize> = HashMap::new();
+        for p in &self.row_partitions {
+            *rows_of.entry(*p).or_default() += 1;
+        }
+        let mut parts: Vec<i32> = self.ranges.iter().map(|r| r.partition).collect();
+        parts.sort_by_key(|p| std::cmp::Reverse(rows_of.get(p).copied().unwrap_or(0)));
+        let k = n.min(parts.len());
+        let mut load = vec![0usize; k];
+        let mut group_of: HashMap<i32, usize> = HashMap::new();
+        for p in parts {
+            let g = (0..k).min_by_key(|g| load[*g]).expect("k >= 1");
+            load[g] += rows_of.get(&p).copied().unwrap_or(0);
+            group_of.insert(p, g);
+        }
+        let mut out = vec![WriteBatch::default(); k];
+        for r in self.ranges {
+            out[group_of[&r.partition]].ranges.push(r);
+        }
+        for ((row, p), off) in self
+            .rows
+            .into_iter()
+            .zip(self.row_partitions)
+            .zip(self.row_offsets)
+        {
+            let w = &mut out[group_of[&p]];
+            w.rows.push(row);
+            w.row_partitions.push(p);
+            w.row_offsets.push(off);
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -210,6 +249,35 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn split_keeps_partitions_whole_and_balances_rows() {
+        let mut b = Batcher::new();
+        let mut off = 0;
+        // Partition 0: 4 rows; 1: 3; 2: 1; 3: none (a dead letter only).
+        for (p, n) in [(0, 4), (1, 3), (2, 1)] {
+            for i in 0..n {
+                off += 1;
+                b.add(p, off, Some(update(p as i64 * 100 + i, 1, 1)));
+            }
+        }
+        b.add(3, 1, None);
+        let w = b.take(|_| -1);
+        let total = w.rows.len();
+        let parts = w.clone().split(2);
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts.iter().map(|w| w.rows.len()).sum::<usize>(), total);
+        assert_eq!(parts.iter().map(|w| w.ranges.len()).sum::<usize>(), 4);
+        for w in &parts {
+            let mine: Vec<i32> = w.ranges.iter().map(|r| r.partition).collect();
+            assert!(w.row_partitions.iter().all(|p| mine.contains(p)));
+            assert_eq!(w.rows.len(), w.row_offsets.len());
+        }
+        let mut loads: Vec<usize> = parts.iter().map(|w| w.rows.len()).collect();
+        loads.sort();
+        assert_eq!(loads, vec![4, 4], "0 alone; 1 and 2 together");
+        assert_eq!(w.split(1).len(), 1);
     }
 
     #[test]

@@ -174,7 +174,7 @@ impl Sink {
         tracing::info!(group = %self.cfg.group, topic = %self.cfg.topic, "sink joined its consumer group");
         let mut batch = Batcher::new();
         while !shutdown.load(Ordering::Relaxed) {
-            self.rebalances(&mut batch, None).await?;
+            self.rebalances(&mut batch, &mut []).await?;
             // BaseConsumer::poll blocks; keep it short and yield to the runtime between.
             let polled = self.consumer.poll(Duration::from_millis(50));
             match polled {
@@ -202,7 +202,7 @@ impl Sink {
     async fn rebalances(
         &mut self,
         batch: &mut Batcher,
-        mut writing: Option<&mut WriteBatch>,
+        writing: &mut [WriteBatch],
     ) -> Result<(), SinkError> {
         let events = std::mem::take(&mut *self.consumer.context().events.lock().expect("lock"));
         for ev in events {
@@ -211,7 +211,7 @@ impl Sink {
                     for p in &parts {
                         self.owned.remove(p);
                         batch.drop_partition(*p);
-                        if let Some(w) = writing.as_deref_mut() {
+                        for w in writing.iter_mut() {
                             w.remove_partition(*p);
                         }
                     }
@@ -276,7 +276,7 @@ impl Sink {
     ) -> Result<(), SinkError> {
         if !self.owned.contains_key(&partition) {
             // Assigned in the poll that returned this record: claim first.
-            self.rebalances(batch, None).await?;
+            self.rebalances(batch, &mut []).await?;
         }
         let Some(stored) = self.owned.get(&partition).copied() else {
             return Ok(()); // revoked meanwhile: the next owner reads it
@@ -361,87 +361,73 @@ impl Sink {
         tpl
     }
 
-    /// Write the batch (one transaction), retrying as its errors say.
+    /// Write the batch as up to `parallel_writes` transactions over disjoint partitions,
+    /// at once; each is retried as its errors say until all are written. A transaction that
+    /// committed is never written again (its partitions' offsets moved with it).
     async fn flush(&mut self, batch: &mut Batcher, shutdown: &AtomicBool) -> Result<(), SinkError> {
         if batch.is_empty() {
             return Ok(());
         }
         let owned = self.owned.clone();
-        let mut w = batch.take(|p| owned.get(&p).copied().unwrap_or(-1));
+        let mut pending = batch
+            .take(|p| owned.get(&p).copied().unwrap_or(-1))
+            .split(self.cfg.table.parallel_writes());
         let mut backoff = Duration::from_millis(100);
         let mut paused = false;
         let mut outage_started: Option<Instant> = None;
         let result = loop {
-            if w.is_empty() {
+            pending.retain(|w| !w.is_empty());
+            if pending.is_empty() {
+                if let Some(t) = outage_started {
+                    tracing::info!(after = ?t.elapsed(), "database available again; sink resumed");
+                }
                 break Ok(());
             }
             let started = Instant::now();
-            match self
-                .cfg
-                .table
-                .write(&self.cfg.group, &self.cfg.topic, &w)
-                .await
-            {
-                Ok(report) => {
-                    self.committed(&w, report, started.elapsed());
-                    if let Some(t) = outage_started {
-                        tracing::info!(after = ?t.elapsed(), "database available again; sink resumed");
+            let (group, topic) = (&self.cfg.group, &self.cfg.topic);
+            let results = futures::future::join_all(
+                pending
+                    .iter()
+                    .map(|w| self.cfg.table.write(group, topic, w)),
+            )
+            .await;
+            let mut unavailable: Option<String> = None;
+            let mut fatal: Option<SinkError> = None;
+            let mut next = Vec::with_capacity(pending.len());
+            for (mut w, r) in std::mem::take(&mut pending).into_iter().zip(results) {
+                match self.settle(&mut w, r, started, batch).await {
+                    Ok(Settled::Done) => {}
+                    Ok(Settled::Again) => next.push(w),
+                    Ok(Settled::Unavailable(e)) => {
+                        unavailable = Some(e);
+                        next.push(w);
                     }
+                    Err(e) => fatal = Some(e),
+                }
+            }
+            if let Some(e) = fatal {
+                break Err(e);
+            }
+            pending = next;
+            if let Some(e) = unavailable {
+                if shutdown.load(Ordering::Relaxed) {
+                    // Not written, offsets not moved: the next owner writes it.
+                    tracing::warn!(error = %e, "database unavailable at shutdown; batch left to be replayed");
                     break Ok(());
                 }
-                Err(SinkError::Retriable(e)) => {
-                    if shutdown.load(Ordering::Relaxed) {
-                        // Not written, offsets not moved: the next owner writes it.
-                        tracing::warn!(error = %e, "database unavailable at shutdown; batch left to be replayed");
-                        break Ok(());
-                    }
-                    if !paused {
-                        self.consumer
-                            .pause(&self.assignment())
-                            .map_err(KafkaError::from)?;
-                        paused = true;
-                        outage_started = Some(Instant::now());
-                    }
-                    tracing::warn!(error = %e, retry_in = ?backoff, "database write failed; consumption paused");
-                    self.summary.retries += 1;
-                    metrics::counter!("readstate_sink_retries_total").increment(1);
-                    self.wait_serving_group(jitter(backoff), batch, &mut w, shutdown)
-                        .await?;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                if !paused {
+                    self.consumer
+                        .pause(&self.assignment())
+                        .map_err(KafkaError::from)?;
+                    paused = true;
+                    outage_started = Some(Instant::now());
                 }
-                Err(SinkError::Rejected(rows)) => {
-                    let idx: Vec<usize> = rows.iter().map(|(i, _)| *i).collect();
-                    for (i, error) in rows {
-                        let u = &w.rows[i];
-                        let d = DeadLetter {
-                            topic: self.cfg.topic.clone(),
-                            partition: w.row_partitions[i],
-                            offset: w.row_offsets[i],
-                            key: Some(u.conversation_id.0.to_string().into_bytes()),
-                            value: Some(row_json(u).into_bytes()),
-                            reason: "rejected_by_database",
-                            error,
-                        };
-                        self.dead_letter(d).await?;
-                    }
-                    w.remove_rows(&idx);
-                }
-                Err(SinkError::Fenced(parts)) => {
-                    tracing::warn!(partitions = ?parts, "sink fenced: another instance moved these offsets; claiming again");
-                    self.summary.fenced += 1;
-                    for p in &parts {
-                        w.remove_partition(*p);
-                        batch.drop_partition(*p);
-                    }
-                    let still: Vec<i32> = parts
-                        .into_iter()
-                        .filter(|p| self.owned.contains_key(p))
-                        .collect();
-                    if !still.is_empty() {
-                        self.claim(&still).await?;
-                    }
-                }
-                Err(e) => break Err(e),
+                tracing::warn!(error = %e, retry_in = ?backoff, "database write failed; consumption paused");
+                self.summary.retries += 1;
+                metrics::counter!("readstate_sink_retries_total").increment(1);
+                self.wait_serving_group(jitter(backoff), batch, &mut pending, shutdown)
+                    .await?;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         };
         if paused {
@@ -453,13 +439,65 @@ impl Sink {
         result
     }
 
+    /// What one transaction's outcome means for its batch `w`.
+    async fn settle(
+        &mut self,
+        w: &mut WriteBatch,
+        result: Result<super::table::WriteReport, SinkError>,
+        started: Instant,
+        batch: &mut Batcher,
+    ) -> Result<Settled, SinkError> {
+        Ok(match result {
+            Ok(report) => {
+                self.committed(w, report, started.elapsed());
+                Settled::Done
+            }
+            Err(SinkError::Retriable(e)) => Settled::Unavailable(e),
+            Err(SinkError::Rejected(rows)) => {
+                let idx: Vec<usize> = rows.iter().map(|(i, _)| *i).collect();
+                for (i, error) in rows {
+                    let u = &w.rows[i];
+                    let d = DeadLetter {
+                        topic: self.cfg.topic.clone(),
+                        partition: w.row_partitions[i],
+                        offset: w.row_offsets[i],
+                        key: Some(u.conversation_id.0.to_string().into_bytes()),
+                        value: Some(row_json(u).into_bytes()),
+                        reason: "rejected_by_database",
+                        error,
+                    };
+                    self.dead_letter(d).await?;
+                }
+                w.remove_rows(&idx);
+                Settled::Again
+            }
+            Err(SinkError::Fenced(parts)) => {
+                tracing::warn!(partitions = ?parts, "sink fenced: another instance moved these offsets; claiming again");
+                self.summary.fenced += 1;
+                for p in &parts {
+                    w.remove_partition(*p);
+                    batch.drop_partition(*p);
+                }
+                let still: Vec<i32> = parts
+                    .into_iter()
+                    .filter(|p| self.owned.contains_key(p))
+                    .collect();
+                if !still.is_empty() {
+                    self.claim(&still).await?;
+                }
+                Settled::Again
+            }
+            Err(e) => return Err(e),
+        })
+    }
+
     /// Sleep `d` while still polling the consumer, so the group sees us alive and
     /// rebalances are served; records that were already fetched go to the next batch.
     async fn wait_serving_group(
         &mut self,
         d: Duration,
         batch: &mut Batcher,
-        w: &mut WriteBatch,
+        w: &mut [WriteBatch],
         shutdown: &AtomicBool,
     ) -> Result<(), SinkError> {
         let until = Instant::now() + d;
@@ -472,7 +510,7 @@ impl Sink {
                 drop(m);
                 self.accept(p, off, key, payload, batch, shutdown).await?;
             }
-            self.rebalances(batch, Some(w)).await?;
+            self.rebalances(batch, w).await?;
             tokio::task::yield_now().await;
         }
         Ok(())
@@ -521,6 +559,16 @@ impl Sink {
             }
         }
     }
+}
+
+/// The outcome of one transaction of a flush.
+enum Settled {
+    /// Committed.
+    Done,
+    /// Changed (rows rejected, partitions fenced): write what is left again, now.
+    Again,
+    /// The database is unavailable: write it again after a backoff.
+    Unavailable(String),
 }
 
 /// Full jitter on top of half the delay: spreads retries of many instances.

@@ -48,6 +48,11 @@ pub trait ReceiptTable: Send + Sync {
         topic: &'a str,
         batch: &'a WriteBatch,
     ) -> BoxFuture<'a, Result<WriteReport, SinkError>>;
+
+    /// How many batches over disjoint partitions may be written at once.
+    fn parallel_writes(&self) -> usize {
+        1
+    }
 }
 
 /// PostgreSQL behind a connection pool.
@@ -352,6 +357,10 @@ impl ReceiptTable for PostgresTable {
         partitions: &'a [i32],
     ) -> BoxFuture<'a, Result<HashMap<i32, i64>, SinkError>> {
         Box::pin(self.claim_partitions(group, topic, partitions))
+    }
+
+    fn parallel_writes(&self) -> usize {
+        self.pool.status().max_size
     }
 
     fn write<'a>(

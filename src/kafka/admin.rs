@@ -11,26 +11,30 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use super::{KafkaError, KafkaSettings};
 
-/// Partition count of `topic`, `None` if it does not exist.
-pub fn partition_count(
-    settings: &KafkaSettings,
-    topic: &str,
-    timeout: Duration,
-) -> Result<Option<i32>, KafkaError> {
-    Ok(partition_counts(settings, &[topic], timeout)?[0])
+/// A client for metadata requests, made once and reused (each new client costs a
+/// connection and a bootstrap round trip).
+pub struct MetadataClient {
+    client: BaseConsumer,
 }
 
-/// Partition counts of `topics` (in that order), through one client.
-pub fn partition_counts(
-    settings: &KafkaSettings,
-    topics: &[&str],
-    timeout: Duration,
-) -> Result<Vec<Option<i32>>, KafkaError> {
-    let c: BaseConsumer = settings.restore_consumer("readstate-metadata").create()?;
-    topics
-        .iter()
-        .map(|t| topic_partitions(&c, t, timeout))
-        .collect()
+impl MetadataClient {
+    pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaError> {
+        Ok(Self {
+            client: settings.restore_consumer("readstate-metadata").create()?,
+        })
+    }
+
+    /// Partition counts of `topics` (in that order); `None` for a topic that does not exist.
+    pub fn partition_counts(
+        &self,
+        topics: &[&str],
+        timeout: Duration,
+    ) -> Result<Vec<Option<i32>>, KafkaError> {
+        topics
+            .iter()
+            .map(|t| topic_partitions(&self.client, t, timeout))
+            .collect()
+    }
 }
 
 fn topic_partitions(
@@ -66,11 +70,12 @@ pub struct TopicRequest {
 /// logged and the topic is left to broker auto-creation.
 pub async fn ensure_topics(
     settings: &KafkaSettings,
+    metadata: &MetadataClient,
     topics: &[TopicRequest],
     timeout: Duration,
 ) -> Result<(), KafkaError> {
     let names: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
-    let counts = partition_counts(settings, &names, timeout)?;
+    let counts = metadata.partition_counts(&names, timeout)?;
     let missing: Vec<&TopicRequest> = topics
         .iter()
         .zip(counts)

@@ -132,28 +132,32 @@ impl ReadStateProcessor {
         Ok(())
     }
 
-    /// Fold a batch of events. Misses are loaded with one `multi_get`; no other store I/O.
+    /// Fold a batch of events. Events of cached keys fold at once (one hash lookup each);
+    /// the others wait until their keys are loaded with one `multi_get`, then fold in
+    /// order. A key missing from the cache misses for all its events of the batch, so each
+    /// key's events still fold in order. No other store I/O.
     pub fn process(&mut self, events: &[(EventRef<'_>, Origin)]) -> Result<(), ProcessorError> {
+        let mut deferred: Vec<usize> = Vec::new();
+        for (i, (event, origin)) in events.iter().enumerate() {
+            match self.cache.get_mut_dirty(&event.key()) {
+                Some(state) => count(&mut self.stats, fold(state, event, *origin)),
+                None => deferred.push(i),
+            }
+        }
+        if deferred.is_empty() {
+            return Ok(());
+        }
         let misses = self
             .cache
-            .ensure_loaded(events.iter().map(|(e, _)| e.key()), &*self.store)?;
+            .ensure_loaded(deferred.iter().map(|&i| events[i].0.key()), &*self.store)?;
         self.stats.cache_misses += misses as u64;
-        for (event, origin) in events {
+        for i in deferred {
+            let (event, origin) = &events[i];
             let state = self
                 .cache
                 .get_mut_dirty(&event.key())
-                .expect("ensure_loaded loaded every key of the batch");
-            match fold(state, event, *origin) {
-                Fold::Advanced => {
-                    self.stats.folded += 1;
-                    self.stats.advanced += 1;
-                }
-                Fold::Stale => {
-                    self.stats.folded += 1;
-                    self.stats.stale += 1;
-                }
-                Fold::Replayed => self.stats.replayed += 1,
-            }
+                .expect("ensure_loaded loaded every missing key");
+            count(&mut self.stats, fold(state, event, *origin));
         }
         Ok(())
     }
@@ -317,6 +321,20 @@ pub fn fold(state: &mut ReadState, event: &EventRef<'_>, origin: Origin) -> Fold
         state.stale_total += 1;
         state.stale_since_emit += 1;
         Fold::Stale
+    }
+}
+
+fn count(stats: &mut ProcessStats, f: Fold) {
+    match f {
+        Fold::Advanced => {
+            stats.folded += 1;
+            stats.advanced += 1;
+        }
+        Fold::Stale => {
+            stats.folded += 1;
+            stats.stale += 1;
+        }
+        Fold::Replayed => stats.replayed += 1,
     }
 }
 

@@ -27,6 +27,8 @@ use crate::topology::{StoreKind, Topology};
 /// What an instance did, for logs and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunSummary {
+    /// When the final commit at shutdown completed (before stores and clients close).
+    pub final_commit_at: Option<Instant>,
     pub records_consumed: u64,
     /// Records re-keyed into the repartition topic (sub-topology 0).
     pub records_forwarded: u64,

@@ -20,7 +20,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::ClientContext;
 
-use crate::kafka::admin::{ensure_topics, partition_counts, TopicRequest};
+use crate::kafka::admin::{ensure_topics, MetadataClient, TopicRequest};
 use crate::kafka::{KafkaError, KafkaSettings};
 use crate::serde::registry::SchemaResolver;
 use crate::serde::{SerdeError, UpdateEncoder, RECEIPT_UPDATE_SCHEMA};
@@ -139,7 +139,8 @@ pub fn run(config: RunConfig, shutdown: Arc<AtomicBool>) -> Result<RunSummary, R
     // Source topics must exist; internal topics get the source's partition count.
     let mut partitions = None;
     let names: Vec<&str> = t.sources.iter().map(|s| s.topic.as_str()).collect();
-    let counts = partition_counts(&config.kafka, &names, md_timeout)?;
+    let metadata = MetadataClient::new(&config.kafka)?;
+    let counts = metadata.partition_counts(&names, md_timeout)?;
     for (s, n) in t.sources.iter().zip(counts) {
         let n = n.ok_or_else(|| {
             RuntimeError::Config(format!("source topic {} does not exist", s.topic))
@@ -171,7 +172,8 @@ pub fn run(config: RunConfig, shutdown: Arc<AtomicBool>) -> Result<RunSummary, R
         compacted: false,
         replication: config.replication,
     });
-    rt.block_on(ensure_topics(&config.kafka, &wanted, md_timeout))?;
+    rt.block_on(ensure_topics(&config.kafka, &metadata, &wanted, md_timeout))?;
+    drop(metadata);
     tracing::debug!(topics = wanted.len(), "internal and output topics ready");
 
     let encoder = rt.block_on(register_with_retry(
@@ -240,11 +242,18 @@ pub fn run(config: RunConfig, shutdown: Arc<AtomicBool>) -> Result<RunSummary, R
         } else {
             e.mark_failed();
         }
+        let final_commit_at = Instant::now();
+        tracing::debug!("final commit done");
         e.close_all();
-        e.summary()
+        tracing::debug!("tasks closed");
+        RunSummary {
+            final_commit_at: Some(final_commit_at),
+            ..e.summary()
+        }
     };
     consumer.unsubscribe();
     drop(consumer);
+    tracing::debug!("consumer closed");
     config.health.set_live(false);
     config.health.set_ready(false);
     result.map(|_| summary)

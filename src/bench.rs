@@ -224,15 +224,20 @@ pub fn restore(records: usize, flush_run: Option<usize>) -> Result<Figure, Bench
 }
 
 /// Sink: `rows` distinct rows written in batches of `batch_size` into a fresh table.
-pub fn sink(url: &str, rows: usize, batch_size: usize) -> Result<Figure, BenchError> {
+pub fn sink(
+    url: &str,
+    rows: usize,
+    batch_size: usize,
+    connections: usize,
+) -> Result<Figure, BenchError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| BenchError::Other(e.to_string()))?;
     let table_name = format!("bench_{batch_size}_{:08x}", rand::random::<u32>());
-    // The topology's default pool (2 connections): batches split over disjoint partitions
-    // are written on both at once, as the sink does.
-    let table = PostgresTable::connect(url, &table_name, 2, Duration::from_secs(60))?;
+    // A pool of `connections` (the sink's pool_size): batches split over disjoint
+    // partitions are written on all of them at once, as the sink does.
+    let table = PostgresTable::connect(url, &table_name, connections, Duration::from_secs(60))?;
     rt.block_on(table.migrate())?;
     let group = format!("bench-{table_name}");
     const PARTITIONS: i64 = 8;

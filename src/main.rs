@@ -80,6 +80,9 @@ struct BenchArgs {
     /// PostgreSQL for the sink figures.
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
+    /// Connections the sink figures write on at once (the topology's pool_size).
+    #[arg(long, default_value_t = 2)]
+    sink_connections: usize,
     /// Only these figures (comma-separated: keys, core, e2e, restore, sink); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -342,7 +345,10 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
         _ if !want("sink") => {}
         Some(url) => {
             for b in [100, 500, 2000] {
-                println!("{}", bench::sink(url, args.sink_rows, b)?.render());
+                println!(
+                    "{}",
+                    bench::sink(url, args.sink_rows, b, args.sink_connections)?.render()
+                );
             }
         }
         None => println!("sink figures skipped: set DATABASE_URL"),

@@ -80,6 +80,9 @@ struct BenchArgs {
     /// PostgreSQL for the sink figures.
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
+    /// Events for the core figures: enough to span several commit intervals.
+    #[arg(long, default_value_t = 5_000_000)]
+    core_events: u64,
     /// Connections the sink figures write on at once (the topology's pool_size).
     #[arg(long, default_value_t = 2)]
     sink_connections: usize,
@@ -325,7 +328,15 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     if want("core") {
-        println!("{}", bench::core(&spec, 100_000)?.render());
+        let core = readstate::loadgen::WorkloadSpec {
+            events: args.core_events,
+            ..spec.clone()
+        };
+        let records = bench::core_records(&core)?;
+        let interval = bench::CoreFlush::Interval(std::time::Duration::from_secs(1));
+        println!("{}", bench::core(&records, interval)?.render());
+        let frequent = bench::CoreFlush::EveryEvents(100_000);
+        println!("{}", bench::core(&records, frequent)?.render());
     }
     if want("e2e") {
         let e2e = readstate::loadgen::WorkloadSpec {

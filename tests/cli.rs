@@ -71,6 +71,8 @@ fn bench_prints_every_figure_with_its_target() {
             "bench",
             "--events",
             "5000",
+            "--core-events",
+            "5000",
             "--conversations",
             "100",
             "--restore-records",
@@ -90,6 +92,7 @@ fn bench_prints_every_figure_with_its_target() {
     for figure in [
         "peak RSS",
         "core: decode",
+        "core, frequent flushes",
         "end to end: run",
         "restore: changelog",
         "sink figures skipped",

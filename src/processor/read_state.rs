@@ -74,8 +74,8 @@ impl FlushOutput {
     pub fn changelog(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
         self.changelog
             .iter()
-            .filter_map(|&i| match &self.batch.ops[i] {
-                BatchOp::Put { key, value } => Some((key.as_slice(), value.as_slice())),
+            .filter_map(|&i| match self.batch.op(i) {
+                BatchOp::Put { key, value } => Some((key, value)),
                 BatchOp::Delete { .. } => None,
             })
     }
@@ -201,16 +201,16 @@ impl ReadStateProcessor {
                 state.events_since_emit = 0;
                 state.stale_since_emit = 0;
                 if self.pending.remove(&key).is_some() {
-                    out.batch.delete(StoreKey::pending(key).as_bytes().to_vec());
+                    out.batch.delete(StoreKey::pending(key).as_bytes());
                 }
             } else if self.pending.insert(key, due).is_none() {
-                out.batch
-                    .put(StoreKey::pending(key).as_bytes().to_vec(), Vec::new());
+                out.batch.put(StoreKey::pending(key).as_bytes(), b"");
             }
         }
-        out.changelog.push(out.batch.ops.len());
-        out.batch
-            .put(StoreKey::state(key).as_bytes().to_vec(), state.to_bytes());
+        let i = out
+            .batch
+            .put_with(StoreKey::state(key).as_bytes(), |buf| state.encode(buf));
+        out.changelog.push(i);
     }
 
     /// Apply a prepared flush to the store, with the changelog position it reflects.

@@ -45,13 +45,13 @@ impl KeyValueStore for InMemoryStore {
     }
 
     fn write(&mut self, batch: StoreBatch) -> Result<(), StoreError> {
-        for op in batch.ops {
+        for op in batch.iter() {
             match op {
                 BatchOp::Put { key, value } => {
-                    self.map.insert(key, value);
+                    self.map.insert(key.to_vec(), value.to_vec());
                 }
                 BatchOp::Delete { key } => {
-                    self.map.remove(&key);
+                    self.map.remove(key);
                 }
             }
         }

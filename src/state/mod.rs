@@ -42,37 +42,91 @@ pub enum StoreError {
 /// A key and its value, as returned by scans.
 pub type Entry = (Vec<u8>, Vec<u8>);
 
-/// One operation of an atomic write.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BatchOp {
-    Put { key: Vec<u8>, value: Vec<u8> },
-    Delete { key: Vec<u8> },
+/// One operation of an atomic write, borrowed from its [`StoreBatch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOp<'a> {
+    Put { key: &'a [u8], value: &'a [u8] },
+    Delete { key: &'a [u8] },
 }
 
-impl BatchOp {
-    pub fn key(&self) -> &[u8] {
+impl<'a> BatchOp<'a> {
+    pub fn key(&self) -> &'a [u8] {
         match self {
             BatchOp::Put { key, .. } | BatchOp::Delete { key } => key,
         }
     }
 }
 
-/// An atomic group of writes: all or nothing.
+/// Where an operation's bytes are in the batch.
+#[derive(Debug, Clone, Copy)]
+struct OpSpan {
+    key: (u32, u32),
+    /// `None`: a delete.
+    value: Option<(u32, u32)>,
+}
+
+/// An atomic group of writes: all or nothing. Keys and values live in one buffer, so
+/// building a batch of many writes allocates a few times, not twice per write.
 #[derive(Debug, Default, Clone)]
 pub struct StoreBatch {
-    pub ops: Vec<BatchOp>,
+    bytes: Vec<u8>,
+    ops: Vec<OpSpan>,
 }
 
 impl StoreBatch {
-    pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
-        self.ops.push(BatchOp::Put {
-            key: key.into(),
-            value: value.into(),
-        });
+    fn push_bytes(&mut self, b: &[u8]) -> (u32, u32) {
+        let start = self.bytes.len() as u32;
+        self.bytes.extend_from_slice(b);
+        (start, self.bytes.len() as u32)
     }
 
-    pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
-        self.ops.push(BatchOp::Delete { key: key.into() });
+    pub fn put(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        self.put_with(key.as_ref(), |out| out.extend_from_slice(value.as_ref()));
+    }
+
+    /// Put `key` with the value `encode` appends to the buffer it is given; returns the
+    /// operation's index (see [`op`](Self::op)).
+    pub fn put_with(&mut self, key: &[u8], encode: impl FnOnce(&mut Vec<u8>)) -> usize {
+        let key = self.push_bytes(key);
+        let start = self.bytes.len() as u32;
+        encode(&mut self.bytes);
+        let value = Some((start, self.bytes.len() as u32));
+        self.ops.push(OpSpan { key, value });
+        self.ops.len() - 1
+    }
+
+    pub fn delete(&mut self, key: impl AsRef<[u8]>) {
+        let key = self.push_bytes(key.as_ref());
+        self.ops.push(OpSpan { key, value: None });
+    }
+
+    fn slice(&self, (start, end): (u32, u32)) -> &[u8] {
+        &self.bytes[start as usize..end as usize]
+    }
+
+    /// The `i`-th operation, in the order added (or sorted, after [`sort`](Self::sort)).
+    pub fn op(&self, i: usize) -> BatchOp<'_> {
+        let o = self.ops[i];
+        let key = self.slice(o.key);
+        match o.value {
+            Some(v) => BatchOp::Put {
+                key,
+                value: self.slice(v),
+            },
+            None => BatchOp::Delete { key },
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = BatchOp<'_>> + '_ {
+        (0..self.ops.len()).map(|i| self.op(i))
+    }
+
+    /// Order the operations by key; stable, so the operations on one key keep their order
+    /// (and so their effect). Indexes from [`put_with`](Self::put_with) no longer apply.
+    pub fn sort(&mut self) {
+        let bytes = &self.bytes;
+        let key = |o: &OpSpan| &bytes[o.key.0 as usize..o.key.1 as usize];
+        self.ops.sort_by(|a, b| key(a).cmp(key(b)));
     }
 
     pub fn len(&self) -> usize {

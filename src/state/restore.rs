@@ -52,20 +52,20 @@ impl ChangelogRestorer {
             let pending = StoreKey::pending(k);
             let unemitted = match value {
                 None => {
-                    batch.delete(key.to_vec());
+                    batch.delete(key);
                     false
                 }
                 Some(v) => {
                     let unemitted = ReadState::peek_unemitted_advance(v).map_err(corrupt)?;
-                    batch.put(key.to_vec(), v.to_vec());
+                    batch.put(key, v);
                     unemitted
                 }
             };
             if unemitted {
-                batch.put(pending.as_bytes().to_vec(), Vec::new());
+                batch.put(pending.as_bytes(), b"");
                 added.push(k);
             } else if self.pending.as_ref().is_none_or(|p| p.contains(&k)) {
-                batch.delete(pending.as_bytes().to_vec());
+                batch.delete(pending.as_bytes());
             }
             n += 1;
         }

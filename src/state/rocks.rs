@@ -157,9 +157,9 @@ impl KeyValueStore for RocksDbStore {
     fn write(&mut self, mut batch: StoreBatch) -> Result<(), StoreError> {
         // Key order makes the memtable inserts sequential (the skip list reuses its last
         // insert position); the sort is stable, so ops on one key keep their order.
-        batch.ops.sort_by(|a, b| a.key().cmp(b.key()));
+        batch.sort();
         let mut wb = WriteBatch::default();
-        for op in &batch.ops {
+        for op in batch.iter() {
             match op {
                 BatchOp::Put { key, value } => wb.put(key, value),
                 BatchOp::Delete { key } => wb.delete(key),

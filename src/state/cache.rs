@@ -208,7 +208,7 @@ mod tests {
             ..Default::default()
         };
         let mut b = StoreBatch::default();
-        b.put(StoreKey::state(k(1)).as_bytes().to_vec(), st.to_bytes());
+        b.put(StoreKey::state(k(1)).as_bytes(), st.to_bytes());
         store.write(b).unwrap();
 
         let mut c = RecordCache::new(10);

@@ -92,14 +92,14 @@ mod tests {
     fn batch_and_prefix_scan() {
         let mut s = InMemoryStore::new("t".into());
         let mut b = StoreBatch::default();
-        b.put(b"ab1".to_vec(), b"1".to_vec());
-        b.put(b"ab2".to_vec(), b"2".to_vec());
-        b.put(b"ac1".to_vec(), b"3".to_vec());
+        b.put(b"ab1", b"1");
+        b.put(b"ab2", b"2");
+        b.put(b"ac1", b"3");
         s.write(b).unwrap();
         let got = s.scan_prefix(b"ab").unwrap();
         assert_eq!(got.len(), 2);
         let mut d = StoreBatch::default();
-        d.delete(b"ab1".to_vec());
+        d.delete(b"ab1");
         s.write(d).unwrap();
         assert_eq!(s.get(b"ab1").unwrap(), None);
         assert_eq!(

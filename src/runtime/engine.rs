@@ -262,6 +262,7 @@ impl Engine {
         // Opening a RocksDB store is mostly waiting on the file system (~10 ms for a new
         // one): open them on a few threads, then restore one after the other.
         let parts: Vec<i32> = std::mem::take(&mut self.to_open);
+        let opened = !parts.is_empty();
         let stores = self.open_stores(&parts);
         for (p, store) in parts.into_iter().zip(stores) {
             let task = self.open_task(p, store?, &mut restorer)?;
@@ -275,7 +276,9 @@ impl Engine {
             self.summary.tasks_opened += 1;
         }
         metrics::gauge!("readstate_tasks_assigned").set(self.tasks.len() as f64);
-        self.share_cache_budget();
+        if opened {
+            self.share_cache_budget();
+        }
         // Ready once the group has given us an assignment (even an empty one) and every
         // assigned task has restored.
         self.health.set_ready(self.assigned_once);

@@ -313,8 +313,8 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
     use readstate::bench;
     let spec = args.workload.spec();
     println!(
-        "workload: {} events, {} conversations, Zipf s={}, seed {}, 1 partition (core)",
-        spec.events, spec.conversations, spec.zipf, spec.seed
+        "workload: {} events ({} for the core figures, one partition), {} conversations, Zipf s={}, seed {}",
+        spec.events, args.core_events, spec.conversations, spec.zipf, spec.seed
     );
     println!(
         "{:<34} {:>12} {:<10} {:>12}",

@@ -137,6 +137,7 @@ pub(super) struct Engine {
     encoder: UpdateEncoder,
     rt: tokio::runtime::Runtime,
     dead_letters: Vec<DeadLetter>,
+    dead_letter_log: LogLimiter,
     summary: RunSummary,
     failed: bool,
     buf: Vec<u8>,
@@ -202,6 +203,7 @@ impl Engine {
             encoder,
             rt,
             dead_letters: Vec::new(),
+            dead_letter_log: LogLimiter::new(DEAD_LETTER_LOGS_PER_SECOND),
             summary: RunSummary::default(),
             failed: false,
             buf: Vec::with_capacity(256),
@@ -524,7 +526,9 @@ impl Engine {
             let before = self.dead_letters.len();
             let task = &mut self.tasks.get_mut(&p).expect("checked above").task;
             task.process(&self.decoder, &recs, &mut self.dead_letters)?;
-            self.dead_letters[before..].iter().for_each(log_dead_letter);
+            for d in &self.dead_letters[before..] {
+                log_dead_letter(d, &mut self.dead_letter_log);
+            }
             if let Some(next) = recs.iter().map(|r| r.offset + 1).max() {
                 let topic = recs[0].topic;
                 self.advance_position(topic, p, next);
@@ -569,7 +573,7 @@ impl Engine {
             Err(e) => {
                 let rec = source_record(m, origin);
                 let d = DeadLetter::from_record(&rec, e.reason(), e.to_string());
-                log_dead_letter(&d);
+                log_dead_letter(&d, &mut self.dead_letter_log);
                 self.dead_letters.push(d);
             }
         }
@@ -876,9 +880,64 @@ fn source_record<'a>(m: &'a BorrowedMessage<'_>, origin: Origin) -> SourceRecord
     }
 }
 
-fn log_dead_letter(d: &DeadLetter) {
-    tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, reason = d.reason, error = %d.error, "dead letter");
+/// Dead letters logged one by one per second; beyond that they are counted and summed up
+/// (the metric and the DLQ itself have every one).
+const DEAD_LETTER_LOGS_PER_SECOND: u32 = 10;
+
+fn log_dead_letter(d: &DeadLetter, limit: &mut LogLimiter) {
+    let (log, suppressed) = limit.admit(Instant::now());
+    if suppressed > 0 {
+        tracing::warn!(
+            suppressed,
+            "more dead letters than logged in the last second; readstate_dead_letters_total and the dead-letter topic have them all"
+        );
+    }
+    if log {
+        tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, reason = d.reason, error = %d.error, "dead letter");
+    }
     metrics::counter!("readstate_dead_letters_total", "reason" => d.reason).increment(1);
+}
+
+/// At most `per_second` log lines per one-second window; the rest are counted and
+/// reported when the next window opens.
+#[derive(Debug)]
+struct LogLimiter {
+    per_second: u32,
+    window: Option<Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    fn new(per_second: u32) -> Self {
+        Self {
+            per_second,
+            window: None,
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether to log this line, and how many were suppressed in the window that just
+    /// closed (to report now).
+    fn admit(&mut self, now: Instant) -> (bool, u64) {
+        let mut closed = 0;
+        if self
+            .window
+            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
+        {
+            closed = std::mem::take(&mut self.suppressed);
+            self.window = Some(now);
+            self.logged = 0;
+        }
+        if self.logged < self.per_second {
+            self.logged += 1;
+            (true, closed)
+        } else {
+            self.suppressed += 1;
+            (false, closed)
+        }
+    }
 }
 
 /// Enqueue a record, waiting while the producer queue is full.
@@ -896,4 +955,31 @@ where
         ctx.settled(&mut ctx.state.lock().expect("delivery lock"));
         KafkaError::from(e).into()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_logs_are_limited_per_second_and_the_rest_counted() {
+        let mut l = LogLimiter::new(3);
+        let t0 = Instant::now();
+        let first: Vec<(bool, u64)> = (0..5).map(|_| l.admit(t0)).collect();
+        assert_eq!(
+            first,
+            vec![(true, 0), (true, 0), (true, 0), (false, 0), (false, 0)]
+        );
+        assert_eq!(
+            l.admit(t0 + Duration::from_millis(999)),
+            (false, 0),
+            "same window"
+        );
+        assert_eq!(
+            l.admit(t0 + Duration::from_secs(1)),
+            (true, 3),
+            "a new window reports the three suppressed"
+        );
+        assert_eq!(l.admit(t0 + Duration::from_secs(1)), (true, 0));
+    }
 }

@@ -391,23 +391,31 @@ linger = "500ms"
 
     // Drain: the instance consumes everything, then stops (final flush and commit).
     let deadline = Instant::now() + Duration::from_secs(600);
-    let (mut seen, mut moved) = (u64::MAX, Instant::now());
-    while Progress::get(&progress.records_consumed) < produced && !instance.is_finished() {
-        let now = Progress::get(&progress.records_consumed);
-        if now != seen {
-            (seen, moved) = (now, Instant::now());
-        }
-        if Instant::now() > deadline || moved.elapsed() > Duration::from_secs(30) {
-            return Err(DemoError::Other(format!(
-                "FAIL: the instance consumed {now} of {produced} records and stopped making progress"
-            )));
-        }
+    let mut tick = || {
         if last_print.elapsed() >= cfg.progress_every {
-            print("draining", produced, &progress);
             last_print = Instant::now();
+            true
+        } else {
+            false
         }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    };
+    wait_for(
+        || Progress::get(&progress.records_consumed),
+        produced,
+        || instance.is_finished(),
+        deadline,
+        Some(Duration::from_secs(30)),
+        || {
+            if tick() {
+                print("draining", produced, &progress)
+            }
+        },
+    )
+    .map_err(|now| {
+        DemoError::Other(format!(
+            "FAIL: the instance consumed {now} of {produced} records and stopped making progress"
+        ))
+    })?;
     stop_run.store(true, Ordering::Relaxed);
     let run_summary = instance
         .join()
@@ -429,18 +437,19 @@ linger = "500ms"
         }
         n
     };
-    while (Progress::get(&progress.sink_records) as i64) < outputs && !sink.is_finished() {
-        if Instant::now() > deadline {
-            return Err(DemoError::Other(
-                "the sink did not catch up in 10 minutes".into(),
-            ));
-        }
-        if last_print.elapsed() >= cfg.progress_every {
-            print("sinking", produced, &progress);
-            last_print = Instant::now();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        || Progress::get(&progress.sink_records),
+        outputs.max(0) as u64,
+        || sink.is_finished(),
+        deadline,
+        None,
+        || {
+            if tick() {
+                print("sinking", produced, &progress)
+            }
+        },
+    )
+    .map_err(|_| DemoError::Other("the sink did not catch up in 10 minutes".into()))?;
     stop_sink.store(true, Ordering::Relaxed);
     let sink_summary = sink
         .join()
@@ -476,6 +485,34 @@ linger = "500ms"
         mismatches,
         demo_database_url: demo_url,
     })
+}
+
+/// Poll `count` until it reaches `target` or `finished` says the worker ended, calling
+/// `report` between polls. Fails with the last count at `deadline`, or when the count has
+/// not moved for `stall`.
+fn wait_for(
+    count: impl Fn() -> u64,
+    target: u64,
+    finished: impl Fn() -> bool,
+    deadline: Instant,
+    stall: Option<Duration>,
+    mut report: impl FnMut(),
+) -> Result<(), u64> {
+    let (mut seen, mut moved) = (u64::MAX, Instant::now());
+    loop {
+        let now = count();
+        if now >= target || finished() {
+            return Ok(());
+        }
+        if now != seen {
+            (seen, moved) = (now, Instant::now());
+        }
+        if Instant::now() > deadline || stall.is_some_and(|s| moved.elapsed() > s) {
+            return Err(now);
+        }
+        report();
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[cfg(test)]

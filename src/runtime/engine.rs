@@ -552,7 +552,7 @@ impl Engine {
             offset: m.offset(),
         };
         let f = self.forwarding.as_ref().expect("checked above");
-        match self.decoder.decode(m.payload()) {
+        match self.decoder.decode_ref(m.payload()) {
             Ok(e) => {
                 let mut key = itoa::Buffer::new();
                 let key = key.format(e.conversation_id.0);

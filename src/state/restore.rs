@@ -79,15 +79,6 @@ impl ChangelogRestorer {
     }
 }
 
-/// Apply one run of changelog records (see [`ChangelogRestorer::apply`]).
-pub fn apply_changelog<'a>(
-    store: &mut dyn KeyValueStore,
-    records: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
-    next_offset: i64,
-) -> Result<usize, StoreError> {
-    ChangelogRestorer::new(store)?.apply(store, records, next_offset)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,13 +105,33 @@ mod tests {
             ..Default::default()
         }
         .to_bytes();
+        let pending = |s: &InMemoryStore| s.get(StoreKey::pending(k).as_bytes()).unwrap();
+        let held_rec = || [(key.as_bytes(), Some(&held[..]))].into_iter();
+        let done_rec = || [(key.as_bytes(), Some(&done[..]))].into_iter();
+
+        // A new store: the restorer remembers the entries it made, and deletes only those.
         let mut s = InMemoryStore::new("s".into());
-        apply_changelog(&mut s, [(key.as_bytes(), Some(&held[..]))].into_iter(), 1).unwrap();
-        assert!(s.get(StoreKey::pending(k).as_bytes()).unwrap().is_some());
-        apply_changelog(&mut s, [(key.as_bytes(), Some(&done[..]))].into_iter(), 2).unwrap();
-        assert!(s.get(StoreKey::pending(k).as_bytes()).unwrap().is_none());
+        let mut r = ChangelogRestorer::new(&s).unwrap();
+        r.apply(&mut s, held_rec(), 1).unwrap();
+        assert!(pending(&s).is_some());
+        r.apply(&mut s, done_rec(), 2).unwrap();
+        assert!(pending(&s).is_none());
         assert_eq!(read_checkpoint(&s).unwrap(), Some(2));
-        assert!(apply_changelog(&mut s, [(&b"bad"[..], Some(&done[..]))].into_iter(), 3).is_err());
+
+        // A store that had pending entries before the restore: every value without an
+        // unemitted advance deletes its entry.
+        let mut s = InMemoryStore::new("s".into());
+        ChangelogRestorer::new(&s)
+            .unwrap()
+            .apply(&mut s, held_rec(), 1)
+            .unwrap();
+        let mut r = ChangelogRestorer::new(&s).unwrap();
+        r.apply(&mut s, done_rec(), 2).unwrap();
+        assert!(pending(&s).is_none());
+        assert_eq!(read_checkpoint(&s).unwrap(), Some(2));
+
+        let bad = [(&b"bad"[..], Some(&done[..]))].into_iter();
+        assert!(r.apply(&mut s, bad, 3).is_err());
         assert_eq!(
             read_checkpoint(&s).unwrap(),
             Some(2),

@@ -328,6 +328,7 @@ linger = "500ms"
         resolver,
         table: Arc::new(table),
         progress: progress.clone(),
+        health: Health::new(),
     };
     let sink = {
         let stop = stop_sink.clone();

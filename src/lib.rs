@@ -17,8 +17,9 @@
 //! - [`state`]: key-value stores (RocksDB, in-memory), the value codec, the record cache.
 //! - [`task`]: one task per input partition: decode, fold, dead letters, flush.
 //! - [`kafka`]: client settings (consumer, producer) and internal-topic admin.
-//! - [`runtime`]: `readstate run`: the consumer-group instance, task lifecycle on
-//!   rebalance, changelog restore and the commit protocol.
+//! - [`runtime`]: `readstate run` in Kafka Streams' roles: the poll loop, the task manager
+//!   (assign, revoke, lost, corrupted, fatal), the commit protocol, the record collector,
+//!   the state manager and the incremental changelog reader.
 //! - [`sink`]: the PostgreSQL sink: migrations, batching, the version-guarded upsert with
 //!   offsets in the same transaction, and its consumer loop.
 //! - [`telemetry`]: the Prometheus recorder and `/metrics`, `/health`, `/ready`.

@@ -483,13 +483,14 @@ fn migrate_command(args: MigrateArgs) -> anyhow::Result<()> {
 fn sink_command(args: SinkArgs) -> anyhow::Result<()> {
     let topology = Topology::from_file(&args.topology)?;
     let url = args.database.url(&topology)?;
-    let config = readstate::sink::from_topology(
+    let mut config = readstate::sink::from_topology(
         &topology,
         args.kafka.settings()?,
         args.kafka.resolver()?,
         &url,
     )?;
     let health = readstate::telemetry::Health::new();
+    config.health = health.clone();
     let _metrics = match args.metrics_addr {
         Some(addr) => Some(readstate::telemetry::serve(addr, health.clone())?),
         None => None,
@@ -524,6 +525,11 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         config.state_dir = dir;
     }
     config.replication = args.replication;
+    // The embedded sink says on the instance's /ready when it waits for the database.
+    let sink = sink.map(|mut s| {
+        s.health = config.health.clone();
+        s
+    });
     let _metrics = match args.metrics_addr {
         Some(addr) => Some(readstate::telemetry::serve(addr, config.health.clone())?),
         None => None,

@@ -79,6 +79,9 @@ impl Progress {
 pub struct Health {
     live: AtomicBool,
     ready: AtomicBool,
+    /// Why a component cannot work now (e.g. the sink waiting for PostgreSQL): `/ready`
+    /// answers 503 with this text while it is set.
+    waiting: std::sync::Mutex<Option<String>>,
 }
 
 impl Health {
@@ -86,6 +89,7 @@ impl Health {
         Arc::new(Self {
             live: AtomicBool::new(true),
             ready: AtomicBool::new(false),
+            waiting: std::sync::Mutex::new(None),
         })
     }
 
@@ -95,7 +99,16 @@ impl Health {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && self.waiting().is_none()
+    }
+
+    /// Set (or clear, with `None`) what the instance is waiting for.
+    pub fn set_waiting(&self, why: Option<String>) {
+        *self.waiting.lock().expect("health lock") = why;
+    }
+
+    pub fn waiting(&self) -> Option<String> {
+        self.waiting.lock().expect("health lock").clone()
     }
 
     /// Live until the instance stops (a failed instance turns not live).
@@ -129,12 +142,16 @@ async fn health_page(State(e): State<Endpoints>) -> (StatusCode, &'static str) {
     status(e.health.is_live(), "live\n", "stopped\n")
 }
 
-async fn ready_page(State(e): State<Endpoints>) -> (StatusCode, &'static str) {
-    status(
+async fn ready_page(State(e): State<Endpoints>) -> (StatusCode, String) {
+    if let Some(why) = e.health.waiting() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
+    }
+    let (code, text) = status(
         e.health.is_ready(),
         "ready\n",
         "restoring or not assigned yet\n",
-    )
+    );
+    (code, text.to_owned())
 }
 
 /// A running endpoint; dropping it stops the server.

@@ -14,22 +14,19 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kafka::{send, suffix};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, Zipf};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::Message;
 use readstate::kafka::KafkaSettings;
 use readstate::model::{ReadEvent, ReceiptUpdate, StateKey};
-use readstate::runtime::{run, RunConfig, RunSummary};
+use readstate::runtime::{run, RunConfig, RunSummary, RuntimeError};
 use readstate::serde::avro::{AvroReadEvent, EventEncoder, UpdateDecoder};
 use readstate::serde::registry::{
     ConfluentRegistry, SchemaResolver, LOCAL_READ_EVENT_ID, LOCAL_RECEIPT_UPDATE_ID,
 };
 use readstate::serde::{LocalRegistry, READ_EVENT_SCHEMA, RECEIPT_UPDATE_SCHEMA};
 use readstate::state::rocks::{RocksDbOptions, RocksDbStore};
-use readstate::state::{KeyValueStore, ReadState, StoreKey};
+use readstate::state::{KeyValueStore, ReadState};
 use readstate::topology::{compile, Topology};
 
 const PARTS: i32 = 4;
@@ -149,19 +146,27 @@ impl Env {
         resolver: Arc<dyn SchemaResolver>,
         health: Option<Arc<readstate::telemetry::Health>>,
     ) -> Instance {
-        let mut cfg = RunConfig::new(
-            self.topology(),
-            KafkaSettings::new(self.brokers()),
-            resolver,
-        );
+        let mut cfg = self.config(state_dir, resolver, &[]);
         if let Some(h) = health {
             cfg.health = h;
         }
+        launch(cfg)
+    }
+
+    /// An instance's configuration, with librdkafka properties `props` ("key=value").
+    fn config(
+        &self,
+        state_dir: &std::path::Path,
+        resolver: Arc<dyn SchemaResolver>,
+        props: &[&str],
+    ) -> RunConfig {
+        let props: Vec<String> = props.iter().map(|p| p.to_string()).collect();
+        let kafka = KafkaSettings::new(self.brokers())
+            .with_properties(&props)
+            .unwrap();
+        let mut cfg = RunConfig::new(self.topology(), kafka, resolver);
         cfg.state_dir = state_dir.to_path_buf();
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
-        let handle = std::thread::spawn(move || run(cfg, s2).expect("instance runs"));
-        Instance { stop, handle }
+        cfg
     }
 
     /// Produce records already encoded.
@@ -257,23 +262,8 @@ impl Env {
     }
 
     fn stored_states_in(&self, dir: &std::path::Path) -> HashMap<StateKey, ReadState> {
-        let mut m = HashMap::new();
-        for p in 0..PARTS {
-            let path = dir
-                .join(&self.app)
-                .join(self.task_dir(p))
-                .join("read-state");
-            if !path.exists() {
-                continue;
-            }
-            let s =
-                RocksDbStore::open("read-state".into(), &path, &RocksDbOptions::default()).unwrap();
-            for (k, v) in s.scan_prefix(b"s").unwrap() {
-                let (_, key) = StoreKey::decode(&k).unwrap();
-                m.insert(key, ReadState::decode(&v).unwrap());
-            }
-        }
-        m
+        let sub = u8::from(self.keyed_by.is_some());
+        stored_states(&dir.join(&self.app), sub, PARTS)
     }
 }
 
@@ -293,47 +283,35 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 
 struct Instance {
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<RunSummary>,
+    handle: JoinHandle<Result<RunSummary, RuntimeError>>,
+}
+
+/// Run an instance on its own thread.
+fn launch(cfg: RunConfig) -> Instance {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let handle = std::thread::spawn(move || run(cfg, s2));
+    Instance { stop, handle }
 }
 
 impl Instance {
     fn stop(self) -> RunSummary {
         self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().unwrap()
+        self.handle.join().unwrap().expect("instance runs")
     }
-}
 
-/// Zipf-distributed conversations, several readers and devices, reordering, duplicates and
-/// stale re-reads.
-fn zipf_workload(seed: u64, n: usize) -> Vec<ReadEvent> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let zipf = Zipf::new(500, 1.1).unwrap();
-    let mut head: HashMap<(i64, i64), i64> = HashMap::new();
-    let mut out: Vec<ReadEvent> = Vec::with_capacity(n);
-    while out.len() < n {
-        let conv = zipf.sample(&mut rng) as i64;
-        let reader = rng.gen_range(0..4);
-        let h = head.entry((conv, reader)).or_insert(0);
-        *h += rng.gen_range(1..5);
-        let seq = if rng.gen_bool(0.05) {
-            (*h - 10).max(0)
-        } else {
-            *h
-        };
-        let e = event(conv, reader, seq, &format!("dev-{}", rng.gen_range(0..3)));
-        if rng.gen_bool(0.05) {
-            out.push(e.clone());
+    /// Wait (bounded) for the instance to stop by itself; its error.
+    fn failure(self) -> RuntimeError {
+        let deadline = Instant::now() + Duration::from_secs(150);
+        while !self.handle.is_finished() {
+            assert!(Instant::now() < deadline, "the instance did not stop");
+            std::thread::sleep(Duration::from_millis(50));
         }
-        if rng.gen_bool(0.1) && !out.is_empty() {
-            // Reorder: swap with a recent event.
-            let j = out.len() - rng.gen_range(1..=out.len().min(20));
-            let prev = std::mem::replace(&mut out[j], e);
-            out.push(prev);
-        } else {
-            out.push(e);
-        }
+        self.handle
+            .join()
+            .unwrap()
+            .expect_err("the instance stopped with an error")
     }
-    out
 }
 
 fn check_final_state(env: &Env, want: &HashMap<StateKey, Expected>) {
@@ -726,4 +704,415 @@ fn evolved_writers_through_an_http_registry_that_is_down_at_first() {
             "device rides along with the max"
         );
     }
+}
+
+// ---- Faults: the task lifecycle under pauses, failed produces, long restores and
+// registry outages.
+
+/// Send a signal (`STOP`, `CONT`, `TERM`) to a child process.
+fn signal(child: &std::process::Child, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig}");
+}
+
+/// `readstate run` as a child process with its own state directory and extra arguments.
+fn spawn_cli_in(
+    env: &Env,
+    topology: &std::path::Path,
+    state_dir: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
+        .args(["run", "--local-schemas", "--topology"])
+        .arg(topology)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(extra)
+        .env("KAFKA_BROKERS", env.brokers())
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(state_dir.join("readstate.log")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Per key, in changelog order: pointer, version and event count never go down.
+fn check_changelog_monotonic(env: &Env) -> usize {
+    let topic = format!("{}-read-state-changelog", env.app);
+    let total: i64 = kafka::end_offsets(&env.brokers(), &topic).iter().sum();
+    let records = env.read_until(
+        &topic,
+        |m| {
+            (
+                m.key().unwrap().to_vec(),
+                ReadState::decode(m.payload().unwrap()).unwrap(),
+            )
+        },
+        |r: &[(Vec<u8>, ReadState)]| r.len() as i64 >= total,
+    );
+    let mut last: HashMap<Vec<u8>, ReadState> = HashMap::new();
+    for (k, s) in &records {
+        if let Some(p) = last.get(k) {
+            assert!(
+                s.last_read_seq >= p.last_read_seq
+                    && s.version >= p.version
+                    && s.events_total >= p.events_total,
+                "changelog regressed for {k:02x?}: {p:?} then {s:?}"
+            );
+        }
+        last.insert(k.clone(), s.clone());
+    }
+    records.len()
+}
+
+/// A fresh instance restores every partition from the changelog; its stores must equal
+/// the oracle (pointer, version and counts).
+fn check_restored_state(env: &Env, want: &HashMap<StateKey, Expected>) {
+    let dir = tempfile::tempdir().unwrap();
+    let health = readstate::telemetry::Health::new();
+    let mut cfg = env.config(dir.path(), Arc::new(LocalRegistry::new()), &[]);
+    cfg.health = health.clone();
+    let inst = launch(cfg);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !health.is_ready() {
+        assert!(
+            Instant::now() < deadline,
+            "the fresh instance never restored"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = inst.stop();
+    assert_eq!(
+        s.tasks_opened, PARTS as u64,
+        "it owned every partition: {s:?}"
+    );
+    let stored = env.stored_states_in(dir.path());
+    assert_eq!(stored.len(), want.len());
+    assert_states_match(want, |k| stored.get(&k).cloned());
+}
+
+/// An instance paused (SIGSTOP) longer than its session timeout while another takes over
+/// its partitions, then resumed (SIGCONT): it learns of its loss before it commits, closes
+/// its tasks dirty and restores whatever it gets back from the changelog. Output and
+/// changelog never regress per key, and the state restored from the changelog is exact.
+#[test]
+fn sigstop_past_the_session_timeout_then_sigcont_never_regresses() {
+    let env = Env::new();
+    let events = zipf_workload(11, 15_000);
+    let chunks: Vec<&[ReadEvent]> = events.chunks(5_000).collect();
+    let want = oracle(&events);
+    let file = env.state.path().join("topology.toml");
+    std::fs::write(&file, env.topology_text()).unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let props = [
+        "-X",
+        "session.timeout.ms=6000",
+        "-X",
+        "heartbeat.interval.ms=500",
+    ];
+    let mut a = spawn_cli_in(&env, &file, dir_a.path(), &props);
+    let mut b = spawn_cli_in(&env, &file, dir_b.path(), &props);
+    env.produce(chunks[0], 0);
+    env.read_updates(&oracle(chunks[0]));
+    signal(&a, "STOP");
+    env.produce(chunks[1], 0);
+    // B can only reach this once it owns A's partitions (A's session timed out).
+    let stopped_at = Instant::now();
+    env.read_updates(&oracle(&events[..10_000]));
+    let taken_over = stopped_at.elapsed();
+    signal(&a, "CONT");
+    env.produce(chunks[2], 0);
+    let updates = env.read_updates(&want);
+    terminate(&mut a);
+    terminate(&mut b);
+    assert!(
+        taken_over >= Duration::from_secs(3),
+        "B took A's partitions only after A's session timed out ({taken_over:?})"
+    );
+    let log_a = std::fs::read_to_string(dir_a.path().join("readstate.log")).unwrap();
+    assert!(
+        log_a.contains("tasks lost"),
+        "A learned of its loss and closed its tasks dirty:\n{log_a}"
+    );
+    check_output_monotonic(&updates, &want);
+    check_changelog_monotonic(&env);
+    check_restored_state(&env, &want);
+}
+
+/// Wait (bounded) until an instance has consumed `n` records.
+fn wait_consumed(progress: &readstate::telemetry::Progress, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while readstate::telemetry::Progress::get(&progress.records_consumed) < n as u64 {
+        assert!(Instant::now() < deadline, "records were never consumed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every produce request fails for good (the broker says the message is too large) while
+/// this guard lives.
+struct FailingProduces<'a>(&'a Env);
+
+impl<'a> FailingProduces<'a> {
+    fn start(env: &'a Env) -> Self {
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        env.mock.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 200],
+        );
+        Self(env)
+    }
+}
+
+impl Drop for FailingProduces<'_> {
+    fn drop(&mut self) {
+        self.0
+            .mock
+            .clear_request_errors(rdkafka::types::RDKafkaApiKey::Produce);
+    }
+}
+
+/// A produce that fails for good during a commit stops the instance with an error and
+/// `/health` 503 (no zombie that stays up and does nothing); a restarted instance recovers
+/// the exact state.
+#[test]
+fn failed_produce_during_a_commit_stops_the_instance_then_a_restart_recovers() {
+    let env = Env::new();
+    let events = zipf_workload(12, 12_000);
+    let parts: Vec<&[ReadEvent]> = events.chunks(4_000).collect();
+    let want = oracle(&events);
+    let health = readstate::telemetry::Health::new();
+    let mut cfg = env.config(env.state.path(), Arc::new(LocalRegistry::new()), &[]);
+    cfg.topology.commit_interval = Duration::from_secs(600);
+    cfg.health = health.clone();
+    let (progress, commit_now) = (cfg.progress.clone(), cfg.commit_now.clone());
+    let a = launch(cfg);
+    env.produce(parts[0], 0);
+    wait_consumed(&progress, parts[0].len());
+    commit_now.store(true, Ordering::Relaxed);
+    env.read_updates(&oracle(parts[0]));
+    env.produce(parts[1], 0);
+    wait_consumed(&progress, parts[0].len() + parts[1].len());
+    let err = {
+        let _failing = FailingProduces::start(&env);
+        commit_now.store(true, Ordering::Relaxed);
+        a.failure()
+    };
+    assert!(
+        matches!(err, RuntimeError::Fatal(_)),
+        "stopped as fatal: {err}"
+    );
+    assert!(!health.is_live(), "/health answers 503");
+    env.produce(parts[2], 0);
+    let b = env.start();
+    let updates = env.read_updates(&want);
+    b.stop();
+    check_output_monotonic(&updates, &want);
+    check_final_state(&env, &want);
+}
+
+/// The same during a revoke: a second instance joins, the first one's commit on revoke
+/// fails; it stops with an error, and the second converges to the exact state.
+#[test]
+fn failed_produce_during_a_revoke_stops_the_instance_and_the_other_converges() {
+    let env = Env::new();
+    let events = zipf_workload(13, 12_000);
+    let (first, second) = events.split_at(events.len() / 2);
+    let want = oracle(&events);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // Long commit intervals: A's state is committed on revoke, B's when it stops.
+    let config = |dir: &std::path::Path| {
+        let mut cfg = env.config(dir, Arc::new(LocalRegistry::new()), &[]);
+        cfg.topology.commit_interval = Duration::from_secs(600);
+        cfg
+    };
+    let cfg = config(dir_a.path());
+    let progress_a = cfg.progress.clone();
+    let a = launch(cfg);
+    env.produce(first, 0);
+    wait_consumed(&progress_a, first.len());
+    let cfg = config(dir_b.path());
+    let progress_b = cfg.progress.clone();
+    let err = {
+        let _failing = FailingProduces::start(&env);
+        let b = launch(cfg);
+        (a.failure(), b)
+    };
+    let (err, b) = err;
+    assert!(matches!(err, RuntimeError::Fatal(_)), "{err}");
+    env.produce(second, 0);
+    // A committed nothing: B reads everything from the start.
+    wait_consumed(&progress_b, events.len());
+    b.stop();
+    let updates = env.read_updates(&want);
+    check_output_monotonic(&updates, &want);
+    let stored = env.stored_states_in(dir_b.path());
+    assert_states_match(&want, |k| stored.get(&k).cloned());
+}
+
+/// A restore larger than one restore step runs between polls: the instance keeps its
+/// membership (one assignment, nothing lost) and ends with the exact state.
+#[test]
+fn restore_larger_than_one_step_keeps_polling_and_the_membership() {
+    let env = Env::new();
+    let events = zipf_workload(14, 20_000);
+    let (first, second) = events.split_at(events.len() / 2);
+    let want = oracle(&events);
+    let a = env.start();
+    env.produce(first, 0);
+    env.read_updates(&oracle(first));
+    a.stop();
+    let changelog: i64 =
+        kafka::end_offsets(&env.brokers(), &format!("{}-read-state-changelog", env.app))
+            .iter()
+            .sum();
+    let fresh = tempfile::tempdir().unwrap();
+    let mut cfg = env.config(fresh.path(), Arc::new(LocalRegistry::new()), &[]);
+    cfg.restore_batch = 50;
+    let b = launch(cfg);
+    env.produce(second, 0);
+    let updates = env.read_updates(&want);
+    let s = b.stop();
+    assert!(
+        changelog > 4 * 50,
+        "the restore took many steps ({changelog} records)"
+    );
+    assert_eq!(s.restored_records as i64, changelog, "{s:?}");
+    assert_eq!(s.assignments, 1, "no rebalance during the restore: {s:?}");
+    assert_eq!(s.tasks_lost, 0, "{s:?}");
+    check_output_monotonic(&updates, &want);
+    let stored = env.stored_states_in(fresh.path());
+    assert_states_match(&want, |k| stored.get(&k).cloned());
+}
+
+/// The schema registry is down for longer than max.poll.interval.ms: the partitions that
+/// need it are parked, the consumer keeps polling (no rebalance, nothing lost), nothing is
+/// dead-lettered, and processing resumes when the registry answers.
+#[test]
+fn registry_down_longer_than_max_poll_interval_parks_and_resumes() {
+    let env = Env::new();
+    let reg = fake_registry::FakeRegistry::start();
+    let id = reg.add(&format!("{}-value", env.source), READ_EVENT_SCHEMA);
+    let events = zipf_workload(15, 6_000);
+    let want = oracle(&events);
+    let records: Vec<(String, Vec<u8>)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.conversation_id.0.to_string(),
+                encode_with(READ_EVENT_SCHEMA, id, e),
+            )
+        })
+        .collect();
+    let resolver = Arc::new(ConfluentRegistry::new(&reg.url(), Duration::from_secs(2)).unwrap());
+    let props = [
+        "session.timeout.ms=6000",
+        "heartbeat.interval.ms=500",
+        "max.poll.interval.ms=7000",
+    ];
+    let cfg = env.config(env.state.path(), resolver, &props);
+    let inst = launch(cfg);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let output_id = loop {
+        if let Some(id) = reg.id_of(&format!("{}-value", env.output)) {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "output schema never registered");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let outage = Duration::from_secs(12);
+    reg.down_for(outage);
+    let down_at = Instant::now();
+    env.produce_raw(&records);
+    let updates = env.read_updates_as(&want, output_id);
+    let took = down_at.elapsed();
+    let s = inst.stop();
+    assert!(
+        took >= outage,
+        "nothing was processed while the registry was down"
+    );
+    assert!(reg.failed() > 1, "the outage was met and retried");
+    assert_eq!(s.dead_letters, 0, "{s:?}");
+    assert_eq!(s.assignments, 1, "no rebalance: {s:?}");
+    assert_eq!(s.tasks_lost, 0, "{s:?}");
+    check_output_monotonic(&updates, &want);
+    check_final_state(&env, &want);
+}
+
+/// A store whose checkpoint lies beyond its changelog's end (the changelog was recreated)
+/// is wiped and restored instead of trusted.
+#[test]
+fn a_checkpoint_beyond_the_changelog_end_is_wiped_and_restored() {
+    use readstate::state::{put_checkpoint, StoreBatch};
+    let env = Env::new();
+    let events = zipf_workload(16, 6_000);
+    let want = oracle(&events);
+    env.produce(&events, 0);
+    let a = env.start();
+    env.read_updates(&want);
+    a.stop();
+    // Move every store's checkpoint far beyond the changelog's end.
+    for p in 0..PARTS {
+        let path = env
+            .state
+            .path()
+            .join(&env.app)
+            .join(env.task_dir(p))
+            .join("read-state");
+        let mut s =
+            RocksDbStore::open("read-state".into(), &path, &RocksDbOptions::default()).unwrap();
+        let mut b = StoreBatch::default();
+        put_checkpoint(&mut b, 1_000_000);
+        s.write(b).unwrap();
+        s.flush().unwrap();
+    }
+    let health = readstate::telemetry::Health::new();
+    let mut cfg = env.config(env.state.path(), Arc::new(LocalRegistry::new()), &[]);
+    cfg.health = health.clone();
+    let b = launch(cfg);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !health.is_ready() {
+        assert!(Instant::now() < deadline, "never restored");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = b.stop();
+    assert_eq!(s.tasks_corrupted, PARTS as u64, "{s:?}");
+    check_final_state(&env, &want);
+}
+
+/// An existing changelog with another partition count than the source stops the instance
+/// at start with an error naming the topic.
+#[test]
+fn an_internal_topic_with_the_wrong_partition_count_is_refused() {
+    let mock = MockCluster::new(1).unwrap();
+    let s = suffix();
+    let (app, source) = (format!("app-{s}"), format!("events-{s}"));
+    mock.create_topic(&source, 4, 1).unwrap();
+    let changelog = format!("{app}-read-state-changelog");
+    mock.create_topic(&changelog, 2, 1).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let text = topology_text(
+        &app,
+        "200ms",
+        &state.path().display().to_string(),
+        &source,
+        "out",
+        "0s",
+    );
+    let cfg = RunConfig::new(
+        compile(&text).unwrap(),
+        KafkaSettings::new(mock.bootstrap_servers()),
+        Arc::new(LocalRegistry::new()),
+    );
+    let err = run(cfg, Arc::new(AtomicBool::new(false)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&changelog) && err.contains("2 partitions"),
+        "the error names the topic and what is wrong: {err}"
+    );
 }

@@ -4,6 +4,8 @@
 //! `READSTATE_TEST_DATABASE_URL`; every test works in a database of its own.
 
 mod common;
+#[path = "common/db.rs"]
+mod db;
 #[path = "common/kafka.rs"]
 mod kafka;
 
@@ -14,6 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
+use db::Db;
 use kafka::{send, suffix};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -27,184 +30,10 @@ use readstate::runtime::{run, RunConfig};
 use readstate::serde::avro::{AvroReceiptUpdate, UpdateEncoder};
 use readstate::serde::registry::LOCAL_RECEIPT_UPDATE_ID;
 use readstate::serde::{LocalRegistry, RECEIPT_UPDATE_SCHEMA};
-use readstate::sink::{run_sink, PostgresTable, SinkConfig, SinkSummary};
+use readstate::sink::{run_sink, SinkConfig, SinkSummary};
 use readstate::topology::compile;
 
 const PARTS: i32 = 4;
-
-/// A database of its own on the test server, dropped at the end.
-struct Db {
-    admin_url: String,
-    name: String,
-    url: String,
-    rt: tokio::runtime::Runtime,
-}
-
-/// A row as stored, every column as text (so a rewrite would show in `updated_at`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Row {
-    seq: i64,
-    version: i64,
-    events_total: i64,
-    stale_total: i64,
-    device: Option<String>,
-    read_at: Option<String>,
-    updated_at: String,
-}
-
-impl Db {
-    fn new() -> Self {
-        let admin_url = std::env::var("READSTATE_TEST_DATABASE_URL").expect(
-            "READSTATE_TEST_DATABASE_URL is not set: run scripts/test, which starts a private PostgreSQL",
-        );
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let name = format!("rs_{}", suffix());
-        let (base, _) = admin_url.rsplit_once('/').unwrap();
-        let url = format!("{base}/{name}");
-        let db = Db {
-            admin_url,
-            name,
-            url,
-            rt,
-        };
-        db.admin(&format!("CREATE DATABASE {}", db.name));
-        db
-    }
-
-    fn connect(&self, url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        self.rt.block_on(async {
-            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            Ok(client)
-        })
-    }
-
-    fn admin(&self, sql: &str) {
-        let c = self.connect(&self.admin_url).unwrap();
-        self.rt.block_on(c.batch_execute(sql)).unwrap();
-    }
-
-    fn table(&self) -> PostgresTable {
-        self.table_with_timeout(Duration::from_secs(30))
-    }
-
-    fn table_with_timeout(&self, statement_timeout: Duration) -> PostgresTable {
-        PostgresTable::connect(&self.url, "read_receipts", 2, statement_timeout).unwrap()
-    }
-
-    fn migrate(&self) {
-        self.rt.block_on(self.table().migrate()).unwrap();
-    }
-
-    /// Every row, or `None` while the database cannot be reached.
-    fn rows(&self) -> Option<HashMap<StateKey, Row>> {
-        let c = self.connect(&self.url).ok()?;
-        let rows = self
-            .rt
-            .block_on(c.query(
-                "SELECT conversation_id, reader_id, last_read_seq, version, events_total,
-                        stale_total, device_id, read_at::text, updated_at::text
-                 FROM read_receipts",
-                &[],
-            ))
-            .ok()?;
-        Some(
-            rows.iter()
-                .map(|r| {
-                    (
-                        key(r.get(0), r.get(1)),
-                        Row {
-                            seq: r.get(2),
-                            version: r.get(3),
-                            events_total: r.get(4),
-                            stale_total: r.get(5),
-                            device: r.get(6),
-                            read_at: r.get(7),
-                            updated_at: r.get(8),
-                        },
-                    )
-                })
-                .collect(),
-        )
-    }
-
-    /// (next_offset, records_applied) per partition of the sink's group.
-    fn offsets(&self, group: &str) -> Option<HashMap<i32, (i64, i64)>> {
-        let c = self.connect(&self.url).ok()?;
-        let rows = self
-            .rt
-            .block_on(c.query(
-                "SELECT partition, next_offset, records_applied FROM readstate_sink_offsets
-                 WHERE consumer_group = $1",
-                &[&group],
-            ))
-            .ok()?;
-        Some(
-            rows.iter()
-                .map(|r| (r.get(0), (r.get(1), r.get(2))))
-                .collect(),
-        )
-    }
-
-    /// An outage: no new connections to this database, and the existing ones killed.
-    fn block(&self) {
-        self.admin(&format!(
-            "ALTER DATABASE {0} ALLOW_CONNECTIONS false;
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{0}'",
-            self.name
-        ));
-    }
-
-    fn unblock(&self) {
-        self.admin(&format!(
-            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
-            self.name
-        ));
-    }
-
-    /// Wait until the table equals `want` (pointer, version, counters) for every key.
-    fn wait_rows(&self, want: &HashMap<StateKey, ReceiptUpdate>) -> HashMap<StateKey, Row> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(rows) = self.rows() {
-                if rows.len() == want.len() && want.iter().all(|(k, u)| matches(rows.get(k), u)) {
-                    return rows;
-                }
-            }
-            assert!(Instant::now() < deadline, "rows never matched the oracle");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Db {
-    fn drop(&mut self) {
-        if let Ok(c) = self.connect(&self.admin_url) {
-            let _ = self.rt.block_on(c.batch_execute(&format!(
-                "ALTER DATABASE {0} ALLOW_CONNECTIONS true;
-                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{0}';
-                 DROP DATABASE IF EXISTS {0}",
-                self.name
-            )));
-        }
-    }
-}
-
-fn matches(row: Option<&Row>, u: &ReceiptUpdate) -> bool {
-    row.is_some_and(|r| {
-        r.seq == u.last_read_seq
-            && r.version == u.version
-            && r.events_total == u.events_total
-            && r.stale_total == u.stale_total
-            && r.device == u.device_id
-    })
-}
 
 /// A broker with the output and dead-letter topics.
 struct Kafka {
@@ -271,6 +100,7 @@ impl Kafka {
             resolver: Arc::new(LocalRegistry::new()),
             table: Arc::new(db.table()),
             progress: Default::default(),
+            health: readstate::telemetry::Health::new(),
         }
     }
 
@@ -438,23 +268,7 @@ fn end_to_end_run_then_sink_matches_the_oracle() {
     .unwrap();
     let events = workload(11, 2_000, 12);
     let p = kafka::producer(&k.brokers());
-    let enc = readstate::serde::avro::EventEncoder::new(
-        readstate::serde::READ_EVENT_SCHEMA,
-        readstate::serde::registry::LOCAL_READ_EVENT_ID,
-    )
-    .unwrap();
-    for e in &events {
-        let v = enc
-            .encode(&readstate::serde::avro::AvroReadEvent::from(e))
-            .unwrap();
-        let key = e.conversation_id.0.to_string();
-        send(
-            &p,
-            BaseRecord::to(&source)
-                .key(key.as_str())
-                .payload(v.as_slice()),
-        );
-    }
+    kafka::send_events(&p, &source, &events);
     p.flush(Duration::from_secs(30)).unwrap();
 
     let cfg = RunConfig::new(
@@ -604,13 +418,22 @@ fn cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Command {
 }
 
 fn sink_topology(k: &Kafka, dir: &std::path::Path, batch: usize) -> std::path::PathBuf {
+    sink_topology_from(k, dir, batch, &format!("events-{}", suffix()))
+}
+
+fn sink_topology_from(
+    k: &Kafka,
+    dir: &std::path::Path,
+    batch: usize,
+    source: &str,
+) -> std::path::PathBuf {
     let text = format!(
         "{}\n[[sink]]\nname = \"postgres\"\nkind = \"postgres\"\ninput = \"updates\"\nbatch_size = {batch}\nlinger = \"50ms\"\n",
         topology_text(
             &k.app,
             "200ms",
             &dir.display().to_string(),
-            &format!("events-{}", suffix()),
+            source,
             &k.output,
             "0s"
         )
@@ -791,4 +614,111 @@ fn statement_timeouts_are_retried() {
     let summary = sink.stop();
     assert!(summary.retries >= 1, "{summary:?}");
     assert_eq!(records_applied(&db, &k.group()), k.records());
+}
+
+/// Wait (bounded) until `cond` holds.
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The database goes away while sink partitions move: B (owning half) stops during the
+/// outage, within a bounded time, and A is assigned B's partitions while it cannot claim
+/// them. When the database returns every row arrives and every record is applied once.
+#[test]
+fn outage_while_sink_partitions_move_then_every_row_arrives() {
+    let (db, k) = (Db::new(), Kafka::new());
+    db.migrate();
+    let updates = update_stream(4, 2_000, 8);
+    let (first, second) = updates.split_at(updates.len() / 2);
+    let want = latest(&updates);
+    let cfg_a = k.sink_config(&db, 200, Duration::from_millis(100));
+    let health_a = cfg_a.health.clone();
+    let a = start_sink(cfg_a);
+    let cfg_b = k.sink_config(&db, 200, Duration::from_millis(100));
+    let health_b = cfg_b.health.clone();
+    let b = start_sink(cfg_b);
+    k.produce(first);
+    db.wait_rows(&latest(first));
+    db.block();
+    k.produce(second);
+    wait_for("both sinks to meet the outage", || {
+        health_a.waiting().is_some() && health_b.waiting().is_some()
+    });
+    let stopping = Instant::now();
+    let sb = b.stop();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(20),
+        "a sink stops within a bounded time during an outage ({:?})",
+        stopping.elapsed()
+    );
+    assert!(sb.retries > 0, "{sb:?}");
+    db.unblock();
+    db.wait_rows(&want);
+    let group = k.group();
+    wait_for("every record applied", || {
+        records_applied(&db, &group) == k.records()
+    });
+    let sa = a.stop();
+    assert!(sa.retries > 0, "{sa:?}");
+    assert!(health_a.waiting().is_none(), "ready again after the outage");
+    assert_eq!(records_applied(&db, &group), k.records());
+}
+
+/// `readstate run` with its embedded sink starts while PostgreSQL refuses connections: the
+/// stream is processed (updates reach the output topic), the sink waits, and once the
+/// database returns every row arrives. SIGTERM then stops it cleanly.
+#[test]
+fn run_started_while_postgres_is_down_processes_the_stream_and_the_sink_catches_up() {
+    let (db, k) = (Db::new(), Kafka::new());
+    db.migrate();
+    db.block();
+    let source = format!("events-{}", suffix());
+    k.mock.create_topic(&source, PARTS, 1).unwrap();
+    k.mock
+        .create_topic(&format!("{}-read-state-changelog", k.app), PARTS, 1)
+        .unwrap();
+    let events = workload(12, 600, 8);
+    let p = kafka::producer(&k.brokers());
+    kafka::send_events(&p, &source, &events);
+    p.flush(Duration::from_secs(30)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = sink_topology_from(&k, dir.path(), 200, &source);
+    let file = file.display().to_string();
+    let brokers = k.brokers();
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("KAFKA_BROKERS", brokers.as_str()),
+    ];
+    let mut child = cli(&["run", "--local-schemas", "--topology", &file], &env)
+        .spawn()
+        .unwrap();
+    let want = oracle(&events);
+    wait_for(
+        "updates on the output topic while PostgreSQL is down",
+        || k.records() >= want.len() as i64,
+    );
+    assert!(child.try_wait().unwrap().is_none(), "run keeps running");
+    assert!(
+        db.rows().is_none(),
+        "the database is still refusing connections"
+    );
+    db.unblock();
+    wait_for("PostgreSQL to match the oracle", || {
+        let rows = db.rows().unwrap_or_default();
+        rows.len() == want.len()
+            && want.iter().all(|(key, x)| {
+                rows.get(key)
+                    .is_some_and(|r| r.seq == x.max_seq && r.version == x.advances)
+            })
+    });
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(child.wait().unwrap().success(), "clean exit on SIGTERM");
 }

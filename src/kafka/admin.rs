@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
@@ -63,11 +63,15 @@ pub struct TopicRequest {
     pub partitions: i32,
     pub compacted: bool,
     pub replication: i32,
+    /// An existing topic must have exactly `partitions` (internal topics a task reads or
+    /// restores from).
+    pub check_partitions: bool,
 }
 
-/// Create every missing topic. Topics that already exist are left as they are. If creation
-/// fails or times out but the topic exists afterwards, that is fine; otherwise a warning is
-/// logged and the topic is left to broker auto-creation.
+/// Create every missing topic, and check the ones that exist: a wrong partition count
+/// (where it matters) or a changelog that is not compacted stops the instance with an error
+/// naming the topic. If creation fails or times out but the topic exists afterwards, that
+/// is fine; otherwise a warning is logged and the topic is left to broker auto-creation.
 pub async fn ensure_topics(
     settings: &KafkaSettings,
     metadata: &MetadataClient,
@@ -76,12 +80,25 @@ pub async fn ensure_topics(
 ) -> Result<(), KafkaError> {
     let names: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
     let counts = metadata.partition_counts(&names, timeout)?;
-    let missing: Vec<&TopicRequest> = topics
-        .iter()
-        .zip(counts)
-        .filter(|(_, n)| n.is_none())
-        .map(|(t, _)| t)
-        .collect();
+    let mut missing: Vec<&TopicRequest> = Vec::new();
+    let mut compacted: Vec<&str> = Vec::new();
+    for (t, n) in topics.iter().zip(counts) {
+        match n {
+            None => missing.push(t),
+            Some(n) if t.check_partitions && n != t.partitions => {
+                return Err(KafkaError::InvalidTopic {
+                    topic: t.name.clone(),
+                    reason: format!(
+                        "it has {n} partitions, the source topics have {}; delete it (or reset the application) so it is recreated",
+                        t.partitions
+                    ),
+                })
+            }
+            Some(_) if t.compacted => compacted.push(&t.name),
+            Some(_) => {}
+        }
+    }
+    check_compacted(settings, &compacted, timeout).await?;
     if missing.is_empty() {
         return Ok(());
     }
@@ -129,6 +146,59 @@ pub async fn ensure_topics(
         }
         Err(_) => {
             tracing::warn!("CreateTopics timed out; relying on existing or auto-created topics")
+        }
+    }
+    Ok(())
+}
+
+/// Existing changelog topics must have `cleanup.policy=compact`. A broker that does not
+/// answer DescribeConfigs (librdkafka's mock cluster) is tolerated with a warning.
+async fn check_compacted(
+    settings: &KafkaSettings,
+    topics: &[&str],
+    timeout: Duration,
+) -> Result<(), KafkaError> {
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        settings.restore_consumer("readstate-admin").create()?;
+    let specs: Vec<ResourceSpecifier<'_>> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let opts = AdminOptions::new().request_timeout(Some(timeout));
+    let answer = tokio::time::timeout(
+        timeout + Duration::from_secs(1),
+        admin.describe_configs(&specs, &opts),
+    )
+    .await;
+    let results = match answer {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, topics = ?topics, "cannot describe topic configs; cleanup.policy of the changelogs not verified");
+            return Ok(());
+        }
+        Err(_) => {
+            tracing::warn!(topics = ?topics, "DescribeConfigs timed out; cleanup.policy of the changelogs not verified");
+            return Ok(());
+        }
+    };
+    for (topic, r) in topics.iter().zip(results) {
+        match r {
+            Ok(resource) => {
+                let policy = resource
+                    .get("cleanup.policy")
+                    .and_then(|e| e.value.clone())
+                    .unwrap_or_default();
+                if !policy.split(',').any(|p| p.trim() == "compact") {
+                    return Err(KafkaError::InvalidTopic {
+                        topic: (*topic).to_owned(),
+                        reason: format!("it is a changelog but its cleanup.policy is {policy:?}, not compact (a restore would miss deleted segments); set cleanup.policy=compact"),
+                    });
+                }
+            }
+            Err(code) => {
+                tracing::warn!(topic, error = %code, "cannot describe topic config; cleanup.policy not verified")
+            }
         }
     }
     Ok(())

@@ -60,6 +60,8 @@ pub enum KafkaError {
     Client(#[from] rdkafka::error::KafkaError),
     #[error("topic {topic} does not exist and could not be created: {reason}")]
     MissingTopic { topic: String, reason: String },
+    #[error("topic {topic} cannot be used: {reason}")]
+    InvalidTopic { topic: String, reason: String },
     #[error("delivery of {failed} record(s) failed: {last}")]
     Delivery { failed: u64, last: String },
     #[error("invalid kafka property {0:?} (expected key=value)")]
@@ -123,6 +125,18 @@ impl KafkaSettings {
             .set("fetch.queue.backoff.ms", "10");
         self.apply_overrides(&mut c);
         c
+    }
+
+    /// The group consumer's `session.timeout.ms` (an override, or readstate's 10 s).
+    pub fn session_timeout(&self) -> std::time::Duration {
+        let ms = self
+            .properties
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "session.timeout.ms")
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+            .unwrap_or(10_000);
+        std::time::Duration::from_millis(ms)
     }
 
     /// A consumer without a group, for restoring changelogs by manual assignment.

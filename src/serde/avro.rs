@@ -78,7 +78,21 @@ impl<T: DeserializeOwned> WireDecoder<T> {
                 }
             }
         }
-        for id in missing {
+        self.prepare_ids(&missing).await
+    }
+
+    /// The writer schema id of `payload` when it has not been resolved yet.
+    pub fn unknown_schema(&self, payload: Option<&[u8]>) -> Option<u32> {
+        let (id, _) = split_wire(payload?).ok()?;
+        (!self.plans.contains_key(&id)).then_some(id)
+    }
+
+    /// Fetch the writer schemas `ids` not seen before.
+    pub async fn prepare_ids(&mut self, ids: &[u32]) -> Result<(), SerdeError> {
+        for &id in ids {
+            if self.plans.contains_key(&id) {
+                continue;
+            }
             let plan = match self.resolver.schema_by_id(id).await? {
                 None => Err(DecodeError::UnknownSchema(id)),
                 Some(text) => self.plan_for(id, &text),
@@ -300,6 +314,16 @@ impl EventDecoder {
         payloads: impl Iterator<Item = Option<&'a [u8]>>,
     ) -> Result<(), SerdeError> {
         self.inner.prepare(payloads).await
+    }
+
+    /// The writer schema id of `payload` when it has not been resolved yet.
+    pub fn unknown_schema(&self, payload: Option<&[u8]>) -> Option<u32> {
+        self.inner.unknown_schema(payload)
+    }
+
+    /// Fetch the writer schemas `ids` not seen before.
+    pub async fn prepare_ids(&mut self, ids: &[u32]) -> Result<(), SerdeError> {
+        self.inner.prepare_ids(ids).await
     }
 
     /// Decode and validate one record, borrowing its ids from `payload` when it was written

@@ -117,7 +117,14 @@ pub fn from_topology(
         .enable_all()
         .build()
         .map_err(|e| SinkError::Fatal(format!("tokio runtime: {e}")))?;
-    rt.block_on(table.check_migrated())?;
+    // An unmigrated database is refused at once; one that cannot be reached yet is waited
+    // for by the sink itself (stream processing does not need it).
+    match rt.block_on(table.check_migrated()) {
+        Err(SinkError::Retriable(e)) => {
+            tracing::warn!(error = %e, "database unavailable at start: the sink waits for it")
+        }
+        r => r?,
+    }
     Ok(SinkConfig {
         group: pg.consumer_group.clone(),
         topic: pg.topic.0.clone(),
@@ -128,6 +135,7 @@ pub fn from_topology(
         resolver,
         table: std::sync::Arc::new(table),
         progress: Default::default(),
+        health: crate::telemetry::Health::new(),
     })
 }
 

@@ -18,7 +18,7 @@
 //! - **Revoke**: the unwritten part of the batch for the revoked partitions is dropped; the
 //!   next owner reads it again from the offsets in the database.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,7 +37,7 @@ use crate::serde::avro::UpdateDecoder;
 use crate::serde::registry::SchemaResolver;
 use crate::serde::{SerdeError, RECEIPT_UPDATE_SCHEMA};
 use crate::task::DeadLetter;
-use crate::telemetry::Progress;
+use crate::telemetry::{Health, Progress};
 
 /// Everything a sink instance needs.
 pub struct SinkConfig {
@@ -53,6 +53,8 @@ pub struct SinkConfig {
     pub table: Arc<dyn ReceiptTable>,
     /// Live counters (sink records, rows written, statements).
     pub progress: Arc<Progress>,
+    /// `/ready` says here why the sink is waiting (the database unreachable).
+    pub health: Arc<Health>,
 }
 
 /// What a sink instance did, for logs and tests.
@@ -135,6 +137,12 @@ struct Sink {
     decoder: UpdateDecoder,
     /// Stored `next_offset` per owned partition (-1: none).
     owned: BTreeMap<i32, i64>,
+    /// Assigned partitions not claimed yet (the database was unreachable): paused.
+    unclaimed: BTreeSet<i32>,
+    claim_retry: Retry,
+    /// The database is unavailable: every owned partition is paused, and partitions
+    /// assigned meanwhile are paused too.
+    outage: bool,
     summary: SinkSummary,
     lag_checked: Instant,
 }
@@ -162,12 +170,45 @@ impl Sink {
             producer,
             decoder,
             owned: BTreeMap::new(),
+            unclaimed: BTreeSet::new(),
+            claim_retry: Retry::new(),
+            outage: false,
             summary: SinkSummary::default(),
             lag_checked: Instant::now(),
         })
     }
 
+    /// Wait until the table can be written (an unmigrated database is refused at once).
+    async fn wait_for_database(&mut self, shutdown: &AtomicBool) -> Result<bool, SinkError> {
+        let mut retry = Retry::new();
+        loop {
+            match self.cfg.table.check_ready().await {
+                Ok(()) => {
+                    self.cfg.health.set_waiting(None);
+                    return Ok(true);
+                }
+                Err(SinkError::Retriable(e)) => {
+                    let why = format!("postgres sink waiting for the database: {e}");
+                    tracing::warn!(error = %e, retry_in = ?retry.backoff, "database unavailable: the sink waits (stream processing goes on)");
+                    self.cfg.health.set_waiting(Some(why));
+                    let until = Instant::now() + jitter(retry.backoff);
+                    while Instant::now() < until {
+                        if shutdown.load(Ordering::Relaxed) {
+                            return Ok(false);
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    retry.failed();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     async fn run(&mut self, shutdown: &AtomicBool) -> Result<(), SinkError> {
+        if !self.wait_for_database(shutdown).await? {
+            return Ok(());
+        }
         self.consumer
             .subscribe(&[self.cfg.topic.as_str()])
             .map_err(KafkaError::from)?;
@@ -175,6 +216,7 @@ impl Sink {
         let mut batch = Batcher::new();
         while !shutdown.load(Ordering::Relaxed) {
             self.rebalances(&mut batch, &mut []).await?;
+            self.retry_claims().await?;
             // BaseConsumer::poll blocks; keep it short and yield to the runtime between.
             let polled = self.consumer.poll(Duration::from_millis(50));
             match polled {
@@ -197,8 +239,8 @@ impl Sink {
         self.flush(&mut batch, shutdown).await
     }
 
-    /// Apply queued rebalances: drop revoked partitions' unwritten work, claim and seek
-    /// newly assigned ones.
+    /// Apply queued rebalances: drop revoked partitions' unwritten work; pause newly
+    /// assigned ones until they are claimed (and, during an outage, until it ends).
     async fn rebalances(
         &mut self,
         batch: &mut Batcher,
@@ -210,6 +252,7 @@ impl Sink {
                 RebalanceEvent::Revoked(parts) => {
                     for p in &parts {
                         self.owned.remove(p);
+                        self.unclaimed.remove(p);
                         batch.drop_partition(*p);
                         for w in writing.iter_mut() {
                             w.remove_partition(*p);
@@ -218,7 +261,13 @@ impl Sink {
                     tracing::info!(partitions = ?parts, "sink partitions revoked");
                 }
                 RebalanceEvent::Assigned(parts) if !parts.is_empty() => {
-                    self.claim(&parts).await?;
+                    // librdkafka keeps a partition's pause flag across ownerships: every
+                    // assigned partition is paused here and resumed once claimed.
+                    self.consumer
+                        .pause(&self.partition_list(parts.iter()))
+                        .map_err(KafkaError::from)?;
+                    self.unclaimed.extend(parts);
+                    self.claim_retry = Retry::new();
                 }
                 RebalanceEvent::Assigned(_) => {}
             }
@@ -226,28 +275,49 @@ impl Sink {
         Ok(())
     }
 
-    /// Load the stored offsets of `parts` (retrying while the database is unavailable)
-    /// and seek to them.
-    async fn claim(&mut self, parts: &[i32]) -> Result<(), SinkError> {
-        let mut backoff = Duration::from_millis(100);
-        let stored = loop {
-            match self
-                .cfg
-                .table
-                .claim(&self.cfg.group, &self.cfg.topic, parts)
-                .await
-            {
-                Ok(s) => break s,
-                Err(SinkError::Retriable(e)) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "claiming sink partitions");
-                    self.summary.retries += 1;
-                    metrics::counter!("readstate_sink_retries_total").increment(1);
-                    tokio::time::sleep(jitter(backoff)).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+    fn partition_list<'a>(&self, parts: impl Iterator<Item = &'a i32>) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for p in parts {
+            tpl.add_partition(&self.cfg.topic, *p);
+        }
+        tpl
+    }
+
+    /// Claim the unclaimed partitions when due; while the database is unavailable they stay
+    /// paused and the claim is retried with backoff (the loop keeps polling meanwhile).
+    async fn retry_claims(&mut self) -> Result<(), SinkError> {
+        if self.unclaimed.is_empty() || Instant::now() < self.claim_retry.at {
+            return Ok(());
+        }
+        let parts: Vec<i32> = self.unclaimed.iter().copied().collect();
+        match self.claim(&parts).await {
+            Ok(()) => {
+                self.unclaimed.clear();
+                if !self.outage {
+                    self.consumer
+                        .resume(&self.partition_list(parts.iter()))
+                        .map_err(KafkaError::from)?;
                 }
-                Err(e) => return Err(e),
+                Ok(())
             }
-        };
+            Err(SinkError::Retriable(e)) => {
+                tracing::warn!(error = %e, partitions = ?parts, retry_in = ?self.claim_retry.backoff, "claiming sink partitions");
+                self.summary.retries += 1;
+                metrics::counter!("readstate_sink_retries_total").increment(1);
+                self.claim_retry.failed();
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Load the stored offsets of `parts` and seek to them.
+    async fn claim(&mut self, parts: &[i32]) -> Result<(), SinkError> {
+        let stored = self
+            .cfg
+            .table
+            .claim(&self.cfg.group, &self.cfg.topic, parts)
+            .await?;
         for p in parts {
             let next = stored.get(p).copied().unwrap_or(-1);
             self.owned.insert(*p, next);
@@ -274,12 +344,10 @@ impl Sink {
         batch: &mut Batcher,
         shutdown: &AtomicBool,
     ) -> Result<(), SinkError> {
-        if !self.owned.contains_key(&partition) {
-            // Assigned in the poll that returned this record: claim first.
-            self.rebalances(batch, &mut []).await?;
-        }
         let Some(stored) = self.owned.get(&partition).copied() else {
-            return Ok(()); // revoked meanwhile: the next owner reads it
+            // Revoked meanwhile (the next owner reads it), or not claimed yet (the claim
+            // seeks back to the stored offset).
+            return Ok(());
         };
         if offset < stored {
             return Ok(()); // written already (before the seek took effect)
@@ -373,7 +441,6 @@ impl Sink {
             .take(|p| owned.get(&p).copied().unwrap_or(-1))
             .split(self.cfg.table.parallel_writes());
         let mut backoff = Duration::from_millis(100);
-        let mut paused = false;
         let mut outage_started: Option<Instant> = None;
         let result = loop {
             pending.retain(|w| !w.is_empty());
@@ -415,13 +482,16 @@ impl Sink {
                     tracing::warn!(error = %e, "database unavailable at shutdown; batch left to be replayed");
                     break Ok(());
                 }
-                if !paused {
+                if !self.outage {
                     self.consumer
                         .pause(&self.assignment())
                         .map_err(KafkaError::from)?;
-                    paused = true;
+                    self.outage = true;
                     outage_started = Some(Instant::now());
                 }
+                self.cfg
+                    .health
+                    .set_waiting(Some(format!("postgres sink waiting for the database: {e}")));
                 tracing::warn!(error = %e, retry_in = ?backoff, "database write failed; consumption paused");
                 self.summary.retries += 1;
                 metrics::counter!("readstate_sink_retries_total").increment(1);
@@ -430,7 +500,10 @@ impl Sink {
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         };
-        if paused {
+        if self.outage && result.is_ok() && pending_is_written(&pending) {
+            // Every owned partition, including those assigned during the outage.
+            self.outage = false;
+            self.cfg.health.set_waiting(None);
             let tpl = self.assignment();
             if tpl.count() > 0 {
                 self.consumer.resume(&tpl).map_err(KafkaError::from)?;
@@ -483,7 +556,15 @@ impl Sink {
                     .filter(|p| self.owned.contains_key(p))
                     .collect();
                 if !still.is_empty() {
-                    self.claim(&still).await?;
+                    for p in &still {
+                        self.owned.remove(p);
+                    }
+                    self.consumer
+                        .pause(&self.partition_list(still.iter()))
+                        .map_err(KafkaError::from)?;
+                    self.unclaimed.extend(still);
+                    self.claim_retry = Retry::new();
+                    self.retry_claims().await?;
                 }
                 Settled::Again
             }
@@ -511,6 +592,7 @@ impl Sink {
                 self.accept(p, off, key, payload, batch, shutdown).await?;
             }
             self.rebalances(batch, w).await?;
+            self.retry_claims().await?;
             tokio::task::yield_now().await;
         }
         Ok(())
@@ -569,6 +651,30 @@ enum Settled {
     Again,
     /// The database is unavailable: write it again after a backoff.
     Unavailable(String),
+}
+
+fn pending_is_written(pending: &[WriteBatch]) -> bool {
+    pending.iter().all(WriteBatch::is_empty)
+}
+
+/// Exponential backoff for a retried step.
+struct Retry {
+    at: Instant,
+    backoff: Duration,
+}
+
+impl Retry {
+    fn new() -> Self {
+        Self {
+            at: Instant::now(),
+            backoff: Duration::from_millis(100),
+        }
+    }
+
+    fn failed(&mut self) {
+        self.at = Instant::now() + jitter(self.backoff);
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
 }
 
 /// Full jitter on top of half the delay: spreads retries of many instances.

@@ -53,6 +53,12 @@ pub trait ReceiptTable: Send + Sync {
     fn parallel_writes(&self) -> usize {
         1
     }
+
+    /// Fail unless the table can be written: `NotMigrated` for good, `Retriable` while the
+    /// database is unreachable.
+    fn check_ready(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// PostgreSQL behind a connection pool.
@@ -350,6 +356,10 @@ impl PostgresTable {
 }
 
 impl ReceiptTable for PostgresTable {
+    fn check_ready(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(self.check_migrated())
+    }
+
     fn claim<'a>(
         &'a self,
         group: &'a str,

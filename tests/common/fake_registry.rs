@@ -21,6 +21,8 @@ struct Inner {
     fail_lookups: AtomicU64,
     fail_registrations: AtomicU64,
     failed: AtomicU64,
+    /// Answer every lookup with 503 until then (a registry that is down for a while).
+    down_until: Mutex<Option<std::time::Instant>>,
 }
 
 pub struct FakeRegistry {
@@ -47,6 +49,14 @@ fn unavailable(inner: &Inner, budget: &AtomicU64) -> Option<Reply> {
 async fn schema_by_id(State(inner): State<Arc<Inner>>, Path(id): Path<u32>) -> Reply {
     if let Some(r) = unavailable(&inner, &inner.fail_lookups) {
         return r;
+    }
+    let down = *inner.down_until.lock().unwrap();
+    if down.is_some_and(|t| std::time::Instant::now() < t) {
+        inner.failed.fetch_add(1, Ordering::SeqCst);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error_code": 50301, "message": "registry is down (test)"})),
+        );
     }
     match inner.schemas.lock().unwrap().get(&id) {
         Some((_, s)) => (StatusCode::OK, Json(json!({ "schema": s }))),
@@ -131,6 +141,11 @@ impl FakeRegistry {
         self.inner
             .fail_registrations
             .store(registrations, Ordering::SeqCst);
+    }
+
+    /// Answer every schema lookup with 503 for `d` from now.
+    pub fn down_for(&self, d: std::time::Duration) {
+        *self.inner.down_until.lock().unwrap() = Some(std::time::Instant::now() + d);
     }
 
     /// Requests answered with 503 so far.

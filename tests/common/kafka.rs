@@ -117,3 +117,28 @@ pub fn committed(brokers: &str, group: &str, topic: &str) -> Vec<i64> {
     drop(got); // before the consumer, or closing it can hang
     out
 }
+
+/// Encode read events (local schema id) and send them keyed by conversation, without
+/// waiting for acknowledgements.
+pub fn send_events(
+    p: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    events: &[readstate::model::ReadEvent],
+) {
+    use readstate::serde::avro::{AvroReadEvent, EventEncoder};
+    let enc = EventEncoder::new(
+        readstate::serde::READ_EVENT_SCHEMA,
+        readstate::serde::registry::LOCAL_READ_EVENT_ID,
+    )
+    .unwrap();
+    for e in events {
+        let v = enc.encode(&AvroReadEvent::from(e)).unwrap();
+        let key = e.conversation_id.0.to_string();
+        send(
+            p,
+            BaseRecord::to(topic)
+                .key(key.as_str())
+                .payload(v.as_slice()),
+        );
+    }
+}

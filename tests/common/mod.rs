@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use rand_distr::Distribution;
 use readstate::ids::{ConversationId, ReaderId, SenderId};
 use readstate::model::{ReadEvent, ReceiptUpdate, StateKey};
 use readstate::state::ReadState;
@@ -163,4 +164,63 @@ pub fn last_updates(updates: &[ReceiptUpdate]) -> HashMap<StateKey, ReceiptUpdat
 /// Partition of a conversation among `n` (the tests' stand-in for the key partitioner).
 pub fn partition_of(conv: ConversationId, n: i32) -> i32 {
     conv.0.rem_euclid(n as i64) as i32
+}
+
+/// Zipf-distributed conversations, several readers and devices, reordering, duplicates and
+/// stale re-reads.
+pub fn zipf_workload(seed: u64, n: usize) -> Vec<ReadEvent> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let zipf = rand_distr::Zipf::new(500, 1.1).unwrap();
+    let mut head: HashMap<(i64, i64), i64> = HashMap::new();
+    let mut out: Vec<ReadEvent> = Vec::with_capacity(n);
+    while out.len() < n {
+        let conv = zipf.sample(&mut rng) as i64;
+        let reader = rng.gen_range(0..4);
+        let h = head.entry((conv, reader)).or_insert(0);
+        *h += rng.gen_range(1..5);
+        let seq = if rng.gen_bool(0.05) {
+            (*h - 10).max(0)
+        } else {
+            *h
+        };
+        let e = event(conv, reader, seq, &format!("dev-{}", rng.gen_range(0..3)));
+        if rng.gen_bool(0.05) {
+            out.push(e.clone());
+        }
+        if rng.gen_bool(0.1) && !out.is_empty() {
+            // Reorder: swap with a recent event.
+            let j = out.len() - rng.gen_range(1..=out.len().min(20));
+            let prev = std::mem::replace(&mut out[j], e);
+            out.push(prev);
+        } else {
+            out.push(e);
+        }
+    }
+    out
+}
+
+/// Every key's state in the RocksDB stores under `app_dir` (`<state_dir>/<application.id>`)
+/// for tasks `<subtopology>_0..parts`.
+pub fn stored_states(
+    app_dir: &std::path::Path,
+    subtopology: u8,
+    parts: i32,
+) -> HashMap<StateKey, ReadState> {
+    use readstate::state::rocks::{RocksDbOptions, RocksDbStore};
+    use readstate::state::{KeyValueStore, StoreKey};
+    let mut m = HashMap::new();
+    for p in 0..parts {
+        let path = app_dir
+            .join(format!("{subtopology}_{p}"))
+            .join("read-state");
+        if !path.exists() {
+            continue;
+        }
+        let s = RocksDbStore::open("read-state".into(), &path, &RocksDbOptions::default()).unwrap();
+        for (k, v) in s.scan_prefix(b"s").unwrap() {
+            let (_, key) = StoreKey::decode(&k).unwrap();
+            m.insert(key, ReadState::decode(&v).unwrap());
+        }
+    }
+    m
 }

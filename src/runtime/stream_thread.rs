@@ -1,0 +1,148 @@
+//! The poll loop (Kafka Streams' `StreamThread`): poll, route records to tasks, restore a
+//! step, retry the registry, and decide when to commit. Nothing in one turn waits long:
+//! restores advance by bounded steps, registry outages park partitions, so the consumer
+//! keeps its group membership however long either takes.
+//!
+//! Rebalances arrive through the consumer context, inside `poll`: revoked partitions are
+//! committed and closed before they are given up; a lost assignment closes every task
+//! dirty; assigned partitions are paused until their task has restored.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::{ClientContext, Statistics, TopicPartitionList};
+
+use super::task_manager::{TaskManager, TopicPartition};
+use super::RuntimeError;
+
+/// Consumer context: hands rebalances to the task manager.
+pub(super) struct RebalanceHandler {
+    pub(super) tasks: Arc<Mutex<TaskManager>>,
+}
+
+fn topic_partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
+}
+
+impl ClientContext for RebalanceHandler {
+    /// Consumer lag per partition from librdkafka's statistics (no blocking request).
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            for (p, s) in &t.partitions {
+                if *p >= 0 && s.consumer_lag >= 0 && s.fetch_state == "active" {
+                    metrics::gauge!("readstate_consumer_lag_records", "topic" => topic.clone(), "partition" => p.to_string())
+                        .set(s.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for RebalanceHandler {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let parts = topic_partitions(tpl);
+            let mut tasks = self.tasks.lock().expect("task manager lock");
+            if consumer.assignment_lost() {
+                tasks.lose_all("assignment lost (session timeout or fenced)");
+            } else {
+                tasks.revoke(consumer, &parts);
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let parts = topic_partitions(tpl);
+                tracing::info!(partitions = ?parts, "assigned");
+                let pause = self.tasks.lock().expect("task manager lock").assign(&parts);
+                // Forwarded partitions start fetching at once: clear a pause left over from
+                // an earlier ownership (librdkafka keeps it per partition).
+                let mut resume = TopicPartitionList::new();
+                let mut paused = TopicPartitionList::new();
+                for (t, p) in &parts {
+                    match pause.contains(&(t.clone(), *p)) {
+                        true => paused.add_partition(t, *p),
+                        false => resume.add_partition(t, *p),
+                    };
+                }
+                if let Err(e) = consumer.pause(&paused) {
+                    tracing::error!(error = %e, "cannot pause restoring partitions");
+                }
+                if let Err(e) = consumer.resume(&resume) {
+                    tracing::warn!(error = %e, "cannot resume assigned partitions");
+                }
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+pub(super) struct StreamThread {
+    pub(super) consumer: BaseConsumer<RebalanceHandler>,
+    pub(super) tasks: Arc<Mutex<TaskManager>>,
+    pub(super) commit_interval: Duration,
+    pub(super) max_poll_records: usize,
+    pub(super) commit_now: Arc<AtomicBool>,
+}
+
+impl StreamThread {
+    /// Run until `shutdown` is set or an error stops the instance.
+    pub(super) fn run(&self, shutdown: &AtomicBool) -> Result<(), RuntimeError> {
+        let mut last_commit = Instant::now();
+        while !shutdown.load(Ordering::Relaxed) {
+            let batch = self.poll();
+            let mut tasks = self.tasks.lock().expect("task manager lock");
+            tasks.polled(Instant::now());
+            check_fatal(&tasks)?;
+            tasks.open_assigned(&self.consumer)?;
+            tasks.restore_step(&self.consumer)?;
+            tasks.retry_registry(&self.consumer)?;
+            let mut msgs = Vec::with_capacity(batch.len());
+            for m in batch {
+                match m {
+                    Ok(m) => msgs.push(m),
+                    // Transport failures and the like are transient: librdkafka reconnects.
+                    Err(e) => tracing::warn!(error = %e, "consumer error"),
+                }
+            }
+            tasks.process(&self.consumer, &msgs)?;
+            drop(msgs);
+            let requested = self.commit_now.swap(false, Ordering::Relaxed);
+            if requested || last_commit.elapsed() >= self.commit_interval || tasks.needs_flush() {
+                tasks.commit_all(&self.consumer)?;
+                last_commit = Instant::now();
+            }
+            check_fatal(&tasks)?;
+        }
+        Ok(())
+    }
+
+    fn poll(&self) -> Vec<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>> {
+        let mut batch = Vec::new();
+        if let Some(first) = self.consumer.poll(Duration::from_millis(100)) {
+            batch.push(first);
+            while batch.len() < self.max_poll_records {
+                match self.consumer.poll(Duration::ZERO) {
+                    Some(m) => batch.push(m),
+                    None => break,
+                }
+            }
+        }
+        batch
+    }
+}
+
+fn check_fatal(tasks: &TaskManager) -> Result<(), RuntimeError> {
+    match &tasks.fatal {
+        Some(why) => Err(RuntimeError::Fatal(why.clone())),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,506 @@
+//! Task executor (Kafka Streams' `TaskExecutor`): processing polled records in their
+//! tasks, and the commit protocol of `ARCHITECTURE.md` over a set of tasks:
+//!
+//! 1. prepare each task's flush (memory only);
+//! 2. produce outputs and dead letters, and wait for their acknowledgements;
+//! 3. produce changelog records, and wait for their acknowledgements;
+//! 4. write each store batch with its checkpoint (atomic);
+//! 5. commit the source offsets.
+//!
+//! A failure in 2 or 3 is fatal: the tasks drop their caches and the instance stops (the
+//! offsets were not committed, so the work is replayed, harmlessly, by the next owner). A
+//! commit refused in 5 because of membership means the tasks are lost.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::producer::BaseRecord;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use super::task_manager::{
+    is_membership_error, ParkReason, RegistryWait, TaskManager, TopicPartition,
+};
+use super::{log_dead_letter, RuntimeError};
+use crate::ids::Origin;
+use crate::kafka::dead_letter_headers;
+use crate::processor::FlushOutput;
+use crate::serde::SerdeError;
+use crate::task::{DeadLetter, SourceRecord};
+use crate::telemetry::Progress;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+const MAX_REGISTRY_BACKOFF: Duration = Duration::from_secs(10);
+
+impl TaskManager {
+    fn origin_id(&mut self, topic: &str, partition: i32) -> u32 {
+        if !self.origin_ids.contains_key(topic) {
+            self.origin_ids.insert(topic.to_owned(), Default::default());
+        }
+        let ids = self.origin_ids.get_mut(topic).expect("inserted above");
+        *ids.entry(partition)
+            .or_insert_with(|| Origin::source_id(topic, partition))
+    }
+
+    /// Record that everything below `next` of (topic, partition) has been processed;
+    /// `first` is the first offset processed in this batch.
+    fn advance_position(&mut self, topic: &str, partition: i32, first: i64, next: i64) {
+        if !self.positions.contains_key(topic) {
+            self.positions.insert(topic.to_owned(), BTreeMap::new());
+        }
+        let pos = self.positions.get_mut(topic).expect("inserted above");
+        match pos.get_mut(&partition) {
+            Some(e) => *e = (*e).max(next),
+            None => {
+                pos.insert(partition, next);
+                // Where this partition started: what the membership probe may commit.
+                self.committed
+                    .entry((topic.to_owned(), partition))
+                    .or_insert(first);
+            }
+        }
+    }
+
+    /// Whether records of this partition are processed now; a parked one remembers the
+    /// first record it dropped.
+    fn accepts(&mut self, m: &BorrowedMessage<'_>) -> bool {
+        let key = (m.topic().to_owned(), m.partition());
+        if let Some(parked) = self.parked.get_mut(&key) {
+            parked.rewind = Some(parked.rewind.map_or(m.offset(), |r| r.min(m.offset())));
+            return false;
+        }
+        if m.topic() == self.task_topic {
+            // Not running: revoked in this poll (the next owner reads it from the committed
+            // offset).
+            return self.running.contains_key(&m.partition());
+        }
+        self.forwarding
+            .as_ref()
+            .is_some_and(|f| m.topic() == f.source_topic && f.partitions.contains(&m.partition()))
+    }
+
+    /// Decode and fold a polled batch (and forward what needs repartitioning).
+    pub(super) fn process<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        msgs: &[BorrowedMessage<'_>],
+    ) -> Result<(), RuntimeError> {
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        self.prepare_schemas(consumer, msgs)?;
+        // Group by partition, keeping order within each; forward what needs repartitioning.
+        let mut by_part: BTreeMap<i32, Vec<SourceRecord<'_>>> = BTreeMap::new();
+        let mut accepted = 0u64;
+        for m in msgs {
+            if !self.accepts(m) {
+                continue;
+            }
+            accepted += 1;
+            let p = m.partition();
+            if m.topic() != self.task_topic {
+                self.forward(m);
+                continue;
+            }
+            let origin = self.origin_of(m);
+            by_part.entry(p).or_default().push(source_record(m, origin));
+        }
+        // Records dropped here (parked, revoked) are consumed again later, and counted then.
+        self.summary.records_consumed += accepted;
+        Progress::add(&self.progress.records_consumed, accepted);
+        metrics::counter!("readstate_events_consumed_total").increment(accepted);
+        for (p, recs) in by_part {
+            let before = self.dead_letters.len();
+            let task = &mut self.running.get_mut(&p).expect("accepted above").task;
+            task.process(&self.decoder, &recs, &mut self.dead_letters)?;
+            for d in &self.dead_letters[before..] {
+                log_dead_letter(d, &mut self.dead_letter_log);
+            }
+            let first = recs[0].offset;
+            let next = recs.last().expect("non-empty").offset + 1;
+            self.advance_position(recs[0].topic, p, first, next);
+        }
+        Ok(())
+    }
+
+    /// Through a repartition topic the origin rides in a header; a record without one (not
+    /// written by readstate) counts as originating where it is.
+    fn origin_of(&mut self, m: &BorrowedMessage<'_>) -> Origin {
+        let carried = match self.forwarding.is_some() {
+            true => m.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == Origin::HEADER)
+                    .and_then(|h| h.value)
+                    .and_then(Origin::from_bytes)
+            }),
+            false => None,
+        };
+        carried.unwrap_or_else(|| Origin {
+            source: self.origin_id(m.topic(), m.partition()),
+            offset: m.offset(),
+        })
+    }
+
+    /// Fetch unknown writer schemas. While the registry is unavailable the partitions
+    /// whose records need them are parked (nothing is dead-lettered, polling goes on).
+    fn prepare_schemas<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        msgs: &[BorrowedMessage<'_>],
+    ) -> Result<(), RuntimeError> {
+        let payloads = msgs.iter().map(|m| m.payload());
+        match self.rt.block_on(self.decoder.prepare(payloads)) {
+            Ok(()) => return Ok(()),
+            Err(SerdeError::RegistryUnavailable(e)) => {
+                tracing::warn!(error = %e, "schema registry unavailable: parking the partitions that need it")
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let mut ids: Vec<u32> = Vec::new();
+        let mut first: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+        for m in msgs {
+            if let Some(id) = self.decoder.unknown_schema(m.payload()) {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+                let tp = (m.topic().to_owned(), m.partition());
+                first.entry(tp).or_insert(m.offset());
+            }
+        }
+        // Everything polled for those partitions from the first record needing a schema on.
+        let mut parked_now: HashSet<TopicPartition> = HashSet::new();
+        for (tp, off) in first {
+            let from = msgs
+                .iter()
+                .find(|m| m.topic() == tp.0 && m.partition() == tp.1)
+                .map_or(off, |m| m.offset());
+            if self.parked.contains_key(&tp) || !self.owns(&tp) {
+                continue;
+            }
+            self.park(consumer, tp.clone(), ParkReason::Registry, Some(from))?;
+            parked_now.insert(tp);
+        }
+        let now = Instant::now();
+        let w = self.registry_wait.get_or_insert(RegistryWait {
+            ids: Vec::new(),
+            retry_at: now,
+            backoff: Duration::from_millis(100),
+            since: now,
+        });
+        for id in ids {
+            if !w.ids.contains(&id) {
+                w.ids.push(id);
+            }
+        }
+        w.retry_at = now + w.backoff;
+        w.backoff = (w.backoff * 2).min(MAX_REGISTRY_BACKOFF);
+        Ok(())
+    }
+
+    fn owns(&self, tp: &TopicPartition) -> bool {
+        if tp.0 == self.task_topic {
+            return self.running.contains_key(&tp.1);
+        }
+        self.forwarding
+            .as_ref()
+            .is_some_and(|f| tp.0 == f.source_topic && f.partitions.contains(&tp.1))
+    }
+
+    /// Ask the registry again when due; once it answers, resume the parked partitions.
+    pub(super) fn retry_registry<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<(), RuntimeError> {
+        let Some(w) = &mut self.registry_wait else {
+            return Ok(());
+        };
+        if Instant::now() < w.retry_at {
+            return Ok(());
+        }
+        match self.rt.block_on(self.decoder.prepare_ids(&w.ids)) {
+            Ok(()) => {
+                tracing::info!(after = ?w.since.elapsed(), "schema registry available again: resuming parked partitions");
+                self.registry_wait = None;
+                let parked: Vec<TopicPartition> = self
+                    .parked
+                    .iter()
+                    .filter(|(_, p)| p.reason == ParkReason::Registry)
+                    .map(|(tp, _)| tp.clone())
+                    .collect();
+                for tp in parked {
+                    self.unpark(consumer, &tp)?;
+                }
+                Ok(())
+            }
+            Err(SerdeError::RegistryUnavailable(e)) => {
+                tracing::warn!(error = %e, retry_in = ?w.backoff, down_for = ?w.since.elapsed(), "schema registry still unavailable");
+                w.retry_at = Instant::now() + w.backoff;
+                w.backoff = (w.backoff * 2).min(MAX_REGISTRY_BACKOFF);
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sub-topology 0: re-key one source record by conversation_id and produce it to the
+    /// repartition topic with its origin; undecodable records become dead letters here.
+    fn forward(&mut self, m: &BorrowedMessage<'_>) {
+        let p = m.partition();
+        let origin = Origin {
+            source: self.origin_id(m.topic(), p),
+            offset: m.offset(),
+        };
+        let f = self
+            .forwarding
+            .as_ref()
+            .expect("accepted as a forwarded partition");
+        match self.decoder.decode_ref(m.payload()) {
+            Ok(e) => {
+                let mut key = itoa::Buffer::new();
+                let key = key.format(e.conversation_id.0);
+                let headers = OwnedHeaders::new().insert(Header {
+                    key: Origin::HEADER,
+                    value: Some(&origin.to_bytes()),
+                });
+                let mut rec = BaseRecord::to(&f.repartition_topic)
+                    .key(key.as_bytes())
+                    .headers(headers);
+                if let Some(v) = m.payload() {
+                    rec = rec.payload(v);
+                }
+                self.collector.send(rec);
+                self.summary.records_forwarded += 1;
+                metrics::counter!("readstate_repartition_records_total").increment(1);
+            }
+            Err(e) => {
+                let rec = source_record(m, origin);
+                let d = DeadLetter::from_record(&rec, e.reason(), e.to_string());
+                log_dead_letter(&d, &mut self.dead_letter_log);
+                self.dead_letters.push(d);
+            }
+        }
+        self.advance_position(m.topic(), p, m.offset(), m.offset() + 1);
+    }
+
+    /// True when some task's cache holds so many dirty keys that it should flush now.
+    pub(super) fn needs_flush(&self) -> bool {
+        self.running.values().any(|t| {
+            let p = t.task.processor();
+            p.dirty_len() >= p.cache_capacity() / 2
+        })
+    }
+
+    /// Commit every task (verifying membership first after a long gap between polls).
+    pub(super) fn commit_all<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<(), RuntimeError> {
+        if self.fatal.is_some() || (self.suspect && !self.verify_membership(consumer)) {
+            return Ok(());
+        }
+        let parts = self.owned();
+        self.commit_tasks(consumer, &parts)
+    }
+
+    /// The commit protocol for a set of tasks. A produce or store failure is fatal; a
+    /// membership refusal loses every task.
+    pub(super) fn commit_tasks<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        parts: &[TopicPartition],
+    ) -> Result<(), RuntimeError> {
+        if self.fatal.is_some() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let flushed = match self.flush_and_store(parts) {
+            Ok(f) => f,
+            Err(e) => {
+                // Outputs could not be made durable: forget what is not in the stores; the
+                // offsets were not committed, so the work is replayed.
+                for (_, p) in parts {
+                    if let Some(t) = self.running.get_mut(p) {
+                        let _ = t.task.reset_to_store();
+                    }
+                }
+                let msg = format!("commit of {} partition(s) failed: {e}", parts.len());
+                tracing::error!(error = %e, "outputs could not be made durable: the instance stops");
+                self.fatal = Some(msg.clone());
+                return Err(RuntimeError::Fatal(msg));
+            }
+        };
+        self.commit_offsets(consumer, parts);
+        self.summary.commits += 1;
+        self.refresh_summary();
+        metrics::histogram!("readstate_commit_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        tracing::debug!(tasks = flushed, elapsed = ?started.elapsed(), "committed");
+        Ok(())
+    }
+
+    /// Steps 1-4: flush, produce and await outputs, then changelog, then store batches.
+    fn flush_and_store(&mut self, parts: &[TopicPartition]) -> Result<usize, RuntimeError> {
+        let now = now_ms();
+        let mut flushed: Vec<(i32, FlushOutput)> = Vec::with_capacity(parts.len());
+        for (topic, p) in parts {
+            if *topic != self.task_topic {
+                continue;
+            }
+            let Some(t) = self.running.get_mut(p) else {
+                continue;
+            };
+            let flush_started = Instant::now();
+            let out = t.task.prepare_flush(now);
+            metrics::histogram!("readstate_flush_duration_seconds")
+                .record(flush_started.elapsed().as_secs_f64());
+            flushed.push((*p, out));
+        }
+        for (_, out) in &flushed {
+            self.send_updates(out);
+        }
+        self.send_dead_letters();
+        // Also awaits the records forwarded to the repartition topic since the last commit.
+        self.collector.flush()?;
+        if let Some(changelog) = self.topology.store.changelog_topic.clone() {
+            self.collector.clear_changelog_offsets();
+            for (p, out) in &flushed {
+                for (k, v) in out.changelog() {
+                    let rec = BaseRecord::to(changelog.as_str())
+                        .partition(*p)
+                        .key(k)
+                        .payload(v);
+                    self.collector.send(rec);
+                }
+                self.summary.changelog_records += out.changelog_len() as u64;
+                metrics::counter!("readstate_changelog_records_written_total")
+                    .increment(out.changelog_len() as u64);
+            }
+            self.collector.flush()?;
+        }
+        let highs = self.collector.take_changelog_offsets();
+        let n = flushed.len();
+        for (p, out) in flushed {
+            let next = highs.get(&p).map(|o| o + 1);
+            let t = self.running.get_mut(&p).expect("task flushed above");
+            t.task.commit_flush(out.batch, next)?;
+        }
+        Ok(n)
+    }
+
+    fn send_updates(&mut self, out: &FlushOutput) {
+        let output_topic = &self.topology.output.topic.0;
+        for u in &out.updates {
+            self.buf.clear();
+            self.encoder.encode_update_into(u, &mut self.buf);
+            let mut key = itoa::Buffer::new();
+            let rec = BaseRecord::to(output_topic)
+                .key(key.format(u.conversation_id.0).as_bytes())
+                .payload(&self.buf);
+            self.collector.send(rec);
+        }
+        let n = out.updates.len() as u64;
+        self.summary.updates_emitted += n;
+        Progress::add(&self.progress.updates_emitted, n);
+        metrics::counter!("readstate_updates_emitted_total").increment(n);
+    }
+
+    fn send_dead_letters(&mut self) {
+        let dlq = &self.topology.dead_letter_topic.0;
+        for d in std::mem::take(&mut self.dead_letters) {
+            let headers = dead_letter_headers(&d);
+            let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(dlq).headers(headers);
+            if let Some(k) = d.key.as_deref() {
+                rec = rec.key(k);
+            }
+            if let Some(v) = d.value.as_deref() {
+                rec = rec.payload(v);
+            }
+            self.collector.send(rec);
+            self.summary.dead_letters += 1;
+            Progress::add(&self.progress.dead_letters, 1);
+        }
+    }
+
+    /// Step 5. A refusal because of membership loses every task; other failures are left
+    /// to the next commit (replay marks make a replay harmless).
+    fn commit_offsets<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        parts: &[TopicPartition],
+    ) {
+        let mut tpl = TopicPartitionList::new();
+        let mut entries = Vec::new();
+        for (topic, p) in parts {
+            if let Some(off) = self.positions.get(topic).and_then(|m| m.get(p)) {
+                entries.push(((topic.clone(), *p), *off));
+                if let Err(e) = tpl.add_partition_offset(topic, *p, Offset::Offset(*off)) {
+                    tracing::warn!(error = %e, topic, partition = p, "offset not committed");
+                }
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => self.committed.extend(entries),
+            Err(e) if is_membership_error(&e) => {
+                metrics::counter!("readstate_commits_failed_total").increment(1);
+                self.lose_all_and_requeue(consumer, &format!("offset commit refused: {e}"));
+            }
+            Err(e) => {
+                metrics::counter!("readstate_commits_failed_total").increment(1);
+                tracing::warn!(error = %e, "offset commit failed; the next commit covers it");
+            }
+        }
+    }
+
+    /// Summary and metrics after a commit: counters advance by what the running tasks did
+    /// since the last commit; gauges are per task (bounded by the partition count).
+    fn refresh_summary(&mut self) {
+        metrics::gauge!("readstate_rocksdb_memory_bytes").set(self.rocks_memory_bytes() as f64);
+        let mut total = crate::processor::ProcessStats::default();
+        for t in self.running.values_mut() {
+            let s = t.task.stats();
+            let d = |now: u64, before: u64| now.saturating_sub(before);
+            metrics::counter!("readstate_events_folded_total")
+                .increment(d(s.folded, t.reported.folded));
+            metrics::counter!("readstate_events_stale_total")
+                .increment(d(s.stale, t.reported.stale));
+            metrics::counter!("readstate_events_replayed_skipped_total")
+                .increment(d(s.replayed, t.reported.replayed));
+            t.reported = s;
+            total.folded += s.folded;
+            total.replayed += s.replayed;
+            let id = t.task.id().to_string();
+            let store = t.task.processor().store();
+            metrics::gauge!("readstate_store_estimated_keys", "task" => id.clone())
+                .set(store.approximate_num_keys() as f64);
+            metrics::gauge!("readstate_store_size_bytes", "task" => id)
+                .set(store.approximate_size_bytes() as f64);
+        }
+        self.summary.events_folded = self.summary.events_folded.max(total.folded);
+        self.summary.replayed_skipped = self.summary.replayed_skipped.max(total.replayed);
+        if self.summary.updates_emitted > 0 {
+            metrics::gauge!("readstate_coalescing_ratio")
+                .set(self.summary.events_folded as f64 / self.summary.updates_emitted as f64);
+        }
+    }
+}
+
+fn source_record<'a>(m: &'a BorrowedMessage<'_>, origin: Origin) -> SourceRecord<'a> {
+    SourceRecord {
+        topic: m.topic(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key(),
+        value: m.payload(),
+        origin,
+    }
+}

@@ -1,0 +1,671 @@
+//! TaskManager (Kafka Streams' `TaskManager`): the tasks of one instance by partition and
+//! their lifecycle.
+//!
+//! - **Assign**: the partition is paused in the group consumer, its store opened, its
+//!   checkpoint judged against the changelog (a checkpoint outside `[low, high]` is
+//!   *corrupted*: wipe, restore from the start) and the restore registered with the
+//!   [`ChangelogReader`]; when the restore completes the task starts running and the
+//!   partition is resumed.
+//! - **Revoke** (we still own it): commit the task (clean close), then drop it.
+//! - **Lost** (session timeout, a commit refused because of membership): someone else may
+//!   own it already. Produce nothing, commit nothing, write no checkpoint: the queued
+//!   records are purged, the cache dropped, and the store wiped, so the next owner (this
+//!   instance included) restores it from the changelog.
+//! - **Fatal** (outputs that could not be made durable): `fatal` is set and the poll loop
+//!   stops the instance with an error after `/health` turns 503.
+//!
+//! Partitions are *parked* (paused in the consumer) while restoring or while the schema
+//! registry cannot resolve their records; records of a parked partition that were already
+//! fetched are dropped, and the partition is rewound to the first of them when it resumes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError as RdKafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::changelog_reader::{ChangelogReader, Restored};
+use super::record_collector::RecordCollector;
+use super::state_manager::{check_checkpoint, CheckpointCheck, StateManager};
+use super::{LogLimiter, RunConfig, RunSummary, RuntimeError, DEAD_LETTER_LOGS_PER_SECOND};
+use crate::ids::TaskId;
+use crate::kafka::KafkaError;
+use crate::processor::{EmitPolicy, ProcessStats, ReadStateProcessor};
+use crate::serde::{EventDecoder, UpdateEncoder};
+use crate::state::{read_checkpoint, KeyValueStore};
+use crate::task::{DeadLetter, StreamTask};
+use crate::telemetry::{Health, Progress};
+use crate::topology::Topology;
+
+pub(super) struct RunningTask {
+    pub(super) task: StreamTask,
+    /// Stats already turned into metrics.
+    pub(super) reported: ProcessStats,
+}
+
+/// Sub-topology 0 of a repartitioned topology: source partitions whose records are
+/// re-keyed by conversation_id and forwarded to the repartition topic.
+pub(super) struct Forwarding {
+    pub(super) source_topic: String,
+    pub(super) repartition_topic: String,
+    /// Assigned partitions of the source topic.
+    pub(super) partitions: BTreeSet<i32>,
+}
+
+/// Why a partition is paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ParkReason {
+    Restoring,
+    Registry,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Parked {
+    pub(super) reason: ParkReason,
+    /// First offset dropped while parked: where to seek when resuming.
+    pub(super) rewind: Option<i64>,
+}
+
+/// Waiting for the schema registry to resolve writer schemas.
+pub(super) struct RegistryWait {
+    pub(super) ids: Vec<u32>,
+    pub(super) retry_at: Instant,
+    pub(super) backoff: Duration,
+    pub(super) since: Instant,
+}
+
+pub(super) type TopicPartition = (String, i32);
+
+pub(super) struct TaskManager {
+    pub(super) topology: Topology,
+    /// The topic the stateful tasks consume (the source, or its repartition topic).
+    pub(super) task_topic: String,
+    /// Sub-topology number of the stateful tasks (1 when repartitioned, else 0).
+    subtopology: u32,
+    pub(super) forwarding: Option<Forwarding>,
+    pub(super) running: BTreeMap<i32, RunningTask>,
+    /// Partitions assigned but not yet opened.
+    to_open: Vec<i32>,
+    pub(super) parked: HashMap<TopicPartition, Parked>,
+    pub(super) registry_wait: Option<RegistryWait>,
+    /// Next offset to commit per topic and partition (keyed by topic first, so the hot
+    /// path looks up by `&str` without allocating).
+    pub(super) positions: HashMap<String, BTreeMap<i32, i64>>,
+    /// Offsets last committed (or first consumed) per partition: the membership probe
+    /// commits these again.
+    pub(super) committed: HashMap<TopicPartition, i64>,
+    pub(super) origin_ids: HashMap<String, HashMap<i32, u32>>,
+    pub(super) collector: RecordCollector,
+    state: StateManager,
+    reader: Option<ChangelogReader>,
+    pub(super) decoder: EventDecoder,
+    pub(super) encoder: UpdateEncoder,
+    pub(super) rt: tokio::runtime::Runtime,
+    pub(super) dead_letters: Vec<DeadLetter>,
+    pub(super) dead_letter_log: LogLimiter,
+    pub(super) summary: RunSummary,
+    pub(super) buf: Vec<u8>,
+    health: Arc<Health>,
+    pub(super) progress: Arc<Progress>,
+    assigned_once: bool,
+    /// When the poll loop last returned from `poll`.
+    pub(super) last_poll: Instant,
+    /// A gap between polls longer than this (the process was paused, or stalled) means
+    /// the group may have moved on: membership is verified before the next commit.
+    pub(super) probe_after: Duration,
+    /// Set after such a gap until a membership probe succeeds.
+    pub(super) suspect: bool,
+    /// Set when tasks are in an unknown state: the poll loop stops the instance.
+    pub(super) fatal: Option<String>,
+}
+
+impl TaskManager {
+    pub(super) fn new(
+        config: &RunConfig,
+        encoder: UpdateEncoder,
+        rt: tokio::runtime::Runtime,
+    ) -> Result<Self, RuntimeError> {
+        let t = &config.topology;
+        let changelog = t.store.changelog_topic.as_ref().map(|c| c.0.clone());
+        let [source] = t.sources.as_slice() else {
+            return Err(RuntimeError::Config(format!(
+                "{} sources feed one store; run supports one source per topology",
+                t.sources.len()
+            )));
+        };
+        let forwarding = source.repartition_topic.as_ref().map(|r| Forwarding {
+            source_topic: source.topic.0.clone(),
+            repartition_topic: r.0.clone(),
+            partitions: BTreeSet::new(),
+        });
+        let reader = changelog.clone().map(|topic| {
+            ChangelogReader::new(
+                config.kafka.clone(),
+                format!("{}-restore", t.application_id),
+                topic,
+                config.restore_batch,
+            )
+        });
+        Ok(Self {
+            topology: t.clone(),
+            task_topic: source.task_input_topic().0.clone(),
+            subtopology: u32::from(forwarding.is_some()),
+            forwarding,
+            running: BTreeMap::new(),
+            to_open: Vec::new(),
+            parked: HashMap::new(),
+            registry_wait: None,
+            positions: HashMap::new(),
+            committed: HashMap::new(),
+            origin_ids: HashMap::new(),
+            collector: RecordCollector::new(&config.kafka, changelog)?,
+            state: StateManager::new(
+                config.state_dir.join(t.application_id.as_str()),
+                t.store.clone(),
+            ),
+            reader,
+            decoder: EventDecoder::new(config.resolver.clone())?,
+            encoder,
+            rt,
+            dead_letters: Vec::new(),
+            dead_letter_log: LogLimiter::new(DEAD_LETTER_LOGS_PER_SECOND),
+            summary: RunSummary::default(),
+            buf: Vec::with_capacity(256),
+            health: config.health.clone(),
+            progress: config.progress.clone(),
+            assigned_once: false,
+            last_poll: Instant::now(),
+            probe_after: config.kafka.session_timeout() / 3,
+            suspect: false,
+            fatal: None,
+        })
+    }
+
+    pub(super) fn summary(&self) -> RunSummary {
+        self.summary.clone()
+    }
+
+    pub(super) fn rocks_memory_bytes(&self) -> usize {
+        self.state.memory().usage_bytes()
+    }
+
+    fn task_id(&self, partition: i32) -> TaskId {
+        TaskId::new(self.subtopology, partition)
+    }
+
+    fn is_restoring(&self, p: i32) -> bool {
+        self.reader
+            .as_ref()
+            .is_some_and(|r| r.tasks().iter().any(|t| t.partition == p))
+    }
+
+    /// The poll loop returned from `poll`: note a gap long enough to doubt membership.
+    pub(super) fn polled(&mut self, now: Instant) {
+        if now.duration_since(self.last_poll) > self.probe_after {
+            if !self.suspect {
+                tracing::warn!(gap = ?now.duration_since(self.last_poll), "long gap between polls (process paused or stalled): membership is verified before the next commit");
+            }
+            self.suspect = true;
+        }
+        self.last_poll = now;
+    }
+
+    /// New partitions from the group: returns those to pause until their task restored.
+    pub(super) fn assign(&mut self, parts: &[TopicPartition]) -> Vec<TopicPartition> {
+        self.assigned_once = true;
+        self.summary.assignments += 1;
+        metrics::counter!("readstate_rebalances_total").increment(1);
+        self.queue(parts)
+    }
+
+    /// Queue task partitions for opening (parked) and take forwarded partitions on.
+    fn queue(&mut self, parts: &[TopicPartition]) -> Vec<TopicPartition> {
+        let mut pause = Vec::new();
+        for (topic, p) in parts {
+            if *topic == self.task_topic {
+                if !self.running.contains_key(p)
+                    && !self.to_open.contains(p)
+                    && !self.is_restoring(*p)
+                {
+                    self.to_open.push(*p);
+                    let parked = Parked {
+                        reason: ParkReason::Restoring,
+                        rewind: None,
+                    };
+                    self.parked.insert((topic.clone(), *p), parked);
+                    pause.push((topic.clone(), *p));
+                    self.health.set_ready(false);
+                }
+            } else if let Some(f) = &mut self.forwarding {
+                if *topic == f.source_topic {
+                    f.partitions.insert(*p);
+                }
+            }
+        }
+        pause
+    }
+
+    /// Open the stores of newly assigned tasks and register their restores.
+    pub(super) fn open_assigned<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<(), RuntimeError> {
+        let parts: Vec<i32> = std::mem::take(&mut self.to_open);
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<TaskId> = parts.iter().map(|p| self.task_id(*p)).collect();
+        let stores = self.state.open_many(&ids);
+        for (id, store) in ids.into_iter().zip(stores) {
+            if let Some(done) = self.register_restore(id, store?)? {
+                self.start_task(consumer, done)?;
+            }
+        }
+        self.update_readiness();
+        Ok(())
+    }
+
+    /// Judge the store's checkpoint and start its restore; a store with nothing to
+    /// restore is returned at once.
+    fn register_restore(
+        &mut self,
+        id: TaskId,
+        store: Box<dyn KeyValueStore>,
+    ) -> Result<Option<Restored>, RuntimeError> {
+        let Some(reader) = self.reader.as_mut() else {
+            return Ok(Some(Restored {
+                task: id,
+                store,
+                records: 0,
+                elapsed: Duration::ZERO,
+            }));
+        };
+        let (low, high) = reader.watermarks(id.partition)?;
+        let store = match check_checkpoint(read_checkpoint(&*store)?, low, high) {
+            CheckpointCheck::RestoreFrom(from) => return reader.register(id, store, from, high),
+            CheckpointCheck::Corrupted(why) => {
+                tracing::warn!(task = %id, reason = %why, "store does not match its changelog: wiping it and restoring from the start");
+                metrics::counter!("readstate_tasks_corrupted_total").increment(1);
+                self.summary.tasks_corrupted += 1;
+                drop(store);
+                self.state.wipe(id)?;
+                self.state.open(id)?
+            }
+        };
+        reader.register(id, store, low, high)
+    }
+
+    /// Apply one step of every running restore; start the tasks that completed.
+    pub(super) fn restore_step<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<(), RuntimeError> {
+        let Some(reader) = self.reader.as_mut() else {
+            return Ok(());
+        };
+        if !reader.is_restoring() {
+            return Ok(());
+        }
+        for done in reader.step()? {
+            self.start_task(consumer, done)?;
+        }
+        self.update_readiness();
+        Ok(())
+    }
+
+    fn start_task<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        done: Restored,
+    ) -> Result<(), RuntimeError> {
+        let Restored {
+            task: id,
+            store,
+            records,
+            elapsed,
+        } = done;
+        self.summary.restored_records += records;
+        if self.reader.is_some() {
+            tracing::info!(task = %id, records, ?elapsed, "task restored");
+        }
+        let t = &self.topology;
+        let policy = EmitPolicy {
+            min_emit_interval_ms: t.processor.min_emit_interval.as_millis() as i64,
+        };
+        let processor = ReadStateProcessor::open(store, policy, t.store.cache_max_entries)?;
+        self.running.insert(
+            id.partition,
+            RunningTask {
+                task: StreamTask::new(id, processor),
+                reported: Default::default(),
+            },
+        );
+        self.summary.tasks_opened += 1;
+        self.share_cache_budget();
+        let tp = (self.task_topic.clone(), id.partition);
+        self.unpark(consumer, &tp)
+    }
+
+    fn update_readiness(&mut self) {
+        metrics::gauge!("readstate_tasks_assigned").set(self.running.len() as f64);
+        let restoring = self.reader.as_ref().is_some_and(|r| r.is_restoring());
+        // Ready once the group has given us an assignment (even an empty one) and every
+        // assigned task has restored.
+        self.health
+            .set_ready(self.assigned_once && !restoring && self.to_open.is_empty());
+    }
+
+    /// Pause a partition; records of it already fetched are dropped (and rewound to).
+    pub(super) fn park<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        tp: TopicPartition,
+        reason: ParkReason,
+        rewind: Option<i64>,
+    ) -> Result<(), RuntimeError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.0, tp.1);
+        consumer.pause(&tpl).map_err(KafkaError::from)?;
+        let e = self.parked.entry(tp).or_insert(Parked { reason, rewind });
+        e.rewind = match (e.rewind, rewind) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Ok(())
+    }
+
+    /// Resume a parked partition, first rewinding to the first record dropped meanwhile.
+    pub(super) fn unpark<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        tp: &TopicPartition,
+    ) -> Result<(), RuntimeError> {
+        let Some(parked) = self.parked.remove(tp) else {
+            return Ok(());
+        };
+        if let Some(offset) = parked.rewind {
+            consumer
+                .seek(&tp.0, tp.1, Offset::Offset(offset), Duration::from_secs(10))
+                .map_err(|e| {
+                    RuntimeError::Config(format!(
+                        "cannot rewind {} [{}] to offset {offset}: {e}",
+                        tp.0, tp.1
+                    ))
+                })?;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.0, tp.1);
+        consumer.resume(&tpl).map_err(KafkaError::from)?;
+        Ok(())
+    }
+
+    /// Every topic-partition this instance processes: running tasks and forwarders.
+    pub(super) fn owned(&self) -> Vec<TopicPartition> {
+        let mut v: Vec<TopicPartition> = self
+            .running
+            .keys()
+            .map(|p| (self.task_topic.clone(), *p))
+            .collect();
+        if let Some(f) = &self.forwarding {
+            v.extend(f.partitions.iter().map(|p| (f.source_topic.clone(), *p)));
+        }
+        v
+    }
+
+    /// `cache_max_entries` is the instance's record-cache budget (as Kafka Streams'
+    /// `statestore.cache.max.bytes`): each running task gets an equal share.
+    fn share_cache_budget(&mut self) {
+        let share = (self.topology.store.cache_max_entries / self.running.len().max(1)).max(1);
+        for t in self.running.values_mut() {
+            t.task.processor_mut().set_cache_capacity(share);
+        }
+    }
+
+    /// Forget a partition's bookkeeping (positions, parking).
+    fn forget(&mut self, tp: &TopicPartition) {
+        if let Some(pos) = self.positions.get_mut(&tp.0) {
+            pos.remove(&tp.1);
+        }
+        self.committed.remove(tp);
+        self.parked.remove(tp);
+    }
+
+    /// Partitions revoked while we still own them: commit them (clean close), then drop.
+    pub(super) fn revoke<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        parts: &[TopicPartition],
+    ) {
+        for (t, p) in parts {
+            if *t == self.task_topic {
+                self.to_open.retain(|q| q != p);
+                if let Some(r) = self.reader.as_mut() {
+                    r.remove(*p);
+                }
+            }
+        }
+        let owned = self.owned();
+        let revoked: Vec<TopicPartition> = parts
+            .iter()
+            .filter(|tp| owned.contains(tp))
+            .cloned()
+            .collect();
+        if !revoked.is_empty() && self.fatal.is_none() {
+            if self.suspect && !self.verify_membership(consumer) {
+                return; // lost: everything was closed dirty
+            }
+            if let Err(e) = self.commit_tasks(consumer, &revoked) {
+                tracing::error!(error = %e, "commit on revoke failed");
+            }
+        }
+        for tp in &revoked {
+            if tp.0 == self.task_topic {
+                if self.running.remove(&tp.1).is_some() {
+                    self.summary.tasks_closed += 1;
+                }
+            } else if let Some(f) = &mut self.forwarding {
+                f.partitions.remove(&tp.1);
+            }
+        }
+        self.forget_all(parts);
+        self.share_cache_budget();
+        self.update_readiness();
+        tracing::info!(partitions = ?revoked, "revoked partitions closed");
+    }
+
+    fn forget_all(&mut self, parts: &[TopicPartition]) {
+        for tp in parts {
+            self.forget(tp);
+        }
+    }
+
+    /// Every task is lost after a commit the coordinator refused, while the consumer may
+    /// still hold its assignment (RebalanceInProgress does not end the membership, and a
+    /// cooperative rebalance says nothing of the partitions it leaves in place): the
+    /// partitions still assigned are queued again like new ones (parked, restored from
+    /// the changelog, rewound to the last committed offset), and the next commit verifies
+    /// membership first.
+    pub(super) fn lose_all_and_requeue<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        why: &str,
+    ) {
+        let rewinds = std::mem::take(&mut self.committed);
+        self.lose_all(why);
+        if consumer.assignment_lost() {
+            return;
+        }
+        let parts: Vec<TopicPartition> = match consumer.assignment() {
+            Ok(tpl) => tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect(),
+            Err(e) => {
+                self.fatal = Some(format!(
+                    "tasks were lost and the assignment is unknown: {e}"
+                ));
+                return;
+            }
+        };
+        let pause = self.queue(&parts);
+        for tp in &parts {
+            let Some(&offset) = rewinds.get(tp) else {
+                continue;
+            };
+            if let Some(parked) = self.parked.get_mut(tp) {
+                parked.rewind = Some(offset);
+            } else if let Err(e) =
+                consumer.seek(&tp.0, tp.1, Offset::Offset(offset), Duration::from_secs(10))
+            {
+                self.fatal = Some(format!(
+                    "cannot rewind {} [{}] to {offset}: {e}",
+                    tp.0, tp.1
+                ));
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in &pause {
+            tpl.add_partition(t, *p);
+        }
+        if let Err(e) = consumer.pause(&tpl) {
+            self.fatal = Some(format!("cannot pause requeued partitions: {e}"));
+        }
+        self.suspect = true;
+    }
+
+    /// Every task is lost: someone else may own its partition already. Nothing more is
+    /// produced or committed for it; its store is wiped so that whoever owns it next
+    /// restores it from the changelog.
+    pub(super) fn lose_all(&mut self, why: &str) {
+        // Only what is owned now is a lost task (a repeated loss finds nothing).
+        self.collector.abandon();
+        let running: Vec<i32> = self.running.keys().copied().collect();
+        let restoring: Vec<i32> = self
+            .reader
+            .as_ref()
+            .map(|r| r.tasks().iter().map(|t| t.partition).collect())
+            .unwrap_or_default();
+        let mut lost = Vec::new();
+        for p in running {
+            drop(self.running.remove(&p));
+            lost.push(self.task_id(p));
+        }
+        for p in restoring {
+            if let Some(t) = self.reader.as_mut().and_then(|r| r.remove(p)) {
+                lost.push(t);
+            }
+        }
+        for id in &lost {
+            if let Err(e) = self.state.wipe(*id) {
+                self.fatal = Some(format!(
+                    "task {id} was lost and its store cannot be wiped: {e}"
+                ));
+            }
+        }
+        self.to_open.clear();
+        if let Some(f) = &mut self.forwarding {
+            f.partitions.clear();
+        }
+        self.positions.clear();
+        self.committed.clear();
+        self.parked.clear();
+        self.registry_wait = None;
+        self.dead_letters.clear();
+        self.suspect = false;
+        self.summary.tasks_lost += lost.len() as u64;
+        metrics::counter!("readstate_tasks_lost_total").increment(lost.len() as u64);
+        tracing::warn!(tasks = ?lost.iter().map(ToString::to_string).collect::<Vec<_>>(), reason = why, "tasks lost: closed dirty (nothing produced or committed), stores wiped for a restore from the changelog");
+        self.update_readiness();
+    }
+
+    /// Commit, once more, the offsets already committed: the group coordinator refuses it
+    /// if this member was removed. On refusal every task is lost; on any other failure the
+    /// commit is skipped (and the probe repeated next time).
+    pub(super) fn verify_membership<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> bool {
+        if consumer.assignment_lost() {
+            self.lose_all("the consumer reports its assignment lost");
+            return false;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), o) in &self.committed {
+            let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
+        }
+        if tpl.count() == 0 {
+            self.suspect = false;
+            return true;
+        }
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => {
+                tracing::info!("membership verified after a long gap between polls");
+                self.suspect = false;
+                true
+            }
+            Err(e) if is_membership_error(&e) => {
+                self.lose_all_and_requeue(consumer, &format!("membership probe refused: {e}"));
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "membership probe failed; commit postponed");
+                false
+            }
+        }
+    }
+
+    /// Close every task after the final commit (clean) or without it (after a failure).
+    pub(super) fn close_all(&mut self, clean: bool) {
+        self.summary.tasks_closed += self.running.len() as u64;
+        self.running.clear();
+        if clean {
+            self.collector.close();
+        } else {
+            self.collector.abandon();
+        }
+    }
+}
+
+/// Commit errors meaning this member no longer owns its partitions.
+pub(super) fn is_membership_error(e: &RdKafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::UnknownMemberId
+                | RDKafkaErrorCode::IllegalGeneration
+                | RDKafkaErrorCode::RebalanceInProgress
+                | RDKafkaErrorCode::FencedInstanceId
+                | RDKafkaErrorCode::AssignmentLost
+                | RDKafkaErrorCode::StaleMemberEpoch
+        )
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn membership_errors_are_told_from_transient_ones() {
+        let commit = |c| RdKafkaError::ConsumerCommit(c);
+        assert!(is_membership_error(&commit(
+            RDKafkaErrorCode::UnknownMemberId
+        )));
+        assert!(is_membership_error(&commit(
+            RDKafkaErrorCode::IllegalGeneration
+        )));
+        assert!(is_membership_error(&commit(
+            RDKafkaErrorCode::RebalanceInProgress
+        )));
+        assert!(!is_membership_error(&commit(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
+        assert!(!is_membership_error(&commit(
+            RDKafkaErrorCode::RequestTimedOut
+        )));
+    }
+}

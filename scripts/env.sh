@@ -66,3 +66,114 @@ stop_private_postgres() {
     rm -rf "$PG_DATA"
   fi
 }
+
+# Apache Kafka (KRaft, one node) from Maven Central: jars cached once outside the clone.
+KAFKA_VERSION="4.1.1"
+ensure_kafka_jars() {
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
+    echo "==> installing Java and Maven"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
+  fi
+  KAFKA_JARS="${READSTATE_KAFKA_CACHE:-$HOME/.cache/readstate-kafka}/$KAFKA_VERSION"
+  if [ ! -f "$KAFKA_JARS/.complete" ]; then
+    echo "==> resolving Apache Kafka $KAFKA_VERSION from Maven Central into $KAFKA_JARS"
+    rm -rf "$KAFKA_JARS"
+    mkdir -p "$KAFKA_JARS"
+    mvn -q -B -f "$READSTATE_ROOT/scripts/kafka-broker/pom.xml" \
+      -Dkafka.version="$KAFKA_VERSION" dependency:copy-dependencies \
+      -DoutputDirectory="$KAFKA_JARS" -DincludeScope=runtime
+    touch "$KAFKA_JARS/.complete"
+  fi
+  export KAFKA_JARS
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Start a broker in a temporary directory; exports KAFKA_BROKERS, KAFKA_RUN (its directory)
+# and READSTATE_TEST_KAFKA (for the real-broker tests).
+start_private_kafka() {
+  ensure_kafka_jars
+  KAFKA_RUN="$(mktemp -d /tmp/readstate-kafka.XXXXXX)"
+  local bport cport
+  bport="$(free_port)"
+  cport="$(free_port)"
+  cat > "$KAFKA_RUN/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$cport
+listeners=PLAINTEXT://127.0.0.1:$bport,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$bport
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$KAFKA_RUN/data
+auto.create.topics.enable=false
+num.partitions=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=4
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+group.consumer.min.session.timeout.ms=3000
+group.classic.min.session.timeout.ms=3000
+# Compaction that really runs in a test: segments roll every second, the cleaner looks
+# every 200 ms and cleans as soon as anything is dirty.
+log.roll.ms=1000
+log.cleaner.backoff.ms=200
+log.cleaner.min.cleanable.ratio=0.01
+log.cleaner.min.compaction.lag.ms=0
+log.cleaner.dedupe.buffer.size=16777216
+log.retention.check.interval.ms=1000
+PROPS
+  local cp="$KAFKA_JARS/*"
+  local id
+  id="$(java -cp "$cp" kafka.tools.StorageTool random-uuid)"
+  java -cp "$cp" kafka.tools.StorageTool format -t "$id" -c "$KAFKA_RUN/server.properties" >"$KAFKA_RUN/format.log" 2>&1
+  nohup java -Xms256m -Xmx768m -XX:+UseG1GC -cp "$cp" kafka.Kafka "$KAFKA_RUN/server.properties" \
+    >"$KAFKA_RUN/server.log" 2>&1 &
+  echo $! >"$KAFKA_RUN/pid"
+  local deadline=$((SECONDS + 90))
+  until python3 - "$bport" <<'PY' 2>/dev/null
+import socket, struct, sys
+# An ApiVersions request: the broker answers once it serves clients.
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2)
+body = struct.pack(">hhih", 18, 0, 1, 4) + b"wait"
+s.sendall(struct.pack(">i", len(body)) + body)
+n = struct.unpack(">i", s.recv(4))[0]
+assert n > 0
+PY
+  do
+    if [ "$SECONDS" -ge "$deadline" ] || ! kill -0 "$(cat "$KAFKA_RUN/pid")" 2>/dev/null; then
+      echo "Kafka did not start; its log:" >&2
+      tail -40 "$KAFKA_RUN/server.log" >&2
+      return 1
+    fi
+    sleep 0.5
+  done
+  export KAFKA_RUN
+  export KAFKA_BROKERS="127.0.0.1:$bport"
+  export READSTATE_TEST_KAFKA="$KAFKA_BROKERS"
+  echo "==> private Apache Kafka $KAFKA_VERSION on $KAFKA_BROKERS (data in $KAFKA_RUN)"
+}
+
+stop_private_kafka() {
+  if [ -n "${KAFKA_RUN:-}" ] && [ -f "$KAFKA_RUN/pid" ]; then
+    local pid
+    pid="$(cat "$KAFKA_RUN/pid")"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 60); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.5
+    done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -rf "$KAFKA_RUN"
+  fi
+}

@@ -241,7 +241,10 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
     signal(&nodes[0], "CONT");
     eprintln!("chaos: node 3 joins, then leaves");
     let mut extra = s.spawn(3);
-    pause(Duration::from_secs(4));
+    let log3 = s.root.path().join("node-3.log");
+    wait_for(&s, "node 3 to be given partitions", Duration::from_secs(60), || {
+        std::fs::read_to_string(&log3).is_ok_and(|l| l.contains("task restored"))
+    });
     terminate(&mut extra, "node 3");
     eprintln!("chaos: PostgreSQL refuses connections for 8 s");
     s.db.block();
@@ -265,6 +268,24 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
     );
     for (i, c) in nodes.iter_mut().enumerate() {
         terminate(c, &format!("node {i}"));
+    }
+    let log0 = std::fs::read_to_string(s.root.path().join("node-0.log")).unwrap();
+    assert!(
+        log0.contains("tasks lost"),
+        "node 0, paused past its session timeout, closed its tasks dirty\n{}",
+        s.logs()
+    );
+    for n in 0..4 {
+        let log = std::fs::read_to_string(s.root.path().join(format!("node-{n}.log")))
+            .unwrap_or_default();
+        let count = |what: &str| log.matches(what).count();
+        eprintln!(
+            "chaos: node {n}: {} loss(es), {} wiped store(s), {} restore(s), {} assignment(s)",
+            count("tasks lost"),
+            count("store does not match"),
+            count("task restored"),
+            count("assigned")
+        );
     }
     let outputs = check_output(&s, &want);
     let changelog = check_changelog(&s);

@@ -31,8 +31,54 @@ use readstate::topology::{compile, Topology};
 
 const PARTS: i32 = 4;
 
+/// The broker a test runs against: librdkafka's in-process mock, or the real Apache Kafka
+/// that `scripts/test` starts (`READSTATE_TEST_KAFKA`).
+enum Broker {
+    Mock(MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+    Real(String),
+}
+
+impl Broker {
+    fn real() -> Self {
+        Broker::Real(std::env::var("READSTATE_TEST_KAFKA").expect(
+            "READSTATE_TEST_KAFKA is not set: run scripts/test, which starts a private Apache Kafka",
+        ))
+    }
+
+    fn bootstrap(&self) -> String {
+        match self {
+            Broker::Mock(m) => m.bootstrap_servers(),
+            Broker::Real(b) => b.clone(),
+        }
+    }
+
+    /// Create a topic (on a real broker through the admin API, with `config`).
+    fn create_topic(&self, name: &str, partitions: i32, config: &[(&str, &str)]) {
+        match self {
+            Broker::Mock(m) => m.create_topic(name, partitions, 1).unwrap(),
+            Broker::Real(b) => {
+                use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+                let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+                    rdkafka::ClientConfig::new()
+                        .set("bootstrap.servers", b)
+                        .create()
+                        .unwrap();
+                let mut t = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+                for (k, v) in config {
+                    t = t.set(k, v);
+                }
+                let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+                let r = futures::executor::block_on(admin.create_topics([&t], &opts)).unwrap();
+                r.into_iter().for_each(|r| {
+                    r.unwrap();
+                });
+            }
+        }
+    }
+}
+
 struct Env {
-    mock: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    broker: Broker,
     app: String,
     source: String,
     output: String,
@@ -48,31 +94,44 @@ impl Env {
 
     /// An environment whose source is keyed by `keyed_by` (None: by conversation_id).
     fn keyed_by(keyed_by: Option<&'static str>) -> Self {
-        let mock = MockCluster::new(1).unwrap();
+        let env = Self::on(Broker::Mock(MockCluster::new(1).unwrap()), keyed_by);
+        // The mock broker does not answer CreateTopics: internal topics are made here.
+        if keyed_by.is_some() {
+            env.broker
+                .create_topic(&format!("{}-events-repartition", env.app), PARTS, &[]);
+        }
+        let changelog = format!("{}-read-state-changelog", env.app);
+        env.broker.create_topic(&changelog, PARTS, &[]);
+        env.broker.create_topic(&format!("{}-dlq", env.app), 1, &[]);
+        env
+    }
+
+    /// On the real broker: only the source and output topics exist; readstate creates
+    /// its internal topics through the admin API.
+    fn real() -> Self {
+        Self::on(Broker::real(), None)
+    }
+
+    fn on(broker: Broker, keyed_by: Option<&'static str>) -> Self {
         let s = suffix();
         let env = Env {
-            mock,
+            broker,
             app: format!("app-{s}"),
             source: format!("events-{s}"),
             output: format!("updates-{s}"),
             state: tempfile::tempdir().unwrap(),
             keyed_by,
         };
-        if keyed_by.is_some() {
-            // The mock broker does not answer CreateTopics: internal topics are made here.
-            env.mock
-                .create_topic(&format!("{}-events-repartition", env.app), PARTS, 1)
-                .unwrap();
-        }
-        env.mock.create_topic(&env.source, PARTS, 1).unwrap();
-        env.mock.create_topic(&env.output, PARTS, 1).unwrap();
-        env.mock
-            .create_topic(&format!("{}-read-state-changelog", env.app), PARTS, 1)
-            .unwrap();
-        env.mock
-            .create_topic(&format!("{}-dlq", env.app), 1, 1)
-            .unwrap();
+        env.broker.create_topic(&env.source, PARTS, &[]);
+        env.broker.create_topic(&env.output, PARTS, &[]);
         env
+    }
+
+    fn mock(&self) -> &MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+        match &self.broker {
+            Broker::Mock(m) => m,
+            Broker::Real(_) => panic!("fault injection needs the mock broker"),
+        }
     }
 
     fn topology(&self) -> Topology {
@@ -107,7 +166,7 @@ impl Env {
     }
 
     fn brokers(&self) -> String {
-        self.mock.bootstrap_servers()
+        self.broker.bootstrap()
     }
 
     fn start(&self) -> Instance {
@@ -531,7 +590,10 @@ fn sigkill_mid_stream_then_restart(env: Env, seed: u64) {
 
 #[test]
 fn instances_joining_and_leaving_mid_stream_converge() {
-    let env = Env::new();
+    instances_joining_and_leaving(Env::new());
+}
+
+fn instances_joining_and_leaving(env: Env) {
     let events = zipf_workload(5, 18_000);
     let want = oracle(&events);
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -802,7 +864,10 @@ fn check_restored_state(env: &Env, want: &HashMap<StateKey, Expected>) {
 /// changelog never regress per key, and the state restored from the changelog is exact.
 #[test]
 fn sigstop_past_the_session_timeout_then_sigcont_never_regresses() {
-    let env = Env::new();
+    sigstop_then_sigcont(Env::new());
+}
+
+fn sigstop_then_sigcont(env: Env) {
     let events = zipf_workload(11, 15_000);
     let chunks: Vec<&[ReadEvent]> = events.chunks(5_000).collect();
     let want = oracle(&events);
@@ -860,7 +925,7 @@ struct FailingProduces<'a>(&'a Env);
 impl<'a> FailingProduces<'a> {
     fn start(env: &'a Env) -> Self {
         use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-        env.mock.request_errors(
+        env.mock().request_errors(
             RDKafkaApiKey::Produce,
             &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 200],
         );
@@ -871,7 +936,7 @@ impl<'a> FailingProduces<'a> {
 impl Drop for FailingProduces<'_> {
     fn drop(&mut self) {
         self.0
-            .mock
+            .mock()
             .clear_request_errors(rdkafka::types::RDKafkaApiKey::Produce);
     }
 }
@@ -1115,4 +1180,128 @@ fn an_internal_topic_with_the_wrong_partition_count_is_refused() {
         err.contains(&changelog) && err.contains("2 partitions"),
         "the error names the topic and what is wrong: {err}"
     );
+}
+
+// ---- The same against a real Apache Kafka (scripts/test starts one): what the mock broker
+// does not do (admin topic creation and configs, compaction, the real group coordinator).
+
+#[test]
+fn real_broker_sigkill_mid_stream_then_restart_keeps_counts_exact() {
+    sigkill_mid_stream_then_restart(Env::real(), 31);
+}
+
+#[test]
+fn real_broker_instances_joining_and_leaving_converge() {
+    instances_joining_and_leaving(Env::real());
+}
+
+#[test]
+fn real_broker_sigstop_past_the_session_timeout_never_regresses() {
+    sigstop_then_sigcont(Env::real());
+}
+
+/// `cleanup.policy` of a topic, through DescribeConfigs.
+fn cleanup_policy(brokers: &str, topic: &str) -> String {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let spec = ResourceSpecifier::Topic(topic);
+    let r =
+        futures::executor::block_on(admin.describe_configs([&spec], &AdminOptions::new())).unwrap();
+    let resource = r.into_iter().next().unwrap().unwrap();
+    resource
+        .get("cleanup.policy")
+        .and_then(|e| e.value.clone())
+        .unwrap_or_default()
+}
+
+/// readstate creates its changelog (compacted, the source's partition count) and its
+/// dead-letter topic through the admin API, and refuses an existing changelog that is not
+/// compacted, naming it.
+#[test]
+fn real_broker_internal_topics_are_created_compacted_and_checked() {
+    let env = Env::real();
+    let events = zipf_workload(32, 3_000);
+    let want = oracle(&events);
+    let a = env.start();
+    env.produce(&events, 500);
+    env.read_updates(&want);
+    a.stop();
+    let brokers = env.brokers();
+    let changelog = format!("{}-read-state-changelog", env.app);
+    assert_eq!(
+        kafka::end_offsets(&brokers, &changelog).len(),
+        PARTS as usize
+    );
+    assert_eq!(cleanup_policy(&brokers, &changelog), "compact");
+    assert_eq!(
+        cleanup_policy(&brokers, &format!("{}-dlq", env.app)),
+        "delete"
+    );
+    check_final_state(&env, &want);
+
+    let other = Env::real();
+    let wrong = format!("{}-read-state-changelog", other.app);
+    other
+        .broker
+        .create_topic(&wrong, PARTS, &[("cleanup.policy", "delete")]);
+    let cfg = other.config(other.state.path(), Arc::new(LocalRegistry::new()), &[]);
+    let err = run(cfg, Arc::new(AtomicBool::new(false)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&wrong) && err.contains("cleanup.policy"),
+        "names the topic and what is wrong: {err}"
+    );
+}
+
+/// A changelog the broker has compacted (fewer records than were written, offsets with
+/// gaps) restores a fresh instance to the exact state, counts included.
+#[test]
+fn real_broker_restore_from_a_compacted_changelog_is_exact() {
+    let env = Env::real();
+    let events = zipf_workload(33, 40_000);
+    let want = oracle(&events);
+    let a = env.start();
+    let mut done = 0;
+    for chunk in events.chunks(5_000) {
+        env.produce(chunk, 0);
+        done += chunk.len();
+        env.read_updates(&oracle(&events[..done]));
+    }
+    let written = a.stop().changelog_records as i64;
+    let changelog = format!("{}-read-state-changelog", env.app);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let kept = loop {
+        let kept = kafka::count_records(&env.brokers(), &changelog);
+        if kept < written {
+            break kept;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the changelog was never compacted ({kept} of {written})"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let fresh = tempfile::tempdir().unwrap();
+    let health = readstate::telemetry::Health::new();
+    let mut cfg = env.config(fresh.path(), Arc::new(LocalRegistry::new()), &[]);
+    cfg.health = health.clone();
+    let b = launch(cfg);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !health.is_ready() {
+        assert!(Instant::now() < deadline, "never restored");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = b.stop();
+    eprintln!(
+        "compaction kept {kept} of {written} changelog records; restored {}",
+        s.restored_records
+    );
+    assert!(s.restored_records as i64 <= kept, "{s:?}");
+    let stored = env.stored_states_in(fresh.path());
+    assert_eq!(stored.len(), want.len());
+    assert_states_match(&want, |k| stored.get(&k).cloned());
 }

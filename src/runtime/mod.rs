@@ -35,7 +35,6 @@ use crate::telemetry::{Health, Progress};
 use crate::topology::Topology;
 
 use dead_letter_log::{log_dead_letter, LogLimiter, DEAD_LETTER_LOGS_PER_SECOND};
-pub use record_collector::DELIVERY_TIMEOUT;
 use stream_thread::{RebalanceHandler, StreamThread};
 use task_manager::TaskManager;
 

@@ -14,8 +14,9 @@ use rdkafka::{ClientContext, Message};
 
 use crate::kafka::{KafkaError, KafkaSettings};
 
-/// How long `flush` waits for acknowledgements before it reports a failure.
-pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long `flush` waits beyond the producer's own message timeout before it reports a
+/// failure.
+const FLUSH_MARGIN: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 struct Deliveries {
@@ -120,17 +121,37 @@ impl ProducerContext for DeliveryTracker {
 /// Every produce of one instance.
 pub struct RecordCollector {
     producer: ThreadedProducer<DeliveryTracker>,
+    flush_timeout: Duration,
 }
 
 impl RecordCollector {
+    /// A record not delivered within the group session timeout is not delivered at all
+    /// (`message.timeout.ms` = `session.timeout.ms` unless set): once the session has
+    /// expired another instance may own the partition, and a record queued before a pause
+    /// must not be written after the new owner's. librdkafka drops expired records before
+    /// it sends anything after a pause (its first loop turn scans for timeouts).
     pub fn new(
         settings: &KafkaSettings,
         changelog_topic: Option<String>,
     ) -> Result<Self, KafkaError> {
-        let producer = settings
-            .producer()
-            .create_with_context(DeliveryTracker::new(changelog_topic))?;
-        Ok(Self { producer })
+        let mut config = settings.producer();
+        let explicit = settings
+            .properties
+            .iter()
+            .any(|(k, _)| k == "message.timeout.ms" || k == "delivery.timeout.ms");
+        if !explicit {
+            let ms = settings.session_timeout().as_millis().max(1000);
+            config.set("message.timeout.ms", ms.to_string());
+        }
+        let message_timeout = config
+            .get("message.timeout.ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(Duration::from_secs(120), Duration::from_millis);
+        let producer = config.create_with_context(DeliveryTracker::new(changelog_topic))?;
+        Ok(Self {
+            producer,
+            flush_timeout: message_timeout + FLUSH_MARGIN,
+        })
     }
 
     /// Enqueue a record (waiting while the local queue is full). A record the client
@@ -153,7 +174,7 @@ impl RecordCollector {
     /// Wait until every record sent so far is acknowledged; the first failure since the
     /// last flush is returned.
     pub fn flush(&self) -> Result<(), KafkaError> {
-        self.producer.context().wait(DELIVERY_TIMEOUT)
+        self.producer.context().wait(self.flush_timeout)
     }
 
     /// Forget changelog offsets acknowledged before this point.

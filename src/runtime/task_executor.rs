@@ -20,7 +20,7 @@ use rdkafka::producer::BaseRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::task_manager::{
-    is_membership_error, ParkReason, RegistryWait, TaskManager, TopicPartition,
+    is_membership_error, Membership, ParkReason, RegistryWait, TaskManager, TopicPartition,
 };
 use super::{log_dead_letter, RuntimeError};
 use crate::ids::Origin;
@@ -322,19 +322,17 @@ impl TaskManager {
         let started = Instant::now();
         let flushed = match self.flush_and_store(parts) {
             Ok(f) => f,
-            Err(e) => {
-                // Outputs could not be made durable: forget what is not in the stores; the
-                // offsets were not committed, so the work is replayed.
-                for (_, p) in parts {
-                    if let Some(t) = self.running.get_mut(p) {
-                        let _ = t.task.reset_to_store();
-                    }
+            Err(e) if started.elapsed() > self.probe_after => {
+                // A commit this slow may have spanned a pause past the session timeout: the
+                // records that expired meanwhile were dropped by the producer. If the group
+                // moved on, the tasks are lost, not broken.
+                self.suspect = true;
+                if self.probe_membership(consumer) == Membership::Lost {
+                    return Ok(());
                 }
-                let msg = format!("commit of {} partition(s) failed: {e}", parts.len());
-                tracing::error!(error = %e, "outputs could not be made durable: the instance stops");
-                self.fatal = Some(msg.clone());
-                return Err(RuntimeError::Fatal(msg));
+                return Err(self.fail(parts, e));
             }
+            Err(e) => return Err(self.fail(parts, e)),
         };
         self.commit_offsets(consumer, parts);
         self.summary.commits += 1;
@@ -343,6 +341,20 @@ impl TaskManager {
             .record(started.elapsed().as_secs_f64());
         tracing::debug!(tasks = flushed, elapsed = ?started.elapsed(), "committed");
         Ok(())
+    }
+
+    /// Outputs could not be made durable: the tasks forget what is not in their stores,
+    /// and the instance stops (the offsets were not committed, so the work is replayed).
+    fn fail(&mut self, parts: &[TopicPartition], e: RuntimeError) -> RuntimeError {
+        for (_, p) in parts {
+            if let Some(t) = self.running.get_mut(p) {
+                let _ = t.task.reset_to_store();
+            }
+        }
+        let msg = format!("commit of {} partition(s) failed: {e}", parts.len());
+        tracing::error!(error = %e, "outputs could not be made durable: the instance stops");
+        self.fatal = Some(msg.clone());
+        RuntimeError::Fatal(msg)
     }
 
     /// Steps 1-4: flush, produce and await outputs, then changelog, then store batches.

@@ -582,16 +582,24 @@ impl TaskManager {
         self.update_readiness();
     }
 
-    /// Commit, once more, the offsets already committed: the group coordinator refuses it
-    /// if this member was removed. On refusal every task is lost; on any other failure the
-    /// commit is skipped (and the probe repeated next time).
+    /// Whether a commit may go on after a long gap between polls.
     pub(super) fn verify_membership<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
     ) -> bool {
+        self.probe_membership(consumer) == Membership::Kept
+    }
+
+    /// Commit, once more, the offsets already committed: the group coordinator refuses it
+    /// if this member was removed. On refusal every task is lost; on any other failure the
+    /// answer is unknown (a commit is postponed, and the probe repeated next time).
+    pub(super) fn probe_membership<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> Membership {
         if consumer.assignment_lost() {
             self.lose_all("the consumer reports its assignment lost");
-            return false;
+            return Membership::Lost;
         }
         let mut tpl = TopicPartitionList::new();
         for ((t, p), o) in &self.committed {
@@ -599,21 +607,21 @@ impl TaskManager {
         }
         if tpl.count() == 0 {
             self.suspect = false;
-            return true;
+            return Membership::Kept;
         }
         match consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => {
                 tracing::info!("membership verified after a long gap between polls");
                 self.suspect = false;
-                true
+                Membership::Kept
             }
             Err(e) if is_membership_error(&e) => {
                 self.lose_all_and_requeue(consumer, &format!("membership probe refused: {e}"));
-                false
+                Membership::Lost
             }
             Err(e) => {
                 tracing::warn!(error = %e, "membership probe failed; commit postponed");
-                false
+                Membership::Unknown
             }
         }
     }
@@ -628,6 +636,14 @@ impl TaskManager {
             self.collector.abandon();
         }
     }
+}
+
+/// What a membership probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Membership {
+    Kept,
+    Lost,
+    Unknown,
 }
 
 /// Commit errors meaning this member no longer owns its partitions.

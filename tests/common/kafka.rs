@@ -142,3 +142,37 @@ pub fn send_events(
         );
     }
 }
+
+/// How many records a topic holds now (compaction and deletion make this less than the
+/// end offsets): read from the beginning until every partition reports its end.
+pub fn count_records(brokers: &str, topic: &str) -> i64 {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("counter-{}", suffix()))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .unwrap();
+    let n = partitions(&c, topic);
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..n {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut at_end = std::collections::HashSet::new();
+    let mut count = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (at_end.len() as i32) < n {
+        assert!(Instant::now() < deadline, "timed out counting {topic}");
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(_)) => count += 1,
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => eprintln!("counter: {e}"),
+            None => {}
+        }
+    }
+    count
+}

@@ -82,7 +82,7 @@ ensure_kafka_jars() {
     echo "==> resolving Apache Kafka $KAFKA_VERSION from Maven Central into $KAFKA_JARS"
     rm -rf "$KAFKA_JARS"
     mkdir -p "$KAFKA_JARS"
-    mvn -q -B -f "$READSTATE_ROOT/scripts/kafka-broker/pom.xml" \
+    mvn -q -B -Dstyle.color=never -f "$READSTATE_ROOT/scripts/kafka-broker/pom.xml" \
       -Dkafka.version="$KAFKA_VERSION" dependency:copy-dependencies \
       -DoutputDirectory="$KAFKA_JARS" -DincludeScope=runtime
     touch "$KAFKA_JARS/.complete"

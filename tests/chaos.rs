@@ -116,6 +116,16 @@ impl Scenario {
             .unwrap()
     }
 
+    fn log_len(&self, n: usize) -> usize {
+        std::fs::read(self.root.path().join(format!("node-{n}.log"))).map_or(0, |b| b.len())
+    }
+
+    /// What node `n` logged after byte `from` of its log.
+    fn log_since(&self, n: usize, from: usize) -> String {
+        let b = std::fs::read(self.root.path().join(format!("node-{n}.log"))).unwrap_or_default();
+        String::from_utf8_lossy(b.get(from..).unwrap_or_default()).into_owned()
+    }
+
     fn logs(&self) -> String {
         let mut out = String::new();
         for n in 0..4 {
@@ -224,6 +234,7 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
     });
     eprintln!("chaos: kill -9 node 0, restart");
     kill9(&mut nodes[0]);
+    let restarted_at = s.log_len(0);
     nodes[0] = s.spawn(0);
     pause(Duration::from_secs(3));
     eprintln!("chaos: kill -9 node 1, delete its state, restart");
@@ -236,15 +247,25 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
     nodes[2] = s.spawn(2);
     pause(Duration::from_secs(3));
     eprintln!("chaos: SIGSTOP node 0 past the session timeout, then SIGCONT");
+    wait_for(
+        &s,
+        "node 0 to own partitions again",
+        Duration::from_secs(60),
+        || s.log_since(0, restarted_at).contains("task restored"),
+    );
+    let stopped_at = s.log_len(0);
     signal(&nodes[0], "STOP");
     pause(Duration::from_millis(SESSION_TIMEOUT_MS * 2));
     signal(&nodes[0], "CONT");
     eprintln!("chaos: node 3 joins, then leaves");
     let mut extra = s.spawn(3);
     let log3 = s.root.path().join("node-3.log");
-    wait_for(&s, "node 3 to be given partitions", Duration::from_secs(60), || {
-        std::fs::read_to_string(&log3).is_ok_and(|l| l.contains("task restored"))
-    });
+    wait_for(
+        &s,
+        "node 3 to be given partitions",
+        Duration::from_secs(60),
+        || std::fs::read_to_string(&log3).is_ok_and(|l| l.contains("task restored")),
+    );
     terminate(&mut extra, "node 3");
     eprintln!("chaos: PostgreSQL refuses connections for 8 s");
     s.db.block();
@@ -269,7 +290,7 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
     for (i, c) in nodes.iter_mut().enumerate() {
         terminate(c, &format!("node {i}"));
     }
-    let log0 = std::fs::read_to_string(s.root.path().join("node-0.log")).unwrap();
+    let log0 = s.log_since(0, stopped_at);
     assert!(
         log0.contains("tasks lost"),
         "node 0, paused past its session timeout, closed its tasks dirty\n{}",
@@ -336,19 +357,12 @@ fn check_output(s: &Scenario, want: &HashMap<StateKey, Expected>) -> usize {
 /// Per key, in changelog order: pointer, version and event count never go down.
 fn check_changelog(s: &Scenario) -> usize {
     let topic = format!("{}-read-state-changelog", s.app);
-    let brokers = s.mock.bootstrap_servers();
-    let total: i64 = kafka::end_offsets(&brokers, &topic).iter().sum();
-    let records = kafka::read_until(
-        &brokers,
-        &topic,
-        |m| {
-            (
-                m.key().unwrap().to_vec(),
-                ReadState::decode(m.payload().unwrap()).unwrap(),
-            )
-        },
-        |r: &[(Vec<u8>, ReadState)]| r.len() as i64 >= total,
-    );
+    let records = kafka::read_all(&s.mock.bootstrap_servers(), &topic, |m| {
+        (
+            m.key().unwrap().to_vec(),
+            ReadState::decode(m.payload().unwrap()).unwrap(),
+        )
+    });
     let mut last: HashMap<&[u8], &ReadState> = HashMap::new();
     for (k, st) in &records {
         if let Some(p) = last.get(k.as_slice()) {

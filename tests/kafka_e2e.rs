@@ -85,6 +85,8 @@ struct Env {
     state: tempfile::TempDir,
     /// `Some("reader_id")` etc.: the source is keyed by that field and repartitioned.
     keyed_by: Option<&'static str>,
+    /// Run under exactly_once_v2.
+    eos: bool,
 }
 
 impl Env {
@@ -112,6 +114,13 @@ impl Env {
         Self::on(Broker::real(), None)
     }
 
+    /// On the real broker under exactly_once_v2, the source keyed by `keyed_by`.
+    fn real_exactly_once(keyed_by: Option<&'static str>) -> Self {
+        let mut env = Self::on(Broker::real(), keyed_by);
+        env.eos = true;
+        env
+    }
+
     fn on(broker: Broker, keyed_by: Option<&'static str>) -> Self {
         let s = suffix();
         let env = Env {
@@ -121,6 +130,7 @@ impl Env {
             output: format!("updates-{s}"),
             state: tempfile::tempdir().unwrap(),
             keyed_by,
+            eos: false,
         };
         env.broker.create_topic(&env.source, PARTS, &[]);
         env.broker.create_topic(&env.output, PARTS, &[]);
@@ -143,9 +153,13 @@ impl Env {
     }
 
     fn topology_text_with_commit(&self, commit_interval: &str) -> String {
+        let commit_interval = match self.eos {
+            true => format!("{commit_interval}\"\nprocessing_guarantee = \"exactly_once_v2"),
+            false => commit_interval.to_owned(),
+        };
         let text = topology_text(
             &self.app,
-            commit_interval,
+            &commit_interval,
             &self.state.path().display().to_string(),
             &self.source,
             &self.output,
@@ -795,7 +809,11 @@ fn spawn_cli_in(
         .arg(state_dir)
         .args(extra)
         .env("KAFKA_BROKERS", env.brokers())
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("READSTATE_TEST_CHILD_LOG")
+                .unwrap_or_else(|_| "warn,readstate::runtime::stream_thread=info".into()),
+        )
         .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(state_dir.join("readstate.log")).unwrap())
@@ -803,20 +821,28 @@ fn spawn_cli_in(
         .unwrap()
 }
 
+/// Wait (bounded) until a child's log has `needle`.
+fn wait_log(path: &std::path::Path, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(path).is_ok_and(|l| l.contains(needle)) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never said {needle:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Per key, in changelog order: pointer, version and event count never go down.
 fn check_changelog_monotonic(env: &Env) -> usize {
     let topic = format!("{}-read-state-changelog", env.app);
-    let total: i64 = kafka::end_offsets(&env.brokers(), &topic).iter().sum();
-    let records = env.read_until(
-        &topic,
-        |m| {
-            (
-                m.key().unwrap().to_vec(),
-                ReadState::decode(m.payload().unwrap()).unwrap(),
-            )
-        },
-        |r: &[(Vec<u8>, ReadState)]| r.len() as i64 >= total,
-    );
+    let records = kafka::read_all(&env.brokers(), &topic, |m| {
+        (
+            m.key().unwrap().to_vec(),
+            ReadState::decode(m.payload().unwrap()).unwrap(),
+        )
+    });
     let mut last: HashMap<Vec<u8>, ReadState> = HashMap::new();
     for (k, s) in &records {
         if let Some(p) = last.get(k) {
@@ -881,9 +907,14 @@ fn sigstop_then_sigcont(env: Env) {
         "heartbeat.interval.ms=500",
     ];
     let mut a = spawn_cli_in(&env, &file, dir_a.path(), &props);
-    let mut b = spawn_cli_in(&env, &file, dir_b.path(), &props);
     env.produce(chunks[0], 0);
     env.read_updates(&oracle(chunks[0]));
+    // B joins; A keeps the partitions B is not given (cooperative-sticky).
+    let mut b = spawn_cli_in(&env, &file, dir_b.path(), &props);
+    wait_log(
+        &dir_b.path().join("readstate.log"),
+        "assigned partitions=[(",
+    );
     signal(&a, "STOP");
     env.produce(chunks[1], 0);
     // B can only reach this once it owns A's partitions (A's session timed out).
@@ -900,13 +931,32 @@ fn sigstop_then_sigcont(env: Env) {
         "B took A's partitions only after A's session timed out ({taken_over:?})"
     );
     let log_a = std::fs::read_to_string(dir_a.path().join("readstate.log")).unwrap();
+    if std::env::var("READSTATE_TEST_CHILD_LOG").is_ok() {
+        eprintln!("instance A:\n{log_a}");
+    }
     assert!(
         log_a.contains("tasks lost"),
         "A learned of its loss and closed its tasks dirty:\n{log_a}"
     );
     check_output_monotonic(&updates, &want);
+    if env.eos {
+        check_each_version_once(&updates);
+    }
     check_changelog_monotonic(&env);
     check_restored_state(&env, &want);
+}
+
+/// Under exactly_once_v2 a read_committed consumer sees each (key, version) once.
+fn check_each_version_once(updates: &[ReceiptUpdate]) {
+    let mut seen = std::collections::HashSet::new();
+    for u in updates {
+        assert!(
+            seen.insert((u.key(), u.version)),
+            "{:?} version {} seen twice",
+            u.key(),
+            u.version
+        );
+    }
 }
 
 /// Wait (bounded) until an instance has consumed `n` records.
@@ -1304,4 +1354,60 @@ fn real_broker_restore_from_a_compacted_changelog_is_exact() {
     let stored = env.stored_states_in(fresh.path());
     assert_eq!(stored.len(), want.len());
     assert_states_match(&want, |k| stored.get(&k).cloned());
+}
+
+// ---- exactly_once_v2 on the real broker.
+
+/// An instance SIGSTOPped past its session timeout under exactly_once_v2: its open
+/// transaction is fenced and aborted, none of its writes become visible; a read_committed
+/// consumer sees each (key, version) exactly once and never a decrease.
+#[test]
+fn real_broker_exactly_once_zombie_is_fenced() {
+    sigstop_then_sigcont(Env::real_exactly_once(None));
+}
+
+/// kill -9 between produce and commit under exactly_once_v2: the records the first run
+/// forwarded to the repartition topic were never committed, so read_committed consumers
+/// never see them; after a restart each (key, version) is on the output exactly once and
+/// the state is exact.
+#[test]
+fn real_broker_exactly_once_kill9_between_produce_and_commit() {
+    let env = Env::real_exactly_once(Some("reader_id"));
+    let events = zipf_workload(34, 12_000);
+    let (first, second) = events.split_at(events.len() / 2);
+    let want = oracle(&events);
+    let file = env.state.path().join("topology.toml");
+    // First run: no commit for 10 minutes, so everything it forwards stays uncommitted.
+    std::fs::write(&file, env.topology_text_with_commit("10m")).unwrap();
+    env.produce(first, 0);
+    let mut child = spawn_cli_in(&env, &file, env.state.path(), &[]);
+    let repartition = format!("{}-events-repartition", env.app);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while kafka::end_offsets(&env.brokers(), &repartition)
+        .iter()
+        .sum::<i64>()
+        < first.len() as i64
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the first run forwarded its records"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::fs::write(&file, env.topology_text()).unwrap();
+    env.produce(second, 0);
+    let mut child = spawn_cli_in(&env, &file, env.state.path(), &[]);
+    let updates = env.read_updates(&want);
+    terminate(&mut child);
+    let visible = kafka::count_records(&env.brokers(), &repartition);
+    assert_eq!(
+        visible as usize,
+        events.len(),
+        "read_committed sees every event forwarded once: the first run's forwards were aborted"
+    );
+    check_output_monotonic(&updates, &want);
+    check_each_version_once(&updates);
+    check_final_state(&env, &want);
 }

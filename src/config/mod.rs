@@ -31,6 +31,8 @@ pub struct ApplicationSpec {
     pub state_dir: Option<String>,
     /// Dead-letter topic (default `<id>-dlq`).
     pub dead_letter_topic: Option<String>,
+    /// "at_least_once" (default) or "exactly_once_v2".
+    pub processing_guarantee: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -32,6 +32,28 @@ where
     }
 }
 
+/// The consumer's current group member id (librdkafka's `rd_kafka_memberid`); `None`
+/// while it has none (not joined yet, or reset after a session timeout). A member id that
+/// changed means the assignment made under the old one was lost.
+pub fn member_id<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &rdkafka::consumer::BaseConsumer<C>,
+) -> Option<String> {
+    use rdkafka::consumer::Consumer;
+    let rk = consumer.client().native_ptr();
+    // SAFETY: `rk` is the live client handle of `consumer`; rd_kafka_memberid returns
+    // either null or a NUL-terminated string allocated by librdkafka, which is copied and
+    // then released with rd_kafka_mem_free as its documentation requires.
+    unsafe {
+        let p = rdkafka::bindings::rd_kafka_memberid(rk);
+        if p.is_null() {
+            return None;
+        }
+        let id = std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+        rdkafka::bindings::rd_kafka_mem_free(rk, p.cast());
+        (!id.is_empty()).then_some(id)
+    }
+}
+
 /// The provenance headers of a dead-letter record: `readstate.source.topic`, `.partition`,
 /// `.offset`, `readstate.error.reason` and `.message`.
 pub fn dead_letter_headers(d: &DeadLetter) -> OwnedHeaders {

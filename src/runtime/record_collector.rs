@@ -8,9 +8,12 @@ use std::collections::HashMap;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use std::cell::Cell;
+
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, PurgeConfig, ThreadedProducer};
-use rdkafka::{ClientContext, Message};
+use rdkafka::{ClientContext, Message, TopicPartitionList};
 
 use crate::kafka::{KafkaError, KafkaSettings};
 
@@ -95,6 +98,12 @@ impl DeliveryTracker {
         Ok(())
     }
 
+    fn forget_failures_only(&self) {
+        let mut s = self.state.lock().expect("delivery lock");
+        s.failed = 0;
+        s.first_error = None;
+    }
+
     fn forget_failures(&self) {
         let mut s = self.state.lock().expect("delivery lock");
         s.failed = 0;
@@ -118,40 +127,191 @@ impl ProducerContext for DeliveryTracker {
     }
 }
 
+/// Why a transaction did not commit.
+#[derive(Debug)]
+pub enum TxnError {
+    /// The producer was fenced (another instance took over its transactional id or the
+    /// group moved on): the tasks were migrated; the producer must be created again.
+    Fenced(String),
+    /// The group coordinator refused the offsets (generation or member unknown): the
+    /// tasks were migrated; the transaction was aborted.
+    Migrated(String),
+    /// The transaction was aborted (a record failed, a timeout): resume from the stores
+    /// and the committed offsets.
+    Aborted(String),
+}
+
+impl std::fmt::Display for TxnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TxnError::Fenced(e) => write!(f, "producer fenced: {e}"),
+            TxnError::Migrated(e) => write!(f, "offsets refused by the group: {e}"),
+            TxnError::Aborted(e) => write!(f, "transaction aborted: {e}"),
+        }
+    }
+}
+
+/// What a transactional collector needs to make its producer again.
+struct Transactional {
+    id: String,
+    /// A transaction is open (begun at the first record after the last commit).
+    open: Cell<bool>,
+}
+
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Every produce of one instance.
 pub struct RecordCollector {
     producer: ThreadedProducer<DeliveryTracker>,
     flush_timeout: Duration,
+    txn: Option<Transactional>,
+    settings: KafkaSettings,
+    changelog_topic: Option<String>,
 }
 
 impl RecordCollector {
+    /// A collector whose records go out in transactions under `transactional_id`
+    /// (exactly_once_v2), or at least once without one.
+    ///
     /// A record not delivered within the group session timeout is not delivered at all
     /// (`message.timeout.ms` = `session.timeout.ms` unless set): once the session has
     /// expired another instance may own the partition, and a record queued before a pause
     /// must not be written after the new owner's. librdkafka drops expired records before
     /// it sends anything after a pause (its first loop turn scans for timeouts).
-    pub fn new(
+    pub fn with_transactions(
         settings: &KafkaSettings,
         changelog_topic: Option<String>,
+        transactional_id: Option<String>,
     ) -> Result<Self, KafkaError> {
         let mut config = settings.producer();
         let explicit = settings
             .properties
             .iter()
             .any(|(k, _)| k == "message.timeout.ms" || k == "delivery.timeout.ms");
+        let session_ms = settings.session_timeout().as_millis().max(1000);
         if !explicit {
-            let ms = settings.session_timeout().as_millis().max(1000);
-            config.set("message.timeout.ms", ms.to_string());
+            config.set("message.timeout.ms", session_ms.to_string());
+        }
+        if let Some(id) = &transactional_id {
+            config.set("transactional.id", id);
+            if config.get("transaction.timeout.ms").is_none() {
+                // As Kafka Streams (10 s): a crashed instance's open transaction blocks
+                // read_committed consumers at most this long.
+                config.set("transaction.timeout.ms", session_ms.max(10_000).to_string());
+            }
         }
         let message_timeout = config
             .get("message.timeout.ms")
             .and_then(|v| v.parse::<u64>().ok())
             .map_or(Duration::from_secs(120), Duration::from_millis);
-        let producer = config.create_with_context(DeliveryTracker::new(changelog_topic))?;
+        let producer: ThreadedProducer<DeliveryTracker> =
+            config.create_with_context(DeliveryTracker::new(changelog_topic.clone()))?;
+        if transactional_id.is_some() {
+            // Fences an earlier incarnation with the same id and aborts its open transaction.
+            producer.init_transactions(TXN_TIMEOUT)?;
+        }
         Ok(Self {
             producer,
             flush_timeout: message_timeout + FLUSH_MARGIN,
+            txn: transactional_id.map(|id| Transactional {
+                id,
+                open: Cell::new(false),
+            }),
+            settings: settings.clone(),
+            changelog_topic,
         })
+    }
+
+    pub fn is_transactional(&self) -> bool {
+        self.txn.is_some()
+    }
+
+    /// Make the producer again (after it was fenced): the new one fences the old.
+    pub fn recreate(&mut self) -> Result<(), KafkaError> {
+        let id = self.txn.as_ref().map(|t| t.id.clone());
+        *self = Self::with_transactions(&self.settings, self.changelog_topic.clone(), id)?;
+        Ok(())
+    }
+
+    fn begin_if_needed(&self) -> Result<(), String> {
+        match &self.txn {
+            Some(t) if !t.open.get() => {
+                self.producer
+                    .begin_transaction()
+                    .map_err(|e| format!("begin transaction: {e}"))?;
+                t.open.set(true);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Commit the open transaction with the consumer's `offsets` (sent with its group
+    /// metadata, so a stale generation is refused); on any failure the transaction is
+    /// aborted, or the producer must be recreated (`Fenced`).
+    pub fn commit_transaction(
+        &self,
+        offsets: &TopicPartitionList,
+        group: &ConsumerGroupMetadata,
+    ) -> Result<(), TxnError> {
+        let t = self.txn.as_ref().expect("a transactional collector");
+        self.begin_if_needed().map_err(TxnError::Aborted)?;
+        let classify = |e: KafkaError, migrated_on_abort: bool| -> TxnError {
+            let text = e.to_string();
+            match &e {
+                KafkaError::Client(rdkafka::error::KafkaError::Transaction(r)) if r.is_fatal() => {
+                    TxnError::Fenced(text)
+                }
+                _ if migrated_on_abort => TxnError::Migrated(text),
+                _ => TxnError::Aborted(text),
+            }
+        };
+        let sent = if offsets.count() > 0 {
+            self.producer
+                .send_offsets_to_transaction(offsets, group, TXN_TIMEOUT)
+                .map_err(|e| {
+                    let membership = e
+                        .rdkafka_error_code()
+                        .is_some_and(super::task_manager::is_membership_code);
+                    classify(KafkaError::from(e), membership)
+                })
+        } else {
+            Ok(())
+        };
+        let result = sent.and_then(|()| {
+            self.producer
+                .commit_transaction(TXN_TIMEOUT)
+                .map_err(|e| classify(KafkaError::from(e), false))
+        });
+        match result {
+            Ok(()) => {
+                t.open.set(false);
+                // Deliveries of a committed transaction all succeeded.
+                self.producer.context().forget_failures_only();
+                Ok(())
+            }
+            Err(e) => {
+                if !matches!(e, TxnError::Fenced(_)) {
+                    self.abort();
+                }
+                t.open.set(false);
+                Err(e)
+            }
+        }
+    }
+
+    /// Abort the open transaction (its records never become visible to read_committed
+    /// consumers).
+    pub fn abort(&self) {
+        if let Some(t) = &self.txn {
+            if t.open.get() {
+                if let Err(e) = self.producer.abort_transaction(TXN_TIMEOUT) {
+                    tracing::warn!(error = %e, "aborting the transaction failed");
+                }
+                t.open.set(false);
+            }
+            self.producer.context().forget_failures();
+        }
     }
 
     /// Enqueue a record (waiting while the local queue is full). A record the client
@@ -162,6 +322,12 @@ impl RecordCollector {
         P: rdkafka::message::ToBytes + ?Sized,
     {
         let ctx = self.producer.context();
+        if let Err(e) = self.begin_if_needed() {
+            let mut s = ctx.state.lock().expect("delivery lock");
+            s.failed += 1;
+            s.first_error.get_or_insert(e);
+            return;
+        }
         ctx.sending();
         let (topic, partition) = (rec.topic.to_owned(), rec.partition);
         if let Err(e) = crate::kafka::send_waiting(&self.producer, rec) {
@@ -193,9 +359,14 @@ impl RecordCollector {
         std::mem::take(&mut ctx.state.lock().expect("delivery lock").changelog_high)
     }
 
-    /// Close dirty: records still queued locally are dropped (they belong to tasks this
-    /// instance no longer owns), failures are forgotten.
+    /// Close dirty: the open transaction is aborted, or (at least once) records still
+    /// queued locally are dropped (they belong to tasks this instance no longer owns);
+    /// failures are forgotten.
     pub fn abandon(&self) {
+        if self.txn.is_some() {
+            self.abort();
+            return;
+        }
         self.producer.purge(PurgeConfig::default().queue());
         let _ = self.producer.context().wait(Duration::from_secs(10));
         self.producer.context().forget_failures();

@@ -100,6 +100,28 @@ impl StateManager {
         })
     }
 
+    /// This instance's process id, kept in `<state_dir>/<application.id>/process-id` (made
+    /// once): it names the instance's transactional producer, so a restarted instance
+    /// fences its earlier incarnation and aborts what that left open.
+    pub fn process_id(&self) -> Result<String, StoreError> {
+        let io = |source| StoreError::Io {
+            store: self.store.name.clone(),
+            source,
+        };
+        let file = self.root.join("process-id");
+        if let Ok(id) = std::fs::read_to_string(&file) {
+            if !id.trim().is_empty() {
+                return Ok(id.trim().to_owned());
+            }
+        }
+        std::fs::create_dir_all(&self.root).map_err(io)?;
+        let id = format!("{:032x}", rand::random::<u128>());
+        let tmp = self.root.join("process-id.tmp");
+        std::fs::write(&tmp, &id).map_err(io)?;
+        std::fs::rename(&tmp, &file).map_err(io)?;
+        Ok(id)
+    }
+
     /// Delete a task's store (it must be closed): the next open starts empty, and the
     /// restore replays the whole changelog.
     pub fn wipe(&self, task: TaskId) -> Result<(), StoreError> {
@@ -158,6 +180,9 @@ mod tests {
             assert_eq!(read_checkpoint(&*s).unwrap(), Some(42));
         }
         assert!(sm.store_dir(id).exists());
+        let pid = sm.process_id().unwrap();
+        assert_eq!(sm.process_id().unwrap(), pid, "kept");
+        assert_eq!(pid.len(), 32);
         sm.wipe(id).unwrap();
         sm.wipe(id).unwrap(); // idempotent
         let s = sm.open(id).unwrap();

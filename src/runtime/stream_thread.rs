@@ -61,7 +61,12 @@ impl ConsumerContext for RebalanceHandler {
             Rebalance::Assign(tpl) => {
                 let parts = topic_partitions(tpl);
                 tracing::info!(partitions = ?parts, "assigned");
-                let pause = self.tasks.lock().expect("task manager lock").assign(&parts);
+                let member = crate::kafka::member_id(consumer);
+                let pause = self
+                    .tasks
+                    .lock()
+                    .expect("task manager lock")
+                    .assign(&parts, member);
                 // Forwarded partitions start fetching at once: clear a pause left over from
                 // an earlier ownership (librdkafka keeps it per partition).
                 let mut resume = TopicPartitionList::new();

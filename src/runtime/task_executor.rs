@@ -19,6 +19,7 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use super::record_collector::TxnError;
 use super::task_manager::{
     is_membership_error, Membership, ParkReason, RegistryWait, TaskManager, TopicPartition,
 };
@@ -305,6 +306,10 @@ impl TaskManager {
         if self.fatal.is_some() || (self.suspect && !self.verify_membership(consumer)) {
             return Ok(());
         }
+        // Cheap, every time: a changed member id means the tasks were lost meanwhile.
+        if self.member_check(consumer) != Membership::Kept {
+            return Ok(());
+        }
         let parts = self.owned();
         self.commit_tasks(consumer, &parts)
     }
@@ -318,6 +323,10 @@ impl TaskManager {
     ) -> Result<(), RuntimeError> {
         if self.fatal.is_some() {
             return Ok(());
+        }
+        if self.collector.is_transactional() {
+            // One transaction holds every task's records: all of them commit together.
+            return self.commit_transaction(consumer);
         }
         let started = Instant::now();
         let flushed = match self.flush_and_store(parts) {
@@ -359,6 +368,21 @@ impl TaskManager {
 
     /// Steps 1-4: flush, produce and await outputs, then changelog, then store batches.
     fn flush_and_store(&mut self, parts: &[TopicPartition]) -> Result<usize, RuntimeError> {
+        let flushed = self.prepare_all(parts);
+        for (_, out) in &flushed {
+            self.send_updates(out);
+        }
+        self.send_dead_letters();
+        // Also awaits the records forwarded to the repartition topic since the last commit.
+        self.collector.flush()?;
+        self.collector.clear_changelog_offsets();
+        self.send_changelog(&flushed);
+        self.collector.flush()?;
+        self.store_all(flushed)
+    }
+
+    /// Step 1 for every running task of `parts` (memory only).
+    fn prepare_all(&mut self, parts: &[TopicPartition]) -> Vec<(i32, FlushOutput)> {
         let now = now_ms();
         let mut flushed: Vec<(i32, FlushOutput)> = Vec::with_capacity(parts.len());
         for (topic, p) in parts {
@@ -374,28 +398,30 @@ impl TaskManager {
                 .record(flush_started.elapsed().as_secs_f64());
             flushed.push((*p, out));
         }
-        for (_, out) in &flushed {
-            self.send_updates(out);
-        }
-        self.send_dead_letters();
-        // Also awaits the records forwarded to the repartition topic since the last commit.
-        self.collector.flush()?;
-        if let Some(changelog) = self.topology.store.changelog_topic.clone() {
-            self.collector.clear_changelog_offsets();
-            for (p, out) in &flushed {
-                for (k, v) in out.changelog() {
-                    let rec = BaseRecord::to(changelog.as_str())
-                        .partition(*p)
-                        .key(k)
-                        .payload(v);
-                    self.collector.send(rec);
-                }
-                self.summary.changelog_records += out.changelog_len() as u64;
-                metrics::counter!("readstate_changelog_records_written_total")
-                    .increment(out.changelog_len() as u64);
+        flushed
+    }
+
+    fn send_changelog(&mut self, flushed: &[(i32, FlushOutput)]) {
+        let Some(changelog) = self.topology.store.changelog_topic.clone() else {
+            return;
+        };
+        for (p, out) in flushed {
+            for (k, v) in out.changelog() {
+                let rec = BaseRecord::to(changelog.as_str())
+                    .partition(*p)
+                    .key(k)
+                    .payload(v);
+                self.collector.send(rec);
             }
-            self.collector.flush()?;
+            self.summary.changelog_records += out.changelog_len() as u64;
+            metrics::counter!("readstate_changelog_records_written_total")
+                .increment(out.changelog_len() as u64);
         }
+    }
+
+    /// Step 4: the store batches, each with its checkpoint (the changelog offset after the
+    /// records just acknowledged).
+    fn store_all(&mut self, flushed: Vec<(i32, FlushOutput)>) -> Result<usize, RuntimeError> {
         let highs = self.collector.take_changelog_offsets();
         let n = flushed.len();
         for (p, out) in flushed {
@@ -404,6 +430,110 @@ impl TaskManager {
             t.task.commit_flush(out.batch, next)?;
         }
         Ok(n)
+    }
+
+    /// exactly_once_v2: every task of the instance in one transaction (outputs, dead
+    /// letters, changelog, the records forwarded since the last commit, and the source
+    /// offsets with the group's metadata). The stores are written only after it committed,
+    /// so a store is never ahead of what its changelog committed.
+    fn commit_transaction<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<(), RuntimeError> {
+        let started = Instant::now();
+        let parts = self.owned();
+        let flushed = self.prepare_all(&parts);
+        for (_, out) in &flushed {
+            self.send_updates(out);
+        }
+        self.send_dead_letters();
+        self.collector.clear_changelog_offsets();
+        self.send_changelog(&flushed);
+        let (tpl, entries) = self.offsets_of(&parts);
+        let Some(group) = consumer.group_metadata() else {
+            return Err(self.fail(
+                &parts,
+                RuntimeError::Config("no consumer group metadata".into()),
+            ));
+        };
+        match self.collector.commit_transaction(&tpl, &group) {
+            Ok(()) => {
+                self.store_all(flushed)?;
+                self.committed.extend(entries);
+            }
+            Err(TxnError::Aborted(e)) => {
+                tracing::warn!(error = %e, "transaction aborted: tasks resume from their stores and the committed offsets");
+                metrics::counter!("readstate_commits_failed_total").increment(1);
+                self.rewind_to_committed(consumer, &parts)?;
+                return Ok(());
+            }
+            Err(e @ TxnError::Migrated(_)) => {
+                metrics::counter!("readstate_commits_failed_total").increment(1);
+                self.lose_all_and_requeue(consumer, &e.to_string());
+                return Ok(());
+            }
+            Err(e @ TxnError::Fenced(_)) => {
+                metrics::counter!("readstate_commits_failed_total").increment(1);
+                self.lose_all(&e.to_string());
+                self.collector.recreate()?;
+                return Ok(());
+            }
+        }
+        self.summary.commits += 1;
+        self.refresh_summary();
+        metrics::histogram!("readstate_commit_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// The next offset of every partition in `parts`, as a list to commit and as entries.
+    fn offsets_of(
+        &self,
+        parts: &[TopicPartition],
+    ) -> (TopicPartitionList, Vec<(TopicPartition, i64)>) {
+        let mut tpl = TopicPartitionList::new();
+        let mut entries = Vec::new();
+        for (topic, p) in parts {
+            if let Some(off) = self.positions.get(topic).and_then(|m| m.get(p)) {
+                entries.push(((topic.clone(), *p), *off));
+                if let Err(e) = tpl.add_partition_offset(topic, *p, Offset::Offset(*off)) {
+                    tracing::warn!(error = %e, topic, partition = p, "offset not committed");
+                }
+            }
+        }
+        (tpl, entries)
+    }
+
+    /// After an aborted transaction: every task drops its cache, and every partition goes
+    /// back to its committed offset (what the aborted transaction held is read again).
+    fn rewind_to_committed<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        parts: &[TopicPartition],
+    ) -> Result<(), RuntimeError> {
+        for (_, p) in parts {
+            if let Some(t) = self.running.get_mut(p) {
+                t.task.reset_to_store()?;
+            }
+        }
+        self.dead_letters.clear();
+        for tp in parts {
+            if let Some(pos) = self.positions.get_mut(&tp.0) {
+                pos.remove(&tp.1);
+            }
+            let Some(&offset) = self.committed.get(tp) else {
+                continue;
+            };
+            consumer
+                .seek(&tp.0, tp.1, Offset::Offset(offset), Duration::from_secs(10))
+                .map_err(|e| {
+                    RuntimeError::Fatal(format!(
+                        "cannot rewind {} [{}] to {offset} after an aborted transaction: {e}",
+                        tp.0, tp.1
+                    ))
+                })?;
+        }
+        Ok(())
     }
 
     fn send_updates(&mut self, out: &FlushOutput) {
@@ -447,16 +577,7 @@ impl TaskManager {
         consumer: &BaseConsumer<C>,
         parts: &[TopicPartition],
     ) {
-        let mut tpl = TopicPartitionList::new();
-        let mut entries = Vec::new();
-        for (topic, p) in parts {
-            if let Some(off) = self.positions.get(topic).and_then(|m| m.get(p)) {
-                entries.push(((topic.clone(), *p), *off));
-                if let Err(e) = tpl.add_partition_offset(topic, *p, Offset::Offset(*off)) {
-                    tracing::warn!(error = %e, topic, partition = p, "offset not committed");
-                }
-            }
-        }
+        let (tpl, entries) = self.offsets_of(parts);
         if tpl.count() == 0 {
             return;
         }

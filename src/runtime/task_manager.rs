@@ -38,7 +38,7 @@ use crate::serde::{EventDecoder, UpdateEncoder};
 use crate::state::{read_checkpoint, KeyValueStore};
 use crate::task::{DeadLetter, StreamTask};
 use crate::telemetry::{Health, Progress};
-use crate::topology::Topology;
+use crate::topology::{ProcessingGuarantee, Topology};
 
 pub(super) struct RunningTask {
     pub(super) task: StreamTask,
@@ -118,6 +118,8 @@ pub(super) struct TaskManager {
     pub(super) probe_after: Duration,
     /// Set after such a gap until a membership probe succeeds.
     pub(super) suspect: bool,
+    /// The group member id the running tasks were assigned under.
+    pub(super) member: Option<String>,
     /// Set when tasks are in an unknown state: the poll loop stops the instance.
     pub(super) fatal: Option<String>,
 }
@@ -149,6 +151,18 @@ impl TaskManager {
                 config.restore_batch,
             )
         });
+        let state = StateManager::new(
+            config.state_dir.join(t.application_id.as_str()),
+            t.store.clone(),
+        );
+        let transactional_id = match t.guarantee {
+            ProcessingGuarantee::AtLeastOnce => None,
+            ProcessingGuarantee::ExactlyOnceV2 => {
+                Some(format!("{}-{}", t.application_id, state.process_id()?))
+            }
+        };
+        let collector =
+            RecordCollector::with_transactions(&config.kafka, changelog, transactional_id)?;
         Ok(Self {
             topology: t.clone(),
             task_topic: source.task_input_topic().0.clone(),
@@ -161,11 +175,8 @@ impl TaskManager {
             positions: HashMap::new(),
             committed: HashMap::new(),
             origin_ids: HashMap::new(),
-            collector: RecordCollector::new(&config.kafka, changelog)?,
-            state: StateManager::new(
-                config.state_dir.join(t.application_id.as_str()),
-                t.store.clone(),
-            ),
+            collector,
+            state,
             reader,
             decoder: EventDecoder::new(config.resolver.clone())?,
             encoder,
@@ -180,6 +191,7 @@ impl TaskManager {
             last_poll: Instant::now(),
             probe_after: config.kafka.session_timeout() / 3,
             suspect: false,
+            member: None,
             fatal: None,
         })
     }
@@ -214,8 +226,13 @@ impl TaskManager {
     }
 
     /// New partitions from the group: returns those to pause until their task restored.
-    pub(super) fn assign(&mut self, parts: &[TopicPartition]) -> Vec<TopicPartition> {
+    pub(super) fn assign(
+        &mut self,
+        parts: &[TopicPartition],
+        member: Option<String>,
+    ) -> Vec<TopicPartition> {
         self.assigned_once = true;
+        self.member = member;
         self.summary.assignments += 1;
         metrics::counter!("readstate_rebalances_total").increment(1);
         self.queue(parts)
@@ -454,10 +471,12 @@ impl TaskManager {
             .cloned()
             .collect();
         if !revoked.is_empty() && self.fatal.is_none() {
-            if self.suspect && !self.verify_membership(consumer) {
-                return; // lost: everything was closed dirty
-            }
-            if let Err(e) = self.commit_tasks(consumer, &revoked) {
+            let doubtful = self.suspect && !self.verify_membership(consumer);
+            if doubtful || self.member_check(consumer) != Membership::Kept {
+                // Lost, or in doubt: close without committing (as after a crash); the next
+                // owner replays from the committed offsets.
+                tracing::warn!(partitions = ?revoked, "membership in doubt: revoked partitions closed without a commit");
+            } else if let Err(e) = self.commit_tasks(consumer, &revoked) {
                 tracing::error!(error = %e, "commit on revoke failed");
             }
         }
@@ -590,6 +609,34 @@ impl TaskManager {
         self.probe_membership(consumer) == Membership::Kept
     }
 
+    /// The member id now against the one the tasks were assigned under: changed means
+    /// the client lost its membership and rejoined (librdkafka resets the member id after
+    /// a session timeout), so every task is lost; none yet means it is rejoining.
+    pub(super) fn member_check<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> Membership {
+        if self.running.is_empty()
+            && self
+                .forwarding
+                .as_ref()
+                .is_none_or(|f| f.partitions.is_empty())
+        {
+            return Membership::Kept;
+        }
+        match (&self.member, crate::kafka::member_id(consumer)) {
+            (Some(was), Some(now)) if *was != now => {
+                let why = format!("group member id changed from {was} to {now}");
+                // librdkafka revokes the lost assignment and assigns again: no requeue.
+                self.lose_all(&why);
+                self.member = None;
+                Membership::Lost
+            }
+            (Some(_), None) => Membership::Unknown,
+            _ => Membership::Kept,
+        }
+    }
+
     /// Commit, once more, the offsets already committed: the group coordinator refuses it
     /// if this member was removed. On refusal every task is lost; on any other failure the
     /// answer is unknown (a commit is postponed, and the probe repeated next time).
@@ -601,6 +648,10 @@ impl TaskManager {
             self.lose_all("the consumer reports its assignment lost");
             return Membership::Lost;
         }
+        match self.member_check(consumer) {
+            Membership::Kept => {}
+            other => return other,
+        }
         let mut tpl = TopicPartitionList::new();
         for ((t, p), o) in &self.committed {
             let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
@@ -610,6 +661,8 @@ impl TaskManager {
             return Membership::Kept;
         }
         match consumer.commit(&tpl, CommitMode::Sync) {
+            // The client may have rejoined (a new member id) while the commit waited.
+            Ok(()) if self.member_check(consumer) != Membership::Kept => Membership::Lost,
             Ok(()) => {
                 tracing::info!("membership verified after a long gap between polls");
                 self.suspect = false;
@@ -648,16 +701,18 @@ pub(super) enum Membership {
 
 /// Commit errors meaning this member no longer owns its partitions.
 pub(super) fn is_membership_error(e: &RdKafkaError) -> bool {
+    e.rdkafka_error_code().is_some_and(is_membership_code)
+}
+
+pub(super) fn is_membership_code(c: RDKafkaErrorCode) -> bool {
     matches!(
-        e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::UnknownMemberId
-                | RDKafkaErrorCode::IllegalGeneration
-                | RDKafkaErrorCode::RebalanceInProgress
-                | RDKafkaErrorCode::FencedInstanceId
-                | RDKafkaErrorCode::AssignmentLost
-                | RDKafkaErrorCode::StaleMemberEpoch
-        )
+        c,
+        RDKafkaErrorCode::UnknownMemberId
+            | RDKafkaErrorCode::IllegalGeneration
+            | RDKafkaErrorCode::RebalanceInProgress
+            | RDKafkaErrorCode::FencedInstanceId
+            | RDKafkaErrorCode::AssignmentLost
+            | RDKafkaErrorCode::StaleMemberEpoch
     )
 }
 

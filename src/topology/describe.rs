@@ -10,9 +10,10 @@ pub fn describe(t: &Topology) -> String {
     let ms = |d: std::time::Duration| humantime::format_duration(d).to_string();
     let _ = writeln!(
         o,
-        "Topology: {} (commit interval {})",
+        "Topology: {} (commit interval {}, {})",
         t.application_id,
-        ms(t.commit_interval)
+        ms(t.commit_interval),
+        t.guarantee
     );
     let _ = writeln!(o, "  consumer group: {}", t.application_id);
     let _ = writeln!(

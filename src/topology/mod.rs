@@ -107,6 +107,27 @@ impl Source {
     }
 }
 
+/// Kafka Streams' `processing.guarantee`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProcessingGuarantee {
+    /// Outputs acknowledged before offsets are committed; a crash or a zombie can
+    /// duplicate an update (same version), never lose one.
+    #[default]
+    AtLeastOnce,
+    /// Each commit is one Kafka transaction: outputs, changelog records, repartitioned
+    /// records, dead letters and the source offsets, all or nothing.
+    ExactlyOnceV2,
+}
+
+impl std::fmt::Display for ProcessingGuarantee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProcessingGuarantee::AtLeastOnce => "at_least_once",
+            ProcessingGuarantee::ExactlyOnceV2 => "exactly_once_v2",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
     RocksDb,
@@ -158,6 +179,7 @@ pub struct PostgresSink {
 pub struct Topology {
     pub application_id: ApplicationId,
     pub commit_interval: Duration,
+    pub guarantee: ProcessingGuarantee,
     pub state_dir: PathBuf,
     pub dead_letter_topic: TopicName,
     pub sources: Vec<Source>,
@@ -308,6 +330,17 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
     if commit_interval.is_zero() {
         errs.push("application.commit_interval", "must be greater than zero");
     }
+    let guarantee = match app.processing_guarantee.as_deref() {
+        None | Some("at_least_once") => ProcessingGuarantee::AtLeastOnce,
+        Some("exactly_once_v2") => ProcessingGuarantee::ExactlyOnceV2,
+        Some(other) => {
+            errs.push(
+                "application.processing_guarantee",
+                format!("unknown guarantee {other:?}: expected \"at_least_once\" or \"exactly_once_v2\""),
+            );
+            ProcessingGuarantee::AtLeastOnce
+        }
+    };
     let dead_letter_topic = app
         .dead_letter_topic
         .clone()
@@ -634,6 +667,7 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
     Some(Topology {
         application_id: ApplicationId(app_id?),
         commit_interval,
+        guarantee,
         state_dir,
         dead_letter_topic: TopicName(dead_letter_topic),
         sources,

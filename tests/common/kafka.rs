@@ -144,13 +144,24 @@ pub fn send_events(
 }
 
 /// How many records a topic holds now (compaction and deletion make this less than the
-/// end offsets): read from the beginning until every partition reports its end.
+/// end offsets; transaction markers and aborted records are not records).
 pub fn count_records(brokers: &str, topic: &str) -> i64 {
+    read_all(brokers, topic, |_| ()).len() as i64
+}
+
+/// Every record a read_committed consumer sees in a topic now, decoded, in offset order
+/// per partition: read from the beginning until every partition reports its end.
+pub fn read_all<T>(
+    brokers: &str,
+    topic: &str,
+    decode: impl Fn(&BorrowedMessage<'_>) -> T,
+) -> Vec<T> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("counter-{}", suffix()))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
         .create()
         .unwrap();
     let n = partitions(&c, topic);
@@ -161,18 +172,18 @@ pub fn count_records(brokers: &str, topic: &str) -> i64 {
     }
     c.assign(&tpl).unwrap();
     let mut at_end = std::collections::HashSet::new();
-    let mut count = 0;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
     while (at_end.len() as i32) < n {
-        assert!(Instant::now() < deadline, "timed out counting {topic}");
+        assert!(Instant::now() < deadline, "timed out reading {topic}");
         match c.poll(Duration::from_millis(200)) {
-            Some(Ok(_)) => count += 1,
+            Some(Ok(m)) => out.push(decode(&m)),
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
                 at_end.insert(p);
             }
-            Some(Err(e)) => eprintln!("counter: {e}"),
+            Some(Err(e)) => eprintln!("reader: {e}"),
             None => {}
         }
     }
-    count
+    out
 }

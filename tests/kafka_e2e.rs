@@ -1411,3 +1411,51 @@ fn real_broker_exactly_once_kill9_between_produce_and_commit() {
     check_each_version_once(&updates);
     check_final_state(&env, &want);
 }
+
+/// A repartitioned source on the real broker: readstate creates the repartition topic
+/// through the admin API with the source's partition count, and deletes its records below
+/// the committed offsets (DeleteRecords), as Kafka Streams does.
+#[test]
+fn real_broker_repartition_topic_is_created_and_purged_below_the_committed_offsets() {
+    let env = Env::on(Broker::real(), Some("reader_id"));
+    let events = zipf_workload(35, 8_000);
+    let want = oracle(&events);
+    let mut cfg = env.config(env.state.path(), Arc::new(LocalRegistry::new()), &[]);
+    cfg.repartition_purge_interval = Duration::from_millis(500);
+    let a = launch(cfg);
+    env.produce(&events, 0);
+    env.read_updates(&want);
+    let repartition = format!("{}-events-repartition", env.app);
+    let brokers = env.brokers();
+    let low = |p: i32| -> (i64, i64) {
+        let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+        rdkafka::consumer::Consumer::fetch_watermarks(&c, &repartition, p, Duration::from_secs(5))
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (0..PARTS).map(|p| low(p).0).sum::<i64>() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "repartition records were never purged"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    a.stop();
+    assert_eq!(
+        kafka::end_offsets(&brokers, &repartition).len(),
+        PARTS as usize
+    );
+    let committed = kafka::committed(&brokers, &env.app, &repartition);
+    for p in 0..PARTS {
+        let (lo, _) = low(p);
+        assert!(
+            lo <= committed[p as usize],
+            "partition {p}: purged to {lo}, committed {}",
+            committed[p as usize]
+        );
+    }
+    check_final_state(&env, &want);
+}

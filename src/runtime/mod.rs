@@ -9,11 +9,13 @@
 //!   surfaced at flush (RecordCollector);
 //! - [`state_manager`]: where stores live, checkpoints judged against the changelog, wipes
 //!   (ProcessorStateManager);
-//! - [`changelog_reader`]: incremental restores between polls (StoreChangelogReader).
+//! - [`changelog_reader`]: incremental restores between polls (StoreChangelogReader);
+//! - [`repartition_purger`]: deletes repartition records below the committed offsets.
 
 mod changelog_reader;
 mod dead_letter_log;
 mod record_collector;
+mod repartition_purger;
 mod state_manager;
 mod stream_thread;
 mod task_executor;
@@ -103,6 +105,9 @@ pub struct RunConfig {
     pub max_poll_records: usize,
     /// Changelog records applied per restore step (the poll loop runs between steps).
     pub restore_batch: usize,
+    /// How often records of repartition topics below the committed offsets are deleted
+    /// (Kafka Streams' `repartition.purge.interval.ms`, 30 s).
+    pub repartition_purge_interval: Duration,
     /// Replication factor of internal topics created by readstate.
     pub replication: i32,
     /// Liveness and readiness, for `/health` and `/ready`.
@@ -127,6 +132,7 @@ impl RunConfig {
             resolver,
             max_poll_records: 10_000,
             restore_batch: RESTORE_BATCH,
+            repartition_purge_interval: Duration::from_secs(30),
             replication: 1,
             health: Health::new(),
             progress: Arc::new(Progress::default()),

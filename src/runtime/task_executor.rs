@@ -459,7 +459,7 @@ impl TaskManager {
         match self.collector.commit_transaction(&tpl, &group) {
             Ok(()) => {
                 self.store_all(flushed)?;
-                self.committed.extend(entries);
+                self.committed_now(entries);
             }
             Err(TxnError::Aborted(e)) => {
                 tracing::warn!(error = %e, "transaction aborted: tasks resume from their stores and the committed offsets");
@@ -484,6 +484,20 @@ impl TaskManager {
         metrics::histogram!("readstate_commit_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         Ok(())
+    }
+
+    /// Offsets are committed: remember them, and let the repartition topics go below them.
+    fn committed_now(&mut self, entries: Vec<(TopicPartition, i64)>) {
+        if let Some(purger) = &mut self.purger {
+            let topic = &self.task_topic;
+            purger.offer(
+                entries
+                    .iter()
+                    .filter(|((t, _), _)| t == topic)
+                    .map(|((t, p), o)| (t.clone(), *p, *o)),
+            );
+        }
+        self.committed.extend(entries);
     }
 
     /// The next offset of every partition in `parts`, as a list to commit and as entries.
@@ -582,7 +596,7 @@ impl TaskManager {
             return;
         }
         match consumer.commit(&tpl, CommitMode::Sync) {
-            Ok(()) => self.committed.extend(entries),
+            Ok(()) => self.committed_now(entries),
             Err(e) if is_membership_error(&e) => {
                 metrics::counter!("readstate_commits_failed_total").increment(1);
                 self.lose_all_and_requeue(consumer, &format!("offset commit refused: {e}"));

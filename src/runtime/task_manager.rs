@@ -29,6 +29,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::changelog_reader::{ChangelogReader, Restored};
 use super::record_collector::RecordCollector;
+use super::repartition_purger::RepartitionPurger;
 use super::state_manager::{check_checkpoint, CheckpointCheck, StateManager};
 use super::{LogLimiter, RunConfig, RunSummary, RuntimeError, DEAD_LETTER_LOGS_PER_SECOND};
 use crate::ids::TaskId;
@@ -99,6 +100,8 @@ pub(super) struct TaskManager {
     pub(super) committed: HashMap<TopicPartition, i64>,
     pub(super) origin_ids: HashMap<String, HashMap<i32, u32>>,
     pub(super) collector: RecordCollector,
+    /// Deletes repartition records below the committed offsets (repartitioned sources).
+    pub(super) purger: Option<RepartitionPurger>,
     state: StateManager,
     reader: Option<ChangelogReader>,
     pub(super) decoder: EventDecoder,
@@ -176,6 +179,7 @@ impl TaskManager {
             committed: HashMap::new(),
             origin_ids: HashMap::new(),
             collector,
+            purger: forwarding_purger(config, t),
             state,
             reader,
             decoder: EventDecoder::new(config.resolver.clone())?,
@@ -689,6 +693,13 @@ impl TaskManager {
             self.collector.abandon();
         }
     }
+}
+
+fn forwarding_purger(config: &RunConfig, t: &Topology) -> Option<RepartitionPurger> {
+    t.sources
+        .iter()
+        .any(|s| s.repartition_topic.is_some())
+        .then(|| RepartitionPurger::new(&config.kafka, config.repartition_purge_interval))
 }
 
 /// What a membership probe found.

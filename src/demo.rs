@@ -58,6 +58,11 @@ pub struct DemoConfig {
     pub batch_size: usize,
     /// Print progress lines every this often.
     pub progress_every: Duration,
+    /// A real Kafka to run on (its topics are made through the admin API, named per run);
+    /// `None`: the embedded MockCluster.
+    pub brokers: Option<String>,
+    /// Run under exactly_once_v2 instead of at_least_once.
+    pub exactly_once: bool,
 }
 
 /// The outcome, as printed.
@@ -210,6 +215,28 @@ async fn table_rows(url: &str) -> Result<HashMap<StateKey, (i64, i64)>, DemoErro
         .collect())
 }
 
+/// Create topics through the admin API (a real broker).
+fn create_topics(
+    brokers: &str,
+    topics: &[&str],
+    partitions: i32,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(), DemoError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in rt.block_on(admin.create_topics(&new, &opts))? {
+        r.map_err(|(t, e)| DemoError::Other(format!("creating topic {t}: {e}")))?;
+    }
+    Ok(())
+}
+
 /// Run the demo and return its report (printing progress to stderr).
 pub fn run_demo(cfg: DemoConfig) -> Result<DemoReport, DemoError> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -235,19 +262,55 @@ pub fn run_demo(cfg: DemoConfig) -> Result<DemoReport, DemoError> {
     rt.block_on(table.migrate())?;
     eprintln!("==> PostgreSQL database {db} migrated");
 
-    // Kafka: an in-process broker with the topics.
-    let mock: MockCluster<'static, DefaultProducerContext> = MockCluster::new(1)?;
-    let brokers = mock.bootstrap_servers();
-    let app = "readstate-demo";
-    let (source, output) = ("chat.read-events", "chat.receipt-updates");
-    for t in [source, output, &format!("{app}-read-state-changelog")] {
-        mock.create_topic(t, cfg.partitions, 1)?;
+    // Kafka: an in-process broker with the topics, or the real one given.
+    let (mock, brokers, app) = match &cfg.brokers {
+        None => {
+            let mock: MockCluster<'static, DefaultProducerContext> = MockCluster::new(1)?;
+            let brokers = mock.bootstrap_servers();
+            (Some(mock), brokers, "readstate-demo".to_owned())
+        }
+        Some(b) => (
+            None,
+            b.clone(),
+            format!("readstate-demo-{:08x}", rand::random::<u32>()),
+        ),
+    };
+    let app = app.as_str();
+    let (source, output) = match &mock {
+        Some(_) => (
+            "chat.read-events".to_owned(),
+            "chat.receipt-updates".to_owned(),
+        ),
+        None => (
+            format!("{app}.read-events"),
+            format!("{app}.receipt-updates"),
+        ),
+    };
+    let (source, output) = (source.as_str(), output.as_str());
+    match &mock {
+        Some(mock) => {
+            for t in [source, output, &format!("{app}-read-state-changelog")] {
+                mock.create_topic(t, cfg.partitions, 1)?;
+            }
+            mock.create_topic(&format!("{app}-dlq"), 1, 1)?;
+            eprintln!(
+                "==> embedded Kafka-protocol broker (MockCluster) on {brokers}, {} partitions",
+                cfg.partitions
+            );
+        }
+        None => {
+            // readstate creates its internal topics itself; the source and output here.
+            create_topics(&brokers, &[source, output], cfg.partitions, &rt)?;
+            eprintln!(
+                "==> Apache Kafka on {brokers}: topics {source} and {output}, {} partitions",
+                cfg.partitions
+            );
+        }
     }
-    mock.create_topic(&format!("{app}-dlq"), 1, 1)?;
-    eprintln!(
-        "==> embedded Kafka-protocol broker (MockCluster) on {brokers}, {} partitions",
-        cfg.partitions
-    );
+    let guarantee = match cfg.exactly_once {
+        true => "exactly_once_v2",
+        false => "at_least_once",
+    };
 
     let state = tempfile::tempdir().map_err(|e| DemoError::Other(e.to_string()))?;
     let text = format!(
@@ -255,6 +318,7 @@ pub fn run_demo(cfg: DemoConfig) -> Result<DemoReport, DemoError> {
 [application]
 id = "{app}"
 commit_interval = "1s"
+processing_guarantee = "{guarantee}"
 state_dir = "{}"
 [[source]]
 name = "read-events"

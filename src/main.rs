@@ -139,6 +139,13 @@ struct DemoArgs {
     /// Sink batch size.
     #[arg(long, default_value_t = 500)]
     batch_size: usize,
+    /// Run on this Kafka instead of the embedded broker (e.g. the one `scripts/kafka start`
+    /// prints); topics are created per run.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// processing_guarantee = "exactly_once_v2" instead of "at_least_once".
+    #[arg(long)]
+    exactly_once: bool,
 }
 
 #[derive(clap::Args)]
@@ -376,6 +383,8 @@ fn demo_command(args: DemoArgs) -> anyhow::Result<bool> {
         metrics_addr: Some(args.metrics_addr),
         batch_size: args.batch_size,
         progress_every: Duration::from_secs(2),
+        brokers: args.brokers,
+        exactly_once: args.exactly_once,
     })?;
     print!("{}", report.render());
     Ok(report.pass())

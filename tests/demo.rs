@@ -41,6 +41,8 @@ fn demo_passes_and_metrics_agree_with_what_was_processed() {
             metrics_addr: None,
             batch_size: 500,
             progress_every: Duration::from_secs(5),
+            brokers: None,
+            exactly_once: false,
         })
     });
     // During the run: the counters move.

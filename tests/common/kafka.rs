@@ -86,13 +86,19 @@ pub fn end_offsets(brokers: &str, topic: &str) -> Vec<i64> {
         .set("bootstrap.servers", brokers)
         .create()
         .unwrap();
-    (0..partitions(&c, topic))
-        .map(|p| {
-            c.fetch_watermarks(topic, p, Duration::from_secs(5))
-                .unwrap()
-                .1
-        })
-        .collect()
+    // A topic just created may not have its leaders yet: retry (bounded).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let high = |p: i32| loop {
+        match c.fetch_watermarks(topic, p, Duration::from_secs(5)) {
+            Ok((_, high)) => return high,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("watermarks of {topic} [{p}]: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("watermarks of {topic} [{p}]: {e}"),
+        }
+    };
+    (0..partitions(&c, topic)).map(high).collect()
 }
 
 /// Offsets committed in Kafka by `group` per partition (-1: none).

@@ -358,28 +358,44 @@ pub fn sink(
     })
 }
 
-/// End to end: the workload pre-produced into an in-process broker (MockCluster) over
-/// `partitions` partitions (enough that each stays under the mock's 5 MB retention), then
-/// `run` timed from start until it has consumed every record, with its final commit.
-pub fn end_to_end(spec: &WorkloadSpec, partitions: i32) -> Result<Figure, BenchError> {
-    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
+/// Where the end-to-end figure runs.
+#[derive(Debug, Clone, Default)]
+pub struct Broker {
+    /// A real Kafka; `None`: an in-process MockCluster.
+    pub brokers: Option<String>,
+    pub exactly_once: bool,
+}
 
+/// The pre-producer, and the mock cluster it owns when there is no real broker.
+type PreProducer = rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>;
+
+/// A producer for the pre-produced workload: on a real broker, its topic made through the
+/// admin API; else one owning an in-process broker with every topic the run needs.
+fn bench_producer(
+    on: &Broker,
+    names: &BenchTopics,
+    partitions: i32,
+) -> Result<(PreProducer, String), BenchError> {
+    use rdkafka::producer::Producer;
     let other = |e: rdkafka::error::KafkaError| BenchError::Other(format!("kafka: {e}"));
-    // The pre-producer owns the in-process broker. It batches for up to 1 s so that the
-    // broker holds few, large message sets: the mock answers a fetch with one message set
-    // per partition (a real broker fills the fetch), so small sets would make the fetch
-    // round trip, not readstate, the bound.
-    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
-        .set("test.mock.num.brokers", "1")
+    let mut config = rdkafka::ClientConfig::new();
+    // Batches of up to 1 s so that the broker holds few, large message sets: the mock
+    // answers a fetch with one message set per partition (a real broker fills the fetch),
+    // so small sets would make the fetch round trip, not readstate, the bound.
+    config
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "1000")
         .set("batch.num.messages", "1000000")
         .set("batch.size", "1000000")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .map_err(other)?;
+        .set("queue.buffering.max.messages", "1000000");
+    if let Some(b) = &on.brokers {
+        config.set("bootstrap.servers", b);
+        let producer: PreProducer = config.create().map_err(other)?;
+        create_topic(b, &names.events, partitions)?;
+        return Ok((producer, b.clone()));
+    }
+    config.set("test.mock.num.brokers", "1");
+    let producer: PreProducer = config.create().map_err(other)?;
     let mock = producer
         .client()
         .mock_cluster()
@@ -393,17 +409,66 @@ pub fn end_to_end(spec: &WorkloadSpec, partitions: i32) -> Result<Figure, BenchE
             0,
         );
     }
-    let brokers = mock.bootstrap_servers();
-    let app = "readstate-bench";
-    for t in [
-        "bench.events",
-        "bench.updates",
-        "readstate-bench-read-state-changelog",
-    ] {
+    let changelog = format!("{}-read-state-changelog", names.app);
+    for t in [&names.events, &names.updates, &changelog] {
         mock.create_topic(t, partitions, 1).map_err(other)?;
     }
-    mock.create_topic("readstate-bench-dlq", 1, 1)
+    mock.create_topic(&format!("{}-dlq", names.app), 1, 1)
         .map_err(other)?;
+    let brokers = mock.bootstrap_servers();
+    drop(mock);
+    Ok((producer, brokers))
+}
+
+fn create_topic(brokers: &str, topic: &str, partitions: i32) -> Result<(), BenchError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let other = |e: rdkafka::error::KafkaError| BenchError::Other(format!("kafka: {e}"));
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(other)?;
+    let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in futures::executor::block_on(admin.create_topics([&t], &opts)).map_err(other)? {
+        r.map_err(|(t, e)| BenchError::Other(format!("creating {t}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Topic and application names of one end-to-end run (fresh on a real broker).
+struct BenchTopics {
+    app: String,
+    events: String,
+    updates: String,
+}
+
+/// End to end: the workload pre-produced into a broker (an in-process MockCluster, or a
+/// real Kafka) over `partitions` partitions (on the mock, enough that each stays under its
+/// 5 MB retention), then `run` timed from start until it has consumed every record, with
+/// its final commit.
+pub fn end_to_end(spec: &WorkloadSpec, partitions: i32, on: &Broker) -> Result<Figure, BenchError> {
+    use rdkafka::producer::{BaseRecord, Producer};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let other = |e: rdkafka::error::KafkaError| BenchError::Other(format!("kafka: {e}"));
+    let names = match on.brokers {
+        None => BenchTopics {
+            app: "readstate-bench".into(),
+            events: "bench.events".into(),
+            updates: "bench.updates".into(),
+        },
+        Some(_) => {
+            let run = format!("{:08x}", rand::random::<u32>());
+            BenchTopics {
+                app: format!("readstate-bench-{run}"),
+                events: format!("bench-{run}.events"),
+                updates: format!("bench-{run}.updates"),
+            }
+        }
+    };
+    let (producer, brokers) = bench_producer(on, &names, partitions)?;
+    let app = names.app.as_str();
     let encoder = EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID)?;
     let mut records = 0u64;
     let mut bytes = 0usize;
@@ -418,7 +483,9 @@ pub fn end_to_end(spec: &WorkloadSpec, partitions: i32) -> Result<Figure, BenchE
         bytes += key.len() + value.len();
         crate::kafka::send_waiting(
             &producer,
-            BaseRecord::to("bench.events").key(&key).payload(&value),
+            BaseRecord::to(names.events.as_str())
+                .key(&key)
+                .payload(&value),
         )
         .map_err(other)?;
         records += 1;
@@ -434,7 +501,7 @@ pub fn end_to_end(spec: &WorkloadSpec, partitions: i32) -> Result<Figure, BenchE
         let mut kept = 0i64;
         for p in 0..partitions {
             let (low, high) = c
-                .fetch_watermarks("bench.events", p, Duration::from_secs(10))
+                .fetch_watermarks(&names.events, p, Duration::from_secs(10))
                 .map_err(other)?;
             kept += high - low;
         }
@@ -444,18 +511,23 @@ pub fn end_to_end(spec: &WorkloadSpec, partitions: i32) -> Result<Figure, BenchE
             )));
         }
     }
-    if bytes / partitions.max(1) as usize > 4_000_000 {
+    if on.brokers.is_none() && bytes / partitions.max(1) as usize > 4_000_000 {
         return Err(BenchError::Other(format!(
             "{bytes} bytes over {partitions} partitions exceeds the mock broker's 5 MB per partition; use more partitions"
         )));
     }
     let state = tempfile::tempdir().map_err(|e| BenchError::Other(e.to_string()))?;
+    let guarantee = match on.exactly_once {
+        true => "exactly_once_v2",
+        false => "at_least_once",
+    };
+    let (events_topic, updates_topic) = (&names.events, &names.updates);
     let text = format!(
-        "[application]\nid = \"{app}\"\ncommit_interval = \"1s\"\nstate_dir = \"{}\"\n\
-         [[source]]\nname = \"events\"\ntopic = \"bench.events\"\n\
+        "[application]\nid = \"{app}\"\ncommit_interval = \"1s\"\nstate_dir = \"{}\"\nprocessing_guarantee = \"{guarantee}\"\n\
+         [[source]]\nname = \"events\"\ntopic = \"{events_topic}\"\n\
          [[store]]\nname = \"read-state\"\n\
          [[processor]]\nname = \"read-state\"\nkind = \"read-state\"\ninputs = [\"events\"]\nstore = \"read-state\"\n\
-         [[sink]]\nname = \"updates\"\nkind = \"kafka\"\ninput = \"read-state\"\ntopic = \"bench.updates\"\n",
+         [[sink]]\nname = \"updates\"\nkind = \"kafka\"\ninput = \"read-state\"\ntopic = \"{updates_topic}\"\n",
         state.path().display()
     );
     let topology = crate::topology::compile(&text)
@@ -503,7 +575,6 @@ pub fn end_to_end(spec: &WorkloadSpec, partitions: i32) -> Result<Figure, BenchE
     let done = summary.final_commit_at.unwrap_or_else(Instant::now);
     let secs = done.duration_since(started).as_secs_f64();
     let shutdown_secs = done.elapsed().as_secs_f64();
-    drop(mock);
     drop(producer);
     if summary.records_consumed != records {
         return Err(BenchError::Other(format!(
@@ -512,7 +583,10 @@ pub fn end_to_end(spec: &WorkloadSpec, partitions: i32) -> Result<Figure, BenchE
         )));
     }
     Ok(Figure {
-        name: "end to end: run, MockCluster".into(),
+        name: match &on.brokers {
+            None => "end to end: run, MockCluster".into(),
+            Some(_) => format!("end to end: run, Apache Kafka, {guarantee}"),
+        },
         value: records as f64 / secs,
         unit: "events/s",
         target: Some(500_000.0),

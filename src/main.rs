@@ -89,6 +89,13 @@ struct BenchArgs {
     /// Only these figures (comma-separated: keys, core, e2e, restore, sink); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Run the end-to-end figure on this Kafka (e.g. what `scripts/kafka start` prints)
+    /// instead of the in-process mock broker.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// The end-to-end figure under exactly_once_v2 (needs a real broker to mean anything).
+    #[arg(long)]
+    exactly_once: bool,
 }
 
 #[derive(clap::Args)]
@@ -350,7 +357,14 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
             events: args.e2e_events,
             ..spec.clone()
         };
-        println!("{}", bench::end_to_end(&e2e, args.partitions)?.render());
+        let on = bench::Broker {
+            brokers: args.brokers.clone(),
+            exactly_once: args.exactly_once,
+        };
+        println!(
+            "{}",
+            bench::end_to_end(&e2e, args.partitions, &on)?.render()
+        );
     }
     if want("restore") {
         println!(

@@ -137,6 +137,8 @@ impl KafkaSettings {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
+            // Aborted transactions stay invisible (librdkafka's default, made explicit).
+            .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "false")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
@@ -165,6 +167,7 @@ impl KafkaSettings {
     pub fn restore_consumer(&self, group: &str) -> ClientConfig {
         let mut c = self.base();
         c.set("group.id", group)
+            .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")

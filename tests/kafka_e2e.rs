@@ -56,23 +56,7 @@ impl Broker {
     fn create_topic(&self, name: &str, partitions: i32, config: &[(&str, &str)]) {
         match self {
             Broker::Mock(m) => m.create_topic(name, partitions, 1).unwrap(),
-            Broker::Real(b) => {
-                use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-                let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-                    rdkafka::ClientConfig::new()
-                        .set("bootstrap.servers", b)
-                        .create()
-                        .unwrap();
-                let mut t = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-                for (k, v) in config {
-                    t = t.set(k, v);
-                }
-                let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-                let r = futures::executor::block_on(admin.create_topics([&t], &opts)).unwrap();
-                r.into_iter().for_each(|r| {
-                    r.unwrap();
-                });
-            }
+            Broker::Real(b) => kafka::create_topic(b, name, partitions, config),
         }
     }
 }

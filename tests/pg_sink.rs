@@ -722,3 +722,94 @@ fn run_started_while_postgres_is_down_processes_the_stream_and_the_sink_catches_
     assert!(status.success());
     assert!(child.wait().unwrap().success(), "clean exit on SIGTERM");
 }
+
+/// exactly_once_v2 on the real broker with the embedded sink: `readstate run` is killed
+/// with SIGKILL mid-stream and restarted; a read_committed consumer of the output sees each
+/// (key, version) once and never a decrease, and PostgreSQL ends equal to the oracle.
+#[test]
+fn real_broker_exactly_once_run_killed_and_restarted_then_postgres_equals_the_oracle() {
+    let brokers = std::env::var("READSTATE_TEST_KAFKA").expect(
+        "READSTATE_TEST_KAFKA is not set: run scripts/test, which starts a private Apache Kafka",
+    );
+    let db = Db::new();
+    db.migrate();
+    let s = suffix();
+    let (app, source, output) = (
+        format!("app-{s}"),
+        format!("events-{s}"),
+        format!("updates-{s}"),
+    );
+    kafka::create_topic(&brokers, &source, PARTS, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{}\n[[sink]]\nname = \"postgres\"\nkind = \"postgres\"\ninput = \"updates\"\nbatch_size = 200\nlinger = \"50ms\"\n",
+        topology_text(&app, "200ms\"\nprocessing_guarantee = \"exactly_once_v2", &dir.path().display().to_string(), &source, &output, "0s")
+    );
+    let file = dir.path().join("topology.toml");
+    std::fs::write(&file, text).unwrap();
+    let file = file.display().to_string();
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("KAFKA_BROKERS", brokers.as_str()),
+    ];
+    let events = zipf_workload(41, 12_000);
+    let (first, second) = events.split_at(events.len() / 2);
+    let want = oracle(&events);
+    let p = kafka::producer(&brokers);
+    kafka::send_events(&p, &source, first);
+    p.flush(Duration::from_secs(30)).unwrap();
+    let mut child = cli(&["run", "--local-schemas", "--topology", &file], &env)
+        .spawn()
+        .unwrap();
+    let half = oracle(first);
+    wait_for("the first half in PostgreSQL", || {
+        let rows = db.rows().unwrap_or_default();
+        half.iter()
+            .all(|(k, x)| rows.get(k).is_some_and(|r| r.seq == x.max_seq))
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    kafka::send_events(&p, &source, second);
+    p.flush(Duration::from_secs(30)).unwrap();
+    let mut child = cli(&["run", "--local-schemas", "--topology", &file], &env)
+        .spawn()
+        .unwrap();
+    wait_for("PostgreSQL to match the oracle", || {
+        let rows = db.rows().unwrap_or_default();
+        rows.len() == want.len()
+            && want.iter().all(|(k, x)| {
+                rows.get(k).is_some_and(|r| {
+                    r.seq == x.max_seq && r.version == x.advances && r.device == x.device_of_max
+                })
+            })
+    });
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(child.wait().unwrap().success(), "clean exit on SIGTERM");
+    let reg = Arc::new(LocalRegistry::new());
+    let mut dec = readstate::serde::avro::UpdateDecoder::new(reg, RECEIPT_UPDATE_SCHEMA).unwrap();
+    let mut header = vec![0u8];
+    header.extend_from_slice(&LOCAL_RECEIPT_UPDATE_ID.to_be_bytes());
+    futures::executor::block_on(dec.prepare(std::iter::once(Some(header.as_slice())))).unwrap();
+    let updates = kafka::read_all(&brokers, &output, |m| {
+        use rdkafka::Message;
+        ReceiptUpdate::from(dec.decode(m.payload().unwrap()).unwrap())
+    });
+    let mut seen = std::collections::HashSet::new();
+    let last = last_updates(&updates);
+    for u in &updates {
+        assert!(
+            seen.insert((u.key(), u.version)),
+            "{:?} v{} twice",
+            u.key(),
+            u.version
+        );
+    }
+    for (k, x) in &want {
+        assert_eq!(last[k].last_read_seq, x.max_seq, "output pointer of {k:?}");
+        assert_eq!(last[k].version, x.advances, "output version of {k:?}");
+    }
+}

@@ -193,3 +193,20 @@ pub fn read_all<T>(
     }
     out
 }
+
+/// Create a topic through the admin API (a real broker), with topic `config`.
+pub fn create_topic(brokers: &str, name: &str, partitions: i32, config: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let mut t = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    for (k, v) in config {
+        t = t.set(k, v);
+    }
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in futures::executor::block_on(admin.create_topics([&t], &opts)).unwrap() {
+        r.unwrap();
+    }
+}

@@ -21,7 +21,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::record_collector::TxnError;
 use super::task_manager::{
-    is_membership_error, Membership, ParkReason, RegistryWait, TaskManager, TopicPartition,
+    is_membership_error, rewind, Membership, ParkReason, RegistryWait, TaskManager, TopicPartition,
 };
 use super::{log_dead_letter, RuntimeError};
 use crate::ids::Origin;
@@ -538,14 +538,7 @@ impl TaskManager {
             let Some(&offset) = self.committed.get(tp) else {
                 continue;
             };
-            consumer
-                .seek(&tp.0, tp.1, Offset::Offset(offset), Duration::from_secs(10))
-                .map_err(|e| {
-                    RuntimeError::Fatal(format!(
-                        "cannot rewind {} [{}] to {offset} after an aborted transaction: {e}",
-                        tp.0, tp.1
-                    ))
-                })?;
+            rewind(consumer, tp, offset)?;
         }
         Ok(())
     }

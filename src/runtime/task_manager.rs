@@ -408,14 +408,7 @@ impl TaskManager {
             return Ok(());
         };
         if let Some(offset) = parked.rewind {
-            consumer
-                .seek(&tp.0, tp.1, Offset::Offset(offset), Duration::from_secs(10))
-                .map_err(|e| {
-                    RuntimeError::Config(format!(
-                        "cannot rewind {} [{}] to offset {offset}: {e}",
-                        tp.0, tp.1
-                    ))
-                })?;
+            rewind(consumer, tp, offset)?;
         }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&tp.0, tp.1);
@@ -541,13 +534,8 @@ impl TaskManager {
             };
             if let Some(parked) = self.parked.get_mut(tp) {
                 parked.rewind = Some(offset);
-            } else if let Err(e) =
-                consumer.seek(&tp.0, tp.1, Offset::Offset(offset), Duration::from_secs(10))
-            {
-                self.fatal = Some(format!(
-                    "cannot rewind {} [{}] to {offset}: {e}",
-                    tp.0, tp.1
-                ));
+            } else if let Err(e) = rewind(consumer, tp, offset) {
+                self.fatal = Some(e.to_string());
             }
         }
         let mut tpl = TopicPartitionList::new();
@@ -708,6 +696,23 @@ pub(super) enum Membership {
     Kept,
     Lost,
     Unknown,
+}
+
+/// Seek a partition back to `offset` (records after it are read again); failing leaves
+/// the position unknown, which is fatal.
+pub(super) fn rewind<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    tp: &TopicPartition,
+    offset: i64,
+) -> Result<(), RuntimeError> {
+    consumer
+        .seek(&tp.0, tp.1, Offset::Offset(offset), Duration::from_secs(10))
+        .map_err(|e| {
+            RuntimeError::Fatal(format!(
+                "cannot rewind {} [{}] to offset {offset}: {e}",
+                tp.0, tp.1
+            ))
+        })
 }
 
 /// Commit errors meaning this member no longer owns its partitions.

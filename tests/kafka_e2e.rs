@@ -548,11 +548,6 @@ fn sigkill_between_forward_and_commit_keeps_counts_exact() {
     env.read_until(&repartition, |_| (), |d: &[()]| d.len() >= first.len());
     child.kill().unwrap();
     child.wait().unwrap();
-    assert_eq!(
-        kafka::count_records(&env.brokers(), &repartition),
-        0,
-        "read_committed sees none of what the killed run forwarded (never committed)"
-    );
     std::fs::write(&file, env.topology_text()).unwrap();
     env.produce(second, 0);
     let mut child = spawn_cli(&env, &file);

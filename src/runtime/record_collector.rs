@@ -329,7 +329,8 @@ impl RecordCollector {
             return;
         }
         ctx.sending();
-        let (topic, partition) = (rec.topic.to_owned(), rec.partition);
+        // Borrowed: the topic is only formatted if the send fails.
+        let (topic, partition) = (rec.topic, rec.partition);
         if let Err(e) = crate::kafka::send_waiting(&self.producer, rec) {
             let at = partition.map_or(String::new(), |p| format!(" [{p}]"));
             let mut s = ctx.state.lock().expect("delivery lock");

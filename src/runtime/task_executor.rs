@@ -72,10 +72,13 @@ impl TaskManager {
     /// Whether records of this partition are processed now; a parked one remembers the
     /// first record it dropped.
     fn accepts(&mut self, m: &BorrowedMessage<'_>) -> bool {
-        let key = (m.topic().to_owned(), m.partition());
-        if let Some(parked) = self.parked.get_mut(&key) {
-            parked.rewind = Some(parked.rewind.map_or(m.offset(), |r| r.min(m.offset())));
-            return false;
+        // Parking is rare: no key (and no allocation) per record unless something is parked.
+        if !self.parked.is_empty() {
+            let key = (m.topic().to_owned(), m.partition());
+            if let Some(parked) = self.parked.get_mut(&key) {
+                parked.rewind = Some(parked.rewind.map_or(m.offset(), |r| r.min(m.offset())));
+                return false;
+            }
         }
         if m.topic() == self.task_topic {
             // Not running: revoked in this poll (the next owner reads it from the committed

@@ -6,10 +6,10 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 READSTATE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export READSTATE_ROOT
 
-# Install the Debian packages the build needs, once.
-ensure_build_deps() {
+# Install the Debian packages given that are missing (without recommends), once.
+ensure_packages() {
   local missing=()
-  for p in libclang-dev clang pkg-config libssl-dev libsasl2-dev cmake; do
+  for p in "$@"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
   done
   if [ "${#missing[@]}" -gt 0 ]; then
@@ -17,8 +17,30 @@ ensure_build_deps() {
     local sudo=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
+}
+
+# The Debian packages the build needs.
+ensure_build_deps() {
+  ensure_packages libclang-dev clang pkg-config libssl-dev libsasl2-dev cmake
+}
+
+# What the tests use besides the build: promtool (checks /metrics, from Debian's prometheus),
+# openssl (the private PostgreSQL's TLS certificates) and dclint (validates
+# docker/compose.yaml against the Compose specification without a Docker engine; from npm,
+# into a cache outside the clone). Exports READSTATE_DCLINT.
+DCLINT_VERSION=3.1.0
+ensure_test_tools() {
+  ensure_packages prometheus openssl
+  command -v npm >/dev/null 2>&1 || ensure_packages nodejs npm
+  local tools="$HOME/.cache/readstate-tools"
+  if [ ! -x "$tools/node_modules/.bin/dclint" ]; then
+    echo "==> installing dclint $DCLINT_VERSION (npm)"
+    mkdir -p "$tools"
+    npm install --silent --no-audit --no-fund --prefix "$tools" "dclint@$DCLINT_VERSION" >/dev/null
+  fi
+  export READSTATE_DCLINT="$tools/node_modules/.bin/dclint"
 }
 
 # PostgreSQL: install Debian's package if missing, then run a private server (its own data
@@ -51,13 +73,33 @@ start_private_postgres() {
   [ "$(id -u)" -eq 0 ] && chown postgres: "$PG_DATA"
   PG_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
   as_pg_user "$PG_BIN/initdb" -D "$PG_DATA/data" -U postgres --auth=trust -E UTF8 >/dev/null
+  private_postgres_tls
   as_pg_user "$PG_BIN/pg_ctl" -D "$PG_DATA/data" -l "$PG_DATA/server.log" -w -t 60 \
-    -o "-p $PG_PORT -k $PG_DATA -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+    -o "-p $PG_PORT -k $PG_DATA -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c ssl=on -c ssl_cert_file=$PG_DATA/tls/server.crt -c ssl_key_file=$PG_DATA/tls/server.key" \
     start >/dev/null
   export PG_DATA PG_PORT
+  # The CA that signed the server's certificate (for localhost only), for sslmode tests.
+  export READSTATE_TEST_PG_CA="$PG_DATA/tls/ca.crt"
   export DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
   export READSTATE_TEST_DATABASE_URL="$DATABASE_URL"
   echo "==> private PostgreSQL on 127.0.0.1:$PG_PORT (data in $PG_DATA)"
+}
+
+# A CA and a server certificate for "localhost" (not 127.0.0.1), so that the tests can tell
+# verify-full from verify-ca.
+private_postgres_tls() {
+  local d="$PG_DATA/tls"
+  mkdir -p "$d"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=readstate test CA" \
+    -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$d/server.key" -out "$d/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost\n' > "$d/ext.cnf"
+  openssl x509 -req -in "$d/server.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+    -days 2 -extfile "$d/ext.cnf" -out "$d/server.crt" 2>/dev/null
+  chmod 600 "$d/server.key"
+  [ "$(id -u)" -eq 0 ] && chown -R postgres: "$d"
+  chmod 644 "$d/ca.crt"
 }
 
 stop_private_postgres() {

@@ -144,7 +144,8 @@ impl DemoReport {
             "rows in read_receipts",
             format!("{} (expected {})", self.rows_in_table, self.keys),
         );
-        line(&mut o, "database", self.demo_database_url.clone());
+        let url = crate::sink::connect::redact(&self.demo_database_url);
+        line(&mut o, "database", url);
         if self.pass() {
             o.push_str(
                 "PASS: every row's pointer equals the generator's max per key (event counts within the generator's)\n",
@@ -178,11 +179,21 @@ pub fn with_database(url: &str, db: &str) -> String {
     }
 }
 
-async fn admin(url: &str, sql: &str) -> Result<(), DemoError> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+/// One connection, with the URL's TLS settings; errors name the target, never the
+/// password.
+async fn connect(url: &str) -> Result<tokio_postgres::Client, DemoError> {
+    let db = crate::sink::connect::parse(url).map_err(|e| DemoError::Database(e.to_string()))?;
+    let (client, conn) = db
+        .config
+        .connect(db.tls)
         .await
-        .map_err(|e| DemoError::Database(format!("connecting to {url}: {e}")))?;
+        .map_err(|e| DemoError::Database(format!("connecting to {}: {e}", db.target)))?;
     tokio::spawn(conn);
+    Ok(client)
+}
+
+async fn admin(url: &str, sql: &str) -> Result<(), DemoError> {
+    let client = connect(url).await?;
     client
         .batch_execute(sql)
         .await
@@ -190,10 +201,7 @@ async fn admin(url: &str, sql: &str) -> Result<(), DemoError> {
 }
 
 async fn table_rows(url: &str) -> Result<HashMap<StateKey, (i64, i64)>, DemoError> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .map_err(|e| DemoError::Database(e.to_string()))?;
-    tokio::spawn(conn);
+    let client = connect(url).await?;
     let rows = client
         .query(
             "SELECT conversation_id, reader_id, last_read_seq, events_total FROM read_receipts",

@@ -22,6 +22,8 @@
 //!   the state manager and the incremental changelog reader.
 //! - [`sink`]: the PostgreSQL sink: migrations, batching, the version-guarded upsert with
 //!   offsets in the same transaction, and its consumer loop.
+//! - [`reset`]: `readstate reset`, the application reset tool (offsets, internal topics,
+//!   sink offsets, local state).
 //! - [`telemetry`]: the Prometheus recorder and `/metrics`, `/health`, `/ready`.
 //! - [`loadgen`]: a realistic workload generator and its oracle (`loadgen`, `demo`).
 //! - [`demo`]: `readstate demo`: embedded broker, generator, run + sink, PASS/FAIL check.
@@ -36,6 +38,7 @@ pub mod kafka;
 pub mod loadgen;
 pub mod model;
 pub mod processor;
+pub mod reset;
 pub mod runtime;
 pub mod serde;
 pub mod sink;

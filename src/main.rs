@@ -24,6 +24,15 @@ use readstate::topology::{describe, Topology};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text (colour only on a terminal) or one JSON object per line.
+    #[arg(long, global = true, env = "READSTATE_LOG_FORMAT", value_enum, default_value_t = LogFormatArg::Text)]
+    log_format: LogFormatArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -52,6 +61,45 @@ enum Command {
     Loadgen(LoadgenArgs),
     /// Print performance figures next to their targets (see PERFORMANCE.md).
     Bench(BenchArgs),
+    /// Reset the application (Kafka Streams' application reset tool): with every instance
+    /// stopped, move the group's committed offsets, delete the internal topics and,
+    /// optionally, the sink's stored offsets and the local state.
+    Reset(ResetArgs),
+}
+
+#[derive(clap::Args)]
+struct ResetArgs {
+    /// Topology file (TOML).
+    #[arg(long, short)]
+    topology: PathBuf,
+    #[command(flatten)]
+    kafka: ClientArgs,
+    /// Move the committed offsets to the start of the source topics (the default).
+    #[arg(long, conflicts_with_all = ["to_latest", "to_datetime"])]
+    to_earliest: bool,
+    /// Move the committed offsets to the end of the source topics (skip what is there).
+    #[arg(long, conflicts_with = "to_datetime")]
+    to_latest: bool,
+    /// Move the committed offsets to the first record at or after this time (RFC 3339,
+    /// e.g. 2026-11-29T10:00:00Z).
+    #[arg(long)]
+    to_datetime: Option<String>,
+    /// Also delete the PostgreSQL sink's stored offsets (it writes the output topic again
+    /// from its start; rows never move backwards).
+    #[arg(long)]
+    sink_offsets: bool,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// Also delete this machine's local state of the application
+    /// (`<state dir>/<application.id>`).
+    #[arg(long)]
+    local_state: bool,
+    /// Local state root (overrides the topology's state_dir).
+    #[arg(long, env = "STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Print what would be done, change nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(clap::Args)]
@@ -179,11 +227,38 @@ struct LoadgenArgs {
     kafka_property: Vec<String>,
 }
 
+/// Where Kafka is and how its clients are configured.
 #[derive(clap::Args)]
-struct KafkaArgs {
+struct ClientArgs {
     /// Kafka bootstrap servers.
     #[arg(long, env = "KAFKA_BROKERS")]
     brokers: String,
+    /// librdkafka property, e.g. -X security.protocol=SSL (repeatable). `consumer.`,
+    /// `producer.` and `admin.` prefixes set it for those clients only; without one it goes
+    /// to every client it applies to. Wins over --kafka-config and READSTATE_KAFKA_*.
+    #[arg(short = 'X', value_name = "KEY=VALUE")]
+    kafka_property: Vec<String>,
+    /// A properties file (key=value lines) of librdkafka properties, e.g. SASL secrets.
+    #[arg(long, env = "READSTATE_KAFKA_CONFIG")]
+    kafka_config: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// File, then READSTATE_KAFKA_* variables, then -X.
+    fn settings(&self) -> anyhow::Result<KafkaSettings> {
+        let mut s = KafkaSettings::new(self.brokers.clone());
+        if let Some(f) = &self.kafka_config {
+            s = s.with_properties_file(f)?;
+        }
+        Ok(s.with_env(std::env::vars())?
+            .with_properties(&self.kafka_property)?)
+    }
+}
+
+#[derive(clap::Args)]
+struct KafkaArgs {
+    #[command(flatten)]
+    client: ClientArgs,
     /// Confluent-compatible schema registry URL.
     #[arg(long, env = "SCHEMA_REGISTRY_URL", conflicts_with = "local_schemas")]
     schema_registry_url: Option<String>,
@@ -191,19 +266,29 @@ struct KafkaArgs {
     /// of a registry.
     #[arg(long)]
     local_schemas: bool,
-    /// librdkafka property passed to every client, e.g. -X security.protocol=SSL (repeatable).
-    #[arg(short = 'X', value_name = "KEY=VALUE")]
-    kafka_property: Vec<String>,
 }
 
 impl KafkaArgs {
-    fn settings(&self) -> anyhow::Result<KafkaSettings> {
-        Ok(KafkaSettings::new(self.brokers.clone()).with_properties(&self.kafka_property)?)
+    /// Client settings, with `client.id` = `<application.id>-<host>-<pid>-<role>`.
+    fn settings(&self, t: &Topology) -> anyhow::Result<KafkaSettings> {
+        Ok(self
+            .client
+            .settings()?
+            .with_client_id(instance_client_id(t.application_id.as_str())))
     }
 
+    /// The schema resolver; a registry must answer once at start (its URL is named if not).
     fn resolver(&self) -> anyhow::Result<Arc<dyn SchemaResolver>> {
         Ok(match (&self.schema_registry_url, self.local_schemas) {
-            (Some(url), _) => Arc::new(ConfluentRegistry::new(url, Duration::from_secs(10))?),
+            (Some(url), _) => {
+                let registry = ConfluentRegistry::new(url, Duration::from_secs(10))?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(registry.ping())
+                    .context("the schema registry does not answer at start")?;
+                Arc::new(registry)
+            }
             (None, true) => Arc::new(LocalRegistry::new()),
             (None, false) => anyhow::bail!("no schema registry: set SCHEMA_REGISTRY_URL (or --schema-registry-url), or pass --local-schemas"),
         })
@@ -270,15 +355,21 @@ struct RunArgs {
     metrics_addr: Option<std::net::SocketAddr>,
 }
 
+/// `<application.id>-<host>-<pid>`: tells instances apart in the broker's logs and in
+/// `kafka-consumer-groups --describe`.
+fn instance_client_id(app: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".to_owned());
+    format!("{app}-{host}-{}", std::process::id())
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-                .unwrap_or_else(|_| "info,rdkafka=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    readstate::telemetry::init_logging(match cli.log_format {
+        LogFormatArg::Text => readstate::telemetry::LogFormat::Text,
+        LogFormatArg::Json => readstate::telemetry::LogFormat::Json,
+    });
     match cli.command {
         Command::Validate { file } => match Topology::from_file(&file) {
             Ok(t) => {
@@ -320,7 +411,48 @@ fn main() -> ExitCode {
         },
         Command::Loadgen(args) => exit(loadgen_command(args)),
         Command::Bench(args) => exit(bench_command(args)),
+        Command::Reset(args) => exit(reset_command(args)),
     }
+}
+
+fn reset_command(args: ResetArgs) -> anyhow::Result<()> {
+    use readstate::reset::{reset, ResetOptions, ResetTo};
+    let topology = Topology::from_file(&args.topology)?;
+    let to = match (&args.to_datetime, args.to_latest) {
+        (Some(t), _) => {
+            let at = humantime::parse_rfc3339_weak(t).with_context(|| {
+                format!("--to-datetime {t:?}: expected RFC 3339, e.g. 2026-11-29T10:00:00Z")
+            })?;
+            let ms = at.duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+            ResetTo::Timestamp(ms)
+        }
+        (None, true) => ResetTo::Latest,
+        (None, false) => ResetTo::Earliest,
+    };
+    let database_url = match args.sink_offsets {
+        true => Some(args.database.url(&topology)?),
+        false => None,
+    };
+    let opts = ResetOptions {
+        to,
+        sink_offsets: args.sink_offsets,
+        database_url,
+        local_state: args
+            .local_state
+            .then(|| args.state_dir.clone().unwrap_or(topology.state_dir.clone())),
+        dry_run: args.dry_run,
+    };
+    let kafka = args
+        .kafka
+        .settings()?
+        .with_client_id(format!("{}-reset", topology.application_id));
+    for line in reset(&topology, &kafka, &opts)? {
+        println!("{line}");
+    }
+    if args.dry_run {
+        println!("dry run: nothing was changed");
+    }
+    Ok(())
 }
 
 fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
@@ -406,7 +538,9 @@ fn demo_command(args: DemoArgs) -> anyhow::Result<bool> {
 
 fn loadgen_command(args: LoadgenArgs) -> anyhow::Result<()> {
     use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-    let settings = KafkaSettings::new(args.brokers).with_properties(&args.kafka_property)?;
+    let settings = KafkaSettings::new(args.brokers)
+        .with_env(std::env::vars())?
+        .with_properties(&args.kafka_property)?;
     let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
         settings.producer().create()?;
     let schema_id = match &args.schema_registry_url {
@@ -508,7 +642,7 @@ fn sink_command(args: SinkArgs) -> anyhow::Result<()> {
     let url = args.database.url(&topology)?;
     let mut config = readstate::sink::from_topology(
         &topology,
-        args.kafka.settings()?,
+        args.kafka.settings(&topology)?,
         args.kafka.resolver()?,
         &url,
     )?;
@@ -528,7 +662,9 @@ fn sink_command(args: SinkArgs) -> anyhow::Result<()> {
 
 fn run_command(args: RunArgs) -> anyhow::Result<()> {
     let topology = Topology::from_file(&args.topology)?;
-    let kafka = args.kafka.settings()?;
+    let state_dir = args.state_dir.clone().unwrap_or(topology.state_dir.clone());
+    readstate::runtime::check_state_dir(&state_dir.join(topology.application_id.as_str()))?;
+    let kafka = args.kafka.settings(&topology)?;
     let resolver = args.kafka.resolver()?;
     // The embedded sink refuses to start against an unmigrated database, before anything.
     let sink = match &topology.postgres {

@@ -34,6 +34,160 @@ const DURATION_BUCKETS: &[f64] = &[
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// The kind of a metric, for its `# TYPE` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric readstate exports: name, kind and help text. Counters are registered at
+/// zero at start (with every bounded label value), so rates work from the first scrape.
+pub const METRICS: &[(&str, Kind, &str)] = &[
+    ("readstate_build_info", Kind::Gauge, "Always 1; the version label says which readstate runs."),
+    ("readstate_events_consumed_total", Kind::Counter, "Source records polled by stream tasks (events and bad records)."),
+    ("readstate_events_folded_total", Kind::Counter, "Events folded into read state."),
+    ("readstate_events_stale_total", Kind::Counter, "Folded events that did not advance the read pointer."),
+    ("readstate_events_replayed_skipped_total", Kind::Counter, "Replayed records skipped by the replay marks."),
+    ("readstate_dead_letters_total", Kind::Counter, "Records sent to the dead-letter topic, by reason."),
+    ("readstate_bad_record_stops_total", Kind::Counter, "Instance stops by on_bad_record = fail or by the dead-letter circuit breaker."),
+    ("readstate_updates_emitted_total", Kind::Counter, "Coalesced updates produced to the output topic."),
+    ("readstate_repartition_records_total", Kind::Counter, "Records forwarded to a repartition topic."),
+    ("readstate_repartition_purges_total", Kind::Counter, "DeleteRecords requests that removed repartition records below the committed offsets."),
+    ("readstate_flush_duration_seconds", Kind::Histogram, "Preparing one task's flush, seconds."),
+    ("readstate_commit_duration_seconds", Kind::Histogram, "One whole commit (outputs, changelog, stores, offsets), seconds."),
+    ("readstate_changelog_records_written_total", Kind::Counter, "Changelog records produced."),
+    ("readstate_changelog_records_restored_total", Kind::Counter, "Changelog records replayed into stores."),
+    ("readstate_restore_remaining_records", Kind::Gauge, "Changelog records a restoring task has left to restore."),
+    ("readstate_tasks_assigned", Kind::Gauge, "Open stream tasks of this instance."),
+    ("readstate_rebalances_total", Kind::Counter, "Assignments received from the consumer group."),
+    ("readstate_tasks_lost_total", Kind::Counter, "Tasks closed dirty because the group moved on without this instance."),
+    ("readstate_tasks_corrupted_total", Kind::Counter, "Stores wiped because their checkpoint lay outside the changelog."),
+    ("readstate_commits_failed_total", Kind::Counter, "Offset commits refused or failed."),
+    ("readstate_store_estimated_keys", Kind::Gauge, "RocksDB's estimate of the keys in a task's store."),
+    ("readstate_store_size_bytes", Kind::Gauge, "A task's store on disk and in memtables, bytes."),
+    ("readstate_rocksdb_memory_bytes", Kind::Gauge, "The instance's shared RocksDB block cache in use (memtables charged to it), bytes."),
+    ("readstate_consumer_lag_records", Kind::Gauge, "High watermark minus committed offset of an assigned source partition (librdkafka statistics)."),
+    ("readstate_sink_records_total", Kind::Counter, "Output records consumed by the PostgreSQL sink."),
+    ("readstate_sink_rows_total", Kind::Counter, "Rows sent in sink batches (one per key per batch)."),
+    ("readstate_sink_rows_written_total", Kind::Counter, "Rows inserted or moved forward in PostgreSQL."),
+    ("readstate_sink_batches_total", Kind::Counter, "Sink transactions committed."),
+    ("readstate_sink_statements_total", Kind::Counter, "Upsert statements executed by the sink."),
+    ("readstate_sink_statement_duration_seconds", Kind::Histogram, "One upsert statement, seconds."),
+    ("readstate_sink_batch_duration_seconds", Kind::Histogram, "One sink batch transaction with its retries, seconds."),
+    ("readstate_sink_retries_total", Kind::Counter, "Retried database operations of the sink."),
+    ("readstate_sink_lag_records", Kind::Gauge, "Output records of an owned partition not yet written to PostgreSQL."),
+];
+
+/// Label values of `readstate_dead_letters_total{reason}`.
+pub const DEAD_LETTER_REASONS: &[&str] = &[
+    "empty_value",
+    "not_wire_format",
+    "too_large",
+    "unknown_schema",
+    "incompatible_schema",
+    "malformed",
+    "invalid_event",
+    "rejected_by_database",
+];
+
+/// Describe every metric, register the counters at zero and set `readstate_build_info`.
+fn register_all() {
+    for (name, kind, help) in METRICS {
+        let name: &'static str = name;
+        match kind {
+            Kind::Counter => {
+                metrics::describe_counter!(name, *help);
+                if name == "readstate_dead_letters_total" {
+                    for r in DEAD_LETTER_REASONS {
+                        metrics::counter!(name, "reason" => *r).increment(0);
+                    }
+                } else {
+                    metrics::counter!(name).increment(0);
+                }
+            }
+            Kind::Gauge => metrics::describe_gauge!(name, *help),
+            Kind::Histogram => metrics::describe_histogram!(name, *help),
+        }
+    }
+    metrics::gauge!("readstate_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// The help text of a metric in [`METRICS`].
+fn help_of(name: &str) -> &'static str {
+    METRICS
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map_or("", |(_, _, h)| h)
+}
+
+/// Gauges of one task or one partition (`task`, `partition` labels), kept out of the
+/// recorder so that they can be removed when the task closes or the partition moves: a
+/// series of a task now on another instance would be counted twice by dashboards.
+pub mod series {
+    use std::collections::BTreeMap;
+    use std::fmt::Write;
+    use std::sync::Mutex;
+
+    type Labels = Vec<(&'static str, String)>;
+
+    static FAMILIES: Mutex<BTreeMap<&'static str, BTreeMap<Labels, f64>>> =
+        Mutex::new(BTreeMap::new());
+
+    fn labels(l: &[(&'static str, &str)]) -> Labels {
+        l.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+    }
+
+    /// Set one series.
+    pub fn set(name: &'static str, l: &[(&'static str, &str)], value: f64) {
+        let mut f = FAMILIES.lock().expect("series lock");
+        f.entry(name).or_default().insert(labels(l), value);
+    }
+
+    /// Remove one series.
+    pub fn remove(name: &'static str, l: &[(&'static str, &str)]) {
+        let mut f = FAMILIES.lock().expect("series lock");
+        if let Some(s) = f.get_mut(name) {
+            s.remove(&labels(l));
+        }
+    }
+
+    /// Keep only the series of `name` whose labels pass `keep`.
+    pub fn retain_by(name: &'static str, keep: impl Fn(&[(&'static str, String)]) -> bool) {
+        let mut f = FAMILIES.lock().expect("series lock");
+        if let Some(s) = f.get_mut(name) {
+            s.retain(|l, _| keep(l));
+        }
+    }
+
+    /// Keep only the series of `name` whose `label` value passes `keep`.
+    pub fn retain(name: &'static str, label: &str, keep: impl Fn(&str) -> bool) {
+        let mut f = FAMILIES.lock().expect("series lock");
+        if let Some(s) = f.get_mut(name) {
+            s.retain(|l, _| l.iter().all(|(k, v)| *k != label || keep(v)));
+        }
+    }
+
+    /// Append the families in Prometheus text format.
+    pub fn render(out: &mut String) {
+        let f = FAMILIES.lock().expect("series lock");
+        for (name, series) in f.iter().filter(|(_, s)| !s.is_empty()) {
+            let _ = writeln!(out, "# HELP {name} {}", super::help_of(name));
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            for (l, v) in series {
+                let l: Vec<String> = l
+                    .iter()
+                    .map(|(k, v)| {
+                        format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+                    })
+                    .collect();
+                let _ = writeln!(out, "{name}{{{}}} {v}", l.join(","));
+            }
+        }
+    }
+}
+
 /// Install the Prometheus recorder (once per process) and return its handle.
 pub fn install() -> Result<PrometheusHandle, TelemetryError> {
     if let Some(h) = HANDLE.get() {
@@ -49,7 +203,9 @@ pub fn install() -> Result<PrometheusHandle, TelemetryError> {
     if metrics::set_global_recorder(recorder).is_err() {
         tracing::debug!("a metrics recorder is already installed");
     }
-    Ok(HANDLE.get_or_init(|| handle).clone())
+    let handle = HANDLE.get_or_init(|| handle).clone();
+    register_all();
+    Ok(handle)
 }
 
 /// Live counters for progress displays (the demo) and flow control; one atomic add per
@@ -128,7 +284,9 @@ struct Endpoints {
 }
 
 async fn metrics_page(State(e): State<Endpoints>) -> String {
-    e.handle.render()
+    let mut page = e.handle.render();
+    series::render(&mut page);
+    page
 }
 
 fn status(ok: bool, yes: &'static str, no: &'static str) -> (StatusCode, &'static str) {
@@ -210,9 +368,165 @@ pub fn serve(addr: SocketAddr, health: Arc<Health>) -> Result<Server, TelemetryE
     })
 }
 
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines; colour only when stderr is a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields).
+    Json,
+}
+
+/// Install the process's log subscriber: `RUST_LOG` filtering (default `info`, the Kafka
+/// client's own chatter at `warn`), the chosen format, and Kafka client lines repeated
+/// within a minute dropped (a closed port otherwise logs hundreds of lines a second).
+pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| "info,rdkafka=warn,librdkafka=warn".into());
+    let repeats = RepeatFilter::new(Duration::from_secs(60));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = match format {
+        LogFormat::Text => fmt
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_filter(repeats)
+            .boxed(),
+        LogFormat::Json => fmt.json().with_filter(repeats).boxed(),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(layer)
+        .try_init();
+}
+
+/// Drops a Kafka client log line (targets `librdkafka`, `rdkafka::*`) that repeats one
+/// seen within `window`; digits are ignored when comparing, so "after 0ms" and "after
+/// 3ms" are the same line. Every other line passes.
+pub struct RepeatFilter {
+    window: Duration,
+    seen: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
+impl RepeatFilter {
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            seen: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Whether a line with this target and text is written now.
+    pub fn admit(&self, target: &str, text: &str, now: std::time::Instant) -> bool {
+        if target != "librdkafka" && !target.starts_with("rdkafka") {
+            return true;
+        }
+        // librdkafka appends how many identical lines it suppressed itself, and timings.
+        let text = text.split(" (after ").next().unwrap_or(text);
+        let key: String = text
+            .chars()
+            .filter(|c| !c.is_ascii_digit())
+            .take(300)
+            .collect();
+        let mut seen = self.seen.lock().expect("log filter lock");
+        if seen.len() > 10_000 {
+            seen.retain(|_, t| now.duration_since(*t) < self.window);
+        }
+        match seen.get(&key) {
+            Some(t) if now.duration_since(*t) < self.window => false,
+            _ => {
+                seen.insert(key, now);
+                true
+            }
+        }
+    }
+}
+
+/// The text of an event's `message` field, and the `log` crate's target for events that
+/// came through the `log` bridge (their metadata target is just "log").
+#[derive(Default)]
+struct MessageText {
+    text: String,
+    log_target: Option<String>,
+}
+
+impl tracing::field::Visit for MessageText {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        match field.name() {
+            "log.target" => self.log_target = Some(value.to_owned()),
+            "message" => self.text.push_str(value),
+            _ => {}
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            use std::fmt::Write;
+            let _ = write!(self.text, "{value:?}");
+        }
+    }
+}
+
+impl<S> tracing_subscriber::layer::Filter<S> for RepeatFilter {
+    fn enabled(
+        &self,
+        _meta: &tracing::Metadata<'_>,
+        _cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        true
+    }
+
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        let target = event.metadata().target();
+        if target != "log" && target != "librdkafka" && !target.starts_with("rdkafka") {
+            return true;
+        }
+        let mut m = MessageText::default();
+        event.record(&mut m);
+        let target = m.log_target.as_deref().unwrap_or(target);
+        self.admit(target, &m.text, std::time::Instant::now())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kafka_client_lines_repeated_within_the_window_are_dropped() {
+        let f = RepeatFilter::new(Duration::from_secs(60));
+        let t0 = std::time::Instant::now();
+        let refused = |ms: u32| {
+            format!("librdkafka: FAIL [thrd:127.0.0.1:9/bootstrap]: Connect to ipv4#127.0.0.1:9 failed: Connection refused (after {ms}ms in state CONNECT)")
+        };
+        assert!(f.admit("librdkafka", &refused(0), t0));
+        let later = t0 + Duration::from_secs(5);
+        assert!(
+            !f.admit("librdkafka", &refused(3), later),
+            "same line, other digits"
+        );
+        assert!(
+            !f.admit("rdkafka::client", &refused(1), later),
+            "from another client"
+        );
+        assert!(f.admit("librdkafka", "librdkafka: other line", later));
+        assert!(
+            f.admit("readstate::runtime", "dead letter", later),
+            "our own lines pass"
+        );
+        assert!(f.admit("readstate::runtime", "dead letter", later));
+        assert!(
+            f.admit("librdkafka", &refused(9), t0 + Duration::from_secs(61)),
+            "window over"
+        );
+    }
 
     #[test]
     fn endpoints_answer_metrics_health_and_readiness() {

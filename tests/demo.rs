@@ -99,5 +99,5 @@ fn demo_passes_and_metrics_agree_with_what_was_processed() {
     );
     assert!(page.contains("readstate_commit_duration_seconds_bucket"));
     assert!(page.contains("readstate_flush_duration_seconds_bucket"));
-    assert!(page.contains("readstate_coalescing_ratio "));
+    assert!(page.contains("readstate_build_info{version="));
 }

@@ -795,10 +795,10 @@ fn spawn_cli_in(
         .env("KAFKA_BROKERS", env.brokers())
         .env(
             "RUST_LOG",
-            std::env::var("READSTATE_TEST_CHILD_LOG")
-                .unwrap_or_else(|_| "warn,readstate::runtime::stream_thread=info".into()),
+            std::env::var("READSTATE_TEST_CHILD_LOG").unwrap_or_else(|_| {
+                "warn,readstate::runtime::stream_thread=info,readstate::telemetry=info".into()
+            }),
         )
-        .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(state_dir.join("readstate.log")).unwrap())
         .spawn()
@@ -1454,4 +1454,250 @@ fn real_broker_repartition_topic_is_created_and_purged_below_the_committed_offse
         );
     }
     check_final_state(&env, &want);
+}
+
+// ---- Bad input never stops processing (issue 15).
+
+/// A record of about 1 MB is a dead letter ("too_large") whose value is capped at
+/// max_record_bytes (a header keeps its size): carried whole, it plus the dead-letter
+/// headers would exceed the producers' message.max.bytes and stop the instance for good.
+/// Processing goes on and every other event arrives.
+#[test]
+fn a_record_near_one_megabyte_is_dead_lettered_capped_and_processing_goes_on() {
+    let env = Env::new();
+    let events = zipf_workload(5, 2_000);
+    let want = oracle(&events);
+    env.produce(&events[..1_000], 0);
+    let mut big = vec![0u8, 0, 0, 0, LOCAL_READ_EVENT_ID as u8];
+    big.resize(999_850, 7);
+    env.produce_raw(&[("big".to_owned(), big.clone())]);
+    env.produce(&events[1_000..], 0);
+    let inst = env.start();
+    let updates = env.read_updates(&want);
+    check_output_monotonic(&updates, &want);
+    let dlq = format!("{}-dlq", env.app);
+    let dead = env.read_until(
+        &dlq,
+        |m| {
+            (
+                header(m, "readstate.error.reason"),
+                header(m, "readstate.value.truncated"),
+                m.payload().map(<[u8]>::to_vec),
+            )
+        },
+        |v| !v.is_empty(),
+    );
+    let summary = inst.stop();
+    assert_eq!(summary.dead_letters, 1);
+    assert_eq!(dead.len(), 1);
+    let (reason, truncated, payload) = &dead[0];
+    assert_eq!(reason.as_deref(), Some("too_large"));
+    assert_eq!(truncated.as_deref(), Some("999850"));
+    let limit = readstate::serde::avro::MAX_RECORD_BYTES;
+    assert_eq!(payload.as_deref(), Some(&big[..limit]));
+}
+
+/// Producers use a schema id the registry does not know: every record would be a dead
+/// letter. The circuit breaker stops the instance (an error saying why, /health 503)
+/// instead of draining the topic into the DLQ: what was committed is exactly what reached
+/// the DLQ, and most of the input is neither.
+#[test]
+fn the_circuit_breaker_stops_an_instance_that_would_dead_letter_everything() {
+    let env = Env::new();
+    let events = zipf_workload(6, 5_000);
+    let raw: Vec<(String, Vec<u8>)> = events
+        .iter()
+        .map(|e| {
+            let v = encode_with(READ_EVENT_SCHEMA, 99, e);
+            (e.conversation_id.0.to_string(), v)
+        })
+        .collect();
+    env.produce_raw(&raw);
+    let (inst, server) = env.start_observed();
+    let err = inst.failure().to_string();
+    assert!(
+        err.contains("circuit breaker")
+            && err.contains("unknown_schema")
+            && err.contains("schema id 99"),
+        "{err}"
+    );
+    assert!(http_get(server.addr(), "/health").starts_with("HTTP/1.1 503"));
+    let committed: i64 = kafka::committed(&env.brokers(), &env.app, &env.source)
+        .iter()
+        .map(|o| o.max(&0))
+        .sum();
+    let dlq = kafka::count_records(&env.brokers(), &format!("{}-dlq", env.app));
+    assert_eq!(committed, dlq, "each committed record has its dead letter");
+    assert!(dlq < events.len() as i64 / 2, "{dlq} dead letters");
+}
+
+/// `on_bad_record = "fail"`: the first bad record stops the instance with an error naming
+/// it, and no offset past it is committed.
+#[test]
+fn on_bad_record_fail_stops_at_the_first_bad_record() {
+    let env = Env::new();
+    let events = zipf_workload(7, 1_000);
+    env.produce(&events, 400);
+    let garbage = env.read_until(
+        &env.source,
+        |m| {
+            (
+                m.partition(),
+                m.offset(),
+                m.payload() == Some(b"\x00garbage"),
+            )
+        },
+        |v| v.len() >= events.len() + 3,
+    );
+    let mut cfg = env.config(env.state.path(), Arc::new(LocalRegistry::new()), &[]);
+    cfg.topology.bad_records.on_bad_record = readstate::topology::OnBadRecord::Fail;
+    let err = launch(cfg).failure().to_string();
+    assert!(
+        err.contains("on_bad_record") && err.contains("bad record at"),
+        "{err}"
+    );
+    let committed = kafka::committed(&env.brokers(), &env.app, &env.source);
+    for (p, o, bad) in &garbage {
+        if *bad {
+            assert!(
+                committed[*p as usize] <= *o,
+                "committed past the bad record at [{p}] {o}"
+            );
+        }
+    }
+    assert_eq!(garbage.iter().filter(|(_, _, bad)| *bad).count(), 3);
+    assert_eq!(
+        kafka::count_records(&env.brokers(), &format!("{}-dlq", env.app)),
+        0,
+        "fail writes no dead letter"
+    );
+}
+
+/// The address a child serves /metrics on (it binds port 0 and logs what it got).
+fn metrics_addr(log: &std::path::Path) -> std::net::SocketAddr {
+    wait_log(log, "serving /metrics");
+    let text = std::fs::read_to_string(log).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("serving /metrics"))
+        .unwrap();
+    let at = line.split("addr=").nth(1).unwrap();
+    at.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// The body of a child's /metrics page (axum answers with a Content-Length, not chunks).
+fn scrape(addr: std::net::SocketAddr) -> String {
+    let reply = http_get(addr, "/metrics");
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// Tasks with a `readstate_store_estimated_keys` series on a /metrics page.
+fn exported_tasks(page: &str) -> std::collections::BTreeSet<String> {
+    page.lines()
+        .filter_map(|l| l.strip_prefix("readstate_store_estimated_keys{task=\""))
+        .map(|l| l.split('"').next().unwrap().to_owned())
+        .collect()
+}
+
+/// `promtool check metrics` on a page: its complaints (empty when clean).
+fn promtool(page: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; scripts/test installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match out.status.success() {
+        true => said,
+        false => format!("exit {}: {said}", out.status),
+    }
+}
+
+/// `/metrics` of `readstate run` passes `promtool check metrics` (every metric described,
+/// counters present at zero, `readstate_build_info`); when a second instance takes half
+/// the partitions, the first stops exporting the moved tasks' series, so dashboards never
+/// count a task twice. Logs written to a file carry no colour codes.
+#[test]
+fn metrics_pass_promtool_and_moved_tasks_lose_their_series() {
+    let env = Env::new();
+    let events = zipf_workload(8, 2_000);
+    env.produce(&events, 0);
+    let topology = env.state.path().join("topology.toml");
+    std::fs::write(&topology, env.topology_text()).unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let metrics = ["--metrics-addr", "127.0.0.1:0"];
+    let mut a = spawn_cli_in(&env, &topology, dir_a.path(), &metrics);
+    let log_a = dir_a.path().join("readstate.log");
+    let addr_a = metrics_addr(&log_a);
+    let all: std::collections::BTreeSet<String> = (0..PARTS).map(|p| format!("0_{p}")).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let page = loop {
+        let page = scrape(addr_a);
+        if exported_tasks(&page) == all {
+            break page;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A never exported all its tasks:\n{page}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(promtool(&page), "", "promtool check metrics");
+    for line in [
+        "readstate_tasks_lost_total 0",
+        "readstate_commits_failed_total 0",
+        "readstate_dead_letters_total{reason=\"unknown_schema\"} 0",
+        "# HELP readstate_events_consumed_total ",
+        "readstate_build_info{version=\"",
+    ] {
+        assert!(page.contains(line), "no {line:?} in\n{page}");
+    }
+    let mut b = spawn_cli_in(&env, &topology, dir_b.path(), &metrics);
+    let addr_b = metrics_addr(&dir_b.path().join("readstate.log"));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (ta, tb) = (
+            exported_tasks(&scrape(addr_a)),
+            exported_tasks(&scrape(addr_b)),
+        );
+        if !tb.is_empty()
+            && ta.is_disjoint(&tb)
+            && ta
+                .union(&tb)
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>()
+                == all
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "series not handed over: A {ta:?}, B {tb:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(promtool(&scrape(addr_a)), "", "after the rebalance");
+    terminate(&mut b);
+    terminate(&mut a);
+    let log = std::fs::read_to_string(&log_a).unwrap();
+    assert!(
+        log.contains("serving /metrics") && !log.contains('\u{1b}'),
+        "colour codes in a log file"
+    );
 }

@@ -723,35 +723,70 @@ fn run_started_while_postgres_is_down_processes_the_stream_and_the_sink_catches_
     assert!(child.wait().unwrap().success(), "clean exit on SIGTERM");
 }
 
+/// The real broker of `scripts/test`, a migrated database and names of this test's own.
+struct RealBroker {
+    brokers: String,
+    db: Db,
+    app: String,
+    source: String,
+    output: String,
+}
+
+impl RealBroker {
+    fn new() -> Self {
+        let brokers = std::env::var("READSTATE_TEST_KAFKA").expect(
+            "READSTATE_TEST_KAFKA is not set: run scripts/test, which starts a private Apache Kafka",
+        );
+        let db = Db::new();
+        db.migrate();
+        let s = suffix();
+        Self {
+            brokers,
+            db,
+            app: format!("app-{s}"),
+            source: format!("events-{s}"),
+            output: format!("updates-{s}"),
+        }
+    }
+
+    /// A topology file in `dir` with the embedded sink; `commit` may carry more
+    /// `[application]` lines.
+    fn topology_file(
+        &self,
+        dir: &std::path::Path,
+        commit: &str,
+        state: &std::path::Path,
+    ) -> String {
+        let text = format!(
+            "{}\n[[sink]]\nname = \"postgres\"\nkind = \"postgres\"\ninput = \"updates\"\nbatch_size = 200\nlinger = \"50ms\"\n",
+            topology_text(&self.app, commit, &state.display().to_string(), &self.source, &self.output, "0s")
+        );
+        let file = dir.join("topology.toml");
+        std::fs::write(&file, text).unwrap();
+        file.display().to_string()
+    }
+
+    fn env(&self) -> [(&str, &str); 2] {
+        [
+            ("DATABASE_URL", self.db.url.as_str()),
+            ("KAFKA_BROKERS", self.brokers.as_str()),
+        ]
+    }
+}
+
 /// exactly_once_v2 on the real broker with the embedded sink: `readstate run` is killed
 /// with SIGKILL mid-stream and restarted; a read_committed consumer of the output sees each
 /// (key, version) once and never a decrease, and PostgreSQL ends equal to the oracle.
 #[test]
 fn real_broker_exactly_once_run_killed_and_restarted_then_postgres_equals_the_oracle() {
-    let brokers = std::env::var("READSTATE_TEST_KAFKA").expect(
-        "READSTATE_TEST_KAFKA is not set: run scripts/test, which starts a private Apache Kafka",
-    );
-    let db = Db::new();
-    db.migrate();
-    let s = suffix();
-    let (app, source, output) = (
-        format!("app-{s}"),
-        format!("events-{s}"),
-        format!("updates-{s}"),
-    );
+    let rb = RealBroker::new();
+    let db = &rb.db;
+    let (brokers, source, output) = (rb.brokers.clone(), rb.source.clone(), rb.output.clone());
     kafka::create_topic(&brokers, &source, PARTS, &[]);
     let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        "{}\n[[sink]]\nname = \"postgres\"\nkind = \"postgres\"\ninput = \"updates\"\nbatch_size = 200\nlinger = \"50ms\"\n",
-        topology_text(&app, "200ms\"\nprocessing_guarantee = \"exactly_once_v2", &dir.path().display().to_string(), &source, &output, "0s")
-    );
-    let file = dir.path().join("topology.toml");
-    std::fs::write(&file, text).unwrap();
-    let file = file.display().to_string();
-    let env = [
-        ("DATABASE_URL", db.url.as_str()),
-        ("KAFKA_BROKERS", brokers.as_str()),
-    ];
+    let eos = "200ms\"\nprocessing_guarantee = \"exactly_once_v2";
+    let file = rb.topology_file(dir.path(), eos, dir.path());
+    let env = rb.env();
     let events = zipf_workload(41, 12_000);
     let (first, second) = events.split_at(events.len() / 2);
     let want = oracle(&events);
@@ -812,4 +847,276 @@ fn real_broker_exactly_once_run_killed_and_restarted_then_postgres_equals_the_or
         assert_eq!(last[k].last_read_seq, x.max_seq, "output pointer of {k:?}");
         assert_eq!(last[k].version, x.advances, "output version of {k:?}");
     }
+}
+
+/// Wait (bounded) for a child to exit.
+fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "the process did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_exit(child, Duration::from_secs(60))
+}
+
+/// The output topic recreated while PostgreSQL kept the sink's offsets (the compose stack's
+/// Kafka without a volume): the sink stops with an error naming the partition instead of
+/// skipping records. `readstate reset` is refused while an instance runs, `--dry-run`
+/// changes nothing, and the reset (offsets to earliest, changelog deleted, sink offsets and
+/// local state deleted) lets the next run write every row again.
+#[test]
+fn real_broker_recreated_output_topic_stops_the_sink_until_reset() {
+    let rb = RealBroker::new();
+    let db = &rb.db;
+    let (brokers, app) = (rb.brokers.clone(), rb.app.clone());
+    let (source, output) = (rb.source.clone(), rb.output.clone());
+    let (changelog, sink_group) = (
+        format!("{app}-read-state-changelog"),
+        format!("{app}-pg-sink"),
+    );
+    kafka::create_topic(&brokers, &source, PARTS, &[]);
+    kafka::create_topic(&brokers, &output, PARTS, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let file = rb.topology_file(dir.path(), "200ms", &state);
+    let env = rb.env();
+    let events = zipf_workload(43, 4_000);
+    let want = oracle(&events);
+    let p = kafka::producer(&brokers);
+    kafka::send_events(&p, &source, &events);
+    p.flush(Duration::from_secs(30)).unwrap();
+    let rows_match = || {
+        let rows = db.rows().unwrap_or_default();
+        rows.len() == want.len()
+            && want
+                .iter()
+                .all(|(k, x)| rows.get(k).is_some_and(|r| r.seq == x.max_seq))
+    };
+    let run = || {
+        cli(&["run", "--local-schemas", "--topology", &file], &env)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = run();
+    wait_for("PostgreSQL to match the oracle", rows_match);
+    let refused = cli(&["reset", "--topology", &file], &env).output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "reset while an instance runs");
+    assert!(
+        stderr.contains(&format!("consumer group {app} still has")),
+        "{stderr}"
+    );
+    assert!(sigterm(&mut child).success());
+    let committed = kafka::committed(&brokers, &app, &source);
+    assert_eq!(committed.iter().sum::<i64>(), events.len() as i64);
+
+    // The output topic is recreated; PostgreSQL keeps the sink's offsets.
+    kafka::delete_topic(&brokers, &output);
+    kafka::create_topic(&brokers, &output, PARTS, &[]);
+    let mut child = run();
+    let status = wait_exit(&mut child, Duration::from_secs(60));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "the sink must stop the instance");
+    assert!(
+        stderr.contains(&format!("for group {sink_group}, {output} ["))
+            && stderr.contains("but the topic ends at offset 0")
+            && stderr.contains("readstate reset"),
+        "{stderr}"
+    );
+
+    let reset_args = [
+        "reset",
+        "--topology",
+        &file,
+        "--sink-offsets",
+        "--local-state",
+    ];
+    let dry = cli(&[&reset_args[..], &["--dry-run"]].concat(), &env)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        dry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("would delete internal topic {changelog}")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("would delete {PARTS} stored sink offset(s)")),
+        "{stdout}"
+    );
+    assert_eq!(
+        kafka::committed(&brokers, &app, &source),
+        committed,
+        "dry run"
+    );
+    assert!(kafka::topic_exists(&brokers, &changelog), "dry run");
+    assert_eq!(
+        db.offsets(&sink_group).unwrap().len(),
+        PARTS as usize,
+        "dry run"
+    );
+    assert!(state.join(&app).exists(), "dry run");
+
+    let done = cli(&reset_args, &env).output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert_eq!(
+        kafka::committed(&brokers, &app, &source),
+        vec![0; PARTS as usize]
+    );
+    assert!(!kafka::topic_exists(&brokers, &changelog));
+    assert!(db.offsets(&sink_group).unwrap().is_empty());
+    assert!(!state.join(&app).exists());
+
+    // Everything is processed again: every key is emitted to the new topic and written.
+    let mut child = run();
+    wait_for("the sink to write the whole new output topic", || {
+        let ends = kafka::end_offsets(&brokers, &output);
+        let offsets = db.offsets(&sink_group).unwrap_or_default();
+        ends.iter().sum::<i64>() >= want.len() as i64
+            && (0..PARTS).all(|p| offsets.get(&p).map(|(next, _)| *next) == Some(ends[p as usize]))
+    });
+    assert!(rows_match());
+    assert!(sigterm(&mut child).success());
+}
+
+/// libpq's `sslmode` values and `sslrootcert`, as managed databases require. The private
+/// server's certificate is for "localhost" only, signed by a test CA (`scripts/env.sh`).
+#[test]
+fn postgres_tls_modes_behave_as_libpq() {
+    let ca = std::env::var("READSTATE_TEST_PG_CA")
+        .expect("READSTATE_TEST_PG_CA is not set: run scripts/test (its PostgreSQL has TLS)");
+    let db = Db::new();
+    let (base, name) = db.url.rsplit_once('/').unwrap();
+    let port = base.rsplit_once(':').unwrap().1;
+    let url = |host: &str, query: &str| format!("postgres://postgres@{host}:{port}/{name}?{query}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Whether the session is encrypted, or why it could not be opened.
+    let encrypted = |u: &str| -> Result<bool, String> {
+        let table =
+            readstate::sink::PostgresTable::connect(u, "read_receipts", 1, Duration::from_secs(10))
+                .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let c = table.client().await.map_err(|e| e.to_string())?;
+            let row = c
+                .query_one(
+                    "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(row.get::<_, bool>(0))
+        })
+    };
+    let with_ca = format!("sslrootcert={ca}");
+    assert_eq!(
+        encrypted(&url("localhost", &format!("sslmode=verify-full&{with_ca}"))),
+        Ok(true)
+    );
+    let e = encrypted(&url("127.0.0.1", &format!("sslmode=verify-full&{with_ca}"))).unwrap_err();
+    assert!(
+        e.contains(&format!("postgres@127.0.0.1:{port}/{name}")),
+        "names the target: {e}"
+    );
+    assert_eq!(
+        encrypted(&url("127.0.0.1", &format!("sslmode=verify-ca&{with_ca}"))),
+        Ok(true)
+    );
+    assert!(
+        encrypted(&url("localhost", "sslmode=verify-full")).is_err(),
+        "CA not trusted"
+    );
+    assert_eq!(encrypted(&url("127.0.0.1", "sslmode=require")), Ok(true));
+    assert_eq!(encrypted(&url("127.0.0.1", "sslmode=disable")), Ok(false));
+    let e = encrypted(&url(
+        "localhost",
+        "sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+    ))
+    .unwrap_err();
+    assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+}
+
+/// The body of a /metrics page served at the address a child logged.
+fn scrape_logged(log: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text.lines().find(|l| l.contains("serving /metrics"))?;
+    let addr: std::net::SocketAddr = line
+        .split("addr=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let reply = readstate::testing::http_get(addr, "/metrics").ok()?;
+    Some(reply.split_once("\r\n\r\n")?.1.to_owned())
+}
+
+/// `readstate_sink_lag_records` is 0 for every partition once everything is written, and
+/// counts exactly what arrived while PostgreSQL is down (it is measured apart from the
+/// sink loop, which is waiting for the database).
+#[test]
+fn sink_lag_is_zero_when_written_and_grows_while_postgres_is_down() {
+    let db = Db::new();
+    db.migrate();
+    let k = Kafka::new();
+    let env = CliEnv::new(&db, &k);
+    k.produce(&update_stream(3, 200, 3));
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("sink.log");
+    let mut child = cli(
+        &[
+            "sink",
+            "--local-schemas",
+            "--topology",
+            env.file(),
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        &env.env(),
+    )
+    .env("RUST_LOG", "warn,readstate::telemetry=info")
+    .stderr(std::fs::File::create(&log).unwrap())
+    .spawn()
+    .unwrap();
+    // The lag summed over partitions, once every partition has its series.
+    let lag = || -> Option<i64> {
+        let page = scrape_logged(&log)?;
+        let values: Vec<i64> = page
+            .lines()
+            .filter(|l| l.starts_with("readstate_sink_lag_records{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as i64)
+            .collect();
+        (values.len() == PARTS as usize).then(|| values.iter().sum())
+    };
+    wait_for("lag 0 on every partition", || lag() == Some(0));
+    db.block();
+    let second = update_stream(4, 200, 2);
+    k.produce(&second);
+    wait_for("the lag to count what arrived during the outage", || {
+        lag() == Some(second.len() as i64)
+    });
+    db.unblock();
+    wait_for("lag 0 again", || lag() == Some(0));
+    assert!(sigterm(&mut child).success());
 }

@@ -33,6 +33,17 @@ pub struct ApplicationSpec {
     pub dead_letter_topic: Option<String>,
     /// "at_least_once" (default) or "exactly_once_v2".
     pub processing_guarantee: Option<String>,
+    /// Largest record accepted, bytes (default 65536); larger ones are dead letters.
+    pub max_record_bytes: Option<i64>,
+    /// "dead-letter" (default) or "fail".
+    pub on_bad_record: Option<String>,
+    /// Circuit breaker: the largest share of dead letters among the records of one window
+    /// (default 0.5; 1.0 turns it off).
+    pub dead_letter_max_ratio: Option<f64>,
+    /// Circuit breaker window, e.g. "60s" (default).
+    pub dead_letter_window: Option<String>,
+    /// Circuit breaker: records a window needs before the ratio is judged (default 100).
+    pub dead_letter_min_records: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -105,10 +116,282 @@ pub struct SinkSpec {
     pub embedded: Option<bool>,
 }
 
-/// Parse a topology file. Returns the spec and the dotted paths of unknown fields.
-pub fn parse(text: &str) -> Result<(TopologySpec, Vec<String>), toml::de::Error> {
-    let de = toml::Deserializer::new(text);
-    let mut unknown = Vec::new();
-    let spec: TopologySpec = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))?;
-    Ok((spec, unknown))
+/// The type a field of a topology file must have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Type {
+    Str,
+    Int,
+    Float,
+    Bool,
+    StrList,
+}
+
+impl Type {
+    fn name(self) -> &'static str {
+        match self {
+            Type::Str => "a string",
+            Type::Int => "an integer",
+            Type::Float => "a number",
+            Type::Bool => "true or false",
+            Type::StrList => "a list of strings",
+        }
+    }
+
+    fn accepts(self, v: &toml::Value) -> bool {
+        use toml::Value as V;
+        match (self, v) {
+            (Type::Str, V::String(_))
+            | (Type::Int, V::Integer(_))
+            | (Type::Bool, V::Boolean(_)) => true,
+            (Type::Float, V::Float(_) | V::Integer(_)) => true,
+            (Type::StrList, V::Array(a)) => a.iter().all(toml::Value::is_str),
+            _ => false,
+        }
+    }
+}
+
+/// A section of a topology file: its name, whether it repeats (`[[name]]`), its fields.
+type Section = (&'static str, bool, &'static [(&'static str, Type)]);
+
+/// Every section of a topology file and its fields (the structs above, field for field).
+const SECTIONS: &[Section] = &[
+    (
+        "application",
+        false,
+        &[
+            ("id", Type::Str),
+            ("commit_interval", Type::Str),
+            ("state_dir", Type::Str),
+            ("dead_letter_topic", Type::Str),
+            ("processing_guarantee", Type::Str),
+            ("max_record_bytes", Type::Int),
+            ("on_bad_record", Type::Str),
+            ("dead_letter_max_ratio", Type::Float),
+            ("dead_letter_window", Type::Str),
+            ("dead_letter_min_records", Type::Int),
+        ],
+    ),
+    (
+        "source",
+        true,
+        &[
+            ("name", Type::Str),
+            ("topic", Type::Str),
+            ("keyed_by", Type::Str),
+            ("format", Type::Str),
+        ],
+    ),
+    (
+        "store",
+        true,
+        &[
+            ("name", Type::Str),
+            ("kind", Type::Str),
+            ("changelog", Type::Bool),
+            ("cache_max_entries", Type::Int),
+            ("block_cache_mb", Type::Int),
+            ("write_buffer_mb", Type::Int),
+            ("disable_wal", Type::Bool),
+        ],
+    ),
+    (
+        "processor",
+        true,
+        &[
+            ("name", Type::Str),
+            ("kind", Type::Str),
+            ("inputs", Type::StrList),
+            ("store", Type::Str),
+            ("min_emit_interval", Type::Str),
+        ],
+    ),
+    (
+        "sink",
+        true,
+        &[
+            ("name", Type::Str),
+            ("kind", Type::Str),
+            ("input", Type::Str),
+            ("topic", Type::Str),
+            ("format", Type::Str),
+            ("table", Type::Str),
+            ("batch_size", Type::Int),
+            ("linger", Type::Str),
+            ("pool_size", Type::Int),
+            ("statement_timeout", Type::Str),
+            ("url", Type::Str),
+            ("embedded", Type::Bool),
+        ],
+    ),
+];
+
+/// One mistake found while reading a file: where (`sink[1].batch_size`) and what.
+pub type FieldError = (String, String);
+
+/// Parse a topology file. Returns the spec and every unknown field or value of the wrong
+/// type (those are left out of the spec, so the rest is still checked).
+pub fn parse(text: &str) -> Result<(TopologySpec, Vec<FieldError>), toml::de::Error> {
+    let mut table: toml::Table = toml::from_str(text)?;
+    let mut errors: Vec<FieldError> = Vec::new();
+    let names: Vec<&str> = SECTIONS.iter().map(|(n, _, _)| *n).collect();
+    table.retain(|key, value| {
+        let Some((_, many, fields)) = SECTIONS.iter().find(|(n, _, _)| *n == key) else {
+            errors.push((key.to_owned(), unknown(key, &names)));
+            return false;
+        };
+        match (value, many) {
+            (toml::Value::Table(t), false) => check_fields(key, t, fields, &mut errors),
+            (toml::Value::Array(items), true) => {
+                for (i, item) in items.iter_mut().enumerate() {
+                    match item {
+                        toml::Value::Table(t) => {
+                            check_fields(&format!("{key}[{i}]"), t, fields, &mut errors)
+                        }
+                        _ => errors.push((format!("{key}[{i}]"), "must be a table".into())),
+                    }
+                }
+                items.retain(toml::Value::is_table);
+            }
+            (_, false) => {
+                errors.push((key.to_owned(), format!("must be a table: [{key}]")));
+                return false;
+            }
+            (_, true) => {
+                errors.push((
+                    key.to_owned(),
+                    format!("must be a list of tables: [[{key}]]"),
+                ));
+                return false;
+            }
+        }
+        true
+    });
+    let spec = toml::Value::Table(table).try_into()?;
+    Ok((spec, errors))
+}
+
+/// Report (and drop) the unknown fields and the values of the wrong type of one section.
+fn check_fields(
+    at: &str,
+    t: &mut toml::Table,
+    fields: &[(&str, Type)],
+    errors: &mut Vec<FieldError>,
+) {
+    let names: Vec<&str> = fields.iter().map(|(n, _)| *n).collect();
+    t.retain(|key, v| match fields.iter().find(|(n, _)| *n == key) {
+        None => {
+            errors.push((format!("{at}.{key}"), unknown(key, &names)));
+            false
+        }
+        Some((_, ty)) if !ty.accepts(v) => {
+            errors.push((
+                format!("{at}.{key}"),
+                format!("expected {}, got {}", ty.name(), v.type_str()),
+            ));
+            false
+        }
+        Some((_, Type::Float)) => {
+            if let toml::Value::Integer(i) = v {
+                *v = toml::Value::Float(*i as f64);
+            }
+            true
+        }
+        Some(_) => true,
+    });
+}
+
+/// "unknown field", with the closest known name when one is close.
+fn unknown(key: &str, known: &[&str]) -> String {
+    let best = known
+        .iter()
+        .map(|k| (edit_distance(key, k), *k))
+        .min()
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4));
+    match best {
+        Some((_, k)) => format!("unknown field (did you mean {k:?}?)"),
+        None => format!("unknown field (expected one of: {})", known.join(", ")),
+    }
+}
+
+/// Levenshtein distance.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_field_is_a_field_of_the_spec() {
+        let mut text = String::new();
+        for (section, many, fields) in SECTIONS {
+            text.push_str(&match many {
+                true => format!("[[{section}]]\n"),
+                false => format!("[{section}]\n"),
+            });
+            for (f, ty) in *fields {
+                let v = match ty {
+                    Type::Str => "\"x\"",
+                    Type::Int => "1",
+                    Type::Float => "0.5",
+                    Type::Bool => "true",
+                    Type::StrList => "[\"x\"]",
+                };
+                text.push_str(&format!("{f} = {v}\n"));
+            }
+        }
+        let de = toml::Deserializer::new(&text);
+        let mut ignored = Vec::new();
+        let _: TopologySpec =
+            serde_ignored::deserialize(de, |p| ignored.push(p.to_string())).unwrap();
+        assert!(
+            ignored.is_empty(),
+            "listed but not in the structs: {ignored:?}"
+        );
+        let (_, errors) = parse(&text).unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+
+    #[test]
+    fn type_errors_and_unknown_fields_are_reported_together_with_suggestions() {
+        let text = "[application]\nid = 7\ncommit_intervall = \"1s\"\n[[sink]]\nname = \"s\"\nbatch_size = \"500\"\n[[sink]]\nembedded = \"yes\"\n[sorce]\n";
+        let (spec, errors) = parse(text).unwrap();
+        let text: Vec<String> = errors.iter().map(|(a, m)| format!("{a}: {m}")).collect();
+        assert!(
+            text.contains(&"application.id: expected a string, got integer".to_owned()),
+            "{text:?}"
+        );
+        assert!(
+            text.contains(
+                &"application.commit_intervall: unknown field (did you mean \"commit_interval\"?)"
+                    .to_owned()
+            ),
+            "{text:?}"
+        );
+        assert!(
+            text.contains(&"sink[0].batch_size: expected an integer, got string".to_owned()),
+            "{text:?}"
+        );
+        assert!(
+            text.contains(&"sink[1].embedded: expected true or false, got string".to_owned()),
+            "{text:?}"
+        );
+        assert!(
+            text.contains(&"sorce: unknown field (did you mean \"source\"?)".to_owned()),
+            "{text:?}"
+        );
+        assert_eq!(text.len(), 5);
+        assert_eq!(spec.sink[0].name.as_deref(), Some("s"), "the rest is kept");
+    }
 }

@@ -102,8 +102,7 @@ pub async fn ensure_topics(
     if missing.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> =
-        settings.restore_consumer("readstate-admin").create()?;
+    let admin: AdminClient<DefaultClientContext> = settings.admin("admin").create()?;
     let new: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|t| {
@@ -161,8 +160,7 @@ async fn check_compacted(
     if topics.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> =
-        settings.restore_consumer("readstate-admin").create()?;
+    let admin: AdminClient<DefaultClientContext> = settings.admin("admin").create()?;
     let specs: Vec<ResourceSpecifier<'_>> =
         topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
     let opts = AdminOptions::new().request_timeout(Some(timeout));

@@ -54,25 +54,44 @@ pub fn member_id<C: rdkafka::consumer::ConsumerContext>(
     }
 }
 
+/// The longest error message a dead letter's header carries.
+const DEAD_LETTER_MAX_MESSAGE: usize = 1024;
+
 /// The provenance headers of a dead-letter record: `readstate.source.topic`, `.partition`,
-/// `.offset`, `readstate.error.reason` and `.message`.
+/// `.offset`, `readstate.error.reason` and `.message`, and, when the dead letter carries
+/// less than the record, `readstate.key.truncated` / `readstate.value.truncated` with the
+/// record's sizes.
 pub fn dead_letter_headers(d: &DeadLetter) -> OwnedHeaders {
     let partition = d.partition.to_string();
     let offset = d.offset.to_string();
-    [
+    let mut end = d.error.len().min(DEAD_LETTER_MAX_MESSAGE);
+    while !d.error.is_char_boundary(end) {
+        end -= 1;
+    }
+    let truncated = [
+        ("readstate.key.truncated", d.key_truncated_from),
+        ("readstate.value.truncated", d.value_truncated_from),
+    ]
+    .map(|(k, n)| (k, n.map(|n| n.to_string())));
+    let fixed = [
         ("readstate.source.topic", d.topic.as_bytes()),
         ("readstate.source.partition", partition.as_bytes()),
         ("readstate.source.offset", offset.as_bytes()),
         ("readstate.error.reason", d.reason.as_bytes()),
-        ("readstate.error.message", d.error.as_bytes()),
-    ]
-    .into_iter()
-    .fold(OwnedHeaders::new_with_capacity(5), |h, (key, v)| {
-        h.insert(Header {
-            key,
-            value: Some(v),
+        ("readstate.error.message", &d.error.as_bytes()[..end]),
+    ];
+    let sizes = truncated
+        .iter()
+        .filter_map(|(k, n)| n.as_ref().map(|n| (*k, n.as_bytes())));
+    fixed
+        .into_iter()
+        .chain(sizes)
+        .fold(OwnedHeaders::new_with_capacity(7), |h, (key, v)| {
+            h.insert(Header {
+                key,
+                value: Some(v),
+            })
         })
-    })
 }
 
 /// Errors of the Kafka layer.
@@ -86,52 +105,277 @@ pub enum KafkaError {
     InvalidTopic { topic: String, reason: String },
     #[error("delivery of {failed} record(s) failed: {last}")]
     Delivery { failed: u64, last: String },
-    #[error("invalid kafka property {0:?} (expected key=value)")]
+    #[error("invalid kafka property {0:?} (expected [consumer.|producer.|admin.]key=value)")]
     Property(String),
+    #[error("kafka property {key} cannot be set: readstate sets it ({why})")]
+    Guarded { key: String, why: &'static str },
+    #[error("kafka properties file {0}")]
+    PropertyFile(String),
 }
 
-/// Broker address and librdkafka properties passed through (`-X key=value`).
+/// Which clients a librdkafka property is for: `consumer.`, `producer.` and `admin.`
+/// prefixes, as in Kafka Streams; without a prefix, every client it applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    Consumer,
+    Producer,
+    Admin,
+}
+
+/// One `-X` (or file, or environment) property.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientProperty {
+    pub scope: Scope,
+    pub key: String,
+    pub value: String,
+}
+
+/// Properties readstate's guarantees rely on: set by readstate, refused from users.
+const GUARDED: &[(&str, &str)] = &[
+    ("bootstrap.servers", "use --brokers (KAFKA_BROKERS)"),
+    ("group.id", "it is the topology's application.id"),
+    (
+        "enable.auto.commit",
+        "offsets are committed only after outputs are durable",
+    ),
+    (
+        "auto.commit.enable",
+        "offsets are committed only after outputs are durable",
+    ),
+    (
+        "enable.auto.offset.store",
+        "offsets are stored by the commit protocol",
+    ),
+    (
+        "enable.idempotence",
+        "retries must not duplicate or reorder outputs",
+    ),
+    (
+        "acks",
+        "outputs must be on every in-sync replica before offsets commit",
+    ),
+    (
+        "request.required.acks",
+        "outputs must be on every in-sync replica before offsets commit",
+    ),
+    (
+        "isolation.level",
+        "aborted transactions must stay invisible",
+    ),
+    (
+        "transactional.id",
+        "it is derived from application.id and the instance's process id",
+    ),
+    (
+        "enable.partition.eof",
+        "the poll loop does not handle end-of-partition events",
+    ),
+];
+
+/// librdkafka's consumer-only properties (CONFIGURATION.md, type C): not given to producers
+/// or admin clients when set without a prefix.
+const CONSUMER_ONLY: &[&str] = &[
+    "auto.commit.interval.ms",
+    "auto.offset.reset",
+    "check.crcs",
+    "consume.callback.max.messages",
+    "coordinator.query.interval.ms",
+    "fetch.error.backoff.ms",
+    "fetch.max.bytes",
+    "fetch.message.max.bytes",
+    "fetch.min.bytes",
+    "fetch.queue.backoff.ms",
+    "fetch.wait.max.ms",
+    "group.instance.id",
+    "group.protocol",
+    "group.protocol.type",
+    "group.remote.assignor",
+    "heartbeat.interval.ms",
+    "max.partition.fetch.bytes",
+    "max.poll.interval.ms",
+    "offset.store.method",
+    "offset.store.path",
+    "offset.store.sync.interval.ms",
+    "partition.assignment.strategy",
+    "queued.max.messages.kbytes",
+    "queued.min.messages",
+    "session.timeout.ms",
+];
+
+/// librdkafka's producer-only properties (type P).
+const PRODUCER_ONLY: &[&str] = &[
+    "batch.num.messages",
+    "batch.size",
+    "compression.codec",
+    "compression.level",
+    "compression.type",
+    "delivery.report.only.error",
+    "delivery.timeout.ms",
+    "enable.gapless.guarantee",
+    "linger.ms",
+    "message.send.max.retries",
+    "message.timeout.ms",
+    "partitioner",
+    "queue.buffering.backpressure.threshold",
+    "queue.buffering.max.kbytes",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.ms",
+    "queuing.strategy",
+    "request.timeout.ms",
+    "retries",
+    "sticky.partitioning.linger.ms",
+    "transaction.timeout.ms",
+];
+
+/// Environment variables read as client properties: `READSTATE_KAFKA_SASL_PASSWORD` is
+/// `sasl.password`, `READSTATE_KAFKA_CONSUMER_FETCH_MAX_BYTES` is
+/// `consumer.fetch.max.bytes` (`_` is `.`, `__` is `_`). `READSTATE_KAFKA_CONFIG` names a
+/// properties file instead.
+pub const ENV_PREFIX: &str = "READSTATE_KAFKA_";
+
+/// Broker address and librdkafka properties passed through (from a file, the environment
+/// and `-X key=value`, later ones winning), and the client id prefix of this instance.
 #[derive(Debug, Clone, Default)]
 pub struct KafkaSettings {
     pub brokers: String,
-    pub properties: Vec<(String, String)>,
+    pub properties: Vec<ClientProperty>,
+    /// `client.id` of every client is `<prefix>-<role>` (consumer, producer, ...).
+    pub client_id: Option<String>,
 }
 
 impl KafkaSettings {
     pub fn new(brokers: impl Into<String>) -> Self {
         Self {
             brokers: brokers.into(),
-            properties: Vec::new(),
+            ..Self::default()
         }
     }
 
-    /// Add `key=value` pairs, rejecting anything else.
+    /// Add `[consumer.|producer.|admin.]key=value` pairs; anything else, and the
+    /// properties readstate sets itself, are refused.
     pub fn with_properties(mut self, props: &[String]) -> Result<Self, KafkaError> {
         for p in props {
             let (k, v) = p
                 .split_once('=')
                 .ok_or_else(|| KafkaError::Property(p.clone()))?;
-            self.properties
-                .push((k.trim().to_owned(), v.trim().to_owned()));
+            self.add(k.trim(), v.trim())?;
         }
         Ok(self)
     }
 
-    fn base(&self) -> ClientConfig {
+    /// Add the properties of a Java-style properties file (`key=value` lines, `#` and `!`
+    /// comments), e.g. secrets kept out of the command line.
+    pub fn with_properties_file(mut self, path: &std::path::Path) -> Result<Self, KafkaError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            KafkaError::PropertyFile(format!("{}: cannot read: {e}", path.display()))
+        })?;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+                continue;
+            }
+            let (k, v) = line.split_once('=').ok_or_else(|| {
+                KafkaError::PropertyFile(format!(
+                    "{}:{}: expected key=value",
+                    path.display(),
+                    i + 1
+                ))
+            })?;
+            self.add(k.trim(), v.trim()).map_err(|e| {
+                KafkaError::PropertyFile(format!("{}:{}: {e}", path.display(), i + 1))
+            })?;
+        }
+        Ok(self)
+    }
+
+    /// Add the `READSTATE_KAFKA_*` variables of `vars` (see [`ENV_PREFIX`]).
+    pub fn with_env(
+        mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, KafkaError> {
+        let mut found: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(k, _)| k != "READSTATE_KAFKA_CONFIG")
+            .filter_map(|(k, v)| Some((env_property(k.strip_prefix(ENV_PREFIX)?), v)))
+            .collect();
+        found.sort();
+        for (k, v) in found {
+            self.add(&k, &v)?;
+        }
+        Ok(self)
+    }
+
+    /// `client.id` of every client: `<prefix>-<role>`.
+    pub fn with_client_id(mut self, prefix: impl Into<String>) -> Self {
+        self.client_id = Some(prefix.into());
+        self
+    }
+
+    fn add(&mut self, key: &str, value: &str) -> Result<(), KafkaError> {
+        let (scope, key) = match key.split_once('.') {
+            Some(("consumer", k)) => (Scope::Consumer, k),
+            Some(("producer", k)) => (Scope::Producer, k),
+            Some(("admin", k)) => (Scope::Admin, k),
+            _ => (Scope::All, key),
+        };
+        if key.is_empty() {
+            return Err(KafkaError::Property(format!("{key}={value}")));
+        }
+        if let Some((_, why)) = GUARDED.iter().find(|(g, _)| *g == key) {
+            return Err(KafkaError::Guarded {
+                key: key.to_owned(),
+                why,
+            });
+        }
+        self.properties.push(ClientProperty {
+            scope,
+            key: key.to_owned(),
+            value: value.to_owned(),
+        });
+        Ok(())
+    }
+
+    /// The value of `key` as the clients of `scope` get it (the last one set).
+    pub fn property(&self, scope: Scope, key: &str) -> Option<&str> {
+        self.properties
+            .iter()
+            .rev()
+            .find(|p| p.key == key && (p.scope == scope || p.scope == Scope::All))
+            .map(|p| p.value.as_str())
+    }
+
+    fn base(&self, role: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
+        let prefix = self
+            .property(Scope::All, "client.id")
+            .map(str::to_owned)
+            .or_else(|| self.client_id.clone());
+        if let Some(p) = prefix {
+            c.set("client.id", format!("{p}-{role}"));
+        }
         c
     }
 
-    fn apply_overrides(&self, c: &mut ClientConfig) {
-        for (k, v) in &self.properties {
-            c.set(k, v);
+    fn apply_overrides(&self, c: &mut ClientConfig, scope: Scope) {
+        for p in &self.properties {
+            let applies = match p.scope {
+                Scope::All => match scope {
+                    Scope::Consumer => !PRODUCER_ONLY.contains(&p.key.as_str()),
+                    _ => !CONSUMER_ONLY.contains(&p.key.as_str()),
+                },
+                s => s == scope,
+            };
+            if applies && p.key != "client.id" {
+                c.set(&p.key, &p.value);
+            }
         }
     }
 
     /// A group consumer: manual offset commits, cooperative-sticky assignment.
     pub fn consumer(&self, group: &str) -> ClientConfig {
-        let mut c = self.base();
+        let mut c = self.base("consumer");
         c.set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -147,25 +391,23 @@ impl KafkaSettings {
             // holds queued.min.messages, every partition's next fetch waits this long
             // (librdkafka's default of 1 s left the consumer idle for most of each second).
             .set("fetch.queue.backoff.ms", "10");
-        self.apply_overrides(&mut c);
+        self.apply_overrides(&mut c, Scope::Consumer);
         c
     }
 
     /// The group consumer's `session.timeout.ms` (an override, or readstate's 10 s).
     pub fn session_timeout(&self) -> std::time::Duration {
         let ms = self
-            .properties
-            .iter()
-            .rev()
-            .find(|(k, _)| k == "session.timeout.ms")
-            .and_then(|(_, v)| v.parse::<u64>().ok())
+            .property(Scope::Consumer, "session.timeout.ms")
+            .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(10_000);
         std::time::Duration::from_millis(ms)
     }
 
-    /// A consumer without a group, for restoring changelogs by manual assignment.
+    /// A consumer without a group, for restoring changelogs by manual assignment (and
+    /// metadata requests); `group` only names its offsets, nothing joins it.
     pub fn restore_consumer(&self, group: &str) -> ClientConfig {
-        let mut c = self.base();
+        let mut c = self.base("restore-consumer");
         c.set("group.id", group)
             .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
@@ -173,14 +415,21 @@ impl KafkaSettings {
             .set("enable.partition.eof", "false")
             .set("fetch.wait.max.ms", "10")
             .set("fetch.queue.backoff.ms", "10");
-        self.apply_overrides(&mut c);
+        self.apply_overrides(&mut c, Scope::Consumer);
+        c
+    }
+
+    /// An admin client (topics, records deletion, configs).
+    pub fn admin(&self, role: &str) -> ClientConfig {
+        let mut c = self.base(role);
+        self.apply_overrides(&mut c, Scope::Admin);
         c
     }
 
     /// An idempotent producer (no duplicates or reordering from retries), batched and
     /// compressed; Java-compatible key partitioning.
     pub fn producer(&self) -> ClientConfig {
-        let mut c = self.base();
+        let mut c = self.base("producer");
         c.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
@@ -189,7 +438,112 @@ impl KafkaSettings {
             .set("partitioner", "murmur2_random")
             .set("queue.buffering.max.messages", "1000000")
             .set("message.timeout.ms", "120000");
-        self.apply_overrides(&mut c);
+        self.apply_overrides(&mut c, Scope::Producer);
         c
+    }
+}
+
+/// `SASL_PASSWORD` → `sasl.password`; `__` → `_`.
+fn env_property(name: &str) -> String {
+    name.to_ascii_lowercase()
+        .split("__")
+        .map(|part| part.replace('_', "."))
+        .collect::<Vec<_>>()
+        .join("_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props(list: &[&str]) -> Result<KafkaSettings, KafkaError> {
+        let v: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+        KafkaSettings::new("b:9092").with_properties(&v)
+    }
+
+    #[test]
+    fn prefixes_pick_the_client_and_unprefixed_properties_go_where_they_apply() {
+        let s = props(&[
+            "session.timeout.ms=6000",
+            "linger.ms=20",
+            "producer.compression.type=zstd",
+            "consumer.fetch.max.bytes=1000",
+            "admin.socket.timeout.ms=7000",
+            "security.protocol=SSL",
+        ])
+        .unwrap()
+        .with_client_id("app-1");
+        let c = s.consumer("g");
+        let p = s.producer();
+        let a = s.admin("admin");
+        assert_eq!(c.get("session.timeout.ms"), Some("6000"));
+        assert_eq!(p.get("session.timeout.ms"), None, "consumer-only");
+        assert_eq!(a.get("session.timeout.ms"), None);
+        assert_eq!(p.get("linger.ms"), Some("20"));
+        assert_eq!(c.get("linger.ms"), None, "producer-only");
+        assert_eq!(p.get("compression.type"), Some("zstd"));
+        assert_eq!(c.get("fetch.max.bytes"), Some("1000"));
+        assert_eq!(p.get("fetch.max.bytes"), None);
+        assert_eq!(a.get("socket.timeout.ms"), Some("7000"));
+        assert_eq!(c.get("socket.timeout.ms"), None);
+        for cfg in [&c, &p, &a] {
+            assert_eq!(cfg.get("security.protocol"), Some("SSL"));
+        }
+        assert_eq!(c.get("client.id"), Some("app-1-consumer"));
+        assert_eq!(p.get("client.id"), Some("app-1-producer"));
+        assert_eq!(s.session_timeout().as_millis(), 6000);
+    }
+
+    #[test]
+    fn guarded_properties_are_refused_with_or_without_a_prefix() {
+        for bad in [
+            "enable.auto.commit=true",
+            "consumer.isolation.level=read_uncommitted",
+            "producer.acks=1",
+            "enable.idempotence=false",
+            "producer.transactional.id=x",
+        ] {
+            let e = props(&[bad]).unwrap_err().to_string();
+            assert!(e.contains("readstate sets it"), "{bad}: {e}");
+        }
+        assert!(props(&["nonsense"]).is_err());
+    }
+
+    #[test]
+    fn files_and_environment_variables_give_properties_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("client.properties");
+        std::fs::write(
+            &f,
+            "# secrets\nsasl.username = reader\n\nconsumer.fetch.min.bytes=10\n",
+        )
+        .unwrap();
+        let s = KafkaSettings::new("b")
+            .with_properties_file(&f)
+            .unwrap()
+            .with_env([
+                (
+                    "READSTATE_KAFKA_SASL_PASSWORD".to_owned(),
+                    "s3cret".to_owned(),
+                ),
+                (
+                    "READSTATE_KAFKA_PRODUCER_LINGER_MS".to_owned(),
+                    "7".to_owned(),
+                ),
+                ("READSTATE_KAFKA_SSL__X".to_owned(), "y".to_owned()),
+                ("OTHER".to_owned(), "z".to_owned()),
+            ])
+            .unwrap();
+        let c = s.consumer("g");
+        assert_eq!(c.get("sasl.username"), Some("reader"));
+        assert_eq!(c.get("sasl.password"), Some("s3cret"));
+        assert_eq!(c.get("fetch.min.bytes"), Some("10"));
+        assert_eq!(c.get("ssl_x"), Some("y"));
+        assert_eq!(s.producer().get("linger.ms"), Some("7"));
+        std::fs::write(&f, "enable.auto.commit=true\n").unwrap();
+        let e = KafkaSettings::new("b")
+            .with_properties_file(&f)
+            .unwrap_err();
+        assert!(e.to_string().contains("client.properties:1"), "{e}");
     }
 }

@@ -5,6 +5,7 @@
 //! partitions of restoring tasks stay paused meanwhile. One restore consumer (no group
 //! membership, manual assignment) serves every restoring task.
 
+use crate::telemetry::series;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -238,8 +239,18 @@ impl ChangelogReader {
     }
 }
 
-fn gauge(task: TaskId) -> metrics::Gauge {
-    metrics::gauge!("readstate_restore_remaining_records", "task" => task.to_string())
+/// `readstate_restore_remaining_records{task}` (removed when the task closes).
+struct Remaining(TaskId);
+
+impl Remaining {
+    fn set(&self, v: f64) {
+        let task = self.0.to_string();
+        series::set("readstate_restore_remaining_records", &[("task", &task)], v);
+    }
+}
+
+fn gauge(task: TaskId) -> Remaining {
+    Remaining(task)
 }
 
 #[cfg(test)]

@@ -13,13 +13,15 @@
 //! - [`repartition_purger`]: deletes repartition records below the committed offsets.
 
 mod changelog_reader;
-mod dead_letter_log;
+pub(crate) mod dead_letter_log;
 mod record_collector;
 mod repartition_purger;
 mod state_manager;
 mod stream_thread;
 mod task_executor;
 mod task_manager;
+
+pub use state_manager::check_state_dir;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,7 +38,9 @@ use crate::serde::{SerdeError, UpdateEncoder, RECEIPT_UPDATE_SCHEMA};
 use crate::telemetry::{Health, Progress};
 use crate::topology::Topology;
 
-use dead_letter_log::{log_dead_letter, LogLimiter, DEAD_LETTER_LOGS_PER_SECOND};
+use dead_letter_log::{
+    log_dead_letter, DeadLetterBreaker, LogLimiter, DEAD_LETTER_LOGS_PER_SECOND,
+};
 use stream_thread::{RebalanceHandler, StreamThread};
 use task_manager::TaskManager;
 
@@ -160,6 +164,9 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
         .map_err(|e| RuntimeError::Config(format!("tokio runtime: {e}")))?;
     let t = &config.topology;
     tracing::info!(application = %t.application_id, brokers = %config.kafka.brokers, "starting");
+    // Before joining the group: an instance that cannot keep state must not cause a
+    // rebalance per restart of a crash loop.
+    state_manager::check_state_dir(&config.state_dir.join(t.application_id.as_str()))?;
     rt.block_on(prepare_topics(config))?;
     let encoder = rt.block_on(register_with_retry(
         &*config.resolver,
@@ -227,7 +234,12 @@ async fn prepare_topics(config: &RunConfig) -> Result<(), RuntimeError> {
     let mut partitions = None;
     let names: Vec<&str> = t.sources.iter().map(|s| s.topic.as_str()).collect();
     let metadata = MetadataClient::new(&config.kafka)?;
-    let counts = metadata.partition_counts(&names, md_timeout)?;
+    let counts = metadata.partition_counts(&names, md_timeout).map_err(|e| {
+        RuntimeError::Config(format!(
+            "cannot reach Kafka at {} (no metadata within {md_timeout:?}): {e}",
+            config.kafka.brokers
+        ))
+    })?;
     for (s, n) in t.sources.iter().zip(counts) {
         let n = n.ok_or_else(|| {
             RuntimeError::Config(format!("source topic {} does not exist", s.topic))

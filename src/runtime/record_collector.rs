@@ -15,7 +15,7 @@ use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, PurgeConfig, ThreadedProducer};
 use rdkafka::{ClientContext, Message, TopicPartitionList};
 
-use crate::kafka::{KafkaError, KafkaSettings};
+use crate::kafka::{KafkaError, KafkaSettings, Scope};
 
 /// How long `flush` waits beyond the producer's own message timeout before it reports a
 /// failure.
@@ -184,10 +184,9 @@ impl RecordCollector {
         transactional_id: Option<String>,
     ) -> Result<Self, KafkaError> {
         let mut config = settings.producer();
-        let explicit = settings
-            .properties
+        let explicit = ["message.timeout.ms", "delivery.timeout.ms"]
             .iter()
-            .any(|(k, _)| k == "message.timeout.ms" || k == "delivery.timeout.ms");
+            .any(|k| settings.property(Scope::Producer, k).is_some());
         let session_ms = settings.session_timeout().as_millis().max(1000);
         if !explicit {
             config.set("message.timeout.ms", session_ms.to_string());

@@ -26,7 +26,7 @@ impl RepartitionPurger {
     pub(super) fn new(settings: &KafkaSettings, interval: Duration) -> Self {
         let (tx, rx) = mpsc::channel::<Purge>();
         let admin: Option<AdminClient<DefaultClientContext>> = match settings
-            .restore_consumer("readstate-purge")
+            .admin("purger")
             .create()
         {
             Ok(a) => Some(a),

@@ -47,6 +47,22 @@ pub struct StateManager {
     memory: RocksDbMemory,
 }
 
+/// Make sure `dir` exists and is writable (a file is written and removed), naming the path
+/// when it is not.
+pub fn check_state_dir(dir: &std::path::Path) -> Result<(), super::RuntimeError> {
+    let fail = |what: &str, e: std::io::Error| {
+        super::RuntimeError::Config(format!(
+            "state directory {} {what}: {e} (set state_dir in the topology, --state-dir or STATE_DIR)",
+            dir.display()
+        ))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| fail("cannot be created", e))?;
+    let probe = dir.join(".write-check");
+    std::fs::write(&probe, b"ok").map_err(|e| fail("is not writable", e))?;
+    std::fs::remove_file(&probe).map_err(|e| fail("is not writable", e))?;
+    Ok(())
+}
+
 impl StateManager {
     pub fn new(root: PathBuf, store: Store) -> Self {
         let memory = RocksDbMemory::new(&store.rocksdb);

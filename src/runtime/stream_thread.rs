@@ -7,6 +7,7 @@
 //! committed and closed before they are given up; a lost assignment closes every task
 //! dirty; assigned partitions are paused until their task has restored.
 
+use crate::telemetry::series;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,16 +31,32 @@ fn topic_partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
 }
 
 impl ClientContext for RebalanceHandler {
-    /// Consumer lag per partition from librdkafka's statistics (no blocking request).
+    /// Consumer lag per assigned partition from librdkafka's statistics (no blocking
+    /// request); a partition no longer assigned loses its series.
     fn stats(&self, stats: Statistics) {
+        const LAG: &str = super::task_manager::CONSUMER_LAG;
+        let mut active = std::collections::HashSet::new();
         for (topic, t) in &stats.topics {
             for (p, s) in &t.partitions {
                 if *p >= 0 && s.consumer_lag >= 0 && s.fetch_state == "active" {
-                    metrics::gauge!("readstate_consumer_lag_records", "topic" => topic.clone(), "partition" => p.to_string())
-                        .set(s.consumer_lag as f64);
+                    let part = p.to_string();
+                    series::set(
+                        LAG,
+                        &[("topic", topic), ("partition", &part)],
+                        s.consumer_lag as f64,
+                    );
+                    active.insert(format!("{topic}/{part}"));
                 }
             }
         }
+        series::retain_by(LAG, |l| {
+            let get = |k: &str| {
+                l.iter()
+                    .find(|(n, _)| *n == k)
+                    .map_or("", |(_, v)| v.as_str())
+            };
+            active.contains(&format!("{}/{}", get("topic"), get("partition")))
+        });
     }
 }
 
@@ -120,6 +137,7 @@ impl StreamThread {
             }
             tasks.process(&self.consumer, &msgs)?;
             drop(msgs);
+            super::dead_letter_log::flush_dead_letter_log(&mut tasks.dead_letter_log);
             let requested = self.commit_now.swap(false, Ordering::Relaxed);
             if requested || last_commit.elapsed() >= self.commit_interval || tasks.needs_flush() {
                 tasks.commit_all(&self.consumer)?;

@@ -29,7 +29,8 @@ use crate::kafka::dead_letter_headers;
 use crate::processor::FlushOutput;
 use crate::serde::SerdeError;
 use crate::task::{DeadLetter, SourceRecord};
-use crate::telemetry::Progress;
+use crate::telemetry::{series, Progress};
+use crate::topology::OnBadRecord;
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -100,6 +101,7 @@ impl TaskManager {
             return Ok(());
         }
         self.prepare_schemas(consumer, msgs)?;
+        let dead_before = self.dead_letters.len();
         // Group by partition, keeping order within each; forward what needs repartitioning.
         let mut by_part: BTreeMap<i32, Vec<SourceRecord<'_>>> = BTreeMap::new();
         let mut accepted = 0u64;
@@ -131,7 +133,38 @@ impl TaskManager {
             let next = recs.last().expect("non-empty").offset + 1;
             self.advance_position(recs[0].topic, p, first, next);
         }
-        Ok(())
+        self.judge_bad_records(accepted, dead_before)
+    }
+
+    /// `on_bad_record = "fail"` stops at the first dead letter; otherwise the circuit
+    /// breaker stops the instance when dead letters are too large a share of the input.
+    /// Either way nothing of this batch is committed (the instance closes dirty).
+    fn judge_bad_records(&mut self, records: u64, dead_before: usize) -> Result<(), RuntimeError> {
+        let new = &self.dead_letters[dead_before..];
+        let policy = self.topology.bad_records;
+        let why = match (policy.on_bad_record, new.first()) {
+            (_, None) if records == 0 => return Ok(()),
+            (OnBadRecord::Fail, Some(d)) => format!(
+                "bad record at {} [{}] offset {} ({}: {}); on_bad_record = \"fail\" stops the instance, committing nothing past it",
+                d.topic, d.partition, d.offset, d.reason, d.error
+            ),
+            _ => {
+                let Some(t) = self.breaker.record(Instant::now(), records, new.len() as u64)
+                else {
+                    return Ok(());
+                };
+                let last = self.dead_letters.last().expect("dead letters in the window");
+                format!(
+                    "circuit breaker: {} of the last {} records (within {}) were dead letters, above dead_letter_max_ratio {}; the last one: {} [{}] offset {} ({}: {}). Stopping instead of draining the input into {}; nothing of this batch is committed",
+                    t.dead, t.records, humantime::format_duration(policy.window), policy.max_ratio,
+                    last.topic, last.partition, last.offset, last.reason, last.error,
+                    self.topology.dead_letter_topic
+                )
+            }
+        };
+        metrics::counter!("readstate_bad_record_stops_total").increment(1);
+        self.fatal = Some(why.clone());
+        Err(RuntimeError::Fatal(why))
     }
 
     /// Through a repartition topic the origin rides in a header; a record without one (not
@@ -285,7 +318,8 @@ impl TaskManager {
             }
             Err(e) => {
                 let rec = source_record(m, origin);
-                let d = DeadLetter::from_record(&rec, e.reason(), e.to_string());
+                let max = self.decoder.max_record_bytes();
+                let d = DeadLetter::from_record(&rec, e.reason(), e.to_string(), max);
                 log_dead_letter(&d, &mut self.dead_letter_log);
                 self.dead_letters.push(d);
             }
@@ -623,17 +657,14 @@ impl TaskManager {
             total.replayed += s.replayed;
             let id = t.task.id().to_string();
             let store = t.task.processor().store();
-            metrics::gauge!("readstate_store_estimated_keys", "task" => id.clone())
-                .set(store.approximate_num_keys() as f64);
-            metrics::gauge!("readstate_store_size_bytes", "task" => id)
-                .set(store.approximate_size_bytes() as f64);
+            let task = [("task", id.as_str())];
+            let keys = store.approximate_num_keys() as f64;
+            series::set("readstate_store_estimated_keys", &task, keys);
+            let bytes = store.approximate_size_bytes() as f64;
+            series::set("readstate_store_size_bytes", &task, bytes);
         }
         self.summary.events_folded = self.summary.events_folded.max(total.folded);
         self.summary.replayed_skipped = self.summary.replayed_skipped.max(total.replayed);
-        if self.summary.updates_emitted > 0 {
-            metrics::gauge!("readstate_coalescing_ratio")
-                .set(self.summary.events_folded as f64 / self.summary.updates_emitted as f64);
-        }
     }
 }
 

@@ -18,6 +18,7 @@
 //! registry cannot resolve their records; records of a parked partition that were already
 //! fetched are dropped, and the partition is rewound to the first of them when it resumes.
 
+use crate::telemetry::series;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,7 +32,9 @@ use super::changelog_reader::{ChangelogReader, Restored};
 use super::record_collector::RecordCollector;
 use super::repartition_purger::RepartitionPurger;
 use super::state_manager::{check_checkpoint, CheckpointCheck, StateManager};
-use super::{LogLimiter, RunConfig, RunSummary, RuntimeError, DEAD_LETTER_LOGS_PER_SECOND};
+use super::{
+    DeadLetterBreaker, LogLimiter, RunConfig, RunSummary, RuntimeError, DEAD_LETTER_LOGS_PER_SECOND,
+};
 use crate::ids::TaskId;
 use crate::kafka::KafkaError;
 use crate::processor::{EmitPolicy, ProcessStats, ReadStateProcessor};
@@ -109,6 +112,7 @@ pub(super) struct TaskManager {
     pub(super) rt: tokio::runtime::Runtime,
     pub(super) dead_letters: Vec<DeadLetter>,
     pub(super) dead_letter_log: LogLimiter,
+    pub(super) breaker: DeadLetterBreaker,
     pub(super) summary: RunSummary,
     pub(super) buf: Vec<u8>,
     health: Arc<Health>,
@@ -182,11 +186,15 @@ impl TaskManager {
             purger: forwarding_purger(config, t),
             state,
             reader,
-            decoder: EventDecoder::new(config.resolver.clone())?,
+            decoder: EventDecoder::with_max_record_bytes(
+                config.resolver.clone(),
+                config.topology.bad_records.max_record_bytes,
+            )?,
             encoder,
             rt,
             dead_letters: Vec::new(),
             dead_letter_log: LogLimiter::new(DEAD_LETTER_LOGS_PER_SECOND),
+            breaker: DeadLetterBreaker::new(config.topology.bad_records),
             summary: RunSummary::default(),
             buf: Vec::with_capacity(256),
             health: config.health.clone(),
@@ -372,11 +380,33 @@ impl TaskManager {
 
     fn update_readiness(&mut self) {
         metrics::gauge!("readstate_tasks_assigned").set(self.running.len() as f64);
+        self.prune_series();
         let restoring = self.reader.as_ref().is_some_and(|r| r.is_restoring());
         // Ready once the group has given us an assignment (even an empty one) and every
         // assigned task has restored.
         self.health
             .set_ready(self.assigned_once && !restoring && self.to_open.is_empty());
+    }
+
+    /// Remove the per-task and per-partition series of tasks this instance no longer has
+    /// (closed, lost, moved): another instance exports them now.
+    fn prune_series(&self) {
+        let mut live: std::collections::HashSet<String> = self
+            .running
+            .keys()
+            .chain(&self.to_open)
+            .map(|p| self.task_id(*p).to_string())
+            .collect();
+        if let Some(r) = &self.reader {
+            live.extend(r.tasks().iter().map(ToString::to_string));
+        }
+        for name in [
+            "readstate_store_estimated_keys",
+            "readstate_store_size_bytes",
+            "readstate_restore_remaining_records",
+        ] {
+            series::retain(name, "task", |t| live.contains(t));
+        }
     }
 
     /// Pause a partition; records of it already fetched are dropped (and rewound to).
@@ -487,6 +517,10 @@ impl TaskManager {
             }
         }
         self.forget_all(parts);
+        for (t, p) in parts {
+            let p = p.to_string();
+            series::remove(CONSUMER_LAG, &[("topic", t), ("partition", &p)]);
+        }
         self.share_cache_budget();
         self.update_readiness();
         tracing::info!(partitions = ?revoked, "revoked partitions closed");
@@ -675,6 +709,8 @@ impl TaskManager {
     pub(super) fn close_all(&mut self, clean: bool) {
         self.summary.tasks_closed += self.running.len() as u64;
         self.running.clear();
+        self.to_open.clear();
+        self.prune_series();
         if clean {
             self.collector.close();
         } else {
@@ -689,6 +725,9 @@ fn forwarding_purger(config: &RunConfig, t: &Topology) -> Option<RepartitionPurg
         .any(|s| s.repartition_topic.is_some())
         .then(|| RepartitionPurger::new(&config.kafka, config.repartition_purge_interval))
 }
+
+/// The consumer lag series, per (topic, partition).
+pub(super) const CONSUMER_LAG: &str = "readstate_consumer_lag_records";
 
 /// What a membership probe found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -25,14 +25,23 @@ use super::{split_wire, write_wire_header, DecodeError, SerdeError};
 use crate::ids::{ConversationId, ReaderId, SenderId};
 use crate::model::{EventRef, ReadEvent, ReceiptUpdate};
 
-/// Largest record accepted (bytes); larger ones are dead letters.
+/// Largest record accepted by default (bytes); larger ones are dead letters. A topology
+/// sets its own with `[application] max_record_bytes`.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+/// How long a registry's "schema not found" is believed before asking again (a schema
+/// registered late, or a registry restored from a backup, starts being used).
+pub const NOT_FOUND_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 /// Longest message id or device id accepted.
 pub const MAX_ID_LEN: usize = 256;
 
+/// The largest `max_record_bytes` a topology may set: below librdkafka's default
+/// `message.max.bytes` (1,000,000), so that a record readstate accepts can be produced.
+pub const MAX_RECORD_BYTES_CEILING: usize = 900_000;
+
 fn leak_schema(text: &str) -> Result<&'static Schema, SerdeError> {
-    // Bound what a corrupt length prefix may make apache-avro allocate (process-wide, once).
-    apache_avro::util::max_allocation_bytes(4 * MAX_RECORD_BYTES);
+    // Bound what a corrupt length prefix may make apache-avro allocate (process-wide, once):
+    // no single field of an accepted record can be longer than the record.
+    apache_avro::util::max_allocation_bytes(MAX_RECORD_BYTES_CEILING);
     let s = Schema::parse_str(text).map_err(|e| SerdeError::Schema(e.to_string()))?;
     Ok(Box::leak(Box::new(s)))
 }
@@ -49,19 +58,48 @@ pub struct WireDecoder<T> {
     reader_schema: &'static Schema,
     reader_canonical: String,
     plans: HashMap<u32, Result<Plan, DecodeError>>,
+    /// When the registry said "not found" for an id; asked again after `not_found_retry`.
+    not_found_at: HashMap<u32, std::time::Instant>,
+    not_found_retry: std::time::Duration,
+    max_record_bytes: usize,
     _t: PhantomData<fn() -> T>,
 }
 
 impl<T: DeserializeOwned> WireDecoder<T> {
+    /// A decoder accepting records up to [`MAX_RECORD_BYTES`].
     pub fn new(resolver: Arc<dyn SchemaResolver>, reader_schema: &str) -> Result<Self, SerdeError> {
+        Self::with_limit(resolver, reader_schema, MAX_RECORD_BYTES)
+    }
+
+    /// A decoder accepting records up to `max_record_bytes`.
+    pub fn with_limit(
+        resolver: Arc<dyn SchemaResolver>,
+        reader_schema: &str,
+        max_record_bytes: usize,
+    ) -> Result<Self, SerdeError> {
         let reader_schema = leak_schema(reader_schema)?;
         Ok(Self {
             resolver,
             reader_canonical: reader_schema.canonical_form(),
             reader_schema,
             plans: HashMap::new(),
+            not_found_at: HashMap::new(),
+            not_found_retry: NOT_FOUND_RETRY,
+            max_record_bytes,
             _t: PhantomData,
         })
+    }
+
+    /// Whether schema `id` must be fetched: never seen, or "not found" long enough ago.
+    fn needs_fetch(&self, id: u32) -> bool {
+        match self.plans.get(&id) {
+            None => true,
+            Some(Err(DecodeError::UnknownSchema(_))) => self
+                .not_found_at
+                .get(&id)
+                .is_none_or(|t| t.elapsed() >= self.not_found_retry),
+            Some(_) => false,
+        }
     }
 
     /// Fetch the writer schemas of `payloads` not seen before. An error here means the
@@ -73,7 +111,7 @@ impl<T: DeserializeOwned> WireDecoder<T> {
         let mut missing: Vec<u32> = Vec::new();
         for p in payloads.flatten() {
             if let Ok((id, _)) = split_wire(p) {
-                if !self.plans.contains_key(&id) && !missing.contains(&id) {
+                if self.needs_fetch(id) && !missing.contains(&id) {
                     missing.push(id);
                 }
             }
@@ -84,18 +122,24 @@ impl<T: DeserializeOwned> WireDecoder<T> {
     /// The writer schema id of `payload` when it has not been resolved yet.
     pub fn unknown_schema(&self, payload: Option<&[u8]>) -> Option<u32> {
         let (id, _) = split_wire(payload?).ok()?;
-        (!self.plans.contains_key(&id)).then_some(id)
+        self.needs_fetch(id).then_some(id)
     }
 
-    /// Fetch the writer schemas `ids` not seen before.
+    /// Fetch the writer schemas `ids` not seen before (or not found a while ago).
     pub async fn prepare_ids(&mut self, ids: &[u32]) -> Result<(), SerdeError> {
         for &id in ids {
-            if self.plans.contains_key(&id) {
+            if !self.needs_fetch(id) {
                 continue;
             }
             let plan = match self.resolver.schema_by_id(id).await? {
-                None => Err(DecodeError::UnknownSchema(id)),
-                Some(text) => self.plan_for(id, &text),
+                None => {
+                    self.not_found_at.insert(id, std::time::Instant::now());
+                    Err(DecodeError::UnknownSchema(id))
+                }
+                Some(text) => {
+                    self.not_found_at.remove(&id);
+                    self.plan_for(id, &text)
+                }
             };
             self.plans.insert(id, plan);
         }
@@ -128,10 +172,10 @@ impl<T: DeserializeOwned> WireDecoder<T> {
     /// Decode one record. The writer schema must have been [`prepare`](Self::prepare)d;
     /// an unprepared id is reported as unknown.
     pub fn decode(&self, payload: &[u8]) -> Result<T, DecodeError> {
-        if payload.len() > MAX_RECORD_BYTES {
+        if payload.len() > self.max_record_bytes {
             return Err(DecodeError::TooLarge {
                 size: payload.len(),
-                limit: MAX_RECORD_BYTES,
+                limit: self.max_record_bytes,
             });
         }
         let (id, mut datum) = split_wire(payload)?;
@@ -303,10 +347,28 @@ pub struct EventDecoder {
 }
 
 impl EventDecoder {
+    /// A decoder accepting records up to [`MAX_RECORD_BYTES`].
     pub fn new(resolver: Arc<dyn SchemaResolver>) -> Result<Self, SerdeError> {
+        Self::with_max_record_bytes(resolver, MAX_RECORD_BYTES)
+    }
+
+    /// A decoder accepting records up to `max_record_bytes` (larger ones are `too_large`).
+    pub fn with_max_record_bytes(
+        resolver: Arc<dyn SchemaResolver>,
+        max_record_bytes: usize,
+    ) -> Result<Self, SerdeError> {
         Ok(Self {
-            inner: WireDecoder::new(resolver, super::READ_EVENT_SCHEMA)?,
+            inner: WireDecoder::with_limit(resolver, super::READ_EVENT_SCHEMA, max_record_bytes)?,
         })
+    }
+
+    pub fn max_record_bytes(&self) -> usize {
+        self.inner.max_record_bytes
+    }
+
+    /// How long "schema not found" is believed ([`NOT_FOUND_RETRY`] by default).
+    pub fn set_not_found_retry(&mut self, d: std::time::Duration) {
+        self.inner.not_found_retry = d;
     }
 
     pub async fn prepare<'a>(
@@ -331,7 +393,7 @@ impl EventDecoder {
     /// schema resolution.
     pub fn decode_ref<'a>(&self, payload: Option<&'a [u8]>) -> Result<EventRef<'a>, DecodeError> {
         let payload = payload.ok_or(DecodeError::EmptyValue)?;
-        if payload.len() <= MAX_RECORD_BYTES {
+        if payload.len() <= self.inner.max_record_bytes {
             if let Ok((id, datum)) = split_wire(payload) {
                 if self.inner.writes_reader_schema(id) {
                     if let Some(e) = super::fast::decode_read_event(datum) {
@@ -451,6 +513,26 @@ mod tests {
     fn decode_one(d: &mut EventDecoder, p: &[u8]) -> Result<ReadEvent, DecodeError> {
         futures::executor::block_on(d.prepare(std::iter::once(Some(p)))).unwrap();
         d.decode(Some(p))
+    }
+
+    #[test]
+    fn schema_not_found_is_asked_again_after_a_while_not_cached_for_good() {
+        let reg = Arc::new(LocalRegistry::new());
+        let enc = EventEncoder::new(READ_EVENT_SCHEMA, 77).unwrap();
+        let bytes = enc.encode(&AvroReadEvent::from(&event())).unwrap();
+        let mut believing = EventDecoder::new(reg.clone()).unwrap();
+        let mut asking = EventDecoder::new(reg.clone()).unwrap();
+        asking.set_not_found_retry(std::time::Duration::ZERO);
+        for d in [&mut believing, &mut asking] {
+            assert_eq!(decode_one(d, &bytes), Err(DecodeError::UnknownSchema(77)));
+        }
+        reg.insert(77, READ_EVENT_SCHEMA); // registered late
+        assert_eq!(
+            decode_one(&mut believing, &bytes),
+            Err(DecodeError::UnknownSchema(77)),
+            "within the retry time the answer is believed"
+        );
+        assert_eq!(decode_one(&mut asking, &bytes), Ok(event()));
     }
 
     #[test]

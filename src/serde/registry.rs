@@ -1,7 +1,6 @@
 //! Where writer schemas come from: the [`SchemaResolver`] seam.
 //!
-//! - [`ConfluentRegistry`]: a Confluent-compatible registry over HTTP (via
-//!   `schema_registry_converter`);
+//! - [`ConfluentRegistry`]: a Confluent-compatible registry over HTTP;
 //! - [`LocalRegistry`]: the schemas in `schemas/` with fixed ids (read events `1`, receipt
 //!   updates `2`), for running without a registry and for tests. Other schemas can be added
 //!   with fixed ids (e.g. an evolved writer).
@@ -10,10 +9,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use futures::future::BoxFuture;
-use schema_registry_converter::async_impl::schema_registry::{
-    get_schema_by_id, post_schema, SrSettings,
-};
-use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
 
 use super::{SerdeError, READ_EVENT_SCHEMA, RECEIPT_UPDATE_SCHEMA};
 
@@ -58,11 +53,16 @@ impl LocalRegistry {
 
     /// Serve `schema` under a fixed `id` (e.g. an evolved writer schema).
     pub fn with_schema(self, id: u32, schema: &str) -> Self {
+        self.insert(id, schema);
+        self
+    }
+
+    /// Serve `schema` under `id` from now on (a schema registered late).
+    pub fn insert(&self, id: u32, schema: &str) {
         self.schemas
             .lock()
             .expect("registry lock")
             .insert(id, schema.to_owned());
-        self
     }
 }
 
@@ -95,33 +95,143 @@ impl SchemaResolver for LocalRegistry {
     }
 }
 
-/// A Confluent-compatible schema registry over HTTP.
+/// A Confluent-compatible schema registry over HTTP (`GET /schemas/ids/{id}`,
+/// `POST /subjects/{subject}/versions`). User info in the URL becomes basic auth.
+///
+/// "Not found" is decided from the answer itself: HTTP 404 with the registry's error code
+/// 40403. Anything else that fails (a 404 without that code, 5xx, 401, a timeout, a
+/// refused connection) means the registry cannot answer now, never that a record is bad.
 pub struct ConfluentRegistry {
-    settings: SrSettings,
+    base: reqwest::Url,
+    client: reqwest::Client,
 }
 
+/// The registry's error body: `{"error_code": 40403, "message": "Schema not found"}`.
+#[derive(serde::Deserialize, Default)]
+struct RegistryErrorBody {
+    #[serde(default)]
+    error_code: i64,
+    #[serde(default)]
+    message: String,
+}
+
+/// The registry's error code for an unknown schema id.
+pub const SCHEMA_NOT_FOUND: i64 = 40403;
+
 impl ConfluentRegistry {
-    /// `url` is the registry's base URL, e.g. `http://registry:8081`.
+    /// `url` is the registry's base URL, e.g. `http://registry:8081`; it must have an
+    /// http or https scheme and a host.
     pub fn new(url: &str, timeout: std::time::Duration) -> Result<Self, SerdeError> {
-        let settings = SrSettings::new_builder(url.trim_end_matches('/').to_owned())
-            .set_timeout(timeout)
+        let base = parse_registry_url(url)?;
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(std::time::Duration::from_secs(5)))
             .build()
-            .map_err(|e| SerdeError::Registry(e.to_string()))?;
-        Ok(Self { settings })
+            .map_err(|e| SerdeError::Registry(format!("{}: {e}", redacted(&base))))?;
+        Ok(Self { base, client })
     }
+
+    /// The URL without its password, for messages.
+    pub fn url(&self) -> String {
+        redacted(&self.base)
+    }
+
+    fn endpoint(&self, path: &str) -> reqwest::Url {
+        let mut u = self.base.clone();
+        let joined = format!("{}/{path}", u.path().trim_end_matches('/'));
+        u.set_path(&joined);
+        u
+    }
+
+    fn unavailable(&self, what: &str, e: impl std::fmt::Display) -> SerdeError {
+        SerdeError::RegistryUnavailable(format!("{what} at {}: {e}", self.url()))
+    }
+
+    /// Check that the registry answers at all (at start-up): one request that must get an
+    /// HTTP answer from a schema registry.
+    pub async fn ping(&self) -> Result<(), SerdeError> {
+        let res = self
+            .client
+            .get(self.endpoint("subjects"))
+            .send()
+            .await
+            .map_err(|e| self.unavailable("GET /subjects", describe_reqwest(&e)))?;
+        match res.status() {
+            s if s.is_success() => Ok(()),
+            s => Err(self.unavailable("GET /subjects", format!("HTTP {s}"))),
+        }
+    }
+}
+
+fn parse_registry_url(url: &str) -> Result<reqwest::Url, SerdeError> {
+    let bad = |why: &str| SerdeError::Registry(format!("schema registry URL {url:?}: {why}"));
+    if !url.contains("://") {
+        return Err(bad("no scheme (expected e.g. http://registry:8081)"));
+    }
+    let u = reqwest::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err(bad("the scheme must be http or https"));
+    }
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    Ok(u)
+}
+
+/// A URL with its password replaced by `***`.
+fn redacted(u: &reqwest::Url) -> String {
+    let mut u = u.clone();
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
+    }
+    u.to_string().trim_end_matches('/').to_owned()
+}
+
+/// reqwest's error with its cause chain (connection refused, timed out, ...).
+fn describe_reqwest(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 impl SchemaResolver for ConfluentRegistry {
     fn schema_by_id(&self, id: u32) -> BoxFuture<'_, Result<Option<String>, SerdeError>> {
         Box::pin(async move {
-            match get_schema_by_id(id, &self.settings).await {
-                Ok(s) => Ok(Some(s.schema)),
-                Err(e) if e.retriable => Err(SerdeError::RegistryUnavailable(e.to_string())),
-                Err(e) if is_not_found(&e.to_string()) => Ok(None),
-                // Anything else that is not retriable (bad JSON, 5xx turned permanent) is
-                // reported as unavailable too: a registry fault must never make a good
-                // record a dead letter.
-                Err(e) => Err(SerdeError::RegistryUnavailable(e.to_string())),
+            #[derive(serde::Deserialize)]
+            struct Found {
+                schema: String,
+            }
+            let what = format!("GET /schemas/ids/{id}");
+            let res = self
+                .client
+                .get(self.endpoint(&format!("schemas/ids/{id}")))
+                .send()
+                .await
+                .map_err(|e| self.unavailable(&what, describe_reqwest(&e)))?;
+            let status = res.status();
+            if status.is_success() {
+                let found: Found = res
+                    .json()
+                    .await
+                    .map_err(|e| self.unavailable(&what, describe_reqwest(&e)))?;
+                return Ok(Some(found.schema));
+            }
+            let body: RegistryErrorBody = res.json().await.unwrap_or_default();
+            match (status.as_u16(), body.error_code) {
+                (404, SCHEMA_NOT_FOUND) => Ok(None),
+                (404, code) => Err(self.unavailable(
+                    &what,
+                    format!("HTTP 404 with error code {code} (not {SCHEMA_NOT_FOUND}): is this a schema registry?"),
+                )),
+                _ => Err(self.unavailable(
+                    &what,
+                    format!("HTTP {status}, error code {}: {}", body.error_code, body.message),
+                )),
             }
         })
     }
@@ -132,22 +242,106 @@ impl SchemaResolver for ConfluentRegistry {
         schema: &'a str,
     ) -> BoxFuture<'a, Result<u32, SerdeError>> {
         Box::pin(async move {
-            let supplied = SuppliedSchema::new(None, SchemaType::Avro, schema.to_owned());
-            post_schema(&self.settings, subject.to_owned(), supplied)
+            #[derive(serde::Deserialize)]
+            struct Registered {
+                id: u32,
+            }
+            let what = format!("POST /subjects/{subject}/versions");
+            let res = self
+                .client
+                .post(self.endpoint(&format!("subjects/{subject}/versions")))
+                .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+                .json(&serde_json::json!({ "schema": schema }))
+                .send()
                 .await
-                .map(|r| r.id)
-                .map_err(|e| {
-                    if e.retriable {
-                        SerdeError::RegistryUnavailable(e.to_string())
-                    } else {
-                        SerdeError::Registry(e.to_string())
-                    }
-                })
+                .map_err(|e| self.unavailable(&what, describe_reqwest(&e)))?;
+            let status = res.status();
+            if status.is_success() {
+                return res
+                    .json::<Registered>()
+                    .await
+                    .map(|r| r.id)
+                    .map_err(|e| self.unavailable(&what, describe_reqwest(&e)));
+            }
+            let body: RegistryErrorBody = res.json().await.unwrap_or_default();
+            let detail = format!(
+                "HTTP {status}, error code {}: {}",
+                body.error_code, body.message
+            );
+            if status.is_server_error() || status.as_u16() == 429 {
+                Err(self.unavailable(&what, detail))
+            } else {
+                Err(SerdeError::Registry(format!(
+                    "{what} at {}: {detail}",
+                    self.url()
+                )))
+            }
         })
     }
 }
 
-/// The registry answers an unknown id with HTTP 404 and error code 40403.
-fn is_not_found(msg: &str) -> bool {
-    msg.contains("40403") || msg.contains("404")
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+    use axum::routing::get;
+
+    /// A registry answering ids 1 (found), 2 (404 with 40403), 3 (a 404 from something
+    /// that is not a registry) and 4 (500).
+    fn serve() -> (tokio::runtime::Runtime, String) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new().route(
+            "/schemas/ids/{id}",
+            get(
+                |axum::extract::Path(id): axum::extract::Path<u32>| async move {
+                    let json = |code, body: serde_json::Value| (code, axum::Json(body));
+                    match id {
+                        1 => json(StatusCode::OK, serde_json::json!({"schema": "\"string\""})),
+                        2 => json(
+                            StatusCode::NOT_FOUND,
+                            serde_json::json!({"error_code": 40403, "message": "Schema not found"}),
+                        ),
+                        3 => json(
+                            StatusCode::NOT_FOUND,
+                            serde_json::json!({"detail": "no route"}),
+                        ),
+                        _ => json(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({})),
+                    }
+                },
+            ),
+        );
+        rt.spawn(async move { axum::serve(listener, app).await });
+        (rt, url)
+    }
+
+    #[test]
+    fn not_found_is_decided_by_status_and_error_code() {
+        let (rt, url) = serve();
+        let reg = ConfluentRegistry::new(&url, std::time::Duration::from_secs(5)).unwrap();
+        let get = |id| rt.block_on(reg.schema_by_id(id));
+        assert_eq!(get(1).unwrap().as_deref(), Some("\"string\""));
+        assert_eq!(get(2).unwrap(), None, "404 with 40403");
+        for id in [3, 4] {
+            match get(id) {
+                Err(SerdeError::RegistryUnavailable(m)) => assert!(m.contains(&url), "{m}"),
+                other => panic!("id {id}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn urls_without_a_scheme_or_host_are_refused_and_passwords_hidden() {
+        let e = ConfluentRegistry::new("registry:8081", std::time::Duration::from_secs(1))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("no scheme"), "{e}");
+        assert!(ConfluentRegistry::new("ftp://r", std::time::Duration::from_secs(1)).is_err());
+        let r = ConfluentRegistry::new("http://u:pw@r:8081", std::time::Duration::from_secs(1))
+            .unwrap();
+        assert_eq!(r.url(), "http://u:***@r:8081");
+    }
 }

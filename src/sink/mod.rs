@@ -14,6 +14,8 @@
 //! Errors are classified once, here, at the sink's boundary ([`classify`]).
 
 pub mod batch;
+pub mod connect;
+mod lag;
 pub mod migrate;
 pub mod runner;
 pub mod table;
@@ -26,7 +28,7 @@ pub use table::{MemoryTable, PostgresTable, ReceiptTable};
 pub enum SinkError {
     /// Worth retrying: connection lost or refused, server restarting, serialization
     /// failure, deadlock, statement timeout, too many connections.
-    #[error("retriable database error: {0}")]
+    #[error("database unavailable: {0}")]
     Retriable(String),
     /// Rows the database rejects for good (data exceptions, constraint violations), by
     /// index in the batch, with the error. The batch was rolled back.
@@ -39,6 +41,17 @@ pub enum SinkError {
     /// The database is not migrated for this table.
     #[error("database is not migrated for table {table}: {detail}; run `readstate migrate`")]
     NotMigrated { table: String, detail: String },
+    /// PostgreSQL stores an offset beyond the end of the topic: the topic was deleted and
+    /// recreated (or truncated) while the table kept its offsets. Reading on would skip
+    /// every record below the stored offset, so the sink stops.
+    #[error("readstate_sink_offsets stores next offset {stored} for group {group}, {topic} [{partition}], but the topic ends at offset {end}: it was recreated or truncated since. Stop every instance and run `readstate reset --topology <file> --sink-offsets` to write it again from the beginning")]
+    OffsetBeyondEnd {
+        group: String,
+        topic: String,
+        partition: i32,
+        stored: i64,
+        end: i64,
+    },
     /// Anything else (bad URL, undefined table, permission denied): stop.
     #[error("database: {0}")]
     Fatal(String),

@@ -29,14 +29,19 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use super::batch::{Batcher, WriteBatch};
+use super::lag::{LagProbe, Positions};
 use super::table::ReceiptTable;
 use super::SinkError;
+use crate::ids::Origin;
 use crate::kafka::{dead_letter_headers, KafkaError, KafkaSettings};
 use crate::model::ReceiptUpdate;
+use crate::runtime::dead_letter_log::{
+    flush_dead_letter_log, log_dead_letter, LogLimiter, DEAD_LETTER_LOGS_PER_SECOND,
+};
 use crate::serde::avro::UpdateDecoder;
 use crate::serde::registry::SchemaResolver;
 use crate::serde::{SerdeError, RECEIPT_UPDATE_SCHEMA};
-use crate::task::DeadLetter;
+use crate::task::{DeadLetter, SourceRecord};
 use crate::telemetry::{Health, Progress};
 
 /// Everything a sink instance needs.
@@ -144,7 +149,10 @@ struct Sink {
     /// assigned meanwhile are paused too.
     outage: bool,
     summary: SinkSummary,
-    lag_checked: Instant,
+    /// `owned`, as the lag probe sees it.
+    positions: Positions,
+    _lag: LagProbe,
+    dead_letter_log: LogLimiter,
 }
 
 /// How often the sink's lag per partition is measured (a watermark request each).
@@ -164,6 +172,13 @@ impl Sink {
             .map_err(KafkaError::from)?;
         let producer: FutureProducer = cfg.kafka.producer().create().map_err(KafkaError::from)?;
         let decoder = UpdateDecoder::new(cfg.resolver.clone(), RECEIPT_UPDATE_SCHEMA)?;
+        let positions = Positions::default();
+        let lag = LagProbe::start(
+            &cfg.kafka,
+            cfg.topic.clone(),
+            positions.clone(),
+            LAG_INTERVAL,
+        )?;
         Ok(Self {
             cfg,
             consumer,
@@ -174,7 +189,9 @@ impl Sink {
             claim_retry: Retry::new(),
             outage: false,
             summary: SinkSummary::default(),
-            lag_checked: Instant::now(),
+            positions,
+            _lag: lag,
+            dead_letter_log: LogLimiter::new(DEAD_LETTER_LOGS_PER_SECOND),
         })
     }
 
@@ -231,6 +248,7 @@ impl Sink {
                 Some(Err(e)) => tracing::warn!(error = %e, "sink consumer error"),
                 None => tokio::task::yield_now().await,
             }
+            flush_dead_letter_log(&mut self.dead_letter_log);
             let due = batch.age().is_some_and(|a| a >= self.cfg.linger);
             if batch.rows() >= self.cfg.batch_size || due {
                 self.flush(&mut batch, shutdown).await?;
@@ -258,6 +276,7 @@ impl Sink {
                             w.remove_partition(*p);
                         }
                     }
+                    self.publish_positions();
                     tracing::info!(partitions = ?parts, "sink partitions revoked");
                 }
                 RebalanceEvent::Assigned(parts) if !parts.is_empty() => {
@@ -320,6 +339,7 @@ impl Sink {
             .await?;
         for p in parts {
             let next = stored.get(p).copied().unwrap_or(-1);
+            self.check_stored_offset(*p, next)?;
             self.owned.insert(*p, next);
             let to = if next >= 0 {
                 Offset::Offset(next)
@@ -331,7 +351,35 @@ impl Sink {
                 tracing::debug!(partition = p, error = %e, "seek after assignment deferred");
             }
         }
+        self.publish_positions();
         tracing::info!(partitions = ?parts, offsets = ?self.owned, "sink partitions claimed");
+        Ok(())
+    }
+
+    /// A stored offset must lie within the partition's log: beyond its end means the topic
+    /// was recreated (fatal); below its start means records were deleted unwritten (said).
+    fn check_stored_offset(&self, partition: i32, next: i64) -> Result<(), SinkError> {
+        if next < 0 {
+            return Ok(());
+        }
+        let (low, high) = self
+            .consumer
+            .fetch_watermarks(&self.cfg.topic, partition, Duration::from_secs(5))
+            .map_err(|e| {
+                SinkError::Retriable(format!("offsets of {} [{partition}]: {e}", self.cfg.topic))
+            })?;
+        if next > high {
+            return Err(SinkError::OffsetBeyondEnd {
+                group: self.cfg.group.clone(),
+                topic: self.cfg.topic.clone(),
+                partition,
+                stored: next,
+                end: high,
+            });
+        }
+        if next < low {
+            tracing::warn!(topic = %self.cfg.topic, partition, stored = next, log_start = low, "records below the log start were deleted (retention) before the sink wrote them; it goes on from the log start");
+        }
         Ok(())
     }
 
@@ -357,16 +405,17 @@ impl Sink {
         let update = match self.decode(payload.as_deref(), shutdown).await? {
             Ok(u) => Some(u),
             Err((reason, error)) => {
-                let d = DeadLetter {
-                    topic: self.cfg.topic.clone(),
+                let rec = SourceRecord {
+                    topic: &self.cfg.topic,
                     partition,
                     offset,
-                    key,
-                    value: payload,
-                    reason,
-                    error,
+                    key: key.as_deref(),
+                    value: payload.as_deref(),
+                    origin: Origin { source: 0, offset },
                 };
-                self.dead_letter(d).await?;
+                let max = crate::serde::avro::MAX_RECORD_BYTES;
+                self.dead_letter(DeadLetter::from_record(&rec, reason, error, max))
+                    .await?;
                 None
             }
         };
@@ -403,8 +452,7 @@ impl Sink {
 
     /// Produce a dead letter and wait for its acknowledgement.
     async fn dead_letter(&mut self, d: DeadLetter) -> Result<(), SinkError> {
-        tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, reason = d.reason, error = %d.error, "sink dead letter");
-        metrics::counter!("readstate_dead_letters_total", "reason" => d.reason).increment(1);
+        log_dead_letter(&d, &mut self.dead_letter_log);
         let mut rec: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&self.cfg.dead_letter_topic).headers(dead_letter_headers(&d));
         if let Some(k) = d.key.as_deref() {
@@ -538,6 +586,8 @@ impl Sink {
                         value: Some(row_json(u).into_bytes()),
                         reason: "rejected_by_database",
                         error,
+                        key_truncated_from: None,
+                        value_truncated_from: None,
                     };
                     self.dead_letter(d).await?;
                 }
@@ -559,6 +609,7 @@ impl Sink {
                     for p in &still {
                         self.owned.remove(p);
                     }
+                    self.publish_positions();
                     self.consumer
                         .pause(&self.partition_list(still.iter()))
                         .map_err(KafkaError::from)?;
@@ -627,19 +678,15 @@ impl Sink {
         metrics::counter!("readstate_sink_rows_written_total").increment(report.rows_changed);
         metrics::counter!("readstate_sink_rows_total").increment(w.rows.len() as u64);
         metrics::histogram!("readstate_sink_batch_duration_seconds").record(took.as_secs_f64());
-        if self.lag_checked.elapsed() >= LAG_INTERVAL {
-            self.lag_checked = Instant::now();
-            for (p, next) in &self.owned {
-                let w = self
-                    .consumer
-                    .fetch_watermarks(&self.cfg.topic, *p, Duration::from_secs(1));
-                if let Ok((_, high)) = w {
-                    let lag = (high - (*next).max(0)).max(0);
-                    metrics::gauge!("readstate_sink_lag_records", "partition" => p.to_string())
-                        .set(lag as f64);
-                }
-            }
-        }
+        self.publish_positions();
+    }
+
+    /// Let the lag probe see the owned partitions and their stored offsets.
+    fn publish_positions(&self) {
+        self.positions
+            .lock()
+            .expect("positions lock")
+            .clone_from(&self.owned);
     }
 }
 

@@ -7,7 +7,6 @@
 //! - [`MemoryTable`]: the same contract in memory, with injectable faults, for tests.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -66,6 +65,8 @@ pub struct PostgresTable {
     pool: Pool,
     config: tokio_postgres::Config,
     tls: postgres_native_tls::MakeTlsConnector,
+    /// `user@host:port/db`, for messages.
+    target: String,
     table: String,
     upsert: String,
 }
@@ -164,15 +165,18 @@ fn pool_error(e: deadpool_postgres::PoolError) -> SinkError {
 
 impl PostgresTable {
     /// A pool of up to `pool_size` connections to `url` (libpq URL or key=value string;
-    /// `sslmode` honoured), each with `statement_timeout` set.
+    /// every libpq `sslmode` and `sslrootcert` honoured), each with `statement_timeout`.
     pub fn connect(
         url: &str,
         table: &str,
         pool_size: usize,
         statement_timeout: Duration,
     ) -> Result<Self, SinkError> {
-        let mut cfg = tokio_postgres::Config::from_str(url)
-            .map_err(|e| SinkError::Fatal(format!("invalid database URL: {e}")))?;
+        let super::connect::Database {
+            config: mut cfg,
+            tls,
+            target,
+        } = super::connect::parse(url)?;
         cfg.options(format!(
             "-c statement_timeout={}",
             statement_timeout.as_millis().max(1)
@@ -183,9 +187,6 @@ impl PostgresTable {
         if cfg.get_application_name().is_none() {
             cfg.application_name("readstate-sink");
         }
-        let tls = native_tls::TlsConnector::new()
-            .map_err(|e| SinkError::Fatal(format!("TLS setup: {e}")))?;
-        let tls = postgres_native_tls::MakeTlsConnector::new(tls);
         let manager = Manager::from_config(
             cfg.clone(),
             tls.clone(),
@@ -204,6 +205,7 @@ impl PostgresTable {
             pool,
             config: cfg,
             tls,
+            target,
             table: table.to_owned(),
             upsert: upsert_sql(table),
         })
@@ -215,14 +217,32 @@ impl PostgresTable {
 
     /// A pooled connection.
     pub async fn client(&self) -> Result<deadpool_postgres::Object, SinkError> {
-        self.pool.get().await.map_err(pool_error)
+        self.pool.get().await.map_err(|e| self.at(pool_error(e)))
+    }
+
+    /// Where this table's database is (`user@host:port/db`, no password).
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// An error naming the database it came from.
+    fn at(&self, e: SinkError) -> SinkError {
+        match e {
+            SinkError::Retriable(m) => SinkError::Retriable(format!("{}: {m}", self.target)),
+            SinkError::Fatal(m) => SinkError::Fatal(format!("{}: {m}", self.target)),
+            other => other,
+        }
     }
 
     /// A connection outside the pool, driven by the calling runtime and closed when
     /// dropped: for one-off work (migrations, checks) that may run on another runtime than
     /// the sink's, whose pooled connections must stay on the sink's.
     async fn direct(&self) -> Result<tokio_postgres::Client, SinkError> {
-        let (client, conn) = self.config.connect(self.tls.clone()).await.map_err(db)?;
+        let (client, conn) = self
+            .config
+            .connect(self.tls.clone())
+            .await
+            .map_err(|e| self.at(db(e)))?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "one-off database connection ended");
@@ -235,6 +255,24 @@ impl PostgresTable {
     pub async fn check_migrated(&self) -> Result<(), SinkError> {
         let client = self.direct().await?;
         super::migrate::check_migrated(&client, &self.table).await
+    }
+
+    /// Delete the stored offsets of `group` on `topic` (all partitions), so the sink
+    /// starts again from the beginning (`readstate reset --sink-offsets`); with `dry_run`
+    /// only count them. Rows are kept: their version guard makes the rewrite harmless.
+    pub async fn delete_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        dry_run: bool,
+    ) -> Result<u64, SinkError> {
+        let client = self.direct().await?;
+        let sql = match dry_run {
+            true => "SELECT count(*) FROM readstate_sink_offsets WHERE consumer_group = $1 AND topic = $2",
+            false => "WITH d AS (DELETE FROM readstate_sink_offsets WHERE consumer_group = $1 AND topic = $2 RETURNING 1) SELECT count(*) FROM d",
+        };
+        let row = client.query_one(sql, &[&group, &topic]).await.map_err(db)?;
+        Ok(row.get::<_, i64>(0) as u64)
     }
 
     /// Apply the migrations for this table; returns the versions applied now.

@@ -34,19 +34,45 @@ pub struct DeadLetter {
     /// Bounded label (`DecodeError::reason`).
     pub reason: &'static str,
     pub error: String,
+    /// The sizes of the record's key and value when the dead letter carries less of them.
+    pub key_truncated_from: Option<usize>,
+    pub value_truncated_from: Option<usize>,
 }
 
+/// The most of a record's key a dead letter carries.
+pub const DEAD_LETTER_MAX_KEY_BYTES: usize = 1024;
+
 impl DeadLetter {
-    pub fn from_record(r: &SourceRecord<'_>, reason: &'static str, error: String) -> Self {
+    /// A dead letter for `r` carrying at most `max_value_bytes` of its value (and
+    /// [`DEAD_LETTER_MAX_KEY_BYTES`] of its key), so that it can always be produced.
+    pub fn from_record(
+        r: &SourceRecord<'_>,
+        reason: &'static str,
+        error: String,
+        max_value_bytes: usize,
+    ) -> Self {
+        let (key, key_truncated_from) = capped(r.key, DEAD_LETTER_MAX_KEY_BYTES);
+        let (value, value_truncated_from) = capped(r.value, max_value_bytes);
         Self {
             topic: r.topic.to_owned(),
             partition: r.partition,
             offset: r.offset,
-            key: r.key.map(<[u8]>::to_vec),
-            value: r.value.map(<[u8]>::to_vec),
+            key,
+            value,
             reason,
             error,
+            key_truncated_from,
+            value_truncated_from,
         }
+    }
+}
+
+/// The first `max` bytes of `b`, and its full length when it was longer.
+fn capped(b: Option<&[u8]>, max: usize) -> (Option<Vec<u8>>, Option<usize>) {
+    match b {
+        None => (None, None),
+        Some(b) if b.len() <= max => (Some(b.to_vec()), None),
+        Some(b) => (Some(b[..max].to_vec()), Some(b.len())),
     }
 }
 
@@ -78,7 +104,12 @@ impl StreamTask {
         for r in records {
             match decoder.decode_ref(r.value) {
                 Ok(e) => events.push((e, r.origin)),
-                Err(e) => dead_letters.push(DeadLetter::from_record(r, e.reason(), e.to_string())),
+                Err(e) => dead_letters.push(DeadLetter::from_record(
+                    r,
+                    e.reason(),
+                    e.to_string(),
+                    decoder.max_record_bytes(),
+                )),
             }
         }
         self.processor.process(&events)

@@ -23,6 +23,25 @@ pub fn describe(t: &Topology) -> String {
         t.application_id,
         t.store.name
     );
+    let b = &t.bad_records;
+    let policy = match b.on_bad_record {
+        super::OnBadRecord::DeadLetter if b.max_ratio >= 1.0 => {
+            format!("dead-letter to {}", t.dead_letter_topic)
+        }
+        super::OnBadRecord::DeadLetter => format!(
+            "dead-letter to {}; stop above {}% of {} records or more in {}",
+            t.dead_letter_topic,
+            b.max_ratio * 100.0,
+            b.min_records,
+            ms(b.window)
+        ),
+        super::OnBadRecord::Fail => "fail (stop at the first)".to_owned(),
+    };
+    let _ = writeln!(
+        o,
+        "  bad records:    {policy}; records over {} bytes are too_large",
+        b.max_record_bytes
+    );
     let repartitioned: Vec<_> = t
         .sources
         .iter()

@@ -174,6 +174,46 @@ pub struct PostgresSink {
     pub embedded: bool,
 }
 
+/// What a record that cannot be processed does (Kafka Streams'
+/// `deserialization.exception.handler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnBadRecord {
+    /// Write it to the dead-letter topic and go on (LogAndContinue plus a DLQ), under the
+    /// circuit breaker.
+    #[default]
+    DeadLetter,
+    /// Stop the instance at the first one, committing nothing past it (LogAndFail).
+    Fail,
+}
+
+/// Bad-record handling: the size limit, the policy and the dead-letter circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BadRecords {
+    /// Largest record accepted (bytes); also the most of a record's value a dead letter
+    /// carries.
+    pub max_record_bytes: usize,
+    pub on_bad_record: OnBadRecord,
+    /// Trip when dead letters exceed this share of a window's records (1.0: never).
+    pub max_ratio: f64,
+    pub window: Duration,
+    /// A window with fewer records is not judged.
+    pub min_records: u64,
+}
+
+impl Eq for BadRecords {}
+
+impl Default for BadRecords {
+    fn default() -> Self {
+        Self {
+            max_record_bytes: crate::serde::avro::MAX_RECORD_BYTES,
+            on_bad_record: OnBadRecord::DeadLetter,
+            max_ratio: 0.5,
+            window: Duration::from_secs(60),
+            min_records: 100,
+        }
+    }
+}
+
 /// A compiled, checked topology.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
@@ -182,6 +222,7 @@ pub struct Topology {
     pub guarantee: ProcessingGuarantee,
     pub state_dir: PathBuf,
     pub dead_letter_topic: TopicName,
+    pub bad_records: BadRecords,
     pub sources: Vec<Source>,
     pub store: Store,
     pub processor: ReadStateNode,
@@ -290,6 +331,57 @@ fn check_topic(errs: &mut Errors, at: &str, t: &str) {
     }
 }
 
+fn compile_bad_records(app: &config::ApplicationSpec, errs: &mut Errors) -> BadRecords {
+    let d = BadRecords::default();
+    let on_bad_record = match app.on_bad_record.as_deref() {
+        None | Some("dead-letter") => OnBadRecord::DeadLetter,
+        Some("fail") => OnBadRecord::Fail,
+        Some(other) => {
+            errs.push(
+                "application.on_bad_record",
+                format!("unknown policy {other:?}: expected \"dead-letter\" or \"fail\""),
+            );
+            d.on_bad_record
+        }
+    };
+    let max_ratio = match app.dead_letter_max_ratio {
+        None => d.max_ratio,
+        Some(r) if r > 0.0 && r <= 1.0 => r,
+        Some(r) => {
+            errs.push(
+                "application.dead_letter_max_ratio",
+                format!("must be in (0, 1], got {r} (1.0 turns the circuit breaker off)"),
+            );
+            d.max_ratio
+        }
+    };
+    let window = errs.duration(
+        "application.dead_letter_window",
+        &app.dead_letter_window,
+        d.window,
+    );
+    if window < Duration::from_secs(1) {
+        errs.push("application.dead_letter_window", "must be at least 1s");
+    }
+    BadRecords {
+        max_record_bytes: errs.positive(
+            "application.max_record_bytes",
+            app.max_record_bytes,
+            d.max_record_bytes,
+            crate::serde::avro::MAX_RECORD_BYTES_CEILING as i64,
+        ),
+        on_bad_record,
+        max_ratio,
+        window,
+        min_records: errs.positive(
+            "application.dead_letter_min_records",
+            app.dead_letter_min_records,
+            d.min_records as usize,
+            1 << 40,
+        ) as u64,
+    }
+}
+
 /// Compile topology text into a checked [`Topology`], or every error found.
 pub fn compile(text: &str) -> Result<Topology, Vec<TopologyError>> {
     let (spec, unknown) = config::parse(text).map_err(|e| {
@@ -299,8 +391,8 @@ pub fn compile(text: &str) -> Result<Topology, Vec<TopologyError>> {
         }]
     })?;
     let mut errs = Errors(Vec::new());
-    for path in unknown {
-        errs.push(path, "unknown field");
+    for (path, message) in unknown {
+        errs.push(path, message);
     }
     let t = compile_spec(&spec, &mut errs);
     if errs.0.is_empty() {
@@ -346,6 +438,7 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
         .clone()
         .unwrap_or_else(|| format!("{app_id_s}-dlq"));
     check_topic(errs, "application.dead_letter_topic", &dead_letter_topic);
+    let bad_records = compile_bad_records(&app, errs);
 
     // Sources.
     if spec.source.is_empty() {
@@ -670,6 +763,7 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
         guarantee,
         state_dir,
         dead_letter_topic: TopicName(dead_letter_topic),
+        bad_records,
         sources,
         store,
         processor,

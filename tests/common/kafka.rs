@@ -210,3 +210,32 @@ pub fn create_topic(brokers: &str, name: &str, partitions: i32, config: &[(&str,
         r.unwrap();
     }
 }
+
+/// Delete a topic through the admin API (a real broker) and wait until the metadata no
+/// longer has it.
+pub fn delete_topic(brokers: &str, name: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in futures::executor::block_on(admin.delete_topics(&[name], &opts)).unwrap() {
+        r.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while topic_exists(brokers, name) {
+        assert!(std::time::Instant::now() < deadline, "{name} still listed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether the cluster's metadata lists `name`.
+pub fn topic_exists(brokers: &str, name: &str) -> bool {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let md = c.fetch_metadata(None, Duration::from_secs(10)).unwrap();
+    md.topics().iter().any(|t| t.name() == name)
+}

@@ -9,15 +9,36 @@ fn root() -> &'static str {
     env!("CARGO_MANIFEST_DIR")
 }
 
+/// Text without ANSI colour sequences (dclint may colour its output even when piped).
+fn without_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ parameters, up to the final letter.
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[test]
 fn the_compose_stack_follows_the_compose_specification() {
     let dclint = std::env::var("READSTATE_DCLINT")
         .expect("READSTATE_DCLINT is not set: run scripts/test, which installs dclint");
     let out = Command::new(dclint)
         .arg(format!("{}/docker/compose.yaml", root()))
+        .env("NO_COLOR", "1")
+        .env("FORCE_COLOR", "0")
         .output()
         .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
+    let said = without_ansi(&String::from_utf8_lossy(&out.stdout));
     assert!(out.status.success(), "{said}");
     assert!(
         said.contains("(0 errors"),

@@ -132,6 +132,23 @@ ensure_kafka_jars() {
   export KAFKA_JARS
 }
 
+# The Kafka Streams yardstick of bench/kafka-streams, built with Maven (a JDK is installed
+# when missing). Exports YARDSTICK_CLASSPATH: a file with its dependencies' classpath (the
+# classes are in the directory next to it).
+build_yardstick() {
+  ensure_kafka_jars
+  if ! command -v javac >/dev/null 2>&1; then
+    echo "==> installing a JDK"
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq openjdk-17-jdk-headless >/dev/null
+  fi
+  echo "==> building the Kafka Streams yardstick (bench/kafka-streams)"
+  mvn -q -B -Dstyle.color=never -f "$READSTATE_ROOT/bench/kafka-streams/pom.xml" -DskipTests \
+    package dependency:build-classpath -Dmdep.outputFile=target/classpath.txt
+  export YARDSTICK_CLASSPATH="$READSTATE_ROOT/bench/kafka-streams/target/classpath.txt"
+}
+
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }

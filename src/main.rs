@@ -134,7 +134,8 @@ struct BenchArgs {
     /// Connections the sink figures write on at once (the topology's pool_size).
     #[arg(long, default_value_t = 2)]
     sink_connections: usize,
-    /// Only these figures (comma-separated: keys, core, e2e, restore, sink); all by default.
+    /// Only these figures (comma-separated: keys, core, e2e, versus, restore, sink); all by
+    /// default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run the end-to-end figure on this Kafka (e.g. what `scripts/kafka start` prints)
@@ -144,6 +145,29 @@ struct BenchArgs {
     /// The end-to-end figure under exactly_once_v2 (needs a real broker to mean anything).
     #[arg(long)]
     exactly_once: bool,
+    /// For the "versus" figure (needs --brokers): a file with the classpath of the Kafka
+    /// Streams application in bench/kafka-streams (scripts/bench builds it with Maven).
+    #[arg(long)]
+    kafka_streams_classpath: Option<PathBuf>,
+    /// JVM options of the Kafka Streams application (space-separated).
+    #[arg(long, default_value = "-Xms256m -Xmx1g")]
+    kafka_streams_jvm: String,
+    /// Partitions of the "versus" figure's topic.
+    #[arg(long, default_value_t = 32)]
+    versus_partitions: i32,
+    /// "versus" on this existing topic (holding a workload) instead of a fresh one.
+    #[arg(long)]
+    versus_topic: Option<String>,
+    /// "versus" with readstate alone (to measure its settings; READSTATE_VERSUS_ARGS adds
+    /// arguments to its command line).
+    #[arg(long)]
+    versus_readstate_only: bool,
+    /// "versus" under at_least_once only.
+    #[arg(long, conflicts_with = "versus_exactly_once_only")]
+    versus_at_least_once_only: bool,
+    /// "versus" under exactly_once_v2 only.
+    #[arg(long)]
+    versus_exactly_once_only: bool,
 }
 
 #[derive(clap::Args)]
@@ -496,6 +520,44 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
         println!(
             "{}",
             bench::end_to_end(&e2e, args.partitions, &on)?.render()
+        );
+    }
+    if let (Some(brokers), Some(cp), true) =
+        (&args.brokers, &args.kafka_streams_classpath, want("versus"))
+    {
+        let classes = cp.parent().map(|d| d.join("classes")).unwrap_or_default();
+        let deps =
+            std::fs::read_to_string(cp).with_context(|| format!("reading {}", cp.display()))?;
+        let yardstick = bench::versus::Yardstick {
+            java: "java".into(),
+            classpath: format!("{}:{}", classes.display(), deps.trim()),
+            schemas: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas"),
+            jvm_options: args
+                .kafka_streams_jvm
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
+        };
+        let plan = bench::versus::Plan {
+            partitions: args.versus_partitions,
+            topic: args.versus_topic.clone(),
+            readstate_only: args.versus_readstate_only,
+            guarantees: match (
+                args.versus_at_least_once_only,
+                args.versus_exactly_once_only,
+            ) {
+                (true, _) => vec!["at_least_once"],
+                (_, true) => vec!["exactly_once_v2"],
+                _ => vec!["at_least_once", "exactly_once_v2"],
+            },
+        };
+        print!(
+            "{}",
+            bench::versus::versus(brokers, &spec, &plan, &yardstick)?
+        );
+    } else if want("versus") && !args.only.is_empty() {
+        println!(
+            "versus figure skipped: needs --brokers and --kafka-streams-classpath (scripts/bench)"
         );
     }
     if want("restore") {

@@ -271,9 +271,10 @@ fn a_missing_topology_and_guarded_properties_are_named() {
     );
     let shipped = shipped();
     let guarded = ["-X", "enable.auto.commit=true"];
+    let state = tempfile::tempdir().unwrap();
     let (code, _, err) = readstate_env(
         &[&run_args(&shipped, "x:1")[..], &guarded[..]].concat(),
-        &[],
+        &[("STATE_DIR", state.path().to_str().unwrap())],
     );
     assert_ne!(code, 0);
     assert!(

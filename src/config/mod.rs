@@ -68,7 +68,7 @@ pub struct StoreSpec {
     pub cache_max_entries: Option<i64>,
     /// RocksDB block cache, MiB (default 64).
     pub block_cache_mb: Option<i64>,
-    /// RocksDB memtable size, MiB (default 32).
+    /// RocksDB memtable size, MiB (default 8).
     pub write_buffer_mb: Option<i64>,
     /// Skip RocksDB's WAL; the changelog makes the store rebuildable (default: true when
     /// the store has a changelog; refused without one).

@@ -390,7 +390,11 @@ impl KafkaSettings {
             // The queue thresholds count the whole consumer queue (all partitions): once it
             // holds queued.min.messages, every partition's next fetch waits this long
             // (librdkafka's default of 1 s left the consumer idle for most of each second).
-            .set("fetch.queue.backoff.ms", "10");
+            .set("fetch.queue.backoff.ms", "10")
+            // Records fetched ahead, for all partitions together: librdkafka's 64 MiB
+            // default held a quarter of a 32-partition instance's peak RSS; 8 MiB is
+            // still ~130 ms of input at 1M events/s (measured: same throughput, -40 MiB).
+            .set("queued.max.messages.kbytes", "8192");
         self.apply_overrides(&mut c, Scope::Consumer);
         c
     }

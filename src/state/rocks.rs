@@ -30,7 +30,7 @@ impl Default for RocksDbOptions {
     fn default() -> Self {
         Self {
             block_cache_bytes: 64 << 20,
-            write_buffer_bytes: 32 << 20,
+            write_buffer_bytes: 8 << 20,
             max_write_buffers: 3,
             // A store with a changelog (the default topology) needs no WAL.
             disable_wal: true,

@@ -8,7 +8,12 @@
 //! - **sink**: version-guarded `UNNEST` upserts into PostgreSQL through the sink's
 //!   [`PostgresTable`], one transaction per batch with its offsets; rows/s per batch size.
 //!
+//! - **versus** ([`versus`]): readstate and the Kafka Streams application of
+//!   `bench/kafka-streams` on the same pre-produced topic of a real broker, as processes.
+//!
 //! Figures are printed, never asserted: this machine is shared and noisy.
+
+pub mod versus;
 
 use std::time::{Duration, Instant};
 
@@ -57,7 +62,7 @@ impl Figure {
     }
 }
 
-fn fmt_num(v: f64) -> String {
+pub(crate) fn fmt_num(v: f64) -> String {
     let n = v.round() as i64;
     let s = n.abs().to_string();
     let mut out = String::new();
@@ -367,7 +372,8 @@ pub struct Broker {
 }
 
 /// The pre-producer, and the mock cluster it owns when there is no real broker.
-type PreProducer = rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>;
+pub(crate) type PreProducer =
+    rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>;
 
 /// A producer for the pre-produced workload: on a real broker, its topic made through the
 /// admin API; else one owning an in-process broker with every topic the run needs.
@@ -420,7 +426,7 @@ fn bench_producer(
     Ok((producer, brokers))
 }
 
-fn create_topic(brokers: &str, topic: &str, partitions: i32) -> Result<(), BenchError> {
+pub(crate) fn create_topic(brokers: &str, topic: &str, partitions: i32) -> Result<(), BenchError> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let other = |e: rdkafka::error::KafkaError| BenchError::Other(format!("kafka: {e}"));
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
@@ -435,6 +441,32 @@ fn create_topic(brokers: &str, topic: &str, partitions: i32) -> Result<(), Bench
     Ok(())
 }
 
+/// Produce the workload of `spec` to `topic` (keyed by conversation, local schema id);
+/// returns the records and bytes sent (not yet flushed).
+pub(crate) fn send_workload(
+    producer: &PreProducer,
+    topic: &str,
+    spec: &WorkloadSpec,
+) -> Result<(u64, usize), BenchError> {
+    use rdkafka::producer::BaseRecord;
+    let encoder = EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID)?;
+    let (mut records, mut bytes) = (0u64, 0usize);
+    for g in Generator::new(spec.clone()) {
+        let (key, value) = match g {
+            Generated::Event(e) => (
+                e.conversation_id.0.to_string(),
+                encoder.encode(&AvroReadEvent::from(&e))?,
+            ),
+            Generated::Poison(b) => ("poison".to_owned(), b),
+        };
+        bytes += key.len() + value.len();
+        crate::kafka::send_waiting(producer, BaseRecord::to(topic).key(&key).payload(&value))
+            .map_err(|e| BenchError::Other(format!("kafka: producing to {topic}: {e}")))?;
+        records += 1;
+    }
+    Ok((records, bytes))
+}
+
 /// Topic and application names of one end-to-end run (fresh on a real broker).
 struct BenchTopics {
     app: String,
@@ -447,7 +479,7 @@ struct BenchTopics {
 /// 5 MB retention), then `run` timed from start until it has consumed every record, with
 /// its final commit.
 pub fn end_to_end(spec: &WorkloadSpec, partitions: i32, on: &Broker) -> Result<Figure, BenchError> {
-    use rdkafka::producer::{BaseRecord, Producer};
+    use rdkafka::producer::Producer;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
@@ -469,27 +501,7 @@ pub fn end_to_end(spec: &WorkloadSpec, partitions: i32, on: &Broker) -> Result<F
     };
     let (producer, brokers) = bench_producer(on, &names, partitions)?;
     let app = names.app.as_str();
-    let encoder = EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID)?;
-    let mut records = 0u64;
-    let mut bytes = 0usize;
-    for g in Generator::new(spec.clone()) {
-        let (key, value) = match g {
-            Generated::Event(e) => (
-                e.conversation_id.0.to_string(),
-                encoder.encode(&AvroReadEvent::from(&e))?,
-            ),
-            Generated::Poison(b) => ("poison".to_owned(), b),
-        };
-        bytes += key.len() + value.len();
-        crate::kafka::send_waiting(
-            &producer,
-            BaseRecord::to(names.events.as_str())
-                .key(&key)
-                .payload(&value),
-        )
-        .map_err(other)?;
-        records += 1;
-    }
+    let (records, bytes) = send_workload(&producer, &names.events, spec)?;
     producer.flush(Duration::from_secs(120)).map_err(other)?;
     // Verify the broker kept everything (the mock deletes old data past its retention).
     {

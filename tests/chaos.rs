@@ -116,6 +116,11 @@ impl Scenario {
             .unwrap()
     }
 
+    /// The last 6 KB of node `n`'s log.
+    fn tail(&self, n: usize) -> String {
+        self.log_since(n, self.log_len(n).saturating_sub(6000))
+    }
+
     fn log_len(&self, n: usize) -> usize {
         std::fs::read(self.root.path().join(format!("node-{n}.log"))).map_or(0, |b| b.len())
     }
@@ -158,13 +163,17 @@ fn signal(child: &Child, sig: &str) {
     assert!(ok, "kill -{sig}");
 }
 
-/// SIGTERM, and a clean exit within a bounded time.
-fn terminate(child: &mut Child, what: &str) {
+/// SIGTERM, and a clean exit within a bounded time; on failure, the end of its `log`.
+fn terminate(child: &mut Child, what: &str, log: impl Fn() -> String) {
     signal(child, "TERM");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "{what} exited with {status}");
+            assert!(
+                status.success(),
+                "{what} exited with {status}; its log ends:\n{}",
+                log()
+            );
             return;
         }
         assert!(Instant::now() < deadline, "{what} did not stop on SIGTERM");
@@ -243,7 +252,7 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
     nodes[1] = s.spawn(1);
     pause(Duration::from_secs(3));
     eprintln!("chaos: SIGTERM node 2, restart");
-    terminate(&mut nodes[2], "node 2");
+    terminate(&mut nodes[2], "node 2", || s.tail(2));
     nodes[2] = s.spawn(2);
     pause(Duration::from_secs(3));
     eprintln!("chaos: SIGSTOP node 0 past the session timeout, then SIGCONT");
@@ -266,7 +275,7 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
         Duration::from_secs(60),
         || std::fs::read_to_string(&log3).is_ok_and(|l| l.contains("task restored")),
     );
-    terminate(&mut extra, "node 3");
+    terminate(&mut extra, "node 3", || s.tail(3));
     eprintln!("chaos: PostgreSQL refuses connections for 8 s");
     s.db.block();
     pause(Duration::from_secs(8));
@@ -288,7 +297,7 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
         },
     );
     for (i, c) in nodes.iter_mut().enumerate() {
-        terminate(c, &format!("node {i}"));
+        terminate(c, &format!("node {i}"), || s.tail(i));
     }
     let log0 = s.log_since(0, stopped_at);
     assert!(

@@ -84,44 +84,6 @@ impl ChangelogReader {
             .fetch_watermarks(&topic, partition, Duration::from_secs(10))?)
     }
 
-    /// The (low, high) watermarks of many changelog partitions in two ListOffsets requests
-    /// (earliest, latest) instead of two per partition: opening 32 tasks waited ~5 ms per
-    /// partition on sequential watermark requests. Partitions missing from the answers are
-    /// asked one by one.
-    pub fn watermarks_many(
-        &mut self,
-        partitions: &[i32],
-    ) -> Result<std::collections::HashMap<i32, (i64, i64)>, KafkaError> {
-        use rdkafka::{Offset, TopicPartitionList};
-        let topic = self.topic.clone();
-        let query = |at: Offset| -> Result<TopicPartitionList, KafkaError> {
-            let mut tpl = TopicPartitionList::new();
-            for p in partitions {
-                tpl.add_partition_offset(&topic, *p, at)?;
-            }
-            Ok(tpl)
-        };
-        let c = self.consumer()?;
-        // Kafka's ListOffsets with the special timestamps -2 (earliest) and -1 (latest),
-        // which librdkafka's Beginning and End carry.
-        let low = c.offsets_for_times(query(Offset::Beginning)?, Duration::from_secs(10))?;
-        let high = c.offsets_for_times(query(Offset::End)?, Duration::from_secs(10))?;
-        let offset =
-            |tpl: &TopicPartitionList, p: i32| match tpl.find_partition(&topic, p)?.offset() {
-                Offset::Offset(o) if o >= 0 => Some(o),
-                _ => None,
-            };
-        let mut out = std::collections::HashMap::with_capacity(partitions.len());
-        for &p in partitions {
-            let w = match (offset(&low, p), offset(&high, p)) {
-                (Some(l), Some(h)) => (l, h),
-                _ => self.watermarks(p)?,
-            };
-            out.insert(p, w);
-        }
-        Ok(out)
-    }
-
     pub fn is_restoring(&self) -> bool {
         !self.restoring.is_empty()
     }

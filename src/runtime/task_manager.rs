@@ -289,15 +289,9 @@ impl TaskManager {
         let ids: Vec<TaskId> = parts.iter().map(|p| self.task_id(*p)).collect();
         let started = Instant::now();
         let stores = self.state.open_many(&ids);
-        let opened = started.elapsed();
-        let watermarks = match self.reader.as_mut() {
-            Some(r) => r.watermarks_many(&parts)?,
-            None => Default::default(),
-        };
-        tracing::debug!(tasks = ids.len(), ?opened, watermarks = ?(started.elapsed() - opened), "stores opened, changelog watermarks read");
+        tracing::debug!(tasks = ids.len(), opened = ?started.elapsed(), "stores opened");
         for (id, store) in ids.into_iter().zip(stores) {
-            let w = watermarks.get(&id.partition).copied();
-            if let Some(done) = self.register_restore(id, store?, w)? {
+            if let Some(done) = self.register_restore(id, store?)? {
                 self.start_task(consumer, done)?;
             }
         }
@@ -311,7 +305,6 @@ impl TaskManager {
         &mut self,
         id: TaskId,
         store: Box<dyn KeyValueStore>,
-        watermarks: Option<(i64, i64)>,
     ) -> Result<Option<Restored>, RuntimeError> {
         let Some(reader) = self.reader.as_mut() else {
             return Ok(Some(Restored {
@@ -321,10 +314,7 @@ impl TaskManager {
                 elapsed: Duration::ZERO,
             }));
         };
-        let (low, high) = match watermarks {
-            Some(w) => w,
-            None => reader.watermarks(id.partition)?,
-        };
+        let (low, high) = reader.watermarks(id.partition)?;
         let store = match check_checkpoint(read_checkpoint(&*store)?, low, high) {
             CheckpointCheck::RestoreFrom(from) => return reader.register(id, store, from, high),
             CheckpointCheck::Corrupted(why) => {

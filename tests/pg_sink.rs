@@ -715,12 +715,7 @@ fn run_started_while_postgres_is_down_processes_the_stream_and_the_sink_catches_
                     .is_some_and(|r| r.seq == x.max_seq && r.version == x.advances)
             })
     });
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(child.wait().unwrap().success(), "clean exit on SIGTERM");
+    assert!(sigterm(&mut child).success(), "clean exit on SIGTERM");
 }
 
 /// The real broker of `scripts/test`, a migrated database and names of this test's own.
@@ -818,12 +813,7 @@ fn real_broker_exactly_once_run_killed_and_restarted_then_postgres_equals_the_or
                 })
             })
     });
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(child.wait().unwrap().success(), "clean exit on SIGTERM");
+    assert!(sigterm(&mut child).success(), "clean exit on SIGTERM");
     let reg = Arc::new(LocalRegistry::new());
     let mut dec = readstate::serde::avro::UpdateDecoder::new(reg, RECEIPT_UPDATE_SCHEMA).unwrap();
     let mut header = vec![0u8];

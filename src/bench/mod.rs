@@ -693,15 +693,19 @@ fn dir_size(p: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// The process's peak resident set (VmHWM), Linux only; 0 elsewhere.
+/// This process's peak resident set (VmHWM), Linux only; 0 elsewhere.
 fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    vm_hwm_bytes("/proc/self/status")
+}
+
+/// VmHWM from a `/proc/<pid>/status` file, in bytes; 0 when unreadable.
+pub(crate) fn vm_hwm_bytes(status: &str) -> u64 {
+    std::fs::read_to_string(status)
         .ok()
         .and_then(|s| {
             s.lines()
                 .find_map(|l| l.strip_prefix("VmHWM:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
+        .map_or(0, |kb| kb * 1024)
 }

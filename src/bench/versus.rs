@@ -302,14 +302,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 /// VmHWM of a process in bytes (Linux; 0 elsewhere).
 fn peak_rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    super::vm_hwm_bytes(&format!("/proc/{pid}/status"))
 }
 
 /// What to run: the systems and guarantees, on a fresh topic or an existing one.

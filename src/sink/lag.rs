@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
+use super::SinkError;
 use crate::kafka::{KafkaError, KafkaSettings};
 use crate::telemetry::series;
 
@@ -30,8 +31,11 @@ impl LagProbe {
         topic: String,
         positions: Positions,
         interval: Duration,
-    ) -> Result<Self, KafkaError> {
-        let client: BaseConsumer = kafka.restore_consumer("readstate-sink-lag").create()?;
+    ) -> Result<Self, SinkError> {
+        let client: BaseConsumer = kafka
+            .restore_consumer("readstate-sink-lag")
+            .create()
+            .map_err(KafkaError::from)?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -47,10 +51,7 @@ impl LagProbe {
                 }
                 series::retain(LAG, "partition", |_| false);
             })
-            .map_err(|e| KafkaError::Delivery {
-                failed: 0,
-                last: format!("sink lag thread: {e}"),
-            })?;
+            .map_err(|e| SinkError::Fatal(format!("starting the sink lag thread: {e}")))?;
         Ok(Self {
             stop,
             thread: Some(thread),

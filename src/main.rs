@@ -134,8 +134,8 @@ struct BenchArgs {
     /// Connections the sink figures write on at once (the topology's pool_size).
     #[arg(long, default_value_t = 2)]
     sink_connections: usize,
-    /// Only these figures (comma-separated: keys, core, e2e, versus, restore, sink); all by
-    /// default.
+    /// Only these figures (comma-separated: keys, core, e2e, versus, startup, restore,
+    /// sink); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run the end-to-end figure on this Kafka (e.g. what `scripts/kafka start` prints)
@@ -389,6 +389,7 @@ fn instance_client_id(app: &str) -> String {
 }
 
 fn main() -> ExitCode {
+    readstate::telemetry::mark_process_start();
     let cli = Cli::parse();
     readstate::telemetry::init_logging(match cli.log_format {
         LogFormatArg::Text => readstate::telemetry::LogFormat::Text,
@@ -559,6 +560,19 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
         println!(
             "versus figure skipped: needs --brokers and --kafka-streams-classpath (scripts/bench)"
         );
+    }
+    match &args.brokers {
+        Some(brokers) if want("startup") => {
+            for partitions in [32, 64] {
+                for f in bench::startup::startup(brokers, partitions)? {
+                    println!("{}", f.render());
+                }
+            }
+        }
+        None if want("startup") && !args.only.is_empty() => {
+            println!("startup figures skipped: need --brokers (scripts/bench)")
+        }
+        _ => {}
     }
     if want("restore") {
         println!(

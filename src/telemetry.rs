@@ -33,6 +33,25 @@ const DURATION_BUCKETS: &[f64] = &[
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static PROCESS_START: OnceLock<std::time::Instant> = OnceLock::new();
+
+/// Remember when the process started (call first thing in `main`); the start-up figures
+/// count from here. A library caller that never calls it counts from the first
+/// [`process_started`] call.
+pub fn mark_process_start() {
+    PROCESS_START.get_or_init(std::time::Instant::now);
+}
+
+/// When the process started (see [`mark_process_start`]).
+pub fn process_started() -> std::time::Instant {
+    *PROCESS_START.get_or_init(std::time::Instant::now)
+}
+
+/// Milliseconds since the process started: the `startup_ms` field of the start-up log
+/// lines, which `readstate bench --only startup` reads.
+pub fn since_start_ms() -> u64 {
+    process_started().elapsed().as_millis() as u64
+}
 
 /// The kind of a metric, for its `# TYPE` line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +65,7 @@ pub enum Kind {
 /// zero at start (with every bounded label value), so rates work from the first scrape.
 pub const METRICS: &[(&str, Kind, &str)] = &[
     ("readstate_build_info", Kind::Gauge, "Always 1; the version label says which readstate runs."),
+    ("readstate_startup_seconds", Kind::Gauge, "Seconds from process start to the first record processed (set once)."),
     ("readstate_events_consumed_total", Kind::Counter, "Source records polled by stream tasks (events and bad records)."),
     ("readstate_events_folded_total", Kind::Counter, "Events folded into read state."),
     ("readstate_events_stale_total", Kind::Counter, "Folded events that did not advance the read pointer."),

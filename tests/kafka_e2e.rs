@@ -1114,6 +1114,7 @@ fn registry_down_longer_than_max_poll_interval_parks_and_resumes() {
         "max.poll.interval.ms=7000",
     ];
     let cfg = env.config(env.state.path(), resolver, &props);
+    let health = cfg.health.clone();
     let inst = launch(cfg);
     let deadline = Instant::now() + Duration::from_secs(60);
     let output_id = loop {
@@ -1123,6 +1124,12 @@ fn registry_down_longer_than_max_poll_interval_parks_and_resumes() {
         assert!(Instant::now() < deadline, "output schema never registered");
         std::thread::sleep(Duration::from_millis(20));
     };
+    // The outage starts once the instance runs its tasks (the schema is registered while
+    // the topics are checked, before the group is joined).
+    while !health.is_ready() {
+        assert!(Instant::now() < deadline, "the instance never became ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let outage = Duration::from_secs(12);
     reg.down_for(outage);
     let down_at = Instant::now();

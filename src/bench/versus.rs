@@ -136,16 +136,16 @@ pub fn run_one(
 }
 
 /// One run's names and settings.
-struct Job<'a> {
-    brokers: &'a str,
-    source: &'a str,
-    app: &'a str,
-    output: &'a str,
-    guarantee: &'a str,
-    state: &'a std::path::Path,
+pub(super) struct Job<'a> {
+    pub(super) brokers: &'a str,
+    pub(super) source: &'a str,
+    pub(super) app: &'a str,
+    pub(super) output: &'a str,
+    pub(super) guarantee: &'a str,
+    pub(super) state: &'a std::path::Path,
 }
 
-fn readstate_command(job: &Job<'_>) -> Result<Command, BenchError> {
+pub(super) fn readstate_command(job: &Job<'_>) -> Result<Command, BenchError> {
     let Job {
         brokers,
         source,
@@ -193,7 +193,7 @@ fn yardstick_command(y: &Yardstick, job: &Job<'_>) -> Command {
 }
 
 /// Wait (bounded, 15 minutes) until `group` has committed every record of `topic`.
-fn wait_committed(
+pub(super) fn wait_committed(
     brokers: &str,
     group: &str,
     topic: &str,
@@ -345,6 +345,8 @@ pub fn versus(
         )?;
         out.push_str(&rs.render());
         out.push('\n');
+        out.push_str(&rss_figure(&rs, partitions).render());
+        out.push('\n');
         if plan.readstate_only {
             continue;
         }
@@ -362,6 +364,22 @@ pub fn versus(
         out.push_str(&ratios(guarantee, &rs, &ks));
     }
     Ok(out)
+}
+
+/// Issue 14's memory target for this workload: readstate's own peak RSS.
+pub const RSS_TARGET_MIB: f64 = 128.0;
+
+fn rss_figure(rs: &Run, partitions: i32) -> super::Figure {
+    super::Figure {
+        name: format!("peak RSS, {partitions} partitions"),
+        value: (rs.peak_rss_bytes as f64) / (1024.0 * 1024.0),
+        unit: "MiB",
+        target: Some(super::Target::AtMost(RSS_TARGET_MIB)),
+        note: format!(
+            "readstate, {} events, {}, defaults",
+            rs.events, rs.guarantee
+        ),
+    }
 }
 
 fn ratios(guarantee: &str, rs: &Run, ks: &Run) -> String {

@@ -25,15 +25,27 @@ impl MetadataClient {
     }
 
     /// Partition counts of `topics` (in that order); `None` for a topic that does not exist.
+    /// The requests go out at once, one thread each: every one is a round trip.
     pub fn partition_counts(
         &self,
         topics: &[&str],
         timeout: Duration,
     ) -> Result<Vec<Option<i32>>, KafkaError> {
-        topics
-            .iter()
-            .map(|t| topic_partitions(&self.client, t, timeout))
-            .collect()
+        std::thread::scope(|s| {
+            let asks: Vec<_> = topics
+                .iter()
+                .map(|t| s.spawn(move || topic_partitions(&self.client, t, timeout)))
+                .collect();
+            asks.into_iter()
+                .map(|a| a.join().expect("metadata request thread panicked"))
+                .collect()
+        })
+    }
+
+    /// Drop the client on a thread of its own: closing a librdkafka client waits for its
+    /// threads (tens of milliseconds), which start-up need not wait for.
+    pub fn close_in_background(self) {
+        std::thread::spawn(move || drop(self));
     }
 }
 
@@ -68,22 +80,22 @@ pub struct TopicRequest {
     pub check_partitions: bool,
 }
 
-/// Create every missing topic, and check the ones that exist: a wrong partition count
-/// (where it matters) or a changelog that is not compacted stops the instance with an error
-/// naming the topic. If creation fails or times out but the topic exists afterwards, that
-/// is fine; otherwise a warning is logged and the topic is left to broker auto-creation.
+/// Create every missing topic, and check the ones that exist against `counts` (their
+/// partition counts, in the order of `topics`) and `policies` (from
+/// [`describe_policies`]): a wrong partition count (where it matters) or a changelog that
+/// is not compacted stops the instance with an error naming the topic. If creation fails
+/// or times out but the topic exists afterwards, that is fine; otherwise a warning is
+/// logged and the topic is left to broker auto-creation.
 pub async fn ensure_topics(
     settings: &KafkaSettings,
-    metadata: &MetadataClient,
     topics: &[TopicRequest],
+    counts: &[Option<i32>],
+    policies: &Policies,
     timeout: Duration,
 ) -> Result<(), KafkaError> {
-    let names: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
-    let counts = metadata.partition_counts(&names, timeout)?;
     let mut missing: Vec<&TopicRequest> = Vec::new();
-    let mut compacted: Vec<&str> = Vec::new();
     for (t, n) in topics.iter().zip(counts) {
-        match n {
+        match *n {
             None => missing.push(t),
             Some(n) if t.check_partitions && n != t.partitions => {
                 return Err(KafkaError::InvalidTopic {
@@ -94,11 +106,10 @@ pub async fn ensure_topics(
                     ),
                 })
             }
-            Some(_) if t.compacted => compacted.push(&t.name),
+            Some(_) if t.compacted => policies.check_compacted(&t.name)?,
             Some(_) => {}
         }
     }
-    check_compacted(settings, &compacted, timeout).await?;
     if missing.is_empty() {
         return Ok(());
     }
@@ -147,18 +158,45 @@ pub async fn ensure_topics(
             tracing::warn!("CreateTopics timed out; relying on existing or auto-created topics")
         }
     }
+    std::thread::spawn(move || drop(admin));
     Ok(())
 }
 
-/// Existing changelog topics must have `cleanup.policy=compact`. A broker that does not
-/// answer DescribeConfigs (librdkafka's mock cluster) is tolerated with a warning.
-async fn check_compacted(
+/// The `cleanup.policy` of topics, as far as the broker answered.
+#[derive(Debug, Default)]
+pub struct Policies {
+    /// Topic → its policy; a topic missing here was not described.
+    known: std::collections::HashMap<String, String>,
+}
+
+impl Policies {
+    /// A changelog must be compacted; one whose policy is unknown is let through with a
+    /// warning (a broker that does not answer DescribeConfigs, like librdkafka's mock).
+    fn check_compacted(&self, topic: &str) -> Result<(), KafkaError> {
+        let Some(policy) = self.known.get(topic) else {
+            tracing::warn!(topic, "cleanup.policy of the changelog not verified");
+            return Ok(());
+        };
+        if policy.split(',').any(|p| p.trim() == "compact") {
+            return Ok(());
+        }
+        Err(KafkaError::InvalidTopic {
+            topic: topic.to_owned(),
+            reason: format!("it is a changelog but its cleanup.policy is {policy:?}, not compact (a restore would miss deleted segments); set cleanup.policy=compact"),
+        })
+    }
+}
+
+/// DescribeConfigs of `topics` (those that do not exist yet simply have no answer). A
+/// broker that does not answer (librdkafka's mock cluster) leaves them all unknown.
+pub async fn describe_policies(
     settings: &KafkaSettings,
     topics: &[&str],
     timeout: Duration,
-) -> Result<(), KafkaError> {
+) -> Result<Policies, KafkaError> {
+    let mut policies = Policies::default();
     if topics.is_empty() {
-        return Ok(());
+        return Ok(policies);
     }
     let admin: AdminClient<DefaultClientContext> = settings.admin("admin").create()?;
     let specs: Vec<ResourceSpecifier<'_>> =
@@ -172,32 +210,24 @@ async fn check_compacted(
     let results = match answer {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, topics = ?topics, "cannot describe topic configs; cleanup.policy of the changelogs not verified");
-            return Ok(());
+            tracing::debug!(error = %e, topics = ?topics, "cannot describe topic configs");
+            return Ok(policies);
         }
         Err(_) => {
-            tracing::warn!(topics = ?topics, "DescribeConfigs timed out; cleanup.policy of the changelogs not verified");
-            return Ok(());
+            tracing::debug!(topics = ?topics, "DescribeConfigs timed out");
+            return Ok(policies);
         }
     };
     for (topic, r) in topics.iter().zip(results) {
-        match r {
-            Ok(resource) => {
-                let policy = resource
-                    .get("cleanup.policy")
-                    .and_then(|e| e.value.clone())
-                    .unwrap_or_default();
-                if !policy.split(',').any(|p| p.trim() == "compact") {
-                    return Err(KafkaError::InvalidTopic {
-                        topic: (*topic).to_owned(),
-                        reason: format!("it is a changelog but its cleanup.policy is {policy:?}, not compact (a restore would miss deleted segments); set cleanup.policy=compact"),
-                    });
-                }
-            }
-            Err(code) => {
-                tracing::warn!(topic, error = %code, "cannot describe topic config; cleanup.policy not verified")
-            }
+        if let Ok(resource) = r {
+            let policy = resource
+                .get("cleanup.policy")
+                .and_then(|e| e.value.clone())
+                .unwrap_or_default();
+            policies.known.insert((*topic).to_owned(), policy);
         }
     }
-    Ok(())
+    // Closing the admin client waits for its poll thread; start-up need not.
+    std::thread::spawn(move || drop(admin));
+    Ok(policies)
 }

@@ -348,6 +348,11 @@ impl KafkaSettings {
     fn base(&self, role: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
+        // librdkafka connects to one broker at a time, at most every reconnect.backoff.ms
+        // / 2 (default 100 ms): each new client waited ~50 ms to reach the broker named in
+        // the bootstrap metadata. 20 ms (the Java client's default is 50) makes that 11 ms;
+        // reconnects still back off exponentially up to reconnect.backoff.max.ms.
+        c.set("reconnect.backoff.ms", "20");
         let prefix = self
             .property(Scope::All, "client.id")
             .map(str::to_owned)

@@ -76,12 +76,11 @@ impl ChangelogReader {
         Ok(self.consumer.as_ref().expect("created above"))
     }
 
-    /// The changelog partition's (low, high) watermarks.
+    /// The changelog partition's (low, high) watermarks. A changelog created a moment ago
+    /// may have no leader yet: that answer is asked again, backing off, for up to 10 s.
     pub fn watermarks(&mut self, partition: i32) -> Result<(i64, i64), KafkaError> {
         let topic = self.topic.clone();
-        Ok(self
-            .consumer()?
-            .fetch_watermarks(&topic, partition, Duration::from_secs(10))?)
+        watermarks_with_retry(self.consumer()?, &topic, partition)
     }
 
     pub fn is_restoring(&self) -> bool {
@@ -251,6 +250,36 @@ impl Remaining {
 
 fn gauge(task: TaskId) -> Remaining {
     Remaining(task)
+}
+
+/// One partition's watermarks, asked again while the partition has no leader (10 s).
+fn watermarks_with_retry(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+) -> Result<(i64, i64), KafkaError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok(w) => return Ok(w),
+            Err(e) if leaderless(&e) && std::time::Instant::now() + backoff < deadline => {
+                tracing::debug!(topic, partition, error = %e, "changelog partition has no leader yet");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A partition without a (known) leader yet: a topic just created.
+fn leaderless(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(C::NotLeaderForPartition | C::LeaderNotAvailable | C::UnknownTopicOrPartition)
+    )
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError as RdKafkaError;
 
-use crate::kafka::admin::{ensure_topics, MetadataClient, TopicRequest};
+use crate::kafka::admin::{describe_policies, ensure_topics, MetadataClient, TopicRequest};
 use crate::kafka::{KafkaError, KafkaSettings};
 use crate::serde::registry::SchemaResolver;
 use crate::serde::{SerdeError, UpdateEncoder, RECEIPT_UPDATE_SCHEMA};
@@ -163,17 +163,29 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
         .build()
         .map_err(|e| RuntimeError::Config(format!("tokio runtime: {e}")))?;
     let t = &config.topology;
-    tracing::info!(application = %t.application_id, brokers = %config.kafka.brokers, "starting");
+    tracing::info!(application = %t.application_id, brokers = %config.kafka.brokers, startup_ms = crate::telemetry::since_start_ms(), "starting");
     // Before joining the group: an instance that cannot keep state must not cause a
     // rebalance per restart of a crash loop.
     state_manager::check_state_dir(&config.state_dir.join(t.application_id.as_str()))?;
-    rt.block_on(prepare_topics(config))?;
-    let encoder = rt.block_on(register_with_retry(
-        &*config.resolver,
-        &format!("{}-value", t.output.topic),
-        shutdown,
-    ))?;
-    let tasks = Arc::new(Mutex::new(TaskManager::new(config, encoder, rt)?));
+    // The topic checks (a few round trips) go on while the output schema is registered
+    // and the producer made; nothing joins the group before both are done.
+    let (checked, tasks) = std::thread::scope(|s| {
+        let checks = s.spawn(|| prepare_topics(config));
+        let tasks = rt
+            .block_on(register_with_retry(
+                &*config.resolver,
+                &format!("{}-value", t.output.topic),
+                shutdown,
+            ))
+            .and_then(|encoder| TaskManager::new(config, encoder, rt));
+        (checks.join().expect("topic check thread panicked"), tasks)
+    });
+    checked?;
+    let tasks = Arc::new(Mutex::new(tasks?));
+    tracing::debug!(
+        startup_ms = crate::telemetry::since_start_ms(),
+        "output schema and producer ready"
+    );
     let mut consumer_config = config.kafka.consumer(t.application_id.as_str());
     if consumer_config.get("statistics.interval.ms").is_none() {
         // Consumer lag per partition comes from these statistics (no blocking request).
@@ -194,7 +206,7 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
     consumer
         .subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())
         .map_err(KafkaError::from)?;
-    tracing::info!(application = %t.application_id, topics = ?topics, "joined consumer group");
+    tracing::info!(application = %t.application_id, topics = ?topics, startup_ms = crate::telemetry::since_start_ms(), "subscribed; joining the consumer group");
     let thread = StreamThread {
         consumer,
         tasks,
@@ -227,37 +239,50 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
 }
 
 /// Source topics must exist; internal topics are created with the source's partition
-/// count, and existing ones are checked (partition count, `cleanup.policy`).
-async fn prepare_topics(config: &RunConfig) -> Result<(), RuntimeError> {
+/// count, and existing ones are checked (partition count, `cleanup.policy`). Runs on a
+/// thread of its own (with its own small runtime for the admin requests); the metadata
+/// requests and the DescribeConfigs go out at once.
+fn prepare_topics(config: &RunConfig) -> Result<(), RuntimeError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| RuntimeError::Config(format!("tokio runtime: {e}")))?;
     let t = &config.topology;
     let md_timeout = Duration::from_secs(10);
-    let mut partitions = None;
-    let names: Vec<&str> = t.sources.iter().map(|s| s.topic.as_str()).collect();
+    let internal = t.internal_topics();
+    let mut names: Vec<&str> = t.sources.iter().map(|s| s.topic.as_str()).collect();
+    names.extend(internal.iter().map(|(n, _)| n.as_str()));
+    names.push(t.output.topic.as_str());
+    let compacted: Vec<String> = internal
+        .iter()
+        .filter(|(_, c)| *c)
+        .map(|(n, _)| n.0.clone())
+        .collect();
+    let policies = describe_in_background(&config.kafka, compacted.clone(), md_timeout);
     let metadata = MetadataClient::new(&config.kafka)?;
-    let counts = metadata.partition_counts(&names, md_timeout).map_err(|e| {
+    let counts = metadata.partition_counts(&names, md_timeout);
+    metadata.close_in_background();
+    let counts = counts.map_err(|e| {
         RuntimeError::Config(format!(
             "cannot reach Kafka at {} (no metadata within {md_timeout:?}): {e}",
             config.kafka.brokers
         ))
     })?;
-    for (s, n) in t.sources.iter().zip(counts) {
-        let n = n.ok_or_else(|| {
-            RuntimeError::Config(format!("source topic {} does not exist", s.topic))
-        })?;
-        if let Some(m) = partitions {
-            if m != n {
-                return Err(RuntimeError::Config(format!(
-                    "source topics must be co-partitioned: {} has {n} partitions, others {m}",
-                    s.topic
-                )));
-            }
-        }
-        partitions = Some(n);
-    }
-    let partitions = partitions.ok_or_else(|| RuntimeError::Config("no sources".into()))?;
+    // Only an existing changelog needs its policy (a missing one is created compacted):
+    // a broker that never answers DescribeConfigs then costs nothing on a first start.
+    let existing_changelog = names
+        .iter()
+        .zip(&counts)
+        .any(|(n, c)| c.is_some() && compacted.iter().any(|k| k == n));
+    let policies = match existing_changelog {
+        true => policies
+            .recv()
+            .map_err(|_| RuntimeError::Config("DescribeConfigs thread ended".into()))??,
+        false => Default::default(),
+    };
+    let partitions = source_partitions(t, &counts)?;
     let dlq = &t.dead_letter_topic.0;
-    let mut wanted: Vec<TopicRequest> = t
-        .internal_topics()
+    let mut wanted: Vec<TopicRequest> = internal
         .into_iter()
         .map(|(name, compacted)| TopicRequest {
             // The dead-letter topic's partitioning does not matter to any task.
@@ -275,9 +300,67 @@ async fn prepare_topics(config: &RunConfig) -> Result<(), RuntimeError> {
         check_partitions: false,
         replication: config.replication,
     });
-    ensure_topics(&config.kafka, &metadata, &wanted, md_timeout).await?;
-    tracing::debug!(topics = wanted.len(), "internal and output topics ready");
+    let existing = &counts[t.sources.len()..];
+    rt.block_on(ensure_topics(
+        &config.kafka,
+        &wanted,
+        existing,
+        &policies,
+        md_timeout,
+    ))?;
+    tracing::debug!(
+        topics = wanted.len(),
+        startup_ms = crate::telemetry::since_start_ms(),
+        "internal and output topics ready"
+    );
     Ok(())
+}
+
+/// DescribeConfigs of `topics` on a thread of its own (an admin client is a connection
+/// of its own too): the answer arrives on the returned channel.
+fn describe_in_background(
+    settings: &KafkaSettings,
+    topics: Vec<String>,
+    timeout: Duration,
+) -> std::sync::mpsc::Receiver<Result<crate::kafka::admin::Policies, KafkaError>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let settings = settings.clone();
+    std::thread::spawn(move || {
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let answer = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(describe_policies(&settings, &names, timeout)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no runtime for DescribeConfigs");
+                Ok(Default::default())
+            }
+        };
+        let _ = tx.send(answer);
+    });
+    rx
+}
+
+/// The sources' common partition count (from `counts`, sources first): each must exist,
+/// and all must be co-partitioned.
+fn source_partitions(t: &Topology, counts: &[Option<i32>]) -> Result<i32, RuntimeError> {
+    let mut partitions = None;
+    for (s, n) in t.sources.iter().zip(counts) {
+        let n = n.ok_or_else(|| {
+            RuntimeError::Config(format!("source topic {} does not exist", s.topic))
+        })?;
+        if let Some(m) = partitions {
+            if m != n {
+                return Err(RuntimeError::Config(format!(
+                    "source topics must be co-partitioned: {} has {n} partitions, others {m}",
+                    s.topic
+                )));
+            }
+        }
+        partitions = Some(n);
+    }
+    partitions.ok_or_else(|| RuntimeError::Config("no sources".into()))
 }
 
 async fn register_with_retry(

@@ -5,7 +5,8 @@
 //!
 //! Rebalances arrive through the consumer context, inside `poll`: revoked partitions are
 //! committed and closed before they are given up; a lost assignment closes every task
-//! dirty; assigned partitions are paused until their task has restored.
+//! dirty; assigned tasks' stores are opened and checked against their changelogs inside
+//! the callback, and only the partitions whose task must restore are paused until it has.
 
 use crate::telemetry::series;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,13 +78,19 @@ impl ConsumerContext for RebalanceHandler {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let parts = topic_partitions(tpl);
-                tracing::info!(partitions = ?parts, "assigned");
+                tracing::info!(partitions = ?parts, startup_ms = crate::telemetry::since_start_ms(), "assigned");
                 let member = crate::kafka::member_id(consumer);
-                let pause = self
-                    .tasks
-                    .lock()
-                    .expect("task manager lock")
-                    .assign(&parts, member);
+                let mut tasks = self.tasks.lock().expect("task manager lock");
+                tasks.assign(&parts, member);
+                // Open the new tasks' stores here, before any of their records is polled:
+                // a task with nothing to restore starts without its partition ever being
+                // paused. (librdkafka notices a resumed partition only when its broker
+                // thread next wakes, up to 1 s later: that was most of a restart.)
+                if let Err(e) = tasks.open_assigned(consumer) {
+                    tasks.deferred.get_or_insert(e);
+                }
+                let pause = tasks.still_parked(&parts);
+                drop(tasks);
                 // Forwarded partitions start fetching at once: clear a pause left over from
                 // an earlier ownership (librdkafka keeps it per partition).
                 let mut resume = TopicPartitionList::new();
@@ -119,10 +126,16 @@ impl StreamThread {
     /// Run until `shutdown` is set or an error stops the instance.
     pub(super) fn run(&self, shutdown: &AtomicBool) -> Result<(), RuntimeError> {
         let mut last_commit = Instant::now();
+        let mut first_record = true;
+        // Start-up work before the first poll (topic checks) is no gap between polls.
+        self.tasks.lock().expect("task manager lock").last_poll = Instant::now();
         while !shutdown.load(Ordering::Relaxed) {
             let batch = self.poll();
             let mut tasks = self.tasks.lock().expect("task manager lock");
             tasks.polled(Instant::now());
+            if let Some(e) = tasks.deferred.take() {
+                return Err(e);
+            }
             check_fatal(&tasks)?;
             tasks.open_assigned(&self.consumer)?;
             tasks.restore_step(&self.consumer)?;
@@ -136,6 +149,10 @@ impl StreamThread {
                 }
             }
             tasks.process(&self.consumer, &msgs)?;
+            if first_record && !msgs.is_empty() {
+                first_record = false;
+                report_startup();
+            }
             drop(msgs);
             super::dead_letter_log::flush_dead_letter_log(&mut tasks.dead_letter_log);
             let requested = self.commit_now.swap(false, Ordering::Relaxed);
@@ -161,6 +178,16 @@ impl StreamThread {
         }
         batch
     }
+}
+
+/// Start-up, process start to the first record processed: a log line and a gauge.
+fn report_startup() {
+    let took = crate::telemetry::process_started().elapsed();
+    metrics::gauge!("readstate_startup_seconds").set(took.as_secs_f64());
+    tracing::info!(
+        startup_ms = took.as_millis() as u64,
+        "first record processed"
+    );
 }
 
 fn check_fatal(tasks: &TaskManager) -> Result<(), RuntimeError> {

@@ -129,6 +129,9 @@ pub(super) struct TaskManager {
     pub(super) member: Option<String>,
     /// Set when tasks are in an unknown state: the poll loop stops the instance.
     pub(super) fatal: Option<String>,
+    /// An error inside a rebalance callback (which cannot return one): the poll loop
+    /// returns it.
+    pub(super) deferred: Option<RuntimeError>,
 }
 
 impl TaskManager {
@@ -205,6 +208,7 @@ impl TaskManager {
             suspect: false,
             member: None,
             fatal: None,
+            deferred: None,
         })
     }
 
@@ -250,6 +254,15 @@ impl TaskManager {
         self.queue(parts)
     }
 
+    /// Of `parts`, those still parked (their task restoring, or not opened).
+    pub(super) fn still_parked(&self, parts: &[TopicPartition]) -> Vec<TopicPartition> {
+        parts
+            .iter()
+            .filter(|tp| self.parked.contains_key(*tp))
+            .cloned()
+            .collect()
+    }
+
     /// Queue task partitions for opening (parked) and take forwarded partitions on.
     fn queue(&mut self, parts: &[TopicPartition]) -> Vec<TopicPartition> {
         let mut pause = Vec::new();
@@ -289,12 +302,16 @@ impl TaskManager {
         let ids: Vec<TaskId> = parts.iter().map(|p| self.task_id(*p)).collect();
         let started = Instant::now();
         let stores = self.state.open_many(&ids);
-        tracing::debug!(tasks = ids.len(), opened = ?started.elapsed(), "stores opened");
+        tracing::debug!(tasks = ids.len(), opened = ?started.elapsed(), startup_ms = crate::telemetry::since_start_ms(), "stores opened");
         for (id, store) in ids.into_iter().zip(stores) {
             if let Some(done) = self.register_restore(id, store?)? {
                 self.start_task(consumer, done)?;
             }
         }
+        tracing::debug!(
+            startup_ms = crate::telemetry::since_start_ms(),
+            "checkpoints checked against the changelogs"
+        );
         self.update_readiness();
         Ok(())
     }

@@ -524,6 +524,20 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
         let frequent = bench::CoreFlush::EveryEvents(100_000);
         println!("{}", bench::core(&records, frequent)?.render());
     }
+    // Before the figures that leave large changelogs for the broker to compact.
+    match &args.brokers {
+        Some(brokers) if want("startup") => {
+            for partitions in [32, 64] {
+                for f in bench::startup::startup(brokers, partitions)? {
+                    println!("{}", f.render());
+                }
+            }
+        }
+        None if want("startup") && !args.only.is_empty() => {
+            println!("startup figures skipped: need --brokers (scripts/bench)")
+        }
+        _ => {}
+    }
     if want("e2e") {
         let e2e = readstate::loadgen::WorkloadSpec {
             events: args.e2e_events,
@@ -575,19 +589,6 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
         println!(
             "versus figure skipped: needs --brokers and --kafka-streams-classpath (scripts/bench)"
         );
-    }
-    match &args.brokers {
-        Some(brokers) if want("startup") => {
-            for partitions in [32, 64] {
-                for f in bench::startup::startup(brokers, partitions)? {
-                    println!("{}", f.render());
-                }
-            }
-        }
-        None if want("startup") && !args.only.is_empty() => {
-            println!("startup figures skipped: need --brokers (scripts/bench)")
-        }
-        _ => {}
     }
     if want("restore") {
         println!(

@@ -497,6 +497,41 @@ pub(crate) fn send_workload(
     Ok((records, bytes))
 }
 
+/// A fresh broker loads its group and producer-id coordinators on first use (seconds,
+/// "Coordinator load in progress"): use both once before the timed run, so the figure is
+/// readstate's start-up and not the broker's.
+pub(crate) fn warm_up(brokers: &str, app: &str) -> Result<(), BenchError> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::producer::{BaseRecord, Producer};
+    let other = |e: rdkafka::error::KafkaError| BenchError::Other(format!("kafka: {e}"));
+    let topic = format!("{app}-warmup");
+    create_topic(brokers, &topic, 1)?;
+    let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{app}-warmup"))
+        .create()
+        .map_err(other)?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(&topic, 0);
+    // While the coordinator loads, the broker answers NotCoordinator or
+    // CoordinatorLoadInProgress: ask again (bounded).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = c.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+        if Instant::now() > deadline {
+            return Err(other(e));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let p: PreProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .create()
+        .map_err(other)?;
+    p.send(BaseRecord::<str, str>::to(&topic).payload("warm-up"))
+        .map_err(|(e, _)| other(e))?;
+    p.flush(Duration::from_secs(60)).map_err(other)
+}
+
 /// Topic and application names of one end-to-end run (fresh on a real broker).
 struct BenchTopics {
     app: String,
@@ -552,6 +587,9 @@ pub fn end_to_end(spec: &WorkloadSpec, partitions: i32, on: &Broker) -> Result<F
                 "the broker holds {kept} of {records} records produced (the mock broker's retention deleted the rest); use more partitions or fewer events"
             )));
         }
+    }
+    if on.brokers.is_some() {
+        warm_up(&brokers, app)?;
     }
     if on.brokers.is_none() && bytes / partitions.max(1) as usize > 4_000_000 {
         return Err(BenchError::Other(format!(

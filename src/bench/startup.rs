@@ -82,7 +82,7 @@ fn measure(
         .transpose()
         .map_err(|e| BenchError::Other(format!("READSTATE_STARTUP_LOG: {e}")))?;
     let filter = std::env::var("READSTATE_STARTUP_RUST_LOG").unwrap_or_else(|_| {
-        "error,readstate::runtime=debug,readstate::runtime::engine=error".into()
+        "error,readstate::runtime=debug,readstate::runtime::dead_letter_log=error".into()
     });
     cmd.env("RUST_LOG", filter)
         .args(["--log-format", "json"])

@@ -69,7 +69,9 @@ pub fn produce(
     partitions: i32,
 ) -> Result<(String, u64), BenchError> {
     let other = |e: rdkafka::error::KafkaError| BenchError::Other(format!("kafka: {e}"));
-    let topic = format!("versus-{:08x}.events", rand::random::<u32>());
+    let run = format!("versus-{:08x}", rand::random::<u32>());
+    super::warm_up(brokers, &run)?;
+    let topic = format!("{run}.events");
     create_topic(brokers, &topic, partitions)?;
     let producer: super::PreProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)

@@ -133,6 +133,19 @@ impl StoreBatch {
         self.ops.len()
     }
 
+    /// Bytes of keys and values held.
+    pub fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// An empty batch with room for `ops` operations of `bytes` key and value bytes.
+    pub fn with_capacity(ops: usize, bytes: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(bytes),
+            ops: Vec::with_capacity(ops),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }

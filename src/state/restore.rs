@@ -35,7 +35,10 @@ impl ChangelogRestorer {
         records: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
         next_offset: i64,
     ) -> Result<usize, StoreError> {
-        let mut batch = StoreBatch::default();
+        // Sized from the records' count where known (changelog values are ~60 bytes, and a
+        // record may add a pending-index entry): growing copies the whole batch.
+        let hint = records.size_hint().0;
+        let mut batch = StoreBatch::with_capacity(hint * 2 + 1, hint * 96);
         let mut added: Vec<StateKey> = Vec::new();
         let mut n = 0;
         for (key, value) in records {

@@ -54,6 +54,9 @@ pub struct ChangelogReader {
     batch: usize,
     /// Most time spent per step (then the poll loop gets its turn).
     budget: Duration,
+    /// Until when a leaderless changelog partition is asked again (set by the first ask,
+    /// cleared by an answer).
+    leader_wait: Option<Instant>,
 }
 
 impl ChangelogReader {
@@ -66,6 +69,7 @@ impl ChangelogReader {
             restoring: BTreeMap::new(),
             batch: batch.max(1),
             budget: Duration::from_millis(200),
+            leader_wait: None,
         }
     }
 
@@ -77,10 +81,20 @@ impl ChangelogReader {
     }
 
     /// The changelog partition's (low, high) watermarks. A changelog created a moment ago
-    /// may have no leader yet: that answer is asked again, backing off, for up to 10 s.
+    /// may have no leader yet: that answer is asked again, backing off, until a deadline
+    /// 10 s after the first ask since the last answer. The deadline is shared by the
+    /// partitions asked one after another (this runs inside the assignment callback), so a
+    /// changelog that never gets a leader costs 10 s in all, not 10 s per partition.
     pub fn watermarks(&mut self, partition: i32) -> Result<(i64, i64), KafkaError> {
         let topic = self.topic.clone();
-        watermarks_with_retry(self.consumer()?, &topic, partition)
+        let deadline = *self
+            .leader_wait
+            .get_or_insert_with(|| Instant::now() + LEADER_WAIT);
+        let answer = watermarks_with_retry(self.consumer()?, &topic, partition, deadline);
+        if answer.is_ok() {
+            self.leader_wait = None;
+        }
+        answer
     }
 
     pub fn is_restoring(&self) -> bool {
@@ -252,18 +266,23 @@ fn gauge(task: TaskId) -> Remaining {
     Remaining(task)
 }
 
-/// One partition's watermarks, asked again while the partition has no leader (10 s).
+/// How long a changelog partition may go without a leader (see
+/// [`ChangelogReader::watermarks`]).
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+
+/// One partition's watermarks, asked again while the partition has no leader, until
+/// `deadline`.
 fn watermarks_with_retry(
     consumer: &BaseConsumer,
     topic: &str,
     partition: i32,
+    deadline: Instant,
 ) -> Result<(i64, i64), KafkaError> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut backoff = Duration::from_millis(10);
     loop {
         match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
             Ok(w) => return Ok(w),
-            Err(e) if leaderless(&e) && std::time::Instant::now() + backoff < deadline => {
+            Err(e) if leaderless(&e) && Instant::now() + backoff < deadline => {
                 tracing::debug!(topic, partition, error = %e, "changelog partition has no leader yet");
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_millis(500));

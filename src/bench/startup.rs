@@ -7,10 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use rdkafka::producer::Producer;
-use rdkafka::ClientConfig;
-
-use super::versus::{readstate_command, wait_committed, Job};
+use super::versus::{append, readstate_command, wait_committed, Job};
 use super::{create_topic, BenchError, Figure, Target};
 use crate::loadgen::WorkloadSpec;
 
@@ -151,19 +148,6 @@ fn collect_phases(
         "no record processed within 60 s; phases so far: {}",
         phases.summary()
     )))
-}
-
-/// Append `spec`'s workload to an existing topic; returns the records sent.
-fn append(brokers: &str, topic: &str, spec: &WorkloadSpec) -> Result<u64, BenchError> {
-    let other = |e: rdkafka::error::KafkaError| BenchError::Other(format!("kafka: {e}"));
-    let producer: super::PreProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", "20")
-        .create()
-        .map_err(other)?;
-    let (records, _) = super::send_workload(&producer, topic, spec)?;
-    producer.flush(Duration::from_secs(60)).map_err(other)?;
-    Ok(records)
 }
 
 /// A new instance over `partitions` partitions, then a restart of it after more records

@@ -68,11 +68,18 @@ pub fn produce(
     spec: &WorkloadSpec,
     partitions: i32,
 ) -> Result<(String, u64), BenchError> {
-    let other = |e: rdkafka::error::KafkaError| BenchError::Other(format!("kafka: {e}"));
     let run = format!("versus-{:08x}", rand::random::<u32>());
     super::warm_up(brokers, &run)?;
     let topic = format!("{run}.events");
     create_topic(brokers, &topic, partitions)?;
+    let records = append(brokers, &topic, spec)?;
+    Ok((topic, records))
+}
+
+/// `spec`'s workload appended to an existing topic (keyed by conversation, partitioned as
+/// Java clients do); returns the records sent.
+pub(super) fn append(brokers: &str, topic: &str, spec: &WorkloadSpec) -> Result<u64, BenchError> {
+    let other = |e: rdkafka::error::KafkaError| BenchError::Other(format!("kafka: {e}"));
     let producer: super::PreProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("partitioner", "murmur2_random")
@@ -81,9 +88,9 @@ pub fn produce(
         .set("queue.buffering.max.messages", "1000000")
         .create()
         .map_err(other)?;
-    let (records, _) = super::send_workload(&producer, &topic, spec)?;
+    let (records, _) = super::send_workload(&producer, topic, spec)?;
     producer.flush(Duration::from_secs(120)).map_err(other)?;
-    Ok((topic, records))
+    Ok(records)
 }
 
 /// Run one system over the whole topic under `guarantee`.

@@ -42,10 +42,39 @@ impl MetadataClient {
         })
     }
 
-    /// Drop the client on a thread of its own: closing a librdkafka client waits for its
-    /// threads (tens of milliseconds), which start-up need not wait for.
+    /// Wait (at most `timeout`) until every partition of `topics` has a leader: a topic
+    /// created a moment ago answers NotLeaderForPartition for a while, and the tasks ask
+    /// its watermarks right after. Returns whether they all have one.
+    pub fn await_leaders(&self, topics: &[String], timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if topics.iter().all(|t| self.has_leaders(t, timeout)) {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn has_leaders(&self, topic: &str, timeout: Duration) -> bool {
+        let Ok(md) = self.client.fetch_metadata(Some(topic), timeout) else {
+            return false;
+        };
+        md.topics().iter().any(|t| {
+            t.name() == topic
+                && t.error().is_none()
+                && !t.partitions().is_empty()
+                && t.partitions()
+                    .iter()
+                    .all(|p| p.leader() >= 0 && p.error().is_none())
+        })
+    }
+
+    /// Close the client without waiting (see [`super::close_in_background`]).
     pub fn close_in_background(self) {
-        std::thread::spawn(move || drop(self));
+        super::close_in_background(self.client);
     }
 }
 
@@ -92,7 +121,7 @@ pub async fn ensure_topics(
     counts: &[Option<i32>],
     policies: &Policies,
     timeout: Duration,
-) -> Result<(), KafkaError> {
+) -> Result<Vec<String>, KafkaError> {
     let mut missing: Vec<&TopicRequest> = Vec::new();
     for (t, n) in topics.iter().zip(counts) {
         match *n {
@@ -110,8 +139,9 @@ pub async fn ensure_topics(
             Some(_) => {}
         }
     }
+    let mut created = Vec::new();
     if missing.is_empty() {
-        return Ok(());
+        return Ok(created);
     }
     let admin: AdminClient<DefaultClientContext> = settings.admin("admin").create()?;
     let new: Vec<NewTopic<'_>> = missing
@@ -141,7 +171,10 @@ pub async fn ensure_topics(
         Ok(Ok(results)) => {
             for r in results {
                 match r {
-                    Ok(name) => tracing::info!(topic = %name, "created internal topic"),
+                    Ok(name) => {
+                        tracing::info!(topic = %name, "created internal topic");
+                        created.push(name);
+                    }
                     Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
                         tracing::debug!(topic = %name, "topic exists")
                     }
@@ -158,8 +191,8 @@ pub async fn ensure_topics(
             tracing::warn!("CreateTopics timed out; relying on existing or auto-created topics")
         }
     }
-    std::thread::spawn(move || drop(admin));
-    Ok(())
+    super::close_in_background(admin);
+    Ok(created)
 }
 
 /// The `cleanup.policy` of topics, as far as the broker answered.
@@ -227,7 +260,6 @@ pub async fn describe_policies(
             policies.known.insert((*topic).to_owned(), policy);
         }
     }
-    // Closing the admin client waits for its poll thread; start-up need not.
-    std::thread::spawn(move || drop(admin));
+    super::close_in_background(admin);
     Ok(policies)
 }

@@ -94,6 +94,12 @@ pub fn dead_letter_headers(d: &DeadLetter) -> OwnedHeaders {
         })
 }
 
+/// Drop a librdkafka client on a thread of its own: closing one waits for its threads
+/// (tens of milliseconds, ~100 ms for a consumer), which start-up need not wait for.
+pub fn close_in_background<T: Send + 'static>(client: T) {
+    std::thread::spawn(move || drop(client));
+}
+
 /// Errors of the Kafka layer.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaError {

@@ -261,7 +261,6 @@ fn prepare_topics(config: &RunConfig) -> Result<(), RuntimeError> {
     let policies = describe_in_background(&config.kafka, compacted.clone(), md_timeout);
     let metadata = MetadataClient::new(&config.kafka)?;
     let counts = metadata.partition_counts(&names, md_timeout);
-    metadata.close_in_background();
     let counts = counts.map_err(|e| {
         RuntimeError::Config(format!(
             "cannot reach Kafka at {} (no metadata within {md_timeout:?}): {e}",
@@ -301,13 +300,17 @@ fn prepare_topics(config: &RunConfig) -> Result<(), RuntimeError> {
         replication: config.replication,
     });
     let existing = &counts[t.sources.len()..];
-    rt.block_on(ensure_topics(
+    let created = rt.block_on(ensure_topics(
         &config.kafka,
         &wanted,
         existing,
         &policies,
         md_timeout,
     ))?;
+    if !metadata.await_leaders(&created, md_timeout) {
+        tracing::warn!(topics = ?created, "created topics have no leader yet after {md_timeout:?}");
+    }
+    metadata.close_in_background();
     tracing::debug!(
         topics = wanted.len(),
         startup_ms = crate::telemetry::since_start_ms(),

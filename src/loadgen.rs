@@ -8,6 +8,8 @@
 //! mixed in at configurable rates. [`Oracle`] keeps, per (conversation, reader), the max
 //! `message_seq` and the number of valid events: what readstate's state must equal.
 
+pub mod chat;
+
 use std::collections::HashMap;
 
 use rand::rngs::StdRng;

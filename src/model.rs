@@ -1,7 +1,9 @@
-//! The domain records: a raw read event in, a coalesced receipt update out.
+//! The domain records: raw read and message events in, coalesced receipt and
+//! conversation-head updates out.
 //!
-//! These mirror `schemas/read_event.avsc` and `schemas/receipt_update.avsc`; the Avro
-//! mapping lives in `serde/`.
+//! These mirror `schemas/read_event.avsc`, `schemas/message_event.avsc`,
+//! `schemas/receipt_update.avsc` and `schemas/conversation_head.avsc`; the Avro mapping lives
+//! in `serde/`.
 
 use std::borrow::Cow;
 
@@ -118,6 +120,8 @@ pub struct ReceiptUpdate {
     pub events_total: i64,
     pub stale_total: i64,
     pub emitted_at_ms: i64,
+    /// Unread and mention counts as of this update (topologies with a message source).
+    pub counts: Option<UnreadCounts>,
 }
 
 impl ReceiptUpdate {
@@ -127,4 +131,60 @@ impl ReceiptUpdate {
             reader: self.reader_id,
         }
     }
+}
+
+/// "Message S was sent to conversation C by U, mentioning M."
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MessageEvent {
+    pub conversation_id: ConversationId,
+    /// Position in the conversation's total order, the order read pointers point into.
+    pub message_seq: i64,
+    pub message_id: Option<String>,
+    pub sender_id: SenderId,
+    /// Service wall-clock time in epoch milliseconds; carried, never used for ordering.
+    pub sent_at_ms: i64,
+    /// Users the message mentions (validated: at most [`MAX_MENTIONS`]).
+    pub mentions: Vec<ReaderId>,
+    /// An @everyone / @here mention: a mention of every member.
+    pub mention_everyone: bool,
+}
+
+/// The most users one message may mention; a message naming more is a dead letter.
+pub const MAX_MENTIONS: usize = 1000;
+
+/// A reader's unread and mention counts in one conversation, derived from the
+/// conversation's head and the reader's pointer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UnreadCounts {
+    /// Messages after the pointer, not sent by the reader.
+    pub unread: i64,
+    /// Of those, the messages that mention the reader or everyone.
+    pub mentions: i64,
+    /// The pointer is behind the conversation's window of recent messages: the counts are
+    /// what the window holds, a lower bound (show e.g. "999+").
+    pub capped: bool,
+}
+
+/// A coalesced update of one conversation's head: enough to derive any member's unread
+/// and mention counts from their pointer, with no per-member write when a message is sent.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HeadUpdate {
+    pub conversation_id: ConversationId,
+    /// Highest message seq seen (`-1`: none).
+    pub head_seq: i64,
+    /// Messages counted so far (duplicates and replays are not counted).
+    pub message_count: i64,
+    /// Number of changes of this head so far; strictly increasing per conversation.
+    pub version: i64,
+    /// Highest seq that left the window (`-1`: none). A pointer below it gets capped counts.
+    pub window_floor_seq: i64,
+    /// The window: seqs of the most recent messages, ascending, and their senders.
+    pub recent_seqs: Vec<i64>,
+    pub recent_senders: Vec<i64>,
+    /// Mentions in the window, as parallel (seq, user) lists.
+    pub mention_seqs: Vec<i64>,
+    pub mention_user_ids: Vec<i64>,
+    /// Seqs in the window that mention everyone.
+    pub everyone_seqs: Vec<i64>,
+    pub emitted_at_ms: i64,
 }

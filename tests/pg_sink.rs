@@ -165,6 +165,7 @@ fn update_stream(seed: u64, keys: i64, max_versions: i64) -> Vec<ReceiptUpdate> 
                 events_total: v * 2,
                 stale_total: v,
                 emitted_at_ms: 0,
+                counts: None,
             };
             if rng.gen_bool(0.05) {
                 out.push(u.clone());

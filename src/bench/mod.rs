@@ -335,6 +335,7 @@ pub fn sink(
                 events_total: 3,
                 stale_total: 1,
                 emitted_at_ms: 0,
+                counts: None,
             })
             .collect();
         // Row i is record i / PARTITIONS of partition i % PARTITIONS.

@@ -55,6 +55,9 @@ pub struct SourceSpec {
     pub keyed_by: Option<String>,
     /// Value format; only "avro-confluent" for now.
     pub format: Option<String>,
+    /// What the records are: "read-events" (default, `read_event.avsc`) or
+    /// "message-events" (`message_event.avsc`, co-partitioned with the read events).
+    pub records: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -86,6 +89,9 @@ pub struct ProcessorSpec {
     pub store: Option<String>,
     /// At most one update per key per this interval, e.g. "30s" (default: one per flush).
     pub min_emit_interval: Option<String>,
+    /// With a message source: recent messages kept per conversation; unread and mention
+    /// counts are exact up to this many messages behind the head (default 1000).
+    pub unread_cap: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -100,6 +106,9 @@ pub struct SinkSpec {
     pub topic: Option<String>,
     /// kafka: value format; only "avro-confluent".
     pub format: Option<String>,
+    /// kafka: which output of the processor: "receipts" (default) or
+    /// "conversation-heads" (needs a message source).
+    pub output: Option<String>,
     /// postgres: target table (default read_receipts).
     pub table: Option<String>,
     /// postgres: rows per statement (default 500).
@@ -179,6 +188,7 @@ const SECTIONS: &[Section] = &[
             ("topic", Type::Str),
             ("keyed_by", Type::Str),
             ("format", Type::Str),
+            ("records", Type::Str),
         ],
     ),
     (
@@ -203,6 +213,7 @@ const SECTIONS: &[Section] = &[
             ("inputs", Type::StrList),
             ("store", Type::Str),
             ("min_emit_interval", Type::Str),
+            ("unread_cap", Type::Int),
         ],
     ),
     (
@@ -214,6 +225,7 @@ const SECTIONS: &[Section] = &[
             ("input", Type::Str),
             ("topic", Type::Str),
             ("format", Type::Str),
+            ("output", Type::Str),
             ("table", Type::Str),
             ("batch_size", Type::Int),
             ("linger", Type::Str),

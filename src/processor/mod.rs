@@ -4,12 +4,18 @@
 //! `read-state` topology node.
 
 pub mod read_state;
+pub mod unread;
 
 pub use read_state::{EmitPolicy, FlushOutput, ProcessStats, ReadStateProcessor};
+pub use unread::{MessageStats, DEFAULT_UNREAD_CAP};
 
 /// Errors of the processing layer.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessorError {
     #[error(transparent)]
     Store(#[from] crate::state::StoreError),
+    #[error(
+        "message events reached a processor without a message source (no unread counts configured)"
+    )]
+    NoMessageSource,
 }

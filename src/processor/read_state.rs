@@ -15,11 +15,13 @@
 use compact_str::CompactString;
 use hashbrown::HashMap;
 
+use super::unread::{Heads, MessageStats};
 use super::ProcessorError;
-use crate::ids::Origin;
-use crate::model::{EventRef, ReceiptUpdate, StateKey};
+use crate::ids::{ConversationId, Origin};
+use crate::model::{EventRef, HeadUpdate, MessageEvent, ReceiptUpdate, StateKey, UnreadCounts};
 use crate::state::cache::RecordCache;
 use crate::state::codec::{StoreKey, TAG_PENDING};
+use crate::state::head::ConversationHead;
 use crate::state::{put_checkpoint, BatchOp, KeyValueStore, ReadState, StoreBatch, StoreError};
 
 /// When an advance may be emitted.
@@ -58,6 +60,8 @@ pub struct ProcessStats {
 #[derive(Debug, Default)]
 pub struct FlushOutput {
     pub updates: Vec<ReceiptUpdate>,
+    /// Conversation-head updates (topologies with a message source).
+    pub heads: Vec<HeadUpdate>,
     /// The store writes, to apply once the updates and changelog are acknowledged.
     pub batch: StoreBatch,
     /// Which of `batch`'s puts go to the changelog topic (the state values; not the
@@ -68,6 +72,11 @@ pub struct FlushOutput {
 impl FlushOutput {
     pub fn is_empty(&self) -> bool {
         self.batch.is_empty()
+    }
+
+    /// Store puts of this flush (read states, pending-index entries, heads).
+    pub fn store_writes(&self) -> usize {
+        self.batch.len()
     }
 
     /// (store key, encoded state) records for the changelog topic, borrowed from the batch.
@@ -92,6 +101,8 @@ pub struct ReadStateProcessor {
     pending: HashMap<StateKey, i64>,
     policy: EmitPolicy,
     stats: ProcessStats,
+    /// Conversation heads, when the topology has a message source.
+    heads: Option<Heads>,
 }
 
 impl ReadStateProcessor {
@@ -107,9 +118,36 @@ impl ReadStateProcessor {
             pending: HashMap::new(),
             policy,
             stats: ProcessStats::default(),
+            heads: None,
         };
         p.reload_pending()?;
         Ok(p)
+    }
+
+    /// Keep conversation heads (message source): receipt updates carry unread and mention
+    /// counts, each head keeping `cap` recent positions.
+    pub fn enable_unread(&mut self, cap: usize) -> Result<(), ProcessorError> {
+        let capacity = (self.cache.capacity() / 16).max(256);
+        self.heads = Some(Heads::new(cap, capacity));
+        self.reload_pending()
+    }
+
+    pub fn message_stats(&self) -> Option<MessageStats> {
+        self.heads.as_ref().map(Heads::stats)
+    }
+
+    pub fn heads(&self) -> Option<&Heads> {
+        self.heads.as_ref()
+    }
+
+    /// Fold a batch of message events into their conversations' heads.
+    pub fn process_messages(
+        &mut self,
+        messages: &[(MessageEvent, Origin)],
+    ) -> Result<(), ProcessorError> {
+        let heads = self.heads.as_mut().ok_or(ProcessorError::NoMessageSource)?;
+        heads.process(messages, &*self.store)?;
+        Ok(())
     }
 
     fn reload_pending(&mut self) -> Result<(), ProcessorError> {
@@ -129,6 +167,9 @@ impl ReadStateProcessor {
                 }
             }
         }
+        if let Some(heads) = &mut self.heads {
+            heads.ensure_loaded(self.pending.keys().map(|k| k.conversation), &*self.store)?;
+        }
         Ok(())
     }
 
@@ -137,6 +178,15 @@ impl ReadStateProcessor {
     /// order. A key missing from the cache misses for all its events of the batch, so each
     /// key's events still fold in order. No other store I/O.
     pub fn process(&mut self, events: &[(EventRef<'_>, Origin)]) -> Result<(), ProcessorError> {
+        self.fold_events(events)?;
+        if let Some(heads) = &mut self.heads {
+            // The heads the flush derives these readers' counts from.
+            heads.ensure_loaded(events.iter().map(|(e, _)| e.conversation_id), &*self.store)?;
+        }
+        Ok(())
+    }
+
+    fn fold_events(&mut self, events: &[(EventRef<'_>, Origin)]) -> Result<(), ProcessorError> {
         let mut deferred: Vec<usize> = Vec::new();
         for (i, (event, origin)) in events.iter().enumerate() {
             match self.cache.get_mut_dirty(&event.key()) {
@@ -166,6 +216,10 @@ impl ReadStateProcessor {
     /// time; it stamps updates and drives the minimum emit interval.
     pub fn prepare_flush(&mut self, now_ms: i64) -> FlushOutput {
         let mut out = FlushOutput::default();
+        if let Some(heads) = &mut self.heads {
+            // Head keys (tag `h`) sort before read states (`s`): the batch stays in order.
+            heads.flush(now_ms, &mut out.batch, &mut out.changelog, &mut out.heads);
+        }
         let mut dirty = self.cache.take_dirty();
         // In store-key order (StateKey's order is the encoded key's): the store batch is
         // then already sorted, which keeps its memtable inserts sequential.
@@ -195,7 +249,12 @@ impl ReadStateProcessor {
         if state.has_unemitted_advance() {
             let due = self.policy.due_at(state);
             if due <= now_ms {
-                out.updates.push(state.to_update(key, now_ms));
+                let mut update = state.to_update(key, now_ms);
+                if let Some(heads) = &self.heads {
+                    update.counts =
+                        Some(heads.counts(key.conversation, key.reader, state.last_read_seq));
+                }
+                out.updates.push(update);
                 state.emitted_version = state.version;
                 state.last_emit_ms = now_ms;
                 state.events_since_emit = 0;
@@ -227,6 +286,9 @@ impl ReadStateProcessor {
         }
         self.stats.flushes += 1;
         self.cache.end_flush(&self.pending);
+        if let Some(heads) = &mut self.heads {
+            heads.end_flush(self.pending.keys().map(|k| k.conversation));
+        }
         Ok(())
     }
 
@@ -234,6 +296,9 @@ impl ReadStateProcessor {
     /// made durable): the task continues from its store as after a crash.
     pub fn reset_to_store(&mut self) -> Result<(), ProcessorError> {
         self.cache.clear();
+        if let Some(heads) = &mut self.heads {
+            heads.clear();
+        }
         self.reload_pending()
     }
 
@@ -251,6 +316,53 @@ impl ReadStateProcessor {
                     key: StoreKey::state(key).as_bytes().to_vec(),
                     reason,
                 }),
+        }
+    }
+
+    /// A reader's unread and mention counts now (message source only): from the cached or
+    /// stored head and pointer.
+    pub fn unread_counts(&self, key: StateKey) -> Result<Option<UnreadCounts>, StoreError> {
+        let Some(heads) = &self.heads else {
+            return Ok(None);
+        };
+        let pointer = self.state(key)?.map_or(-1, |s| s.last_read_seq);
+        let head = match heads.get(key.conversation) {
+            Some(h) => Some(h.clone()),
+            None => self.stored_head(key.conversation)?,
+        };
+        Ok(Some(
+            head.map(|h| h.counts(key.reader, pointer))
+                .unwrap_or_default(),
+        ))
+    }
+
+    /// The head of a conversation: cached (possibly not yet flushed) or stored.
+    pub fn head(
+        &self,
+        conversation: ConversationId,
+    ) -> Result<Option<ConversationHead>, StoreError> {
+        match self.heads.as_ref().and_then(|h| h.get(conversation)) {
+            Some(h) => Ok(Some(h.clone())),
+            None => self.stored_head(conversation),
+        }
+    }
+
+    fn stored_head(
+        &self,
+        conversation: ConversationId,
+    ) -> Result<Option<ConversationHead>, StoreError> {
+        let key = StoreKey::head(conversation);
+        match self.store.get(key.as_bytes())? {
+            None => Ok(None),
+            Some(b) => {
+                ConversationHead::decode(&b)
+                    .map(Some)
+                    .map_err(|reason| StoreError::Corrupt {
+                        store: self.store.name().clone(),
+                        key: key.as_bytes().to_vec(),
+                        reason,
+                    })
+            }
         }
     }
 

@@ -33,8 +33,9 @@ use rdkafka::error::KafkaError as RdKafkaError;
 
 use crate::kafka::admin::{describe_policies, ensure_topics, MetadataClient, TopicRequest};
 use crate::kafka::{KafkaError, KafkaSettings};
+use crate::serde::avro::WireEncoder;
 use crate::serde::registry::SchemaResolver;
-use crate::serde::{SerdeError, UpdateEncoder, RECEIPT_UPDATE_SCHEMA};
+use crate::serde::{SerdeError, CONVERSATION_HEAD_SCHEMA, RECEIPT_UPDATE_SCHEMA};
 use crate::telemetry::{Health, Progress};
 use crate::topology::Topology;
 
@@ -175,9 +176,22 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
             .block_on(register_with_retry(
                 &*config.resolver,
                 &format!("{}-value", t.output.topic),
+                RECEIPT_UPDATE_SCHEMA,
                 shutdown,
             ))
-            .and_then(|encoder| TaskManager::new(config, encoder, rt));
+            .and_then(|encoder| TaskManager::new(config, encoder, rt))
+            .and_then(|mut tm| {
+                if let Some(h) = &t.heads_output {
+                    let subject = format!("{}-value", h.topic);
+                    tm.heads_encoder = Some(tm.rt.block_on(register_with_retry(
+                        &*config.resolver,
+                        &subject,
+                        CONVERSATION_HEAD_SCHEMA,
+                        shutdown,
+                    ))?);
+                }
+                Ok(tm)
+            });
         (checks.join().expect("topic check thread panicked"), tasks)
     });
     checked?;
@@ -187,6 +201,12 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
         "output schema and producer ready"
     );
     let mut consumer_config = config.kafka.consumer(t.application_id.as_str());
+    if t.messages.is_some() {
+        // Co-partitioning: the range assignor gives each member the same partition numbers
+        // of every topic with the same partition count (all members subscribe to both).
+        // Rebalances are eager: every task is revoked (committed, closed) and reassigned.
+        consumer_config.set("partition.assignment.strategy", "range");
+    }
     if consumer_config.get("statistics.interval.ms").is_none() {
         // Consumer lag per partition comes from these statistics (no blocking request).
         consumer_config.set("statistics.interval.ms", "5000");
@@ -203,6 +223,7 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
             .iter()
             .filter_map(|s| s.repartition_topic.as_ref().map(|r| r.0.clone())),
     );
+    topics.extend(t.messages.as_ref().map(|m| m.topic.0.clone()));
     consumer
         .subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())
         .map_err(KafkaError::from)?;
@@ -253,6 +274,13 @@ fn prepare_topics(config: &RunConfig) -> Result<(), RuntimeError> {
     let mut names: Vec<&str> = t.sources.iter().map(|s| s.topic.as_str()).collect();
     names.extend(internal.iter().map(|(n, _)| n.as_str()));
     names.push(t.output.topic.as_str());
+    if let Some(h) = &t.heads_output {
+        names.push(h.topic.as_str());
+    }
+    // Last: not created, only checked against the read events' partitioning.
+    if let Some(m) = &t.messages {
+        names.push(m.topic.as_str());
+    }
     let compacted: Vec<String> = internal
         .iter()
         .filter(|(_, c)| *c)
@@ -280,6 +308,9 @@ fn prepare_topics(config: &RunConfig) -> Result<(), RuntimeError> {
         false => Default::default(),
     };
     let partitions = source_partitions(t, &counts)?;
+    if let Some(m) = &t.messages {
+        check_message_partitions(m, counts.last().copied().flatten(), partitions, t)?;
+    }
     let dlq = &t.dead_letter_topic.0;
     let mut wanted: Vec<TopicRequest> = internal
         .into_iter()
@@ -292,14 +323,16 @@ fn prepare_topics(config: &RunConfig) -> Result<(), RuntimeError> {
             replication: config.replication,
         })
         .collect();
-    wanted.push(TopicRequest {
-        name: t.output.topic.0.clone(),
-        partitions,
-        compacted: false,
-        check_partitions: false,
-        replication: config.replication,
-    });
-    let existing = &counts[t.sources.len()..];
+    for topic in std::iter::once(&t.output).chain(&t.heads_output) {
+        wanted.push(TopicRequest {
+            name: topic.topic.0.clone(),
+            partitions,
+            compacted: false,
+            check_partitions: false,
+            replication: config.replication,
+        });
+    }
+    let existing = &counts[t.sources.len()..t.sources.len() + wanted.len()];
     let created = rt.block_on(ensure_topics(
         &config.kafka,
         &wanted,
@@ -366,14 +399,38 @@ fn source_partitions(t: &Topology, counts: &[Option<i32>]) -> Result<i32, Runtim
     partitions.ok_or_else(|| RuntimeError::Config("no sources".into()))
 }
 
-async fn register_with_retry(
+/// The message topic must exist with the read events' partition count: task p reads
+/// partition p of both, so a conversation's messages and reads meet in one task.
+fn check_message_partitions(
+    m: &crate::topology::Source,
+    count: Option<i32>,
+    partitions: i32,
+    t: &Topology,
+) -> Result<(), RuntimeError> {
+    let reads = &t.sources[0].topic;
+    match count {
+        None => Err(RuntimeError::Config(format!(
+            "message source topic {} does not exist (create it with {partitions} partitions, like {reads})",
+            m.topic
+        ))),
+        Some(n) if n != partitions => Err(RuntimeError::Config(format!(
+            "message source topic {} has {n} partitions but {reads} has {partitions}: co-partitioned sources need the same partition count (and the same key, conversation_id, and partitioner)",
+            m.topic
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Register an output schema, retrying while the registry is unavailable.
+async fn register_with_retry<T: serde::Serialize>(
     resolver: &dyn SchemaResolver,
     subject: &str,
+    schema: &str,
     shutdown: &AtomicBool,
-) -> Result<UpdateEncoder, RuntimeError> {
+) -> Result<WireEncoder<T>, RuntimeError> {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match UpdateEncoder::register(resolver, subject, RECEIPT_UPDATE_SCHEMA).await {
+        match WireEncoder::<T>::register(resolver, subject, schema).await {
             Ok(e) => return Ok(e),
             Err(SerdeError::RegistryUnavailable(msg)) if !shutdown.load(Ordering::Relaxed) => {
                 tracing::warn!(error = %msg, retry_in = ?backoff, "schema registry unavailable");

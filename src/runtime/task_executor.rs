@@ -81,7 +81,7 @@ impl TaskManager {
                 return false;
             }
         }
-        if m.topic() == self.task_topic {
+        if self.is_task_topic(m.topic()) {
             // Not running: revoked in this poll (the next owner reads it from the committed
             // offset).
             return self.running.contains_key(&m.partition());
@@ -104,6 +104,7 @@ impl TaskManager {
         let dead_before = self.dead_letters.len();
         // Group by partition, keeping order within each; forward what needs repartitioning.
         let mut by_part: BTreeMap<i32, Vec<SourceRecord<'_>>> = BTreeMap::new();
+        let mut messages: BTreeMap<i32, Vec<SourceRecord<'_>>> = BTreeMap::new();
         let mut accepted = 0u64;
         for m in msgs {
             if !self.accepts(m) {
@@ -112,7 +113,15 @@ impl TaskManager {
             accepted += 1;
             let p = m.partition();
             if m.topic() != self.task_topic {
-                self.forward(m);
+                if self.is_task_topic(m.topic()) {
+                    let origin = self.origin_of(m);
+                    messages
+                        .entry(p)
+                        .or_default()
+                        .push(source_record(m, origin));
+                } else {
+                    self.forward(m);
+                }
                 continue;
             }
             let origin = self.origin_of(m);
@@ -133,7 +142,28 @@ impl TaskManager {
             let next = recs.last().expect("non-empty").offset + 1;
             self.advance_position(recs[0].topic, p, first, next);
         }
+        for (p, recs) in messages {
+            self.process_messages(p, &recs)?;
+        }
         self.judge_bad_records(accepted, dead_before)
+    }
+
+    /// Message events of task `p` (the co-partitioned message topic).
+    fn process_messages(&mut self, p: i32, recs: &[SourceRecord<'_>]) -> Result<(), RuntimeError> {
+        let before = self.dead_letters.len();
+        let decoder = self
+            .message_decoder
+            .as_ref()
+            .expect("a message topic has a decoder");
+        let task = &mut self.running.get_mut(&p).expect("accepted above").task;
+        task.process_messages(decoder, recs, &mut self.dead_letters)?;
+        for d in &self.dead_letters[before..] {
+            log_dead_letter(d, &mut self.dead_letter_log);
+        }
+        let first = recs[0].offset;
+        let next = recs.last().expect("non-empty").offset + 1;
+        self.advance_position(recs[0].topic, p, first, next);
+        Ok(())
     }
 
     /// `on_bad_record = "fail"` stops at the first dead letter; otherwise the circuit
@@ -192,8 +222,15 @@ impl TaskManager {
         consumer: &BaseConsumer<C>,
         msgs: &[BorrowedMessage<'_>],
     ) -> Result<(), RuntimeError> {
-        let payloads = msgs.iter().map(|m| m.payload());
-        match self.rt.block_on(self.decoder.prepare(payloads)) {
+        let message_topic = self.message_topic.as_deref();
+        let is_message = |m: &BorrowedMessage<'_>| Some(m.topic()) == message_topic;
+        let reads = msgs.iter().filter(|m| !is_message(m)).map(|m| m.payload());
+        let mut prepared = self.rt.block_on(self.decoder.prepare(reads));
+        if let (Ok(()), Some(d)) = (&prepared, self.message_decoder.as_mut()) {
+            let messages = msgs.iter().filter(|m| is_message(m)).map(|m| m.payload());
+            prepared = self.rt.block_on(d.prepare(messages));
+        }
+        match prepared {
             Ok(()) => return Ok(()),
             Err(SerdeError::RegistryUnavailable(e)) => {
                 tracing::warn!(error = %e, "schema registry unavailable: parking the partitions that need it")
@@ -203,7 +240,7 @@ impl TaskManager {
         let mut ids: Vec<u32> = Vec::new();
         let mut first: BTreeMap<TopicPartition, i64> = BTreeMap::new();
         for m in msgs {
-            if let Some(id) = self.decoder.unknown_schema(m.payload()) {
+            if let Some(id) = self.unknown_schema(m) {
                 if !ids.contains(&id) {
                     ids.push(id);
                 }
@@ -241,8 +278,16 @@ impl TaskManager {
         Ok(())
     }
 
+    /// The writer schema id of `m` when its source's decoder has not resolved it yet.
+    fn unknown_schema(&self, m: &BorrowedMessage<'_>) -> Option<u32> {
+        match (&self.message_decoder, self.message_topic.as_deref()) {
+            (Some(d), Some(t)) if m.topic() == t => d.unknown_schema(m.payload()),
+            _ => self.decoder.unknown_schema(m.payload()),
+        }
+    }
+
     fn owns(&self, tp: &TopicPartition) -> bool {
-        if tp.0 == self.task_topic {
+        if self.is_task_topic(&tp.0) {
             return self.running.contains_key(&tp.1);
         }
         self.forwarding
@@ -261,7 +306,13 @@ impl TaskManager {
         if Instant::now() < w.retry_at {
             return Ok(());
         }
-        match self.rt.block_on(self.decoder.prepare_ids(&w.ids)) {
+        // Both decoders are asked: an id one of them cannot read is an incompatible writer
+        // for it, which only records of the other source carry.
+        let mut answer = self.rt.block_on(self.decoder.prepare_ids(&w.ids));
+        if let (Ok(()), Some(d)) = (&answer, self.message_decoder.as_mut()) {
+            answer = self.rt.block_on(d.prepare_ids(&w.ids));
+        }
+        match answer {
             Ok(()) => {
                 tracing::info!(after = ?w.since.elapsed(), "schema registry available again: resuming parked partitions");
                 self.registry_wait = None;
@@ -595,6 +646,24 @@ impl TaskManager {
         self.summary.updates_emitted += n;
         Progress::add(&self.progress.updates_emitted, n);
         metrics::counter!("readstate_updates_emitted_total").increment(n);
+        self.send_heads(out);
+    }
+
+    /// Conversation-head updates, to their topic when the topology has one.
+    fn send_heads(&mut self, out: &FlushOutput) {
+        let (Some(encoder), Some(sink)) = (&self.heads_encoder, &self.topology.heads_output) else {
+            return;
+        };
+        for u in &out.heads {
+            self.buf.clear();
+            encoder.encode_head_into(u, &mut self.buf);
+            let mut key = itoa::Buffer::new();
+            let rec = BaseRecord::to(sink.topic.as_str())
+                .key(key.format(u.conversation_id.0).as_bytes())
+                .payload(&self.buf);
+            self.collector.send(rec);
+        }
+        metrics::counter!("readstate_head_updates_emitted_total").increment(out.heads.len() as u64);
     }
 
     fn send_dead_letters(&mut self) {

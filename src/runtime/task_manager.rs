@@ -38,7 +38,7 @@ use super::{
 use crate::ids::TaskId;
 use crate::kafka::KafkaError;
 use crate::processor::{EmitPolicy, ProcessStats, ReadStateProcessor};
-use crate::serde::{EventDecoder, UpdateEncoder};
+use crate::serde::{EventDecoder, HeadEncoder, MessageDecoder, UpdateEncoder};
 use crate::state::{read_checkpoint, KeyValueStore};
 use crate::task::{DeadLetter, StreamTask};
 use crate::telemetry::{Health, Progress};
@@ -87,6 +87,9 @@ pub(super) struct TaskManager {
     pub(super) topology: Topology,
     /// The topic the stateful tasks consume (the source, or its repartition topic).
     pub(super) task_topic: String,
+    /// The message-event topic co-partitioned with `task_topic`: task p reads partition p
+    /// of both.
+    pub(super) message_topic: Option<String>,
     /// Sub-topology number of the stateful tasks (1 when repartitioned, else 0).
     subtopology: u32,
     pub(super) forwarding: Option<Forwarding>,
@@ -108,7 +111,10 @@ pub(super) struct TaskManager {
     state: StateManager,
     reader: Option<ChangelogReader>,
     pub(super) decoder: EventDecoder,
+    pub(super) message_decoder: Option<MessageDecoder>,
     pub(super) encoder: UpdateEncoder,
+    /// Encodes conversation-head updates (a message source with a heads sink).
+    pub(super) heads_encoder: Option<HeadEncoder>,
     pub(super) rt: tokio::runtime::Runtime,
     pub(super) dead_letters: Vec<DeadLetter>,
     pub(super) dead_letter_log: LogLimiter,
@@ -176,6 +182,7 @@ impl TaskManager {
         Ok(Self {
             topology: t.clone(),
             task_topic: source.task_input_topic().0.clone(),
+            message_topic: t.messages.as_ref().map(|m| m.topic.0.clone()),
             subtopology: u32::from(forwarding.is_some()),
             forwarding,
             running: BTreeMap::new(),
@@ -193,7 +200,15 @@ impl TaskManager {
                 config.resolver.clone(),
                 config.topology.bad_records.max_record_bytes,
             )?,
+            message_decoder: match &t.messages {
+                Some(_) => Some(MessageDecoder::with_max_record_bytes(
+                    config.resolver.clone(),
+                    config.topology.bad_records.max_record_bytes,
+                )?),
+                None => None,
+            },
             encoder,
+            heads_encoder: None,
             rt,
             dead_letters: Vec::new(),
             dead_letter_log: LogLimiter::new(DEAD_LETTER_LOGS_PER_SECOND),
@@ -224,6 +239,39 @@ impl TaskManager {
         TaskId::new(self.subtopology, partition)
     }
 
+    /// The co-partitioned message topic's partition joining task partition `p`.
+    fn message_partition(&self, p: i32) -> Option<TopicPartition> {
+        self.message_topic.as_ref().map(|t| (t.clone(), p))
+    }
+
+    /// A record of a task's topic (the read events' or the co-partitioned messages').
+    pub(super) fn is_task_topic(&self, topic: &str) -> bool {
+        topic == self.task_topic || self.message_topic.as_deref() == Some(topic)
+    }
+
+    /// With a message source, both topics' partitions must come together (the range
+    /// assignor guarantees it when every member subscribes to both with equal counts).
+    fn check_co_partitioned(&self, parts: &[TopicPartition]) -> Result<(), RuntimeError> {
+        let Some(mt) = &self.message_topic else {
+            return Ok(());
+        };
+        let of = |topic: &str| -> BTreeSet<i32> {
+            parts
+                .iter()
+                .filter(|(t, _)| t == topic)
+                .map(|(_, p)| *p)
+                .collect()
+        };
+        let (reads, messages) = (of(&self.task_topic), of(mt));
+        if reads == messages {
+            return Ok(());
+        }
+        Err(RuntimeError::Fatal(format!(
+            "co-partitioning broken: this instance was assigned partitions {reads:?} of {} but {messages:?} of {mt}; every instance of the group must run the same topology (both topics subscribed, range assignment) and both topics must have the same partition count",
+            self.task_topic
+        )))
+    }
+
     fn is_restoring(&self, p: i32) -> bool {
         self.reader
             .as_ref()
@@ -249,6 +297,10 @@ impl TaskManager {
     ) -> Vec<TopicPartition> {
         self.assigned_once = true;
         self.member = member;
+        if let Err(e) = self.check_co_partitioned(parts) {
+            self.fatal = Some(e.to_string());
+            self.deferred.get_or_insert(e);
+        }
         self.summary.assignments += 1;
         metrics::counter!("readstate_rebalances_total").increment(1);
         self.queue(parts)
@@ -279,6 +331,10 @@ impl TaskManager {
                     };
                     self.parked.insert((topic.clone(), *p), parked);
                     pause.push((topic.clone(), *p));
+                    if let Some(mp) = self.message_partition(*p) {
+                        self.parked.insert(mp.clone(), parked);
+                        pause.push(mp);
+                    }
                     self.health.set_ready(false);
                 }
             } else if let Some(f) = &mut self.forwarding {
@@ -383,7 +439,10 @@ impl TaskManager {
         let policy = EmitPolicy {
             min_emit_interval_ms: t.processor.min_emit_interval.as_millis() as i64,
         };
-        let processor = ReadStateProcessor::open(store, policy, t.store.cache_max_entries)?;
+        let mut processor = ReadStateProcessor::open(store, policy, t.store.cache_max_entries)?;
+        if let Some(cap) = t.processor.unread_cap {
+            processor.enable_unread(cap)?;
+        }
         self.running.insert(
             id.partition,
             RunningTask {
@@ -394,7 +453,11 @@ impl TaskManager {
         self.summary.tasks_opened += 1;
         self.share_cache_budget();
         let tp = (self.task_topic.clone(), id.partition);
-        self.unpark(consumer, &tp)
+        self.unpark(consumer, &tp)?;
+        match self.message_partition(id.partition) {
+            Some(mp) => self.unpark(consumer, &mp),
+            None => Ok(()),
+        }
     }
 
     fn update_readiness(&mut self) {
@@ -472,6 +535,12 @@ impl TaskManager {
             .keys()
             .map(|p| (self.task_topic.clone(), *p))
             .collect();
+        let messages: Vec<TopicPartition> = self
+            .running
+            .keys()
+            .filter_map(|p| self.message_partition(*p))
+            .collect();
+        v.extend(messages);
         if let Some(f) = &self.forwarding {
             v.extend(f.partitions.iter().map(|p| (f.source_topic.clone(), *p)));
         }

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::registry::SchemaResolver;
 use super::{split_wire, write_wire_header, DecodeError, SerdeError};
 use crate::ids::{ConversationId, ReaderId, SenderId};
-use crate::model::{EventRef, ReadEvent, ReceiptUpdate};
+use crate::model::{EventRef, ReadEvent, ReceiptUpdate, UnreadCounts};
 
 /// Largest record accepted by default (bytes); larger ones are dead letters. A topology
 /// sets its own with `[application] max_record_bytes`.
@@ -88,6 +88,11 @@ impl<T: DeserializeOwned> WireDecoder<T> {
             max_record_bytes,
             _t: PhantomData,
         })
+    }
+
+    /// Records larger than this are `too_large`.
+    pub fn max_record_bytes(&self) -> usize {
+        self.max_record_bytes
     }
 
     /// Whether schema `id` must be fetched: never seen, or "not found" long enough ago.
@@ -429,6 +434,12 @@ pub struct AvroReceiptUpdate {
     pub events_total: i64,
     pub stale_total: i64,
     pub emitted_at: i64,
+    #[serde(default)]
+    pub unread_count: Option<i64>,
+    #[serde(default)]
+    pub mention_count: Option<i64>,
+    #[serde(default)]
+    pub counts_capped: bool,
 }
 
 impl From<&ReceiptUpdate> for AvroReceiptUpdate {
@@ -447,6 +458,9 @@ impl From<&ReceiptUpdate> for AvroReceiptUpdate {
             events_total: u.events_total,
             stale_total: u.stale_total,
             emitted_at: u.emitted_at_ms,
+            unread_count: u.counts.map(|c| c.unread),
+            mention_count: u.counts.map(|c| c.mentions),
+            counts_capped: u.counts.is_some_and(|c| c.capped),
         }
     }
 }
@@ -467,6 +481,14 @@ impl From<AvroReceiptUpdate> for ReceiptUpdate {
             events_total: u.events_total,
             stale_total: u.stale_total,
             emitted_at_ms: u.emitted_at,
+            counts: match (u.unread_count, u.mention_count) {
+                (Some(unread), Some(mentions)) => Some(UnreadCounts {
+                    unread,
+                    mentions,
+                    capped: u.counts_capped,
+                }),
+                _ => None,
+            },
         }
     }
 }

@@ -126,10 +126,14 @@ pub fn encode_receipt_update(u: &ReceiptUpdate, out: &mut Vec<u8>) {
     ] {
         put_long(out, v);
     }
+    put_opt_long(out, u.counts.map(|c| c.unread));
+    put_opt_long(out, u.counts.map(|c| c.mentions));
+    out.push(u8::from(u.counts.is_some_and(|c| c.capped)));
 }
 
+/// Append `v` as an Avro long (zigzag varint).
 #[inline]
-fn put_long(out: &mut Vec<u8>, v: i64) {
+pub(crate) fn put_long(out: &mut Vec<u8>, v: i64) {
     let mut z = ((v << 1) ^ (v >> 63)) as u64;
     while z >= 0x80 {
         out.push((z as u8) | 0x80);
@@ -220,6 +224,7 @@ mod tests {
             device_id in proptest::option::of("[a-z0-9\\-é]{0,40}"),
             sender in proptest::option::of(any::<i64>()),
             read_at in proptest::option::of(any::<i64>()),
+            counts in proptest::option::of(any::<(i64, i64, bool)>()),
         ) {
             use crate::ids::{ConversationId, ReaderId, SenderId};
             use crate::serde::avro::{AvroReceiptUpdate, UpdateEncoder};
@@ -237,6 +242,7 @@ mod tests {
                 events_total: ids.6,
                 stale_total: ids.7,
                 emitted_at_ms: ids.8,
+                counts: counts.map(|(unread, mentions, capped)| crate::model::UnreadCounts { unread, mentions, capped }),
             };
             let reference = UpdateEncoder::new(crate::serde::RECEIPT_UPDATE_SCHEMA, 3)
                 .unwrap()

@@ -8,15 +8,22 @@
 
 pub mod avro;
 pub mod fast;
+pub mod message;
 pub mod registry;
 
 pub use avro::{EventDecoder, UpdateEncoder};
+pub use message::{HeadEncoder, MessageDecoder};
 pub use registry::{ConfluentRegistry, LocalRegistry, SchemaResolver};
 
 /// The Avro schema of read events (the reader schema).
 pub const READ_EVENT_SCHEMA: &str = include_str!("../../schemas/read_event.avsc");
 /// The Avro schema of receipt updates (the writer schema of the output topic).
 pub const RECEIPT_UPDATE_SCHEMA: &str = include_str!("../../schemas/receipt_update.avsc");
+
+/// The Avro schema of message events (the reader schema of a message source).
+pub const MESSAGE_EVENT_SCHEMA: &str = include_str!("../../schemas/message_event.avsc");
+/// The Avro schema of conversation-head updates (the writer schema of their output topic).
+pub const CONVERSATION_HEAD_SCHEMA: &str = include_str!("../../schemas/conversation_head.avsc");
 
 /// Why a record could not become a read event. Each variant is a dead-letter reason with a
 /// bounded label (see [`DecodeError::reason`]).
@@ -30,7 +37,7 @@ pub enum DecodeError {
     TooLarge { size: usize, limit: usize },
     #[error("schema id {0} is unknown to the registry")]
     UnknownSchema(u32),
-    #[error("writer schema {id} cannot be read as a ReadEvent: {reason}")]
+    #[error("writer schema {id} cannot be read with the source's reader schema: {reason}")]
     IncompatibleSchema { id: u32, reason: String },
     #[error("avro datum does not match writer schema {id}: {reason}")]
     Malformed { id: u32, reason: String },

@@ -2,7 +2,7 @@
 //!
 //! - [`ConfluentRegistry`]: a Confluent-compatible registry over HTTP;
 //! - [`LocalRegistry`]: the schemas in `schemas/` with fixed ids (read events `1`, receipt
-//!   updates `2`), for running without a registry and for tests. Other schemas can be added
+//!   updates `2`, message events `3`, conversation heads `4`), for running without a registry and for tests. Other schemas can be added
 //!   with fixed ids (e.g. an evolved writer).
 
 use std::collections::HashMap;
@@ -10,7 +10,10 @@ use std::sync::Mutex;
 
 use futures::future::BoxFuture;
 
-use super::{SerdeError, READ_EVENT_SCHEMA, RECEIPT_UPDATE_SCHEMA};
+use super::{
+    SerdeError, CONVERSATION_HEAD_SCHEMA, MESSAGE_EVENT_SCHEMA, READ_EVENT_SCHEMA,
+    RECEIPT_UPDATE_SCHEMA,
+};
 
 /// Looks up writer schemas by id and registers the schemas readstate writes.
 pub trait SchemaResolver: Send + Sync {
@@ -28,6 +31,10 @@ pub trait SchemaResolver: Send + Sync {
 pub const LOCAL_READ_EVENT_ID: u32 = 1;
 /// Fixed id of `schemas/receipt_update.avsc` in the local registry.
 pub const LOCAL_RECEIPT_UPDATE_ID: u32 = 2;
+/// Fixed id of `schemas/message_event.avsc` in the local registry.
+pub const LOCAL_MESSAGE_EVENT_ID: u32 = 3;
+/// Fixed id of `schemas/conversation_head.avsc` in the local registry.
+pub const LOCAL_CONVERSATION_HEAD_ID: u32 = 4;
 
 /// Schemas served from memory with fixed ids.
 #[derive(Debug)]
@@ -46,6 +53,11 @@ impl LocalRegistry {
         let mut m = HashMap::new();
         m.insert(LOCAL_READ_EVENT_ID, READ_EVENT_SCHEMA.to_owned());
         m.insert(LOCAL_RECEIPT_UPDATE_ID, RECEIPT_UPDATE_SCHEMA.to_owned());
+        m.insert(LOCAL_MESSAGE_EVENT_ID, MESSAGE_EVENT_SCHEMA.to_owned());
+        m.insert(
+            LOCAL_CONVERSATION_HEAD_ID,
+            CONVERSATION_HEAD_SCHEMA.to_owned(),
+        );
         Self {
             schemas: Mutex::new(m),
         }

@@ -216,6 +216,7 @@ mod tests {
             events_total: version,
             stale_total: 0,
             emitted_at_ms: 0,
+            counts: None,
         }
     }
 

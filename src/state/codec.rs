@@ -17,6 +17,8 @@ use crate::model::{ReceiptUpdate, StateKey};
 pub const TAG_STATE: u8 = b's';
 /// Tag of the pending-emit index (advances held back by the minimum emit interval).
 pub const TAG_PENDING: u8 = b'p';
+/// Tag of a conversation head (`state::head`); the reader half of its key is zero.
+pub const TAG_HEAD: u8 = b'h';
 
 const SIGN: u64 = 1 << 63;
 
@@ -39,6 +41,16 @@ impl StoreKey {
 
     pub fn pending(key: StateKey) -> Self {
         Self::new(TAG_PENDING, key)
+    }
+
+    pub fn head(conversation: ConversationId) -> Self {
+        Self::new(
+            TAG_HEAD,
+            StateKey {
+                conversation,
+                reader: ReaderId(0),
+            },
+        )
     }
 
     /// The prefix shared by every reader of `conversation` under `tag`.
@@ -143,6 +155,7 @@ impl ReadState {
             events_total: self.events_total,
             stale_total: self.stale_total,
             emitted_at_ms,
+            counts: None,
         }
     }
 

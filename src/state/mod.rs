@@ -8,6 +8,7 @@
 
 pub mod cache;
 pub mod codec;
+pub mod head;
 pub mod memory;
 pub mod restore;
 pub mod rocks;
@@ -15,6 +16,7 @@ pub mod rocks;
 use crate::ids::StoreName;
 
 pub use codec::{ReadState, StoreKey};
+pub use head::ConversationHead;
 
 /// Errors of the state layer.
 #[derive(Debug, thiserror::Error)]

@@ -3,7 +3,8 @@
 
 use hashbrown::HashSet;
 
-use super::codec::{ReadState, StoreKey, TAG_PENDING, TAG_STATE};
+use super::codec::{ReadState, StoreKey, TAG_HEAD, TAG_PENDING, TAG_STATE};
+use super::head::ConversationHead;
 use super::{put_checkpoint, KeyValueStore, StoreBatch, StoreError};
 use crate::model::StateKey;
 
@@ -49,6 +50,17 @@ impl ChangelogRestorer {
             };
             let (tag, k) = StoreKey::decode(key)
                 .ok_or_else(|| corrupt("changelog key is not a 17-byte store key".into()))?;
+            if tag == TAG_HEAD {
+                match value {
+                    None => batch.delete(key),
+                    Some(v) => {
+                        ConversationHead::decode(v).map_err(corrupt)?;
+                        batch.put(key, v);
+                    }
+                }
+                n += 1;
+                continue;
+            }
             if tag != TAG_STATE {
                 return Err(corrupt(format!("changelog key has tag {tag:#x}")));
             }

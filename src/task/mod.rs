@@ -5,9 +5,9 @@
 //! for the order in which a flush's outputs become durable).
 
 use crate::ids::{Origin, TaskId};
-use crate::model::ReadEvent;
+use crate::model::{MessageEvent, ReadEvent};
 use crate::processor::{FlushOutput, ProcessStats, ProcessorError, ReadStateProcessor};
-use crate::serde::EventDecoder;
+use crate::serde::{EventDecoder, MessageDecoder};
 use crate::state::StoreBatch;
 
 /// A record as consumed: where it is, and its bytes.
@@ -113,6 +113,37 @@ impl StreamTask {
             }
         }
         self.processor.process(&events)
+    }
+
+    /// Decode message events and fold them into their conversations' heads; undecodable
+    /// records are returned as dead letters.
+    pub fn process_messages(
+        &mut self,
+        decoder: &MessageDecoder,
+        records: &[SourceRecord<'_>],
+        dead_letters: &mut Vec<DeadLetter>,
+    ) -> Result<(), ProcessorError> {
+        let mut messages = Vec::with_capacity(records.len());
+        for r in records {
+            match decoder.decode(r.value) {
+                Ok(m) => messages.push((m, r.origin)),
+                Err(e) => dead_letters.push(DeadLetter::from_record(
+                    r,
+                    e.reason(),
+                    e.to_string(),
+                    decoder.max_record_bytes(),
+                )),
+            }
+        }
+        self.processor.process_messages(&messages)
+    }
+
+    /// Fold already-decoded message events (test driver, benchmarks).
+    pub fn process_message_events(
+        &mut self,
+        messages: &[(MessageEvent, Origin)],
+    ) -> Result<(), ProcessorError> {
+        self.processor.process_messages(messages)
     }
 
     /// Fold already-decoded events (used by benchmarks and the test driver's typed input).

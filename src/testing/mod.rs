@@ -13,11 +13,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::ids::{Origin, TaskId};
-use crate::model::{ReadEvent, ReceiptUpdate, StateKey};
-use crate::processor::{EmitPolicy, ProcessStats, ReadStateProcessor};
+use crate::model::{HeadUpdate, MessageEvent, ReadEvent, ReceiptUpdate, StateKey, UnreadCounts};
+use crate::processor::{EmitPolicy, MessageStats, ProcessStats, ReadStateProcessor};
 use crate::serde::avro::{AvroReadEvent, EventEncoder};
-use crate::serde::registry::{LocalRegistry, SchemaResolver, LOCAL_READ_EVENT_ID};
-use crate::serde::{EventDecoder, READ_EVENT_SCHEMA};
+use crate::serde::message::{AvroMessageEvent, MessageEncoder};
+use crate::serde::registry::{
+    LocalRegistry, SchemaResolver, LOCAL_MESSAGE_EVENT_ID, LOCAL_READ_EVENT_ID,
+};
+use crate::serde::{EventDecoder, MessageDecoder, MESSAGE_EVENT_SCHEMA, READ_EVENT_SCHEMA};
+use crate::state::head::ConversationHead;
 use crate::state::memory::InMemoryStore;
 use crate::state::rocks::RocksDbStore;
 use crate::state::{KeyValueStore, ReadState};
@@ -37,6 +41,21 @@ struct PartitionState {
     consumed: i64,
     /// Next offset after the last record covered by a commit.
     committed: i64,
+    /// The same two for the partition of the co-partitioned message topic.
+    messages_consumed: i64,
+    messages_committed: i64,
+}
+
+impl PartitionState {
+    fn new(task: Option<StreamTask>) -> Self {
+        Self {
+            task,
+            consumed: 0,
+            committed: 0,
+            messages_consumed: 0,
+            messages_committed: 0,
+        }
+    }
 }
 
 pub struct TopologyTestDriver {
@@ -44,10 +63,13 @@ pub struct TopologyTestDriver {
     stores: DriverStores,
     decoder: EventDecoder,
     encoder: EventEncoder,
+    message_decoder: MessageDecoder,
+    message_encoder: MessageEncoder,
     partitions: BTreeMap<i32, PartitionState>,
     now_ms: i64,
     last_flush_ms: i64,
     outputs: Vec<ReceiptUpdate>,
+    heads: Vec<HeadUpdate>,
     dead_letters: Vec<DeadLetter>,
     flushes: u64,
 }
@@ -73,13 +95,21 @@ impl TopologyTestDriver {
         Self {
             topology,
             stores,
-            decoder: EventDecoder::new(resolver).expect("embedded schema parses"),
+            decoder: EventDecoder::new(resolver.clone()).expect("embedded schema parses"),
             encoder: EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID)
+                .expect("embedded schema parses"),
+            message_decoder: MessageDecoder::with_max_record_bytes(
+                resolver,
+                crate::serde::avro::MAX_RECORD_BYTES,
+            )
+            .expect("embedded schema parses"),
+            message_encoder: MessageEncoder::new(MESSAGE_EVENT_SCHEMA, LOCAL_MESSAGE_EVENT_ID)
                 .expect("embedded schema parses"),
             partitions: BTreeMap::new(),
             now_ms: START_MS,
             last_flush_ms: START_MS,
             outputs: Vec::new(),
+            heads: Vec::new(),
             dead_letters: Vec::new(),
             flushes: 0,
         }
@@ -114,24 +144,36 @@ impl TopologyTestDriver {
         let policy = EmitPolicy {
             min_emit_interval_ms: self.topology.processor.min_emit_interval.as_millis() as i64,
         };
-        let p = ReadStateProcessor::open(store, policy, self.topology.store.cache_max_entries)
+        let mut p = ReadStateProcessor::open(store, policy, self.topology.store.cache_max_entries)
             .expect("open processor");
+        if let Some(cap) = self.topology.processor.unread_cap {
+            p.enable_unread(cap).expect("load heads");
+        }
         StreamTask::new(TaskId::new(0, partition), p)
     }
 
     fn partition(&mut self, partition: i32) -> &mut PartitionState {
         if !self.partitions.contains_key(&partition) {
             let task = self.open_task(partition);
-            self.partitions.insert(
-                partition,
-                PartitionState {
-                    task: Some(task),
-                    consumed: 0,
-                    committed: 0,
-                },
-            );
+            self.partitions
+                .insert(partition, PartitionState::new(Some(task)));
         }
         self.partitions.get_mut(&partition).expect("inserted")
+    }
+
+    /// Make sure a partition's task is open.
+    fn open_partition(&mut self, partition: i32) {
+        if self
+            .partitions
+            .get(&partition)
+            .is_none_or(|ps| ps.task.is_none())
+        {
+            let task = self.open_task(partition);
+            self.partitions
+                .entry(partition)
+                .or_insert_with(|| PartitionState::new(None))
+                .task = Some(task);
+        }
     }
 
     /// Encode `event` in the Confluent wire format (local schema id) and pipe it.
@@ -169,23 +211,53 @@ impl TopologyTestDriver {
         futures::executor::block_on(self.decoder.prepare(recs.iter().map(|r| r.value)))
             .expect("local registry");
         let max_next = records.iter().map(|(o, _)| o + 1).max().unwrap_or(0);
-        let ps = self
-            .partitions
-            .entry(partition)
-            .or_insert_with(|| PartitionState {
-                task: None,
-                consumed: 0,
-                committed: 0,
-            });
+        self.open_partition(partition);
+        let ps = self.partitions.get_mut(&partition).expect("open");
         ps.consumed = ps.consumed.max(max_next);
-        if ps.task.is_none() {
-            let t = self.open_task(partition);
-            self.partitions.get_mut(&partition).expect("present").task = Some(t);
-        }
-        let ps = self.partitions.get_mut(&partition).expect("present");
         let task = ps.task.as_mut().expect("open");
         task.process(&self.decoder, &recs, &mut self.dead_letters)
             .expect("process");
+    }
+
+    /// Encode `message` (local schema id) and pipe it into the co-partitioned message
+    /// topic's `partition`. The topology must have a message source.
+    pub fn pipe_message(&mut self, partition: i32, offset: i64, message: &MessageEvent) {
+        let bytes = self
+            .message_encoder
+            .encode(&AvroMessageEvent::from(message))
+            .expect("encode message");
+        self.pipe_message_raw(partition, offset, Some(&bytes));
+    }
+
+    /// Pipe one raw record value of the message topic.
+    pub fn pipe_message_raw(&mut self, partition: i32, offset: i64, value: Option<&[u8]>) {
+        let topic = self
+            .topology
+            .messages
+            .as_ref()
+            .expect("the topology has a message source")
+            .topic
+            .as_str()
+            .to_owned();
+        let rec = SourceRecord {
+            topic: &topic,
+            partition,
+            offset,
+            key: None,
+            value,
+            origin: Origin {
+                source: Origin::source_id(&topic, partition),
+                offset,
+            },
+        };
+        futures::executor::block_on(self.message_decoder.prepare(std::iter::once(value)))
+            .expect("local registry");
+        self.open_partition(partition);
+        let ps = self.partitions.get_mut(&partition).expect("open");
+        ps.messages_consumed = ps.messages_consumed.max(offset + 1);
+        let task = ps.task.as_mut().expect("open");
+        task.process_messages(&self.message_decoder, &[rec], &mut self.dead_letters)
+            .expect("process messages");
     }
 
     /// Advance the wall clock; flushes when a commit interval has passed (like the runtime).
@@ -209,8 +281,10 @@ impl TopologyTestDriver {
             };
             let out = task.prepare_flush(now);
             self.outputs.extend(out.updates);
+            self.heads.extend(out.heads);
             task.commit_flush(out.batch, None).expect("commit flush");
             ps.committed = ps.consumed;
+            ps.messages_committed = ps.messages_consumed;
         }
         self.last_flush_ms = now;
         self.flushes += 1;
@@ -224,6 +298,7 @@ impl TopologyTestDriver {
                 task.reset_to_store().expect("reset");
             }
             ps.consumed = ps.committed;
+            ps.messages_consumed = ps.messages_committed;
         }
     }
 
@@ -235,6 +310,23 @@ impl TopologyTestDriver {
             if let Some(task) = ps.task.as_mut() {
                 let out = task.prepare_flush(now);
                 self.outputs.extend(out.updates);
+                self.heads.extend(out.heads);
+            }
+        }
+        self.crash();
+    }
+
+    /// Simulate a crash between the store write and the offset commit (steps 4 and 5 of
+    /// the commit protocol): outputs and state are durable, the offsets are not, so the
+    /// records since the last commit are consumed again; replay marks must skip them.
+    pub fn crash_after_store(&mut self) {
+        let now = self.now_ms;
+        for ps in self.partitions.values_mut() {
+            if let Some(task) = ps.task.as_mut() {
+                let out = task.prepare_flush(now);
+                self.outputs.extend(out.updates);
+                self.heads.extend(out.heads);
+                task.commit_flush(out.batch, None).expect("commit flush");
             }
         }
         self.crash();
@@ -259,12 +351,57 @@ impl TopologyTestDriver {
             let ps = self.partition(p);
             ps.task = Some(reopened);
             ps.consumed = ps.committed;
+            ps.messages_consumed = ps.messages_committed;
         }
     }
 
     /// Next offset to consume in `partition` after the last commit.
     pub fn committed_offset(&self, partition: i32) -> i64 {
         self.partitions.get(&partition).map_or(0, |p| p.committed)
+    }
+
+    /// Next offset to consume in `partition` of the message topic after the last commit.
+    pub fn committed_message_offset(&self, partition: i32) -> i64 {
+        self.partitions
+            .get(&partition)
+            .map_or(0, |p| p.messages_committed)
+    }
+
+    /// Take the conversation-head updates emitted so far.
+    pub fn read_heads(&mut self) -> Vec<HeadUpdate> {
+        std::mem::take(&mut self.heads)
+    }
+
+    /// A reader's unread and mention counts now, from their task (message source only).
+    pub fn unread_counts(&self, partition: i32, key: StateKey) -> Option<UnreadCounts> {
+        let task = self.partitions.get(&partition)?.task.as_ref()?;
+        task.processor().unread_counts(key).expect("store read")
+    }
+
+    /// A conversation's head as its task sees it.
+    pub fn head(
+        &self,
+        partition: i32,
+        conversation: crate::ids::ConversationId,
+    ) -> Option<ConversationHead> {
+        let task = self.partitions.get(&partition)?.task.as_ref()?;
+        task.processor().head(conversation).expect("store read")
+    }
+
+    /// What message folding did, summed over the tasks.
+    pub fn message_stats(&self) -> MessageStats {
+        let mut s = MessageStats::default();
+        for t in self.partitions.values().filter_map(|p| p.task.as_ref()) {
+            if let Some(x) = t.processor().message_stats() {
+                s.counted += x.counted;
+                s.duplicates += x.duplicates;
+                s.late += x.late;
+                s.replayed += x.replayed;
+                s.heads_emitted += x.heads_emitted;
+                s.head_writes += x.head_writes;
+            }
+        }
+        s
     }
 
     /// Take the updates emitted so far.

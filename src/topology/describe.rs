@@ -89,15 +89,30 @@ pub fn describe(t: &Topology) -> String {
         }
         let _ = writeln!(o, "    --> {}", t.processor.name);
     }
+    if let Some(m) = &t.messages {
+        let _ = writeln!(
+            o,
+            "  Source: {} (topics: [{}], message events keyed by conversation_id, co-partitioned: partition p joins task p)",
+            m.name, m.topic
+        );
+        let _ = writeln!(o, "    --> {}", t.processor.name);
+    }
     let p = &t.processor;
     let emit = if p.min_emit_interval.is_zero() {
         "one update per key per flush".to_owned()
     } else {
         format!("at most one update per key per {}", ms(p.min_emit_interval))
     };
+    let unread = match p.unread_cap {
+        Some(cap) => format!(
+            ", unread and mention counts exact up to {cap} messages behind the head ({}+ beyond)",
+            cap.saturating_sub(1)
+        ),
+        None => String::new(),
+    };
     let _ = writeln!(
         o,
-        "  Processor: {} (kind: read-state, stores: [{}], {emit})",
+        "  Processor: {} (kind: read-state, stores: [{}], {emit}{unread})",
         p.name, p.store
     );
     for s in &t.sources {
@@ -108,13 +123,27 @@ pub fn describe(t: &Topology) -> String {
         };
         let _ = writeln!(o, "    <-- {from}");
     }
+    if let Some(m) = &t.messages {
+        let _ = writeln!(o, "    <-- {}", m.name);
+    }
     let _ = writeln!(o, "    --> {}", t.output.name);
+    if let Some(h) = &t.heads_output {
+        let _ = writeln!(o, "    --> {}", h.name);
+    }
     let _ = writeln!(
         o,
         "  Sink: {} (topic: {}, keyed by conversation_id, format avro-confluent)",
         t.output.name, t.output.topic
     );
     let _ = writeln!(o, "    <-- {}", p.name);
+    if let Some(h) = &t.heads_output {
+        let _ = writeln!(
+            o,
+            "  Sink: {} (topic: {}, conversation heads keyed by conversation_id, format avro-confluent)",
+            h.name, h.topic
+        );
+        let _ = writeln!(o, "    <-- {}", p.name);
+    }
     let _ = writeln!(o, "Stores:");
     let kind = match t.store.kind {
         StoreKind::RocksDb => format!(

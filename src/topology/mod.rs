@@ -150,6 +150,9 @@ pub struct ReadStateNode {
     pub inputs: Vec<String>,
     pub store: StoreName,
     pub min_emit_interval: Duration,
+    /// Set when a message source feeds the processor: recent messages kept per
+    /// conversation (unread and mention counts are exact up to this far behind the head).
+    pub unread_cap: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,10 +226,16 @@ pub struct Topology {
     pub state_dir: PathBuf,
     pub dead_letter_topic: TopicName,
     pub bad_records: BadRecords,
+    /// Read-event sources.
     pub sources: Vec<Source>,
+    /// The message-event source, co-partitioned with the read events' task topic.
+    pub messages: Option<Source>,
     pub store: Store,
     pub processor: ReadStateNode,
     pub output: KafkaSink,
+    /// Where conversation-head updates go (a message source and a kafka sink with
+    /// `output = "conversation-heads"`).
+    pub heads_output: Option<KafkaSink>,
     pub postgres: Option<PostgresSink>,
 }
 
@@ -445,6 +454,7 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
         errs.push("source", "at least one [[source]] is required");
     }
     let mut sources = Vec::new();
+    let mut messages: Option<Source> = None;
     for (i, s) in spec.source.iter().enumerate() {
         let at = format!("source[{i}]");
         let name = errs.required(&at, "name", &s.name);
@@ -467,8 +477,43 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
                 );
             }
         }
-        if let (Some(name), Some(topic)) = (name, topic) {
+        let is_messages = match s.records.as_deref() {
+            None | Some("read-events") => false,
+            Some("message-events") => true,
+            Some(other) => {
+                errs.push(
+                    format!("{at}.records"),
+                    format!("unknown records {other:?} (read-events or message-events)"),
+                );
+                false
+            }
+        };
+        if is_messages && keyed_by != KeyedBy::ConversationId {
+            errs.push(
+                format!("{at}.keyed_by"),
+                "message events must be keyed by conversation_id: they are read co-partitioned with the read events, never repartitioned",
+            );
+        }
+        if let (Some(name), Some(topic), true) = (name, topic, is_messages) {
+            if messages.is_some() {
+                errs.push(format!("{at}.records"), "at most one message-events source");
+            }
             if sources.iter().any(|x: &Source| x.name == name) {
+                errs.push(
+                    format!("{at}.name"),
+                    format!("duplicate source name {name:?}"),
+                );
+            }
+            messages = Some(Source {
+                name: name.to_owned(),
+                topic: TopicName(topic.to_owned()),
+                keyed_by: KeyedBy::ConversationId,
+                repartition_topic: None,
+            });
+        } else if let (Some(name), Some(topic)) = (name, topic) {
+            if sources.iter().any(|x: &Source| x.name == name)
+                || messages.as_ref().is_some_and(|m| m.name == name)
+            {
                 errs.push(
                     format!("{at}.name"),
                     format!("duplicate source name {name:?}"),
@@ -587,6 +632,23 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
                 );
             }
         }
+        let reads_messages = messages.as_ref().is_some_and(|m| inputs.contains(&m.name));
+        let unread_cap = match (reads_messages, p.unread_cap) {
+            (true, cap) => Some(errs.positive(
+                &format!("{at}.unread_cap"),
+                cap,
+                crate::processor::DEFAULT_UNREAD_CAP,
+                100_000,
+            )),
+            (false, Some(_)) => {
+                errs.push(
+                    format!("{at}.unread_cap"),
+                    "needs a source with records = \"message-events\" among the inputs",
+                );
+                None
+            }
+            (false, None) => None,
+        };
         let store = errs.required(&at, "store", &p.store);
         if let Some(st) = store {
             if !stores.iter().any(|s| s.name.as_str() == st) {
@@ -604,6 +666,7 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
                 inputs,
                 store: StoreName(store.to_owned()),
                 min_emit_interval,
+                unread_cap,
             });
         }
     }
@@ -621,10 +684,16 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
     let inputs_resolve = processors.iter().all(|p| {
         p.inputs
             .iter()
-            .all(|i| sources.iter().any(|s| &s.name == i))
+            .all(|i| sources.iter().chain(&messages).any(|s| &s.name == i))
     });
+    if sources.is_empty() && !spec.source.is_empty() && messages.is_some() {
+        errs.push(
+            "source",
+            "a read-events source is required beside the message-events one",
+        );
+    }
     if let (Some(p), true) = (processors.first(), inputs_resolve) {
-        for s in &sources {
+        for s in sources.iter().chain(&messages) {
             if !p.inputs.contains(&s.name) {
                 errs.push(
                     format!("source {:?}", s.name),
@@ -636,6 +705,7 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
 
     // Sinks.
     let mut kafka: Vec<KafkaSink> = Vec::new();
+    let mut heads: Vec<KafkaSink> = Vec::new();
     let mut postgres: Vec<(usize, &SinkSpec)> = Vec::new();
     for (i, s) in spec.sink.iter().enumerate() {
         let at = format!("sink[{i}]");
@@ -669,12 +739,33 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
                         errs.push(format!("{at}.input"), format!("no processor named {inp:?}"));
                     }
                 }
+                let to_heads = match s.output.as_deref() {
+                    None | Some("receipts") => false,
+                    Some("conversation-heads") => true,
+                    Some(o) => {
+                        errs.push(
+                            format!("{at}.output"),
+                            format!("unknown output {o:?} (receipts or conversation-heads)"),
+                        );
+                        false
+                    }
+                };
+                if to_heads && messages.is_none() {
+                    errs.push(
+                        format!("{at}.output"),
+                        "conversation-heads needs a source with records = \"message-events\"",
+                    );
+                }
                 if let (Some(name), Some(input), Some(topic)) = (name, input, topic) {
-                    kafka.push(KafkaSink {
+                    let sink = KafkaSink {
                         name: name.into(),
                         input: input.into(),
                         topic: TopicName(topic.into()),
-                    });
+                    };
+                    match to_heads {
+                        true => heads.push(sink),
+                        false => kafka.push(sink),
+                    }
                 }
             }
             Some("postgres") => postgres.push((i, s)),
@@ -692,6 +783,12 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
                 "exactly one kafka sink (the output topic) is required, found {}",
                 kafka.len()
             ),
+        );
+    }
+    if heads.len() > 1 {
+        errs.push(
+            "sink",
+            "at most one kafka sink with output = \"conversation-heads\"",
         );
     }
     if postgres.len() > 1 {
@@ -765,9 +862,11 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
         dead_letter_topic: TopicName(dead_letter_topic),
         bad_records,
         sources,
+        messages,
         store,
         processor,
         output: kafka.into_iter().next()?,
+        heads_output: heads.into_iter().next(),
         postgres: pg,
     })
 }

@@ -1,0 +1,187 @@
+//! Unread and mention counts (DESIGN.md §3b): the conversation heads of one task, folded
+//! from the co-partitioned message source and flushed beside the read state.
+//!
+//! A message folds into its conversation's head only (one cached entry, one store write
+//! and one changelog record per flush), never into per-member state. A reader's counts
+//! are derived from the head and the reader's pointer when their receipt update is emitted
+//! ([`Heads::counts`]); consumers derive them the same way from the conversation-heads
+//! output, and PostgreSQL from the `conversation_heads` table.
+
+use hashbrown::{HashMap, HashSet};
+
+use crate::ids::{ConversationId, Origin, ReaderId};
+use crate::model::{HeadUpdate, MessageEvent, UnreadCounts};
+use crate::state::codec::StoreKey;
+use crate::state::head::{ConversationHead, MessageFold};
+use crate::state::{KeyValueStore, StoreBatch, StoreError};
+
+/// How many recent message positions a conversation head keeps (the topology's
+/// `unread_cap`): counts are exact for pointers up to this many messages behind the head.
+pub const DEFAULT_UNREAD_CAP: usize = 1000;
+
+/// Counters of what message folding did; monotone over the task's life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MessageStats {
+    pub counted: u64,
+    pub duplicates: u64,
+    pub late: u64,
+    pub replayed: u64,
+    /// Conversation-head updates emitted.
+    pub heads_emitted: u64,
+    /// Head values written (store and changelog), one per dirty conversation per flush.
+    pub head_writes: u64,
+}
+
+/// The conversation heads of one task: a cache in front of the task's store (tag `h`).
+pub struct Heads {
+    cap: usize,
+    entries: HashMap<ConversationId, ConversationHead>,
+    dirty: HashSet<ConversationId>,
+    /// Heads kept between flushes; beyond it the clean ones are dropped after a flush.
+    capacity: usize,
+    stats: MessageStats,
+}
+
+impl Heads {
+    pub fn new(cap: usize, capacity: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            entries: HashMap::new(),
+            dirty: HashSet::new(),
+            capacity: capacity.max(1),
+            stats: MessageStats::default(),
+        }
+    }
+
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    pub fn stats(&self) -> MessageStats {
+        self.stats
+    }
+
+    /// Load the heads of `conversations` not cached, with one `multi_get`.
+    pub fn ensure_loaded(
+        &mut self,
+        conversations: impl Iterator<Item = ConversationId>,
+        store: &dyn KeyValueStore,
+    ) -> Result<(), StoreError> {
+        let mut missing: Vec<ConversationId> = conversations
+            .filter(|c| !self.entries.contains_key(c))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        let keys: Vec<StoreKey> = missing.iter().map(|c| StoreKey::head(*c)).collect();
+        let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+        for ((c, k), v) in missing.iter().zip(&keys).zip(store.multi_get(&refs)?) {
+            let head = match v {
+                None => ConversationHead::default(),
+                Some(b) => ConversationHead::decode(&b).map_err(|reason| StoreError::Corrupt {
+                    store: store.name().clone(),
+                    key: k.as_bytes().to_vec(),
+                    reason,
+                })?,
+            };
+            self.entries.insert(*c, head);
+        }
+        Ok(())
+    }
+
+    /// Fold a batch of messages (one multi_get for the heads not cached).
+    pub fn process(
+        &mut self,
+        messages: &[(MessageEvent, Origin)],
+        store: &dyn KeyValueStore,
+    ) -> Result<(), StoreError> {
+        self.ensure_loaded(messages.iter().map(|(m, _)| m.conversation_id), store)?;
+        for (m, origin) in messages {
+            let head = self
+                .entries
+                .get_mut(&m.conversation_id)
+                .expect("ensure_loaded loaded every conversation");
+            match head.fold(m, *origin, self.cap) {
+                MessageFold::Counted => {
+                    self.stats.counted += 1;
+                    self.dirty.insert(m.conversation_id);
+                }
+                MessageFold::Duplicate => {
+                    self.stats.duplicates += 1;
+                    self.dirty.insert(m.conversation_id);
+                }
+                MessageFold::Late => {
+                    self.stats.late += 1;
+                    self.dirty.insert(m.conversation_id);
+                }
+                MessageFold::Replayed => self.stats.replayed += 1,
+            }
+        }
+        Ok(())
+    }
+
+    /// The counts of `reader` at `pointer`; the head must be loaded (a conversation with
+    /// no head yet has no messages: zero).
+    pub fn counts(
+        &self,
+        conversation: ConversationId,
+        reader: ReaderId,
+        pointer: i64,
+    ) -> UnreadCounts {
+        self.entries
+            .get(&conversation)
+            .map(|h| h.counts(reader, pointer))
+            .unwrap_or_default()
+    }
+
+    /// Write the dirty heads into `batch` (sorted by key; their indices go to
+    /// `changelog`) and emit one update per changed conversation.
+    pub fn flush(
+        &mut self,
+        now_ms: i64,
+        batch: &mut StoreBatch,
+        changelog: &mut Vec<usize>,
+        updates: &mut Vec<HeadUpdate>,
+    ) {
+        let mut dirty: Vec<ConversationId> = self.dirty.drain().collect();
+        dirty.sort_unstable();
+        for c in dirty {
+            let Some(head) = self.entries.get_mut(&c) else {
+                continue;
+            };
+            if head.has_unemitted_change() {
+                updates.push(head.to_update(c, now_ms));
+                head.emitted_version = head.version;
+                self.stats.heads_emitted += 1;
+            }
+            let i = batch.put_with(StoreKey::head(c).as_bytes(), |buf| head.encode(buf));
+            changelog.push(i);
+            self.stats.head_writes += 1;
+        }
+    }
+
+    /// After a committed flush: beyond `capacity` heads, drop all but the `pinned` ones
+    /// (conversations with an emit held back, whose flush will need their head).
+    pub fn end_flush(&mut self, pinned: impl Iterator<Item = ConversationId>) {
+        if self.entries.len() > self.capacity {
+            let keep: HashSet<ConversationId> = pinned.collect();
+            self.entries.retain(|c, _| keep.contains(c));
+        }
+    }
+
+    /// Forget everything not committed to the store.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.dirty.clear();
+    }
+
+    pub fn get(&self, conversation: ConversationId) -> Option<&ConversationHead> {
+        self.entries.get(&conversation)
+    }
+
+    pub fn dirty_len(&self) -> usize {
+        self.dirty.len()
+    }
+}

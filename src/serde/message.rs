@@ -1,0 +1,323 @@
+//! Message events in (`message_event.avsc`) and conversation-head updates out
+//! (`conversation_head.avsc`), over the same Confluent wire format as read events.
+
+use std::sync::Arc;
+
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
+
+use super::avro::{WireDecoder, WireEncoder, MAX_ID_LEN};
+use super::fast::put_long;
+use super::registry::SchemaResolver;
+use super::{write_wire_header, DecodeError, SerdeError};
+use crate::ids::{ConversationId, ReaderId, SenderId};
+use crate::model::{HeadUpdate, MessageEvent, MAX_MENTIONS};
+
+/// Serde mirror of `message_event.avsc` (encoding: generators, tests, upstream examples).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename = "MessageEvent")]
+pub struct AvroMessageEvent {
+    pub conversation_id: i64,
+    pub message_seq: i64,
+    pub message_id: Option<String>,
+    pub sender_id: i64,
+    pub sent_at: i64,
+    pub mentioned_user_ids: Vec<i64>,
+    pub mention_everyone: bool,
+    pub trace_id: Option<String>,
+}
+
+impl From<&MessageEvent> for AvroMessageEvent {
+    fn from(m: &MessageEvent) -> Self {
+        Self {
+            conversation_id: m.conversation_id.0,
+            message_seq: m.message_seq,
+            message_id: m.message_id.clone(),
+            sender_id: m.sender_id.0,
+            sent_at: m.sent_at_ms,
+            mentioned_user_ids: m.mentions.iter().map(|r| r.0).collect(),
+            mention_everyone: m.mention_everyone,
+            trace_id: None,
+        }
+    }
+}
+
+/// What the decoder reads: the fields the processor needs, the rest skipped.
+#[derive(Debug, Deserialize)]
+#[serde(rename = "MessageEvent")]
+struct DecodedMessageEvent {
+    conversation_id: i64,
+    message_seq: i64,
+    message_id: Option<String>,
+    sender_id: i64,
+    sent_at: i64,
+    #[serde(default)]
+    mentioned_user_ids: Vec<i64>,
+    #[serde(default)]
+    mention_everyone: bool,
+    #[serde(default)]
+    #[allow(dead_code)]
+    trace_id: Option<IgnoredAny>,
+}
+
+/// Check a decoded message against the domain rules.
+pub fn validate_message(m: MessageEvent) -> Result<MessageEvent, DecodeError> {
+    if m.message_seq < 0 {
+        return Err(DecodeError::Invalid(format!(
+            "message_seq {} is negative",
+            m.message_seq
+        )));
+    }
+    if m.mentions.len() > MAX_MENTIONS {
+        return Err(DecodeError::Invalid(format!(
+            "{} mentioned users exceed {MAX_MENTIONS}",
+            m.mentions.len()
+        )));
+    }
+    if let Some(id) = &m.message_id {
+        if id.len() > MAX_ID_LEN {
+            return Err(DecodeError::Invalid(format!(
+                "message_id of {} bytes exceeds {MAX_ID_LEN}",
+                id.len()
+            )));
+        }
+    }
+    Ok(m)
+}
+
+/// Decodes and validates message events (writer→reader schema resolution as for reads).
+pub struct MessageDecoder {
+    inner: WireDecoder<DecodedMessageEvent>,
+}
+
+impl MessageDecoder {
+    pub fn with_max_record_bytes(
+        resolver: Arc<dyn SchemaResolver>,
+        max_record_bytes: usize,
+    ) -> Result<Self, SerdeError> {
+        Ok(Self {
+            inner: WireDecoder::with_limit(
+                resolver,
+                super::MESSAGE_EVENT_SCHEMA,
+                max_record_bytes,
+            )?,
+        })
+    }
+
+    pub fn max_record_bytes(&self) -> usize {
+        self.inner.max_record_bytes()
+    }
+
+    pub async fn prepare<'a>(
+        &mut self,
+        payloads: impl Iterator<Item = Option<&'a [u8]>>,
+    ) -> Result<(), SerdeError> {
+        self.inner.prepare(payloads).await
+    }
+
+    pub async fn prepare_ids(&mut self, ids: &[u32]) -> Result<(), SerdeError> {
+        self.inner.prepare_ids(ids).await
+    }
+
+    pub fn unknown_schema(&self, payload: Option<&[u8]>) -> Option<u32> {
+        self.inner.unknown_schema(payload)
+    }
+
+    pub fn decode(&self, payload: Option<&[u8]>) -> Result<MessageEvent, DecodeError> {
+        let d = self.inner.decode(payload.ok_or(DecodeError::EmptyValue)?)?;
+        validate_message(MessageEvent {
+            conversation_id: ConversationId(d.conversation_id),
+            message_seq: d.message_seq,
+            message_id: d.message_id,
+            sender_id: SenderId(d.sender_id),
+            sent_at_ms: d.sent_at,
+            mentions: d.mentioned_user_ids.into_iter().map(ReaderId).collect(),
+            mention_everyone: d.mention_everyone,
+        })
+    }
+}
+
+/// Serde mirror of `conversation_head.avsc`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename = "ConversationHead")]
+pub struct AvroConversationHead {
+    pub conversation_id: i64,
+    pub head_seq: i64,
+    pub message_count: i64,
+    pub version: i64,
+    pub window_floor_seq: i64,
+    pub recent_seqs: Vec<i64>,
+    pub recent_senders: Vec<i64>,
+    pub mention_seqs: Vec<i64>,
+    pub mention_user_ids: Vec<i64>,
+    pub everyone_seqs: Vec<i64>,
+    pub emitted_at: i64,
+}
+
+impl From<&HeadUpdate> for AvroConversationHead {
+    fn from(u: &HeadUpdate) -> Self {
+        Self {
+            conversation_id: u.conversation_id.0,
+            head_seq: u.head_seq,
+            message_count: u.message_count,
+            version: u.version,
+            window_floor_seq: u.window_floor_seq,
+            recent_seqs: u.recent_seqs.clone(),
+            recent_senders: u.recent_senders.clone(),
+            mention_seqs: u.mention_seqs.clone(),
+            mention_user_ids: u.mention_user_ids.clone(),
+            everyone_seqs: u.everyone_seqs.clone(),
+            emitted_at: u.emitted_at_ms,
+        }
+    }
+}
+
+impl From<AvroConversationHead> for HeadUpdate {
+    fn from(u: AvroConversationHead) -> Self {
+        Self {
+            conversation_id: ConversationId(u.conversation_id),
+            head_seq: u.head_seq,
+            message_count: u.message_count,
+            version: u.version,
+            window_floor_seq: u.window_floor_seq,
+            recent_seqs: u.recent_seqs,
+            recent_senders: u.recent_senders,
+            mention_seqs: u.mention_seqs,
+            mention_user_ids: u.mention_user_ids,
+            everyone_seqs: u.everyone_seqs,
+            emitted_at_ms: u.emitted_at,
+        }
+    }
+}
+
+/// Encodes conversation-head updates for their output topic.
+pub type HeadEncoder = WireEncoder<AvroConversationHead>;
+/// Decodes conversation-head updates (the PostgreSQL sink, tests).
+pub type HeadDecoder = WireDecoder<AvroConversationHead>;
+/// Encodes message events (generators, tests).
+pub type MessageEncoder = WireEncoder<AvroMessageEvent>;
+
+impl HeadEncoder {
+    /// Append the framed update to `out` (the bytes apache-avro writes for
+    /// `conversation_head.avsc`, see `tests::head_encoding_matches_apache_avro`).
+    pub fn encode_head_into(&self, u: &HeadUpdate, out: &mut Vec<u8>) {
+        write_wire_header(out, self.schema_id());
+        for v in [
+            u.conversation_id.0,
+            u.head_seq,
+            u.message_count,
+            u.version,
+            u.window_floor_seq,
+        ] {
+            put_long(out, v);
+        }
+        for a in [
+            &u.recent_seqs,
+            &u.recent_senders,
+            &u.mention_seqs,
+            &u.mention_user_ids,
+            &u.everyone_seqs,
+        ] {
+            // An Avro array: one block of items, then the empty block.
+            if !a.is_empty() {
+                put_long(out, a.len() as i64);
+                for v in a {
+                    put_long(out, *v);
+                }
+            }
+            put_long(out, 0);
+        }
+        put_long(out, u.emitted_at_ms);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serde::registry::LocalRegistry;
+
+    fn message() -> MessageEvent {
+        MessageEvent {
+            conversation_id: ConversationId(4),
+            message_seq: 17,
+            message_id: Some("m-17".into()),
+            sender_id: SenderId(2),
+            sent_at_ms: 1_700_000_000_000,
+            mentions: vec![ReaderId(5), ReaderId(6)],
+            mention_everyone: true,
+        }
+    }
+
+    #[test]
+    fn message_round_trips_and_bad_ones_are_named() {
+        let reg = Arc::new(LocalRegistry::new());
+        let id = futures::executor::block_on(
+            reg.register("m-value", crate::serde::MESSAGE_EVENT_SCHEMA),
+        )
+        .unwrap();
+        let enc = MessageEncoder::new(crate::serde::MESSAGE_EVENT_SCHEMA, id).unwrap();
+        let mut d = MessageDecoder::with_max_record_bytes(reg, 65536).unwrap();
+        let m = message();
+        let framed = enc.encode(&AvroMessageEvent::from(&m)).unwrap();
+        futures::executor::block_on(d.prepare(std::iter::once(Some(&framed[..])))).unwrap();
+        assert_eq!(d.decode(Some(&framed)).unwrap(), m);
+
+        let mut neg = m.clone();
+        neg.message_seq = -1;
+        let framed = enc.encode(&AvroMessageEvent::from(&neg)).unwrap();
+        assert_eq!(
+            d.decode(Some(&framed)).unwrap_err().reason(),
+            "invalid_event"
+        );
+        let mut many = m.clone();
+        many.mentions = (0..=MAX_MENTIONS as i64).map(ReaderId).collect();
+        let framed = enc.encode(&AvroMessageEvent::from(&many)).unwrap();
+        let err = d.decode(Some(&framed)).unwrap_err();
+        assert!(err.to_string().contains("1001 mentioned users"), "{err}");
+        assert_eq!(d.decode(None).unwrap_err().reason(), "empty_value");
+        assert_eq!(
+            d.decode(Some(&[0, 0, 0])).unwrap_err().reason(),
+            "not_wire_format"
+        );
+    }
+
+    #[test]
+    fn head_update_round_trips() {
+        let u = HeadUpdate {
+            conversation_id: ConversationId(3),
+            head_seq: 9,
+            message_count: 2,
+            version: 2,
+            window_floor_seq: -1,
+            recent_seqs: vec![8, 9],
+            recent_senders: vec![1, 2],
+            mention_seqs: vec![9],
+            mention_user_ids: vec![4],
+            everyone_seqs: vec![8],
+            emitted_at_ms: 5,
+        };
+        let reg = Arc::new(LocalRegistry::new());
+        let id = futures::executor::block_on(
+            reg.register("h-value", crate::serde::CONVERSATION_HEAD_SCHEMA),
+        )
+        .unwrap();
+        let enc = HeadEncoder::new(crate::serde::CONVERSATION_HEAD_SCHEMA, id).unwrap();
+        let mut out = Vec::new();
+        enc.encode_head_into(&u, &mut out);
+        assert_eq!(
+            out,
+            enc.encode(&AvroConversationHead::from(&u)).unwrap(),
+            "the same bytes as apache-avro"
+        );
+        let empty = HeadUpdate::default();
+        let mut out_empty = Vec::new();
+        enc.encode_head_into(&empty, &mut out_empty);
+        assert_eq!(
+            out_empty,
+            enc.encode(&AvroConversationHead::from(&empty)).unwrap()
+        );
+        let mut dec = HeadDecoder::new(reg, crate::serde::CONVERSATION_HEAD_SCHEMA).unwrap();
+        futures::executor::block_on(dec.prepare(std::iter::once(Some(&out[..])))).unwrap();
+        assert_eq!(HeadUpdate::from(dec.decode(&out).unwrap()), u);
+    }
+}

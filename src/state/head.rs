@@ -1,0 +1,455 @@
+//! The conversation head: per conversation, the message count, the head (max seq) and a
+//! bounded window of the most recent message positions, from which any reader's unread
+//! and mention counts are derived (DESIGN.md §3b).
+//!
+//! A message costs one write (this value), whatever the conversation's size: no state is
+//! kept per member. A reader's counts are computed from the window and the reader's
+//! pointer: unread = window messages after the pointer not sent by the reader; mentions =
+//! those that mention the reader or everyone. Both are exact while the pointer is inside
+//! the window (at most `cap` messages behind the head); a pointer behind the window gets
+//! the window's counts, a lower bound, flagged `capped`.
+//!
+//! Order does not matter: a read that arrives before the message it points to, and a
+//! message that arrives after a read past it, give the same counts as in-order arrival,
+//! because counts are derived when asked, never incremented per member. A message already
+//! in the window is a duplicate and changes nothing; one below the window's floor is
+//! treated as already counted (a duplicate or a message more than `cap` positions late;
+//! counted in `late`).
+
+use smallvec::SmallVec;
+
+use super::codec::{Mark, Marks};
+use crate::ids::{ConversationId, Origin, ReaderId, SenderId};
+use crate::model::{HeadUpdate, MessageEvent, UnreadCounts};
+
+/// One message in the window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub seq: i64,
+    pub sender: SenderId,
+    pub everyone: bool,
+    /// Mentioned users, sorted and deduplicated.
+    pub mentions: SmallVec<[ReaderId; 2]>,
+}
+
+impl Position {
+    fn mentions_reader(&self, reader: ReaderId) -> bool {
+        self.everyone || self.mentions.binary_search(&reader).is_ok()
+    }
+}
+
+/// What folding a message did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageFold {
+    /// A new message: counted, in the window.
+    Counted,
+    /// Already in the window.
+    Duplicate,
+    /// Below the window's floor: treated as already counted.
+    Late,
+    /// This origin offset was already folded (a replay after a crash).
+    Replayed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationHead {
+    /// Highest seq seen; `-1` before the first message.
+    pub head_seq: i64,
+    pub message_count: i64,
+    /// Number of changes (messages counted) so far.
+    pub version: i64,
+    /// Version of the last emitted head update (`0`: none).
+    pub emitted_version: i64,
+    /// Highest seq evicted from the window; `-1` while nothing was.
+    pub floor_seq: i64,
+    /// Messages that arrived below the floor (not counted).
+    pub late: i64,
+    /// The most recent messages, ascending by seq, at most the cap.
+    pub window: Vec<Position>,
+    /// Highest message-topic offset folded per origin partition.
+    pub marks: Marks,
+}
+
+impl Default for ConversationHead {
+    fn default() -> Self {
+        Self {
+            head_seq: -1,
+            message_count: 0,
+            version: 0,
+            emitted_version: 0,
+            floor_seq: -1,
+            late: 0,
+            window: Vec::new(),
+            marks: Marks::new(),
+        }
+    }
+}
+
+impl ConversationHead {
+    /// Fold one message, keeping at most `cap` positions.
+    pub fn fold(&mut self, m: &MessageEvent, origin: Origin, cap: usize) -> MessageFold {
+        match self.marks.iter_mut().find(|(s, _)| *s == origin.source) {
+            Some((_, off)) if origin.offset <= *off => return MessageFold::Replayed,
+            Some((_, off)) => *off = origin.offset,
+            None => self.marks.push((origin.source, origin.offset)),
+        }
+        if m.message_seq <= self.floor_seq {
+            self.late += 1;
+            return MessageFold::Late;
+        }
+        let i = match self.window.binary_search_by_key(&m.message_seq, |p| p.seq) {
+            Ok(_) => return MessageFold::Duplicate,
+            Err(i) => i,
+        };
+        let mut mentions: SmallVec<[ReaderId; 2]> = m.mentions.iter().copied().collect();
+        mentions.sort_unstable();
+        mentions.dedup();
+        self.window.insert(
+            i,
+            Position {
+                seq: m.message_seq,
+                sender: m.sender_id,
+                everyone: m.mention_everyone,
+                mentions,
+            },
+        );
+        self.message_count += 1;
+        self.version += 1;
+        self.head_seq = self.head_seq.max(m.message_seq);
+        self.evict(cap);
+        MessageFold::Counted
+    }
+
+    /// Drop the oldest positions beyond `cap` (at least one is kept).
+    fn evict(&mut self, cap: usize) {
+        let cap = cap.max(1);
+        if self.window.len() > cap {
+            let n = self.window.len() - cap;
+            self.floor_seq = self.floor_seq.max(self.window[n - 1].seq);
+            self.window.drain(..n);
+        }
+    }
+
+    /// The counts of `reader` whose pointer is `pointer` (`-1`: nothing read).
+    pub fn counts(&self, reader: ReaderId, pointer: i64) -> UnreadCounts {
+        let start = self.window.partition_point(|p| p.seq <= pointer);
+        let mut c = UnreadCounts {
+            capped: pointer < self.floor_seq,
+            ..Default::default()
+        };
+        for p in &self.window[start..] {
+            if p.sender.0 == reader.0 {
+                continue;
+            }
+            c.unread += 1;
+            if p.mentions_reader(reader) {
+                c.mentions += 1;
+            }
+        }
+        c
+    }
+
+    pub fn has_unemitted_change(&self) -> bool {
+        self.version > self.emitted_version
+    }
+
+    /// The update describing this head now.
+    pub fn to_update(&self, conversation: ConversationId, emitted_at_ms: i64) -> HeadUpdate {
+        let mut u = HeadUpdate {
+            conversation_id: conversation,
+            head_seq: self.head_seq,
+            message_count: self.message_count,
+            version: self.version,
+            window_floor_seq: self.floor_seq,
+            emitted_at_ms,
+            ..Default::default()
+        };
+        u.recent_seqs.reserve(self.window.len());
+        u.recent_senders.reserve(self.window.len());
+        for p in &self.window {
+            u.recent_seqs.push(p.seq);
+            u.recent_senders.push(p.sender.0);
+            if p.everyone {
+                u.everyone_seqs.push(p.seq);
+            }
+            for r in &p.mentions {
+                u.mention_seqs.push(p.seq);
+                u.mention_user_ids.push(r.0);
+            }
+        }
+        u
+    }
+
+    /// Append the binary form to `out`: a format byte, then zigzag varints; window seqs
+    /// as deltas from the previous one.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(FORMAT_V1);
+        for v in [
+            self.head_seq,
+            self.message_count,
+            self.version,
+            self.emitted_version,
+            self.floor_seq,
+            self.late,
+        ] {
+            put_var(out, v);
+        }
+        put_var(out, self.marks.len() as i64);
+        for (src, off) in &self.marks {
+            put_var(out, i64::from(*src));
+            put_var(out, *off);
+        }
+        put_var(out, self.window.len() as i64);
+        let mut prev = 0i64;
+        for p in &self.window {
+            put_var(out, p.seq.wrapping_sub(prev));
+            prev = p.seq;
+            put_var(out, p.sender.0);
+            put_var(out, (p.mentions.len() as i64) << 1 | i64::from(p.everyone));
+            for r in &p.mentions {
+                put_var(out, r.0);
+            }
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(64 + self.window.len() * 4);
+        self.encode(&mut v);
+        v
+    }
+
+    /// Decode the binary form, checking every length against the bytes left.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let mut r = VarReader { bytes, at: 0 };
+        let format = r.byte()?;
+        if format != FORMAT_V1 {
+            return Err(format!("unknown conversation-head format {format}"));
+        }
+        let mut h = ConversationHead {
+            head_seq: r.var()?,
+            message_count: r.var()?,
+            version: r.var()?,
+            emitted_version: r.var()?,
+            floor_seq: r.var()?,
+            late: r.var()?,
+            ..Default::default()
+        };
+        for _ in 0..r.len()? {
+            let src = u32::try_from(r.var()?).map_err(|_| "replay mark source out of range")?;
+            let mark: Mark = (src, r.var()?);
+            h.marks.push(mark);
+        }
+        let n = r.len()?;
+        h.window.reserve(n);
+        let mut prev = 0i64;
+        for _ in 0..n {
+            let seq = prev.wrapping_add(r.var()?);
+            prev = seq;
+            let sender = SenderId(r.var()?);
+            let flags = r.var()?;
+            let count = usize::try_from(flags >> 1).map_err(|_| "negative mention count")?;
+            r.check_len(count)?;
+            let mut mentions = SmallVec::with_capacity(count);
+            for _ in 0..count {
+                mentions.push(ReaderId(r.var()?));
+            }
+            h.window.push(Position {
+                seq,
+                sender,
+                everyone: flags & 1 == 1,
+                mentions,
+            });
+        }
+        if r.at != bytes.len() {
+            return Err(format!(
+                "{} trailing bytes after the conversation head",
+                bytes.len() - r.at
+            ));
+        }
+        if h.window.windows(2).any(|w| w[0].seq >= w[1].seq) {
+            return Err("window positions are not ascending".into());
+        }
+        Ok(h)
+    }
+}
+
+const FORMAT_V1: u8 = 1;
+
+/// Zigzag varints, as Avro's longs.
+use crate::serde::fast::put_long as put_var;
+
+struct VarReader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl VarReader<'_> {
+    fn byte(&mut self) -> Result<u8, String> {
+        let b = *self
+            .bytes
+            .get(self.at)
+            .ok_or("truncated conversation head")?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    fn var(&mut self) -> Result<i64, String> {
+        let mut z: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            z |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok((z >> 1) as i64 ^ -((z & 1) as i64));
+            }
+        }
+        Err("varint longer than 10 bytes".into())
+    }
+
+    /// A count of items of at least one byte each, checked against the bytes left.
+    fn len(&mut self) -> Result<usize, String> {
+        let n = usize::try_from(self.var()?).map_err(|_| "negative length")?;
+        self.check_len(n)?;
+        Ok(n)
+    }
+
+    fn check_len(&self, n: usize) -> Result<(), String> {
+        if n > self.bytes.len() - self.at {
+            return Err(format!("length {n} exceeds the bytes left"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn msg(seq: i64, sender: i64, mentions: &[i64], everyone: bool) -> MessageEvent {
+        MessageEvent {
+            conversation_id: ConversationId(1),
+            message_seq: seq,
+            sender_id: SenderId(sender),
+            mentions: mentions.iter().map(|m| ReaderId(*m)).collect(),
+            mention_everyone: everyone,
+            ..Default::default()
+        }
+    }
+
+    fn at(offset: i64) -> Origin {
+        Origin { source: 3, offset }
+    }
+
+    #[test]
+    fn counts_exclude_own_messages_and_fall_as_the_pointer_passes() {
+        let mut h = ConversationHead::default();
+        h.fold(&msg(10, 1, &[], false), at(0), 100);
+        h.fold(&msg(11, 2, &[7], false), at(1), 100);
+        h.fold(&msg(12, 7, &[7], false), at(2), 100);
+        h.fold(&msg(13, 1, &[], true), at(3), 100);
+        let c = |p| h.counts(ReaderId(7), p);
+        assert_eq!((c(-1).unread, c(-1).mentions), (3, 2));
+        assert_eq!((c(11).unread, c(11).mentions), (1, 1));
+        assert_eq!((c(13).unread, c(13).mentions), (0, 0));
+        assert!(!c(-1).capped);
+        assert_eq!((h.head_seq, h.message_count, h.version), (13, 4, 4));
+    }
+
+    #[test]
+    fn duplicates_replays_and_late_messages_change_nothing() {
+        let mut h = ConversationHead::default();
+        for (i, seq) in [5, 6, 7].into_iter().enumerate() {
+            assert_eq!(
+                h.fold(&msg(seq, 1, &[], false), at(i as i64), 2),
+                MessageFold::Counted
+            );
+        }
+        assert_eq!((h.floor_seq, h.window.len()), (5, 2));
+        assert_eq!(
+            h.fold(&msg(6, 1, &[], false), at(9), 2),
+            MessageFold::Duplicate
+        );
+        assert_eq!(h.fold(&msg(4, 1, &[], false), at(10), 2), MessageFold::Late);
+        assert_eq!(
+            h.fold(&msg(8, 1, &[], false), at(10), 2),
+            MessageFold::Replayed
+        );
+        assert_eq!((h.message_count, h.late), (3, 1));
+        let c = h.counts(ReaderId(9), 0);
+        assert_eq!((c.unread, c.capped), (2, true));
+        assert!(!h.counts(ReaderId(9), 5).capped);
+    }
+
+    fn arb_head() -> impl Strategy<Value = ConversationHead> {
+        let msgs = proptest::collection::vec(
+            (
+                0i64..1 << 40,
+                any::<i64>(),
+                proptest::collection::vec(any::<i64>(), 0..4),
+                any::<bool>(),
+            ),
+            0..30,
+        );
+        (msgs, 1usize..20).prop_map(|(msgs, cap)| {
+            let mut h = ConversationHead::default();
+            for (i, (seq, sender, mentions, everyone)) in msgs.into_iter().enumerate() {
+                h.fold(&msg(seq, sender, &mentions, everyone), at(i as i64), cap);
+            }
+            h
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn value_roundtrip(h in arb_head()) {
+            prop_assert_eq!(ConversationHead::decode(&h.to_bytes()).unwrap(), h);
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = ConversationHead::decode(&bytes);
+        }
+
+        /// Against a naive oracle that keeps every message: any arrival order, with
+        /// duplicates, gives the exact counts while the pointer is inside the window.
+        #[test]
+        fn counts_match_an_oracle_in_any_order(
+            seqs in proptest::collection::btree_set(0i64..200, 1..60),
+            senders in proptest::collection::vec(0i64..4, 60),
+            mentioned in proptest::collection::vec(0i64..6, 60),
+            order in any::<proptest::sample::Index>(),
+            pointer in -1i64..200,
+            cap in 1usize..80,
+        ) {
+            let all: Vec<MessageEvent> = seqs.iter().enumerate().map(|(i, s)| {
+                let m = mentioned[i];
+                msg(*s, senders[i], if m < 4 { &[1, 2][..(m as usize % 3).min(2)] } else { &[] }, m == 5)
+            }).collect();
+            // A rotation of the in-order list, with every third message sent twice.
+            let k = order.index(all.len());
+            let mut arrivals: Vec<&MessageEvent> = all[k..].iter().chain(&all[..k]).collect();
+            let dups: Vec<&MessageEvent> = all.iter().step_by(3).collect();
+            arrivals.extend(dups);
+            let mut h = ConversationHead::default();
+            for (i, m) in arrivals.iter().enumerate() {
+                h.fold(m, at(i as i64), cap);
+            }
+            for reader in 0..4 {
+                let r = ReaderId(reader);
+                let after: Vec<&MessageEvent> = all.iter().filter(|m| m.message_seq > pointer && m.sender_id.0 != reader).collect();
+                let unread = after.len() as i64;
+                let mentions = after.iter().filter(|m| m.mention_everyone || m.mentions.contains(&r)).count() as i64;
+                let c = h.counts(r, pointer);
+                if !c.capped {
+                    prop_assert_eq!((c.unread, c.mentions), (unread, mentions));
+                } else {
+                    prop_assert!(c.unread <= unread && c.mentions <= mentions);
+                }
+                if all.len() <= cap {
+                    prop_assert!(!c.capped);
+                }
+            }
+            prop_assert!(h.window.len() <= cap);
+        }
+    }
+}

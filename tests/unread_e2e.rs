@@ -1,0 +1,398 @@
+//! Unread and mention counts through `readstate run` on MockCluster: a read-event topic and
+//! a co-partitioned message topic, instances joining and leaving (eager range rebalances,
+//! tasks restored from the changelog, heads included), a kill -9 of a real process and a
+//! restart; the final counts of every member equal the chat generator's oracle.
+
+#[path = "common/kafka.rs"]
+mod kafka;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kafka::{send, suffix};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer};
+use rdkafka::Message;
+use readstate::ids::ConversationId;
+use readstate::kafka::KafkaSettings;
+use readstate::loadgen::chat::{generate, ChatEvent, ChatSpec, ChatWorkload};
+use readstate::model::{HeadUpdate, ReceiptUpdate, StateKey};
+use readstate::runtime::{run, RunConfig, RunSummary, RuntimeError};
+use readstate::serde::avro::{AvroReadEvent, EventEncoder, UpdateDecoder};
+use readstate::serde::message::{AvroMessageEvent, HeadDecoder, MessageEncoder};
+use readstate::serde::registry::{
+    LOCAL_CONVERSATION_HEAD_ID, LOCAL_MESSAGE_EVENT_ID, LOCAL_READ_EVENT_ID,
+    LOCAL_RECEIPT_UPDATE_ID,
+};
+use readstate::serde::{
+    LocalRegistry, CONVERSATION_HEAD_SCHEMA, MESSAGE_EVENT_SCHEMA, READ_EVENT_SCHEMA,
+    RECEIPT_UPDATE_SCHEMA,
+};
+use readstate::state::head::ConversationHead;
+use readstate::state::rocks::{RocksDbOptions, RocksDbStore};
+use readstate::state::{KeyValueStore, ReadState, StoreKey};
+use readstate::topology::compile;
+
+const PARTS: i32 = 4;
+
+struct Env {
+    mock: MockCluster<'static, DefaultProducerContext>,
+    app: String,
+    reads: String,
+    messages: String,
+    output: String,
+    heads: String,
+    state: tempfile::TempDir,
+}
+
+impl Env {
+    fn new(message_partitions: i32) -> Self {
+        let s = suffix();
+        let env = Env {
+            mock: MockCluster::new(1).unwrap(),
+            app: format!("unread-{s}"),
+            reads: format!("reads-{s}"),
+            messages: format!("messages-{s}"),
+            output: format!("updates-{s}"),
+            heads: format!("heads-{s}"),
+            state: tempfile::tempdir().unwrap(),
+        };
+        // The mock broker does not answer CreateTopics: every topic is made here.
+        for t in [&env.reads, &env.output, &env.heads] {
+            env.mock.create_topic(t, PARTS, 1).unwrap();
+        }
+        env.mock
+            .create_topic(&env.messages, message_partitions, 1)
+            .unwrap();
+        let changelog = format!("{}-read-state-changelog", env.app);
+        env.mock.create_topic(&changelog, PARTS, 1).unwrap();
+        env.mock
+            .create_topic(&format!("{}-dlq", env.app), 1, 1)
+            .unwrap();
+        env
+    }
+
+    fn topology_text(&self, state_dir: &std::path::Path) -> String {
+        format!(
+            r#"
+[application]
+id = "{app}"
+commit_interval = "200ms"
+state_dir = "{dir}"
+[[source]]
+name = "reads"
+topic = "{reads}"
+[[source]]
+name = "messages"
+topic = "{messages}"
+records = "message-events"
+[[store]]
+name = "read-state"
+[[processor]]
+name = "read-state"
+kind = "read-state"
+inputs = ["reads", "messages"]
+store = "read-state"
+unread_cap = 1000
+[[sink]]
+name = "updates"
+kind = "kafka"
+input = "read-state"
+topic = "{output}"
+[[sink]]
+name = "heads"
+kind = "kafka"
+input = "read-state"
+output = "conversation-heads"
+topic = "{heads}"
+"#,
+            app = self.app,
+            dir = state_dir.display(),
+            reads = self.reads,
+            messages = self.messages,
+            output = self.output,
+            heads = self.heads,
+        )
+    }
+
+    fn config(&self, state_dir: &std::path::Path) -> RunConfig {
+        let topology = compile(&self.topology_text(state_dir)).unwrap();
+        let mut cfg = RunConfig::new(
+            topology,
+            KafkaSettings::new(self.mock.bootstrap_servers()),
+            Arc::new(LocalRegistry::new()),
+        );
+        cfg.state_dir = state_dir.to_path_buf();
+        cfg
+    }
+
+    /// Produce chat events, each keyed by its conversation to its own topic.
+    fn produce(&self, events: &[ChatEvent]) {
+        let p = kafka::producer(&self.mock.bootstrap_servers());
+        let reads = EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID).unwrap();
+        let messages = MessageEncoder::new(MESSAGE_EVENT_SCHEMA, LOCAL_MESSAGE_EVENT_ID).unwrap();
+        for e in events {
+            let key = e.conversation().0.to_string();
+            let (topic, value) = match e {
+                ChatEvent::Read(r) => (&self.reads, reads.encode(&AvroReadEvent::from(r))),
+                ChatEvent::Message(m) => {
+                    (&self.messages, messages.encode(&AvroMessageEvent::from(m)))
+                }
+            };
+            let value = value.unwrap();
+            send(
+                &p,
+                BaseRecord::to(topic)
+                    .key(key.as_str())
+                    .payload(value.as_slice()),
+            );
+        }
+        p.flush(Duration::from_secs(30)).unwrap();
+    }
+
+    /// Wait (bounded) until the outputs show every pointer and every message: each key's
+    /// last receipt has the oracle's pointer, each conversation's last head its count.
+    fn await_outputs(&self, w: &ChatWorkload) -> (Vec<ReceiptUpdate>, Vec<HeadUpdate>) {
+        let brokers = self.mock.bootstrap_servers();
+        let reg = Arc::new(LocalRegistry::new());
+        let mut dec = UpdateDecoder::new(reg.clone(), RECEIPT_UPDATE_SCHEMA).unwrap();
+        let mut hdec = HeadDecoder::new(reg, CONVERSATION_HEAD_SCHEMA).unwrap();
+        let header = |id: u32| {
+            let mut h = vec![0u8];
+            h.extend_from_slice(&id.to_be_bytes());
+            h
+        };
+        let (u, h) = (
+            header(LOCAL_RECEIPT_UPDATE_ID),
+            header(LOCAL_CONVERSATION_HEAD_ID),
+        );
+        futures::executor::block_on(dec.prepare(std::iter::once(Some(u.as_slice())))).unwrap();
+        futures::executor::block_on(hdec.prepare(std::iter::once(Some(h.as_slice())))).unwrap();
+        let updates = kafka::read_until(
+            &brokers,
+            &self.output,
+            |m| ReceiptUpdate::from(dec.decode(m.payload().unwrap()).unwrap()),
+            |us: &[ReceiptUpdate]| {
+                let mut last: HashMap<StateKey, i64> = HashMap::new();
+                for u in us {
+                    let e = last.entry(u.key()).or_insert(-1);
+                    *e = (*e).max(u.last_read_seq);
+                }
+                w.pointers.iter().all(|(k, p)| last.get(k) == Some(p))
+            },
+        );
+        let heads = kafka::read_until(
+            &brokers,
+            &self.heads,
+            |m| HeadUpdate::from(hdec.decode(m.payload().unwrap()).unwrap()),
+            |hs: &[HeadUpdate]| {
+                let mut count: HashMap<ConversationId, i64> = HashMap::new();
+                for h in hs {
+                    let e = count.entry(h.conversation_id).or_insert(0);
+                    *e = (*e).max(h.message_count);
+                }
+                w.messages
+                    .iter()
+                    .all(|(c, ms)| count.get(c) == Some(&(ms.len() as i64)))
+            },
+        );
+        (updates, heads)
+    }
+}
+
+struct Instance {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Result<RunSummary, RuntimeError>>,
+}
+
+fn launch(cfg: RunConfig) -> Instance {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    Instance {
+        stop,
+        handle: std::thread::spawn(move || run(cfg, s2)),
+    }
+}
+
+impl Instance {
+    fn stop(self) -> RunSummary {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap().expect("instance runs")
+    }
+}
+
+/// Heads and pointers from the RocksDB stores under `app_dir`.
+fn stored(
+    app_dir: &std::path::Path,
+) -> (
+    HashMap<ConversationId, ConversationHead>,
+    HashMap<StateKey, ReadState>,
+) {
+    let (mut heads, mut states) = (HashMap::new(), HashMap::new());
+    for p in 0..PARTS {
+        let path = app_dir.join(format!("0_{p}")).join("read-state");
+        if !path.exists() {
+            continue;
+        }
+        let s = RocksDbStore::open("read-state".into(), &path, &RocksDbOptions::default()).unwrap();
+        for (k, v) in s.scan_prefix(b"h").unwrap() {
+            let (_, key) = StoreKey::decode(&k).unwrap();
+            heads.insert(key.conversation, ConversationHead::decode(&v).unwrap());
+        }
+        for (k, v) in s.scan_prefix(b"s").unwrap() {
+            let (_, key) = StoreKey::decode(&k).unwrap();
+            states.insert(key, ReadState::decode(&v).unwrap());
+        }
+    }
+    (heads, states)
+}
+
+/// Every member's counts, derived from the stored heads and pointers, equal the oracle's.
+fn check_stored_counts(app_dir: &std::path::Path, w: &ChatWorkload) {
+    let (heads, states) = stored(app_dir);
+    assert_eq!(heads.len(), w.messages.len(), "one head per conversation");
+    let mut checked = 0;
+    for (conv, members) in &w.members {
+        let head = &heads[conv];
+        assert_eq!(head.message_count, w.messages[conv].len() as i64);
+        for r in members {
+            let key = StateKey {
+                conversation: *conv,
+                reader: *r,
+            };
+            let pointer = states.get(&key).map_or(-1, |s| s.last_read_seq);
+            assert_eq!(
+                Some(&pointer),
+                w.pointers.get(&key).or(Some(&-1)),
+                "{key:?}"
+            );
+            let got = head.counts(*r, pointer);
+            let want = w.expected(*conv, *r);
+            assert_eq!(
+                (got.unread, got.mentions, got.capped),
+                (want.unread, want.mentions, false),
+                "{key:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 1000, "{checked} members checked");
+}
+
+/// Receipt updates never go backwards per key, and their counts are never above the
+/// member's counts with no read at all (a sanity bound that needs no timing).
+fn check_receipts(updates: &[ReceiptUpdate], w: &ChatWorkload) {
+    let mut last: HashMap<StateKey, i64> = HashMap::new();
+    for u in updates {
+        let prev = last.insert(u.key(), u.version).unwrap_or(0);
+        assert!(
+            u.version >= prev,
+            "version went backwards for {:?}",
+            u.key()
+        );
+        let c = u.counts.expect("receipts carry counts");
+        let all = w.messages[&u.conversation_id].len() as i64;
+        assert!(c.unread >= 0 && c.unread <= all && c.mentions <= c.unread);
+    }
+}
+
+fn spec(seed: u64) -> ChatSpec {
+    ChatSpec {
+        seed,
+        conversations: 30,
+        max_members: 150,
+        max_messages: 120,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn instances_joining_and_leaving_keep_every_count_exact() {
+    let env = Env::new(PARTS);
+    let w = generate(&spec(11));
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let chunks: Vec<&[ChatEvent]> = w.arrivals.chunks(w.arrivals.len() / 3 + 1).collect();
+    let a = launch(env.config(dir_a.path()));
+    env.produce(chunks[0]);
+    let b = launch(env.config(dir_b.path()));
+    env.produce(chunks[1]);
+    kafka::read_until(
+        &env.mock.bootstrap_servers(),
+        &env.output,
+        |_| (),
+        |d: &[()]| d.len() >= 50,
+    );
+    let sa = a.stop();
+    env.produce(chunks[2]);
+    let (updates, _) = env.await_outputs(&w);
+    let sb = b.stop();
+    assert!(sa.tasks_opened > 0 && sb.tasks_opened > 0, "{sa:?} {sb:?}");
+    assert!(
+        sb.restored_records > 0,
+        "B restored A's tasks, heads included: {sb:?}"
+    );
+    check_receipts(&updates, &w);
+    // B owned every partition at the end: its stores hold every head and pointer.
+    check_stored_counts(&dir_b.path().join(&env.app), &w);
+}
+
+#[test]
+fn kill_9_mid_stream_then_restart_keeps_every_count_exact() {
+    let env = Env::new(PARTS);
+    let w = generate(&spec(12));
+    let file = env.state.path().join("topology.toml");
+    std::fs::write(&file, env.topology_text(env.state.path())).unwrap();
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
+            .args(["run", "--local-schemas", "--topology"])
+            .arg(&file)
+            .env("KAFKA_BROKERS", env.mock.bootstrap_servers())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = w.arrivals.split_at(w.arrivals.len() / 2);
+    env.produce(first);
+    let mut child = spawn();
+    kafka::read_until(
+        &env.mock.bootstrap_servers(),
+        &env.heads,
+        |_| (),
+        |d: &[()]| d.len() >= 20,
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    env.produce(second);
+    let mut child = spawn();
+    let (updates, _) = env.await_outputs(&w);
+    let status = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        child.wait().unwrap().success(),
+        "graceful shutdown on SIGTERM"
+    );
+    check_receipts(&updates, &w);
+    check_stored_counts(&env.state.path().join(&env.app), &w);
+}
+
+#[test]
+fn a_message_topic_with_another_partition_count_is_refused_by_name() {
+    let env = Env::new(PARTS - 1);
+    let err = run(
+        env.config(env.state.path()),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .expect_err("co-partitioning is checked at start");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&env.messages) && msg.contains("3 partitions") && msg.contains(&env.reads),
+        "{msg}"
+    );
+}

@@ -9,10 +9,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use readstate::kafka::KafkaSettings;
+use readstate::model::HeadUpdate;
 use readstate::runtime::{run, RunConfig};
 use readstate::serde::registry::SchemaResolver;
 use readstate::serde::{ConfluentRegistry, LocalRegistry};
-use readstate::sink::{run_sink, PostgresTable};
+use readstate::sink::{run_sink, PostgresTable, SinkError, SinkRow};
 use readstate::topology::{describe, Topology};
 
 #[derive(Parser)]
@@ -721,18 +722,33 @@ fn migrate_command(args: MigrateArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let applied = rt.block_on(table.migrate())?;
-    if applied.is_empty() {
-        println!("{}: up to date", pg.table);
-    } else {
-        println!("{}: applied migrations {applied:?}", pg.table);
+    report_migrations(&pg.table, &applied);
+    if let Some(h) = &topology.heads_postgres {
+        let heads = PostgresTable::<HeadUpdate>::open(&url, &h.table, 1, h.statement_timeout)?;
+        let applied = rt.block_on(heads.migrate_heads(&h.receipts_table))?;
+        report_migrations(&h.table, &applied);
     }
     Ok(())
+}
+
+fn report_migrations(table: &str, applied: &[i32]) {
+    if applied.is_empty() {
+        println!("{table}: up to date");
+    } else {
+        println!("{table}: applied migrations {applied:?}");
+    }
 }
 
 fn sink_command(args: SinkArgs) -> anyhow::Result<()> {
     let topology = Topology::from_file(&args.topology)?;
     let url = args.database.url(&topology)?;
     let mut config = readstate::sink::from_topology(
+        &topology,
+        args.kafka.settings(&topology)?,
+        args.kafka.resolver()?,
+        &url,
+    )?;
+    let heads = readstate::sink::heads_from_topology(
         &topology,
         args.kafka.settings(&topology)?,
         args.kafka.resolver()?,
@@ -747,8 +763,46 @@ fn sink_command(args: SinkArgs) -> anyhow::Result<()> {
     health.set_ready(true);
     let shutdown = Arc::new(AtomicBool::new(false));
     spawn_signal_handler(shutdown.clone())?;
-    let summary = run_sink(config, shutdown).context("readstate sink")?;
-    tracing::info!(?summary, "sink stopped");
+    let heads = heads
+        .map(|mut h| {
+            h.health = health.clone();
+            spawn_sink("pg-heads-sink", h, shutdown.clone())
+        })
+        .transpose()?;
+    let summary = run_sink(config, shutdown.clone()).context("readstate sink");
+    shutdown.store(true, Ordering::Relaxed);
+    join_sink(heads)?;
+    tracing::info!(summary = ?summary?, "sink stopped");
+    Ok(())
+}
+
+/// Run a sink on its own thread; a sink that stops for good stops the instance (so a
+/// supervisor restarts the whole thing).
+fn spawn_sink<R: SinkRow>(
+    name: &str,
+    cfg: readstate::sink::SinkConfig<R>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<SinkThread> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let r = run_sink(cfg, stop.clone());
+            stop.store(true, Ordering::Relaxed);
+            r
+        })
+}
+
+type SinkThread = std::thread::JoinHandle<Result<readstate::sink::SinkSummary, SinkError>>;
+
+fn join_sink(h: Option<SinkThread>) -> anyhow::Result<()> {
+    if let Some(h) = h {
+        let name = h.thread().name().unwrap_or("sink").to_owned();
+        let summary = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("{name} thread panicked"))?
+            .with_context(|| format!("postgres sink ({name})"))?;
+        tracing::info!(?summary, sink = %name, "sink stopped");
+    }
     Ok(())
 }
 
@@ -759,17 +813,20 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
     let kafka = args.kafka.settings(&topology)?;
     let resolver = args.kafka.resolver()?;
     // The embedded sink refuses to start against an unmigrated database, before anything.
-    let sink = match &topology.postgres {
+    let (sink, heads) = match &topology.postgres {
         Some(pg) if pg.embedded => {
             let url = args.database.url(&topology)?;
-            Some(readstate::sink::from_topology(
+            let sink =
+                readstate::sink::from_topology(&topology, kafka.clone(), resolver.clone(), &url)?;
+            let heads = readstate::sink::heads_from_topology(
                 &topology,
                 kafka.clone(),
                 resolver.clone(),
                 &url,
-            )?)
+            )?;
+            (Some(sink), heads)
         }
-        _ => None,
+        _ => (None, None),
     };
     let mut config = RunConfig::new(topology, kafka, resolver);
     if let Some(dir) = args.state_dir {
@@ -781,38 +838,26 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         s.health = config.health.clone();
         s
     });
+    let heads = heads.map(|mut s| {
+        s.health = config.health.clone();
+        s
+    });
     let _metrics = match args.metrics_addr {
         Some(addr) => Some(readstate::telemetry::serve(addr, config.health.clone())?),
         None => None,
     };
     let shutdown = Arc::new(AtomicBool::new(false));
     spawn_signal_handler(shutdown.clone())?;
-    let sink = match sink {
-        Some(cfg) => {
-            let stop = shutdown.clone();
-            Some(
-                std::thread::Builder::new()
-                    .name("pg-sink".into())
-                    .spawn(move || {
-                        let r = run_sink(cfg, stop.clone());
-                        // A sink that stops for good stops the instance, so a supervisor
-                        // restarts the whole thing.
-                        stop.store(true, Ordering::Relaxed);
-                        r
-                    })?,
-            )
-        }
-        None => None,
-    };
+    let sink = sink
+        .map(|cfg| spawn_sink("pg-sink", cfg, shutdown.clone()))
+        .transpose()?;
+    let heads = heads
+        .map(|cfg| spawn_sink("pg-heads-sink", cfg, shutdown.clone()))
+        .transpose()?;
     let result = run(config, shutdown.clone()).context("readstate run");
     shutdown.store(true, Ordering::Relaxed);
-    if let Some(h) = sink {
-        let summary = h
-            .join()
-            .map_err(|_| anyhow::anyhow!("sink thread panicked"))?
-            .context("postgres sink")?;
-        tracing::info!(?summary, "sink stopped");
-    }
+    join_sink(sink)?;
+    join_sink(heads)?;
     let summary = result?;
     tracing::info!(?summary, "stopped");
     Ok(())

@@ -250,20 +250,25 @@ fn reset_sink_offsets(topology: &Topology, opts: &ResetOptions) -> Result<String
     let url = opts.database_url.as_deref().ok_or_else(|| {
         SinkError::Fatal("--sink-offsets needs DATABASE_URL (or --database-url)".into())
     })?;
+    // The stored offsets live beside the receipts table: one connection serves both sinks.
     let table = PostgresTable::connect(url, &pg.table, 1, pg.statement_timeout)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| SinkError::Fatal(format!("tokio runtime: {e}")))?;
-    let topic = pg.topic.as_str();
-    let n = rt.block_on(table.delete_offsets(&pg.consumer_group, topic, opts.dry_run))?;
-    Ok(format!(
-        "{} {n} stored sink offset(s) of group {}, topic {topic}, in PostgreSQL",
-        if opts.dry_run {
+    let mut lines = Vec::new();
+    for sink in std::iter::once(pg).chain(&topology.heads_postgres) {
+        let topic = sink.topic.as_str();
+        let group = &sink.consumer_group;
+        let n = rt.block_on(table.delete_offsets(group, topic, opts.dry_run))?;
+        let verb = if opts.dry_run {
             "would delete"
         } else {
             "deleted"
-        },
-        pg.consumer_group
-    ))
+        };
+        lines.push(format!(
+            "{verb} {n} stored sink offset(s) of group {group}, topic {topic}, in PostgreSQL"
+        ));
+    }
+    Ok(lines.join("\n"))
 }

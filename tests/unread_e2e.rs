@@ -3,33 +3,29 @@
 //! tasks restored from the changelog, heads included), a kill -9 of a real process and a
 //! restart; the final counts of every member equal the chat generator's oracle.
 
+#[path = "common/chat.rs"]
+mod chat;
 #[path = "common/kafka.rs"]
 mod kafka;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use kafka::{send, suffix};
+use chat::{produce, terminate, topology_text, ChatTopics};
+use kafka::suffix;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer};
+use rdkafka::producer::DefaultProducerContext;
 use rdkafka::Message;
 use readstate::ids::ConversationId;
 use readstate::kafka::KafkaSettings;
 use readstate::loadgen::chat::{generate, ChatEvent, ChatSpec, ChatWorkload};
 use readstate::model::{HeadUpdate, ReceiptUpdate, StateKey};
 use readstate::runtime::{run, RunConfig, RunSummary, RuntimeError};
-use readstate::serde::avro::{AvroReadEvent, EventEncoder, UpdateDecoder};
-use readstate::serde::message::{AvroMessageEvent, HeadDecoder, MessageEncoder};
-use readstate::serde::registry::{
-    LOCAL_CONVERSATION_HEAD_ID, LOCAL_MESSAGE_EVENT_ID, LOCAL_READ_EVENT_ID,
-    LOCAL_RECEIPT_UPDATE_ID,
-};
-use readstate::serde::{
-    LocalRegistry, CONVERSATION_HEAD_SCHEMA, MESSAGE_EVENT_SCHEMA, READ_EVENT_SCHEMA,
-    RECEIPT_UPDATE_SCHEMA,
-};
+use readstate::serde::avro::UpdateDecoder;
+use readstate::serde::message::HeadDecoder;
+use readstate::serde::registry::{LOCAL_CONVERSATION_HEAD_ID, LOCAL_RECEIPT_UPDATE_ID};
+use readstate::serde::{LocalRegistry, CONVERSATION_HEAD_SCHEMA, RECEIPT_UPDATE_SCHEMA};
 use readstate::state::head::ConversationHead;
 use readstate::state::rocks::{RocksDbOptions, RocksDbStore};
 use readstate::state::{KeyValueStore, ReadState, StoreKey};
@@ -40,10 +36,7 @@ const PARTS: i32 = 4;
 struct Env {
     mock: MockCluster<'static, DefaultProducerContext>,
     app: String,
-    reads: String,
-    messages: String,
-    output: String,
-    heads: String,
+    t: ChatTopics,
     state: tempfile::TempDir,
 }
 
@@ -53,18 +46,15 @@ impl Env {
         let env = Env {
             mock: MockCluster::new(1).unwrap(),
             app: format!("unread-{s}"),
-            reads: format!("reads-{s}"),
-            messages: format!("messages-{s}"),
-            output: format!("updates-{s}"),
-            heads: format!("heads-{s}"),
+            t: ChatTopics::new(&s),
             state: tempfile::tempdir().unwrap(),
         };
         // The mock broker does not answer CreateTopics: every topic is made here.
-        for t in [&env.reads, &env.output, &env.heads] {
+        for t in [&env.t.reads, &env.t.updates, &env.t.heads] {
             env.mock.create_topic(t, PARTS, 1).unwrap();
         }
         env.mock
-            .create_topic(&env.messages, message_partitions, 1)
+            .create_topic(&env.t.messages, message_partitions, 1)
             .unwrap();
         let changelog = format!("{}-read-state-changelog", env.app);
         env.mock.create_topic(&changelog, PARTS, 1).unwrap();
@@ -75,46 +65,7 @@ impl Env {
     }
 
     fn topology_text(&self, state_dir: &std::path::Path) -> String {
-        format!(
-            r#"
-[application]
-id = "{app}"
-commit_interval = "200ms"
-state_dir = "{dir}"
-[[source]]
-name = "reads"
-topic = "{reads}"
-[[source]]
-name = "messages"
-topic = "{messages}"
-records = "message-events"
-[[store]]
-name = "read-state"
-[[processor]]
-name = "read-state"
-kind = "read-state"
-inputs = ["reads", "messages"]
-store = "read-state"
-unread_cap = 1000
-[[sink]]
-name = "updates"
-kind = "kafka"
-input = "read-state"
-topic = "{output}"
-[[sink]]
-name = "heads"
-kind = "kafka"
-input = "read-state"
-output = "conversation-heads"
-topic = "{heads}"
-"#,
-            app = self.app,
-            dir = state_dir.display(),
-            reads = self.reads,
-            messages = self.messages,
-            output = self.output,
-            heads = self.heads,
-        )
+        topology_text(&self.app, state_dir, &self.t, "")
     }
 
     fn config(&self, state_dir: &std::path::Path) -> RunConfig {
@@ -128,28 +79,8 @@ topic = "{heads}"
         cfg
     }
 
-    /// Produce chat events, each keyed by its conversation to its own topic.
     fn produce(&self, events: &[ChatEvent]) {
-        let p = kafka::producer(&self.mock.bootstrap_servers());
-        let reads = EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID).unwrap();
-        let messages = MessageEncoder::new(MESSAGE_EVENT_SCHEMA, LOCAL_MESSAGE_EVENT_ID).unwrap();
-        for e in events {
-            let key = e.conversation().0.to_string();
-            let (topic, value) = match e {
-                ChatEvent::Read(r) => (&self.reads, reads.encode(&AvroReadEvent::from(r))),
-                ChatEvent::Message(m) => {
-                    (&self.messages, messages.encode(&AvroMessageEvent::from(m)))
-                }
-            };
-            let value = value.unwrap();
-            send(
-                &p,
-                BaseRecord::to(topic)
-                    .key(key.as_str())
-                    .payload(value.as_slice()),
-            );
-        }
-        p.flush(Duration::from_secs(30)).unwrap();
+        produce(&self.mock.bootstrap_servers(), &self.t, events);
     }
 
     /// Wait (bounded) until the outputs show every pointer and every message: each key's
@@ -172,7 +103,7 @@ topic = "{heads}"
         futures::executor::block_on(hdec.prepare(std::iter::once(Some(h.as_slice())))).unwrap();
         let updates = kafka::read_until(
             &brokers,
-            &self.output,
+            &self.t.updates,
             |m| ReceiptUpdate::from(dec.decode(m.payload().unwrap()).unwrap()),
             |us: &[ReceiptUpdate]| {
                 let mut last: HashMap<StateKey, i64> = HashMap::new();
@@ -185,7 +116,7 @@ topic = "{heads}"
         );
         let heads = kafka::read_until(
             &brokers,
-            &self.heads,
+            &self.t.heads,
             |m| HeadUpdate::from(hdec.decode(m.payload().unwrap()).unwrap()),
             |hs: &[HeadUpdate]| {
                 let mut count: HashMap<ConversationId, i64> = HashMap::new();
@@ -320,7 +251,7 @@ fn instances_joining_and_leaving_keep_every_count_exact() {
     env.produce(chunks[1]);
     kafka::read_until(
         &env.mock.bootstrap_servers(),
-        &env.output,
+        &env.t.updates,
         |_| (),
         |d: &[()]| d.len() >= 50,
     );
@@ -359,7 +290,7 @@ fn kill_9_mid_stream_then_restart_keeps_every_count_exact() {
     let mut child = spawn();
     kafka::read_until(
         &env.mock.bootstrap_servers(),
-        &env.heads,
+        &env.t.heads,
         |_| (),
         |d: &[()]| d.len() >= 20,
     );
@@ -368,16 +299,7 @@ fn kill_9_mid_stream_then_restart_keeps_every_count_exact() {
     env.produce(second);
     let mut child = spawn();
     let (updates, _) = env.await_outputs(&w);
-    let status = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(
-        child.wait().unwrap().success(),
-        "graceful shutdown on SIGTERM"
-    );
+    terminate(&mut child);
     check_receipts(&updates, &w);
     check_stored_counts(&env.state.path().join(&env.app), &w);
 }
@@ -392,7 +314,7 @@ fn a_message_topic_with_another_partition_count_is_refused_by_name() {
     .expect_err("co-partitioning is checked at start");
     let msg = err.to_string();
     assert!(
-        msg.contains(&env.messages) && msg.contains("3 partitions") && msg.contains(&env.reads),
+        msg.contains(&env.t.messages) && msg.contains("3 partitions") && msg.contains(&env.t.reads),
         "{msg}"
     );
 }

@@ -4,7 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use crate::model::{ReceiptUpdate, StateKey};
+use super::row::SinkRow;
+use crate::model::ReceiptUpdate;
 
 /// The offsets one batch covers in one partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,16 +21,27 @@ pub struct PartitionRange {
 }
 
 /// What one transaction writes.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct WriteBatch {
-    pub rows: Vec<ReceiptUpdate>,
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteBatch<R = ReceiptUpdate> {
+    pub rows: Vec<R>,
     /// Partition and offset of each row (same index as `rows`).
     pub row_partitions: Vec<i32>,
     pub row_offsets: Vec<i64>,
     pub ranges: Vec<PartitionRange>,
 }
 
-impl WriteBatch {
+impl<R> Default for WriteBatch<R> {
+    fn default() -> Self {
+        Self {
+            rows: Vec::new(),
+            row_partitions: Vec::new(),
+            row_offsets: Vec::new(),
+            ranges: Vec::new(),
+        }
+    }
+}
+
+impl<R: Clone> WriteBatch<R> {
     /// Drop rows by index (rows the database rejected for good).
     pub fn remove_rows(&mut self, indexes: &[usize]) {
         let mut keep = vec![true; self.rows.len()];
@@ -75,7 +87,7 @@ impl WriteBatch {
     /// Split into at most `n` batches over disjoint partitions, balanced by rows. Each is
     /// a transaction of its own: the offsets are fenced per partition, so they commit
     /// independently, and a key's rows stay in its partition's batch.
-    pub fn split(self, n: usize) -> Vec<WriteBatch> {
+    pub fn split(self, n: usize) -> Vec<WriteBatch<R>> {
         if n <= 1 || self.ranges.len() <= 1 {
             return vec![self];
         }
@@ -93,7 +105,7 @@ impl WriteBatch {
             load[g] += rows_of.get(&p).copied().unwrap_or(0);
             group_of.insert(p, g);
         }
-        let mut out = vec![WriteBatch::default(); k];
+        let mut out: Vec<WriteBatch<R>> = (0..k).map(|_| WriteBatch::default()).collect();
         for r in self.ranges {
             out[group_of[&r.partition]].ranges.push(r);
         }
@@ -118,22 +130,32 @@ struct Span {
     records: i64,
 }
 
-/// Collects decoded updates until the batch is full or old enough.
-#[derive(Debug, Default)]
-pub struct Batcher {
-    rows: HashMap<StateKey, (ReceiptUpdate, i32, i64)>,
+/// Collects decoded rows until the batch is full or old enough.
+#[derive(Debug)]
+pub struct Batcher<R: SinkRow = ReceiptUpdate> {
+    rows: HashMap<R::Key, (R, i32, i64)>,
     spans: BTreeMap<i32, Span>,
     started: Option<Instant>,
 }
 
-impl Batcher {
+impl<R: SinkRow> Default for Batcher<R> {
+    fn default() -> Self {
+        Self {
+            rows: HashMap::new(),
+            spans: BTreeMap::new(),
+            started: None,
+        }
+    }
+}
+
+impl<R: SinkRow> Batcher<R> {
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Add the record at `offset` of `partition`: an update, or `None` for a record that
     /// became a dead letter (it still counts as consumed).
-    pub fn add(&mut self, partition: i32, offset: i64, update: Option<ReceiptUpdate>) {
+    pub fn add(&mut self, partition: i32, offset: i64, update: Option<R>) {
         self.started.get_or_insert_with(Instant::now);
         let span = self.spans.entry(partition).or_insert(Span {
             next: offset + 1,
@@ -143,7 +165,7 @@ impl Batcher {
         span.records += 1;
         if let Some(u) = update {
             match self.rows.get_mut(&u.key()) {
-                Some((old, _, _)) if old.version >= u.version => {}
+                Some((old, _, _)) if old.version() >= u.version() => {}
                 Some(slot) => *slot = (u, partition, offset),
                 None => {
                     self.rows.insert(u.key(), (u, partition, offset));
@@ -176,7 +198,7 @@ impl Batcher {
     }
 
     /// Take the batch; `stored(p)` is the database's `next_offset` for `p` (-1: none).
-    pub fn take(&mut self, stored: impl Fn(i32) -> i64) -> WriteBatch {
+    pub fn take(&mut self, stored: impl Fn(i32) -> i64) -> WriteBatch<R> {
         let mut b = WriteBatch::default();
         for (_, (u, p, o)) in self.rows.drain() {
             b.rows.push(u);
@@ -200,6 +222,7 @@ impl Batcher {
 mod tests {
     use super::*;
     use crate::ids::{ConversationId, ReaderId};
+    use crate::model::StateKey;
 
     fn update(conv: i64, reader: i64, version: i64) -> ReceiptUpdate {
         ReceiptUpdate {

@@ -31,6 +31,14 @@ pub const MIGRATIONS: &[Migration] = &[
     },
 ];
 
+/// The migrations of a conversation-heads table (`migrations/heads/`); `{{receipts_table}}`
+/// stands for the receipts table its view reads.
+pub const HEAD_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "heads/0001_conversation_heads.sql",
+    sql: include_str!("../../migrations/heads/0001_conversation_heads.sql"),
+}];
+
 /// Advisory lock key serialising migrations ("readstat" in ASCII).
 const LOCK_KEY: i64 = 0x7265_6164_7374_6174;
 
@@ -56,15 +64,56 @@ fn render(m: &Migration, table: &str) -> String {
     m.sql.replace("{{table}}", table)
 }
 
+/// A set of migrations for one table, rendered.
+struct Plan<'a> {
+    table: &'a str,
+    migrations: &'static [Migration],
+    render: &'a dyn Fn(&Migration) -> String,
+}
+
 fn db(e: tokio_postgres::Error) -> SinkError {
     SinkError::from_db(&e)
 }
 
-/// Apply every migration not yet applied for `table`; returns the versions applied now.
+/// Apply every migration not yet applied for the receipts table `table`; returns the
+/// versions applied now.
 pub async fn migrate(client: &mut Client, table: &str) -> Result<Vec<i32>, SinkError> {
+    let render = |m: &Migration| render(m, table);
+    apply(
+        client,
+        Plan {
+            table,
+            migrations: MIGRATIONS,
+            render: &render,
+        },
+    )
+    .await
+}
+
+/// Apply the migrations of the conversation-heads table `table`, whose view reads
+/// `receipts_table`.
+pub async fn migrate_heads(
+    client: &mut Client,
+    table: &str,
+    receipts_table: &str,
+) -> Result<Vec<i32>, SinkError> {
+    let render = |m: &Migration| render(m, table).replace("{{receipts_table}}", receipts_table);
+    apply(
+        client,
+        Plan {
+            table,
+            migrations: HEAD_MIGRATIONS,
+            render: &render,
+        },
+    )
+    .await
+}
+
+async fn apply(client: &mut Client, plan: Plan<'_>) -> Result<Vec<i32>, SinkError> {
+    let table = plan.table;
     let mut applied_now = Vec::new();
-    for m in MIGRATIONS {
-        let sql = render(m, table);
+    for m in plan.migrations {
+        let sql = (plan.render)(m);
         let sum = checksum(&sql);
         let tx = client.transaction().await.map_err(db)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
@@ -109,6 +158,16 @@ pub async fn migrate(client: &mut Client, table: &str) -> Result<Vec<i32>, SinkE
 
 /// Fail with [`SinkError::NotMigrated`] unless every migration is applied for `table`.
 pub async fn check_migrated(client: &Client, table: &str) -> Result<(), SinkError> {
+    check_set(client, table, MIGRATIONS).await
+}
+
+/// Fail with [`SinkError::NotMigrated`] unless every one of `migrations` is applied for
+/// `table`.
+pub async fn check_set(
+    client: &Client,
+    table: &str,
+    migrations: &[Migration],
+) -> Result<(), SinkError> {
     let not_migrated = |detail: String| SinkError::NotMigrated {
         table: table.to_owned(),
         detail,
@@ -132,7 +191,7 @@ pub async fn check_migrated(client: &Client, table: &str) -> Result<(), SinkErro
         .await
         .map_err(db)?;
     let have: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
-    let missing: Vec<&str> = MIGRATIONS
+    let missing: Vec<&str> = migrations
         .iter()
         .filter(|m| !have.contains(&m.version))
         .map(|m| m.name)
@@ -157,6 +216,14 @@ mod tests {
             .collect();
         files.sort();
         let known: Vec<&str> = MIGRATIONS.iter().map(|m| m.name).collect();
+        assert_eq!(files, known);
+        let heads = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/heads");
+        let mut files: Vec<String> = std::fs::read_dir(heads)
+            .unwrap()
+            .map(|e| format!("heads/{}", e.unwrap().file_name().to_string_lossy()))
+            .collect();
+        files.sort();
+        let known: Vec<&str> = HEAD_MIGRATIONS.iter().map(|m| m.name).collect();
         assert_eq!(files, known);
         for (i, m) in MIGRATIONS.iter().enumerate() {
             assert_eq!(m.version as usize, i + 1);

@@ -1,8 +1,11 @@
-//! The PostgreSQL sink: the output topic, batched, into `read_receipts`, exactly once.
+//! The PostgreSQL sink: the output topic, batched, into `read_receipts` (and the
+//! conversation-heads topic into `conversation_heads`), exactly once.
 //!
 //! - [`migrate`]: the SQL in `migrations/`, applied once each and checked before start.
 //! - [`batch`]: the in-memory batch: one row per key (highest version), and per partition
 //!   the offset range it covers.
+//! - [`row`]: [`SinkRow`], what a table's rows are (receipt updates, conversation heads):
+//!   key, version, upsert and columns.
 //! - [`table`]: the [`ReceiptTable`](table::ReceiptTable) seam: [`PostgresTable`] (one
 //!   transaction per batch: version-guarded `UNNEST` upsert + fenced offsets update) and
 //!   [`MemoryTable`] for tests.
@@ -17,9 +20,11 @@ pub mod batch;
 pub mod connect;
 mod lag;
 pub mod migrate;
+pub mod row;
 pub mod runner;
 pub mod table;
 
+pub use row::SinkRow;
 pub use runner::{run_sink, SinkConfig, SinkSummary};
 pub use table::{MemoryTable, PostgresTable, ReceiptTable};
 
@@ -114,8 +119,8 @@ pub fn db_error_text(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// The sink of `topology` against `url`: connects, checks the migrations, and returns the
-/// runner's configuration.
+/// The receipts sink of `topology` against `url`: connects, checks the migrations, and
+/// returns the runner's configuration.
 pub fn from_topology(
     topology: &crate::topology::Topology,
     kafka: crate::kafka::KafkaSettings,
@@ -125,7 +130,30 @@ pub fn from_topology(
     let pg = topology.postgres.as_ref().ok_or_else(|| {
         SinkError::Fatal("the topology has no [[sink]] of kind \"postgres\"".into())
     })?;
-    let table = PostgresTable::connect(url, &pg.table, pg.pool_size, pg.statement_timeout)?;
+    sink_config(topology, pg, kafka, resolver, url)
+}
+
+/// The conversation-heads sink of `topology`, when it has one.
+pub fn heads_from_topology(
+    topology: &crate::topology::Topology,
+    kafka: crate::kafka::KafkaSettings,
+    resolver: std::sync::Arc<dyn crate::serde::registry::SchemaResolver>,
+    url: &str,
+) -> Result<Option<SinkConfig<crate::model::HeadUpdate>>, SinkError> {
+    match &topology.heads_postgres {
+        Some(pg) => sink_config(topology, pg, kafka, resolver, url).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn sink_config<R: SinkRow>(
+    topology: &crate::topology::Topology,
+    pg: &crate::topology::PostgresSink,
+    kafka: crate::kafka::KafkaSettings,
+    resolver: std::sync::Arc<dyn crate::serde::registry::SchemaResolver>,
+    url: &str,
+) -> Result<SinkConfig<R>, SinkError> {
+    let table = PostgresTable::<R>::open(url, &pg.table, pg.pool_size, pg.statement_timeout)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

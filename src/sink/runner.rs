@@ -30,6 +30,7 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use super::batch::{Batcher, WriteBatch};
 use super::lag::{LagProbe, Positions};
+use super::row::SinkRow;
 use super::table::ReceiptTable;
 use super::SinkError;
 use crate::ids::Origin;
@@ -38,14 +39,14 @@ use crate::model::ReceiptUpdate;
 use crate::runtime::dead_letter_log::{
     flush_dead_letter_log, log_dead_letter, LogLimiter, DEAD_LETTER_LOGS_PER_SECOND,
 };
-use crate::serde::avro::UpdateDecoder;
+use crate::serde::avro::WireDecoder;
 use crate::serde::registry::SchemaResolver;
-use crate::serde::{SerdeError, RECEIPT_UPDATE_SCHEMA};
+use crate::serde::SerdeError;
 use crate::task::{DeadLetter, SourceRecord};
 use crate::telemetry::{Health, Progress};
 
 /// Everything a sink instance needs.
-pub struct SinkConfig {
+pub struct SinkConfig<R: SinkRow = ReceiptUpdate> {
     /// Consumer group, `<application.id>-pg-sink`.
     pub group: String,
     /// The output topic it consumes.
@@ -55,7 +56,7 @@ pub struct SinkConfig {
     pub linger: Duration,
     pub kafka: KafkaSettings,
     pub resolver: Arc<dyn SchemaResolver>,
-    pub table: Arc<dyn ReceiptTable>,
+    pub table: Arc<dyn ReceiptTable<R>>,
     /// Live counters (sink records, rows written, statements).
     pub progress: Arc<Progress>,
     /// `/ready` says here why the sink is waiting (the database unreachable).
@@ -122,24 +123,27 @@ impl ConsumerContext for SinkContext {
 }
 
 /// Run one sink instance until `shutdown` is set or a fatal error.
-pub fn run_sink(config: SinkConfig, shutdown: Arc<AtomicBool>) -> Result<SinkSummary, SinkError> {
+pub fn run_sink<R: SinkRow>(
+    config: SinkConfig<R>,
+    shutdown: Arc<AtomicBool>,
+) -> Result<SinkSummary, SinkError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| SinkError::Fatal(format!("tokio runtime: {e}")))?;
     rt.block_on(async move {
-        let mut sink = Sink::new(config)?;
+        let mut sink = Sink::<R>::new(config)?;
         let r = sink.run(&shutdown).await;
         sink.consumer.unsubscribe();
         r.map(|_| sink.summary)
     })
 }
 
-struct Sink {
-    cfg: SinkConfig,
+struct Sink<R: SinkRow> {
+    cfg: SinkConfig<R>,
     consumer: BaseConsumer<SinkContext>,
     producer: FutureProducer,
-    decoder: UpdateDecoder,
+    decoder: WireDecoder<R::Avro>,
     /// Stored `next_offset` per owned partition (-1: none).
     owned: BTreeMap<i32, i64>,
     /// Assigned partitions not claimed yet (the database was unreachable): paused.
@@ -160,8 +164,8 @@ const LAG_INTERVAL: Duration = Duration::from_secs(5);
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-impl Sink {
-    fn new(cfg: SinkConfig) -> Result<Self, SinkError> {
+impl<R: SinkRow> Sink<R> {
+    fn new(cfg: SinkConfig<R>) -> Result<Self, SinkError> {
         let consumer: BaseConsumer<SinkContext> = cfg
             .kafka
             .consumer(&cfg.group)
@@ -171,7 +175,7 @@ impl Sink {
             })
             .map_err(KafkaError::from)?;
         let producer: FutureProducer = cfg.kafka.producer().create().map_err(KafkaError::from)?;
-        let decoder = UpdateDecoder::new(cfg.resolver.clone(), RECEIPT_UPDATE_SCHEMA)?;
+        let decoder = WireDecoder::new(cfg.resolver.clone(), R::SCHEMA)?;
         let positions = Positions::default();
         let lag = LagProbe::start(
             &cfg.kafka,
@@ -261,8 +265,8 @@ impl Sink {
     /// assigned ones until they are claimed (and, during an outage, until it ends).
     async fn rebalances(
         &mut self,
-        batch: &mut Batcher,
-        writing: &mut [WriteBatch],
+        batch: &mut Batcher<R>,
+        writing: &mut [WriteBatch<R>],
     ) -> Result<(), SinkError> {
         let events = std::mem::take(&mut *self.consumer.context().events.lock().expect("lock"));
         for ev in events {
@@ -389,7 +393,7 @@ impl Sink {
         offset: i64,
         key: Option<Vec<u8>>,
         payload: Option<Vec<u8>>,
-        batch: &mut Batcher,
+        batch: &mut Batcher<R>,
         shutdown: &AtomicBool,
     ) -> Result<(), SinkError> {
         let Some(stored) = self.owned.get(&partition).copied() else {
@@ -428,7 +432,7 @@ impl Sink {
         &mut self,
         payload: Option<&[u8]>,
         shutdown: &AtomicBool,
-    ) -> Result<Result<ReceiptUpdate, (&'static str, String)>, SinkError> {
+    ) -> Result<Result<R, (&'static str, String)>, SinkError> {
         let Some(bytes) = payload else {
             return Ok(Err(("empty", "record has no value".into())));
         };
@@ -445,7 +449,7 @@ impl Sink {
             }
         }
         Ok(match self.decoder.decode(bytes) {
-            Ok(u) => Ok(ReceiptUpdate::from(u)),
+            Ok(u) => Ok(u.into()),
             Err(e) => Err((e.reason(), e.to_string())),
         })
     }
@@ -480,7 +484,11 @@ impl Sink {
     /// Write the batch as up to `parallel_writes` transactions over disjoint partitions,
     /// at once; each is retried as its errors say until all are written. A transaction that
     /// committed is never written again (its partitions' offsets moved with it).
-    async fn flush(&mut self, batch: &mut Batcher, shutdown: &AtomicBool) -> Result<(), SinkError> {
+    async fn flush(
+        &mut self,
+        batch: &mut Batcher<R>,
+        shutdown: &AtomicBool,
+    ) -> Result<(), SinkError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -563,10 +571,10 @@ impl Sink {
     /// What one transaction's outcome means for its batch `w`.
     async fn settle(
         &mut self,
-        w: &mut WriteBatch,
+        w: &mut WriteBatch<R>,
         result: Result<super::table::WriteReport, SinkError>,
         started: Instant,
-        batch: &mut Batcher,
+        batch: &mut Batcher<R>,
     ) -> Result<Settled, SinkError> {
         Ok(match result {
             Ok(report) => {
@@ -582,8 +590,8 @@ impl Sink {
                         topic: self.cfg.topic.clone(),
                         partition: w.row_partitions[i],
                         offset: w.row_offsets[i],
-                        key: Some(u.conversation_id.0.to_string().into_bytes()),
-                        value: Some(row_json(u).into_bytes()),
+                        key: Some(u.conversation().0.to_string().into_bytes()),
+                        value: Some(u.to_json().into_bytes()),
                         reason: "rejected_by_database",
                         error,
                         key_truncated_from: None,
@@ -628,8 +636,8 @@ impl Sink {
     async fn wait_serving_group(
         &mut self,
         d: Duration,
-        batch: &mut Batcher,
-        w: &mut [WriteBatch],
+        batch: &mut Batcher<R>,
+        w: &mut [WriteBatch<R>],
         shutdown: &AtomicBool,
     ) -> Result<(), SinkError> {
         let until = Instant::now() + d;
@@ -651,7 +659,7 @@ impl Sink {
 
     /// After a committed transaction: remember the offsets, tell Kafka (for lag tooling),
     /// record metrics.
-    fn committed(&mut self, w: &WriteBatch, report: super::table::WriteReport, took: Duration) {
+    fn committed(&mut self, w: &WriteBatch<R>, report: super::table::WriteReport, took: Duration) {
         let mut tpl = TopicPartitionList::new();
         for r in &w.ranges {
             if let Some(stored) = self.owned.get_mut(&r.partition) {
@@ -700,7 +708,7 @@ enum Settled {
     Unavailable(String),
 }
 
-fn pending_is_written(pending: &[WriteBatch]) -> bool {
+fn pending_is_written<R: Clone>(pending: &[WriteBatch<R>]) -> bool {
     pending.iter().all(WriteBatch::is_empty)
 }
 
@@ -728,21 +736,4 @@ impl Retry {
 fn jitter(d: Duration) -> Duration {
     let half = d / 2;
     half + half.mul_f64(rand::thread_rng().gen_range(0.0..1.0))
-}
-
-/// A rejected row as JSON, for the dead-letter record's value.
-fn row_json(u: &ReceiptUpdate) -> String {
-    serde_json::json!({
-        "conversation_id": u.conversation_id.0,
-        "reader_id": u.reader_id.0,
-        "last_read_seq": u.last_read_seq,
-        "message_id": u.message_id,
-        "sender_id": u.sender_id.map(|s| s.0),
-        "device_id": u.device_id,
-        "read_at_ms": u.read_at_ms,
-        "version": u.version,
-        "events_total": u.events_total,
-        "stale_total": u.stale_total,
-    })
-    .to_string()
 }

@@ -16,8 +16,9 @@ use futures::future::BoxFuture;
 use tokio_postgres::types::ToSql;
 
 use super::batch::WriteBatch;
+use super::row::SinkRow;
 use super::{classify, db_error_text, ErrorClass, SinkError};
-use crate::model::{ReceiptUpdate, StateKey};
+use crate::model::ReceiptUpdate;
 
 /// What a successful write did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -29,7 +30,7 @@ pub struct WriteReport {
 }
 
 /// The sink's target: version-guarded rows plus the offsets they cover, atomically.
-pub trait ReceiptTable: Send + Sync {
+pub trait ReceiptTable<R: SinkRow = ReceiptUpdate>: Send + Sync {
     /// Register `partitions` for this group and topic (as -1 when new) and return each
     /// one's stored `next_offset` (-1: nothing written yet).
     fn claim<'a>(
@@ -45,7 +46,7 @@ pub trait ReceiptTable: Send + Sync {
         &'a self,
         group: &'a str,
         topic: &'a str,
-        batch: &'a WriteBatch,
+        batch: &'a WriteBatch<R>,
     ) -> BoxFuture<'a, Result<WriteReport, SinkError>>;
 
     /// How many batches over disjoint partitions may be written at once.
@@ -61,7 +62,7 @@ pub trait ReceiptTable: Send + Sync {
 }
 
 /// PostgreSQL behind a connection pool.
-pub struct PostgresTable {
+pub struct PostgresTable<R = ReceiptUpdate> {
     pool: Pool,
     config: tokio_postgres::Config,
     tls: postgres_native_tls::MakeTlsConnector,
@@ -69,6 +70,7 @@ pub struct PostgresTable {
     target: String,
     table: String,
     upsert: String,
+    _row: std::marker::PhantomData<fn() -> R>,
 }
 
 const CLAIM: &str =
@@ -85,71 +87,11 @@ const ADVANCE: &str = "UPDATE readstate_sink_offsets AS o
     WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = t.p
       AND o.next_offset = t.expected";
 
-fn upsert_sql(table: &str) -> String {
-    format!(
-        "INSERT INTO {table} AS r (conversation_id, reader_id, last_read_seq, message_id, sender_id,
-                device_id, read_at, version, events_total, stale_total, updated_at)
-         SELECT c, rd, s, m, sd, d,
-                CASE WHEN ra IS NULL THEN NULL
-                     ELSE timestamptz 'epoch' + ra * interval '1 millisecond' END,
-                v, et, st, now()
-         FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::int8[], $6::text[],
-                     $7::int8[], $8::int8[], $9::int8[], $10::int8[])
-              AS t(c, rd, s, m, sd, d, ra, v, et, st)
-         ON CONFLICT (conversation_id, reader_id) DO UPDATE SET
-                last_read_seq = EXCLUDED.last_read_seq, message_id = EXCLUDED.message_id,
-                sender_id = EXCLUDED.sender_id, device_id = EXCLUDED.device_id,
-                read_at = EXCLUDED.read_at, version = EXCLUDED.version,
-                events_total = EXCLUDED.events_total, stale_total = EXCLUDED.stale_total,
-                updated_at = EXCLUDED.updated_at
-         WHERE r.version < EXCLUDED.version"
-    )
-}
-
-/// The rows as column arrays, the shape `unnest` takes.
-struct Columns<'a> {
-    conv: Vec<i64>,
-    reader: Vec<i64>,
-    seq: Vec<i64>,
-    message: Vec<Option<&'a str>>,
-    sender: Vec<Option<i64>>,
-    device: Vec<Option<&'a str>>,
-    read_at: Vec<Option<i64>>,
-    version: Vec<i64>,
-    events: Vec<i64>,
-    stale: Vec<i64>,
-}
-
-impl<'a> Columns<'a> {
-    fn new(rows: &'a [ReceiptUpdate]) -> Self {
-        Self {
-            conv: rows.iter().map(|u| u.conversation_id.0).collect(),
-            reader: rows.iter().map(|u| u.reader_id.0).collect(),
-            seq: rows.iter().map(|u| u.last_read_seq).collect(),
-            message: rows.iter().map(|u| u.message_id.as_deref()).collect(),
-            sender: rows.iter().map(|u| u.sender_id.map(|s| s.0)).collect(),
-            device: rows.iter().map(|u| u.device_id.as_deref()).collect(),
-            read_at: rows.iter().map(|u| u.read_at_ms).collect(),
-            version: rows.iter().map(|u| u.version).collect(),
-            events: rows.iter().map(|u| u.events_total).collect(),
-            stale: rows.iter().map(|u| u.stale_total).collect(),
-        }
-    }
-
-    fn params(&self) -> [&(dyn ToSql + Sync); 10] {
-        [
-            &self.conv,
-            &self.reader,
-            &self.seq,
-            &self.message,
-            &self.sender,
-            &self.device,
-            &self.read_at,
-            &self.version,
-            &self.events,
-            &self.stale,
-        ]
-    }
+/// The bound parameters of a row upsert.
+fn params(cols: &super::row::Columns) -> Vec<&(dyn ToSql + Sync)> {
+    cols.iter()
+        .map(|c| c.as_ref() as &(dyn ToSql + Sync))
+        .collect()
 }
 
 fn db(e: tokio_postgres::Error) -> SinkError {
@@ -163,10 +105,22 @@ fn pool_error(e: deadpool_postgres::PoolError) -> SinkError {
     }
 }
 
-impl PostgresTable {
+impl PostgresTable<ReceiptUpdate> {
+    /// The receipts table (see [`PostgresTable::open`]).
+    pub fn connect(
+        url: &str,
+        table: &str,
+        pool_size: usize,
+        statement_timeout: Duration,
+    ) -> Result<Self, SinkError> {
+        Self::open(url, table, pool_size, statement_timeout)
+    }
+}
+
+impl<R: SinkRow> PostgresTable<R> {
     /// A pool of up to `pool_size` connections to `url` (libpq URL or key=value string;
     /// every libpq `sslmode` and `sslrootcert` honoured), each with `statement_timeout`.
-    pub fn connect(
+    pub fn open(
         url: &str,
         table: &str,
         pool_size: usize,
@@ -207,7 +161,8 @@ impl PostgresTable {
             tls,
             target,
             table: table.to_owned(),
-            upsert: upsert_sql(table),
+            upsert: R::upsert_sql(table),
+            _row: std::marker::PhantomData,
         })
     }
 
@@ -254,7 +209,7 @@ impl PostgresTable {
     /// Fail unless the database is migrated for this table.
     pub async fn check_migrated(&self) -> Result<(), SinkError> {
         let client = self.direct().await?;
-        super::migrate::check_migrated(&client, &self.table).await
+        super::migrate::check_set(&client, &self.table, R::MIGRATIONS).await
     }
 
     /// Delete the stored offsets of `group` on `topic` (all partitions), so the sink
@@ -281,20 +236,27 @@ impl PostgresTable {
         super::migrate::migrate(&mut client, &self.table).await
     }
 
+    /// Apply the migrations of a conversation-heads table, and of its view over
+    /// `receipts_table`; returns the versions applied now.
+    pub async fn migrate_heads(&self, receipts_table: &str) -> Result<Vec<i32>, SinkError> {
+        let mut client = self.direct().await?;
+        super::migrate::migrate_heads(&mut client, &self.table, receipts_table).await
+    }
+
     async fn write_batch(
         &self,
         group: &str,
         topic: &str,
-        batch: &WriteBatch,
+        batch: &WriteBatch<R>,
     ) -> Result<WriteReport, SinkError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
         let mut report = WriteReport::default();
         if !batch.rows.is_empty() {
             let stmt = tx.prepare_cached(&self.upsert).await.map_err(db)?;
-            let cols = Columns::new(&batch.rows);
+            let cols = R::columns(&batch.rows);
             let started = std::time::Instant::now();
-            let r = tx.execute(&stmt, &cols.params()).await;
+            let r = tx.execute(&stmt, &params(&cols)).await;
             metrics::histogram!("readstate_sink_statement_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
             match r {
@@ -336,7 +298,7 @@ impl PostgresTable {
     async fn find_rejected(
         &self,
         client: &mut deadpool_postgres::Object,
-        rows: &[ReceiptUpdate],
+        rows: &[R],
     ) -> Result<Vec<(usize, String)>, SinkError> {
         let tx = client.transaction().await.map_err(db)?;
         let stmt = tx.prepare_cached(&self.upsert).await.map_err(db)?;
@@ -344,8 +306,8 @@ impl PostgresTable {
         let mut stack = vec![(0usize, rows.len())];
         while let Some((lo, hi)) = stack.pop() {
             tx.batch_execute("SAVEPOINT probe").await.map_err(db)?;
-            let cols = Columns::new(&rows[lo..hi]);
-            match tx.execute(&stmt, &cols.params()).await {
+            let cols = R::columns(&rows[lo..hi]);
+            match tx.execute(&stmt, &params(&cols)).await {
                 Ok(_) => tx
                     .batch_execute("RELEASE SAVEPOINT probe")
                     .await
@@ -393,7 +355,7 @@ impl PostgresTable {
     }
 }
 
-impl ReceiptTable for PostgresTable {
+impl<R: SinkRow> ReceiptTable<R> for PostgresTable<R> {
     fn check_ready(&self) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(self.check_migrated())
     }
@@ -415,43 +377,63 @@ impl ReceiptTable for PostgresTable {
         &'a self,
         group: &'a str,
         topic: &'a str,
-        batch: &'a WriteBatch,
+        batch: &'a WriteBatch<R>,
     ) -> BoxFuture<'a, Result<WriteReport, SinkError>> {
         Box::pin(self.write_batch(group, topic, batch))
     }
 }
 
+/// Decides which rows the [`MemoryTable`] rejects for good.
+type RejectRule<R> = Box<dyn Fn(&R) -> bool + Send + Sync>;
+
 /// The [`ReceiptTable`] contract in memory, with faults on demand.
-#[derive(Default)]
-pub struct MemoryTable {
-    state: Mutex<MemoryState>,
+pub struct MemoryTable<R: SinkRow = ReceiptUpdate> {
+    state: Mutex<MemoryState<R>>,
     /// Fail this many more writes with a retriable error (a database that is down).
     fail_writes: AtomicU64,
-    /// Rows whose `message_id` equals this are rejected for good.
-    reject_message_id: Mutex<Option<String>>,
+    /// Rows this rule matches are rejected for good.
+    reject: Mutex<Option<RejectRule<R>>>,
 }
 
-#[derive(Default)]
-struct MemoryState {
-    rows: HashMap<StateKey, ReceiptUpdate>,
+struct MemoryState<R: SinkRow> {
+    rows: HashMap<R::Key, R>,
     offsets: HashMap<(String, String, i32), (i64, i64)>,
     statements: u64,
 }
 
-impl MemoryTable {
+impl<R: SinkRow> Default for MemoryTable<R> {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(MemoryState {
+                rows: HashMap::new(),
+                offsets: HashMap::new(),
+                statements: 0,
+            }),
+            fail_writes: AtomicU64::new(0),
+            reject: Mutex::new(None),
+        }
+    }
+}
+
+impl MemoryTable<ReceiptUpdate> {
     pub fn new() -> Self {
         Self::default()
     }
 
+    pub fn reject_message_id(&self, id: &str) {
+        let id = id.to_owned();
+        *self.reject.lock().expect("lock") = Some(Box::new(move |u: &ReceiptUpdate| {
+            u.message_id.as_deref() == Some(&id)
+        }));
+    }
+}
+
+impl<R: SinkRow> MemoryTable<R> {
     pub fn fail_next_writes(&self, n: u64) {
         self.fail_writes.store(n, Ordering::SeqCst);
     }
 
-    pub fn reject_message_id(&self, id: &str) {
-        *self.reject_message_id.lock().expect("lock") = Some(id.to_owned());
-    }
-
-    pub fn rows(&self) -> HashMap<StateKey, ReceiptUpdate> {
+    pub fn rows(&self) -> HashMap<R::Key, R> {
         self.state.lock().expect("lock").rows.clone()
     }
 
@@ -469,18 +451,18 @@ impl MemoryTable {
         self.state.lock().expect("lock").statements
     }
 
-    fn apply(&self, group: &str, topic: &str, b: &WriteBatch) -> Result<WriteReport, SinkError> {
+    fn apply(&self, group: &str, topic: &str, b: &WriteBatch<R>) -> Result<WriteReport, SinkError> {
         let left = self.fail_writes.load(Ordering::SeqCst);
         if left > 0 {
             self.fail_writes.store(left - 1, Ordering::SeqCst);
             return Err(SinkError::Retriable("injected outage".into()));
         }
-        if let Some(bad) = self.reject_message_id.lock().expect("lock").as_deref() {
+        if let Some(bad) = self.reject.lock().expect("lock").as_ref() {
             let rejected: Vec<(usize, String)> = b
                 .rows
                 .iter()
                 .enumerate()
-                .filter(|(_, u)| u.message_id.as_deref() == Some(bad))
+                .filter(|(_, u)| bad(u))
                 .map(|(i, _)| (i, "injected rejection".to_owned()))
                 .collect();
             if !rejected.is_empty() {
@@ -500,7 +482,7 @@ impl MemoryTable {
         let mut report = WriteReport::default();
         for u in &b.rows {
             match s.rows.get(&u.key()) {
-                Some(old) if old.version >= u.version => {}
+                Some(old) if old.version() >= u.version() => {}
                 _ => {
                     s.rows.insert(u.key(), u.clone());
                     report.rows_changed += 1;
@@ -522,7 +504,7 @@ impl MemoryTable {
     }
 }
 
-impl ReceiptTable for MemoryTable {
+impl<R: SinkRow> ReceiptTable<R> for MemoryTable<R> {
     fn claim<'a>(
         &'a self,
         group: &'a str,
@@ -547,7 +529,7 @@ impl ReceiptTable for MemoryTable {
         &'a self,
         group: &'a str,
         topic: &'a str,
-        batch: &'a WriteBatch,
+        batch: &'a WriteBatch<R>,
     ) -> BoxFuture<'a, Result<WriteReport, SinkError>> {
         let r = self.apply(group, topic, batch);
         Box::pin(async move { r })

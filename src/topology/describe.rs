@@ -172,7 +172,7 @@ pub fn describe(t: &Topology) -> String {
             let _ = writeln!(o, "    changelog: none (state is lost with the node)");
         }
     }
-    if let Some(pg) = &t.postgres {
+    for pg in t.postgres.iter().chain(&t.heads_postgres) {
         let _ = writeln!(
             o,
             "Postgres sink: {} (consumer group {}, reads {})",
@@ -192,6 +192,13 @@ pub fn describe(t: &Topology) -> String {
                 "runs as `readstate sink`"
             }
         );
+        if t.heads_postgres.as_ref().is_some_and(|h| h.name == pg.name) {
+            let _ = writeln!(
+                o,
+                "  unread and mention counts: view {}_unread, function {}_counts(conversation, reader, pointer)",
+                pg.receipts_table, pg.table
+            );
+        }
     }
     let _ = writeln!(o, "Internal topics:");
     for (topic, compacted) in t.internal_topics() {

@@ -175,6 +175,9 @@ pub struct PostgresSink {
     pub statement_timeout: Duration,
     pub url: Option<String>,
     pub embedded: bool,
+    /// The receipts table: for a conversation-heads sink, the table its unread view joins
+    /// (for the receipts sink, its own table).
+    pub receipts_table: String,
 }
 
 /// What a record that cannot be processed does (Kafka Streams'
@@ -237,6 +240,8 @@ pub struct Topology {
     /// `output = "conversation-heads"`).
     pub heads_output: Option<KafkaSink>,
     pub postgres: Option<PostgresSink>,
+    /// The PostgreSQL sink of the conversation-heads topic (`conversation_heads`).
+    pub heads_postgres: Option<PostgresSink>,
 }
 
 impl Topology {
@@ -791,21 +796,28 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
             "at most one kafka sink with output = \"conversation-heads\"",
         );
     }
-    if postgres.len() > 1 {
-        errs.push("sink", "at most one postgres sink is supported");
-    }
     let mut pg = None;
+    let mut heads_pg = None;
     for (i, s) in postgres {
         let at = format!("sink[{i}]");
-        let topic = s
-            .input
-            .as_deref()
-            .and_then(|inp| kafka.iter().find(|k| k.name == inp))
-            .map(|k| k.topic.clone());
+        let input = s.input.as_deref();
+        let receipts = input.and_then(|inp| kafka.iter().find(|k| k.name == inp));
+        let of_heads = input.and_then(|inp| heads.iter().find(|k| k.name == inp));
+        let topic = receipts.or(of_heads).map(|k| k.topic.clone());
         if topic.is_none() {
-            if let Some(inp) = s.input.as_deref() {
+            if let Some(inp) = input {
                 errs.push(format!("{at}.input"), format!("no kafka sink named {inp:?} (a postgres sink consumes a kafka sink's topic)"));
             }
+        }
+        let slot = match of_heads.is_some() {
+            true => &mut heads_pg,
+            false => &mut pg,
+        };
+        if slot.is_some() {
+            errs.push(at.clone(), "at most one postgres sink per kafka sink");
+        }
+        if s.output.is_some() {
+            errs.push(format!("{at}.output"), "only applies to kafka sinks");
         }
         if s.topic.is_some() {
             errs.push(
@@ -821,7 +833,11 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
             &s.statement_timeout,
             Duration::from_secs(30),
         );
-        let table = s.table.clone().unwrap_or_else(|| "read_receipts".into());
+        let default_table = match of_heads.is_some() {
+            true => "conversation_heads",
+            false => "read_receipts",
+        };
+        let table = s.table.clone().unwrap_or_else(|| default_table.into());
         if !table
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
@@ -833,10 +849,15 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
             );
         }
         if let (Some(name), Some(topic)) = (s.name.clone(), topic) {
-            pg = Some(PostgresSink {
+            let group = match of_heads.is_some() {
+                true => format!("{app_id_s}-pg-heads-sink"),
+                false => format!("{app_id_s}-pg-sink"),
+            };
+            *slot = Some(PostgresSink {
                 name,
                 topic,
-                consumer_group: format!("{app_id_s}-pg-sink"),
+                consumer_group: group,
+                receipts_table: table.clone(),
                 table,
                 batch_size,
                 linger,
@@ -848,6 +869,15 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
         }
     }
 
+    if let Some(h) = &mut heads_pg {
+        match &pg {
+            Some(r) => h.receipts_table = r.table.clone(),
+            None => errs.push(
+                "sink",
+                "a postgres sink of conversation heads needs the receipts' postgres sink (its unread view joins the receipts table)",
+            ),
+        }
+    }
     let state_dir = PathBuf::from(app.state_dir.clone().unwrap_or_else(|| "./state".into()));
     let processor = processors.into_iter().next()?;
     let store = stores.iter().find(|s| s.name == processor.store)?.clone();
@@ -868,6 +898,7 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
         output: kafka.into_iter().next()?,
         heads_output: heads.into_iter().next(),
         postgres: pg,
+        heads_postgres: heads_pg,
     })
 }
 

@@ -1,0 +1,198 @@
+//! What the sink writes: a [`SinkRow`] is a keyed, versioned record of an output topic with
+//! its table's upsert. Receipt updates go to `read_receipts`, conversation-head updates to
+//! `conversation_heads`; batching, fencing and retries are the same for both.
+
+use std::hash::Hash;
+
+use serde::de::DeserializeOwned;
+use tokio_postgres::types::ToSql;
+
+use crate::ids::ConversationId;
+use crate::model::{HeadUpdate, ReceiptUpdate, StateKey};
+use crate::serde::avro::AvroReceiptUpdate;
+use crate::serde::message::AvroConversationHead;
+
+/// Column arrays bound to an upsert (the shape `unnest` takes).
+pub type Columns = Vec<Box<dyn ToSql + Sync + Send>>;
+
+pub trait SinkRow: Clone + Send + Sync + std::fmt::Debug + 'static {
+    /// One row per key: the highest version wins.
+    type Key: Hash + Eq + Copy + Send + Sync + std::fmt::Debug;
+    /// The serde mirror of the topic's Avro schema.
+    type Avro: DeserializeOwned + Into<Self>;
+    /// The reader schema of the topic.
+    const SCHEMA: &'static str;
+    /// The migrations its table needs.
+    const MIGRATIONS: &'static [super::migrate::Migration];
+
+    fn key(&self) -> Self::Key;
+    fn version(&self) -> i64;
+    /// The conversation: the record key on the topics.
+    fn conversation(&self) -> ConversationId;
+    /// The version-guarded set-based upsert into `table` (parameters: [`Self::columns`]).
+    fn upsert_sql(table: &str) -> String;
+    fn columns(rows: &[Self]) -> Columns;
+    /// The row as JSON, for a rejected row's dead letter.
+    fn to_json(&self) -> String;
+}
+
+impl SinkRow for ReceiptUpdate {
+    type Key = StateKey;
+    type Avro = AvroReceiptUpdate;
+    const SCHEMA: &'static str = crate::serde::RECEIPT_UPDATE_SCHEMA;
+    const MIGRATIONS: &'static [super::migrate::Migration] = super::migrate::MIGRATIONS;
+
+    fn key(&self) -> StateKey {
+        ReceiptUpdate::key(self)
+    }
+
+    fn conversation(&self) -> ConversationId {
+        self.conversation_id
+    }
+
+    fn version(&self) -> i64 {
+        self.version
+    }
+
+    fn upsert_sql(table: &str) -> String {
+        format!(
+            "INSERT INTO {table} AS r (conversation_id, reader_id, last_read_seq, message_id, sender_id,
+                device_id, read_at, version, events_total, stale_total, updated_at)
+         SELECT c, rd, s, m, sd, d,
+                CASE WHEN ra IS NULL THEN NULL
+                     ELSE timestamptz 'epoch' + ra * interval '1 millisecond' END,
+                v, et, st, now()
+         FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::int8[], $6::text[],
+                     $7::int8[], $8::int8[], $9::int8[], $10::int8[])
+              AS t(c, rd, s, m, sd, d, ra, v, et, st)
+         ON CONFLICT (conversation_id, reader_id) DO UPDATE SET
+                last_read_seq = EXCLUDED.last_read_seq, message_id = EXCLUDED.message_id,
+                sender_id = EXCLUDED.sender_id, device_id = EXCLUDED.device_id,
+                read_at = EXCLUDED.read_at, version = EXCLUDED.version,
+                events_total = EXCLUDED.events_total, stale_total = EXCLUDED.stale_total,
+                updated_at = EXCLUDED.updated_at
+         WHERE r.version < EXCLUDED.version"
+        )
+    }
+
+    fn columns(rows: &[Self]) -> Columns {
+        let owned = |f: fn(&ReceiptUpdate) -> Option<String>| -> Vec<Option<String>> {
+            rows.iter().map(f).collect()
+        };
+        let longs = |f: fn(&ReceiptUpdate) -> i64| -> Vec<i64> { rows.iter().map(f).collect() };
+        vec![
+            Box::new(longs(|u| u.conversation_id.0)),
+            Box::new(longs(|u| u.reader_id.0)),
+            Box::new(longs(|u| u.last_read_seq)),
+            Box::new(owned(|u| u.message_id.clone())),
+            Box::new(
+                rows.iter()
+                    .map(|u| u.sender_id.map(|s| s.0))
+                    .collect::<Vec<_>>(),
+            ),
+            Box::new(owned(|u| u.device_id.clone())),
+            Box::new(rows.iter().map(|u| u.read_at_ms).collect::<Vec<_>>()),
+            Box::new(longs(|u| u.version)),
+            Box::new(longs(|u| u.events_total)),
+            Box::new(longs(|u| u.stale_total)),
+        ]
+    }
+
+    fn to_json(&self) -> String {
+        serde_json::json!({
+            "conversation_id": self.conversation_id.0,
+            "reader_id": self.reader_id.0,
+            "last_read_seq": self.last_read_seq,
+            "message_id": self.message_id,
+            "sender_id": self.sender_id.map(|s| s.0),
+            "device_id": self.device_id,
+            "read_at_ms": self.read_at_ms,
+            "version": self.version,
+            "events_total": self.events_total,
+            "stale_total": self.stale_total,
+        })
+        .to_string()
+    }
+}
+
+impl SinkRow for HeadUpdate {
+    type Key = ConversationId;
+    type Avro = AvroConversationHead;
+    const SCHEMA: &'static str = crate::serde::CONVERSATION_HEAD_SCHEMA;
+    const MIGRATIONS: &'static [super::migrate::Migration] = super::migrate::HEAD_MIGRATIONS;
+
+    fn key(&self) -> ConversationId {
+        self.conversation_id
+    }
+
+    fn conversation(&self) -> ConversationId {
+        self.conversation_id
+    }
+
+    fn version(&self) -> i64 {
+        self.version
+    }
+
+    /// The window travels as arrays (one row per conversation, never per member); arrays
+    /// of arrays do not unnest, so each row's arrays are passed as one JSON document.
+    fn upsert_sql(table: &str) -> String {
+        format!(
+            "INSERT INTO {table} AS h (conversation_id, head_seq, message_count, version,
+                window_floor_seq, recent_seqs, recent_senders, mention_seqs, mention_user_ids,
+                everyone_seqs, updated_at)
+         SELECT c, hs, mc, v, f,
+                ARRAY(SELECT jsonb_array_elements_text(w->'recent_seqs')::int8),
+                ARRAY(SELECT jsonb_array_elements_text(w->'recent_senders')::int8),
+                ARRAY(SELECT jsonb_array_elements_text(w->'mention_seqs')::int8),
+                ARRAY(SELECT jsonb_array_elements_text(w->'mention_user_ids')::int8),
+                ARRAY(SELECT jsonb_array_elements_text(w->'everyone_seqs')::int8),
+                now()
+         FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::jsonb[])
+              AS t(c, hs, mc, v, f, w)
+         ON CONFLICT (conversation_id) DO UPDATE SET
+                head_seq = EXCLUDED.head_seq, message_count = EXCLUDED.message_count,
+                version = EXCLUDED.version, window_floor_seq = EXCLUDED.window_floor_seq,
+                recent_seqs = EXCLUDED.recent_seqs, recent_senders = EXCLUDED.recent_senders,
+                mention_seqs = EXCLUDED.mention_seqs,
+                mention_user_ids = EXCLUDED.mention_user_ids,
+                everyone_seqs = EXCLUDED.everyone_seqs, updated_at = EXCLUDED.updated_at
+         WHERE h.version < EXCLUDED.version"
+        )
+    }
+
+    fn columns(rows: &[Self]) -> Columns {
+        let longs = |f: fn(&HeadUpdate) -> i64| -> Vec<i64> { rows.iter().map(f).collect() };
+        let windows: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|u| {
+                serde_json::json!({
+                    "recent_seqs": u.recent_seqs,
+                    "recent_senders": u.recent_senders,
+                    "mention_seqs": u.mention_seqs,
+                    "mention_user_ids": u.mention_user_ids,
+                    "everyone_seqs": u.everyone_seqs,
+                })
+            })
+            .collect();
+        vec![
+            Box::new(longs(|u| u.conversation_id.0)),
+            Box::new(longs(|u| u.head_seq)),
+            Box::new(longs(|u| u.message_count)),
+            Box::new(longs(|u| u.version)),
+            Box::new(longs(|u| u.window_floor_seq)),
+            Box::new(windows),
+        ]
+    }
+
+    fn to_json(&self) -> String {
+        serde_json::json!({
+            "conversation_id": self.conversation_id.0,
+            "head_seq": self.head_seq,
+            "message_count": self.message_count,
+            "version": self.version,
+            "window_floor_seq": self.window_floor_seq,
+            "recent_seqs": self.recent_seqs.len(),
+        })
+        .to_string()
+    }
+}

@@ -135,8 +135,8 @@ struct BenchArgs {
     /// Connections the sink figures write on at once (the topology's pool_size).
     #[arg(long, default_value_t = 2)]
     sink_connections: usize,
-    /// Only these figures (comma-separated: keys, core, e2e, versus, startup, restore,
-    /// sink); all by default.
+    /// Only these figures (comma-separated: keys, core, unread, e2e, versus, startup,
+    /// restore, sink); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run the end-to-end figure on this Kafka (e.g. what `scripts/kafka start` prints)
@@ -524,6 +524,10 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", bench::core(&records, interval)?.render());
         let frequent = bench::CoreFlush::EveryEvents(100_000);
         println!("{}", bench::core(&records, frequent)?.render());
+    }
+    if want("unread") {
+        println!("{}", bench::unread::writes_per_message(10_000)?.render());
+        println!("{}", bench::unread::both_sources(2_000)?.render());
     }
     // Before the figures that leave large changelogs for the broker to compact.
     match &args.brokers {

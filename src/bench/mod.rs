@@ -16,6 +16,7 @@
 //! Figures are printed, never asserted: this machine is shared and noisy.
 
 pub mod startup;
+pub mod unread;
 pub mod versus;
 
 use std::time::{Duration, Instant};

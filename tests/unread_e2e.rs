@@ -34,7 +34,9 @@ use readstate::topology::compile;
 const PARTS: i32 = 4;
 
 struct Env {
-    mock: MockCluster<'static, DefaultProducerContext>,
+    /// The in-process broker; `None` on the real Apache Kafka of `scripts/test`.
+    _mock: Option<MockCluster<'static, DefaultProducerContext>>,
+    brokers: String,
     app: String,
     t: ChatTopics,
     state: tempfile::TempDir,
@@ -42,26 +44,44 @@ struct Env {
 
 impl Env {
     fn new(message_partitions: i32) -> Self {
+        let mock = MockCluster::new(1).unwrap();
+        let env = Self::on(mock.bootstrap_servers(), Some(mock));
+        let mock = env._mock.as_ref().expect("mock");
+        // The mock broker does not answer CreateTopics: every topic is made here.
+        for t in [&env.t.reads, &env.t.updates, &env.t.heads] {
+            mock.create_topic(t, PARTS, 1).unwrap();
+        }
+        mock.create_topic(&env.t.messages, message_partitions, 1)
+            .unwrap();
+        let changelog = format!("{}-read-state-changelog", env.app);
+        mock.create_topic(&changelog, PARTS, 1).unwrap();
+        mock.create_topic(&format!("{}-dlq", env.app), 1, 1)
+            .unwrap();
+        env
+    }
+
+    /// On the real broker: only the two source topics exist; readstate creates its
+    /// changelog, dead-letter and output topics through the admin API.
+    fn real() -> Self {
+        let brokers = std::env::var("READSTATE_TEST_KAFKA").expect(
+            "READSTATE_TEST_KAFKA is not set: run scripts/test, which starts a private Apache Kafka",
+        );
+        let env = Self::on(brokers, None);
+        for t in [&env.t.reads, &env.t.messages] {
+            kafka::create_topic(&env.brokers, t, PARTS, &[]);
+        }
+        env
+    }
+
+    fn on(brokers: String, mock: Option<MockCluster<'static, DefaultProducerContext>>) -> Self {
         let s = suffix();
-        let env = Env {
-            mock: MockCluster::new(1).unwrap(),
+        Env {
+            _mock: mock,
+            brokers,
             app: format!("unread-{s}"),
             t: ChatTopics::new(&s),
             state: tempfile::tempdir().unwrap(),
-        };
-        // The mock broker does not answer CreateTopics: every topic is made here.
-        for t in [&env.t.reads, &env.t.updates, &env.t.heads] {
-            env.mock.create_topic(t, PARTS, 1).unwrap();
         }
-        env.mock
-            .create_topic(&env.t.messages, message_partitions, 1)
-            .unwrap();
-        let changelog = format!("{}-read-state-changelog", env.app);
-        env.mock.create_topic(&changelog, PARTS, 1).unwrap();
-        env.mock
-            .create_topic(&format!("{}-dlq", env.app), 1, 1)
-            .unwrap();
-        env
     }
 
     fn topology_text(&self, state_dir: &std::path::Path) -> String {
@@ -72,7 +92,7 @@ impl Env {
         let topology = compile(&self.topology_text(state_dir)).unwrap();
         let mut cfg = RunConfig::new(
             topology,
-            KafkaSettings::new(self.mock.bootstrap_servers()),
+            KafkaSettings::new(self.brokers.clone()),
             Arc::new(LocalRegistry::new()),
         );
         cfg.state_dir = state_dir.to_path_buf();
@@ -80,13 +100,13 @@ impl Env {
     }
 
     fn produce(&self, events: &[ChatEvent]) {
-        produce(&self.mock.bootstrap_servers(), &self.t, events);
+        produce(&self.brokers.clone(), &self.t, events);
     }
 
     /// Wait (bounded) until the outputs show every pointer and every message: each key's
     /// last receipt has the oracle's pointer, each conversation's last head its count.
     fn await_outputs(&self, w: &ChatWorkload) -> (Vec<ReceiptUpdate>, Vec<HeadUpdate>) {
-        let brokers = self.mock.bootstrap_servers();
+        let brokers = self.brokers.clone();
         let reg = Arc::new(LocalRegistry::new());
         let mut dec = UpdateDecoder::new(reg.clone(), RECEIPT_UPDATE_SCHEMA).unwrap();
         let mut hdec = HeadDecoder::new(reg, CONVERSATION_HEAD_SCHEMA).unwrap();
@@ -241,7 +261,17 @@ fn spec(seed: u64) -> ChatSpec {
 
 #[test]
 fn instances_joining_and_leaving_keep_every_count_exact() {
-    let env = Env::new(PARTS);
+    instances_joining_and_leaving(Env::new(PARTS));
+}
+
+/// The same on Apache Kafka: topics created by readstate, a compacted changelog, the
+/// group coordinator's real range assignment.
+#[test]
+fn real_broker_instances_joining_and_leaving_keep_every_count_exact() {
+    instances_joining_and_leaving(Env::real());
+}
+
+fn instances_joining_and_leaving(env: Env) {
     let w = generate(&spec(11));
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let chunks: Vec<&[ChatEvent]> = w.arrivals.chunks(w.arrivals.len() / 3 + 1).collect();
@@ -250,7 +280,7 @@ fn instances_joining_and_leaving_keep_every_count_exact() {
     let b = launch(env.config(dir_b.path()));
     env.produce(chunks[1]);
     kafka::read_until(
-        &env.mock.bootstrap_servers(),
+        &env.brokers.clone(),
         &env.t.updates,
         |_| (),
         |d: &[()]| d.len() >= 50,
@@ -279,7 +309,7 @@ fn kill_9_mid_stream_then_restart_keeps_every_count_exact() {
         std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
             .args(["run", "--local-schemas", "--topology"])
             .arg(&file)
-            .env("KAFKA_BROKERS", env.mock.bootstrap_servers())
+            .env("KAFKA_BROKERS", env.brokers.clone())
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -289,7 +319,7 @@ fn kill_9_mid_stream_then_restart_keeps_every_count_exact() {
     env.produce(first);
     let mut child = spawn();
     kafka::read_until(
-        &env.mock.bootstrap_servers(),
+        &env.brokers.clone(),
         &env.t.heads,
         |_| (),
         |d: &[()]| d.len() >= 20,

@@ -5,6 +5,8 @@
 //! partition retention never drops unread data), `run` and the PostgreSQL sink as threads,
 //! then a check that every row in PostgreSQL equals the generator's max and count per key.
 
+pub mod unread;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -223,6 +225,21 @@ async fn table_rows(url: &str) -> Result<HashMap<StateKey, (i64, i64)>, DemoErro
         .collect())
 }
 
+/// Drop and create database `db` on the server of `url`; the URL of the new database.
+fn fresh_database(rt: &tokio::runtime::Runtime, url: &str, db: &str) -> Result<String, DemoError> {
+    if db.is_empty() || !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(DemoError::Other(format!(
+            "{db:?} is not a plain database name"
+        )));
+    }
+    rt.block_on(admin(
+        url,
+        &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+    ))?;
+    rt.block_on(admin(url, &format!("CREATE DATABASE {db}")))?;
+    Ok(with_database(url, db))
+}
+
 /// Create topics through the admin API (a real broker).
 fn create_topics(
     brokers: &str,
@@ -255,17 +272,7 @@ pub fn run_demo(cfg: DemoConfig) -> Result<DemoReport, DemoError> {
 
     // PostgreSQL: a fresh database.
     let db = &cfg.database_name;
-    if db.is_empty() || !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err(DemoError::Other(format!(
-            "{db:?} is not a plain database name"
-        )));
-    }
-    let demo_url = with_database(&cfg.database_url, db);
-    rt.block_on(admin(
-        &cfg.database_url,
-        &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
-    ))?;
-    rt.block_on(admin(&cfg.database_url, &format!("CREATE DATABASE {db}")))?;
+    let demo_url = fresh_database(&rt, &cfg.database_url, db)?;
     let table = PostgresTable::connect(&demo_url, "read_receipts", 2, Duration::from_secs(30))?;
     rt.block_on(table.migrate())?;
     eprintln!("==> PostgreSQL database {db} migrated");

@@ -226,6 +226,18 @@ struct DemoArgs {
     /// processing_guarantee = "exactly_once_v2" instead of "at_least_once".
     #[arg(long)]
     exactly_once: bool,
+    /// Messages and reads together (topologies/read_state_with_unread.toml's shape): checks
+    /// every member's unread and mention counts in PostgreSQL (database
+    /// readstate_demo_unread) against the generator; embedded broker only.
+    #[arg(long, conflicts_with_all = ["brokers", "exactly_once"])]
+    unread: bool,
+    /// With --unread: conversations (each of 2 to --unread-max-members members, up to
+    /// 300 messages).
+    #[arg(long, default_value_t = 300)]
+    unread_conversations: u64,
+    /// With --unread: the largest conversation's members.
+    #[arg(long, default_value_t = 300)]
+    unread_max_members: u64,
 }
 
 #[derive(clap::Args)]
@@ -618,6 +630,23 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn demo_command(args: DemoArgs) -> anyhow::Result<bool> {
+    if args.unread {
+        use readstate::demo::unread::{run_unread_demo, UnreadDemoConfig};
+        let report = run_unread_demo(UnreadDemoConfig {
+            spec: readstate::loadgen::chat::ChatSpec {
+                seed: args.workload.seed,
+                conversations: args.unread_conversations,
+                max_members: args.unread_max_members,
+                max_messages: 300,
+                ..Default::default()
+            },
+            partitions: args.partitions,
+            database_url: args.database_url,
+            database_name: "readstate_demo_unread".into(),
+        })?;
+        print!("{}", report.render());
+        return Ok(report.pass());
+    }
     let report = readstate::demo::run_demo(readstate::demo::DemoConfig {
         spec: args.workload.spec(),
         partitions: args.partitions,

@@ -165,3 +165,33 @@ fn postgres_counts_of_every_member_equal_the_oracle_with_one_row_per_conversatio
         .get(0);
     assert_eq!(heads, w.messages.len() as i64, "one row per conversation");
 }
+
+/// `readstate demo --unread`: messages and reads through both sinks; PASS means every
+/// member's counts in PostgreSQL equal the generator's.
+#[test]
+fn the_unread_demo_passes() {
+    use readstate::demo::unread::{run_unread_demo, UnreadDemoConfig};
+    let admin = std::env::var("READSTATE_TEST_DATABASE_URL").expect(
+        "READSTATE_TEST_DATABASE_URL is not set: run scripts/test, which starts a private PostgreSQL",
+    );
+    let report = run_unread_demo(UnreadDemoConfig {
+        spec: ChatSpec {
+            seed: 5,
+            conversations: 60,
+            max_members: 200,
+            max_messages: 200,
+            ..Default::default()
+        },
+        partitions: 4,
+        database_url: admin,
+        database_name: format!("rs_unread_demo_{}", suffix()),
+    })
+    .expect("the demo runs");
+    print!("{}", report.render());
+    assert!(report.pass(), "demo FAILED");
+    assert_eq!(report.head_rows, 60);
+    assert!(
+        report.members > 2_000 && report.messages > 2_000,
+        "{report:?}"
+    );
+}

@@ -348,3 +348,102 @@ fn a_message_topic_with_another_partition_count_is_refused_by_name() {
         "{msg}"
     );
 }
+
+/// `readstate run` as a child process with its own state directory, a short session
+/// timeout, and its log in `<state_dir>/readstate.log`.
+fn spawn_in(env: &Env, file: &std::path::Path, state_dir: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
+        .args(["run", "--local-schemas", "--topology"])
+        .arg(file)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args([
+            "-X",
+            "session.timeout.ms=6000",
+            "-X",
+            "heartbeat.interval.ms=500",
+        ])
+        .env("KAFKA_BROKERS", &env.brokers)
+        .env("RUST_LOG", "warn,readstate::runtime::stream_thread=info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(state_dir.join("readstate.log")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig}");
+}
+
+fn wait_log(path: &std::path::Path, needle: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::fs::read_to_string(path).is_ok_and(|l| l.contains(needle)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never said {needle:?}",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A paused past its session timeout while B takes its tasks over, then resumed: A must
+/// learn it lost them (closing them dirty), and the counts stay exact. The final state is
+/// checked in a third instance that restores every task from the changelog.
+#[test]
+fn sigstop_past_the_session_timeout_then_sigcont_keeps_every_count_exact() {
+    let env = Env::new(PARTS);
+    let w = generate(&spec(13));
+    let file = env.state.path().join("topology.toml");
+    std::fs::write(&file, env.topology_text(env.state.path())).unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let n = w.arrivals.len();
+    let cuts = [n / 3, 2 * n / 3];
+    let mut a = spawn_in(&env, &file, dir_a.path());
+    env.produce(&w.arrivals[..cuts[0]]);
+    env.await_outputs(&w.prefix(cuts[0]));
+    let mut b = spawn_in(&env, &file, dir_b.path());
+    wait_log(
+        &dir_b.path().join("readstate.log"),
+        "assigned partitions=[(",
+    );
+    signal(&a, "STOP");
+    env.produce(&w.arrivals[cuts[0]..cuts[1]]);
+    // Only reachable once B owns A's tasks too (A's session timed out).
+    let stopped_at = std::time::Instant::now();
+    env.await_outputs(&w.prefix(cuts[1]));
+    let taken_over = stopped_at.elapsed();
+    signal(&a, "CONT");
+    env.produce(&w.arrivals[cuts[1]..]);
+    let (updates, _) = env.await_outputs(&w);
+    terminate(&mut a);
+    terminate(&mut b);
+    assert!(
+        taken_over >= std::time::Duration::from_secs(3),
+        "B took A's tasks only after A's session timed out ({taken_over:?})"
+    );
+    let log_a = std::fs::read_to_string(dir_a.path().join("readstate.log")).unwrap();
+    assert!(
+        log_a.contains("tasks lost"),
+        "A closed its lost tasks dirty:\n{log_a}"
+    );
+    check_receipts(&updates, &w);
+    // A fresh instance restores every task (heads included) from the changelog.
+    let dir_c = tempfile::tempdir().unwrap();
+    let cfg = env.config(dir_c.path());
+    let health = cfg.health.clone();
+    let c = launch(cfg);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while !health.is_ready() {
+        assert!(std::time::Instant::now() < deadline, "C restored in time");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let sc = c.stop();
+    assert!(sc.restored_records > 0, "{sc:?}");
+    check_stored_counts(&dir_c.path().join(&env.app), &w);
+}

@@ -100,6 +100,34 @@ impl ChatWorkload {
         c
     }
 
+    /// The workload as far as its first `n` arrivals: what must hold once they are in.
+    pub fn prefix(&self, n: usize) -> ChatWorkload {
+        let arrivals = self.arrivals[..n.min(self.arrivals.len())].to_vec();
+        let mut w = ChatWorkload {
+            members: self.members.clone(),
+            ..Default::default()
+        };
+        let mut seen: std::collections::HashSet<(ConversationId, i64)> = Default::default();
+        for e in &arrivals {
+            match e {
+                ChatEvent::Message(m) => {
+                    if seen.insert((m.conversation_id, m.message_seq)) {
+                        w.messages
+                            .entry(m.conversation_id)
+                            .or_default()
+                            .push(m.clone());
+                    }
+                }
+                ChatEvent::Read(r) => {
+                    let p = w.pointers.entry(r.key()).or_insert(-1);
+                    *p = (*p).max(r.message_seq);
+                }
+            }
+        }
+        w.arrivals = arrivals;
+        w
+    }
+
     /// Messages after `reader`'s pointer, own ones included (how far behind the head).
     pub fn behind(&self, conversation: ConversationId, reader: ReaderId) -> usize {
         let key = StateKey {
@@ -284,5 +312,10 @@ mod tests {
             .filter(|e| matches!(e, ChatEvent::Message(_)))
             .count();
         assert!(delivered > total, "some messages are delivered twice");
+        let whole = w.prefix(w.arrivals.len());
+        assert_eq!(whole.pointers, w.pointers);
+        let total_prefix: usize = whole.messages.values().map(Vec::len).sum();
+        assert_eq!(total_prefix, total);
+        assert!(w.prefix(10).pointers.len() <= 10);
     }
 }

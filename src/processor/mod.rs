@@ -3,6 +3,7 @@
 //! [`read_state::ReadStateProcessor`] is the read-pointer processor of the
 //! `read-state` topology node.
 
+pub mod punctuation;
 pub mod read_state;
 pub mod unread;
 

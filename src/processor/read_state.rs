@@ -13,8 +13,8 @@
 //!   after a restart.
 
 use compact_str::CompactString;
-use hashbrown::HashMap;
 
+use super::punctuation::DueQueue;
 use super::unread::{Heads, MessageStats};
 use super::ProcessorError;
 use crate::ids::{ConversationId, Origin};
@@ -98,7 +98,7 @@ pub struct ReadStateProcessor {
     store: Box<dyn KeyValueStore>,
     cache: RecordCache,
     /// Keys with an advance held back by the emit interval, and when their slot opens.
-    pending: HashMap<StateKey, i64>,
+    pending: DueQueue<StateKey>,
     policy: EmitPolicy,
     stats: ProcessStats,
     /// Conversation heads, when the topology has a message source.
@@ -115,7 +115,7 @@ impl ReadStateProcessor {
         let mut p = Self {
             store,
             cache: RecordCache::new(cache_capacity),
-            pending: HashMap::new(),
+            pending: DueQueue::new(),
             policy,
             stats: ProcessStats::default(),
             heads: None,
@@ -227,16 +227,8 @@ impl ReadStateProcessor {
         for key in &dirty {
             self.flush_key(*key, now_ms, &mut out);
         }
-        if !self.pending.is_empty() {
-            let due: Vec<StateKey> = self
-                .pending
-                .iter()
-                .filter(|(_, at)| **at <= now_ms)
-                .map(|(k, _)| *k)
-                .collect();
-            for key in due {
-                self.flush_key(key, now_ms, &mut out);
-            }
+        for key in self.pending.due(now_ms) {
+            self.flush_key(key, now_ms, &mut out);
         }
         self.stats.updates_emitted += out.updates.len() as u64;
         out
@@ -259,10 +251,10 @@ impl ReadStateProcessor {
                 state.last_emit_ms = now_ms;
                 state.events_since_emit = 0;
                 state.stale_since_emit = 0;
-                if self.pending.remove(&key).is_some() {
+                if self.pending.remove(&key) {
                     out.batch.delete(StoreKey::pending(key).as_bytes());
                 }
-            } else if self.pending.insert(key, due).is_none() {
+            } else if self.pending.insert(key, due) {
                 out.batch.put(StoreKey::pending(key).as_bytes(), b"");
             }
         }
@@ -285,7 +277,8 @@ impl ReadStateProcessor {
             self.store.write(batch)?;
         }
         self.stats.flushes += 1;
-        self.cache.end_flush(&self.pending);
+        let pending = &self.pending;
+        self.cache.end_flush(|k| pending.contains(k));
         if let Some(heads) = &mut self.heads {
             heads.end_flush(self.pending.keys().map(|k| k.conversation));
         }

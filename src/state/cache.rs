@@ -158,7 +158,7 @@ impl RecordCache {
 
     /// Called after a flush: start a new epoch and shrink to capacity, never dropping a
     /// dirty or pinned key.
-    pub fn end_flush(&mut self, pinned: &HashMap<StateKey, i64>) {
+    pub fn end_flush(&mut self, pinned: impl Fn(&StateKey) -> bool) {
         let current = self.epoch;
         self.epoch += 1;
         if self.entries.len() <= self.capacity {
@@ -174,7 +174,7 @@ impl RecordCache {
             self.entries.retain(|k, e| {
                 if excess == 0
                     || e.dirty
-                    || pinned.contains_key(k)
+                    || pinned(k)
                     || (only_untouched && e.touched_epoch == current)
                 {
                     return true;
@@ -231,13 +231,13 @@ mod tests {
         let store = InMemoryStore::new("s".into());
         let mut c = RecordCache::new(10);
         c.ensure_loaded((0..8).map(k), &store).unwrap();
-        c.end_flush(&HashMap::new());
+        c.end_flush(|_| false);
         assert_eq!(c.len(), 8);
         c.set_capacity(3);
         c.ensure_loaded([k(9)].into_iter(), &store).unwrap();
         c.get_mut_dirty(&k(9)).unwrap();
         c.take_dirty();
-        c.end_flush(&HashMap::new());
+        c.end_flush(|_| false);
         assert_eq!(c.len(), 3);
         assert!(c.get(&k(9)).is_some(), "the key touched last stays");
     }
@@ -249,14 +249,14 @@ mod tests {
         let mut pinned = HashMap::new();
         pinned.insert(k(0), 0);
         c.ensure_loaded((0..5).map(k), &store).unwrap();
-        c.end_flush(&pinned);
+        c.end_flush(|k| pinned.contains_key(k));
         assert_eq!(c.len(), 2, "shrunk to capacity");
         assert!(c.get(&k(0)).is_some(), "pinned survives");
         // Next interval touches key 4 only: the untouched ones go first.
         c.ensure_loaded([k(4)].into_iter(), &store).unwrap();
         c.get_mut_dirty(&k(4)).unwrap();
         c.take_dirty();
-        c.end_flush(&pinned);
+        c.end_flush(|k| pinned.contains_key(k));
         assert_eq!(c.len(), 2);
         assert!(c.get(&k(0)).is_some());
         assert!(c.get(&k(4)).is_some());

@@ -15,7 +15,7 @@
 use compact_str::CompactString;
 
 use super::punctuation::DueQueue;
-use super::unread::{Heads, MessageStats};
+use super::unread::{positions_budget, Heads, MessageStats};
 use super::ProcessorError;
 use crate::ids::{ConversationId, Origin};
 use crate::model::{EventRef, HeadUpdate, MessageEvent, ReceiptUpdate, StateKey, UnreadCounts};
@@ -127,8 +127,8 @@ impl ReadStateProcessor {
     /// Keep conversation heads (message source): receipt updates carry unread and mention
     /// counts, each head keeping `cap` recent positions.
     pub fn enable_unread(&mut self, cap: usize) -> Result<(), ProcessorError> {
-        let capacity = (self.cache.capacity() / 16).max(256);
-        self.heads = Some(Heads::new(cap, capacity));
+        let budget = positions_budget(self.cache.capacity(), cap);
+        self.heads = Some(Heads::new(cap, budget));
         self.reload_pending()
     }
 
@@ -383,6 +383,9 @@ impl ReadStateProcessor {
 
     pub fn set_cache_capacity(&mut self, entries: usize) {
         self.cache.set_capacity(entries);
+        if let Some(h) = &mut self.heads {
+            h.set_budget(positions_budget(entries, h.cap()));
+        }
     }
 
     pub fn dirty_len(&self) -> usize {

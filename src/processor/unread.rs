@@ -19,6 +19,14 @@ use crate::state::{KeyValueStore, StoreBatch, StoreError};
 /// `unread_cap`): counts are exact for pointers up to this many messages behind the head.
 pub const DEFAULT_UNREAD_CAP: usize = 1000;
 
+/// The heads' memory budget for a task whose record cache holds `cache_entries` read
+/// states: a window position (~56 bytes with its mentions) costs about a quarter of a cached
+/// read state (~200 bytes), so the heads may hold up to as much again as the cache, and at
+/// least four full windows.
+pub fn positions_budget(cache_entries: usize, cap: usize) -> usize {
+    cache_entries.saturating_mul(4).max(cap.saturating_mul(4))
+}
+
 /// Counters of what message folding did; monotone over the task's life.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MessageStats {
@@ -37,24 +45,36 @@ pub struct Heads {
     cap: usize,
     entries: HashMap<ConversationId, ConversationHead>,
     dirty: HashSet<ConversationId>,
-    /// Heads kept between flushes; beyond it the clean ones are dropped after a flush.
-    capacity: usize,
+    /// Window positions (summed over the cached heads) kept between flushes; beyond it
+    /// the unpinned heads are dropped after a flush. Sized from the task's record-cache
+    /// share ([`positions_budget`]).
+    budget: usize,
     stats: MessageStats,
 }
 
 impl Heads {
-    pub fn new(cap: usize, capacity: usize) -> Self {
+    pub fn new(cap: usize, budget: usize) -> Self {
         Self {
             cap: cap.max(1),
             entries: HashMap::new(),
             dirty: HashSet::new(),
-            capacity: capacity.max(1),
+            budget: budget.max(1),
             stats: MessageStats::default(),
         }
     }
 
     pub fn cap(&self) -> usize {
         self.cap
+    }
+
+    /// Follow the task's record-cache share (see [`positions_budget`]).
+    pub fn set_budget(&mut self, positions: usize) {
+        self.budget = positions.max(1);
+    }
+
+    /// Window positions held by the cached heads.
+    pub fn positions(&self) -> usize {
+        self.entries.values().map(|h| h.window.len() + 1).sum()
     }
 
     pub fn stats(&self) -> MessageStats {
@@ -162,10 +182,10 @@ impl Heads {
         }
     }
 
-    /// After a committed flush: beyond `capacity` heads, drop all but the `pinned` ones
+    /// After a committed flush: beyond the budget, drop all but the `pinned` heads
     /// (conversations with an emit held back, whose flush will need their head).
     pub fn end_flush(&mut self, pinned: impl Iterator<Item = ConversationId>) {
-        if self.entries.len() > self.capacity {
+        if self.positions() > self.budget {
             let keep: HashSet<ConversationId> = pinned.collect();
             self.entries.retain(|c, _| keep.contains(c));
         }
@@ -183,5 +203,54 @@ impl Heads {
 
     pub fn dirty_len(&self) -> usize {
         self.dirty.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::SenderId;
+    use crate::state::memory::InMemoryStore;
+
+    #[test]
+    fn heads_beyond_the_budget_are_dropped_after_a_flush_except_pinned_ones() {
+        let store = InMemoryStore::new("s".into());
+        let mut heads = Heads::new(10, 5);
+        let msgs: Vec<(MessageEvent, Origin)> = (0..9)
+            .map(|i| {
+                let m = MessageEvent {
+                    conversation_id: ConversationId(i % 3),
+                    message_seq: i,
+                    sender_id: SenderId(1),
+                    ..Default::default()
+                };
+                (
+                    m,
+                    Origin {
+                        source: 1,
+                        offset: i,
+                    },
+                )
+            })
+            .collect();
+        heads.process(&msgs, &store).unwrap();
+        assert_eq!(
+            heads.positions(),
+            12,
+            "3 heads of 3 positions, plus one each"
+        );
+        let mut batch = StoreBatch::default();
+        let (mut changelog, mut updates) = (Vec::new(), Vec::new());
+        heads.flush(0, &mut batch, &mut changelog, &mut updates);
+        assert_eq!((changelog.len(), updates.len()), (3, 3));
+        heads.end_flush([ConversationId(1)].into_iter());
+        assert!(heads.get(ConversationId(1)).is_some(), "pinned");
+        assert!(heads.get(ConversationId(0)).is_none() && heads.get(ConversationId(2)).is_none());
+        heads.set_budget(100);
+        heads.end_flush(std::iter::empty());
+        assert!(
+            heads.get(ConversationId(1)).is_some(),
+            "within the budget: kept"
+        );
     }
 }

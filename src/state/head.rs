@@ -116,15 +116,24 @@ impl ConversationHead {
         self.message_count += 1;
         self.version += 1;
         self.head_seq = self.head_seq.max(m.message_seq);
-        self.evict(cap);
+        self.evict(cap, !m.mentions.is_empty());
         MessageFold::Counted
     }
 
-    /// Drop the oldest positions beyond `cap` (at least one is kept).
-    fn evict(&mut self, cap: usize) {
+    /// Drop the oldest positions beyond `cap`, and (after a message with mentions) while
+    /// the window's mentions exceed [`mention_budget`]; the newest position always stays.
+    fn evict(&mut self, cap: usize, mentioned: bool) {
         let cap = cap.max(1);
-        if self.window.len() > cap {
-            let n = self.window.len() - cap;
+        let mut n = self.window.len().saturating_sub(cap);
+        if mentioned {
+            let budget = mention_budget(cap);
+            let mut total: usize = self.window[n..].iter().map(|p| p.mentions.len()).sum();
+            while total > budget && n + 1 < self.window.len() {
+                total -= self.window[n].mentions.len();
+                n += 1;
+            }
+        }
+        if n > 0 {
             self.floor_seq = self.floor_seq.max(self.window[n - 1].seq);
             self.window.drain(..n);
         }
@@ -275,6 +284,12 @@ impl ConversationHead {
 
 const FORMAT_V1: u8 = 1;
 
+/// The most mentioned users a window keeps (bounding a head's memory when messages name
+/// many users): four per position, and at least one message's worth.
+pub fn mention_budget(cap: usize) -> usize {
+    cap.saturating_mul(4).max(crate::model::MAX_MENTIONS)
+}
+
 /// Zigzag varints, as Avro's longs.
 use crate::serde::fast::put_long as put_var;
 
@@ -353,6 +368,23 @@ mod tests {
         assert_eq!((c(13).unread, c(13).mentions), (0, 0));
         assert!(!c(-1).capped);
         assert_eq!((h.head_seq, h.message_count, h.version), (13, 4, 4));
+    }
+
+    #[test]
+    fn many_mentions_shrink_the_window_instead_of_growing_the_head() {
+        let mut h = ConversationHead::default();
+        let many: Vec<i64> = (0..600).collect();
+        for (i, seq) in [1, 2, 3].into_iter().enumerate() {
+            h.fold(&msg(seq, 1, &many, false), at(i as i64), 10);
+        }
+        // Budget max(40, 1000): two messages of 600 mentions do not fit.
+        assert_eq!(h.window.len(), 1);
+        assert_eq!(h.floor_seq, 2);
+        assert!(
+            h.counts(ReaderId(5), 0).capped,
+            "readers behind the floor are capped"
+        );
+        assert_eq!(h.counts(ReaderId(5), 2).mentions, 1);
     }
 
     #[test]

@@ -125,6 +125,10 @@ final class ReadStateProcessor implements Processor<byte[], byte[], byte[], byte
             u.put("events_total", s.events);
             u.put("stale_total", s.stale);
             u.put("emitted_at", now);
+            // As readstate's read_receipts topology: no message source, no counts.
+            u.put("unread_count", null);
+            u.put("mention_count", null);
+            u.put("counts_capped", false);
             byte[] value = encode(u);
             byte[] outKey = Long.toString(conversation).getBytes(StandardCharsets.UTF_8);
             context.forward(new Record<>(outKey, value, now));

@@ -10,6 +10,7 @@ import java.util.concurrent.CountDownLatch;
 import org.apache.avro.Schema;
 import org.apache.kafka.common.serialization.Serdes;
 import org.apache.kafka.streams.KafkaStreams;
+import org.apache.kafka.streams.errors.StreamsUncaughtExceptionHandler;
 import org.apache.kafka.streams.StreamsConfig;
 import org.apache.kafka.streams.Topology;
 import org.apache.kafka.streams.state.Stores;
@@ -63,12 +64,27 @@ public final class ReadStateStreams {
 
         KafkaStreams streams = new KafkaStreams(t, p);
         CountDownLatch stopped = new CountDownLatch(1);
+        // A stream thread that dies takes the whole client down, and the process exits 1,
+        // so that whoever waits for it (readstate bench) learns at once instead of hanging.
+        streams.setUncaughtExceptionHandler(e -> {
+            e.printStackTrace();
+            return StreamsUncaughtExceptionHandler.StreamThreadExceptionResponse.SHUTDOWN_CLIENT;
+        });
+        streams.setStateListener((now, before) -> {
+            if (now == KafkaStreams.State.ERROR) {
+                stopped.countDown();
+            }
+        });
         Runtime.getRuntime().addShutdownHook(new Thread(() -> {
             streams.close(Duration.ofSeconds(30));
             stopped.countDown();
         }));
         streams.start();
         stopped.await();
+        if (streams.state() == KafkaStreams.State.ERROR) {
+            System.err.println("kafka streams stopped in state ERROR");
+            Runtime.getRuntime().halt(1);
+        }
     }
 
     private static Map<String, String> parse(String[] args) {

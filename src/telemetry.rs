@@ -73,6 +73,8 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("readstate_dead_letters_total", Kind::Counter, "Records sent to the dead-letter topic, by reason."),
     ("readstate_bad_record_stops_total", Kind::Counter, "Instance stops by on_bad_record = fail or by the dead-letter circuit breaker."),
     ("readstate_updates_emitted_total", Kind::Counter, "Coalesced updates produced to the output topic."),
+    ("readstate_messages_folded_total", Kind::Counter, "Message events folded into conversation heads, by result (counted, duplicate, late: below the window)."),
+    ("readstate_head_updates_emitted_total", Kind::Counter, "Conversation-head updates produced to the conversation-heads topic."),
     ("readstate_repartition_records_total", Kind::Counter, "Records forwarded to a repartition topic."),
     ("readstate_repartition_purges_total", Kind::Counter, "DeleteRecords requests that removed repartition records below the committed offsets."),
     ("readstate_flush_duration_seconds", Kind::Histogram, "Preparing one task's flush, seconds."),
@@ -112,6 +114,18 @@ pub const DEAD_LETTER_REASONS: &[&str] = &[
     "rejected_by_database",
 ];
 
+/// Label values of `readstate_messages_folded_total{result}`.
+pub const MESSAGE_RESULTS: &[&str] = &["counted", "duplicate", "late"];
+
+/// The bounded label of a labelled counter, with its values (registered at zero).
+fn counter_labels(name: &str) -> Option<(&'static str, &'static [&'static str])> {
+    match name {
+        "readstate_dead_letters_total" => Some(("reason", DEAD_LETTER_REASONS)),
+        "readstate_messages_folded_total" => Some(("result", MESSAGE_RESULTS)),
+        _ => None,
+    }
+}
+
 /// Describe every metric, register the counters at zero and set `readstate_build_info`.
 fn register_all() {
     for (name, kind, help) in METRICS {
@@ -119,12 +133,13 @@ fn register_all() {
         match kind {
             Kind::Counter => {
                 metrics::describe_counter!(name, *help);
-                if name == "readstate_dead_letters_total" {
-                    for r in DEAD_LETTER_REASONS {
-                        metrics::counter!(name, "reason" => *r).increment(0);
+                match counter_labels(name) {
+                    Some((label, values)) => {
+                        for v in values {
+                            metrics::counter!(name, label => *v).increment(0);
+                        }
                     }
-                } else {
-                    metrics::counter!(name).increment(0);
+                    None => metrics::counter!(name).increment(0),
                 }
             }
             Kind::Gauge => metrics::describe_gauge!(name, *help),

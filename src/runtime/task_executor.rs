@@ -722,6 +722,20 @@ impl TaskManager {
             metrics::counter!("readstate_events_replayed_skipped_total")
                 .increment(d(s.replayed, t.reported.replayed));
             t.reported = s;
+            if let Some(m) = t.task.processor().message_stats() {
+                let was = t.reported_messages;
+                for (result, now, before) in [
+                    ("counted", m.counted, was.counted),
+                    ("duplicate", m.duplicates, was.duplicates),
+                    ("late", m.late, was.late),
+                ] {
+                    metrics::counter!("readstate_messages_folded_total", "result" => result)
+                        .increment(d(now, before));
+                }
+                metrics::counter!("readstate_events_replayed_skipped_total")
+                    .increment(d(m.replayed, was.replayed));
+                t.reported_messages = m;
+            }
             total.folded += s.folded;
             total.replayed += s.replayed;
             let id = t.task.id().to_string();

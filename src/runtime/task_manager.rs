@@ -48,6 +48,7 @@ pub(super) struct RunningTask {
     pub(super) task: StreamTask,
     /// Stats already turned into metrics.
     pub(super) reported: ProcessStats,
+    pub(super) reported_messages: crate::processor::MessageStats,
 }
 
 /// Sub-topology 0 of a repartitioned topology: source partitions whose records are
@@ -448,6 +449,7 @@ impl TaskManager {
             RunningTask {
                 task: StreamTask::new(id, processor),
                 reported: Default::default(),
+                reported_messages: Default::default(),
             },
         );
         self.summary.tasks_opened += 1;

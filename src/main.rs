@@ -426,8 +426,12 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { file } => match Topology::from_file(&file) {
             Ok(t) => {
+                let messages = match &t.messages {
+                    Some(m) => format!(" + message source {}", m.topic),
+                    None => String::new(),
+                };
                 println!(
-                    "{}: ok (application {}, {} source(s), store {}, output {})",
+                    "{}: ok (application {}, {} source(s){messages}, store {}, output {})",
                     file.display(),
                     t.application_id,
                     t.sources.len(),

@@ -5,6 +5,8 @@ mod common;
 mod fake_registry;
 #[path = "common/kafka.rs"]
 mod kafka;
+#[path = "common/process.rs"]
+mod process;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kafka::{send, suffix};
+use process::{signal, terminate, wait_log};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::Message;
@@ -500,20 +503,6 @@ fn check_output_monotonic(updates: &[ReceiptUpdate], want: &HashMap<StateKey, Ex
     }
 }
 
-/// SIGTERM, and the instance exits 0 after its last flush and commit.
-fn terminate(child: &mut std::process::Child) {
-    let status = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(
-        child.wait().unwrap().success(),
-        "graceful shutdown on SIGTERM"
-    );
-}
-
 fn spawn_cli(env: &Env, topology: &std::path::Path) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
         .args(["run", "--local-schemas", "--topology"])
@@ -769,16 +758,6 @@ fn evolved_writers_through_an_http_registry_that_is_down_at_first() {
 // ---- Faults: the task lifecycle under pauses, failed produces, long restores and
 // registry outages.
 
-/// Send a signal (`STOP`, `CONT`, `TERM`) to a child process.
-fn signal(child: &std::process::Child, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{sig}");
-}
-
 /// `readstate run` as a child process with its own state directory and extra arguments.
 fn spawn_cli_in(
     env: &Env,
@@ -803,19 +782,6 @@ fn spawn_cli_in(
         .stderr(std::fs::File::create(state_dir.join("readstate.log")).unwrap())
         .spawn()
         .unwrap()
-}
-
-/// Wait (bounded) until a child's log has `needle`.
-fn wait_log(path: &std::path::Path, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(path).is_ok_and(|l| l.contains(needle)) {
-        assert!(
-            Instant::now() < deadline,
-            "{} never said {needle:?}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Per key, in changelog order: pointer, version and event count never go down.

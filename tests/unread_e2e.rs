@@ -7,13 +7,16 @@
 mod chat;
 #[path = "common/kafka.rs"]
 mod kafka;
+#[path = "common/process.rs"]
+mod process;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use chat::{produce, terminate, topology_text, ChatTopics};
+use chat::{produce, topology_text, ChatTopics};
 use kafka::suffix;
+use process::{signal, terminate, wait_log};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::Message;
@@ -369,27 +372,6 @@ fn spawn_in(env: &Env, file: &std::path::Path, state_dir: &std::path::Path) -> s
         .stderr(std::fs::File::create(state_dir.join("readstate.log")).unwrap())
         .spawn()
         .unwrap()
-}
-
-fn signal(child: &std::process::Child, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{sig}");
-}
-
-fn wait_log(path: &std::path::Path, needle: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !std::fs::read_to_string(path).is_ok_and(|l| l.contains(needle)) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} never said {needle:?}",
-            path.display()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
 }
 
 /// A paused past its session timeout while B takes its tasks over, then resumed: A must

@@ -11,13 +11,16 @@ mod common;
 mod db;
 #[path = "common/kafka.rs"]
 mod kafka;
+#[path = "common/process.rs"]
+mod process;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use chat::{produce, terminate, topology_text, ChatTopics};
+use chat::{produce, topology_text, ChatTopics};
 use db::Db;
 use kafka::suffix;
+use process::terminate;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use readstate::loadgen::chat::{generate, ChatSpec, ChatWorkload};

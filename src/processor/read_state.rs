@@ -136,10 +136,6 @@ impl ReadStateProcessor {
         self.heads.as_ref().map(Heads::stats)
     }
 
-    pub fn heads(&self) -> Option<&Heads> {
-        self.heads.as_ref()
-    }
-
     /// Fold a batch of message events into their conversations' heads.
     pub fn process_messages(
         &mut self,

@@ -200,10 +200,6 @@ impl Heads {
     pub fn get(&self, conversation: ConversationId) -> Option<&ConversationHead> {
         self.entries.get(&conversation)
     }
-
-    pub fn dirty_len(&self) -> usize {
-        self.dirty.len()
-    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Helpers of the unread-count tests: the topology with a co-partitioned message source,
-//! producing a chat workload to its two topics, stopping a process gracefully.
+//! producing a chat workload to its two topics.
 #![allow(dead_code)]
 
 use std::time::Duration;
@@ -105,18 +105,4 @@ pub fn produce(brokers: &str, t: &ChatTopics, events: &[ChatEvent]) {
         );
     }
     p.flush(Duration::from_secs(30)).unwrap();
-}
-
-/// SIGTERM, and the process exits 0 after its last flush and commit.
-pub fn terminate(child: &mut std::process::Child) {
-    let status = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(
-        child.wait().unwrap().success(),
-        "graceful shutdown on SIGTERM"
-    );
 }

@@ -1,0 +1,36 @@
+//! Child-process helpers of the fault tests: signals, graceful stop, waiting on a log.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+/// Send a signal (`STOP`, `CONT`, `TERM`) to a child process.
+pub fn signal(child: &std::process::Child, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig}");
+}
+
+/// SIGTERM, and the process exits 0 after its last flush and commit.
+pub fn terminate(child: &mut std::process::Child) {
+    signal(child, "TERM");
+    assert!(
+        child.wait().unwrap().success(),
+        "graceful shutdown on SIGTERM"
+    );
+}
+
+/// Wait (bounded) until a child's log has `needle`.
+pub fn wait_log(path: &std::path::Path, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(path).is_ok_and(|l| l.contains(needle)) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never said {needle:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -8,14 +8,17 @@
 //!   `StoreName`, `Origin`, ...).
 //! - [`model`]: the domain records, `ReadEvent` in and `ReceiptUpdate` out.
 //! - [`config`]: topology files as written (TOML), unknown fields collected.
-//! - [`topology`]: compile a spec into a checked `Topology` (every error at once) and
-//!   describe it.
+//! - [`topology`]: compile a spec into a checked `Topology` (every error at once), into the
+//!   graph the runtime routes on (`topology::graph`), and describe it.
 //! - [`serde`]: Avro in the Confluent wire format; the `SchemaResolver` seam (Confluent
 //!   registry or local schemas).
-//! - [`processor`]: the read-state processor: monotonic fold, replay marks, coalescing and
-//!   the minimum emit interval.
-//! - [`state`]: key-value stores (RocksDB, in-memory), the value codec, the record cache.
-//! - [`task`]: one task per input partition: decode, fold, dead letters, flush.
+//! - [`processor`]: the processor API (`Processor`, `ProcessorSupplier`, `ProcessorContext`,
+//!   punctuation from a due-time queue) and its read-state implementation: monotonic fold,
+//!   replay marks, coalescing, the minimum emit interval, conversation heads.
+//! - [`state`]: key-value stores (RocksDB, in-memory), the entry codecs (`EntryCodec`), the
+//!   record cache, restore.
+//! - [`task`]: one task per input partition and its processor over its stores: decode per
+//!   input, dead letters, flush.
 //! - [`kafka`]: client settings (consumer, producer) and internal-topic admin.
 //! - [`runtime`]: `readstate run` in Kafka Streams' roles: the poll loop, the task manager
 //!   (assign, revoke, lost, corrupted, fatal), the commit protocol, the record collector,

@@ -430,12 +430,14 @@ fn main() -> ExitCode {
                     Some(m) => format!(" + message source {}", m.topic),
                     None => String::new(),
                 };
+                let stores: Vec<&str> = t.stores().iter().map(|s| s.name.as_str()).collect();
                 println!(
-                    "{}: ok (application {}, {} source(s){messages}, store {}, output {})",
+                    "{}: ok (application {}, {} source(s){messages}, store{} {}, output {})",
                     file.display(),
                     t.application_id,
                     t.sources.len(),
-                    t.store.name,
+                    if stores.len() > 1 { "s" } else { "" },
+                    stores.join(", "),
                     t.output.topic
                 );
                 ExitCode::SUCCESS

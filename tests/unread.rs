@@ -29,11 +29,14 @@ topic = "messages"
 records = "message-events"
 [[store]]
 name = "read-state"
+[[store]]
+name = "head-state"
 [[processor]]
 name = "read-state"
 kind = "read-state"
 inputs = ["reads", "messages"]
 store = "read-state"
+heads_store = "head-state"
 min_emit_interval = "{min_emit}"
 unread_cap = {cap}
 [[sink]]
@@ -339,10 +342,22 @@ fn a_message_costs_one_write_whatever_the_conversation_size() {
     }
     let stats = d.message_stats();
     assert_eq!(stats.head_writes, 10, "one head write per flush: {stats:?}");
-    let store = d.store(0).unwrap();
+    let stores = d.stores(0);
+    let [state, heads] = stores.as_slice() else {
+        panic!("a read-state and a head-state store: {}", stores.len());
+    };
+    assert_eq!(
+        (state.name().as_str(), heads.name().as_str()),
+        ("read-state", "head-state")
+    );
     assert!(
-        store.scan_prefix(b"s").unwrap().is_empty(),
-        "no per-member state was written"
+        state.scan_prefix(b"").unwrap().is_empty(),
+        "no per-member state was written, and no head in the read-state store"
+    );
+    assert_eq!(
+        heads.scan_prefix(b"h").unwrap().len(),
+        1,
+        "the conversation's head, in its own store"
     );
     // Every member's counts are still known.
     let c = d

@@ -56,8 +56,10 @@ impl Env {
         }
         mock.create_topic(&env.t.messages, message_partitions, 1)
             .unwrap();
-        let changelog = format!("{}-read-state-changelog", env.app);
-        mock.create_topic(&changelog, PARTS, 1).unwrap();
+        for store in ["read-state", "head-state"] {
+            let changelog = format!("{}-{store}-changelog", env.app);
+            mock.create_topic(&changelog, PARTS, 1).unwrap();
+        }
         mock.create_topic(&format!("{}-dlq", env.app), 1, 1)
             .unwrap();
         env
@@ -177,7 +179,8 @@ impl Instance {
     }
 }
 
-/// Heads and pointers from the RocksDB stores under `app_dir`.
+/// Heads and pointers from the RocksDB stores under `app_dir` (each task's `head-state` and
+/// `read-state` stores; each holds only its own entries).
 fn stored(
     app_dir: &std::path::Path,
 ) -> (
@@ -186,12 +189,24 @@ fn stored(
 ) {
     let (mut heads, mut states) = (HashMap::new(), HashMap::new());
     for p in 0..PARTS {
-        let path = app_dir.join(format!("0_{p}")).join("read-state");
-        if !path.exists() {
+        let open = |store: &str| {
+            let path = app_dir.join(format!("0_{p}")).join(store);
+            path.exists().then(|| {
+                RocksDbStore::open(store.into(), &path, &RocksDbOptions::default()).unwrap()
+            })
+        };
+        let (Some(h), Some(s)) = (open("head-state"), open("read-state")) else {
             continue;
-        }
-        let s = RocksDbStore::open("read-state".into(), &path, &RocksDbOptions::default()).unwrap();
-        for (k, v) in s.scan_prefix(b"h").unwrap() {
+        };
+        assert!(
+            h.scan_prefix(b"s").unwrap().is_empty(),
+            "no pointer among the heads"
+        );
+        assert!(
+            s.scan_prefix(b"h").unwrap().is_empty(),
+            "no head among the pointers"
+        );
+        for (k, v) in h.scan_prefix(b"h").unwrap() {
             let (_, key) = StoreKey::decode(&k).unwrap();
             heads.insert(key.conversation, ConversationHead::decode(&v).unwrap());
         }

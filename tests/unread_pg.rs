@@ -108,8 +108,10 @@ fn postgres_counts_of_every_member_equal_the_oracle_with_one_row_per_conversatio
     for name in t.all() {
         mock.create_topic(name, PARTS, 1).unwrap();
     }
-    mock.create_topic(&format!("{app}-read-state-changelog"), PARTS, 1)
-        .unwrap();
+    for store in ["read-state", "head-state"] {
+        mock.create_topic(&format!("{app}-{store}-changelog"), PARTS, 1)
+            .unwrap();
+    }
     mock.create_topic(&format!("{app}-dlq"), 1, 1).unwrap();
     let state = tempfile::tempdir().unwrap();
     let file = state.path().join("topology.toml");

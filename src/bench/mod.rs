@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crate::ids::{Origin, StoreName, TaskId};
 use crate::loadgen::{Generated, Generator, WorkloadSpec};
 use crate::model::ReceiptUpdate;
-use crate::processor::{EmitPolicy, ReadStateProcessor};
+use crate::processor::{EmitPolicy, InputId, ReadStateProcessor};
 use crate::serde::avro::{AvroReadEvent, EventEncoder};
 use crate::serde::registry::LOCAL_READ_EVENT_ID;
 use crate::serde::{EventDecoder, LocalRegistry, READ_EVENT_SCHEMA};
@@ -154,7 +154,7 @@ pub fn core(records: &[Vec<u8>], flush: CoreFlush) -> Result<Figure, BenchError>
     )?;
     let cache = crate::topology::DEFAULT_CACHE_MAX_ENTRIES;
     let processor = ReadStateProcessor::open(Box::new(store), EmitPolicy::default(), cache)?;
-    let mut task = StreamTask::new(TaskId::new(0, 0), processor);
+    let mut task = StreamTask::new(TaskId::new(0, 0), Box::new(processor));
     let mut decoder = EventDecoder::new(std::sync::Arc::new(LocalRegistry::new()))?;
     futures::executor::block_on(decoder.prepare(records.iter().take(1).map(|r| Some(&r[..]))))?;
     let source = Origin::source_id("bench", 0);
@@ -177,20 +177,18 @@ pub fn core(records: &[Vec<u8>], flush: CoreFlush) -> Result<Figure, BenchError>
                 offset: base + i as i64,
             },
         }));
-        task.process(&decoder, &batch, &mut dead)?;
+        task.process_reads(InputId(0), &decoder, &batch, &mut dead)?;
         since_flush += chunk.len();
         let last = base as usize + chunk.len() == records.len();
         let due = match flush {
             CoreFlush::EveryEvents(n) => since_flush >= n,
-            CoreFlush::Interval(d) => {
-                last_flush.elapsed() >= d || task.processor().dirty_len() >= cache / 2
-            }
+            CoreFlush::Interval(d) => last_flush.elapsed() >= d || task.processor().needs_flush(),
         };
         if due || last {
-            let out = task.prepare_flush(0);
+            let mut out = task.prepare_flush(0);
             updates += out.updates.len();
             flushes += 1;
-            task.commit_flush(out.batch, Some(base + chunk.len() as i64))?;
+            task.commit_flush(out.take_batches(), &[Some(base + chunk.len() as i64)])?;
             (last_flush, since_flush) = (Instant::now(), 0);
         }
     }
@@ -690,7 +688,7 @@ pub fn many_keys(keys: u64, cache_entries: usize) -> Result<Vec<Figure>, BenchEr
     let store = RocksDbStore::open(StoreName::from("keys"), &dir.path().join("store"), &opts)?;
     let processor =
         ReadStateProcessor::open(Box::new(store), EmitPolicy::default(), cache_entries)?;
-    let mut task = StreamTask::new(TaskId::new(0, 0), processor);
+    let mut task = StreamTask::new(TaskId::new(0, 0), Box::new(processor));
     let source = Origin::source_id("keys", 0);
     let started = Instant::now();
     let chunk = 100_000u64;
@@ -717,11 +715,13 @@ pub fn many_keys(keys: u64, cache_entries: usize) -> Result<Vec<Figure>, BenchEr
             ));
         }
         done += events.len() as u64;
-        task.process_events(&events)?;
-        let out = task.prepare_flush(0);
-        task.commit_flush(out.batch, Some(done as i64))?;
+        task.process_events(InputId(0), &events)?;
+        let mut out = task.prepare_flush(0);
+        task.commit_flush(out.take_batches(), &[Some(done as i64)])?;
     }
-    task.processor_mut().store_mut().flush()?;
+    for mut store in task.close() {
+        store.flush()?;
+    }
     let secs = started.elapsed().as_secs_f64();
     let disk = dir_size(dir.path());
     let rss = peak_rss_bytes();

@@ -8,28 +8,36 @@ use super::{BenchError, Figure, Target};
 use crate::ids::{ConversationId, Origin, ReaderId, SenderId, StoreName, TaskId};
 use crate::loadgen::chat::{generate, ChatEvent, ChatSpec};
 use crate::model::{MessageEvent, ReadEvent};
-use crate::processor::{EmitPolicy, ReadStateProcessor, DEFAULT_UNREAD_CAP};
+use crate::processor::{EmitPolicy, InputId, ReadStateProcessor, Records, DEFAULT_UNREAD_CAP};
 use crate::serde::avro::{AvroReadEvent, EventEncoder};
 use crate::serde::message::{AvroMessageEvent, MessageEncoder};
 use crate::serde::registry::{LocalRegistry, LOCAL_MESSAGE_EVENT_ID, LOCAL_READ_EVENT_ID};
 use crate::serde::{EventDecoder, MessageDecoder, MESSAGE_EVENT_SCHEMA, READ_EVENT_SCHEMA};
 use crate::state::rocks::{RocksDbOptions, RocksDbStore};
+use crate::state::KeyValueStore;
 use crate::task::{SourceRecord, StreamTask};
 
 const MEMBERS: i64 = 1_000;
 const MENTIONS: usize = 2;
 
+/// A task with the read-state and head-state stores of `read_state_with_unread.toml`.
 fn task(dir: &std::path::Path) -> Result<StreamTask, BenchError> {
-    let store = RocksDbStore::open(
-        StoreName::from("bench"),
-        &dir.join("store"),
-        &RocksDbOptions::default(),
-    )?;
+    let open = |name: &str| -> Result<Box<dyn KeyValueStore>, BenchError> {
+        let store = RocksDbStore::open(
+            StoreName::from(name),
+            &dir.join(name),
+            &RocksDbOptions::default(),
+        )?;
+        Ok(Box::new(store))
+    };
     let cache = crate::topology::DEFAULT_CACHE_MAX_ENTRIES;
-    let mut p = ReadStateProcessor::open(Box::new(store), EmitPolicy::default(), cache)?;
-    p.enable_unread(DEFAULT_UNREAD_CAP)?;
-    Ok(StreamTask::new(TaskId::new(0, 0), p))
+    let mut p = ReadStateProcessor::open(open("read-state")?, EmitPolicy::default(), cache)?;
+    p.enable_unread(DEFAULT_UNREAD_CAP, 4 * cache, open("head-state")?)?;
+    Ok(StreamTask::new(TaskId::new(0, 0), Box::new(p)))
 }
+
+const READS: InputId = InputId(0);
+const MESSAGES: InputId = InputId(1);
 
 fn at(offset: i64) -> Origin {
     Origin { source: 1, offset }
@@ -53,9 +61,9 @@ pub fn writes_per_message(messages: i64) -> Result<Figure, BenchError> {
             (e, at(m))
         })
         .collect();
-    task.process_events(&reads)?;
-    let out = task.prepare_flush(0);
-    task.commit_flush(out.batch, None)?;
+    task.process_events(READS, &reads)?;
+    let mut out = task.prepare_flush(0);
+    task.commit_flush(out.take_batches(), &[])?;
     let (mut writes, mut heads) = (0usize, 0usize);
     let started = Instant::now();
     for i in 1..=messages {
@@ -68,11 +76,11 @@ pub fn writes_per_message(messages: i64) -> Result<Figure, BenchError> {
                 .collect(),
             ..Default::default()
         };
-        task.process_message_events(&[(m, at(MEMBERS + i))])?;
-        let out = task.prepare_flush(0);
+        task.process_decoded(MESSAGES, Records::MessageEvents(&[(m, at(MEMBERS + i))]))?;
+        let mut out = task.prepare_flush(0);
         writes += out.store_writes();
         heads += out.heads.len();
-        task.commit_flush(out.batch, None)?;
+        task.commit_flush(out.take_batches(), &[])?;
     }
     let secs = started.elapsed().as_secs_f64();
     Ok(Figure {
@@ -144,13 +152,13 @@ pub fn both_sources(conversations: u64) -> Result<Figure, BenchError> {
                 })
                 .collect()
         };
-        task.process(&reads_dec, &batch(false), &mut dead)?;
-        task.process_messages(&msgs_dec, &batch(true), &mut dead)?;
+        task.process_reads(READS, &reads_dec, &batch(false), &mut dead)?;
+        task.process_messages(MESSAGES, &msgs_dec, &batch(true), &mut dead)?;
         if chunk_no % 10 == 9 || base as usize + chunk.len() == records.len() {
-            let out = task.prepare_flush(0);
+            let mut out = task.prepare_flush(0);
             updates += out.updates.len();
             heads += out.heads.len();
-            task.commit_flush(out.batch, None)?;
+            task.commit_flush(out.take_batches(), &[])?;
         }
     }
     let secs = started.elapsed().as_secs_f64();

@@ -87,6 +87,9 @@ pub struct ProcessorSpec {
     pub inputs: Option<Vec<String>>,
     /// Name of the store holding its state.
     pub store: Option<String>,
+    /// With a message source: the store holding the conversation heads (its own
+    /// changelog).
+    pub heads_store: Option<String>,
     /// At most one update per key per this interval, e.g. "30s" (default: one per flush).
     pub min_emit_interval: Option<String>,
     /// With a message source: recent messages kept per conversation; unread and mention
@@ -212,6 +215,7 @@ const SECTIONS: &[Section] = &[
             ("kind", Type::Str),
             ("inputs", Type::StrList),
             ("store", Type::Str),
+            ("heads_store", Type::Str),
             ("min_emit_interval", Type::Str),
             ("unread_cap", Type::Int),
         ],

@@ -115,11 +115,14 @@ topic = "{MESSAGES}"
 records = "message-events"
 [[store]]
 name = "read-state"
+[[store]]
+name = "head-state"
 [[processor]]
 name = "read-state"
 kind = "read-state"
 inputs = ["read-events", "message-events"]
 store = "read-state"
+heads_store = "head-state"
 unread_cap = 1000
 [[sink]]
 name = "receipt-updates"
@@ -177,6 +180,7 @@ pub fn run_unread_demo(cfg: UnreadDemoConfig) -> Result<UnreadDemoReport, DemoEr
         UPDATES,
         HEADS,
         &format!("{APP}-read-state-changelog"),
+        &format!("{APP}-head-state-changelog"),
     ] {
         mock.create_topic(t, cfg.partitions, 1)?;
     }

@@ -1,13 +1,21 @@
 //! Processors: the logic that folds input records into state and decides what to emit.
 //!
-//! [`read_state::ReadStateProcessor`] is the read-pointer processor of the
-//! `read-state` topology node.
+//! [`api`] is the seam a task drives ([`Processor`], made by a [`ProcessorSupplier`]);
+//! [`read_state::ReadStateProcessor`] is the processor of the `read-state` topology node,
+//! with [`unread`] keeping conversation heads when a message source feeds it.
 
+pub mod api;
 pub mod punctuation;
 pub mod read_state;
 pub mod unread;
 
-pub use read_state::{EmitPolicy, FlushOutput, ProcessStats, ReadStateProcessor};
+pub use api::{
+    CacheBudget, InputId, Processor, ProcessorContext, ProcessorStats, ProcessorSupplier,
+    ReadStateSupplier, RecordKind, Records,
+};
+pub use read_state::{
+    EmitPolicy, FlushOutput, ProcessStats, ReadStateProcessor, StoreFlush, HEADS_STORE, STATE_STORE,
+};
 pub use unread::{MessageStats, DEFAULT_UNREAD_CAP};
 
 /// Errors of the processing layer.
@@ -19,4 +27,6 @@ pub enum ProcessorError {
         "message events reached a processor without a message source (no unread counts configured)"
     )]
     NoMessageSource,
+    #[error("the processor's {0} store was not given to it at init (check the node's stores)")]
+    MissingStore(&'static str),
 }

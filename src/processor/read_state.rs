@@ -20,7 +20,7 @@ use super::ProcessorError;
 use crate::ids::{ConversationId, Origin};
 use crate::model::{EventRef, HeadUpdate, MessageEvent, ReceiptUpdate, StateKey, UnreadCounts};
 use crate::state::cache::RecordCache;
-use crate::state::codec::{StoreKey, TAG_PENDING};
+use crate::state::codec::{self, EntryCodec, ReadStates, StoreKey, TAG_PENDING};
 use crate::state::head::ConversationHead;
 use crate::state::{put_checkpoint, BatchOp, KeyValueStore, ReadState, StoreBatch, StoreError};
 
@@ -55,31 +55,18 @@ pub struct ProcessStats {
     pub flushes: u64,
 }
 
-/// What a flush produced; the caller makes `updates` and `changelog` durable, then hands
-/// `batch` back to [`ReadStateProcessor::commit_flush`].
+/// One store's part of a flush: its writes, and which of them go to its changelog.
 #[derive(Debug, Default)]
-pub struct FlushOutput {
-    pub updates: Vec<ReceiptUpdate>,
-    /// Conversation-head updates (topologies with a message source).
-    pub heads: Vec<HeadUpdate>,
+pub struct StoreFlush {
     /// The store writes, to apply once the updates and changelog are acknowledged.
     pub batch: StoreBatch,
-    /// Which of `batch`'s puts go to the changelog topic (the state values; not the
-    /// pending index).
+    /// Which of `batch`'s puts go to the changelog topic (the values; not the pending
+    /// index).
     changelog: Vec<usize>,
 }
 
-impl FlushOutput {
-    pub fn is_empty(&self) -> bool {
-        self.batch.is_empty()
-    }
-
-    /// Store puts of this flush (read states, pending-index entries, heads).
-    pub fn store_writes(&self) -> usize {
-        self.batch.len()
-    }
-
-    /// (store key, encoded state) records for the changelog topic, borrowed from the batch.
+impl StoreFlush {
+    /// (store key, encoded value) records for the changelog topic, borrowed from the batch.
     pub fn changelog(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
         self.changelog
             .iter()
@@ -92,7 +79,67 @@ impl FlushOutput {
     pub fn changelog_len(&self) -> usize {
         self.changelog.len()
     }
+
+    /// Put a value that goes to the changelog too.
+    pub fn put_logged(&mut self, key: &[u8], encode: impl FnOnce(&mut Vec<u8>)) {
+        let i = self.batch.put_with(key, encode);
+        self.changelog.push(i);
+    }
 }
+
+/// What a flush produced; the caller makes `updates`, `heads` and each store's changelog
+/// durable, then hands the batches back to [`ReadStateProcessor::commit_flush`].
+#[derive(Debug, Default)]
+pub struct FlushOutput {
+    pub updates: Vec<ReceiptUpdate>,
+    /// Conversation-head updates (topologies with a message source).
+    pub heads: Vec<HeadUpdate>,
+    /// One per store of the task, indexed as `Topology::stores()`.
+    pub stores: Vec<StoreFlush>,
+}
+
+impl FlushOutput {
+    fn for_stores(n: usize) -> Self {
+        Self {
+            stores: (0..n).map(|_| StoreFlush::default()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Make room for `n` stores' parts.
+    pub fn ensure_stores(&mut self, n: usize) {
+        while self.stores.len() < n {
+            self.stores.push(StoreFlush::default());
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.stores.iter().all(|s| s.batch.is_empty())
+    }
+
+    /// Store puts of this flush (read states, pending-index entries, heads).
+    pub fn store_writes(&self) -> usize {
+        self.stores.iter().map(|s| s.batch.len()).sum()
+    }
+
+    /// Changelog records of this flush, over every store.
+    pub fn changelog_len(&self) -> usize {
+        self.stores.iter().map(StoreFlush::changelog_len).sum()
+    }
+
+    /// Take the store batches, to hand back to [`ReadStateProcessor::commit_flush`].
+    pub fn take_batches(&mut self) -> Vec<StoreBatch> {
+        std::mem::take(&mut self.stores)
+            .into_iter()
+            .map(|s| s.batch)
+            .collect()
+    }
+}
+
+/// Index of the read-state store among a task's stores.
+pub const STATE_STORE: usize = 0;
+/// Index of the conversation-heads store (message source).
+pub const HEADS_STORE: usize = 1;
 
 pub struct ReadStateProcessor {
     store: Box<dyn KeyValueStore>,
@@ -124,11 +171,16 @@ impl ReadStateProcessor {
         Ok(p)
     }
 
-    /// Keep conversation heads (message source): receipt updates carry unread and mention
-    /// counts, each head keeping `cap` recent positions.
-    pub fn enable_unread(&mut self, cap: usize) -> Result<(), ProcessorError> {
-        let budget = positions_budget(self.cache.capacity(), cap);
-        self.heads = Some(Heads::new(cap, budget));
+    /// Keep conversation heads (message source) in `store`: receipt updates carry unread
+    /// and mention counts, each head keeping `cap` recent positions, and the heads cache
+    /// holding up to `positions` of them (see [`positions_budget`]).
+    pub fn enable_unread(
+        &mut self,
+        cap: usize,
+        positions: usize,
+        store: Box<dyn KeyValueStore>,
+    ) -> Result<(), ProcessorError> {
+        self.heads = Some(Heads::new(cap, positions_budget(positions, cap), store));
         self.reload_pending()
     }
 
@@ -142,7 +194,7 @@ impl ReadStateProcessor {
         messages: &[(MessageEvent, Origin)],
     ) -> Result<(), ProcessorError> {
         let heads = self.heads.as_mut().ok_or(ProcessorError::NoMessageSource)?;
-        heads.process(messages, &*self.store)?;
+        heads.process(messages)?;
         Ok(())
     }
 
@@ -164,7 +216,7 @@ impl ReadStateProcessor {
             }
         }
         if let Some(heads) = &mut self.heads {
-            heads.ensure_loaded(self.pending.keys().map(|k| k.conversation), &*self.store)?;
+            heads.ensure_loaded(self.pending.keys().map(|k| k.conversation))?;
         }
         Ok(())
     }
@@ -177,7 +229,7 @@ impl ReadStateProcessor {
         self.fold_events(events)?;
         if let Some(heads) = &mut self.heads {
             // The heads the flush derives these readers' counts from.
-            heads.ensure_loaded(events.iter().map(|(e, _)| e.conversation_id), &*self.store)?;
+            heads.ensure_loaded(events.iter().map(|(e, _)| e.conversation_id))?;
         }
         Ok(())
     }
@@ -211,10 +263,9 @@ impl ReadStateProcessor {
     /// Decide the updates of this flush and prepare the store batch. `now_ms` is wall-clock
     /// time; it stamps updates and drives the minimum emit interval.
     pub fn prepare_flush(&mut self, now_ms: i64) -> FlushOutput {
-        let mut out = FlushOutput::default();
+        let mut out = FlushOutput::for_stores(1 + usize::from(self.heads.is_some()));
         if let Some(heads) = &mut self.heads {
-            // Head keys (tag `h`) sort before read states (`s`): the batch stays in order.
-            heads.flush(now_ms, &mut out.batch, &mut out.changelog, &mut out.heads);
+            heads.flush(now_ms, &mut out.stores[HEADS_STORE], &mut out.heads);
         }
         let mut dirty = self.cache.take_dirty();
         // In store-key order (StateKey's order is the encoded key's): the store batch is
@@ -223,17 +274,25 @@ impl ReadStateProcessor {
         for key in &dirty {
             self.flush_key(*key, now_ms, &mut out);
         }
-        for key in self.pending.due(now_ms) {
-            self.flush_key(key, now_ms, &mut out);
-        }
+        self.emit_due(now_ms, &mut out);
         self.stats.updates_emitted += out.updates.len() as u64;
         out
+    }
+
+    /// Punctuation: the advances held back by the emit interval whose slot opened by
+    /// `now_ms`, popped from the due-time queue.
+    pub fn emit_due(&mut self, now_ms: i64, out: &mut FlushOutput) {
+        out.ensure_stores(1 + usize::from(self.heads.is_some()));
+        for key in self.pending.due(now_ms) {
+            self.flush_key(key, now_ms, out);
+        }
     }
 
     fn flush_key(&mut self, key: StateKey, now_ms: i64, out: &mut FlushOutput) {
         let Some(state) = self.cache.get_mut_clean(&key) else {
             return;
         };
+        let store = &mut out.stores[STATE_STORE];
         if state.has_unemitted_advance() {
             let due = self.policy.due_at(state);
             if due <= now_ms {
@@ -248,29 +307,34 @@ impl ReadStateProcessor {
                 state.events_since_emit = 0;
                 state.stale_since_emit = 0;
                 if self.pending.remove(&key) {
-                    out.batch.delete(StoreKey::pending(key).as_bytes());
+                    store.batch.delete(StoreKey::pending(key).as_bytes());
                 }
             } else if self.pending.insert(key, due) {
-                out.batch.put(StoreKey::pending(key).as_bytes(), b"");
+                store.batch.put(StoreKey::pending(key).as_bytes(), b"");
             }
         }
-        let i = out
-            .batch
-            .put_with(StoreKey::state(key).as_bytes(), |buf| state.encode(buf));
-        out.changelog.push(i);
+        let k = ReadStates::encode_key(&key);
+        store.put_logged(k.as_ref(), |buf| ReadStates::encode_value(state, buf));
     }
 
-    /// Apply a prepared flush to the store, with the changelog position it reflects.
+    /// Apply a prepared flush to the stores (`batches` indexed as the task's stores), each
+    /// with the changelog position it reflects.
     pub fn commit_flush(
         &mut self,
-        mut batch: StoreBatch,
-        changelog_next_offset: Option<i64>,
+        batches: Vec<StoreBatch>,
+        checkpoints: &[Option<i64>],
     ) -> Result<(), ProcessorError> {
-        if let Some(off) = changelog_next_offset {
-            put_checkpoint(&mut batch, off);
-        }
-        if !batch.is_empty() {
-            self.store.write(batch)?;
+        for (i, mut batch) in batches.into_iter().enumerate() {
+            if let Some(Some(off)) = checkpoints.get(i) {
+                put_checkpoint(&mut batch, *off);
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            match (i, &mut self.heads) {
+                (HEADS_STORE, Some(heads)) => heads.store_mut().write(batch)?,
+                _ => self.store.write(batch)?,
+            }
         }
         self.stats.flushes += 1;
         let pending = &self.pending;
@@ -296,16 +360,7 @@ impl ReadStateProcessor {
         if let Some(s) = self.cache.get(&key) {
             return Ok(Some(s.clone()));
         }
-        match self.store.get(StoreKey::state(key).as_bytes())? {
-            None => Ok(None),
-            Some(b) => ReadState::decode(&b)
-                .map(Some)
-                .map_err(|reason| StoreError::Corrupt {
-                    store: self.store.name().clone(),
-                    key: StoreKey::state(key).as_bytes().to_vec(),
-                    reason,
-                }),
-        }
+        codec::get::<ReadStates>(&*self.store, &key)
     }
 
     /// A reader's unread and mention counts now (message source only): from the cached or
@@ -340,32 +395,24 @@ impl ReadStateProcessor {
         &self,
         conversation: ConversationId,
     ) -> Result<Option<ConversationHead>, StoreError> {
-        let key = StoreKey::head(conversation);
-        match self.store.get(key.as_bytes())? {
+        match &self.heads {
+            Some(heads) => heads.stored(conversation),
             None => Ok(None),
-            Some(b) => {
-                ConversationHead::decode(&b)
-                    .map(Some)
-                    .map_err(|reason| StoreError::Corrupt {
-                        store: self.store.name().clone(),
-                        key: key.as_bytes().to_vec(),
-                        reason,
-                    })
-            }
         }
     }
 
-    pub fn store(&self) -> &dyn KeyValueStore {
-        &*self.store
+    /// The task's stores, indexed as `Topology::stores()`.
+    pub fn stores(&self) -> Vec<&dyn KeyValueStore> {
+        std::iter::once(&*self.store)
+            .chain(self.heads.as_ref().map(Heads::store))
+            .collect()
     }
 
-    pub fn store_mut(&mut self) -> &mut dyn KeyValueStore {
-        &mut *self.store
-    }
-
-    /// Give the store back (closing the task).
-    pub fn into_store(self) -> Box<dyn KeyValueStore> {
-        self.store
+    /// Give the stores back (closing the task), indexed as `Topology::stores()`.
+    pub fn into_stores(self) -> Vec<Box<dyn KeyValueStore>> {
+        std::iter::once(self.store)
+            .chain(self.heads.map(Heads::into_store))
+            .collect()
     }
 
     pub fn stats(&self) -> ProcessStats {
@@ -377,10 +424,12 @@ impl ReadStateProcessor {
         self.cache.capacity()
     }
 
-    pub fn set_cache_capacity(&mut self, entries: usize) {
+    /// This task's shares of the record cache (read states) and of the heads cache
+    /// (window positions).
+    pub fn set_cache_capacity(&mut self, entries: usize, positions: usize) {
         self.cache.set_capacity(entries);
         if let Some(h) = &mut self.heads {
-            h.set_budget(positions_budget(entries, h.cap()));
+            h.set_budget(positions_budget(positions, h.cap()));
         }
     }
 

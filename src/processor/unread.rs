@@ -9,22 +9,22 @@
 
 use hashbrown::{HashMap, HashSet};
 
+use super::read_state::StoreFlush;
 use crate::ids::{ConversationId, Origin, ReaderId};
 use crate::model::{HeadUpdate, MessageEvent, UnreadCounts};
-use crate::state::codec::StoreKey;
+use crate::state::codec::{self, EntryCodec};
 use crate::state::head::{ConversationHead, MessageFold};
-use crate::state::{KeyValueStore, StoreBatch, StoreError};
+use crate::state::{KeyValueStore, StoreError};
 
 /// How many recent message positions a conversation head keeps (the topology's
 /// `unread_cap`): counts are exact for pointers up to this many messages behind the head.
 pub const DEFAULT_UNREAD_CAP: usize = 1000;
 
-/// The heads' memory budget for a task whose record cache holds `cache_entries` read
-/// states: a window position (~56 bytes with its mentions) costs about a quarter of a cached
-/// read state (~200 bytes), so the heads may hold up to as much again as the cache, and at
-/// least four full windows.
-pub fn positions_budget(cache_entries: usize, cap: usize) -> usize {
-    cache_entries.saturating_mul(4).max(cap.saturating_mul(4))
+/// The heads' memory budget for a task whose share of the heads store's
+/// `cache_max_entries` is `positions` window positions (~56 bytes each with their
+/// mentions): that share, and at least four full windows.
+pub fn positions_budget(positions: usize, cap: usize) -> usize {
+    positions.max(cap.saturating_mul(4))
 }
 
 /// Counters of what message folding did; monotone over the task's life.
@@ -40,8 +40,10 @@ pub struct MessageStats {
     pub head_writes: u64,
 }
 
-/// The conversation heads of one task: a cache in front of the task's store (tag `h`).
+/// The conversation heads of one task: a cache in front of the task's heads store (its
+/// own changelog; keys tagged `h`).
 pub struct Heads {
+    store: Box<dyn KeyValueStore>,
     cap: usize,
     entries: HashMap<ConversationId, ConversationHead>,
     dirty: HashSet<ConversationId>,
@@ -53,8 +55,9 @@ pub struct Heads {
 }
 
 impl Heads {
-    pub fn new(cap: usize, budget: usize) -> Self {
+    pub fn new(cap: usize, budget: usize, store: Box<dyn KeyValueStore>) -> Self {
         Self {
+            store,
             cap: cap.max(1),
             entries: HashMap::new(),
             dirty: HashSet::new(),
@@ -67,7 +70,28 @@ impl Heads {
         self.cap
     }
 
-    /// Follow the task's record-cache share (see [`positions_budget`]).
+    pub fn store(&self) -> &dyn KeyValueStore {
+        &*self.store
+    }
+
+    pub fn store_mut(&mut self) -> &mut dyn KeyValueStore {
+        &mut *self.store
+    }
+
+    pub fn into_store(self) -> Box<dyn KeyValueStore> {
+        self.store
+    }
+
+    /// The head of `conversation` as stored (not cached).
+    pub fn stored(
+        &self,
+        conversation: ConversationId,
+    ) -> Result<Option<ConversationHead>, StoreError> {
+        codec::get::<codec::Heads>(&*self.store, &conversation)
+    }
+
+    /// Follow the task's share of the heads store's cache budget (see
+    /// [`positions_budget`]).
     pub fn set_budget(&mut self, positions: usize) {
         self.budget = positions.max(1);
     }
@@ -85,7 +109,6 @@ impl Heads {
     pub fn ensure_loaded(
         &mut self,
         conversations: impl Iterator<Item = ConversationId>,
-        store: &dyn KeyValueStore,
     ) -> Result<(), StoreError> {
         let mut missing: Vec<ConversationId> = conversations
             .filter(|c| !self.entries.contains_key(c))
@@ -95,29 +118,16 @@ impl Heads {
         }
         missing.sort_unstable();
         missing.dedup();
-        let keys: Vec<StoreKey> = missing.iter().map(|c| StoreKey::head(*c)).collect();
-        let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
-        for ((c, k), v) in missing.iter().zip(&keys).zip(store.multi_get(&refs)?) {
-            let head = match v {
-                None => ConversationHead::default(),
-                Some(b) => ConversationHead::decode(&b).map_err(|reason| StoreError::Corrupt {
-                    store: store.name().clone(),
-                    key: k.as_bytes().to_vec(),
-                    reason,
-                })?,
-            };
-            self.entries.insert(*c, head);
+        let heads = codec::load::<codec::Heads>(&*self.store, &missing)?;
+        for (c, head) in missing.into_iter().zip(heads) {
+            self.entries.insert(c, head.unwrap_or_default());
         }
         Ok(())
     }
 
     /// Fold a batch of messages (one multi_get for the heads not cached).
-    pub fn process(
-        &mut self,
-        messages: &[(MessageEvent, Origin)],
-        store: &dyn KeyValueStore,
-    ) -> Result<(), StoreError> {
-        self.ensure_loaded(messages.iter().map(|(m, _)| m.conversation_id), store)?;
+    pub fn process(&mut self, messages: &[(MessageEvent, Origin)]) -> Result<(), StoreError> {
+        self.ensure_loaded(messages.iter().map(|(m, _)| m.conversation_id))?;
         for (m, origin) in messages {
             let head = self
                 .entries
@@ -156,15 +166,9 @@ impl Heads {
             .unwrap_or_default()
     }
 
-    /// Write the dirty heads into `batch` (sorted by key; their indices go to
-    /// `changelog`) and emit one update per changed conversation.
-    pub fn flush(
-        &mut self,
-        now_ms: i64,
-        batch: &mut StoreBatch,
-        changelog: &mut Vec<usize>,
-        updates: &mut Vec<HeadUpdate>,
-    ) {
+    /// Write the dirty heads into the heads store's flush (sorted by key, every one
+    /// logged) and emit one update per changed conversation.
+    pub fn flush(&mut self, now_ms: i64, out: &mut StoreFlush, updates: &mut Vec<HeadUpdate>) {
         let mut dirty: Vec<ConversationId> = self.dirty.drain().collect();
         dirty.sort_unstable();
         for c in dirty {
@@ -176,8 +180,8 @@ impl Heads {
                 head.emitted_version = head.version;
                 self.stats.heads_emitted += 1;
             }
-            let i = batch.put_with(StoreKey::head(c).as_bytes(), |buf| head.encode(buf));
-            changelog.push(i);
+            let key = codec::Heads::encode_key(&c);
+            out.put_logged(key.as_ref(), |buf| codec::Heads::encode_value(head, buf));
             self.stats.head_writes += 1;
         }
     }
@@ -210,8 +214,8 @@ mod tests {
 
     #[test]
     fn heads_beyond_the_budget_are_dropped_after_a_flush_except_pinned_ones() {
-        let store = InMemoryStore::new("s".into());
-        let mut heads = Heads::new(10, 5);
+        let store = Box::new(InMemoryStore::new("heads".into()));
+        let mut heads = Heads::new(10, 5, store);
         let msgs: Vec<(MessageEvent, Origin)> = (0..9)
             .map(|i| {
                 let m = MessageEvent {
@@ -229,16 +233,15 @@ mod tests {
                 )
             })
             .collect();
-        heads.process(&msgs, &store).unwrap();
+        heads.process(&msgs).unwrap();
         assert_eq!(
             heads.positions(),
             12,
             "3 heads of 3 positions, plus one each"
         );
-        let mut batch = StoreBatch::default();
-        let (mut changelog, mut updates) = (Vec::new(), Vec::new());
-        heads.flush(0, &mut batch, &mut changelog, &mut updates);
-        assert_eq!((changelog.len(), updates.len()), (3, 3));
+        let (mut out, mut updates) = (StoreFlush::default(), Vec::new());
+        heads.flush(0, &mut out, &mut updates);
+        assert_eq!((out.changelog_len(), updates.len()), (3, 3));
         heads.end_flush([ConversationId(1)].into_iter());
         assert!(heads.get(ConversationId(1)).is_some(), "pinned");
         assert!(heads.get(ConversationId(0)).is_none() && heads.get(ConversationId(2)).is_none());

@@ -3,7 +3,8 @@
 //! main consumer. Each `step` applies at most `batch` records (or stops at its time budget)
 //! so the poll loop keeps serving the group however long a restore takes; the source
 //! partitions of restoring tasks stay paused meanwhile. One restore consumer (no group
-//! membership, manual assignment) serves every restoring task.
+//! membership, manual assignment) serves every restoring store: a task with several
+//! stores restores each from its own changelog topic, and is complete when all are.
 
 use crate::telemetry::series;
 use std::collections::BTreeMap;
@@ -24,6 +25,8 @@ const STALLED_AFTER: Duration = Duration::from_secs(120);
 
 struct Restoring {
     task: TaskId,
+    /// Which of the task's stores (its index in `Topology::stores()`).
+    index: usize,
     store: Box<dyn KeyValueStore>,
     restorer: ChangelogRestorer,
     /// Next changelog offset to apply.
@@ -38,6 +41,8 @@ struct Restoring {
 /// A store whose restore is complete.
 pub struct Restored {
     pub task: TaskId,
+    /// Which of the task's stores.
+    pub index: usize,
     pub store: Box<dyn KeyValueStore>,
     pub records: u64,
     pub elapsed: Duration,
@@ -46,10 +51,11 @@ pub struct Restored {
 pub struct ChangelogReader {
     settings: KafkaSettings,
     group: String,
-    topic: String,
+    /// The changelog topic of each store index (`None`: a store without a changelog).
+    topics: Vec<Option<String>>,
     consumer: Option<BaseConsumer>,
-    /// By changelog partition.
-    restoring: BTreeMap<i32, Restoring>,
+    /// By (store index, changelog partition).
+    restoring: BTreeMap<(usize, i32), Restoring>,
     /// Most records applied per step.
     batch: usize,
     /// Most time spent per step (then the poll loop gets its turn).
@@ -60,11 +66,16 @@ pub struct ChangelogReader {
 }
 
 impl ChangelogReader {
-    pub fn new(settings: KafkaSettings, group: String, topic: String, batch: usize) -> Self {
+    pub fn new(
+        settings: KafkaSettings,
+        group: String,
+        topics: Vec<Option<String>>,
+        batch: usize,
+    ) -> Self {
         Self {
             settings,
             group,
-            topic,
+            topics,
             consumer: None,
             restoring: BTreeMap::new(),
             batch: batch.max(1),
@@ -85,8 +96,10 @@ impl ChangelogReader {
     /// 10 s after the first ask since the last answer. The deadline is shared by the
     /// partitions asked one after another (this runs inside the assignment callback), so a
     /// changelog that never gets a leader costs 10 s in all, not 10 s per partition.
-    pub fn watermarks(&mut self, partition: i32) -> Result<(i64, i64), KafkaError> {
-        let topic = self.topic.clone();
+    pub fn watermarks(&mut self, store: usize, partition: i32) -> Result<(i64, i64), KafkaError> {
+        let topic = self.topics[store]
+            .clone()
+            .expect("a store with a changelog");
         let deadline = *self
             .leader_wait
             .get_or_insert_with(|| Instant::now() + LEADER_WAIT);
@@ -101,31 +114,38 @@ impl ChangelogReader {
         !self.restoring.is_empty()
     }
 
+    /// Whether store `index` has a changelog to restore from.
+    pub fn has_changelog(&self, index: usize) -> bool {
+        self.topics.get(index).is_some_and(Option::is_some)
+    }
+
     /// Start restoring `store` from `from` up to `end`; a store already complete is handed
     /// back at once.
     pub fn register(
         &mut self,
         task: TaskId,
+        index: usize,
         store: Box<dyn KeyValueStore>,
         from: i64,
         end: i64,
     ) -> Result<Option<Restored>, RuntimeError> {
         if from >= end {
-            gauge(task).set(0.0);
+            self.report_remaining(task);
             return Ok(Some(Restored {
                 task,
+                index,
                 store,
                 records: 0,
                 elapsed: Duration::ZERO,
             }));
         }
         let restorer = ChangelogRestorer::new(&*store)?;
-        gauge(task).set((end - from) as f64);
         let now = Instant::now();
         self.restoring.insert(
-            task.partition,
+            (index, task.partition),
             Restoring {
                 task,
+                index,
                 store,
                 restorer,
                 next: from,
@@ -135,29 +155,57 @@ impl ChangelogReader {
                 last_progress: now,
             },
         );
+        self.report_remaining(task);
         self.reassign()?;
         Ok(None)
     }
 
-    /// Stop restoring a task (revoked or lost meanwhile); its store is closed.
+    /// `readstate_restore_remaining_records{task}`: summed over the task's stores.
+    fn report_remaining(&self, task: TaskId) {
+        let left: i64 = self
+            .restoring
+            .values()
+            .filter(|r| r.task == task)
+            .map(|r| (r.end - r.next).max(0))
+            .sum();
+        gauge(task).set(left as f64);
+    }
+
+    /// Stop restoring a task's stores (revoked or lost meanwhile); they are closed.
     pub fn remove(&mut self, partition: i32) -> Option<TaskId> {
-        let r = self.restoring.remove(&partition)?;
-        gauge(r.task).set(0.0);
+        let keys: Vec<(usize, i32)> = self
+            .restoring
+            .keys()
+            .filter(|(_, p)| *p == partition)
+            .copied()
+            .collect();
+        let task = keys
+            .iter()
+            .filter_map(|k| self.restoring.remove(k))
+            .map(|r| r.task)
+            .last()?;
+        gauge(task).set(0.0);
         if let Err(e) = self.reassign() {
             tracing::warn!(error = %e, "restore consumer reassignment failed");
         }
-        Some(r.task)
+        Some(task)
     }
 
-    /// Every task being restored.
+    /// Every task with a store being restored.
     pub fn tasks(&self) -> Vec<TaskId> {
-        self.restoring.values().map(|r| r.task).collect()
+        let mut t: Vec<TaskId> = self.restoring.values().map(|r| r.task).collect();
+        t.sort_unstable();
+        t.dedup();
+        t
     }
 
     fn reassign(&mut self) -> Result<(), KafkaError> {
         let mut tpl = TopicPartitionList::new();
-        for (p, r) in &self.restoring {
-            tpl.add_partition_offset(&self.topic, *p, Offset::Offset(r.next))?;
+        for ((i, p), r) in &self.restoring {
+            let topic = self.topics[*i]
+                .as_deref()
+                .expect("restoring from a changelog");
+            tpl.add_partition_offset(topic, *p, Offset::Offset(r.next))?;
         }
         self.consumer()?.assign(&tpl)?;
         Ok(())
@@ -172,34 +220,26 @@ impl ChangelogReader {
         let Self {
             consumer,
             restoring,
-            topic,
+            topics,
             batch,
             budget,
             ..
         } = self;
         let consumer = consumer.as_ref().expect("created above");
-        let started = Instant::now();
-        let mut polled: Vec<BorrowedMessage<'_>> = Vec::new();
-        while polled.len() < *batch && started.elapsed() < *budget {
-            match consumer.poll(Duration::from_millis(20)) {
-                Some(Ok(m)) if m.topic() == topic.as_str() => polled.push(m),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => tracing::warn!(error = %e, %topic, "restore consumer error"),
-                None if !polled.is_empty() => break,
-                None => {}
-            }
-        }
-        let mut by_part: BTreeMap<i32, Vec<&BorrowedMessage<'_>>> = BTreeMap::new();
+        let polled = poll_batch(consumer, topics, *batch, *budget);
+        let mut by_store: BTreeMap<(usize, i32), Vec<&BorrowedMessage<'_>>> = BTreeMap::new();
         for m in &polled {
-            if restoring
-                .get(&m.partition())
-                .is_some_and(|r| m.offset() >= r.next)
-            {
-                by_part.entry(m.partition()).or_default().push(m);
+            let Some(i) = store_of(topics, m.topic()) else {
+                continue;
+            };
+            let k = (i, m.partition());
+            if restoring.get(&k).is_some_and(|r| m.offset() >= r.next) {
+                by_store.entry(k).or_default().push(m);
             }
         }
-        for (p, msgs) in by_part {
-            let r = restoring.get_mut(&p).expect("filtered above");
+        let mut progressed = Vec::new();
+        for (k, msgs) in by_store {
+            let r = restoring.get_mut(&k).expect("filtered above");
             let next = msgs.last().expect("non-empty").offset() + 1;
             let records = msgs
                 .iter()
@@ -208,13 +248,43 @@ impl ChangelogReader {
             r.next = next;
             r.restored += n as u64;
             r.last_progress = Instant::now();
-            gauge(r.task).set((r.end - r.next).max(0) as f64);
+            progressed.push(r.task);
             metrics::counter!("readstate_changelog_records_restored_total").increment(n as u64);
         }
         drop(polled);
+        for task in progressed {
+            self.report_remaining(task);
+        }
+        let finished: Vec<Restored> = self
+            .complete()?
+            .into_iter()
+            .filter_map(|k| self.restoring.remove(&k))
+            .map(|r| Restored {
+                task: r.task,
+                index: r.index,
+                store: r.store,
+                records: r.restored,
+                elapsed: r.started.elapsed(),
+            })
+            .collect();
+        if !finished.is_empty() {
+            for r in &finished {
+                self.report_remaining(r.task);
+            }
+            self.reassign()?;
+        }
+        Ok(finished)
+    }
+
+    /// The restores that reached their end; an error for one that stalled.
+    fn complete(&self) -> Result<Vec<(usize, i32)>, RuntimeError> {
+        let consumer = self.consumer.as_ref().expect("created by step");
         let position = consumer.position().ok();
         let mut done = Vec::new();
-        for (p, r) in restoring.iter_mut() {
+        for ((i, p), r) in &self.restoring {
+            let topic = self.topics[*i]
+                .as_deref()
+                .expect("restoring from a changelog");
             // Compaction leaves offset gaps at the end: the position tells where we are.
             let pos = position
                 .as_ref()
@@ -224,7 +294,7 @@ impl ChangelogReader {
                     _ => None,
                 });
             if r.next >= r.end || pos.is_some_and(|o| o >= r.end) {
-                done.push(*p);
+                done.push((*i, *p));
             } else if r.last_progress.elapsed() > STALLED_AFTER {
                 return Err(RuntimeError::Config(format!(
                     "restore of {topic} [{p}] made no progress for {STALLED_AFTER:?} at offset {} of {}",
@@ -232,24 +302,34 @@ impl ChangelogReader {
                 )));
             }
         }
-        let finished: Vec<Restored> = done
-            .into_iter()
-            .filter_map(|p| restoring.remove(&p))
-            .map(|r| {
-                gauge(r.task).set(0.0);
-                Restored {
-                    task: r.task,
-                    store: r.store,
-                    records: r.restored,
-                    elapsed: r.started.elapsed(),
-                }
-            })
-            .collect();
-        if !finished.is_empty() {
-            self.reassign()?;
-        }
-        Ok(finished)
+        Ok(done)
     }
+}
+
+/// The store index whose changelog `topic` is.
+fn store_of(topics: &[Option<String>], topic: &str) -> Option<usize> {
+    topics.iter().position(|t| t.as_deref() == Some(topic))
+}
+
+/// Up to `batch` changelog records, or what arrives within `budget`.
+fn poll_batch<'c>(
+    consumer: &'c BaseConsumer,
+    topics: &[Option<String>],
+    batch: usize,
+    budget: Duration,
+) -> Vec<BorrowedMessage<'c>> {
+    let started = Instant::now();
+    let mut polled: Vec<BorrowedMessage<'c>> = Vec::new();
+    while polled.len() < batch && started.elapsed() < budget {
+        match consumer.poll(Duration::from_millis(20)) {
+            Some(Ok(m)) if store_of(topics, m.topic()).is_some() => polled.push(m),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => tracing::warn!(error = %e, "restore consumer error"),
+            None if !polled.is_empty() => break,
+            None => {}
+        }
+    }
+    polled
 }
 
 /// `readstate_restore_remaining_records{task}` (removed when the task closes).
@@ -350,13 +430,13 @@ mod tests {
         }
         producer.flush(Duration::from_secs(10)).unwrap();
         let settings = KafkaSettings::new(mock.bootstrap_servers());
-        let mut reader = ChangelogReader::new(settings, "r".into(), "cl".into(), 40);
+        let mut reader = ChangelogReader::new(settings, "r".into(), vec![Some("cl".into())], 40);
         for p in 0..2 {
-            let (low, high) = reader.watermarks(p).unwrap();
+            let (low, high) = reader.watermarks(0, p).unwrap();
             assert_eq!((low, high), (0, 250));
             let store = Box::new(InMemoryStore::new("s".into()));
             assert!(reader
-                .register(TaskId::new(0, p), store, 0, high)
+                .register(TaskId::new(0, p), 0, store, 0, high)
                 .unwrap()
                 .is_none());
         }
@@ -378,5 +458,85 @@ mod tests {
             let v = r.store.get(key(9).as_bytes()).unwrap().unwrap();
             assert_eq!(ReadState::decode(&v).unwrap().last_read_seq, 249);
         }
+    }
+
+    /// Two stores of one task, each from its own changelog topic: each ends with its own
+    /// records and its own changelog's end as checkpoint, and a store without a changelog
+    /// is not restored at all.
+    #[test]
+    fn restores_each_store_of_a_task_from_its_own_changelog() {
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("state-cl", 1, 1).unwrap();
+        mock.create_topic("heads-cl", 1, 1).unwrap();
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .create()
+            .unwrap();
+        let state_key = StoreKey::state(StateKey {
+            conversation: ConversationId(3),
+            reader: ReaderId(4),
+        });
+        let head_key = StoreKey::head(ConversationId(3));
+        let head = crate::state::ConversationHead {
+            message_count: 7,
+            ..Default::default()
+        };
+        let mut head_bytes = Vec::new();
+        head.encode(&mut head_bytes);
+        for i in 0..30i64 {
+            let v = ReadState {
+                last_read_seq: i,
+                ..Default::default()
+            }
+            .to_bytes();
+            let rec = BaseRecord::to("state-cl")
+                .partition(0)
+                .key(state_key.as_bytes());
+            producer.send(rec.payload(&v)).unwrap();
+        }
+        for _ in 0..5 {
+            let rec = BaseRecord::to("heads-cl")
+                .partition(0)
+                .key(head_key.as_bytes());
+            producer.send(rec.payload(&head_bytes)).unwrap();
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+        let settings = KafkaSettings::new(mock.bootstrap_servers());
+        let topics = vec![Some("state-cl".into()), Some("heads-cl".into()), None];
+        let mut reader = ChangelogReader::new(settings, "r".into(), topics, 8);
+        assert!(!reader.has_changelog(2));
+        let task = TaskId::new(0, 0);
+        for index in 0..2 {
+            let (low, high) = reader.watermarks(index, 0).unwrap();
+            let store = Box::new(InMemoryStore::new(format!("s{index}").into()));
+            assert!(reader
+                .register(task, index, store, low, high)
+                .unwrap()
+                .is_none());
+        }
+        assert_eq!(reader.tasks(), [task], "one task, two stores restoring");
+        let mut done = Vec::new();
+        for _ in 0..1_000 {
+            done.extend(reader.step().unwrap());
+            if done.len() == 2 {
+                break;
+            }
+        }
+        done.sort_by_key(|r| r.index);
+        let [state, heads] = done.as_slice() else {
+            panic!("both stores restore: {}", done.len());
+        };
+        assert_eq!((state.records, heads.records), (30, 5));
+        assert_eq!(read_checkpoint(&*state.store).unwrap(), Some(30));
+        assert_eq!(read_checkpoint(&*heads.store).unwrap(), Some(5));
+        assert!(state.store.get(head_key.as_bytes()).unwrap().is_none());
+        let h = heads.store.get(head_key.as_bytes()).unwrap().unwrap();
+        assert_eq!(
+            crate::state::ConversationHead::decode(&h)
+                .unwrap()
+                .message_count,
+            7
+        );
+        assert!(!reader.is_restoring());
     }
 }

@@ -27,8 +27,9 @@ struct Deliveries {
     outstanding: u64,
     failed: u64,
     first_error: Option<String>,
-    /// Highest offset acknowledged per changelog partition since the last `take`.
-    changelog_high: HashMap<i32, i64>,
+    /// Highest offset acknowledged per (store index, changelog partition) since the last
+    /// `take`.
+    changelog_high: HashMap<(usize, i32), i64>,
 }
 
 /// Producer context: counts outstanding and failed deliveries and remembers changelog
@@ -36,15 +37,16 @@ struct Deliveries {
 /// report) rather than `flush`, which polls in 100 ms steps when another thread serves the
 /// reports.
 pub struct DeliveryTracker {
-    changelog_topic: Option<String>,
+    /// The changelog topic of each store index (`None`: a store without one).
+    changelog_topics: Vec<Option<String>>,
     state: Mutex<Deliveries>,
     drained: Condvar,
 }
 
 impl DeliveryTracker {
-    fn new(changelog_topic: Option<String>) -> Self {
+    fn new(changelog_topics: Vec<Option<String>>) -> Self {
         Self {
-            changelog_topic,
+            changelog_topics,
             state: Mutex::new(Deliveries::default()),
             drained: Condvar::new(),
         }
@@ -58,8 +60,12 @@ impl DeliveryTracker {
         s.outstanding = s.outstanding.saturating_sub(1);
         match outcome {
             Ok((topic, partition, offset)) => {
-                if self.changelog_topic.as_deref() == Some(topic) {
-                    let e = s.changelog_high.entry(partition).or_insert(offset);
+                let store = self
+                    .changelog_topics
+                    .iter()
+                    .position(|t| t.as_deref() == Some(topic));
+                if let Some(store) = store {
+                    let e = s.changelog_high.entry((store, partition)).or_insert(offset);
                     *e = (*e).max(offset);
                 }
             }
@@ -166,7 +172,7 @@ pub struct RecordCollector {
     flush_timeout: Duration,
     txn: Option<Transactional>,
     settings: KafkaSettings,
-    changelog_topic: Option<String>,
+    changelog_topics: Vec<Option<String>>,
 }
 
 impl RecordCollector {
@@ -180,7 +186,7 @@ impl RecordCollector {
     /// it sends anything after a pause (its first loop turn scans for timeouts).
     pub fn with_transactions(
         settings: &KafkaSettings,
-        changelog_topic: Option<String>,
+        changelog_topics: Vec<Option<String>>,
         transactional_id: Option<String>,
     ) -> Result<Self, KafkaError> {
         let mut config = settings.producer();
@@ -204,7 +210,7 @@ impl RecordCollector {
             .and_then(|v| v.parse::<u64>().ok())
             .map_or(Duration::from_secs(120), Duration::from_millis);
         let producer: ThreadedProducer<DeliveryTracker> =
-            config.create_with_context(DeliveryTracker::new(changelog_topic.clone()))?;
+            config.create_with_context(DeliveryTracker::new(changelog_topics.clone()))?;
         if transactional_id.is_some() {
             // Fences an earlier incarnation with the same id and aborts its open transaction.
             producer.init_transactions(TXN_TIMEOUT)?;
@@ -217,7 +223,7 @@ impl RecordCollector {
                 open: Cell::new(false),
             }),
             settings: settings.clone(),
-            changelog_topic,
+            changelog_topics,
         })
     }
 
@@ -228,7 +234,7 @@ impl RecordCollector {
     /// Make the producer again (after it was fenced): the new one fences the old.
     pub fn recreate(&mut self) -> Result<(), KafkaError> {
         let id = self.txn.as_ref().map(|t| t.id.clone());
-        *self = Self::with_transactions(&self.settings, self.changelog_topic.clone(), id)?;
+        *self = Self::with_transactions(&self.settings, self.changelog_topics.clone(), id)?;
         Ok(())
     }
 
@@ -353,8 +359,9 @@ impl RecordCollector {
             .clear();
     }
 
-    /// Highest acknowledged changelog offset per partition since the last clear.
-    pub fn take_changelog_offsets(&self) -> HashMap<i32, i64> {
+    /// Highest acknowledged changelog offset per (store index, partition) since the last
+    /// clear.
+    pub fn take_changelog_offsets(&self) -> HashMap<(usize, i32), i64> {
         let ctx = self.producer.context();
         std::mem::take(&mut ctx.state.lock().expect("delivery lock").changelog_high)
     }
@@ -384,14 +391,15 @@ mod tests {
 
     #[test]
     fn tracker_counts_changelog_offsets_and_surfaces_the_first_error() {
-        let t = DeliveryTracker::new(Some("cl".into()));
-        for _ in 0..4 {
+        let t = DeliveryTracker::new(vec![Some("cl".into()), None, Some("heads-cl".into())]);
+        for _ in 0..5 {
             t.sending();
         }
         {
             let mut s = t.state.lock().unwrap();
             t.settle(&mut s, Ok(("cl", 1, 7)));
             t.settle(&mut s, Ok(("cl", 1, 5)));
+            t.settle(&mut s, Ok(("heads-cl", 1, 3)));
             t.settle(&mut s, Ok(("out", 1, 99)));
         }
         assert!(
@@ -405,7 +413,10 @@ mod tests {
         let e = t.wait(Duration::from_secs(1)).unwrap_err().to_string();
         assert!(e.contains("out [2]: too large"), "{e}");
         assert!(t.wait(Duration::from_secs(1)).is_ok(), "reported once");
-        assert_eq!(t.state.lock().unwrap().changelog_high.get(&1), Some(&7));
+        let high = t.state.lock().unwrap().changelog_high.clone();
+        assert_eq!(high.get(&(0, 1)), Some(&7));
+        assert_eq!(high.get(&(2, 1)), Some(&3), "per store's changelog");
+        assert_eq!(high.len(), 2);
         t.forget_failures();
         assert!(t.state.lock().unwrap().changelog_high.is_empty());
     }

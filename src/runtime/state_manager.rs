@@ -38,13 +38,15 @@ pub fn check_checkpoint(checkpoint: Option<i64>, low: i64, high: i64) -> Checkpo
     }
 }
 
-/// The stores of one instance's tasks.
+/// The stores of one instance's tasks. A task has one store per entry of `stores`
+/// (`Topology::stores()`), each in its own directory with its own changelog; a store's
+/// memory budget (block cache and memtables) is shared by that store of every task.
 pub struct StateManager {
     /// `<state_dir>/<application.id>`.
     root: PathBuf,
-    store: Store,
-    /// Block cache and memtable budget shared by every store of this instance.
-    memory: RocksDbMemory,
+    stores: Vec<Store>,
+    /// Block cache and memtable budget of each store, shared by its tasks.
+    memory: Vec<RocksDbMemory>,
 }
 
 /// Make sure `dir` exists and is writable (a file is written and removed), naming the path
@@ -64,50 +66,69 @@ pub fn check_state_dir(dir: &std::path::Path) -> Result<(), super::RuntimeError>
 }
 
 impl StateManager {
-    pub fn new(root: PathBuf, store: Store) -> Self {
-        let memory = RocksDbMemory::new(&store.rocksdb);
+    pub fn new(root: PathBuf, stores: Vec<Store>) -> Self {
+        let memory = stores
+            .iter()
+            .map(|s| RocksDbMemory::new(&s.rocksdb))
+            .collect();
         Self {
             root,
-            store,
+            stores,
             memory,
         }
     }
 
-    pub fn memory(&self) -> &RocksDbMemory {
-        &self.memory
+    /// RocksDB memory in use by every store of this instance.
+    pub fn memory_bytes(&self) -> usize {
+        self.memory.iter().map(RocksDbMemory::usage_bytes).sum()
+    }
+
+    /// The stores each task has, in their index order.
+    pub fn stores(&self) -> &[Store] {
+        &self.stores
     }
 
     /// `<state_dir>/<application.id>/<task>/<store>`.
-    pub fn store_dir(&self, task: TaskId) -> PathBuf {
+    pub fn store_dir(&self, task: TaskId, store: usize) -> PathBuf {
         self.root
             .join(task.to_string())
-            .join(self.store.name.as_str())
+            .join(self.stores[store].name.as_str())
     }
 
-    pub fn open(&self, task: TaskId) -> Result<Box<dyn KeyValueStore>, StoreError> {
-        Ok(match self.store.kind {
+    /// Open store `store` (an index into [`Self::stores`]) of `task`.
+    pub fn open(&self, task: TaskId, store: usize) -> Result<Box<dyn KeyValueStore>, StoreError> {
+        let spec = &self.stores[store];
+        Ok(match spec.kind {
             StoreKind::RocksDb => Box::new(RocksDbStore::open_with(
-                self.store.name.clone(),
-                &self.store_dir(task),
-                &self.store.rocksdb,
-                &self.memory,
+                spec.name.clone(),
+                &self.store_dir(task, store),
+                &spec.rocksdb,
+                &self.memory[store],
             )?),
-            StoreKind::Memory => Box::new(InMemoryStore::new(self.store.name.clone())),
+            StoreKind::Memory => Box::new(InMemoryStore::new(spec.name.clone())),
         })
+    }
+
+    /// Every store of `task`, in index order.
+    pub fn open_task(&self, task: TaskId) -> Result<Vec<Box<dyn KeyValueStore>>, StoreError> {
+        (0..self.stores.len()).map(|i| self.open(task, i)).collect()
     }
 
     /// Open the stores of `tasks` (in that order), several at a time: opening is mostly
     /// waiting on the file system.
-    pub fn open_many(&self, tasks: &[TaskId]) -> Vec<Result<Box<dyn KeyValueStore>, StoreError>> {
+    pub fn open_many(
+        &self,
+        tasks: &[TaskId],
+    ) -> Vec<Result<Vec<Box<dyn KeyValueStore>>, StoreError>> {
         const OPENERS: usize = 8;
         if tasks.len() <= 1 {
-            return tasks.iter().map(|t| self.open(*t)).collect();
+            return tasks.iter().map(|t| self.open_task(*t)).collect();
         }
         let chunk = tasks.len().div_ceil(OPENERS);
         std::thread::scope(|s| {
             let handles: Vec<_> = tasks
                 .chunks(chunk)
-                .map(|c| s.spawn(|| c.iter().map(|t| self.open(*t)).collect::<Vec<_>>()))
+                .map(|c| s.spawn(|| c.iter().map(|t| self.open_task(*t)).collect::<Vec<_>>()))
                 .collect();
             handles
                 .into_iter()
@@ -121,7 +142,7 @@ impl StateManager {
     /// fences its earlier incarnation and aborts what that left open.
     pub fn process_id(&self) -> Result<String, StoreError> {
         let io = |source| StoreError::Io {
-            store: self.store.name.clone(),
+            store: self.stores[0].name.clone(),
             source,
         };
         let file = self.root.join("process-id");
@@ -138,15 +159,20 @@ impl StateManager {
         Ok(id)
     }
 
-    /// Delete a task's store (it must be closed): the next open starts empty, and the
-    /// restore replays the whole changelog.
+    /// Delete every store of a task (they must be closed): the next open starts empty,
+    /// and the restores replay the whole changelogs.
     pub fn wipe(&self, task: TaskId) -> Result<(), StoreError> {
-        let dir = self.store_dir(task);
+        (0..self.stores.len()).try_for_each(|i| self.wipe_store(task, i))
+    }
+
+    /// Delete one store of a task (it must be closed).
+    pub fn wipe_store(&self, task: TaskId, store: usize) -> Result<(), StoreError> {
+        let dir = self.store_dir(task, store);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(StoreError::Io {
-                store: self.store.name.clone(),
+                store: self.stores[store].name.clone(),
                 source,
             }),
         }
@@ -183,25 +209,40 @@ mod tests {
     #[test]
     fn wiping_a_store_leaves_it_empty_on_the_next_open() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = crate::topology::compile(include_str!("../../topologies/read_receipts.toml"))
-            .unwrap()
-            .store;
-        let sm = StateManager::new(dir.path().join("app"), spec);
+        let t =
+            crate::topology::compile(include_str!("../../topologies/read_state_with_unread.toml"))
+                .unwrap();
+        let specs: Vec<Store> = t.stores().into_iter().cloned().collect();
+        let sm = StateManager::new(dir.path().join("app"), specs);
         let id = TaskId::new(0, 3);
-        {
-            let mut s = sm.open(id).unwrap();
+        for (store, checkpoint) in [(0, 42), (1, 7)] {
+            let mut s = sm.open(id, store).unwrap();
             let mut b = StoreBatch::default();
-            put_checkpoint(&mut b, 42);
+            put_checkpoint(&mut b, checkpoint);
             s.write(b).unwrap();
-            assert_eq!(read_checkpoint(&*s).unwrap(), Some(42));
+            assert_eq!(read_checkpoint(&*s).unwrap(), Some(checkpoint));
         }
-        assert!(sm.store_dir(id).exists());
+        assert_ne!(sm.store_dir(id, 0), sm.store_dir(id, 1), "a directory each");
         let pid = sm.process_id().unwrap();
         assert_eq!(sm.process_id().unwrap(), pid, "kept");
         assert_eq!(pid.len(), 32);
+        sm.wipe_store(id, 1).unwrap();
+        let stores = sm.open_task(id).unwrap();
+        let checkpoints: Vec<_> = stores
+            .iter()
+            .map(|s| read_checkpoint(&**s).unwrap())
+            .collect();
+        assert_eq!(
+            checkpoints,
+            [Some(42), None],
+            "only the wiped store is empty"
+        );
+        drop(stores);
         sm.wipe(id).unwrap();
         sm.wipe(id).unwrap(); // idempotent
-        let s = sm.open(id).unwrap();
-        assert_eq!(read_checkpoint(&*s).unwrap(), None);
+        let stores = sm.open_task(id).unwrap();
+        assert!(stores
+            .iter()
+            .all(|s| read_checkpoint(&**s).unwrap().is_none()));
     }
 }

@@ -25,11 +25,13 @@ use super::task_manager::{
 };
 use super::{log_dead_letter, RuntimeError};
 use crate::ids::Origin;
+use crate::ids::TopicName;
 use crate::kafka::dead_letter_headers;
-use crate::processor::FlushOutput;
+use crate::processor::{FlushOutput, InputId, RecordKind};
 use crate::serde::SerdeError;
 use crate::task::{DeadLetter, SourceRecord};
 use crate::telemetry::{series, Progress};
+use crate::topology::graph::Graph;
 use crate::topology::OnBadRecord;
 
 fn now_ms() -> i64 {
@@ -102,61 +104,58 @@ impl TaskManager {
         }
         self.prepare_schemas(consumer, msgs)?;
         let dead_before = self.dead_letters.len();
-        // Group by partition, keeping order within each; forward what needs repartitioning.
-        let mut by_part: BTreeMap<i32, Vec<SourceRecord<'_>>> = BTreeMap::new();
-        let mut messages: BTreeMap<i32, Vec<SourceRecord<'_>>> = BTreeMap::new();
+        // Group by task and input (the graph's route of the record's topic), keeping order
+        // within each; forward what needs repartitioning.
+        let mut batches: BTreeMap<(i32, InputId), (RecordKind, Vec<SourceRecord<'_>>)> =
+            BTreeMap::new();
         let mut accepted = 0u64;
         for m in msgs {
             if !self.accepts(m) {
                 continue;
             }
             accepted += 1;
-            let p = m.partition();
-            if m.topic() != self.task_topic {
-                if self.is_task_topic(m.topic()) {
-                    let origin = self.origin_of(m);
-                    messages
-                        .entry(p)
-                        .or_default()
-                        .push(source_record(m, origin));
-                } else {
-                    self.forward(m);
-                }
+            let Some(route) = Graph::route(&self.routes, m.topic()) else {
+                self.forward(m);
                 continue;
-            }
+            };
+            let key = (m.partition(), route.input);
+            let kind = route.records;
             let origin = self.origin_of(m);
-            by_part.entry(p).or_default().push(source_record(m, origin));
+            let batch = batches.entry(key).or_insert_with(|| (kind, Vec::new()));
+            batch.1.push(source_record(m, origin));
         }
         // Records dropped here (parked, revoked) are consumed again later, and counted then.
         self.summary.records_consumed += accepted;
         Progress::add(&self.progress.records_consumed, accepted);
         metrics::counter!("readstate_events_consumed_total").increment(accepted);
-        for (p, recs) in by_part {
-            let before = self.dead_letters.len();
-            let task = &mut self.running.get_mut(&p).expect("accepted above").task;
-            task.process(&self.decoder, &recs, &mut self.dead_letters)?;
-            for d in &self.dead_letters[before..] {
-                log_dead_letter(d, &mut self.dead_letter_log);
-            }
-            let first = recs[0].offset;
-            let next = recs.last().expect("non-empty").offset + 1;
-            self.advance_position(recs[0].topic, p, first, next);
-        }
-        for (p, recs) in messages {
-            self.process_messages(p, &recs)?;
+        for ((p, input), (kind, recs)) in batches {
+            self.process_input(p, input, kind, &recs)?;
         }
         self.judge_bad_records(accepted, dead_before)
     }
 
-    /// Message events of task `p` (the co-partitioned message topic).
-    fn process_messages(&mut self, p: i32, recs: &[SourceRecord<'_>]) -> Result<(), RuntimeError> {
+    /// Records of task `p`'s input `input`, decoded as `kind`.
+    fn process_input(
+        &mut self,
+        p: i32,
+        input: InputId,
+        kind: RecordKind,
+        recs: &[SourceRecord<'_>],
+    ) -> Result<(), RuntimeError> {
         let before = self.dead_letters.len();
-        let decoder = self
-            .message_decoder
-            .as_ref()
-            .expect("a message topic has a decoder");
         let task = &mut self.running.get_mut(&p).expect("accepted above").task;
-        task.process_messages(decoder, recs, &mut self.dead_letters)?;
+        match kind {
+            RecordKind::ReadEvents => {
+                task.process_reads(input, &self.decoder, recs, &mut self.dead_letters)?
+            }
+            RecordKind::MessageEvents => {
+                let decoder = self
+                    .message_decoder
+                    .as_ref()
+                    .expect("a message topic has a decoder");
+                task.process_messages(input, decoder, recs, &mut self.dead_letters)?
+            }
+        }
         for d in &self.dead_letters[before..] {
             log_dead_letter(d, &mut self.dead_letter_log);
         }
@@ -380,10 +379,9 @@ impl TaskManager {
 
     /// True when some task's cache holds so many dirty keys that it should flush now.
     pub(super) fn needs_flush(&self) -> bool {
-        self.running.values().any(|t| {
-            let p = t.task.processor();
-            p.dirty_len() >= p.cache_capacity() / 2
-        })
+        self.running
+            .values()
+            .any(|t| t.task.processor().needs_flush())
     }
 
     /// Commit every task (verifying membership first after a long gap between polls).
@@ -489,33 +487,44 @@ impl TaskManager {
         flushed
     }
 
+    /// Each store's changelog records to its own changelog topic, partition p of task p.
     fn send_changelog(&mut self, flushed: &[(i32, FlushOutput)]) {
-        let Some(changelog) = self.topology.store.changelog_topic.clone() else {
-            return;
-        };
+        let topics: Vec<Option<TopicName>> = self
+            .topology
+            .stores()
+            .iter()
+            .map(|s| s.changelog_topic.clone())
+            .collect();
         for (p, out) in flushed {
-            for (k, v) in out.changelog() {
-                let rec = BaseRecord::to(changelog.as_str())
-                    .partition(*p)
-                    .key(k)
-                    .payload(v);
-                self.collector.send(rec);
+            for (store, topic) in out.stores.iter().zip(&topics) {
+                let Some(topic) = topic else {
+                    continue;
+                };
+                for (k, v) in store.changelog() {
+                    let rec = BaseRecord::to(topic.as_str())
+                        .partition(*p)
+                        .key(k)
+                        .payload(v);
+                    self.collector.send(rec);
+                }
+                let n = store.changelog_len() as u64;
+                self.summary.changelog_records += n;
+                metrics::counter!("readstate_changelog_records_written_total").increment(n);
             }
-            self.summary.changelog_records += out.changelog_len() as u64;
-            metrics::counter!("readstate_changelog_records_written_total")
-                .increment(out.changelog_len() as u64);
         }
     }
 
-    /// Step 4: the store batches, each with its checkpoint (the changelog offset after the
-    /// records just acknowledged).
+    /// Step 4: the store batches, each with its checkpoint (the offset after the records
+    /// just acknowledged on its changelog).
     fn store_all(&mut self, flushed: Vec<(i32, FlushOutput)>) -> Result<usize, RuntimeError> {
         let highs = self.collector.take_changelog_offsets();
         let n = flushed.len();
-        for (p, out) in flushed {
-            let next = highs.get(&p).map(|o| o + 1);
+        for (p, mut out) in flushed {
+            let checkpoints: Vec<Option<i64>> = (0..out.stores.len())
+                .map(|i| highs.get(&(i, p)).map(|o| o + 1))
+                .collect();
             let t = self.running.get_mut(&p).expect("task flushed above");
-            t.task.commit_flush(out.batch, next)?;
+            t.task.commit_flush(out.take_batches(), &checkpoints)?;
         }
         Ok(n)
     }
@@ -713,17 +722,15 @@ impl TaskManager {
         metrics::gauge!("readstate_rocksdb_memory_bytes").set(self.rocks_memory_bytes() as f64);
         let mut total = crate::processor::ProcessStats::default();
         for t in self.running.values_mut() {
-            let s = t.task.stats();
+            let stats = t.task.stats();
+            let (s, was) = (stats.events, t.reported.events);
             let d = |now: u64, before: u64| now.saturating_sub(before);
-            metrics::counter!("readstate_events_folded_total")
-                .increment(d(s.folded, t.reported.folded));
-            metrics::counter!("readstate_events_stale_total")
-                .increment(d(s.stale, t.reported.stale));
+            metrics::counter!("readstate_events_folded_total").increment(d(s.folded, was.folded));
+            metrics::counter!("readstate_events_stale_total").increment(d(s.stale, was.stale));
             metrics::counter!("readstate_events_replayed_skipped_total")
-                .increment(d(s.replayed, t.reported.replayed));
-            t.reported = s;
-            if let Some(m) = t.task.processor().message_stats() {
-                let was = t.reported_messages;
+                .increment(d(s.replayed, was.replayed));
+            if let Some(m) = stats.messages {
+                let was = t.reported.messages.unwrap_or_default();
                 for (result, now, before) in [
                     ("counted", m.counted, was.counted),
                     ("duplicate", m.duplicates, was.duplicates),
@@ -734,17 +741,18 @@ impl TaskManager {
                 }
                 metrics::counter!("readstate_events_replayed_skipped_total")
                     .increment(d(m.replayed, was.replayed));
-                t.reported_messages = m;
             }
+            t.reported = stats;
             total.folded += s.folded;
             total.replayed += s.replayed;
             let id = t.task.id().to_string();
-            let store = t.task.processor().store();
-            let task = [("task", id.as_str())];
-            let keys = store.approximate_num_keys() as f64;
-            series::set("readstate_store_estimated_keys", &task, keys);
-            let bytes = store.approximate_size_bytes() as f64;
-            series::set("readstate_store_size_bytes", &task, bytes);
+            for store in t.task.processor().stores() {
+                let labels = [("task", id.as_str()), ("store", store.name().as_str())];
+                let keys = store.approximate_num_keys() as f64;
+                series::set("readstate_store_estimated_keys", &labels, keys);
+                let bytes = store.approximate_size_bytes() as f64;
+                series::set("readstate_store_size_bytes", &labels, bytes);
+            }
         }
         self.summary.events_folded = self.summary.events_folded.max(total.folded);
         self.summary.replayed_skipped = self.summary.replayed_skipped.max(total.replayed);

@@ -37,18 +37,20 @@ use super::{
 };
 use crate::ids::TaskId;
 use crate::kafka::KafkaError;
-use crate::processor::{EmitPolicy, ProcessStats, ReadStateProcessor};
+use crate::processor::{
+    CacheBudget, ProcessorContext, ProcessorStats, ProcessorSupplier, ReadStateSupplier,
+};
 use crate::serde::{EventDecoder, HeadEncoder, MessageDecoder, UpdateEncoder};
 use crate::state::{read_checkpoint, KeyValueStore};
 use crate::task::{DeadLetter, StreamTask};
 use crate::telemetry::{Health, Progress};
+use crate::topology::graph::{Graph, Route};
 use crate::topology::{ProcessingGuarantee, Topology};
 
 pub(super) struct RunningTask {
     pub(super) task: StreamTask,
     /// Stats already turned into metrics.
-    pub(super) reported: ProcessStats,
-    pub(super) reported_messages: crate::processor::MessageStats,
+    pub(super) reported: ProcessorStats,
 }
 
 /// Sub-topology 0 of a repartitioned topology: source partitions whose records are
@@ -91,12 +93,19 @@ pub(super) struct TaskManager {
     /// The message-event topic co-partitioned with `task_topic`: task p reads partition p
     /// of both.
     pub(super) message_topic: Option<String>,
+    /// Where each task topic's records go: the compiled graph's source → processor input.
+    pub(super) routes: Vec<Route>,
+    /// Makes each task's processor (init with its restored stores).
+    supplier: Box<dyn ProcessorSupplier>,
     /// Sub-topology number of the stateful tasks (1 when repartitioned, else 0).
     subtopology: u32,
     pub(super) forwarding: Option<Forwarding>,
     pub(super) running: BTreeMap<i32, RunningTask>,
     /// Partitions assigned but not yet opened.
     to_open: Vec<i32>,
+    /// Stores restored of tasks whose other stores are still restoring, by partition
+    /// (indexed as `Topology::stores()`).
+    restored: BTreeMap<i32, Vec<Option<Restored>>>,
     pub(super) parked: HashMap<TopicPartition, Parked>,
     pub(super) registry_wait: Option<RegistryWait>,
     /// Next offset to commit per topic and partition (keyed by topic first, so the hot
@@ -148,7 +157,11 @@ impl TaskManager {
         rt: tokio::runtime::Runtime,
     ) -> Result<Self, RuntimeError> {
         let t = &config.topology;
-        let changelog = t.store.changelog_topic.as_ref().map(|c| c.0.clone());
+        let changelogs: Vec<Option<String>> = t
+            .stores()
+            .iter()
+            .map(|s| s.changelog_topic.as_ref().map(|c| c.0.clone()))
+            .collect();
         let [source] = t.sources.as_slice() else {
             return Err(RuntimeError::Config(format!(
                 "{} sources feed one store; run supports one source per topology",
@@ -160,17 +173,17 @@ impl TaskManager {
             repartition_topic: r.0.clone(),
             partitions: BTreeSet::new(),
         });
-        let reader = changelog.clone().map(|topic| {
+        let reader = changelogs.iter().any(Option::is_some).then(|| {
             ChangelogReader::new(
                 config.kafka.clone(),
                 format!("{}-restore", t.application_id),
-                topic,
+                changelogs.clone(),
                 config.restore_batch,
             )
         });
         let state = StateManager::new(
             config.state_dir.join(t.application_id.as_str()),
-            t.store.clone(),
+            t.stores().into_iter().cloned().collect(),
         );
         let transactional_id = match t.guarantee {
             ProcessingGuarantee::AtLeastOnce => None,
@@ -179,15 +192,18 @@ impl TaskManager {
             }
         };
         let collector =
-            RecordCollector::with_transactions(&config.kafka, changelog, transactional_id)?;
+            RecordCollector::with_transactions(&config.kafka, changelogs, transactional_id)?;
         Ok(Self {
             topology: t.clone(),
             task_topic: source.task_input_topic().0.clone(),
             message_topic: t.messages.as_ref().map(|m| m.topic.0.clone()),
+            routes: Graph::compile(t).routes(),
+            supplier: Box::new(ReadStateSupplier::new(t)),
             subtopology: u32::from(forwarding.is_some()),
             forwarding,
             running: BTreeMap::new(),
             to_open: Vec::new(),
+            restored: BTreeMap::new(),
             parked: HashMap::new(),
             registry_wait: None,
             positions: HashMap::new(),
@@ -233,7 +249,7 @@ impl TaskManager {
     }
 
     pub(super) fn rocks_memory_bytes(&self) -> usize {
-        self.state.memory().usage_bytes()
+        self.state.memory_bytes()
     }
 
     fn task_id(&self, partition: i32) -> TaskId {
@@ -274,9 +290,11 @@ impl TaskManager {
     }
 
     fn is_restoring(&self, p: i32) -> bool {
-        self.reader
-            .as_ref()
-            .is_some_and(|r| r.tasks().iter().any(|t| t.partition == p))
+        self.restored.contains_key(&p)
+            || self
+                .reader
+                .as_ref()
+                .is_some_and(|r| r.tasks().iter().any(|t| t.partition == p))
     }
 
     /// The poll loop returned from `poll`: note a gap long enough to doubt membership.
@@ -360,9 +378,11 @@ impl TaskManager {
         let started = Instant::now();
         let stores = self.state.open_many(&ids);
         tracing::debug!(tasks = ids.len(), opened = ?started.elapsed(), startup_ms = crate::telemetry::since_start_ms(), "stores opened");
-        for (id, store) in ids.into_iter().zip(stores) {
-            if let Some(done) = self.register_restore(id, store?)? {
-                self.start_task(consumer, done)?;
+        for (id, stores) in ids.into_iter().zip(stores) {
+            for (index, store) in stores?.into_iter().enumerate() {
+                if let Some(done) = self.register_restore(id, index, store)? {
+                    self.store_restored(consumer, done)?;
+                }
             }
         }
         tracing::debug!(
@@ -373,34 +393,38 @@ impl TaskManager {
         Ok(())
     }
 
-    /// Judge the store's checkpoint and start its restore; a store with nothing to
-    /// restore is returned at once.
+    /// Judge a store's checkpoint and start its restore; a store with nothing to restore
+    /// is returned at once.
     fn register_restore(
         &mut self,
         id: TaskId,
+        index: usize,
         store: Box<dyn KeyValueStore>,
     ) -> Result<Option<Restored>, RuntimeError> {
-        let Some(reader) = self.reader.as_mut() else {
+        let Some(reader) = self.reader.as_mut().filter(|r| r.has_changelog(index)) else {
             return Ok(Some(Restored {
                 task: id,
+                index,
                 store,
                 records: 0,
                 elapsed: Duration::ZERO,
             }));
         };
-        let (low, high) = reader.watermarks(id.partition)?;
+        let (low, high) = reader.watermarks(index, id.partition)?;
         let store = match check_checkpoint(read_checkpoint(&*store)?, low, high) {
-            CheckpointCheck::RestoreFrom(from) => return reader.register(id, store, from, high),
+            CheckpointCheck::RestoreFrom(from) => {
+                return reader.register(id, index, store, from, high)
+            }
             CheckpointCheck::Corrupted(why) => {
-                tracing::warn!(task = %id, reason = %why, "store does not match its changelog: wiping it and restoring from the start");
+                tracing::warn!(task = %id, store = %store.name(), reason = %why, "store does not match its changelog: wiping it and restoring from the start");
                 metrics::counter!("readstate_tasks_corrupted_total").increment(1);
                 self.summary.tasks_corrupted += 1;
                 drop(store);
-                self.state.wipe(id)?;
-                self.state.open(id)?
+                self.state.wipe_store(id, index)?;
+                self.state.open(id, index)?
             }
         };
-        reader.register(id, store, low, high)
+        reader.register(id, index, store, low, high)
     }
 
     /// Apply one step of every running restore; start the tasks that completed.
@@ -415,41 +439,57 @@ impl TaskManager {
             return Ok(());
         }
         for done in reader.step()? {
-            self.start_task(consumer, done)?;
+            self.store_restored(consumer, done)?;
         }
         self.update_readiness();
         Ok(())
     }
 
-    fn start_task<C: ConsumerContext>(
+    /// One store of a task is restored: start the task once all of its stores are.
+    fn store_restored<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
         done: Restored,
     ) -> Result<(), RuntimeError> {
-        let Restored {
-            task: id,
-            store,
-            records,
-            elapsed,
-        } = done;
+        let n = self.state.stores().len();
+        let p = done.task.partition;
+        let slots = self
+            .restored
+            .entry(p)
+            .or_insert_with(|| (0..n).map(|_| None).collect());
+        let index = done.index;
+        slots[index] = Some(done);
+        if slots.iter().any(Option::is_none) {
+            return Ok(());
+        }
+        let slots = self.restored.remove(&p).expect("present above");
+        let done: Vec<Restored> = slots.into_iter().flatten().collect();
+        self.start_task(consumer, done)
+    }
+
+    fn start_task<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        done: Vec<Restored>,
+    ) -> Result<(), RuntimeError> {
+        let id = done[0].task;
+        let records: u64 = done.iter().map(|r| r.records).sum();
+        let elapsed = done.iter().map(|r| r.elapsed).max().unwrap_or_default();
         self.summary.restored_records += records;
         if self.reader.is_some() {
             tracing::info!(task = %id, records, ?elapsed, "task restored");
         }
-        let t = &self.topology;
-        let policy = EmitPolicy {
-            min_emit_interval_ms: t.processor.min_emit_interval.as_millis() as i64,
+        let ctx = ProcessorContext {
+            task: id,
+            stores: done.into_iter().map(|r| r.store).collect(),
+            cache: self.cache_share(self.running.len() + 1),
         };
-        let mut processor = ReadStateProcessor::open(store, policy, t.store.cache_max_entries)?;
-        if let Some(cap) = t.processor.unread_cap {
-            processor.enable_unread(cap)?;
-        }
+        let processor = self.supplier.init(ctx)?;
         self.running.insert(
             id.partition,
             RunningTask {
                 task: StreamTask::new(id, processor),
                 reported: Default::default(),
-                reported_messages: Default::default(),
             },
         );
         self.summary.tasks_opened += 1;
@@ -552,9 +592,22 @@ impl TaskManager {
     /// `cache_max_entries` is the instance's record-cache budget (as Kafka Streams'
     /// `statestore.cache.max.bytes`): each running task gets an equal share.
     fn share_cache_budget(&mut self) {
-        let share = (self.topology.store.cache_max_entries / self.running.len().max(1)).max(1);
+        let share = self.cache_share(self.running.len());
         for t in self.running.values_mut() {
-            t.task.processor_mut().set_cache_capacity(share);
+            t.task.processor_mut().set_cache_budget(share);
+        }
+    }
+
+    /// One task's share of the instance's cache budget when it runs `tasks` tasks.
+    fn cache_share(&self, tasks: usize) -> CacheBudget {
+        let tasks = tasks.max(1);
+        let t = &self.topology;
+        CacheBudget {
+            entries: (t.store.cache_max_entries / tasks).max(1),
+            positions: t
+                .heads_store
+                .as_ref()
+                .map_or(0, |h| h.cache_max_entries / tasks),
         }
     }
 
@@ -576,6 +629,7 @@ impl TaskManager {
         for (t, p) in parts {
             if *t == self.task_topic {
                 self.to_open.retain(|q| q != p);
+                self.restored.remove(p);
                 if let Some(r) = self.reader.as_mut() {
                     r.remove(*p);
                 }
@@ -692,6 +746,13 @@ impl TaskManager {
         for p in restoring {
             if let Some(t) = self.reader.as_mut().and_then(|r| r.remove(p)) {
                 lost.push(t);
+            }
+        }
+        // Stores restored while another store of their task still restored.
+        for p in std::mem::take(&mut self.restored).into_keys() {
+            let id = self.task_id(p);
+            if !lost.contains(&id) {
+                lost.push(id);
             }
         }
         for id in &lost {
@@ -924,7 +985,7 @@ topic = "out"
         let dir = tempfile::tempdir().unwrap();
         let mut tm = manager(&mock.bootstrap_servers(), dir.path());
         {
-            let mut s = tm.state.open(TaskId::new(0, 0)).unwrap();
+            let mut s = tm.state.open(TaskId::new(0, 0), 0).unwrap();
             let mut b = StoreBatch::default();
             put_checkpoint(&mut b, 100);
             s.write(b).unwrap();
@@ -951,7 +1012,9 @@ topic = "out"
             tm.summary.tasks_corrupted, 1,
             "the checkpoint beyond the end"
         );
-        let dirs: Vec<_> = [0, 1].map(|p| tm.state.store_dir(TaskId::new(0, p))).into();
+        let dirs: Vec<_> = [0, 1]
+            .map(|p| tm.state.store_dir(TaskId::new(0, p), 0))
+            .into();
         assert!(dirs.iter().all(|d| d.exists()));
         tm.lose_all("test");
         assert!(tm.running.is_empty());

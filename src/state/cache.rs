@@ -8,7 +8,7 @@
 
 use hashbrown::{HashMap, HashSet};
 
-use super::codec::{ReadState, StoreKey};
+use super::codec::{load, ReadState, ReadStates};
 use super::{KeyValueStore, StoreError};
 use crate::model::StateKey;
 
@@ -83,18 +83,9 @@ impl RecordCache {
         if self.miss_keys.is_empty() {
             return Ok(0);
         }
-        let encoded: Vec<StoreKey> = self.miss_keys.iter().map(|k| StoreKey::state(*k)).collect();
-        let refs: Vec<&[u8]> = encoded.iter().map(|k| k.as_bytes()).collect();
-        let values = store.multi_get(&refs)?;
-        for ((k, enc), v) in self.miss_keys.iter().zip(&encoded).zip(values) {
-            let state = match v {
-                Some(bytes) => ReadState::decode(&bytes).map_err(|reason| StoreError::Corrupt {
-                    store: store.name().clone(),
-                    key: enc.as_bytes().to_vec(),
-                    reason,
-                })?,
-                None => ReadState::default(),
-            };
+        let values = load::<ReadStates>(store, &self.miss_keys)?;
+        for (k, v) in self.miss_keys.iter().zip(values) {
+            let state = v.unwrap_or_default();
             self.entries.insert(
                 *k,
                 Box::new(CacheEntry {
@@ -191,7 +182,7 @@ mod tests {
     use super::*;
     use crate::ids::{ConversationId, ReaderId};
     use crate::state::memory::InMemoryStore;
-    use crate::state::StoreBatch;
+    use crate::state::{StoreBatch, StoreKey};
 
     fn k(c: i64) -> StateKey {
         StateKey {

@@ -6,6 +6,13 @@
 //!
 //! Values are a compact versioned binary record ([`ReadState::encode`]), the same bytes in
 //! the store and in the changelog topic.
+//!
+//! Every cache, flush and restore reads and writes entries through an [`EntryCodec`]:
+//! the key type, its bytes and the value's bytes of one kind of entry. Today's entries have
+//! 64-bit ids and fixed 17-byte keys ([`ReadStates`], [`Heads`]); an entry keyed by string
+//! ids gets a codec whose `KeyBytes` is variable-length (tag, then the length-prefixed
+//! conversation, then the reader, keeping the per-conversation prefix order), without
+//! touching the code that goes through the trait.
 
 use compact_str::CompactString;
 use smallvec::SmallVec;
@@ -78,6 +85,118 @@ impl StoreKey {
     }
 
     pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// How one kind of store entry becomes bytes, in the store and in its changelog alike.
+pub trait EntryCodec {
+    type Key: Copy;
+    type Value;
+    /// The encoded key (tag first): fixed-size for integer ids, owned bytes for strings.
+    type KeyBytes: AsRef<[u8]>;
+    /// The entry's tag, the first byte of its keys.
+    const TAG: u8;
+
+    fn encode_key(key: &Self::Key) -> Self::KeyBytes;
+    /// `None` when the bytes are not a key of this entry.
+    fn decode_key(bytes: &[u8]) -> Option<Self::Key>;
+    fn encode_value(value: &Self::Value, out: &mut Vec<u8>);
+    fn decode_value(bytes: &[u8]) -> Result<Self::Value, String>;
+}
+
+/// Read states: (conversation, reader) → [`ReadState`], tag `s`.
+pub struct ReadStates;
+
+impl EntryCodec for ReadStates {
+    type Key = StateKey;
+    type Value = ReadState;
+    type KeyBytes = StoreKey;
+    const TAG: u8 = TAG_STATE;
+
+    fn encode_key(key: &StateKey) -> StoreKey {
+        StoreKey::state(*key)
+    }
+
+    fn decode_key(bytes: &[u8]) -> Option<StateKey> {
+        StoreKey::decode(bytes)
+            .filter(|(tag, _)| *tag == TAG_STATE)
+            .map(|(_, k)| k)
+    }
+
+    fn encode_value(value: &ReadState, out: &mut Vec<u8>) {
+        value.encode(out)
+    }
+
+    fn decode_value(bytes: &[u8]) -> Result<ReadState, String> {
+        ReadState::decode(bytes)
+    }
+}
+
+/// Conversation heads: conversation → [`ConversationHead`](super::head::ConversationHead),
+/// tag `h`.
+pub struct Heads;
+
+impl EntryCodec for Heads {
+    type Key = ConversationId;
+    type Value = super::head::ConversationHead;
+    type KeyBytes = StoreKey;
+    const TAG: u8 = TAG_HEAD;
+
+    fn encode_key(key: &ConversationId) -> StoreKey {
+        StoreKey::head(*key)
+    }
+
+    fn decode_key(bytes: &[u8]) -> Option<ConversationId> {
+        StoreKey::decode(bytes)
+            .filter(|(tag, _)| *tag == TAG_HEAD)
+            .map(|(_, k)| k.conversation)
+    }
+
+    fn encode_value(value: &Self::Value, out: &mut Vec<u8>) {
+        value.encode(out)
+    }
+
+    fn decode_value(bytes: &[u8]) -> Result<Self::Value, String> {
+        super::head::ConversationHead::decode(bytes)
+    }
+}
+
+/// Load the entries of `keys` from `store` with one `multi_get`; an undecodable value is
+/// a [`StoreError::Corrupt`](super::StoreError::Corrupt) naming the store and key.
+pub fn load<C: EntryCodec>(
+    store: &dyn super::KeyValueStore,
+    keys: &[C::Key],
+) -> Result<Vec<Option<C::Value>>, super::StoreError> {
+    let encoded: Vec<C::KeyBytes> = keys.iter().map(C::encode_key).collect();
+    let refs: Vec<&[u8]> = encoded.iter().map(AsRef::as_ref).collect();
+    let values = store.multi_get(&refs)?;
+    encoded
+        .iter()
+        .zip(values)
+        .map(|(k, v)| match v {
+            None => Ok(None),
+            Some(b) => C::decode_value(&b)
+                .map(Some)
+                .map_err(|reason| super::StoreError::Corrupt {
+                    store: store.name().clone(),
+                    key: k.as_ref().to_vec(),
+                    reason,
+                }),
+        })
+        .collect()
+}
+
+/// Load one entry (see [`load`]).
+pub fn get<C: EntryCodec>(
+    store: &dyn super::KeyValueStore,
+    key: &C::Key,
+) -> Result<Option<C::Value>, super::StoreError> {
+    Ok(load::<C>(store, std::slice::from_ref(key))?.pop().flatten())
+}
+
+impl AsRef<[u8]> for StoreKey {
+    fn as_ref(&self) -> &[u8] {
         &self.0
     }
 }

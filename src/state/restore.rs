@@ -3,8 +3,7 @@
 
 use hashbrown::HashSet;
 
-use super::codec::{ReadState, StoreKey, TAG_HEAD, TAG_PENDING, TAG_STATE};
-use super::head::ConversationHead;
+use super::codec::{EntryCodec, Heads, ReadState, StoreKey, TAG_HEAD, TAG_PENDING, TAG_STATE};
 use super::{put_checkpoint, KeyValueStore, StoreBatch, StoreError};
 use crate::model::StateKey;
 
@@ -54,7 +53,7 @@ impl ChangelogRestorer {
                 match value {
                     None => batch.delete(key),
                     Some(v) => {
-                        ConversationHead::decode(v).map_err(corrupt)?;
+                        Heads::decode_value(v).map_err(corrupt)?;
                         batch.put(key, v);
                     }
                 }

@@ -5,10 +5,11 @@
 //! for the order in which a flush's outputs become durable).
 
 use crate::ids::{Origin, TaskId};
-use crate::model::{MessageEvent, ReadEvent};
-use crate::processor::{FlushOutput, ProcessStats, ProcessorError, ReadStateProcessor};
+use crate::model::ReadEvent;
+use crate::processor::api::{InputId, Processor, ProcessorStats, Records};
+use crate::processor::{FlushOutput, ProcessorError, ReadStateProcessor};
 use crate::serde::{EventDecoder, MessageDecoder};
-use crate::state::StoreBatch;
+use crate::state::{KeyValueStore, StoreBatch};
 
 /// A record as consumed: where it is, and its bytes.
 #[derive(Debug, Clone, Copy)]
@@ -78,11 +79,11 @@ fn capped(b: Option<&[u8]>, max: usize) -> (Option<Vec<u8>>, Option<usize>) {
 
 pub struct StreamTask {
     id: TaskId,
-    processor: ReadStateProcessor,
+    processor: Box<dyn Processor>,
 }
 
 impl StreamTask {
-    pub fn new(id: TaskId, processor: ReadStateProcessor) -> Self {
+    pub fn new(id: TaskId, processor: Box<dyn Processor>) -> Self {
         Self { id, processor }
     }
 
@@ -90,11 +91,13 @@ impl StreamTask {
         self.id
     }
 
-    /// Decode and fold a batch. The decoder must have been prepared for the batch (writer
-    /// schemas fetched). Undecodable records are returned as dead letters; the rest are
-    /// folded with one bulk store read for cache misses.
-    pub fn process(
+    /// Decode a batch of read events of input `input` and fold them. The decoder must
+    /// have been prepared for the batch (writer schemas fetched). Undecodable records are
+    /// returned as dead letters; the rest are folded with one bulk store read for cache
+    /// misses.
+    pub fn process_reads(
         &mut self,
+        input: InputId,
         decoder: &EventDecoder,
         records: &[SourceRecord<'_>],
         dead_letters: &mut Vec<DeadLetter>,
@@ -112,13 +115,14 @@ impl StreamTask {
                 )),
             }
         }
-        self.processor.process(&events)
+        self.processor.process(input, Records::ReadEvents(&events))
     }
 
-    /// Decode message events and fold them into their conversations' heads; undecodable
-    /// records are returned as dead letters.
+    /// Decode message events of input `input` and fold them into their conversations'
+    /// heads; undecodable records are returned as dead letters.
     pub fn process_messages(
         &mut self,
+        input: InputId,
         decoder: &MessageDecoder,
         records: &[SourceRecord<'_>],
         dead_letters: &mut Vec<DeadLetter>,
@@ -135,53 +139,130 @@ impl StreamTask {
                 )),
             }
         }
-        self.processor.process_messages(&messages)
+        self.processor
+            .process(input, Records::MessageEvents(&messages))
     }
 
-    /// Fold already-decoded message events (test driver, benchmarks).
-    pub fn process_message_events(
+    /// Fold already-decoded records (test driver, benchmarks).
+    pub fn process_decoded(
         &mut self,
-        messages: &[(MessageEvent, Origin)],
+        input: InputId,
+        records: Records<'_, '_>,
     ) -> Result<(), ProcessorError> {
-        self.processor.process_messages(messages)
+        self.processor.process(input, records)
     }
 
-    /// Fold already-decoded events (used by benchmarks and the test driver's typed input).
-    pub fn process_events(&mut self, events: &[(ReadEvent, Origin)]) -> Result<(), ProcessorError> {
+    /// Fold already-decoded read events (benchmarks, the test driver's typed input).
+    pub fn process_events(
+        &mut self,
+        input: InputId,
+        events: &[(ReadEvent, Origin)],
+    ) -> Result<(), ProcessorError> {
         let views: Vec<_> = events.iter().map(|(e, o)| (e.view(), *o)).collect();
-        self.processor.process(&views)
+        self.processor.process(input, Records::ReadEvents(&views))
     }
 
     pub fn prepare_flush(&mut self, now_ms: i64) -> FlushOutput {
-        self.processor.prepare_flush(now_ms)
+        self.processor.flush(now_ms)
     }
 
+    /// Write the flush's store batches (indexed as the task's stores), each with the next
+    /// offset of its changelog when records were written to it.
     pub fn commit_flush(
         &mut self,
-        batch: StoreBatch,
-        changelog_next_offset: Option<i64>,
+        batches: Vec<StoreBatch>,
+        checkpoints: &[Option<i64>],
     ) -> Result<(), ProcessorError> {
-        self.processor.commit_flush(batch, changelog_next_offset)
+        self.processor.commit(batches, checkpoints)
     }
 
-    /// Forget what was not committed (a failed flush): continue from the store.
+    /// Forget what was not committed (a failed flush): continue from the stores.
     pub fn reset_to_store(&mut self) -> Result<(), ProcessorError> {
-        self.processor.reset_to_store()
+        self.processor.reset()
     }
 
-    pub fn processor(&self) -> &ReadStateProcessor {
-        &self.processor
+    pub fn processor(&self) -> &dyn Processor {
+        &*self.processor
     }
 
-    pub fn processor_mut(&mut self) -> &mut ReadStateProcessor {
-        &mut self.processor
+    pub fn processor_mut(&mut self) -> &mut dyn Processor {
+        &mut *self.processor
     }
 
-    pub fn stats(&self) -> ProcessStats {
+    /// The read-state processor, when the task runs one (interactive queries: the test
+    /// driver, benchmarks).
+    pub fn read_state(&self) -> Option<&ReadStateProcessor> {
+        self.processor.as_any().downcast_ref()
+    }
+
+    pub fn stats(&self) -> ProcessorStats {
         self.processor.stats()
     }
 
-    pub fn into_processor(self) -> ReadStateProcessor {
-        self.processor
+    /// Close the task: its stores, indexed as the topology's.
+    pub fn close(self) -> Vec<Box<dyn KeyValueStore>> {
+        self.processor.close()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::MessageEvent;
+    use crate::processor::api::tests::counting;
+    use crate::state::read_checkpoint;
+
+    fn at(offset: i64) -> Origin {
+        Origin { source: 1, offset }
+    }
+
+    /// The task drives any processor through the trait: records reach the input they were
+    /// routed to, each store gets its own batch and changelog records, and each its own
+    /// checkpoint; what was not committed is forgotten by a reset.
+    #[test]
+    fn a_task_drives_a_processor_over_several_stores() {
+        let mut task = StreamTask::new(TaskId::new(0, 0), Box::new(counting(2, 3)));
+        let reads: Vec<(ReadEvent, Origin)> =
+            (0..2).map(|i| (ReadEvent::default(), at(i))).collect();
+        task.process_events(InputId(0), &reads).unwrap();
+        assert!(!task.processor().needs_flush(), "2 of 3 records");
+        let messages = [(MessageEvent::default(), at(9))];
+        task.process_decoded(InputId(1), Records::MessageEvents(&messages))
+            .unwrap();
+        assert!(task.processor().needs_flush());
+        let mut out = task.prepare_flush(5);
+        let logged: Vec<Vec<(Vec<u8>, Vec<u8>)>> = out
+            .stores
+            .iter()
+            .map(|s| {
+                s.changelog()
+                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            logged[0],
+            [(b"count".to_vec(), 2u64.to_be_bytes().to_vec())]
+        );
+        assert_eq!(
+            logged[1],
+            [(b"count".to_vec(), 1u64.to_be_bytes().to_vec())]
+        );
+        task.commit_flush(out.take_batches(), &[Some(11), Some(4)])
+            .unwrap();
+        let checkpoints: Vec<Option<i64>> = task
+            .processor()
+            .stores()
+            .iter()
+            .map(|s| read_checkpoint(*s).unwrap())
+            .collect();
+        assert_eq!(checkpoints, [Some(11), Some(4)], "a checkpoint per store");
+        // Processed but not committed: a reset continues from the stores.
+        task.process_events(InputId(0), &reads).unwrap();
+        task.reset_to_store().unwrap();
+        let out = task.prepare_flush(6);
+        assert!(out.is_empty(), "nothing uncommitted survives a reset");
+        assert!(task.read_state().is_none(), "not a read-state processor");
+        assert_eq!(task.close().len(), 2, "the stores come back on close");
     }
 }

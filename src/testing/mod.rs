@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use crate::ids::{Origin, TaskId};
 use crate::model::{HeadUpdate, MessageEvent, ReadEvent, ReceiptUpdate, StateKey, UnreadCounts};
-use crate::processor::{EmitPolicy, MessageStats, ProcessStats, ReadStateProcessor};
+use crate::processor::{
+    CacheBudget, InputId, MessageStats, ProcessStats, ProcessorContext, ProcessorSupplier,
+    ReadStateProcessor, ReadStateSupplier, RecordKind,
+};
 use crate::serde::avro::{AvroReadEvent, EventEncoder};
 use crate::serde::message::{AvroMessageEvent, MessageEncoder};
 use crate::serde::registry::{
@@ -26,7 +29,8 @@ use crate::state::memory::InMemoryStore;
 use crate::state::rocks::RocksDbStore;
 use crate::state::{KeyValueStore, ReadState};
 use crate::task::{DeadLetter, SourceRecord, StreamTask};
-use crate::topology::Topology;
+use crate::topology::graph::Graph;
+use crate::topology::{Store, Topology};
 
 /// Where the driver's stores live.
 #[derive(Debug, Clone)]
@@ -119,37 +123,59 @@ impl TopologyTestDriver {
         &self.topology
     }
 
-    fn store_path(root: &Path, topology: &Topology, partition: i32) -> PathBuf {
+    fn store_path(root: &Path, topology: &Topology, partition: i32, store: &Store) -> PathBuf {
         root.join(topology.application_id.as_str())
             .join(TaskId::new(0, partition).to_string())
-            .join(topology.store.name.as_str())
+            .join(store.name.as_str())
     }
 
+    /// Open a partition's task over its stores (one per `Topology::stores()`).
     fn open_task(&self, partition: i32) -> StreamTask {
-        let store: Box<dyn KeyValueStore> = match &self.stores {
-            DriverStores::Memory => Box::new(InMemoryStore::new(self.topology.store.name.clone())),
-            DriverStores::RocksDb(root) => Box::new(
-                RocksDbStore::open(
-                    self.topology.store.name.clone(),
-                    &Self::store_path(root, &self.topology, partition),
-                    &self.topology.store.rocksdb,
-                )
-                .expect("open rocksdb store"),
-            ),
-        };
-        self.task_over(partition, store)
+        let stores = self
+            .topology
+            .stores()
+            .into_iter()
+            .map(|spec| -> Box<dyn KeyValueStore> {
+                match &self.stores {
+                    DriverStores::Memory => Box::new(InMemoryStore::new(spec.name.clone())),
+                    DriverStores::RocksDb(root) => Box::new(
+                        RocksDbStore::open(
+                            spec.name.clone(),
+                            &Self::store_path(root, &self.topology, partition, spec),
+                            &spec.rocksdb,
+                        )
+                        .expect("open rocksdb store"),
+                    ),
+                }
+            })
+            .collect();
+        self.task_over(partition, stores)
     }
 
-    fn task_over(&self, partition: i32, store: Box<dyn KeyValueStore>) -> StreamTask {
-        let policy = EmitPolicy {
-            min_emit_interval_ms: self.topology.processor.min_emit_interval.as_millis() as i64,
+    /// Init the topology's processor over `stores` (as the runtime does after a restore).
+    fn task_over(&self, partition: i32, stores: Vec<Box<dyn KeyValueStore>>) -> StreamTask {
+        let id = TaskId::new(0, partition);
+        let t = &self.topology;
+        let ctx = ProcessorContext {
+            task: id,
+            stores,
+            cache: CacheBudget {
+                entries: t.store.cache_max_entries,
+                positions: t.heads_store.as_ref().map_or(0, |h| h.cache_max_entries),
+            },
         };
-        let mut p = ReadStateProcessor::open(store, policy, self.topology.store.cache_max_entries)
-            .expect("open processor");
-        if let Some(cap) = self.topology.processor.unread_cap {
-            p.enable_unread(cap).expect("load heads");
-        }
-        StreamTask::new(TaskId::new(0, partition), p)
+        let processor = ReadStateSupplier::new(t).init(ctx).expect("init processor");
+        StreamTask::new(id, processor)
+    }
+
+    /// The processor input of the topology's `kind` records (the compiled graph's route).
+    fn input_of(&self, kind: RecordKind) -> InputId {
+        Graph::compile(&self.topology)
+            .routes()
+            .iter()
+            .find(|r| r.records == kind)
+            .map(|r| r.input)
+            .expect("the topology has a source of these records")
     }
 
     fn partition(&mut self, partition: i32) -> &mut PartitionState {
@@ -211,11 +237,12 @@ impl TopologyTestDriver {
         futures::executor::block_on(self.decoder.prepare(recs.iter().map(|r| r.value)))
             .expect("local registry");
         let max_next = records.iter().map(|(o, _)| o + 1).max().unwrap_or(0);
+        let input = self.input_of(RecordKind::ReadEvents);
         self.open_partition(partition);
         let ps = self.partitions.get_mut(&partition).expect("open");
         ps.consumed = ps.consumed.max(max_next);
         let task = ps.task.as_mut().expect("open");
-        task.process(&self.decoder, &recs, &mut self.dead_letters)
+        task.process_reads(input, &self.decoder, &recs, &mut self.dead_letters)
             .expect("process");
     }
 
@@ -252,11 +279,12 @@ impl TopologyTestDriver {
         };
         futures::executor::block_on(self.message_decoder.prepare(std::iter::once(value)))
             .expect("local registry");
+        let input = self.input_of(RecordKind::MessageEvents);
         self.open_partition(partition);
         let ps = self.partitions.get_mut(&partition).expect("open");
         ps.messages_consumed = ps.messages_consumed.max(offset + 1);
         let task = ps.task.as_mut().expect("open");
-        task.process_messages(&self.message_decoder, &[rec], &mut self.dead_letters)
+        task.process_messages(input, &self.message_decoder, &[rec], &mut self.dead_letters)
             .expect("process messages");
     }
 
@@ -279,10 +307,11 @@ impl TopologyTestDriver {
             let Some(task) = ps.task.as_mut() else {
                 continue;
             };
-            let out = task.prepare_flush(now);
-            self.outputs.extend(out.updates);
-            self.heads.extend(out.heads);
-            task.commit_flush(out.batch, None).expect("commit flush");
+            let mut out = task.prepare_flush(now);
+            self.outputs.append(&mut out.updates);
+            self.heads.append(&mut out.heads);
+            task.commit_flush(out.take_batches(), &[])
+                .expect("commit flush");
             ps.committed = ps.consumed;
             ps.messages_committed = ps.messages_consumed;
         }
@@ -308,9 +337,9 @@ impl TopologyTestDriver {
         let now = self.now_ms;
         for ps in self.partitions.values_mut() {
             if let Some(task) = ps.task.as_mut() {
-                let out = task.prepare_flush(now);
-                self.outputs.extend(out.updates);
-                self.heads.extend(out.heads);
+                let mut out = task.prepare_flush(now);
+                self.outputs.append(&mut out.updates);
+                self.heads.append(&mut out.heads);
             }
         }
         self.crash();
@@ -323,10 +352,11 @@ impl TopologyTestDriver {
         let now = self.now_ms;
         for ps in self.partitions.values_mut() {
             if let Some(task) = ps.task.as_mut() {
-                let out = task.prepare_flush(now);
-                self.outputs.extend(out.updates);
-                self.heads.extend(out.heads);
-                task.commit_flush(out.batch, None).expect("commit flush");
+                let mut out = task.prepare_flush(now);
+                self.outputs.append(&mut out.updates);
+                self.heads.append(&mut out.heads);
+                task.commit_flush(out.take_batches(), &[])
+                    .expect("commit flush");
             }
         }
         self.crash();
@@ -339,10 +369,7 @@ impl TopologyTestDriver {
         for p in parts {
             let task = self.partitions.get_mut(&p).and_then(|ps| ps.task.take());
             let reopened = match (&self.stores, task) {
-                (DriverStores::Memory, Some(t)) => {
-                    let store = t.into_processor().into_store();
-                    self.task_over(p, store)
-                }
+                (DriverStores::Memory, Some(t)) => self.task_over(p, t.close()),
                 (_, t) => {
                     drop(t);
                     self.open_task(p)
@@ -375,7 +402,7 @@ impl TopologyTestDriver {
     /// A reader's unread and mention counts now, from their task (message source only).
     pub fn unread_counts(&self, partition: i32, key: StateKey) -> Option<UnreadCounts> {
         let task = self.partitions.get(&partition)?.task.as_ref()?;
-        task.processor().unread_counts(key).expect("store read")
+        task.read_state()?.unread_counts(key).expect("store read")
     }
 
     /// A conversation's head as its task sees it.
@@ -385,14 +412,14 @@ impl TopologyTestDriver {
         conversation: crate::ids::ConversationId,
     ) -> Option<ConversationHead> {
         let task = self.partitions.get(&partition)?.task.as_ref()?;
-        task.processor().head(conversation).expect("store read")
+        task.read_state()?.head(conversation).expect("store read")
     }
 
     /// What message folding did, summed over the tasks.
     pub fn message_stats(&self) -> MessageStats {
         let mut s = MessageStats::default();
         for t in self.partitions.values().filter_map(|p| p.task.as_ref()) {
-            if let Some(x) = t.processor().message_stats() {
+            if let Some(x) = t.stats().messages {
                 s.counted += x.counted;
                 s.duplicates += x.duplicates;
                 s.late += x.late;
@@ -418,22 +445,31 @@ impl TopologyTestDriver {
         self.partitions
             .values()
             .filter_map(|ps| ps.task.as_ref())
-            .find_map(|t| t.processor().state(key).expect("store read"))
+            .filter_map(StreamTask::read_state)
+            .find_map(|p| p.state(key).expect("store read"))
     }
 
-    /// The store of a partition's task.
+    /// The read-state store of a partition's task.
     pub fn store(&self, partition: i32) -> Option<&dyn KeyValueStore> {
-        self.partitions
-            .get(&partition)?
-            .task
-            .as_ref()
-            .map(|t| t.processor().store())
+        self.stores(partition).into_iter().next()
+    }
+
+    /// Every store of a partition's task, indexed as `Topology::stores()`.
+    pub fn stores(&self, partition: i32) -> Vec<&dyn KeyValueStore> {
+        match self
+            .partitions
+            .get(&partition)
+            .and_then(|p| p.task.as_ref())
+        {
+            Some(t) => t.processor().stores(),
+            None => Vec::new(),
+        }
     }
 
     pub fn stats(&self) -> ProcessStats {
         let mut s = ProcessStats::default();
         for t in self.partitions.values().filter_map(|p| p.task.as_ref()) {
-            let x = t.stats();
+            let x = t.stats().events;
             s.folded += x.folded;
             s.advanced += x.advanced;
             s.stale += x.stale;
@@ -449,7 +485,8 @@ impl TopologyTestDriver {
         self.partitions
             .values()
             .filter_map(|p| p.task.as_ref())
-            .map(|t| t.processor().pending_len())
+            .filter_map(StreamTask::read_state)
+            .map(ReadStateProcessor::pending_len)
             .sum()
     }
 }

@@ -21,7 +21,16 @@ pub fn describe(t: &Topology) -> String {
         "  state dir:      {}/{}/<task>/{}",
         t.state_dir.display(),
         t.application_id,
-        t.store.name
+        match t.stores().as_slice() {
+            [one] => one.name.to_string(),
+            many => format!(
+                "{{{}}}",
+                many.iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        }
     );
     let b = &t.bad_records;
     let policy = match b.on_bad_record {
@@ -110,10 +119,12 @@ pub fn describe(t: &Topology) -> String {
         ),
         None => String::new(),
     };
+    let stores: Vec<&str> = t.stores().iter().map(|s| s.name.as_str()).collect();
     let _ = writeln!(
         o,
         "  Processor: {} (kind: read-state, stores: [{}], {emit}{unread})",
-        p.name, p.store
+        p.name,
+        stores.join(", ")
     );
     for s in &t.sources {
         let from = if s.repartition_topic.is_some() {
@@ -145,32 +156,9 @@ pub fn describe(t: &Topology) -> String {
         let _ = writeln!(o, "    <-- {}", p.name);
     }
     let _ = writeln!(o, "Stores:");
-    let kind = match t.store.kind {
-        StoreKind::RocksDb => format!(
-            "rocksdb, per instance: block cache {} MiB + memtables {} x {} MiB{}",
-            t.store.rocksdb.block_cache_bytes >> 20,
-            t.store.rocksdb.max_write_buffers,
-            t.store.rocksdb.write_buffer_bytes >> 20,
-            if t.store.rocksdb.disable_wal {
-                ", WAL off"
-            } else {
-                ""
-            }
-        ),
-        StoreKind::Memory => "in-memory".to_owned(),
-    };
-    let _ = writeln!(
-        o,
-        "  {}: {kind}; record cache {} entries per instance",
-        t.store.name, t.store.cache_max_entries
-    );
-    match &t.store.changelog_topic {
-        Some(c) => {
-            let _ = writeln!(o, "    changelog: {c} (compacted)");
-        }
-        None => {
-            let _ = writeln!(o, "    changelog: none (state is lost with the node)");
-        }
+    describe_store(&mut o, &t.store, "entries");
+    if let Some(h) = &t.heads_store {
+        describe_store(&mut o, h, "message positions");
     }
     for pg in t.postgres.iter().chain(&t.heads_postgres) {
         let _ = writeln!(
@@ -212,4 +200,33 @@ pub fn describe(t: &Topology) -> String {
         let _ = writeln!(o, "  {topic} ({what})");
     }
     o
+}
+
+/// A store's memory, cache (`cache_unit`: what its `cache_max_entries` counts) and
+/// changelog.
+fn describe_store(o: &mut String, store: &super::Store, cache_unit: &str) {
+    let r = &store.rocksdb;
+    let kind = match store.kind {
+        StoreKind::RocksDb => format!(
+            "rocksdb, per instance: block cache {} MiB + memtables {} x {} MiB{}",
+            r.block_cache_bytes >> 20,
+            r.max_write_buffers,
+            r.write_buffer_bytes >> 20,
+            if r.disable_wal { ", WAL off" } else { "" }
+        ),
+        StoreKind::Memory => "in-memory".to_owned(),
+    };
+    let _ = writeln!(
+        o,
+        "  {}: {kind}; record cache {} {cache_unit} per instance",
+        store.name, store.cache_max_entries
+    );
+    match &store.changelog_topic {
+        Some(c) => {
+            let _ = writeln!(o, "    changelog: {c} (compacted)");
+        }
+        None => {
+            let _ = writeln!(o, "    changelog: none (state is lost with the node)");
+        }
+    }
 }

@@ -5,6 +5,7 @@
 //! at (`sink[1].batch_size: ...`) so `readstate validate` can report them all in one run.
 
 mod describe;
+pub mod graph;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -149,6 +150,8 @@ pub struct ReadStateNode {
     pub name: String,
     pub inputs: Vec<String>,
     pub store: StoreName,
+    /// The store of the conversation heads (with a message source).
+    pub heads_store: Option<StoreName>,
     pub min_emit_interval: Duration,
     /// Set when a message source feeds the processor: recent messages kept per
     /// conversation (unread and mention counts are exact up to this far behind the head).
@@ -233,7 +236,10 @@ pub struct Topology {
     pub sources: Vec<Source>,
     /// The message-event source, co-partitioned with the read events' task topic.
     pub messages: Option<Source>,
+    /// The read-state store (pointers and their pending-emit index).
     pub store: Store,
+    /// The conversation-heads store, with its own changelog (a message source).
+    pub heads_store: Option<Store>,
     pub processor: ReadStateNode,
     pub output: KafkaSink,
     /// Where conversation-head updates go (a message source and a kafka sink with
@@ -264,11 +270,21 @@ impl Topology {
             .iter()
             .filter_map(|s| s.repartition_topic.clone().map(|r| (r, false)))
             .collect();
-        if let Some(c) = &self.store.changelog_topic {
-            t.push((c.clone(), true));
+        for s in self.stores() {
+            if let Some(c) = &s.changelog_topic {
+                t.push((c.clone(), true));
+            }
         }
         t.push((self.dead_letter_topic.clone(), false));
         t
+    }
+
+    /// Every store of a task, in the order a task's stores are indexed (`state::TaskStores`): the
+    /// read-state store, then the conversation-heads store.
+    pub fn stores(&self) -> Vec<&Store> {
+        std::iter::once(&self.store)
+            .chain(self.heads_store.as_ref())
+            .collect()
     }
 
     /// Topics the stream tasks consume (after repartitioning).
@@ -393,6 +409,47 @@ fn compile_bad_records(app: &config::ApplicationSpec, errs: &mut Errors) -> BadR
             d.min_records as usize,
             1 << 40,
         ) as u64,
+    }
+}
+
+/// The heads store of a read-state processor: required with a message input, refused
+/// without one, distinct from the read-state store.
+fn compile_heads_store(
+    errs: &mut Errors,
+    at: &str,
+    p: &config::ProcessorSpec,
+    reads_messages: bool,
+    store: Option<&str>,
+    stores: &[Store],
+) -> Option<StoreName> {
+    match (reads_messages, p.heads_store.as_deref()) {
+        (true, None) => {
+            errs.push(
+                format!("{at}.heads_store"),
+                "is required with a message-events input: the conversation heads live in their own store (and changelog)",
+            );
+            None
+        }
+        (false, Some(_)) => {
+            errs.push(
+                format!("{at}.heads_store"),
+                "needs a source with records = \"message-events\" among the inputs",
+            );
+            None
+        }
+        (false, None) => None,
+        (true, Some(h)) if Some(h) == store => {
+            errs.push(
+                format!("{at}.heads_store"),
+                format!("{h:?} is the read-state store; the heads need a store of their own"),
+            );
+            None
+        }
+        (true, Some(h)) if !stores.iter().any(|s| s.name.as_str() == h) => {
+            errs.push(format!("{at}.heads_store"), format!("no store named {h:?}"));
+            None
+        }
+        (true, Some(h)) => Some(StoreName(h.to_owned())),
     }
 }
 
@@ -660,6 +717,7 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
                 errs.push(format!("{at}.store"), format!("no store named {st:?}"));
             }
         }
+        let heads_store = compile_heads_store(errs, &at, p, reads_messages, store, &stores);
         let min_emit_interval = errs.duration(
             &format!("{at}.min_emit_interval"),
             &p.min_emit_interval,
@@ -670,6 +728,7 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
                 name: name.to_owned(),
                 inputs,
                 store: StoreName(store.to_owned()),
+                heads_store,
                 min_emit_interval,
                 unread_cap,
             });
@@ -881,7 +940,11 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
     let state_dir = PathBuf::from(app.state_dir.clone().unwrap_or_else(|| "./state".into()));
     let processor = processors.into_iter().next()?;
     let store = stores.iter().find(|s| s.name == processor.store)?.clone();
-    if stores.len() > 1 {
+    let heads_store = match &processor.heads_store {
+        Some(h) => Some(stores.iter().find(|s| &s.name == h)?.clone()),
+        None => None,
+    };
+    if stores.len() > 1 + usize::from(heads_store.is_some()) {
         errs.push("store", "stores other than the processor's are not used");
     }
     Some(Topology {
@@ -894,6 +957,7 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
         sources,
         messages,
         store,
+        heads_store,
         processor,
         output: kafka.into_iter().next()?,
         heads_output: heads.into_iter().next(),

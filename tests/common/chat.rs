@@ -59,11 +59,14 @@ topic = "{messages}"
 records = "message-events"
 [[store]]
 name = "read-state"
+[[store]]
+name = "head-state"
 [[processor]]
 name = "read-state"
 kind = "read-state"
 inputs = ["reads", "messages"]
 store = "read-state"
+heads_store = "head-state"
 unread_cap = 1000
 [[sink]]
 name = "updates"

@@ -1,0 +1,217 @@
+//! A compiled topology as a graph (Kafka Streams' `InternalTopologyBuilder` output):
+//! source nodes → processor node → its stores, and processor → sink nodes. The runtime
+//! and the test driver route on it: a record of a task's topic goes to the input of the
+//! processor its source node feeds ([`Graph::route`]), decoded as that source's records.
+
+use super::Topology;
+use crate::ids::{StoreName, TopicName};
+use crate::processor::{InputId, RecordKind};
+
+/// A node's position in [`Graph::nodes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub usize);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeKind {
+    /// Records of `topic` as the stream tasks consume them (the repartition topic of a
+    /// repartitioned source).
+    Source {
+        topic: TopicName,
+        records: RecordKind,
+    },
+    Processor {
+        kind: &'static str,
+    },
+    /// A store of the processor, with its changelog (index: its position among the
+    /// task's stores).
+    Store {
+        index: usize,
+        changelog: Option<TopicName>,
+    },
+    Sink {
+        topic: TopicName,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub kind: NodeKind,
+}
+
+/// Where records of a task topic go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub topic: TopicName,
+    pub input: InputId,
+    pub records: RecordKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Graph {
+    pub nodes: Vec<Node>,
+    /// (from, to): source → processor (in input order), processor → store, processor →
+    /// sink.
+    pub edges: Vec<(NodeId, NodeId)>,
+}
+
+impl Graph {
+    /// The stream tasks' sub-topology of `t`.
+    pub fn compile(t: &Topology) -> Self {
+        let mut g = Graph {
+            nodes: Vec::new(),
+            edges: Vec::new(),
+        };
+        let processor = g.add(
+            &t.processor.name,
+            NodeKind::Processor { kind: "read-state" },
+        );
+        for input in &t.processor.inputs {
+            let (topic, records) = match &t.messages {
+                Some(m) if &m.name == input => (m.topic.clone(), RecordKind::MessageEvents),
+                _ => {
+                    let s = t
+                        .sources
+                        .iter()
+                        .find(|s| &s.name == input)
+                        .expect("compiled inputs name sources");
+                    (s.task_input_topic().clone(), RecordKind::ReadEvents)
+                }
+            };
+            let source = g.add(input, NodeKind::Source { topic, records });
+            g.edges.push((source, processor));
+        }
+        for (index, store) in t.stores().into_iter().enumerate() {
+            let changelog = store.changelog_topic.clone();
+            let node = g.add(store.name.as_str(), NodeKind::Store { index, changelog });
+            g.edges.push((processor, node));
+        }
+        for sink in std::iter::once(&t.output).chain(&t.heads_output) {
+            let node = g.add(
+                &sink.name,
+                NodeKind::Sink {
+                    topic: sink.topic.clone(),
+                },
+            );
+            g.edges.push((processor, node));
+        }
+        g
+    }
+
+    fn add(&mut self, name: &str, kind: NodeKind) -> NodeId {
+        self.nodes.push(Node {
+            name: name.to_owned(),
+            kind,
+        });
+        NodeId(self.nodes.len() - 1)
+    }
+
+    /// Every task topic with the processor input its records go to, in input order.
+    pub fn routes(&self) -> Vec<Route> {
+        let mut routes = Vec::new();
+        for (from, _) in &self.edges {
+            if let NodeKind::Source { topic, records } = &self.nodes[from.0].kind {
+                routes.push(Route {
+                    topic: topic.clone(),
+                    input: InputId(routes.len()),
+                    records: *records,
+                });
+            }
+        }
+        routes
+    }
+
+    /// The route of a task topic's records.
+    pub fn route<'a>(routes: &'a [Route], topic: &str) -> Option<&'a Route> {
+        routes.iter().find(|r| r.topic.as_str() == topic)
+    }
+
+    /// The processor's stores, in their index order.
+    pub fn stores(&self) -> Vec<StoreName> {
+        let mut stores: Vec<(usize, StoreName)> = self
+            .nodes
+            .iter()
+            .filter_map(|n| match &n.kind {
+                NodeKind::Store { index, .. } => Some((*index, StoreName(n.name.clone()))),
+                _ => None,
+            })
+            .collect();
+        stores.sort_by_key(|(i, _)| *i);
+        stores.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// The names of the nodes `node` feeds.
+    pub fn children(&self, node: NodeId) -> Vec<&str> {
+        self.edges
+            .iter()
+            .filter(|(from, _)| *from == node)
+            .map(|(_, to)| self.nodes[to.0].name.as_str())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::compile;
+
+    #[test]
+    fn both_sources_route_to_one_processor_with_two_stores() {
+        let t = compile(include_str!("../../topologies/read_state_with_unread.toml")).unwrap();
+        let g = Graph::compile(&t);
+        let routes = g.routes();
+        assert_eq!(routes.len(), 2);
+        assert_eq!(
+            (routes[0].topic.as_str(), routes[0].input, routes[0].records),
+            ("chat.read-events", InputId(0), RecordKind::ReadEvents)
+        );
+        assert_eq!(
+            (routes[1].topic.as_str(), routes[1].input, routes[1].records),
+            ("chat.message-events", InputId(1), RecordKind::MessageEvents)
+        );
+        assert_eq!(
+            Graph::route(&routes, "chat.message-events").map(|r| r.input),
+            Some(InputId(1))
+        );
+        assert!(Graph::route(&routes, "chat.receipt-updates").is_none());
+        let stores = g.stores();
+        let names: Vec<&str> = stores.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names, ["read-state", "head-state"]);
+        let processor = NodeId(0);
+        assert_eq!(
+            g.children(processor),
+            [
+                "read-state",
+                "head-state",
+                "receipt-updates",
+                "conversation-heads"
+            ]
+        );
+        let changelogs: Vec<_> = g
+            .nodes
+            .iter()
+            .filter_map(|n| match &n.kind {
+                NodeKind::Store { changelog, .. } => changelog.clone(),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            changelogs,
+            [
+                TopicName("read-state-unread-read-state-changelog".into()),
+                TopicName("read-state-unread-head-state-changelog".into())
+            ],
+            "a changelog per store"
+        );
+    }
+
+    #[test]
+    fn a_repartitioned_source_routes_from_its_repartition_topic() {
+        let text = include_str!("../../topologies/read_receipts.toml");
+        let t = compile(text).unwrap();
+        let routes = Graph::compile(&t).routes();
+        assert_eq!(routes.len(), 1);
+        assert_eq!(&routes[0].topic, t.sources[0].task_input_topic());
+        assert_eq!(routes[0].records, RecordKind::ReadEvents);
+    }
+}

@@ -14,6 +14,8 @@ mod common;
 mod db;
 #[path = "common/kafka.rs"]
 mod kafka;
+#[path = "common/process.rs"]
+mod process;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -25,6 +27,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use db::Db;
 use kafka::suffix;
+use process::{signal, terminate_logged};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, Producer};
 use rdkafka::Message;
@@ -153,34 +156,6 @@ impl Scenario {
     }
 }
 
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(child.id().to_string())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -{sig}");
-}
-
-/// SIGTERM, and a clean exit within a bounded time; on failure, the end of its `log`.
-fn terminate(child: &mut Child, what: &str, log: impl Fn() -> String) {
-    signal(child, "TERM");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(
-                status.success(),
-                "{what} exited with {status}; its log ends:\n{}",
-                log()
-            );
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what} did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn kill9(child: &mut Child) {
     child.kill().unwrap();
     child.wait().unwrap();
@@ -252,7 +227,7 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
     nodes[1] = s.spawn(1);
     pause(Duration::from_secs(3));
     eprintln!("chaos: SIGTERM node 2, restart");
-    terminate(&mut nodes[2], "node 2", || s.tail(2));
+    terminate_logged(&mut nodes[2], "node 2", || s.tail(2));
     nodes[2] = s.spawn(2);
     pause(Duration::from_secs(3));
     eprintln!("chaos: SIGSTOP node 0 past the session timeout, then SIGCONT");
@@ -275,7 +250,7 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
         Duration::from_secs(60),
         || std::fs::read_to_string(&log3).is_ok_and(|l| l.contains("task restored")),
     );
-    terminate(&mut extra, "node 3", || s.tail(3));
+    terminate_logged(&mut extra, "node 3", || s.tail(3));
     eprintln!("chaos: PostgreSQL refuses connections for 8 s");
     s.db.block();
     pause(Duration::from_secs(8));
@@ -297,7 +272,7 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
         },
     );
     for (i, c) in nodes.iter_mut().enumerate() {
-        terminate(c, &format!("node {i}"), || s.tail(i));
+        terminate_logged(c, &format!("node {i}"), || s.tail(i));
     }
     let log0 = s.log_since(0, stopped_at);
     assert!(

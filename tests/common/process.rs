@@ -15,11 +15,25 @@ pub fn signal(child: &std::process::Child, sig: &str) {
 
 /// SIGTERM, and the process exits 0 after its last flush and commit.
 pub fn terminate(child: &mut std::process::Child) {
+    terminate_logged(child, "the child", String::new);
+}
+
+/// SIGTERM, and a clean exit within a bounded time; on failure, the end of its `log`.
+pub fn terminate_logged(child: &mut std::process::Child, what: &str, log: impl Fn() -> String) {
     signal(child, "TERM");
-    assert!(
-        child.wait().unwrap().success(),
-        "graceful shutdown on SIGTERM"
-    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(
+                status.success(),
+                "{what} exited with {status} on SIGTERM; its log ends:\n{}",
+                log()
+            );
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Wait (bounded) until a child's log has `needle`.

@@ -31,7 +31,7 @@ use readstate::serde::registry::{LOCAL_CONVERSATION_HEAD_ID, LOCAL_RECEIPT_UPDAT
 use readstate::serde::{LocalRegistry, CONVERSATION_HEAD_SCHEMA, RECEIPT_UPDATE_SCHEMA};
 use readstate::state::head::ConversationHead;
 use readstate::state::rocks::{RocksDbOptions, RocksDbStore};
-use readstate::state::{KeyValueStore, ReadState, StoreKey};
+use readstate::state::{put_checkpoint, KeyValueStore, ReadState, StoreBatch, StoreKey};
 use readstate::topology::compile;
 
 const PARTS: i32 = 4;
@@ -443,4 +443,63 @@ fn sigstop_past_the_session_timeout_then_sigcont_keeps_every_count_exact() {
     let sc = c.stop();
     assert!(sc.restored_records > 0, "{sc:?}");
     check_stored_counts(&dir_c.path().join(&env.app), &w);
+}
+
+/// Each store is judged against its own changelog: a head-state store whose checkpoint
+/// lies beyond its changelog's end (as after the changelog was recreated) is wiped and
+/// restored from it alone, the read-state store beside it kept; the counts stay exact.
+#[test]
+fn a_head_store_that_does_not_match_its_changelog_is_wiped_and_restored_alone() {
+    let env = Env::new(PARTS);
+    let w = generate(&spec(14));
+    let (first, second) = w.arrivals.split_at(w.arrivals.len() / 2);
+    env.produce(first);
+    let a = launch(env.config(env.state.path()));
+    env.await_outputs(&w.prefix(first.len()));
+    let sa = a.stop();
+    assert_eq!(sa.tasks_corrupted, 0, "{sa:?}");
+    // Every head store claims a changelog position far beyond the end, and holds a head
+    // no message made (it must not survive the wipe).
+    let app_dir = env.state.path().join(&env.app);
+    let stray = ConversationId(-42);
+    let kept = StateKey {
+        conversation: stray,
+        reader: readstate::ids::ReaderId(1),
+    };
+    for p in 0..PARTS {
+        let path = app_dir.join(format!("0_{p}")).join("head-state");
+        let mut s =
+            RocksDbStore::open("head-state".into(), &path, &RocksDbOptions::default()).unwrap();
+        let mut batch = StoreBatch::default();
+        put_checkpoint(&mut batch, 1_000_000);
+        let mut bytes = Vec::new();
+        ConversationHead::default().encode(&mut bytes);
+        batch.put(StoreKey::head(stray).as_bytes(), &bytes);
+        s.write(batch).unwrap();
+        // And the read-state store beside it a value no event made (it must survive).
+        let path = app_dir.join(format!("0_{p}")).join("read-state");
+        let mut s =
+            RocksDbStore::open("read-state".into(), &path, &RocksDbOptions::default()).unwrap();
+        let mut batch = StoreBatch::default();
+        batch.put(
+            StoreKey::state(kept).as_bytes(),
+            ReadState::default().to_bytes(),
+        );
+        s.write(batch).unwrap();
+    }
+    env.produce(second);
+    let b = launch(env.config(env.state.path()));
+    env.await_outputs(&w);
+    let sb = b.stop();
+    assert_eq!(
+        sb.tasks_corrupted, PARTS as u64,
+        "only the head stores were wiped: {sb:?}"
+    );
+    assert!(sb.restored_records > 0, "{sb:?}");
+    let (heads, _) = stored(&app_dir);
+    assert!(
+        !heads.contains_key(&stray),
+        "the wiped store kept a stray head"
+    );
+    check_stored_counts(&app_dir, &w);
 }

@@ -641,7 +641,7 @@ impl TaskManager {
     }
 
     fn send_updates(&mut self, out: &FlushOutput) {
-        let output_topic = &self.topology.output.topic.0;
+        let output_topic = &self.receipts_topic;
         for u in &out.updates {
             self.buf.clear();
             self.encoder.encode_update_into(u, &mut self.buf);
@@ -660,14 +660,14 @@ impl TaskManager {
 
     /// Conversation-head updates, to their topic when the topology has one.
     fn send_heads(&mut self, out: &FlushOutput) {
-        let (Some(encoder), Some(sink)) = (&self.heads_encoder, &self.topology.heads_output) else {
+        let (Some(encoder), Some(topic)) = (&self.heads_encoder, &self.heads_topic) else {
             return;
         };
         for u in &out.heads {
             self.buf.clear();
             encoder.encode_head_into(u, &mut self.buf);
             let mut key = itoa::Buffer::new();
-            let rec = BaseRecord::to(sink.topic.as_str())
+            let rec = BaseRecord::to(topic.as_str())
                 .key(key.format(u.conversation_id.0).as_bytes())
                 .payload(&self.buf);
             self.collector.send(rec);

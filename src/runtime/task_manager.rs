@@ -44,7 +44,7 @@ use crate::serde::{EventDecoder, HeadEncoder, MessageDecoder, UpdateEncoder};
 use crate::state::{read_checkpoint, KeyValueStore};
 use crate::task::{DeadLetter, StreamTask};
 use crate::telemetry::{Health, Progress};
-use crate::topology::graph::{Graph, Route};
+use crate::topology::graph::{Graph, Output, Route};
 use crate::topology::{ProcessingGuarantee, Topology};
 
 pub(super) struct RunningTask {
@@ -95,6 +95,9 @@ pub(super) struct TaskManager {
     pub(super) message_topic: Option<String>,
     /// Where each task topic's records go: the compiled graph's source → processor input.
     pub(super) routes: Vec<Route>,
+    /// The topics of the graph's sink nodes: receipt updates, and conversation heads.
+    pub(super) receipts_topic: String,
+    pub(super) heads_topic: Option<String>,
     /// Makes each task's processor (init with its restored stores).
     supplier: Box<dyn ProcessorSupplier>,
     /// Sub-topology number of the stateful tasks (1 when repartitioned, else 0).
@@ -193,11 +196,19 @@ impl TaskManager {
         };
         let collector =
             RecordCollector::with_transactions(&config.kafka, changelogs, transactional_id)?;
+        let graph = Graph::compile(t);
         Ok(Self {
             topology: t.clone(),
             task_topic: source.task_input_topic().0.clone(),
             message_topic: t.messages.as_ref().map(|m| m.topic.0.clone()),
-            routes: Graph::compile(t).routes(),
+            routes: graph.routes(),
+            receipts_topic: graph
+                .sink_topic(Output::Receipts)
+                .map(|t| t.0.clone())
+                .ok_or_else(|| RuntimeError::Config("the topology has no receipts sink".into()))?,
+            heads_topic: graph
+                .sink_topic(Output::ConversationHeads)
+                .map(|t| t.0.clone()),
             supplier: Box::new(ReadStateSupplier::new(t)),
             subtopology: u32::from(forwarding.is_some()),
             forwarding,

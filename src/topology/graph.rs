@@ -1,7 +1,8 @@
 //! A compiled topology as a graph (Kafka Streams' `InternalTopologyBuilder` output):
 //! source nodes → processor node → its stores, and processor → sink nodes. The runtime
 //! and the test driver route on it: a record of a task's topic goes to the input of the
-//! processor its source node feeds ([`Graph::route`]), decoded as that source's records.
+//! processor its source node feeds ([`Graph::route`]), decoded as that source's records,
+//! and each of the processor's outputs to the topic of its sink node ([`Graph::sink_topic`]).
 
 use super::Topology;
 use crate::ids::{StoreName, TopicName};
@@ -30,7 +31,17 @@ pub enum NodeKind {
     },
     Sink {
         topic: TopicName,
+        output: Output,
     },
+}
+
+/// What a processor emits to a sink node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Output {
+    /// Receipt updates (one per advanced key per flush).
+    Receipts,
+    /// Conversation-head updates (one per changed conversation per flush).
+    ConversationHeads,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,13 +97,14 @@ impl Graph {
             let node = g.add(store.name.as_str(), NodeKind::Store { index, changelog });
             g.edges.push((processor, node));
         }
-        for sink in std::iter::once(&t.output).chain(&t.heads_output) {
-            let node = g.add(
-                &sink.name,
-                NodeKind::Sink {
-                    topic: sink.topic.clone(),
-                },
-            );
+        let sinks = std::iter::once((&t.output, Output::Receipts)).chain(
+            t.heads_output
+                .iter()
+                .map(|h| (h, Output::ConversationHeads)),
+        );
+        for (sink, output) in sinks {
+            let topic = sink.topic.clone();
+            let node = g.add(&sink.name, NodeKind::Sink { topic, output });
             g.edges.push((processor, node));
         }
         g
@@ -124,6 +136,14 @@ impl Graph {
     /// The route of a task topic's records.
     pub fn route<'a>(routes: &'a [Route], topic: &str) -> Option<&'a Route> {
         routes.iter().find(|r| r.topic.as_str() == topic)
+    }
+
+    /// The topic of the sink node the processor's `output` goes to, if it has one.
+    pub fn sink_topic(&self, output: Output) -> Option<&TopicName> {
+        self.nodes.iter().find_map(|n| match &n.kind {
+            NodeKind::Sink { topic, output: o } if *o == output => Some(topic),
+            _ => None,
+        })
     }
 
     /// The processor's stores, in their index order.
@@ -174,6 +194,15 @@ mod tests {
             Some(InputId(1))
         );
         assert!(Graph::route(&routes, "chat.receipt-updates").is_none());
+        assert_eq!(
+            g.sink_topic(Output::Receipts).map(TopicName::as_str),
+            Some("chat.receipt-updates")
+        );
+        assert_eq!(
+            g.sink_topic(Output::ConversationHeads)
+                .map(TopicName::as_str),
+            Some("chat.conversation-heads")
+        );
         let stores = g.stores();
         let names: Vec<&str> = stores.iter().map(|s| s.as_str()).collect();
         assert_eq!(names, ["read-state", "head-state"]);
@@ -213,5 +242,8 @@ mod tests {
         assert_eq!(routes.len(), 1);
         assert_eq!(&routes[0].topic, t.sources[0].task_input_topic());
         assert_eq!(routes[0].records, RecordKind::ReadEvents);
+        let g = Graph::compile(&t);
+        assert_eq!(g.sink_topic(Output::Receipts), Some(&t.output.topic));
+        assert_eq!(g.sink_topic(Output::ConversationHeads), None);
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use chat::{produce, topology_text, ChatTopics};
 use kafka::suffix;
-use process::{signal, terminate, wait_log};
+use process::{signal, terminate, terminate_logged, wait_log};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::Message;
@@ -418,8 +418,12 @@ fn sigstop_past_the_session_timeout_then_sigcont_keeps_every_count_exact() {
     signal(&a, "CONT");
     env.produce(&w.arrivals[cuts[1]..]);
     let (updates, _) = env.await_outputs(&w);
-    terminate(&mut a);
-    terminate(&mut b);
+    let log = |dir: &std::path::Path| {
+        let dir = dir.to_path_buf();
+        move || std::fs::read_to_string(dir.join("readstate.log")).unwrap_or_default()
+    };
+    terminate_logged(&mut a, "A", log(dir_a.path()));
+    terminate_logged(&mut b, "B", log(dir_b.path()));
     assert!(
         taken_over >= std::time::Duration::from_secs(3),
         "B took A's tasks only after A's session timed out ({taken_over:?})"

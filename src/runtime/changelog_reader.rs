@@ -92,7 +92,8 @@ impl ChangelogReader {
     }
 
     /// The changelog partition's (low, high) watermarks. A changelog created a moment ago
-    /// may have no leader yet: that answer is asked again, backing off, until a deadline
+    /// may have no leader yet, and a process resumed after a pause may have to reconnect:
+    /// those answers are asked again, backing off, until a deadline
     /// 10 s after the first ask since the last answer. The deadline is shared by the
     /// partitions asked one after another (this runs inside the assignment callback), so a
     /// changelog that never gets a leader costs 10 s in all, not 10 s per partition.
@@ -362,8 +363,8 @@ fn watermarks_with_retry(
     loop {
         match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
             Ok(w) => return Ok(w),
-            Err(e) if leaderless(&e) && Instant::now() + backoff < deadline => {
-                tracing::debug!(topic, partition, error = %e, "changelog partition has no leader yet");
+            Err(e) if retriable(&e) && Instant::now() + backoff < deadline => {
+                tracing::debug!(topic, partition, error = %e, "changelog watermarks not answered yet");
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
@@ -372,12 +373,21 @@ fn watermarks_with_retry(
     }
 }
 
-/// A partition without a (known) leader yet: a topic just created.
-fn leaderless(e: &rdkafka::error::KafkaError) -> bool {
+/// Worth asking again: a partition without a (known) leader yet (a topic just created),
+/// or a transient transport failure (librdkafka reconnects; e.g. after the process was
+/// paused and its connections timed out).
+fn retriable(e: &rdkafka::error::KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode as C;
     matches!(
         e.rdkafka_error_code(),
-        Some(C::NotLeaderForPartition | C::LeaderNotAvailable | C::UnknownTopicOrPartition)
+        Some(
+            C::NotLeaderForPartition
+                | C::LeaderNotAvailable
+                | C::UnknownTopicOrPartition
+                | C::BrokerTransportFailure
+                | C::AllBrokersDown
+                | C::RequestTimedOut
+        )
     )
 }
 

@@ -38,15 +38,6 @@ pub enum RecordKind {
     MessageEvents,
 }
 
-impl RecordKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ReadEvents => "read-events",
-            Self::MessageEvents => "message-events",
-        }
-    }
-}
-
 /// A batch of decoded records of one input, each with where it first entered readstate.
 #[derive(Debug, Clone, Copy)]
 pub enum Records<'a, 'r> {
@@ -55,13 +46,6 @@ pub enum Records<'a, 'r> {
 }
 
 impl Records<'_, '_> {
-    pub fn kind(&self) -> RecordKind {
-        match self {
-            Self::ReadEvents(_) => RecordKind::ReadEvents,
-            Self::MessageEvents(_) => RecordKind::MessageEvents,
-        }
-    }
-
     pub fn len(&self) -> usize {
         match self {
             Self::ReadEvents(r) => r.len(),
@@ -151,29 +135,17 @@ pub struct ReadStateSupplier {
     policy: EmitPolicy,
     /// With a message input: positions kept per conversation head.
     unread_cap: Option<usize>,
-    /// Where each input's records go (by [`InputId`]).
-    inputs: Vec<RecordKind>,
 }
 
 impl ReadStateSupplier {
     pub fn new(topology: &Topology) -> Self {
         let node = &topology.processor;
-        let kind = |name: &String| match &topology.messages {
-            Some(m) if &m.name == name => RecordKind::MessageEvents,
-            _ => RecordKind::ReadEvents,
-        };
         Self {
             policy: EmitPolicy {
                 min_emit_interval_ms: node.min_emit_interval.as_millis() as i64,
             },
             unread_cap: node.unread_cap,
-            inputs: node.inputs.iter().map(kind).collect(),
         }
-    }
-
-    /// The kind of records input `i` carries.
-    pub fn input_kind(&self, i: InputId) -> Option<RecordKind> {
-        self.inputs.get(i.0).copied()
     }
 
     /// The concrete processor (the test driver and benchmarks query its state).
@@ -184,9 +156,7 @@ impl ReadStateSupplier {
             .ok_or(ProcessorError::MissingStore("read-state"))?;
         let mut p = ReadStateProcessor::open(state, self.policy, ctx.cache.entries)?;
         if let Some(cap) = self.unread_cap {
-            let heads = stores
-                .next()
-                .ok_or(ProcessorError::MissingStore("conversation-heads"))?;
+            let heads = stores.next().ok_or(ProcessorError::MissingStore("heads"))?;
             p.enable_unread(cap, ctx.cache.positions, heads)?;
         }
         Ok(p)
@@ -258,7 +228,6 @@ impl Processor for ReadStateProcessor {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::processor::read_state::StoreFlush;
     use crate::state::memory::InMemoryStore;
 
     /// The test implementation beside the trait: counts the records of each input into
@@ -271,7 +240,8 @@ pub(crate) mod tests {
         dirty: Vec<bool>,
         every: u64,
         pending: u64,
-        punctuated: Vec<i64>,
+        /// When punctuation ran.
+        pub(crate) punctuated: Vec<i64>,
     }
 
     impl CountingProcessor {
@@ -305,12 +275,7 @@ pub(crate) mod tests {
         }
 
         fn flush(&mut self, now_ms: i64) -> FlushOutput {
-            let mut out = FlushOutput {
-                stores: (0..self.stores.len())
-                    .map(|_| StoreFlush::default())
-                    .collect(),
-                ..Default::default()
-            };
+            let mut out = FlushOutput::for_stores(self.stores.len());
             for (i, dirty) in self.dirty.iter_mut().enumerate() {
                 if std::mem::take(dirty) {
                     let v = self.counts[i].to_be_bytes();
@@ -327,13 +292,9 @@ pub(crate) mod tests {
             batches: Vec<StoreBatch>,
             checkpoints: &[Option<i64>],
         ) -> Result<(), ProcessorError> {
-            for (i, mut b) in batches.into_iter().enumerate() {
-                if let Some(Some(c)) = checkpoints.get(i) {
-                    crate::state::put_checkpoint(&mut b, *c);
-                }
-                if !b.is_empty() {
-                    self.stores[i].write(b)?;
-                }
+            for (i, b) in batches.into_iter().enumerate() {
+                let checkpoint = checkpoints.get(i).copied().flatten();
+                crate::state::write_flushed(&mut *self.stores[i], b, checkpoint)?;
             }
             Ok(())
         }

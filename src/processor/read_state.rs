@@ -22,7 +22,7 @@ use crate::model::{EventRef, HeadUpdate, MessageEvent, ReceiptUpdate, StateKey, 
 use crate::state::cache::RecordCache;
 use crate::state::codec::{self, EntryCodec, ReadStates, StoreKey, TAG_PENDING};
 use crate::state::head::ConversationHead;
-use crate::state::{put_checkpoint, BatchOp, KeyValueStore, ReadState, StoreBatch, StoreError};
+use crate::state::{write_flushed, BatchOp, KeyValueStore, ReadState, StoreBatch, StoreError};
 
 /// When an advance may be emitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -99,11 +99,11 @@ pub struct FlushOutput {
 }
 
 impl FlushOutput {
-    fn for_stores(n: usize) -> Self {
-        Self {
-            stores: (0..n).map(|_| StoreFlush::default()).collect(),
-            ..Default::default()
-        }
+    /// An empty flush of `n` stores.
+    pub fn for_stores(n: usize) -> Self {
+        let mut out = Self::default();
+        out.ensure_stores(n);
+        out
     }
 
     /// Make room for `n` stores' parts.
@@ -263,7 +263,7 @@ impl ReadStateProcessor {
     /// Decide the updates of this flush and prepare the store batch. `now_ms` is wall-clock
     /// time; it stamps updates and drives the minimum emit interval.
     pub fn prepare_flush(&mut self, now_ms: i64) -> FlushOutput {
-        let mut out = FlushOutput::for_stores(1 + usize::from(self.heads.is_some()));
+        let mut out = FlushOutput::for_stores(self.store_count());
         if let Some(heads) = &mut self.heads {
             heads.flush(now_ms, &mut out.stores[HEADS_STORE], &mut out.heads);
         }
@@ -282,7 +282,7 @@ impl ReadStateProcessor {
     /// Punctuation: the advances held back by the emit interval whose slot opened by
     /// `now_ms`, popped from the due-time queue.
     pub fn emit_due(&mut self, now_ms: i64, out: &mut FlushOutput) {
-        out.ensure_stores(1 + usize::from(self.heads.is_some()));
+        out.ensure_stores(self.store_count());
         for key in self.pending.due(now_ms) {
             self.flush_key(key, now_ms, out);
         }
@@ -324,17 +324,13 @@ impl ReadStateProcessor {
         batches: Vec<StoreBatch>,
         checkpoints: &[Option<i64>],
     ) -> Result<(), ProcessorError> {
-        for (i, mut batch) in batches.into_iter().enumerate() {
-            if let Some(Some(off)) = checkpoints.get(i) {
-                put_checkpoint(&mut batch, *off);
-            }
-            if batch.is_empty() {
-                continue;
-            }
-            match (i, &mut self.heads) {
-                (HEADS_STORE, Some(heads)) => heads.store_mut().write(batch)?,
-                _ => self.store.write(batch)?,
-            }
+        for (i, batch) in batches.into_iter().enumerate() {
+            let checkpoint = checkpoints.get(i).copied().flatten();
+            let store = match (i, &mut self.heads) {
+                (HEADS_STORE, Some(heads)) => heads.store_mut(),
+                _ => &mut *self.store,
+            };
+            write_flushed(store, batch, checkpoint)?;
         }
         self.stats.flushes += 1;
         let pending = &self.pending;
@@ -399,6 +395,10 @@ impl ReadStateProcessor {
             Some(heads) => heads.stored(conversation),
             None => Ok(None),
         }
+    }
+
+    fn store_count(&self) -> usize {
+        1 + usize::from(self.heads.is_some())
     }
 
     /// The task's stores, indexed as `Topology::stores()`.

@@ -25,7 +25,6 @@ use super::task_manager::{
 };
 use super::{log_dead_letter, RuntimeError};
 use crate::ids::Origin;
-use crate::ids::TopicName;
 use crate::kafka::dead_letter_headers;
 use crate::processor::{FlushOutput, InputId, RecordKind};
 use crate::serde::SerdeError;
@@ -489,14 +488,8 @@ impl TaskManager {
 
     /// Each store's changelog records to its own changelog topic, partition p of task p.
     fn send_changelog(&mut self, flushed: &[(i32, FlushOutput)]) {
-        let topics: Vec<Option<TopicName>> = self
-            .topology
-            .stores()
-            .iter()
-            .map(|s| s.changelog_topic.clone())
-            .collect();
         for (p, out) in flushed {
-            for (store, topic) in out.stores.iter().zip(&topics) {
+            for (store, topic) in out.stores.iter().zip(&self.changelogs) {
                 let Some(topic) = topic else {
                     continue;
                 };

@@ -95,6 +95,8 @@ pub(super) struct TaskManager {
     pub(super) message_topic: Option<String>,
     /// Where each task topic's records go: the compiled graph's source → processor input.
     pub(super) routes: Vec<Route>,
+    /// The changelog topic of each store of a task (indexed as `Topology::stores()`).
+    pub(super) changelogs: Vec<Option<String>>,
     /// The topics of the graph's sink nodes: receipt updates, and conversation heads.
     pub(super) receipts_topic: String,
     pub(super) heads_topic: Option<String>,
@@ -194,14 +196,18 @@ impl TaskManager {
                 Some(format!("{}-{}", t.application_id, state.process_id()?))
             }
         };
-        let collector =
-            RecordCollector::with_transactions(&config.kafka, changelogs, transactional_id)?;
+        let collector = RecordCollector::with_transactions(
+            &config.kafka,
+            changelogs.clone(),
+            transactional_id,
+        )?;
         let graph = Graph::compile(t);
         Ok(Self {
             topology: t.clone(),
             task_topic: source.task_input_topic().0.clone(),
             message_topic: t.messages.as_ref().map(|m| m.topic.0.clone()),
             routes: graph.routes(),
+            changelogs,
             receipts_topic: graph
                 .sink_topic(Output::Receipts)
                 .map(|t| t.0.clone())

@@ -95,8 +95,6 @@ pub trait EntryCodec {
     type Value;
     /// The encoded key (tag first): fixed-size for integer ids, owned bytes for strings.
     type KeyBytes: AsRef<[u8]>;
-    /// The entry's tag, the first byte of its keys.
-    const TAG: u8;
 
     fn encode_key(key: &Self::Key) -> Self::KeyBytes;
     /// `None` when the bytes are not a key of this entry.
@@ -112,7 +110,6 @@ impl EntryCodec for ReadStates {
     type Key = StateKey;
     type Value = ReadState;
     type KeyBytes = StoreKey;
-    const TAG: u8 = TAG_STATE;
 
     fn encode_key(key: &StateKey) -> StoreKey {
         StoreKey::state(*key)
@@ -141,7 +138,6 @@ impl EntryCodec for Heads {
     type Key = ConversationId;
     type Value = super::head::ConversationHead;
     type KeyBytes = StoreKey;
-    const TAG: u8 = TAG_HEAD;
 
     fn encode_key(key: &ConversationId) -> StoreKey {
         StoreKey::head(*key)

@@ -195,3 +195,19 @@ pub fn read_checkpoint(store: &dyn KeyValueStore) -> Result<Option<i64>, StoreEr
 pub fn put_checkpoint(batch: &mut StoreBatch, next_offset: i64) {
     batch.put(CHECKPOINT_KEY, next_offset.to_be_bytes());
 }
+
+/// Write a flushed batch with its checkpoint (when its changelog got records) in one
+/// atomic write; an empty batch without one writes nothing.
+pub fn write_flushed(
+    store: &mut dyn KeyValueStore,
+    mut batch: StoreBatch,
+    checkpoint: Option<i64>,
+) -> Result<(), StoreError> {
+    if let Some(next_offset) = checkpoint {
+        put_checkpoint(&mut batch, next_offset);
+    }
+    if batch.is_empty() {
+        return Ok(());
+    }
+    store.write(batch)
+}

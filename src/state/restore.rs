@@ -3,7 +3,7 @@
 
 use hashbrown::HashSet;
 
-use super::codec::{EntryCodec, Heads, ReadState, StoreKey, TAG_HEAD, TAG_PENDING, TAG_STATE};
+use super::codec::{EntryCodec, Heads, ReadState, ReadStates, StoreKey, TAG_PENDING};
 use super::{put_checkpoint, KeyValueStore, StoreBatch, StoreError};
 use crate::model::StateKey;
 
@@ -47,9 +47,7 @@ impl ChangelogRestorer {
                 key: key.to_vec(),
                 reason,
             };
-            let (tag, k) = StoreKey::decode(key)
-                .ok_or_else(|| corrupt("changelog key is not a 17-byte store key".into()))?;
-            if tag == TAG_HEAD {
+            if Heads::decode_key(key).is_some() {
                 match value {
                     None => batch.delete(key),
                     Some(v) => {
@@ -60,9 +58,12 @@ impl ChangelogRestorer {
                 n += 1;
                 continue;
             }
-            if tag != TAG_STATE {
-                return Err(corrupt(format!("changelog key has tag {tag:#x}")));
-            }
+            let Some(k) = ReadStates::decode_key(key) else {
+                return Err(corrupt(match StoreKey::decode(key) {
+                    None => "changelog key is not a 17-byte store key".into(),
+                    Some((tag, _)) => format!("changelog key has tag {tag:#x}"),
+                }));
+            };
             let pending = StoreKey::pending(k);
             let unemitted = match value {
                 None => {

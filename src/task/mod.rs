@@ -209,7 +209,7 @@ impl StreamTask {
 mod tests {
     use super::*;
     use crate::model::MessageEvent;
-    use crate::processor::api::tests::counting;
+    use crate::processor::api::tests::{counting, CountingProcessor};
     use crate::state::read_checkpoint;
 
     fn at(offset: i64) -> Origin {
@@ -257,6 +257,15 @@ mod tests {
             .map(|s| read_checkpoint(*s).unwrap())
             .collect();
         assert_eq!(checkpoints, [Some(11), Some(4)], "a checkpoint per store");
+        let counting = task
+            .processor()
+            .as_any()
+            .downcast_ref::<CountingProcessor>();
+        assert_eq!(
+            counting.unwrap().punctuated,
+            [5],
+            "the flush punctuated at its time"
+        );
         // Processed but not committed: a reset continues from the stores.
         task.process_events(InputId(0), &reads).unwrap();
         task.reset_to_store().unwrap();

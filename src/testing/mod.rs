@@ -29,7 +29,7 @@ use crate::state::memory::InMemoryStore;
 use crate::state::rocks::RocksDbStore;
 use crate::state::{KeyValueStore, ReadState};
 use crate::task::{DeadLetter, SourceRecord, StreamTask};
-use crate::topology::graph::Graph;
+use crate::topology::graph::{Graph, Route};
 use crate::topology::{Store, Topology};
 
 /// Where the driver's stores live.
@@ -64,6 +64,8 @@ impl PartitionState {
 
 pub struct TopologyTestDriver {
     topology: Topology,
+    /// The compiled graph's routes: which processor input each source's records go to.
+    routes: Vec<Route>,
     stores: DriverStores,
     decoder: EventDecoder,
     encoder: EventEncoder,
@@ -97,6 +99,7 @@ impl TopologyTestDriver {
         resolver: Arc<dyn SchemaResolver>,
     ) -> Self {
         Self {
+            routes: Graph::compile(&topology).routes(),
             topology,
             stores,
             decoder: EventDecoder::new(resolver.clone()).expect("embedded schema parses"),
@@ -170,8 +173,7 @@ impl TopologyTestDriver {
 
     /// The processor input of the topology's `kind` records (the compiled graph's route).
     fn input_of(&self, kind: RecordKind) -> InputId {
-        Graph::compile(&self.topology)
-            .routes()
+        self.routes
             .iter()
             .find(|r| r.records == kind)
             .map(|r| r.input)

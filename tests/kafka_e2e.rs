@@ -109,6 +109,7 @@ impl Env {
     }
 
     fn on(broker: Broker, keyed_by: Option<&'static str>) -> Self {
+        common::capture_logs();
         let s = suffix();
         let env = Env {
             broker,

@@ -45,6 +45,7 @@ struct Kafka {
 
 impl Kafka {
     fn new() -> Self {
+        common::capture_logs();
         let mock = MockCluster::new(1).unwrap();
         let s = suffix();
         let k = Kafka {

@@ -109,8 +109,14 @@ pub enum KafkaError {
     MissingTopic { topic: String, reason: String },
     #[error("topic {topic} cannot be used: {reason}")]
     InvalidTopic { topic: String, reason: String },
+    /// Records the producer could not deliver. `expired`: every failure was a timeout
+    /// (the records outlived `message.timeout.ms`, as after a pause), none a refusal.
     #[error("delivery of {failed} record(s) failed: {last}")]
-    Delivery { failed: u64, last: String },
+    Delivery {
+        failed: u64,
+        last: String,
+        expired: bool,
+    },
     #[error("invalid kafka property {0:?} (expected [consumer.|producer.|admin.]key=value)")]
     Property(String),
     #[error("kafka property {key} cannot be set: readstate sets it ({why})")]

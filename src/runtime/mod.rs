@@ -93,6 +93,17 @@ pub enum RuntimeError {
     Fatal(String),
 }
 
+impl RuntimeError {
+    /// Records that timed out rather than being refused: after a pause past the
+    /// timeouts, the group may have moved on (tasks lost, not broken).
+    pub fn is_expiry(&self) -> bool {
+        matches!(
+            self,
+            RuntimeError::Kafka(KafkaError::Delivery { expired: true, .. })
+        )
+    }
+}
+
 impl From<RdKafkaError> for RuntimeError {
     fn from(e: RdKafkaError) -> Self {
         RuntimeError::Kafka(KafkaError::Client(e))

@@ -26,6 +26,8 @@ struct Deliveries {
     /// Records handed to the producer whose delivery has not been reported yet.
     outstanding: u64,
     failed: u64,
+    /// Failures other than a timeout (a refusal by the broker, a local error).
+    refused: u64,
     first_error: Option<String>,
     /// Highest offset acknowledged per (store index, changelog partition) since the last
     /// `take`.
@@ -56,7 +58,7 @@ impl DeliveryTracker {
         self.state.lock().expect("delivery lock").outstanding += 1;
     }
 
-    fn settle(&self, s: &mut Deliveries, outcome: Result<(&str, i32, i64), String>) {
+    fn settle(&self, s: &mut Deliveries, outcome: Result<(&str, i32, i64), Failure>) {
         s.outstanding = s.outstanding.saturating_sub(1);
         match outcome {
             Ok((topic, partition, offset)) => {
@@ -69,9 +71,10 @@ impl DeliveryTracker {
                     *e = (*e).max(offset);
                 }
             }
-            Err(e) => {
+            Err(Failure { what, expired }) => {
                 s.failed += 1;
-                s.first_error.get_or_insert(e);
+                s.refused += u64::from(!expired);
+                s.first_error.get_or_insert(what);
             }
         }
         if s.outstanding == 0 {
@@ -89,6 +92,7 @@ impl DeliveryTracker {
                 return Err(KafkaError::Delivery {
                     failed: s.outstanding,
                     last: format!("not acknowledged within {timeout:?}"),
+                    expired: s.refused == 0,
                 });
             }
             s = self.drained.wait_timeout(s, left).expect("delivery lock").0;
@@ -97,8 +101,10 @@ impl DeliveryTracker {
             let err = KafkaError::Delivery {
                 failed: s.failed,
                 last: s.first_error.take().unwrap_or_default(),
+                expired: s.refused == 0,
             };
             s.failed = 0;
+            s.refused = 0;
             return Err(err);
         }
         Ok(())
@@ -107,15 +113,34 @@ impl DeliveryTracker {
     fn forget_failures_only(&self) {
         let mut s = self.state.lock().expect("delivery lock");
         s.failed = 0;
+        s.refused = 0;
         s.first_error = None;
     }
 
     fn forget_failures(&self) {
         let mut s = self.state.lock().expect("delivery lock");
         s.failed = 0;
+        s.refused = 0;
         s.first_error = None;
         s.changelog_high.clear();
     }
+}
+
+/// A record the producer gave up on.
+struct Failure {
+    what: String,
+    /// It timed out rather than being refused.
+    expired: bool,
+}
+
+/// A delivery failure that only says time ran out (`message.timeout.ms`, a request
+/// timeout): what a pause past the timeouts produces, unlike a broker's refusal.
+fn is_expiry(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(C::MessageTimedOut | C::OperationTimedOut | C::RequestTimedOut)
+    )
 }
 
 impl ClientContext for DeliveryTracker {}
@@ -127,7 +152,10 @@ impl ProducerContext for DeliveryTracker {
         let mut s = self.state.lock().expect("delivery lock");
         let outcome = match result {
             Ok(m) => Ok((m.topic(), m.partition(), m.offset())),
-            Err((e, m)) => Err(format!("{} [{}]: {e}", m.topic(), m.partition())),
+            Err((e, m)) => Err(Failure {
+                what: format!("{} [{}]: {e}", m.topic(), m.partition()),
+                expired: is_expiry(e),
+            }),
         };
         self.settle(&mut s, outcome);
     }
@@ -330,6 +358,7 @@ impl RecordCollector {
         if let Err(e) = self.begin_if_needed() {
             let mut s = ctx.state.lock().expect("delivery lock");
             s.failed += 1;
+            s.refused += 1;
             s.first_error.get_or_insert(e);
             return;
         }
@@ -339,7 +368,11 @@ impl RecordCollector {
         if let Err(e) = crate::kafka::send_waiting(&self.producer, rec) {
             let at = partition.map_or(String::new(), |p| format!(" [{p}]"));
             let mut s = ctx.state.lock().expect("delivery lock");
-            ctx.settle(&mut s, Err(format!("{topic}{at}: {e}")));
+            let failure = Failure {
+                what: format!("{topic}{at}: {e}"),
+                expired: is_expiry(&e),
+            };
+            ctx.settle(&mut s, Err(failure));
         }
     }
 
@@ -406,13 +439,43 @@ mod tests {
             t.wait(Duration::from_millis(10)).is_err(),
             "one record still in flight"
         );
+        let failure = |what: &str, expired| {
+            Err(Failure {
+                what: what.into(),
+                expired,
+            })
+        };
         t.settle(
             &mut t.state.lock().unwrap(),
-            Err("out [2]: too large".into()),
+            failure("out [2]: too large", false),
         );
-        let e = t.wait(Duration::from_secs(1)).unwrap_err().to_string();
-        assert!(e.contains("out [2]: too large"), "{e}");
+        let e = t.wait(Duration::from_secs(1)).unwrap_err();
+        assert!(e.to_string().contains("out [2]: too large"), "{e}");
+        assert!(
+            matches!(e, KafkaError::Delivery { expired: false, .. }),
+            "{e:?}"
+        );
         assert!(t.wait(Duration::from_secs(1)).is_ok(), "reported once");
+        // Timeouts only: the failure says so (a pause, not a refusal).
+        for _ in 0..2 {
+            t.sending();
+            t.settle(
+                &mut t.state.lock().unwrap(),
+                failure("out [1]: timed out", true),
+            );
+        }
+        let e = t.wait(Duration::from_secs(1)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KafkaError::Delivery {
+                    failed: 2,
+                    expired: true,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
         let high = t.state.lock().unwrap().changelog_high.clone();
         assert_eq!(high.get(&(0, 1)), Some(&7));
         assert_eq!(high.get(&(2, 1)), Some(&3), "per store's changelog");

@@ -416,10 +416,11 @@ impl TaskManager {
         let started = Instant::now();
         let flushed = match self.flush_and_store(parts) {
             Ok(f) => f,
-            Err(e) if started.elapsed() > self.probe_after => {
+            Err(e) if e.is_expiry() && started.elapsed() > self.probe_after => {
                 // A commit this slow may have spanned a pause past the session timeout: the
                 // records that expired meanwhile were dropped by the producer. If the group
-                // moved on, the tasks are lost, not broken.
+                // moved on, the tasks are lost, not broken. A record the broker refused is
+                // never put down to a pause: the instance stops.
                 self.suspect = true;
                 if self.probe_membership(consumer) == Membership::Lost {
                     return Ok(());

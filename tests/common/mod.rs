@@ -224,3 +224,19 @@ pub fn stored_states(
     }
     m
 }
+
+/// Route the logs of instances run in this test process into the test's captured output
+/// (shown only when the test fails; threads spawned by a test inherit its capture).
+/// `RUST_LOG` filters them; by default readstate at `info`, the Kafka client at `error`.
+pub fn capture_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+            .unwrap_or_else(|_| "info,rdkafka=error,librdkafka=error".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .with_ansi(false)
+            .try_init();
+    });
+}

@@ -363,9 +363,18 @@ impl Instance {
 
     /// Wait (bounded) for the instance to stop by itself; its error.
     fn failure(self) -> RuntimeError {
+        self.failure_beside(None)
+    }
+
+    /// The same while `other` runs beside it (it must not stop first).
+    fn failure_beside(self, other: Option<&Instance>) -> RuntimeError {
         let deadline = Instant::now() + Duration::from_secs(150);
         while !self.handle.is_finished() {
             assert!(Instant::now() < deadline, "the instance did not stop");
+            assert!(
+                other.is_none_or(|o| !o.handle.is_finished()),
+                "the other instance stopped first"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         self.handle
@@ -1003,12 +1012,11 @@ fn failed_produce_during_a_revoke_stops_the_instance_and_the_other_converges() {
     wait_consumed(&progress_a, first.len());
     let cfg = config(dir_b.path());
     let progress_b = cfg.progress.clone();
-    let err = {
+    let (err, b) = {
         let _failing = FailingProduces::start(&env);
         let b = launch(cfg);
-        (a.failure(), b)
+        (a.failure_beside(Some(&b)), b)
     };
-    let (err, b) = err;
     assert!(matches!(err, RuntimeError::Fatal(_)), "{err}");
     env.produce(second, 0);
     // A committed nothing: B reads everything from the start.

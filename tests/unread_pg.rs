@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use chat::{produce, topology_text, ChatTopics};
 use db::Db;
 use kafka::suffix;
-use process::terminate;
+use process::{log_tail, terminate, KillOnDrop};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use readstate::loadgen::chat::{generate, ChatSpec, ChatWorkload};
@@ -138,7 +138,14 @@ fn postgres_counts_of_every_member_equal_the_oracle_with_one_row_per_conversatio
         ..Default::default()
     });
     produce(&brokers, &t, &w.arrivals);
-    let mut child = cli(&["run", "--local-schemas"]).spawn().unwrap();
+    let log = state.path().join("readstate.log");
+    let mut child = KillOnDrop(
+        cli(&["run", "--local-schemas"])
+            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let want = expected(&w);
     let deadline = Instant::now() + Duration::from_secs(120);
     let got = loop {
@@ -146,18 +153,30 @@ fn postgres_counts_of_every_member_equal_the_oracle_with_one_row_per_conversatio
         if got.as_ref() == Some(&want) {
             break got.unwrap();
         }
-        assert!(
-            Instant::now() < deadline,
-            "PostgreSQL counts did not converge to the oracle: {} of {} members differ",
-            got.map_or(want.len(), |g| want
+        if Instant::now() >= deadline {
+            let differ: Vec<_> = want
                 .iter()
-                .filter(|(k, v)| g.get(k) != Some(v))
-                .count()),
-            want.len()
-        );
+                .filter(|(k, v)| got.as_ref().is_none_or(|g| g.get(k) != Some(v)))
+                .collect();
+            let sample: Vec<String> = differ
+                .iter()
+                .take(5)
+                .map(|(k, v)| {
+                    let g = got.as_ref().and_then(|g| g.get(k));
+                    format!("(conversation, reader) {k:?}: want {v:?}, got {g:?}")
+                })
+                .collect();
+            panic!(
+                "PostgreSQL counts did not converge to the oracle: {} of {} members differ, e.g.\n{}\nthe instance's log ends:\n{}",
+                differ.len(),
+                want.len(),
+                sample.join("\n"),
+                log_tail(&log, 150)
+            );
+        }
         std::thread::sleep(Duration::from_millis(500));
     };
-    terminate(&mut child);
+    terminate(&mut child.0);
     assert!(
         got.values().any(|c| c.mentions > 0),
         "mentions were counted"

@@ -139,7 +139,7 @@ fn is_expiry(e: &rdkafka::error::KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode as C;
     matches!(
         e.rdkafka_error_code(),
-        Some(C::MessageTimedOut | C::OperationTimedOut | C::RequestTimedOut)
+        Some(C::MessageTimedOut | C::OperationTimedOut | C::TimedOutQueue | C::RequestTimedOut)
     )
 }
 

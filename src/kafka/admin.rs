@@ -72,6 +72,22 @@ impl MetadataClient {
         })
     }
 
+    /// Whether the cluster's metadata (asked about `topic`) names a controller among its
+    /// brokers. librdkafka sends DescribeConfigs of topics to the controller: without one
+    /// it can only time out (librdkafka's mock cluster names controller 0, a broker it
+    /// does not have). Metadata that cannot be had says nothing: `true`.
+    pub fn has_controller(&self, topic: &str, timeout: Duration) -> bool {
+        let Ok(md) = self.client.fetch_metadata(Some(topic), timeout) else {
+            return true;
+        };
+        let rk = self.client.client().native_ptr();
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: `rk` is the live handle of `self.client`; rd_kafka_controllerid only
+        // reads the client's cached metadata (waiting at most `ms` for it).
+        let controller = unsafe { rdkafka::bindings::rd_kafka_controllerid(rk, ms) };
+        md.brokers().iter().any(|b| b.id() == controller)
+    }
+
     /// Close the client without waiting (see [`super::close_in_background`]).
     pub fn close_in_background(self) {
         super::close_in_background(self.client);
@@ -262,4 +278,27 @@ pub async fn describe_policies(
     }
     super::close_in_background(admin);
     Ok(policies)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::DefaultProducerContext;
+
+    /// librdkafka's mock names a controller it does not have: DescribeConfigs could only
+    /// time out there, so it is not waited for (the real broker's side is covered by
+    /// kafka_e2e's refusal of a changelog that is not compacted).
+    #[test]
+    fn a_cluster_without_its_controller_among_the_brokers_is_told_apart() {
+        let mock: MockCluster<'static, DefaultProducerContext> = MockCluster::new(1).unwrap();
+        mock.create_topic("t", 1, 1).unwrap();
+        let md = MetadataClient::new(&KafkaSettings::new(mock.bootstrap_servers())).unwrap();
+        let started = std::time::Instant::now();
+        assert!(!md.has_controller("t", Duration::from_secs(5)));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "answered from metadata"
+        );
+    }
 }

@@ -308,15 +308,20 @@ fn prepare_topics(config: &RunConfig) -> Result<(), RuntimeError> {
     })?;
     // Only an existing changelog needs its policy (a missing one is created compacted):
     // a broker that never answers DescribeConfigs then costs nothing on a first start.
+    // Nor on a restart when the cluster has no controller to answer it (the mock).
     let existing_changelog = names
         .iter()
         .zip(&counts)
-        .any(|(n, c)| c.is_some() && compacted.iter().any(|k| k == n));
+        .find(|(n, c)| c.is_some() && compacted.iter().any(|k| k == *n));
     let policies = match existing_changelog {
-        true => policies
+        Some((topic, _)) if metadata.has_controller(topic, md_timeout) => policies
             .recv()
             .map_err(|_| RuntimeError::Config("DescribeConfigs thread ended".into()))??,
-        false => Default::default(),
+        Some(_) => {
+            tracing::debug!("no controller among the brokers: DescribeConfigs is not waited for");
+            Default::default()
+        }
+        None => Default::default(),
     };
     let partitions = source_partitions(t, &counts)?;
     if let Some(m) = &t.messages {

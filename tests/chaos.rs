@@ -29,7 +29,7 @@ use db::Db;
 use kafka::suffix;
 use process::{signal, terminate_logged};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{DefaultProducerContext, Producer};
+use rdkafka::producer::DefaultProducerContext;
 use rdkafka::Message;
 use readstate::kafka::KafkaSettings;
 use readstate::model::{ReadEvent, ReceiptUpdate, StateKey};
@@ -173,7 +173,7 @@ fn produce_paced(
         for chunk in events.chunks(per_100ms) {
             let started = Instant::now();
             kafka::send_events(&p, &topic, chunk);
-            p.flush(Duration::from_secs(30)).unwrap();
+            kafka::flush(&p);
             std::thread::sleep(Duration::from_millis(100).saturating_sub(started.elapsed()));
         }
     })

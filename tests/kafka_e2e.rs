@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kafka::{send, suffix};
-use process::{signal, terminate, wait_log};
+use process::{signal, terminate, terminate_logged, wait_log};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::BaseRecord;
 use rdkafka::Message;
 use readstate::kafka::KafkaSettings;
 use readstate::model::{ReadEvent, ReceiptUpdate, StateKey};
@@ -241,10 +241,10 @@ impl Env {
                     .payload(v.as_slice()),
             );
         }
-        p.flush(Duration::from_secs(30)).unwrap();
+        kafka::flush(&p);
     }
 
-    fn producer(&self) -> ThreadedProducer<DefaultProducerContext> {
+    fn producer(&self) -> kafka::TestProducer {
         kafka::producer(&self.brokers())
     }
 
@@ -274,7 +274,7 @@ impl Env {
                 garbage += 1;
             }
         }
-        p.flush(Duration::from_secs(30)).unwrap();
+        kafka::flush(&p);
         garbage
     }
 
@@ -784,9 +784,8 @@ fn spawn_cli_in(
         .env("KAFKA_BROKERS", env.brokers())
         .env(
             "RUST_LOG",
-            std::env::var("READSTATE_TEST_CHILD_LOG").unwrap_or_else(|_| {
-                "warn,readstate::runtime::stream_thread=info,readstate::telemetry=info".into()
-            }),
+            std::env::var("READSTATE_TEST_CHILD_LOG")
+                .unwrap_or_else(|_| "warn,readstate=info".into()),
         )
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(state_dir.join("readstate.log")).unwrap())
@@ -884,8 +883,12 @@ fn sigstop_then_sigcont(env: Env) {
     signal(&a, "CONT");
     env.produce(chunks[2], 0);
     let updates = env.read_updates(&want);
-    terminate(&mut a);
-    terminate(&mut b);
+    let log = |dir: &std::path::Path| {
+        let path = dir.join("readstate.log");
+        move || process::log_tail(&path, 200)
+    };
+    terminate_logged(&mut a, "A", log(dir_a.path()));
+    terminate_logged(&mut b, "B", log(dir_b.path()));
     assert!(
         taken_over >= Duration::from_secs(3),
         "B took A's partitions only after A's session timed out ({taken_over:?})"

@@ -22,7 +22,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext};
 use readstate::ids::{ConversationId, ReaderId, SenderId};
 use readstate::kafka::KafkaSettings;
 use readstate::model::{ReceiptUpdate, StateKey};
@@ -81,7 +81,7 @@ impl Kafka {
                     .payload(v.as_slice()),
             );
         }
-        p.flush(Duration::from_secs(30)).unwrap();
+        kafka::flush(&p);
     }
 
     fn records(&self) -> i64 {
@@ -271,7 +271,7 @@ fn end_to_end_run_then_sink_matches_the_oracle() {
     let events = workload(11, 2_000, 12);
     let p = kafka::producer(&k.brokers());
     kafka::send_events(&p, &source, &events);
-    p.flush(Duration::from_secs(30)).unwrap();
+    kafka::flush(&p);
 
     let cfg = RunConfig::new(
         topology,
@@ -686,7 +686,7 @@ fn run_started_while_postgres_is_down_processes_the_stream_and_the_sink_catches_
     let events = workload(12, 600, 8);
     let p = kafka::producer(&k.brokers());
     kafka::send_events(&p, &source, &events);
-    p.flush(Duration::from_secs(30)).unwrap();
+    kafka::flush(&p);
     let dir = tempfile::tempdir().unwrap();
     let file = sink_topology_from(&k, dir.path(), 200, &source);
     let file = file.display().to_string();
@@ -789,7 +789,7 @@ fn real_broker_exactly_once_run_killed_and_restarted_then_postgres_equals_the_or
     let want = oracle(&events);
     let p = kafka::producer(&brokers);
     kafka::send_events(&p, &source, first);
-    p.flush(Duration::from_secs(30)).unwrap();
+    kafka::flush(&p);
     let mut child = cli(&["run", "--local-schemas", "--topology", &file], &env)
         .spawn()
         .unwrap();
@@ -802,7 +802,7 @@ fn real_broker_exactly_once_run_killed_and_restarted_then_postgres_equals_the_or
     child.kill().unwrap();
     child.wait().unwrap();
     kafka::send_events(&p, &source, second);
-    p.flush(Duration::from_secs(30)).unwrap();
+    kafka::flush(&p);
     let mut child = cli(&["run", "--local-schemas", "--topology", &file], &env)
         .spawn()
         .unwrap();
@@ -887,7 +887,7 @@ fn real_broker_recreated_output_topic_stops_the_sink_until_reset() {
     let want = oracle(&events);
     let p = kafka::producer(&brokers);
     kafka::send_events(&p, &source, &events);
-    p.flush(Duration::from_secs(30)).unwrap();
+    kafka::flush(&p);
     let rows_match = || {
         let rows = db.rows().unwrap_or_default();
         rows.len() == want.len()

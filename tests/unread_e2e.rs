@@ -382,7 +382,7 @@ fn spawn_in(env: &Env, file: &std::path::Path, state_dir: &std::path::Path) -> s
             "heartbeat.interval.ms=500",
         ])
         .env("KAFKA_BROKERS", &env.brokers)
-        .env("RUST_LOG", "warn,readstate::runtime::stream_thread=info")
+        .env("RUST_LOG", "warn,readstate=info")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(state_dir.join("readstate.log")).unwrap())
         .spawn()

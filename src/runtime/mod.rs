@@ -258,15 +258,17 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
         }
         let final_commit_at = Instant::now();
         let clean = clean && tm.fatal.is_none();
+        tracing::info!(clean, "final commit done; closing the tasks");
         tm.close_all(clean);
         RunSummary {
             final_commit_at: Some(final_commit_at),
             ..tm.summary()
         }
     };
+    tracing::info!("tasks closed; leaving the group");
     thread.consumer.unsubscribe();
     drop(thread);
-    tracing::debug!("consumer closed");
+    tracing::info!("consumer closed");
     result.map(|_| summary)
 }
 

@@ -2,9 +2,7 @@
 //! producing a chat workload to its two topics.
 #![allow(dead_code)]
 
-use std::time::Duration;
-
-use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::producer::BaseRecord;
 use readstate::loadgen::chat::ChatEvent;
 use readstate::serde::avro::{AvroReadEvent, EventEncoder};
 use readstate::serde::message::{AvroMessageEvent, MessageEncoder};
@@ -107,5 +105,5 @@ pub fn produce(brokers: &str, t: &ChatTopics, events: &[ChatEvent]) {
                 .payload(value.as_slice()),
         );
     }
-    p.flush(Duration::from_secs(30)).unwrap();
+    kafka::flush(&p);
 }

@@ -5,26 +5,60 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::BorrowedMessage;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 
 pub fn suffix() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
 
 /// A producer partitioning keys as Java clients (and readstate) do.
-pub fn producer(brokers: &str) -> ThreadedProducer<DefaultProducerContext> {
+pub fn producer(brokers: &str) -> TestProducer {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "5")
-        .create()
+        .create_with_context(Deliveries::default())
         .unwrap()
 }
 
+/// A test's producer: its delivery failures are counted, and [`flush`] fails on them (a
+/// record the test meant to send is never dropped unseen).
+pub type TestProducer = ThreadedProducer<Deliveries>;
+
+#[derive(Default)]
+pub struct Deliveries {
+    failures: std::sync::Mutex<Vec<String>>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, m)) = result {
+            let what = format!("{} [{}]: {e}", m.topic(), m.partition());
+            self.failures.lock().unwrap().push(what);
+        }
+    }
+}
+
+/// Wait until every record sent is delivered; a failed delivery fails the test.
+pub fn flush(p: &TestProducer) {
+    p.flush(Duration::from_secs(30)).unwrap();
+    let failures = p.context().failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} test record(s) not delivered, first: {}",
+        failures.len(),
+        failures[0]
+    );
+}
+
 /// Send, waiting while the local queue is full.
-pub fn send(p: &ThreadedProducer<DefaultProducerContext>, mut r: BaseRecord<'_, str, [u8]>) {
-    use rdkafka::producer::Producer;
+pub fn send(p: &TestProducer, mut r: BaseRecord<'_, str, [u8]>) {
     loop {
         match p.send(r) {
             Ok(()) => return,
@@ -126,11 +160,7 @@ pub fn committed(brokers: &str, group: &str, topic: &str) -> Vec<i64> {
 
 /// Encode read events (local schema id) and send them keyed by conversation, without
 /// waiting for acknowledgements.
-pub fn send_events(
-    p: &ThreadedProducer<DefaultProducerContext>,
-    topic: &str,
-    events: &[readstate::model::ReadEvent],
-) {
+pub fn send_events(p: &TestProducer, topic: &str, events: &[readstate::model::ReadEvent]) {
     use readstate::serde::avro::{AvroReadEvent, EventEncoder};
     let enc = EventEncoder::new(
         readstate::serde::READ_EVENT_SCHEMA,

@@ -64,7 +64,36 @@ impl Broker {
     }
 }
 
+/// In-process instances share the process's metrics recorder, and an instance closing its
+/// tasks prunes the series of those task ids (0_0 …) whoever set them. A test that reads
+/// the recorder holds this lock alone; every other test holds it shared.
+static RECORDER: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+enum Recorder {
+    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>),
+}
+
+impl Recorder {
+    fn shared() -> Self {
+        Recorder::Shared(
+            RECORDER
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    fn alone() -> Self {
+        Recorder::Alone(
+            RECORDER
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
+
 struct Env {
+    _recorder: Recorder,
     broker: Broker,
     app: String,
     source: String,
@@ -83,7 +112,18 @@ impl Env {
 
     /// An environment whose source is keyed by `keyed_by` (None: by conversation_id).
     fn keyed_by(keyed_by: Option<&'static str>) -> Self {
-        let env = Self::on(Broker::Mock(MockCluster::new(1).unwrap()), keyed_by);
+        Self::on_mock(keyed_by, Recorder::shared())
+    }
+
+    /// A mock environment for a test that reads the metrics recorder: no other test's
+    /// in-process instance runs meanwhile.
+    fn reading_metrics() -> Self {
+        Self::on_mock(None, Recorder::alone())
+    }
+
+    fn on_mock(keyed_by: Option<&'static str>, recorder: Recorder) -> Self {
+        let broker = Broker::Mock(MockCluster::new(1).unwrap());
+        let env = Self::on(broker, keyed_by, recorder);
         // The mock broker does not answer CreateTopics: internal topics are made here.
         if keyed_by.is_some() {
             env.broker
@@ -98,20 +138,21 @@ impl Env {
     /// On the real broker: only the source and output topics exist; readstate creates
     /// its internal topics through the admin API.
     fn real() -> Self {
-        Self::on(Broker::real(), None)
+        Self::on(Broker::real(), None, Recorder::shared())
     }
 
     /// On the real broker under exactly_once_v2, the source keyed by `keyed_by`.
     fn real_exactly_once(keyed_by: Option<&'static str>) -> Self {
-        let mut env = Self::on(Broker::real(), keyed_by);
+        let mut env = Self::on(Broker::real(), keyed_by, Recorder::shared());
         env.eos = true;
         env
     }
 
-    fn on(broker: Broker, keyed_by: Option<&'static str>) -> Self {
+    fn on(broker: Broker, keyed_by: Option<&'static str>, recorder: Recorder) -> Self {
         common::capture_logs();
         let s = suffix();
         let env = Env {
+            _recorder: recorder,
             broker,
             app: format!("app-{s}"),
             source: format!("events-{s}"),
@@ -436,7 +477,7 @@ fn end_to_end_output_and_state_match_the_oracle() {
 
 #[test]
 fn deleting_the_state_directory_costs_only_a_restore() {
-    let env = Env::new();
+    let env = Env::reading_metrics();
     let first = zipf_workload(2, 8_000);
     env.produce(&first, 0);
     let inst = env.start();
@@ -469,7 +510,7 @@ fn deleting_the_state_directory_costs_only_a_restore() {
         .expect("restored counter")
         .parse()
         .unwrap();
-    // The recorder is per process and tests run in parallel: at least this instance's.
+    // The recorder is per process (earlier tests counted too): at least this instance's.
     assert!(restored >= s2.restored_records as f64);
     assert!(
         s2.restored_records > 0,
@@ -1398,7 +1439,7 @@ fn real_broker_exactly_once_kill9_between_produce_and_commit() {
 /// the committed offsets (DeleteRecords), as Kafka Streams does.
 #[test]
 fn real_broker_repartition_topic_is_created_and_purged_below_the_committed_offsets() {
-    let env = Env::on(Broker::real(), Some("reader_id"));
+    let env = Env::on(Broker::real(), Some("reader_id"), Recorder::shared());
     let events = zipf_workload(35, 8_000);
     let want = oracle(&events);
     let mut cfg = env.config(env.state.path(), Arc::new(LocalRegistry::new()), &[]);

@@ -93,7 +93,6 @@ impl Recorder {
 }
 
 struct Env {
-    _recorder: Recorder,
     broker: Broker,
     app: String,
     source: String,
@@ -103,6 +102,8 @@ struct Env {
     keyed_by: Option<&'static str>,
     /// Run under exactly_once_v2.
     eos: bool,
+    /// Held until the environment is gone (fields drop in order: this one last).
+    _recorder: Recorder,
 }
 
 impl Env {
@@ -152,7 +153,6 @@ impl Env {
         common::capture_logs();
         let s = suffix();
         let env = Env {
-            _recorder: recorder,
             broker,
             app: format!("app-{s}"),
             source: format!("events-{s}"),
@@ -160,6 +160,7 @@ impl Env {
             state: tempfile::tempdir().unwrap(),
             keyed_by,
             eos: false,
+            _recorder: recorder,
         };
         env.broker.create_topic(&env.source, PARTS, &[]);
         env.broker.create_topic(&env.output, PARTS, &[]);

@@ -96,7 +96,7 @@ pub enum RuntimeError {
 impl RuntimeError {
     /// Records that timed out rather than being refused: after a pause past the
     /// timeouts, the group may have moved on (tasks lost, not broken).
-    pub fn is_expiry(&self) -> bool {
+    pub(crate) fn is_expiry(&self) -> bool {
         matches!(
             self,
             RuntimeError::Kafka(KafkaError::Delivery { expired: true, .. })

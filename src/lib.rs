@@ -4,6 +4,8 @@
 //!
 //! The data path, in order (see `ARCHITECTURE.md` for the commit protocol):
 //!
+//! - [`backoff`]: the one `Backoff` (cap, jitter) of every retry loop, and the `Clock` seam
+//!   of timing heuristics (`ManualClock` in tests).
 //! - [`ids`]: newtypes for identifiers (`ConversationId`, `ReaderId`, `TaskId`, `TopicName`,
 //!   `StoreName`, `Origin`, ...).
 //! - [`model`]: the domain records, `ReadEvent` in and `ReceiptUpdate` out.
@@ -33,6 +35,7 @@
 //! - [`bench`]: `readstate bench`: figures next to their targets (PERFORMANCE.md).
 //! - [`testing`]: `TopologyTestDriver`, the whole core without a broker.
 
+pub mod backoff;
 pub mod bench;
 pub mod config;
 pub mod demo;

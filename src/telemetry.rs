@@ -157,51 +157,83 @@ fn help_of(name: &str) -> &'static str {
         .map_or("", |(_, _, h)| h)
 }
 
-/// Gauges of one task or one partition (`task`, `partition` labels), kept out of the
-/// recorder so that they can be removed when the task closes or the partition moves: a
-/// series of a task now on another instance would be counted twice by dashboards.
 pub mod series {
+    //! Gauges of one task or one partition (`task`, `partition` labels), kept out of the
+    //! recorder so that they can be removed when the task closes or the partition moves: a
+    //! series of a task now on another instance would be counted twice by dashboards.
+    //!
+    //! Each series is set by an [`Owner`] (an instance's task manager, a sink), and an
+    //! owner removes or prunes only its own: instances sharing a process (tests, an
+    //! embedding program) never remove each other's series. When two owners export the
+    //! same series, the newest owner's value is rendered.
     use std::collections::BTreeMap;
     use std::fmt::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Mutex;
 
     type Labels = Vec<(&'static str, String)>;
 
-    static FAMILIES: Mutex<BTreeMap<&'static str, BTreeMap<Labels, f64>>> =
-        Mutex::new(BTreeMap::new());
+    /// Who set a series.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+    pub struct Owner(u64);
+
+    impl Owner {
+        /// A new owner (a new instance, a new sink).
+        #[allow(clippy::new_without_default)]
+        pub fn new() -> Self {
+            static NEXT: AtomicU64 = AtomicU64::new(1);
+            Owner(NEXT.fetch_add(1, Ordering::Relaxed))
+        }
+    }
+
+    type Family = BTreeMap<Labels, BTreeMap<Owner, f64>>;
+
+    static FAMILIES: Mutex<BTreeMap<&'static str, Family>> = Mutex::new(BTreeMap::new());
 
     fn labels(l: &[(&'static str, &str)]) -> Labels {
         l.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
     }
 
-    /// Set one series.
-    pub fn set(name: &'static str, l: &[(&'static str, &str)], value: f64) {
+    /// Keep only `owner`'s series of `name` whose labels pass `keep` (others' untouched).
+    fn retain_own(owner: Owner, name: &'static str, keep: impl Fn(&Labels) -> bool) {
         let mut f = FAMILIES.lock().expect("series lock");
-        f.entry(name).or_default().insert(labels(l), value);
+        if let Some(s) = f.get_mut(name) {
+            s.retain(|l, owners| {
+                if !keep(l) {
+                    owners.remove(&owner);
+                }
+                !owners.is_empty()
+            });
+        }
+    }
+
+    /// Set one series.
+    pub fn set(owner: Owner, name: &'static str, l: &[(&'static str, &str)], value: f64) {
+        let mut f = FAMILIES.lock().expect("series lock");
+        let family = f.entry(name).or_default();
+        family.entry(labels(l)).or_default().insert(owner, value);
     }
 
     /// Remove one series.
-    pub fn remove(name: &'static str, l: &[(&'static str, &str)]) {
-        let mut f = FAMILIES.lock().expect("series lock");
-        if let Some(s) = f.get_mut(name) {
-            s.remove(&labels(l));
-        }
+    pub fn remove(owner: Owner, name: &'static str, l: &[(&'static str, &str)]) {
+        let gone = labels(l);
+        retain_own(owner, name, |x| *x != gone);
     }
 
     /// Keep only the series of `name` whose labels pass `keep`.
-    pub fn retain_by(name: &'static str, keep: impl Fn(&[(&'static str, String)]) -> bool) {
-        let mut f = FAMILIES.lock().expect("series lock");
-        if let Some(s) = f.get_mut(name) {
-            s.retain(|l, _| keep(l));
-        }
+    pub fn retain_by(
+        owner: Owner,
+        name: &'static str,
+        keep: impl Fn(&[(&'static str, String)]) -> bool,
+    ) {
+        retain_own(owner, name, |l| keep(l));
     }
 
     /// Keep only the series of `name` whose `label` value passes `keep`.
-    pub fn retain(name: &'static str, label: &str, keep: impl Fn(&str) -> bool) {
-        let mut f = FAMILIES.lock().expect("series lock");
-        if let Some(s) = f.get_mut(name) {
-            s.retain(|l, _| l.iter().all(|(k, v)| *k != label || keep(v)));
-        }
+    pub fn retain(owner: Owner, name: &'static str, label: &str, keep: impl Fn(&str) -> bool) {
+        retain_own(owner, name, |l| {
+            l.iter().all(|(k, v)| *k != label || keep(v))
+        });
     }
 
     /// Append the families in Prometheus text format.
@@ -210,7 +242,10 @@ pub mod series {
         for (name, series) in f.iter().filter(|(_, s)| !s.is_empty()) {
             let _ = writeln!(out, "# HELP {name} {}", super::help_of(name));
             let _ = writeln!(out, "# TYPE {name} gauge");
-            for (l, v) in series {
+            for (l, owners) in series {
+                let Some((_, v)) = owners.iter().next_back() else {
+                    continue;
+                };
                 let l: Vec<String> = l
                     .iter()
                     .map(|(k, v)| {
@@ -219,6 +254,32 @@ pub mod series {
                     .collect();
                 let _ = writeln!(out, "{name}{{{}}} {v}", l.join(","));
             }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// One instance closing its tasks prunes only its own series: another instance's
+        /// series of the same task stays (the CI failure of a shared recorder).
+        #[test]
+        fn an_owner_prunes_only_its_own_series() {
+            let (a, b) = (Owner::new(), Owner::new());
+            const NAME: &str = "readstate_restore_remaining_records";
+            set(a, NAME, &[("task", "owned_test_0_0")], 1.0);
+            set(b, NAME, &[("task", "owned_test_0_0")], 2.0);
+            set(b, NAME, &[("task", "owned_test_0_1")], 3.0);
+            retain(a, NAME, "task", |_| false);
+            let mut out = String::new();
+            render(&mut out);
+            assert!(out.contains("{task=\"owned_test_0_0\"} 2"), "{out}");
+            assert!(out.contains("{task=\"owned_test_0_1\"} 3"), "{out}");
+            remove(b, NAME, &[("task", "owned_test_0_0")]);
+            retain(b, NAME, "task", |t| t != "owned_test_0_1");
+            let mut out = String::new();
+            render(&mut out);
+            assert!(!out.contains("owned_test_"), "{out}");
         }
     }
 }

@@ -179,17 +179,10 @@ fn produce_paced(
     })
 }
 
-/// Wait (bounded) until `cond` holds.
+/// Wait (bounded, through the tests' one wait helper) until `cond` holds; a timeout
+/// prints the children's logs.
 fn wait_for(s: &Scenario, what: &str, limit: Duration, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n{}",
-            s.logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    common::wait_until_explained(what, limit, || cond().then_some(()), || s.logs());
 }
 
 fn pause(d: Duration) {
@@ -377,14 +370,12 @@ fn check_restore(s: &Scenario, want: &HashMap<StateKey, Expected>) {
     let stop = Arc::new(AtomicBool::new(false));
     let s2 = stop.clone();
     let handle = std::thread::spawn(move || run(cfg, s2));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !health.is_ready() {
-        assert!(
-            Instant::now() < deadline,
-            "the fresh instance never restored"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        s,
+        "the fresh instance to restore",
+        Duration::from_secs(120),
+        || health.is_ready(),
+    );
     stop.store(true, Ordering::Relaxed);
     handle.join().unwrap().unwrap();
     let stored = stored_states(&dir.path().join(&s.app), 0, PARTS);

@@ -64,34 +64,6 @@ impl Broker {
     }
 }
 
-/// In-process instances share the process's metrics recorder, and an instance closing its
-/// tasks prunes the series of those task ids (0_0 …) whoever set them. A test that reads
-/// the recorder holds this lock alone; every other test holds it shared.
-static RECORDER: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-enum Recorder {
-    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'static, ()>),
-    Alone(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>),
-}
-
-impl Recorder {
-    fn shared() -> Self {
-        Recorder::Shared(
-            RECORDER
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
-    }
-
-    fn alone() -> Self {
-        Recorder::Alone(
-            RECORDER
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
-    }
-}
-
 struct Env {
     broker: Broker,
     app: String,
@@ -102,8 +74,6 @@ struct Env {
     keyed_by: Option<&'static str>,
     /// Run under exactly_once_v2.
     eos: bool,
-    /// Held until the environment is gone (fields drop in order: this one last).
-    _recorder: Recorder,
 }
 
 impl Env {
@@ -113,18 +83,12 @@ impl Env {
 
     /// An environment whose source is keyed by `keyed_by` (None: by conversation_id).
     fn keyed_by(keyed_by: Option<&'static str>) -> Self {
-        Self::on_mock(keyed_by, Recorder::shared())
+        Self::on_mock(keyed_by)
     }
 
-    /// A mock environment for a test that reads the metrics recorder: no other test's
-    /// in-process instance runs meanwhile.
-    fn reading_metrics() -> Self {
-        Self::on_mock(None, Recorder::alone())
-    }
-
-    fn on_mock(keyed_by: Option<&'static str>, recorder: Recorder) -> Self {
+    fn on_mock(keyed_by: Option<&'static str>) -> Self {
         let broker = Broker::Mock(MockCluster::new(1).unwrap());
-        let env = Self::on(broker, keyed_by, recorder);
+        let env = Self::on(broker, keyed_by);
         // The mock broker does not answer CreateTopics: internal topics are made here.
         if keyed_by.is_some() {
             env.broker
@@ -139,17 +103,17 @@ impl Env {
     /// On the real broker: only the source and output topics exist; readstate creates
     /// its internal topics through the admin API.
     fn real() -> Self {
-        Self::on(Broker::real(), None, Recorder::shared())
+        Self::on(Broker::real(), None)
     }
 
     /// On the real broker under exactly_once_v2, the source keyed by `keyed_by`.
     fn real_exactly_once(keyed_by: Option<&'static str>) -> Self {
-        let mut env = Self::on(Broker::real(), keyed_by, Recorder::shared());
+        let mut env = Self::on(Broker::real(), keyed_by);
         env.eos = true;
         env
     }
 
-    fn on(broker: Broker, keyed_by: Option<&'static str>, recorder: Recorder) -> Self {
+    fn on(broker: Broker, keyed_by: Option<&'static str>) -> Self {
         common::capture_logs();
         let s = suffix();
         let env = Env {
@@ -160,7 +124,6 @@ impl Env {
             state: tempfile::tempdir().unwrap(),
             keyed_by,
             eos: false,
-            _recorder: recorder,
         };
         env.broker.create_topic(&env.source, PARTS, &[]);
         env.broker.create_topic(&env.output, PARTS, &[]);
@@ -478,7 +441,9 @@ fn end_to_end_output_and_state_match_the_oracle() {
 
 #[test]
 fn deleting_the_state_directory_costs_only_a_restore() {
-    let env = Env::reading_metrics();
+    // In-process instances of other tests share the process's recorder; each prunes only
+    // the per-task series it set (telemetry::series::Owner), so this one's stay.
+    let env = Env::new();
     let first = zipf_workload(2, 8_000);
     env.produce(&first, 0);
     let inst = env.start();
@@ -493,11 +458,9 @@ fn deleting_the_state_directory_costs_only_a_restore() {
     let want = oracle(&all);
     let (inst, server) = env.start_observed();
     // Ready only once every assigned task has restored; the restore is on /metrics.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !http_get(server.addr(), "/ready").starts_with("HTTP/1.1 200") {
-        assert!(Instant::now() < deadline, "never ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for("never ready", Duration::from_secs(60), || {
+        http_get(server.addr(), "/ready").starts_with("HTTP/1.1 200")
+    });
     env.read_updates(&want);
     let metrics = http_get(server.addr(), "/metrics");
     let s2 = inst.stop();
@@ -867,14 +830,11 @@ fn check_restored_state(env: &Env, want: &HashMap<StateKey, Expected>) {
     let mut cfg = env.config(dir.path(), Arc::new(LocalRegistry::new()), &[]);
     cfg.health = health.clone();
     let inst = launch(cfg);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !health.is_ready() {
-        assert!(
-            Instant::now() < deadline,
-            "the fresh instance never restored"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        "the fresh instance never restored",
+        Duration::from_secs(90),
+        || health.is_ready(),
+    );
     let s = inst.stop();
     assert_eq!(
         s.tasks_opened, PARTS as u64,
@@ -966,11 +926,11 @@ fn check_each_version_once(updates: &[ReceiptUpdate]) {
 
 /// Wait (bounded) until an instance has consumed `n` records.
 fn wait_consumed(progress: &readstate::telemetry::Progress, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while readstate::telemetry::Progress::get(&progress.records_consumed) < n as u64 {
-        assert!(Instant::now() < deadline, "records were never consumed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        "records were never consumed",
+        Duration::from_secs(90),
+        || readstate::telemetry::Progress::get(&progress.records_consumed) >= n as u64,
+    );
 }
 
 /// Every produce request fails for good (the broker says the message is too large) while
@@ -1200,11 +1160,9 @@ fn a_checkpoint_beyond_the_changelog_end_is_wiped_and_restored() {
     let mut cfg = env.config(env.state.path(), Arc::new(LocalRegistry::new()), &[]);
     cfg.health = health.clone();
     let b = launch(cfg);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !health.is_ready() {
-        assert!(Instant::now() < deadline, "never restored");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for("never restored", Duration::from_secs(60), || {
+        health.is_ready()
+    });
     let s = b.stop();
     assert_eq!(s.tasks_corrupted, PARTS as u64, "{s:?}");
     check_final_state(&env, &want);
@@ -1294,14 +1252,11 @@ fn real_broker_internal_topics_are_created_compacted_and_checked() {
     let events = zipf_workload(32, 3_000);
     let want = oracle(&events);
     let a = env.start();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while kafka::end_offsets(&env.brokers(), &env.output).len() != PARTS as usize {
-        assert!(
-            Instant::now() < deadline,
-            "the output topic was created with {PARTS} partitions"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(
+        "the output topic was created with {PARTS} partitions",
+        Duration::from_secs(30),
+        || kafka::end_offsets(&env.brokers(), &env.output).len() == PARTS as usize,
+    );
     env.produce(&events, 500);
     env.read_updates(&want);
     a.stop();
@@ -1364,11 +1319,9 @@ fn real_broker_restore_from_a_compacted_changelog_is_exact() {
     let mut cfg = env.config(fresh.path(), Arc::new(LocalRegistry::new()), &[]);
     cfg.health = health.clone();
     let b = launch(cfg);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !health.is_ready() {
-        assert!(Instant::now() < deadline, "never restored");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for("never restored", Duration::from_secs(60), || {
+        health.is_ready()
+    });
     let s = b.stop();
     eprintln!(
         "compaction kept {kept} of {written} changelog records; restored {}",
@@ -1440,7 +1393,7 @@ fn real_broker_exactly_once_kill9_between_produce_and_commit() {
 /// the committed offsets (DeleteRecords), as Kafka Streams does.
 #[test]
 fn real_broker_repartition_topic_is_created_and_purged_below_the_committed_offsets() {
-    let env = Env::on(Broker::real(), Some("reader_id"), Recorder::shared());
+    let env = Env::on(Broker::real(), Some("reader_id"));
     let events = zipf_workload(35, 8_000);
     let want = oracle(&events);
     let mut cfg = env.config(env.state.path(), Arc::new(LocalRegistry::new()), &[]);
@@ -1458,14 +1411,11 @@ fn real_broker_repartition_topic_is_created_and_purged_below_the_committed_offse
         rdkafka::consumer::Consumer::fetch_watermarks(&c, &repartition, p, Duration::from_secs(5))
             .unwrap()
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while (0..PARTS).map(|p| low(p).0).sum::<i64>() == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "repartition records were never purged"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for(
+        "repartition records were never purged",
+        Duration::from_secs(60),
+        || (0..PARTS).map(|p| low(p).0).sum::<i64>() != 0,
+    );
     a.stop();
     assert_eq!(
         kafka::end_offsets(&brokers, &repartition).len(),

@@ -397,11 +397,11 @@ fn outage_mid_stream_pauses_then_catches_up_without_regression() {
     );
     db.unblock();
     db.wait_rows(&want);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while lag() != 0 {
-        assert!(Instant::now() < deadline, "lag never fell back to zero");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(
+        "the lag to fall back to zero",
+        Duration::from_secs(60),
+        || lag() == 0,
+    );
     watching.store(false, Ordering::Relaxed);
     let samples = watcher.join().expect("no row regressed");
     let summary = sink.stop();
@@ -552,11 +552,9 @@ fn sigkill_sink_then_restart_applies_every_batch_exactly_once() {
     child.wait().unwrap();
     let mut child = spawn();
     db.wait_rows(&want);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while records_applied(&db, &k.group()) < total {
-        assert!(Instant::now() < deadline, "sink never finished");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for("the sink to finish", Duration::from_secs(60), || {
+        records_applied(&db, &k.group()) >= total
+    });
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(
@@ -618,13 +616,9 @@ fn statement_timeouts_are_retried() {
     assert_eq!(records_applied(&db, &k.group()), k.records());
 }
 
-/// Wait (bounded) until `cond` holds.
-fn wait_for(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Wait (bounded, 90 s) until `cond` holds.
+fn settle(what: &str, cond: impl Fn() -> bool) {
+    common::wait_for(what, Duration::from_secs(90), cond);
 }
 
 /// The database goes away while sink partitions move: B (owning half) stops during the
@@ -647,7 +641,7 @@ fn outage_while_sink_partitions_move_then_every_row_arrives() {
     db.wait_rows(&latest(first));
     db.block();
     k.produce(second);
-    wait_for("both sinks to meet the outage", || {
+    settle("both sinks to meet the outage", || {
         health_a.waiting().is_some() && health_b.waiting().is_some()
     });
     let stopping = Instant::now();
@@ -661,7 +655,7 @@ fn outage_while_sink_partitions_move_then_every_row_arrives() {
     db.unblock();
     db.wait_rows(&want);
     let group = k.group();
-    wait_for("every record applied", || {
+    settle("every record applied", || {
         records_applied(&db, &group) == k.records()
     });
     let sa = a.stop();
@@ -699,7 +693,7 @@ fn run_started_while_postgres_is_down_processes_the_stream_and_the_sink_catches_
         .spawn()
         .unwrap();
     let want = oracle(&events);
-    wait_for(
+    settle(
         "updates on the output topic while PostgreSQL is down",
         || k.records() >= want.len() as i64,
     );
@@ -709,7 +703,7 @@ fn run_started_while_postgres_is_down_processes_the_stream_and_the_sink_catches_
         "the database is still refusing connections"
     );
     db.unblock();
-    wait_for("PostgreSQL to match the oracle", || {
+    settle("PostgreSQL to match the oracle", || {
         let rows = db.rows().unwrap_or_default();
         rows.len() == want.len()
             && want.iter().all(|(key, x)| {
@@ -794,7 +788,7 @@ fn real_broker_exactly_once_run_killed_and_restarted_then_postgres_equals_the_or
         .spawn()
         .unwrap();
     let half = oracle(first);
-    wait_for("the first half in PostgreSQL", || {
+    settle("the first half in PostgreSQL", || {
         let rows = db.rows().unwrap_or_default();
         half.iter()
             .all(|(k, x)| rows.get(k).is_some_and(|r| r.seq == x.max_seq))
@@ -806,7 +800,7 @@ fn real_broker_exactly_once_run_killed_and_restarted_then_postgres_equals_the_or
     let mut child = cli(&["run", "--local-schemas", "--topology", &file], &env)
         .spawn()
         .unwrap();
-    wait_for("PostgreSQL to match the oracle", || {
+    settle("PostgreSQL to match the oracle", || {
         let rows = db.rows().unwrap_or_default();
         rows.len() == want.len()
             && want.iter().all(|(k, x)| {
@@ -902,7 +896,7 @@ fn real_broker_recreated_output_topic_stops_the_sink_until_reset() {
             .unwrap()
     };
     let mut child = run();
-    wait_for("PostgreSQL to match the oracle", rows_match);
+    settle("PostgreSQL to match the oracle", rows_match);
     let refused = cli(&["reset", "--topology", &file], &env).output().unwrap();
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "reset while an instance runs");
@@ -982,7 +976,7 @@ fn real_broker_recreated_output_topic_stops_the_sink_until_reset() {
 
     // Everything is processed again: every key is emitted to the new topic and written.
     let mut child = run();
-    wait_for("the sink to write the whole new output topic", || {
+    settle("the sink to write the whole new output topic", || {
         let ends = kafka::end_offsets(&brokers, &output);
         let offsets = db.offsets(&sink_group).unwrap_or_default();
         ends.iter().sum::<i64>() >= want.len() as i64
@@ -1101,14 +1095,14 @@ fn sink_lag_is_zero_when_written_and_grows_while_postgres_is_down() {
             .collect();
         (values.len() == PARTS as usize).then(|| values.iter().sum())
     };
-    wait_for("lag 0 on every partition", || lag() == Some(0));
+    settle("lag 0 on every partition", || lag() == Some(0));
     db.block();
     let second = update_stream(4, 200, 2);
     k.produce(&second);
-    wait_for("the lag to count what arrived during the outage", || {
+    settle("the lag to count what arrived during the outage", || {
         lag() == Some(second.len() as i64)
     });
     db.unblock();
-    wait_for("lag 0 again", || lag() == Some(0));
+    settle("lag 0 again", || lag() == Some(0));
     assert!(sigterm(&mut child).success());
 }

@@ -15,6 +15,7 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::RuntimeError;
+use crate::backoff::Backoff;
 use crate::ids::TaskId;
 use crate::kafka::{KafkaError, KafkaSettings};
 use crate::state::restore::ChangelogRestorer;
@@ -63,6 +64,8 @@ pub struct ChangelogReader {
     /// Until when a leaderless changelog partition is asked again (set by the first ask,
     /// cleared by an answer).
     leader_wait: Option<Instant>,
+    /// Whose `readstate_restore_remaining_records` series these are.
+    owner: series::Owner,
 }
 
 impl ChangelogReader {
@@ -71,6 +74,7 @@ impl ChangelogReader {
         group: String,
         topics: Vec<Option<String>>,
         batch: usize,
+        owner: series::Owner,
     ) -> Self {
         Self {
             settings,
@@ -81,6 +85,7 @@ impl ChangelogReader {
             batch: batch.max(1),
             budget: Duration::from_millis(200),
             leader_wait: None,
+            owner,
         }
     }
 
@@ -162,6 +167,13 @@ impl ChangelogReader {
     }
 
     /// `readstate_restore_remaining_records{task}`: summed over the task's stores.
+    /// `readstate_restore_remaining_records{task}` (removed when the task closes).
+    fn remaining(&self, task: TaskId, v: f64) {
+        let task = task.to_string();
+        let name = "readstate_restore_remaining_records";
+        series::set(self.owner, name, &[("task", &task)], v);
+    }
+
     fn report_remaining(&self, task: TaskId) {
         let left: i64 = self
             .restoring
@@ -169,7 +181,7 @@ impl ChangelogReader {
             .filter(|r| r.task == task)
             .map(|r| (r.end - r.next).max(0))
             .sum();
-        gauge(task).set(left as f64);
+        self.remaining(task, left as f64);
     }
 
     /// Stop restoring a task's stores (revoked or lost meanwhile); they are closed.
@@ -185,7 +197,7 @@ impl ChangelogReader {
             .filter_map(|k| self.restoring.remove(k))
             .map(|r| r.task)
             .last()?;
-        gauge(task).set(0.0);
+        self.remaining(task, 0.0);
         if let Err(e) = self.reassign() {
             tracing::warn!(error = %e, "restore consumer reassignment failed");
         }
@@ -297,10 +309,13 @@ impl ChangelogReader {
             if r.next >= r.end || pos.is_some_and(|o| o >= r.end) {
                 done.push((*i, *p));
             } else if r.last_progress.elapsed() > STALLED_AFTER {
-                return Err(RuntimeError::Config(format!(
-                    "restore of {topic} [{p}] made no progress for {STALLED_AFTER:?} at offset {} of {}",
-                    r.next, r.end
-                )));
+                return Err(RuntimeError::RestoreStalled {
+                    topic: topic.to_owned(),
+                    partition: *p,
+                    stalled_for: STALLED_AFTER,
+                    at: r.next,
+                    end: r.end,
+                });
             }
         }
         Ok(done)
@@ -333,20 +348,6 @@ fn poll_batch<'c>(
     polled
 }
 
-/// `readstate_restore_remaining_records{task}` (removed when the task closes).
-struct Remaining(TaskId);
-
-impl Remaining {
-    fn set(&self, v: f64) {
-        let task = self.0.to_string();
-        series::set("readstate_restore_remaining_records", &[("task", &task)], v);
-    }
-}
-
-fn gauge(task: TaskId) -> Remaining {
-    Remaining(task)
-}
-
 /// How long a changelog partition may go without a leader (see
 /// [`ChangelogReader::watermarks`]).
 const LEADER_WAIT: Duration = Duration::from_secs(10);
@@ -359,14 +360,13 @@ fn watermarks_with_retry(
     partition: i32,
     deadline: Instant,
 ) -> Result<(i64, i64), KafkaError> {
-    let mut backoff = Duration::from_millis(10);
+    let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(500));
     loop {
         match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
             Ok(w) => return Ok(w),
-            Err(e) if retriable(&e) && Instant::now() + backoff < deadline => {
+            Err(e) if retriable(&e) && Instant::now() + backoff.peek() < deadline => {
                 tracing::debug!(topic, partition, error = %e, "changelog watermarks not answered yet");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_millis(500));
+                std::thread::sleep(backoff.fail());
             }
             Err(e) => return Err(e.into()),
         }
@@ -440,7 +440,13 @@ mod tests {
         }
         producer.flush(Duration::from_secs(10)).unwrap();
         let settings = KafkaSettings::new(mock.bootstrap_servers());
-        let mut reader = ChangelogReader::new(settings, "r".into(), vec![Some("cl".into())], 40);
+        let mut reader = ChangelogReader::new(
+            settings,
+            "r".into(),
+            vec![Some("cl".into())],
+            40,
+            series::Owner::new(),
+        );
         for p in 0..2 {
             let (low, high) = reader.watermarks(0, p).unwrap();
             assert_eq!((low, high), (0, 250));
@@ -513,7 +519,8 @@ mod tests {
         producer.flush(Duration::from_secs(10)).unwrap();
         let settings = KafkaSettings::new(mock.bootstrap_servers());
         let topics = vec![Some("state-cl".into()), Some("heads-cl".into()), None];
-        let mut reader = ChangelogReader::new(settings, "r".into(), topics, 8);
+        let mut reader =
+            ChangelogReader::new(settings, "r".into(), topics, 8, series::Owner::new());
         assert!(!reader.has_changelog(2));
         let task = TaskId::new(0, 0);
         for index in 0..2 {

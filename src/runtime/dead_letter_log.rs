@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::topology::BadRecords;
+use crate::topology::{BadRecords, OnBadRecord};
 
 use crate::task::DeadLetter;
 
@@ -144,6 +144,95 @@ impl DeadLetterBreaker {
             records: r,
             dead: d,
         })
+    }
+}
+
+/// The dead letters of the records processed since the last commit: logged as they come,
+/// produced with the commit's outputs, and judged against `on_bad_record` and the circuit
+/// breaker after each polled batch.
+#[derive(Debug)]
+pub(crate) struct DeadLetterQueue {
+    pending: Vec<DeadLetter>,
+    log: LogLimiter,
+    breaker: DeadLetterBreaker,
+    policy: BadRecords,
+    /// Where they are produced.
+    topic: String,
+}
+
+impl DeadLetterQueue {
+    pub(crate) fn new(policy: BadRecords, topic: String) -> Self {
+        Self {
+            pending: Vec::new(),
+            log: LogLimiter::new(DEAD_LETTER_LOGS_PER_SECOND),
+            breaker: DeadLetterBreaker::new(policy),
+            policy,
+            topic,
+        }
+    }
+
+    pub(crate) fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Where a batch's dead letters are added (log them with [`DeadLetterQueue::log_since`]).
+    pub(crate) fn pending_mut(&mut self) -> &mut Vec<DeadLetter> {
+        &mut self.pending
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub(crate) fn push(&mut self, d: DeadLetter) {
+        log_dead_letter(&d, &mut self.log);
+        self.pending.push(d);
+    }
+
+    /// Log the dead letters added since there were `before`.
+    pub(crate) fn log_since(&mut self, before: usize) {
+        for d in &self.pending[before..] {
+            log_dead_letter(d, &mut self.log);
+        }
+    }
+
+    /// Report the lines suppressed in a window that has closed (from the poll loop).
+    pub(crate) fn tick(&mut self) {
+        flush_dead_letter_log(&mut self.log);
+    }
+
+    /// The dead letters to produce with this commit.
+    pub(crate) fn take(&mut self) -> Vec<DeadLetter> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Forget them (their records are read again).
+    pub(crate) fn clear(&mut self) {
+        self.pending.clear();
+    }
+
+    /// After a batch of `records` that added the dead letters from `before` on: why the
+    /// instance must stop (`on_bad_record = "fail"`, or the circuit breaker), if it must.
+    pub(crate) fn judge(&mut self, now: Instant, records: u64, before: usize) -> Option<String> {
+        let new = &self.pending[before..];
+        let policy = self.policy;
+        match (policy.on_bad_record, new.first()) {
+            (_, None) if records == 0 => None,
+            (OnBadRecord::Fail, Some(d)) => Some(format!(
+                "bad record at {} [{}] offset {} ({}: {}); on_bad_record = \"fail\" stops the instance, committing nothing past it",
+                d.topic, d.partition, d.offset, d.reason, d.error
+            )),
+            _ => {
+                let t = self.breaker.record(now, records, new.len() as u64)?;
+                let last = self.pending.last().expect("dead letters in the window");
+                Some(format!(
+                    "circuit breaker: {} of the last {} records (within {}) were dead letters, above dead_letter_max_ratio {}; the last one: {} [{}] offset {} ({}: {}). Stopping instead of draining the input into {}; nothing of this batch is committed",
+                    t.dead, t.records, humantime::format_duration(policy.window), policy.max_ratio,
+                    last.topic, last.partition, last.offset, last.reason, last.error,
+                    self.topic
+                ))
+            }
+        }
     }
 }
 

@@ -2,9 +2,15 @@
 //! Streams' runtime roles, one module each:
 //!
 //! - [`stream_thread`]: the poll loop (StreamThread) and the rebalance callbacks;
-//! - [`task_manager`]: tasks by partition; assign, revoke (clean), lost (dirty), corrupted
-//!   (wipe + restore), fatal; partitions parked while restoring or waiting on the registry;
-//! - [`task_executor`]: processing, forwarding and the commit protocol (TaskExecutor);
+//! - [`task_manager`]: the task lifecycle: assign, revoke (clean), lost (dirty), corrupted
+//!   (wipe + restore), fatal;
+//! - [`task_executor`]: processing, forwarding and the one commit protocol (TaskExecutor),
+//!   whose only at-least-once / exactly_once_v2 switch is its last step;
+//! - [`tasks`]: the running tasks by partition, and the forwarded source partitions;
+//! - [`membership`]: the member id and pause suspicion, on an injectable clock;
+//! - [`parking`]: partitions paused while restoring or waiting on the schema registry;
+//! - [`offsets`]: processed and committed source offsets, origin ids;
+//! - [`codecs`]: the one runtime module that knows the record types (decoders, encoders);
 //! - [`record_collector`]: every produce; acknowledged changelog offsets; send errors
 //!   surfaced at flush (RecordCollector);
 //! - [`state_manager`]: where stores live, checkpoints judged against the changelog, wipes
@@ -13,13 +19,18 @@
 //! - [`repartition_purger`]: deletes repartition records below the committed offsets.
 
 mod changelog_reader;
+mod codecs;
 pub(crate) mod dead_letter_log;
+mod membership;
+mod offsets;
+mod parking;
 mod record_collector;
 mod repartition_purger;
 mod state_manager;
 mod stream_thread;
 mod task_executor;
 mod task_manager;
+mod tasks;
 
 pub use state_manager::check_state_dir;
 
@@ -31,6 +42,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError as RdKafkaError;
 
+use crate::backoff::{Backoff, Clock};
 use crate::kafka::admin::{describe_policies, ensure_topics, MetadataClient, TopicRequest};
 use crate::kafka::{KafkaError, KafkaSettings};
 use crate::serde::avro::WireEncoder;
@@ -39,9 +51,6 @@ use crate::serde::{SerdeError, CONVERSATION_HEAD_SCHEMA, RECEIPT_UPDATE_SCHEMA};
 use crate::telemetry::{Health, Progress};
 use crate::topology::Topology;
 
-use dead_letter_log::{
-    log_dead_letter, DeadLetterBreaker, LogLimiter, DEAD_LETTER_LOGS_PER_SECOND,
-};
 use stream_thread::{RebalanceHandler, StreamThread};
 use task_manager::TaskManager;
 
@@ -87,6 +96,40 @@ pub enum RuntimeError {
     Serde(#[from] SerdeError),
     #[error("{0}")]
     Config(String),
+    /// A topology the runtime cannot run (yet).
+    #[error("unsupported topology: {0}")]
+    Unsupported(String),
+    #[error("{0} does not exist")]
+    MissingTopic(String),
+    #[error("{0}")]
+    Partitioning(String),
+    #[error("cannot reach Kafka at {brokers} (no metadata within {timeout:?}): {source}")]
+    KafkaUnreachable {
+        brokers: String,
+        timeout: Duration,
+        source: Box<KafkaError>,
+    },
+    #[error("the topology has no receipts sink")]
+    NoReceiptsSink,
+    #[error("the consumer has no group metadata (exactly_once_v2 needs it for a transaction)")]
+    NoGroupMetadata,
+    #[error("tokio runtime: {0}")]
+    Tokio(std::io::Error),
+    #[error("restore of {topic} [{partition}] made no progress for {stalled_for:?} at offset {at} of {end}")]
+    RestoreStalled {
+        topic: String,
+        partition: i32,
+        stalled_for: Duration,
+        at: i64,
+        end: i64,
+    },
+    #[error("cannot rewind {topic} [{partition}] to offset {offset}: {source}")]
+    Rewind {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        source: Box<RdKafkaError>,
+    },
     /// Tasks are in an unknown state (outputs that could not be made durable): the
     /// instance stops with a non-zero exit.
     #[error("fatal: {0}")]
@@ -133,6 +176,8 @@ pub struct RunConfig {
     /// Set to request a commit at the next turn of the poll loop, whatever the commit
     /// interval (Kafka Streams' `ProcessorContext.commit()`); cleared when done.
     pub commit_now: Arc<AtomicBool>,
+    /// The clock of the membership heuristics (a gap between polls, a slow commit).
+    pub clock: Arc<dyn Clock>,
 }
 
 impl RunConfig {
@@ -153,6 +198,7 @@ impl RunConfig {
             health: Health::new(),
             progress: Arc::new(Progress::default()),
             commit_now: Arc::new(AtomicBool::new(false)),
+            clock: crate::backoff::system_clock(),
         }
     }
 }
@@ -173,7 +219,7 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| RuntimeError::Config(format!("tokio runtime: {e}")))?;
+        .map_err(RuntimeError::Tokio)?;
     let t = &config.topology;
     tracing::info!(application = %t.application_id, brokers = %config.kafka.brokers, startup_ms = crate::telemetry::since_start_ms(), "starting");
     // Before joining the group: an instance that cannot keep state must not cause a
@@ -194,19 +240,24 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
             .and_then(|mut tm| {
                 if let Some(h) = &t.heads_output {
                     let subject = format!("{}-value", h.topic);
-                    tm.heads_encoder = Some(tm.rt.block_on(register_with_retry(
+                    let encoder = tm.executor.block_on(register_with_retry(
                         &*config.resolver,
                         &subject,
                         CONVERSATION_HEAD_SCHEMA,
                         shutdown,
-                    ))?);
+                    ))?;
+                    tm.executor
+                        .codecs_mut()
+                        .with_heads(h.topic.0.clone(), encoder);
                 }
                 Ok(tm)
             });
         (checks.join().expect("topic check thread panicked"), tasks)
     });
     checked?;
-    let tasks = Arc::new(Mutex::new(tasks?));
+    let tasks = tasks?;
+    let owner = tasks.owner;
+    let tasks = Arc::new(Mutex::new(tasks));
     tracing::debug!(
         startup_ms = crate::telemetry::since_start_ms(),
         "output schema and producer ready"
@@ -225,6 +276,7 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
     let consumer: BaseConsumer<RebalanceHandler> = consumer_config
         .create_with_context(RebalanceHandler {
             tasks: tasks.clone(),
+            owner,
         })
         .map_err(KafkaError::from)?;
     // Sources, plus the repartition topics the stateful tasks read.
@@ -280,7 +332,7 @@ fn prepare_topics(config: &RunConfig) -> Result<(), RuntimeError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| RuntimeError::Config(format!("tokio runtime: {e}")))?;
+        .map_err(RuntimeError::Tokio)?;
     let t = &config.topology;
     let md_timeout = Duration::from_secs(10);
     let internal = t.internal_topics();
@@ -302,11 +354,10 @@ fn prepare_topics(config: &RunConfig) -> Result<(), RuntimeError> {
     let policies = describe_in_background(&config.kafka, compacted.clone(), md_timeout);
     let metadata = MetadataClient::new(&config.kafka)?;
     let counts = metadata.partition_counts(&names, md_timeout);
-    let counts = counts.map_err(|e| {
-        RuntimeError::Config(format!(
-            "cannot reach Kafka at {} (no metadata within {md_timeout:?}): {e}",
-            config.kafka.brokers
-        ))
+    let counts = counts.map_err(|e| RuntimeError::KafkaUnreachable {
+        brokers: config.kafka.brokers.clone(),
+        timeout: md_timeout,
+        source: Box::new(e),
     })?;
     // Only an existing changelog needs its policy (a missing one is created compacted):
     // a broker that never answers DescribeConfigs then costs nothing on a first start.
@@ -316,9 +367,11 @@ fn prepare_topics(config: &RunConfig) -> Result<(), RuntimeError> {
         .zip(&counts)
         .find(|(n, c)| c.is_some() && compacted.iter().any(|k| k == *n));
     let policies = match existing_changelog {
-        Some((topic, _)) if metadata.has_controller(topic, md_timeout) => policies
-            .recv()
-            .map_err(|_| RuntimeError::Config("DescribeConfigs thread ended".into()))??,
+        Some((topic, _)) if metadata.has_controller(topic, md_timeout) => {
+            policies.recv().map_err(|_| {
+                RuntimeError::Fatal("the DescribeConfigs thread ended without an answer".into())
+            })??
+        }
         Some(_) => {
             tracing::debug!("no controller among the brokers: DescribeConfigs is not waited for");
             Default::default()
@@ -401,12 +454,10 @@ fn describe_in_background(
 fn source_partitions(t: &Topology, counts: &[Option<i32>]) -> Result<i32, RuntimeError> {
     let mut partitions = None;
     for (s, n) in t.sources.iter().zip(counts) {
-        let n = n.ok_or_else(|| {
-            RuntimeError::Config(format!("source topic {} does not exist", s.topic))
-        })?;
+        let n = n.ok_or_else(|| RuntimeError::MissingTopic(format!("source topic {}", s.topic)))?;
         if let Some(m) = partitions {
             if m != n {
-                return Err(RuntimeError::Config(format!(
+                return Err(RuntimeError::Partitioning(format!(
                     "source topics must be co-partitioned: {} has {n} partitions, others {m}",
                     s.topic
                 )));
@@ -414,7 +465,7 @@ fn source_partitions(t: &Topology, counts: &[Option<i32>]) -> Result<i32, Runtim
         }
         partitions = Some(n);
     }
-    partitions.ok_or_else(|| RuntimeError::Config("no sources".into()))
+    partitions.ok_or_else(|| RuntimeError::Unsupported("a topology without sources".into()))
 }
 
 /// The message topic must exist with the read events' partition count: task p reads
@@ -427,11 +478,11 @@ fn check_message_partitions(
 ) -> Result<(), RuntimeError> {
     let reads = &t.sources[0].topic;
     match count {
-        None => Err(RuntimeError::Config(format!(
-            "message source topic {} does not exist (create it with {partitions} partitions, like {reads})",
+        None => Err(RuntimeError::MissingTopic(format!(
+            "message source topic {} (create it with {partitions} partitions, like {reads})",
             m.topic
         ))),
-        Some(n) if n != partitions => Err(RuntimeError::Config(format!(
+        Some(n) if n != partitions => Err(RuntimeError::Partitioning(format!(
             "message source topic {} has {n} partitions but {reads} has {partitions}: co-partitioned sources need the same partition count (and the same key, conversation_id, and partitioner)",
             m.topic
         ))),
@@ -446,14 +497,14 @@ async fn register_with_retry<T: serde::Serialize>(
     schema: &str,
     shutdown: &AtomicBool,
 ) -> Result<WireEncoder<T>, RuntimeError> {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::remote();
     loop {
         match WireEncoder::<T>::register(resolver, subject, schema).await {
             Ok(e) => return Ok(e),
             Err(SerdeError::RegistryUnavailable(msg)) if !shutdown.load(Ordering::Relaxed) => {
-                tracing::warn!(error = %msg, retry_in = ?backoff, "schema registry unavailable");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                let wait = backoff.fail();
+                tracing::warn!(error = %msg, retry_in = ?wait, "schema registry unavailable");
+                tokio::time::sleep(wait).await;
             }
             Err(e) => return Err(e.into()),
         }

@@ -255,10 +255,6 @@ impl RecordCollector {
         })
     }
 
-    pub fn is_transactional(&self) -> bool {
-        self.txn.is_some()
-    }
-
     /// Make the producer again (after it was fenced): the new one fences the old.
     pub fn recreate(&mut self) -> Result<(), KafkaError> {
         let id = self.txn.as_ref().map(|t| t.id.clone());
@@ -305,7 +301,7 @@ impl RecordCollector {
                 .map_err(|e| {
                     let membership = e
                         .rdkafka_error_code()
-                        .is_some_and(super::task_manager::is_membership_code);
+                        .is_some_and(super::membership::is_membership_code);
                     classify(KafkaError::from(e), membership)
                 })
         } else {

@@ -16,12 +16,15 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Statistics, TopicPartitionList};
 
-use super::task_manager::{TaskManager, TopicPartition};
+use super::offsets::TopicPartition;
+use super::task_manager::TaskManager;
 use super::RuntimeError;
 
 /// Consumer context: hands rebalances to the task manager.
 pub(super) struct RebalanceHandler {
     pub(super) tasks: Arc<Mutex<TaskManager>>,
+    /// The instance's series owner (its consumer lag series).
+    pub(super) owner: series::Owner,
 }
 
 fn topic_partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
@@ -42,6 +45,7 @@ impl ClientContext for RebalanceHandler {
                 if *p >= 0 && s.consumer_lag >= 0 && s.fetch_state == "active" {
                     let part = p.to_string();
                     series::set(
+                        self.owner,
                         LAG,
                         &[("topic", topic), ("partition", &part)],
                         s.consumer_lag as f64,
@@ -50,7 +54,7 @@ impl ClientContext for RebalanceHandler {
                 }
             }
         }
-        series::retain_by(LAG, |l| {
+        series::retain_by(self.owner, LAG, |l| {
             let get = |k: &str| {
                 l.iter()
                     .find(|(n, _)| *n == k)
@@ -67,7 +71,7 @@ impl ConsumerContext for RebalanceHandler {
             let parts = topic_partitions(tpl);
             let mut tasks = self.tasks.lock().expect("task manager lock");
             if consumer.assignment_lost() {
-                tasks.lose_all("assignment lost (session timeout or fenced)");
+                let _ = tasks.lose_all("assignment lost (session timeout or fenced)");
             } else {
                 tasks.revoke(consumer, &parts);
             }
@@ -128,11 +132,11 @@ impl StreamThread {
         let mut last_commit = Instant::now();
         let mut first_record = true;
         // Start-up work before the first poll (topic checks) is no gap between polls.
-        self.tasks.lock().expect("task manager lock").last_poll = Instant::now();
+        self.tasks.lock().expect("task manager lock").started();
         while !shutdown.load(Ordering::Relaxed) {
             let batch = self.poll();
             let mut tasks = self.tasks.lock().expect("task manager lock");
-            tasks.polled(Instant::now());
+            tasks.polled();
             if let Some(e) = tasks.deferred.take() {
                 return Err(e);
             }
@@ -154,7 +158,7 @@ impl StreamThread {
                 report_startup();
             }
             drop(msgs);
-            super::dead_letter_log::flush_dead_letter_log(&mut tasks.dead_letter_log);
+            tasks.executor.dead_letters.tick();
             let requested = self.commit_now.swap(false, Ordering::Relaxed);
             if requested || last_commit.elapsed() >= self.commit_interval || tasks.needs_flush() {
                 tasks.commit_all(&self.consumer)?;

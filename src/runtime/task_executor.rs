@@ -1,37 +1,43 @@
-//! Task executor (Kafka Streams' `TaskExecutor`): processing polled records in their
-//! tasks, and the commit protocol of `ARCHITECTURE.md` over a set of tasks:
+//! TaskExecutor (Kafka Streams' `TaskExecutor`): processing polled records in their
+//! tasks, and the one commit protocol of `ARCHITECTURE.md` over a set of tasks:
 //!
 //! 1. prepare each task's flush (memory only);
-//! 2. produce outputs and dead letters, and wait for their acknowledgements;
-//! 3. produce changelog records, and wait for their acknowledgements;
-//! 4. write each store batch with its checkpoint (atomic);
-//! 5. commit the source offsets.
+//! 2. produce outputs and dead letters (at-least-once: and wait for their acknowledgements);
+//! 3. produce changelog records;
+//! 4. complete the commit: at-least-once waits for every acknowledgement, writes each store
+//!    batch with its checkpoint, then commits the source offsets; exactly_once_v2 commits one
+//!    transaction holding the records and the offsets, then writes the store batches.
 //!
-//! A failure in 2 or 3 is fatal: the tasks drop their caches and the instance stops (the
-//! offsets were not committed, so the work is replayed, harmlessly, by the next owner). A
-//! commit refused in 5 because of membership means the tasks are lost.
+//! Step 4 is the only place where the two guarantees differ. The executor reports what
+//! happened as a [`CommitOutcome`]; losing tasks and stopping the instance are the task
+//! manager's decisions.
 
-use std::collections::{BTreeMap, HashSet};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 
-use super::record_collector::TxnError;
-use super::task_manager::{
-    is_membership_error, rewind, Membership, ParkReason, RegistryWait, TaskManager, TopicPartition,
-};
-use super::{log_dead_letter, RuntimeError};
+use super::codecs::{unknown_schemas, Codecs};
+use super::dead_letter_log::DeadLetterQueue;
+use super::membership::is_membership_error;
+use super::offsets::{SourceOffsets, TopicPartition};
+use super::parking::{rewind, ParkReason, Parking};
+use super::record_collector::{RecordCollector, TxnError};
+use super::repartition_purger::RepartitionPurger;
+use super::tasks::Tasks;
+use super::{RunSummary, RuntimeError};
 use crate::ids::Origin;
 use crate::kafka::dead_letter_headers;
 use crate::processor::{FlushOutput, InputId, RecordKind};
 use crate::serde::SerdeError;
 use crate::task::{DeadLetter, SourceRecord};
 use crate::telemetry::{series, Progress};
-use crate::topology::graph::Graph;
-use crate::topology::OnBadRecord;
+use crate::topology::graph::{Graph, Route};
+use crate::topology::ProcessingGuarantee;
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -40,68 +46,104 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-const MAX_REGISTRY_BACKOFF: Duration = Duration::from_secs(10);
+/// What a commit did, when nothing failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum CommitOutcome {
+    /// Outputs, changelog, stores and offsets are durable (or there was nothing to do).
+    Committed,
+    /// The transaction was aborted: the tasks went back to their stores and the
+    /// partitions to their committed offsets.
+    Aborted,
+    /// The coordinator refused the offsets (or the transaction) because of membership:
+    /// every task is lost. `requeue`: the consumer may still hold the assignment.
+    Lost { why: String, requeue: bool },
+    /// The producer was fenced: every task is lost, and a new producer is needed.
+    Fenced { why: String },
+}
 
-impl TaskManager {
-    fn origin_id(&mut self, topic: &str, partition: i32) -> u32 {
-        if !self.origin_ids.contains_key(topic) {
-            self.origin_ids.insert(topic.to_owned(), Default::default());
+pub(super) struct TaskExecutor {
+    guarantee: ProcessingGuarantee,
+    /// Where each task topic's records go: the compiled graph's source → processor input.
+    routes: Vec<Route>,
+    /// The changelog topic of each store of a task (indexed as `Topology::stores()`).
+    changelogs: Vec<Option<String>>,
+    codecs: Codecs,
+    collector: RecordCollector,
+    /// Deletes records of the repartition topic (the first) below the committed offsets.
+    purger: Option<(String, RepartitionPurger)>,
+    pub(super) offsets: SourceOffsets,
+    pub(super) dead_letters: DeadLetterQueue,
+    pub(super) summary: RunSummary,
+    progress: Arc<Progress>,
+    rt: tokio::runtime::Runtime,
+    /// Whose per-task series these are.
+    owner: series::Owner,
+}
+
+/// What the executor is made of (`TaskManager::new` builds it from the run's config).
+pub(super) struct ExecutorParts {
+    pub(super) guarantee: ProcessingGuarantee,
+    pub(super) routes: Vec<Route>,
+    pub(super) changelogs: Vec<Option<String>>,
+    pub(super) codecs: Codecs,
+    pub(super) collector: RecordCollector,
+    pub(super) purger: Option<(String, RepartitionPurger)>,
+    pub(super) dead_letters: DeadLetterQueue,
+    pub(super) progress: Arc<Progress>,
+    pub(super) rt: tokio::runtime::Runtime,
+    pub(super) owner: series::Owner,
+}
+
+impl TaskExecutor {
+    pub(super) fn new(p: ExecutorParts) -> Self {
+        Self {
+            guarantee: p.guarantee,
+            routes: p.routes,
+            changelogs: p.changelogs,
+            codecs: p.codecs,
+            collector: p.collector,
+            purger: p.purger,
+            offsets: SourceOffsets::default(),
+            dead_letters: p.dead_letters,
+            summary: RunSummary::default(),
+            progress: p.progress,
+            rt: p.rt,
+            owner: p.owner,
         }
-        let ids = self.origin_ids.get_mut(topic).expect("inserted above");
-        *ids.entry(partition)
-            .or_insert_with(|| Origin::source_id(topic, partition))
     }
 
-    /// Record that everything below `next` of (topic, partition) has been processed;
-    /// `first` is the first offset processed in this batch.
-    fn advance_position(&mut self, topic: &str, partition: i32, first: i64, next: i64) {
-        if !self.positions.contains_key(topic) {
-            self.positions.insert(topic.to_owned(), BTreeMap::new());
-        }
-        let pos = self.positions.get_mut(topic).expect("inserted above");
-        match pos.get_mut(&partition) {
-            Some(e) => *e = (*e).max(next),
-            None => {
-                pos.insert(partition, next);
-                // Where this partition started: what the membership probe may commit.
-                self.committed
-                    .entry((topic.to_owned(), partition))
-                    .or_insert(first);
-            }
-        }
+    pub(super) fn codecs_mut(&mut self) -> &mut Codecs {
+        &mut self.codecs
+    }
+
+    pub(super) fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
     }
 
     /// Whether records of this partition are processed now; a parked one remembers the
     /// first record it dropped.
-    fn accepts(&mut self, m: &BorrowedMessage<'_>) -> bool {
-        // Parking is rare: no key (and no allocation) per record unless something is parked.
-        if !self.parked.is_empty() {
-            let key = (m.topic().to_owned(), m.partition());
-            if let Some(parked) = self.parked.get_mut(&key) {
-                parked.rewind = Some(parked.rewind.map_or(m.offset(), |r| r.min(m.offset())));
-                return false;
-            }
+    fn accepts(tasks: &Tasks, parking: &mut Parking, m: &BorrowedMessage<'_>) -> bool {
+        if parking.drop_record(m.topic(), m.partition(), m.offset()) {
+            return false;
         }
-        if self.is_task_topic(m.topic()) {
-            // Not running: revoked in this poll (the next owner reads it from the committed
-            // offset).
-            return self.running.contains_key(&m.partition());
-        }
-        self.forwarding
-            .as_ref()
-            .is_some_and(|f| m.topic() == f.source_topic && f.partitions.contains(&m.partition()))
+        // Not owned: revoked in this poll (the next owner reads it from the committed
+        // offset).
+        tasks.owns(m.topic(), m.partition())
     }
 
-    /// Decode and fold a polled batch (and forward what needs repartitioning).
+    /// Decode and fold a polled batch (and forward what needs repartitioning). An error
+    /// stops the instance (bad records under `fail` or the circuit breaker included).
     pub(super) fn process<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
+        tasks: &mut Tasks,
+        parking: &mut Parking,
         msgs: &[BorrowedMessage<'_>],
     ) -> Result<(), RuntimeError> {
         if msgs.is_empty() {
             return Ok(());
         }
-        self.prepare_schemas(consumer, msgs)?;
+        self.prepare_schemas(consumer, tasks, parking, msgs)?;
         let dead_before = self.dead_letters.len();
         // Group by task and input (the graph's route of the record's topic), keeping order
         // within each; forward what needs repartitioning.
@@ -109,18 +151,20 @@ impl TaskManager {
             BTreeMap::new();
         let mut accepted = 0u64;
         for m in msgs {
-            if !self.accepts(m) {
+            if !Self::accepts(tasks, parking, m) {
                 continue;
             }
             accepted += 1;
-            let Some(route) = Graph::route(&self.routes, m.topic()) else {
-                self.forward(m);
+            let Some((input, kind)) =
+                Graph::route(&self.routes, m.topic()).map(|r| (r.input, r.records))
+            else {
+                self.forward(tasks, m);
                 continue;
             };
-            let key = (m.partition(), route.input);
-            let kind = route.records;
-            let origin = self.origin_of(m);
-            let batch = batches.entry(key).or_insert_with(|| (kind, Vec::new()));
+            let origin = self.origin_of(tasks, m);
+            let batch = batches
+                .entry((m.partition(), input))
+                .or_insert_with(|| (kind, Vec::new()));
             batch.1.push(source_record(m, origin));
         }
         // Records dropped here (parked, revoked) are consumed again later, and counted then.
@@ -128,77 +172,44 @@ impl TaskManager {
         Progress::add(&self.progress.records_consumed, accepted);
         metrics::counter!("readstate_events_consumed_total").increment(accepted);
         for ((p, input), (kind, recs)) in batches {
-            self.process_input(p, input, kind, &recs)?;
+            self.process_input(tasks, p, input, kind, &recs)?;
         }
-        self.judge_bad_records(accepted, dead_before)
+        match self
+            .dead_letters
+            .judge(Instant::now(), accepted, dead_before)
+        {
+            None => Ok(()),
+            Some(why) => {
+                metrics::counter!("readstate_bad_record_stops_total").increment(1);
+                Err(RuntimeError::Fatal(why))
+            }
+        }
     }
 
     /// Records of task `p`'s input `input`, decoded as `kind`.
     fn process_input(
         &mut self,
+        tasks: &mut Tasks,
         p: i32,
         input: InputId,
         kind: RecordKind,
         recs: &[SourceRecord<'_>],
     ) -> Result<(), RuntimeError> {
         let before = self.dead_letters.len();
-        let task = &mut self.running.get_mut(&p).expect("accepted above").task;
-        match kind {
-            RecordKind::ReadEvents => {
-                task.process_reads(input, &self.decoder, recs, &mut self.dead_letters)?
-            }
-            RecordKind::MessageEvents => {
-                let decoder = self
-                    .message_decoder
-                    .as_ref()
-                    .expect("a message topic has a decoder");
-                task.process_messages(input, decoder, recs, &mut self.dead_letters)?
-            }
-        }
-        for d in &self.dead_letters[before..] {
-            log_dead_letter(d, &mut self.dead_letter_log);
-        }
+        let task = &mut tasks.running.get_mut(&p).expect("accepted above").task;
+        let dead = self.dead_letters.pending_mut();
+        self.codecs.process(task, input, kind, recs, dead)?;
+        self.dead_letters.log_since(before);
         let first = recs[0].offset;
         let next = recs.last().expect("non-empty").offset + 1;
-        self.advance_position(recs[0].topic, p, first, next);
+        self.offsets.advance(recs[0].topic, p, first, next);
         Ok(())
-    }
-
-    /// `on_bad_record = "fail"` stops at the first dead letter; otherwise the circuit
-    /// breaker stops the instance when dead letters are too large a share of the input.
-    /// Either way nothing of this batch is committed (the instance closes dirty).
-    fn judge_bad_records(&mut self, records: u64, dead_before: usize) -> Result<(), RuntimeError> {
-        let new = &self.dead_letters[dead_before..];
-        let policy = self.topology.bad_records;
-        let why = match (policy.on_bad_record, new.first()) {
-            (_, None) if records == 0 => return Ok(()),
-            (OnBadRecord::Fail, Some(d)) => format!(
-                "bad record at {} [{}] offset {} ({}: {}); on_bad_record = \"fail\" stops the instance, committing nothing past it",
-                d.topic, d.partition, d.offset, d.reason, d.error
-            ),
-            _ => {
-                let Some(t) = self.breaker.record(Instant::now(), records, new.len() as u64)
-                else {
-                    return Ok(());
-                };
-                let last = self.dead_letters.last().expect("dead letters in the window");
-                format!(
-                    "circuit breaker: {} of the last {} records (within {}) were dead letters, above dead_letter_max_ratio {}; the last one: {} [{}] offset {} ({}: {}). Stopping instead of draining the input into {}; nothing of this batch is committed",
-                    t.dead, t.records, humantime::format_duration(policy.window), policy.max_ratio,
-                    last.topic, last.partition, last.offset, last.reason, last.error,
-                    self.topology.dead_letter_topic
-                )
-            }
-        };
-        metrics::counter!("readstate_bad_record_stops_total").increment(1);
-        self.fatal = Some(why.clone());
-        Err(RuntimeError::Fatal(why))
     }
 
     /// Through a repartition topic the origin rides in a header; a record without one (not
     /// written by readstate) counts as originating where it is.
-    fn origin_of(&mut self, m: &BorrowedMessage<'_>) -> Origin {
-        let carried = match self.forwarding.is_some() {
+    fn origin_of(&mut self, tasks: &Tasks, m: &BorrowedMessage<'_>) -> Origin {
+        let carried = match tasks.forwarding.is_some() {
             true => m.headers().and_then(|h| {
                 h.iter()
                     .find(|h| h.key == Origin::HEADER)
@@ -208,7 +219,7 @@ impl TaskManager {
             false => None,
         };
         carried.unwrap_or_else(|| Origin {
-            source: self.origin_id(m.topic(), m.partition()),
+            source: self.offsets.origin_id(m.topic(), m.partition()),
             offset: m.offset(),
         })
     }
@@ -218,117 +229,57 @@ impl TaskManager {
     fn prepare_schemas<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
+        tasks: &Tasks,
+        parking: &mut Parking,
         msgs: &[BorrowedMessage<'_>],
     ) -> Result<(), RuntimeError> {
-        let message_topic = self.message_topic.as_deref();
-        let is_message = |m: &BorrowedMessage<'_>| Some(m.topic()) == message_topic;
-        let reads = msgs.iter().filter(|m| !is_message(m)).map(|m| m.payload());
-        let mut prepared = self.rt.block_on(self.decoder.prepare(reads));
-        if let (Ok(()), Some(d)) = (&prepared, self.message_decoder.as_mut()) {
-            let messages = msgs.iter().filter(|m| is_message(m)).map(|m| m.payload());
-            prepared = self.rt.block_on(d.prepare(messages));
-        }
-        match prepared {
+        match self.rt.block_on(self.codecs.prepare(msgs)) {
             Ok(()) => return Ok(()),
             Err(SerdeError::RegistryUnavailable(e)) => {
                 tracing::warn!(error = %e, "schema registry unavailable: parking the partitions that need it")
             }
             Err(e) => return Err(e.into()),
         }
-        let mut ids: Vec<u32> = Vec::new();
-        let mut first: BTreeMap<TopicPartition, i64> = BTreeMap::new();
-        for m in msgs {
-            if let Some(id) = self.unknown_schema(m) {
-                if !ids.contains(&id) {
-                    ids.push(id);
-                }
-                let tp = (m.topic().to_owned(), m.partition());
-                first.entry(tp).or_insert(m.offset());
-            }
-        }
+        let (ids, first) = unknown_schemas(&self.codecs, msgs);
         // Everything polled for those partitions from the first record needing a schema on.
-        let mut parked_now: HashSet<TopicPartition> = HashSet::new();
         for (tp, off) in first {
             let from = msgs
                 .iter()
                 .find(|m| m.topic() == tp.0 && m.partition() == tp.1)
                 .map_or(off, |m| m.offset());
-            if self.parked.contains_key(&tp) || !self.owns(&tp) {
+            if parking.contains(&tp) || !tasks.owns(&tp.0, tp.1) {
                 continue;
             }
-            self.park(consumer, tp.clone(), ParkReason::Registry, Some(from))?;
-            parked_now.insert(tp);
+            parking.park(consumer, tp, ParkReason::Registry, Some(from))?;
         }
-        let now = Instant::now();
-        let w = self.registry_wait.get_or_insert(RegistryWait {
-            ids: Vec::new(),
-            retry_at: now,
-            backoff: Duration::from_millis(100),
-            since: now,
-        });
-        for id in ids {
-            if !w.ids.contains(&id) {
-                w.ids.push(id);
-            }
-        }
-        w.retry_at = now + w.backoff;
-        w.backoff = (w.backoff * 2).min(MAX_REGISTRY_BACKOFF);
+        parking.wait_for_registry(ids, Instant::now());
         Ok(())
-    }
-
-    /// The writer schema id of `m` when its source's decoder has not resolved it yet.
-    fn unknown_schema(&self, m: &BorrowedMessage<'_>) -> Option<u32> {
-        match (&self.message_decoder, self.message_topic.as_deref()) {
-            (Some(d), Some(t)) if m.topic() == t => d.unknown_schema(m.payload()),
-            _ => self.decoder.unknown_schema(m.payload()),
-        }
-    }
-
-    fn owns(&self, tp: &TopicPartition) -> bool {
-        if self.is_task_topic(&tp.0) {
-            return self.running.contains_key(&tp.1);
-        }
-        self.forwarding
-            .as_ref()
-            .is_some_and(|f| tp.0 == f.source_topic && f.partitions.contains(&tp.1))
     }
 
     /// Ask the registry again when due; once it answers, resume the parked partitions.
     pub(super) fn retry_registry<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
+        parking: &mut Parking,
     ) -> Result<(), RuntimeError> {
-        let Some(w) = &mut self.registry_wait else {
+        let Some(w) = parking.registry_due(Instant::now()) else {
             return Ok(());
         };
-        if Instant::now() < w.retry_at {
-            return Ok(());
-        }
-        // Both decoders are asked: an id one of them cannot read is an incompatible writer
-        // for it, which only records of the other source carry.
-        let mut answer = self.rt.block_on(self.decoder.prepare_ids(&w.ids));
-        if let (Ok(()), Some(d)) = (&answer, self.message_decoder.as_mut()) {
-            answer = self.rt.block_on(d.prepare_ids(&w.ids));
-        }
-        match answer {
+        let ids = w.ids.clone();
+        match self.rt.block_on(self.codecs.prepare_ids(&ids)) {
             Ok(()) => {
+                let w = parking.registry_due(Instant::now()).expect("due above");
                 tracing::info!(after = ?w.since.elapsed(), "schema registry available again: resuming parked partitions");
-                self.registry_wait = None;
-                let parked: Vec<TopicPartition> = self
-                    .parked
-                    .iter()
-                    .filter(|(_, p)| p.reason == ParkReason::Registry)
-                    .map(|(tp, _)| tp.clone())
-                    .collect();
-                for tp in parked {
-                    self.unpark(consumer, &tp)?;
+                parking.registry_answered();
+                for tp in parking.parked_for(ParkReason::Registry) {
+                    parking.unpark(consumer, &tp)?;
                 }
                 Ok(())
             }
             Err(SerdeError::RegistryUnavailable(e)) => {
-                tracing::warn!(error = %e, retry_in = ?w.backoff, down_for = ?w.since.elapsed(), "schema registry still unavailable");
-                w.retry_at = Instant::now() + w.backoff;
-                w.backoff = (w.backoff * 2).min(MAX_REGISTRY_BACKOFF);
+                let w = parking.registry_due(Instant::now()).expect("due above");
+                tracing::warn!(error = %e, retry_in = ?w.backoff.peek(), down_for = ?w.since.elapsed(), "schema registry still unavailable");
+                w.failed(Instant::now());
                 Ok(())
             }
             Err(e) => Err(e.into()),
@@ -337,20 +288,20 @@ impl TaskManager {
 
     /// Sub-topology 0: re-key one source record by conversation_id and produce it to the
     /// repartition topic with its origin; undecodable records become dead letters here.
-    fn forward(&mut self, m: &BorrowedMessage<'_>) {
+    fn forward(&mut self, tasks: &Tasks, m: &BorrowedMessage<'_>) {
         let p = m.partition();
         let origin = Origin {
-            source: self.origin_id(m.topic(), p),
+            source: self.offsets.origin_id(m.topic(), p),
             offset: m.offset(),
         };
-        let f = self
+        let f = tasks
             .forwarding
             .as_ref()
             .expect("accepted as a forwarded partition");
-        match self.decoder.decode_ref(m.payload()) {
-            Ok(e) => {
+        match self.codecs.repartition_key(m.payload()) {
+            Ok(conversation) => {
                 let mut key = itoa::Buffer::new();
-                let key = key.format(e.conversation_id.0);
+                let key = key.format(conversation);
                 let headers = OwnedHeaders::new().insert(Header {
                     key: Origin::HEADER,
                     value: Some(&origin.to_bytes()),
@@ -367,115 +318,137 @@ impl TaskManager {
             }
             Err(e) => {
                 let rec = source_record(m, origin);
-                let max = self.decoder.max_record_bytes();
+                let max = self.codecs.max_record_bytes();
                 let d = DeadLetter::from_record(&rec, e.reason(), e.to_string(), max);
-                log_dead_letter(&d, &mut self.dead_letter_log);
                 self.dead_letters.push(d);
             }
         }
-        self.advance_position(m.topic(), p, m.offset(), m.offset() + 1);
+        self.offsets
+            .advance(m.topic(), p, m.offset(), m.offset() + 1);
     }
 
-    /// True when some task's cache holds so many dirty keys that it should flush now.
-    pub(super) fn needs_flush(&self) -> bool {
-        self.running
-            .values()
-            .any(|t| t.task.processor().needs_flush())
-    }
-
-    /// Commit every task (verifying membership first after a long gap between polls).
-    pub(super) fn commit_all<C: ConsumerContext>(
+    /// The commit protocol for the tasks of `parts` (under exactly_once_v2, for every
+    /// owned task: one transaction holds every task's records). A produce or store
+    /// failure is returned (the caller resets the tasks and stops the instance).
+    pub(super) fn commit<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
-    ) -> Result<(), RuntimeError> {
-        if self.fatal.is_some() || (self.suspect && !self.verify_membership(consumer)) {
-            return Ok(());
+        tasks: &mut Tasks,
+        parts: &[TopicPartition],
+    ) -> Result<CommitOutcome, RuntimeError> {
+        let started = Instant::now();
+        let eos = self.guarantee == ProcessingGuarantee::ExactlyOnceV2;
+        let parts = if eos { tasks.owned() } else { parts.to_vec() };
+        let flushed = self.prepare_all(tasks, &parts);
+        for (_, out) in &flushed {
+            self.send_outputs(out);
         }
-        // Cheap, every time: a changed member id means the tasks were lost meanwhile.
-        if self.member_check(consumer) != Membership::Kept {
-            return Ok(());
+        self.send_dead_letters();
+        if !eos {
+            // Outputs (and the records forwarded since the last commit) before changelog.
+            self.collector.flush()?;
         }
-        let parts = self.owned();
-        self.commit_tasks(consumer, &parts)
+        self.collector.clear_changelog_offsets();
+        self.send_changelog(&flushed);
+        let outcome = match self.guarantee {
+            ProcessingGuarantee::AtLeastOnce => {
+                self.collector.flush()?;
+                self.store_all(tasks, flushed)?;
+                self.commit_offsets(consumer, &parts)
+            }
+            ProcessingGuarantee::ExactlyOnceV2 => {
+                self.commit_transaction(consumer, tasks, &parts, flushed)?
+            }
+        };
+        if outcome == CommitOutcome::Committed {
+            self.summary.commits += 1;
+            self.refresh_summary(tasks);
+            metrics::histogram!("readstate_commit_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            tracing::debug!(tasks = parts.len(), elapsed = ?started.elapsed(), "committed");
+        }
+        Ok(outcome)
     }
 
-    /// The commit protocol for a set of tasks. A produce or store failure is fatal; a
-    /// membership refusal loses every task.
-    pub(super) fn commit_tasks<C: ConsumerContext>(
+    /// Step 4 under exactly_once_v2: the transaction with the source offsets and the
+    /// group's metadata; the stores are written only after it committed, so a store is
+    /// never ahead of what its changelog committed.
+    fn commit_transaction<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        tasks: &mut Tasks,
+        parts: &[TopicPartition],
+        flushed: Vec<(i32, FlushOutput)>,
+    ) -> Result<CommitOutcome, RuntimeError> {
+        let (tpl, entries) = self.offsets.to_commit(parts);
+        let group = consumer
+            .group_metadata()
+            .ok_or(RuntimeError::NoGroupMetadata)?;
+        let failed = || metrics::counter!("readstate_commits_failed_total").increment(1);
+        match self.collector.commit_transaction(&tpl, &group) {
+            Ok(()) => {
+                self.store_all(tasks, flushed)?;
+                self.committed_now(entries);
+                Ok(CommitOutcome::Committed)
+            }
+            Err(TxnError::Aborted(e)) => {
+                tracing::warn!(error = %e, "transaction aborted: tasks resume from their stores and the committed offsets");
+                failed();
+                self.rewind_to_committed(consumer, tasks, parts)?;
+                Ok(CommitOutcome::Aborted)
+            }
+            Err(e @ TxnError::Migrated(_)) => {
+                failed();
+                let why = e.to_string();
+                Ok(CommitOutcome::Lost { why, requeue: true })
+            }
+            Err(e @ TxnError::Fenced(_)) => {
+                failed();
+                Ok(CommitOutcome::Fenced { why: e.to_string() })
+            }
+        }
+    }
+
+    /// Step 4 under at-least-once, last: the source offsets. A refusal because of
+    /// membership loses every task; other failures are left to the next commit (replay
+    /// marks make a replay harmless).
+    fn commit_offsets<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
         parts: &[TopicPartition],
-    ) -> Result<(), RuntimeError> {
-        if self.fatal.is_some() {
-            return Ok(());
+    ) -> CommitOutcome {
+        let (tpl, entries) = self.offsets.to_commit(parts);
+        if tpl.count() == 0 {
+            return CommitOutcome::Committed;
         }
-        if self.collector.is_transactional() {
-            // One transaction holds every task's records: all of them commit together.
-            return self.commit_transaction(consumer);
-        }
-        let started = Instant::now();
-        let flushed = match self.flush_and_store(parts) {
-            Ok(f) => f,
-            Err(e) if e.is_expiry() && started.elapsed() > self.probe_after => {
-                // A commit this slow may have spanned a pause past the session timeout: the
-                // records that expired meanwhile were dropped by the producer. If the group
-                // moved on, the tasks are lost, not broken. A record the broker refused is
-                // never put down to a pause: the instance stops.
-                self.suspect = true;
-                if self.probe_membership(consumer) == Membership::Lost {
-                    return Ok(());
-                }
-                return Err(self.fail(parts, e));
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => self.committed_now(entries),
+            Err(e) if is_membership_error(&e) => {
+                metrics::counter!("readstate_commits_failed_total").increment(1);
+                let why = format!("offset commit refused: {e}");
+                return CommitOutcome::Lost { why, requeue: true };
             }
-            Err(e) => return Err(self.fail(parts, e)),
-        };
-        self.commit_offsets(consumer, parts);
-        self.summary.commits += 1;
-        self.refresh_summary();
-        metrics::histogram!("readstate_commit_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
-        tracing::debug!(tasks = flushed, elapsed = ?started.elapsed(), "committed");
-        Ok(())
-    }
-
-    /// Outputs could not be made durable: the tasks forget what is not in their stores,
-    /// and the instance stops (the offsets were not committed, so the work is replayed).
-    fn fail(&mut self, parts: &[TopicPartition], e: RuntimeError) -> RuntimeError {
-        for (_, p) in parts {
-            if let Some(t) = self.running.get_mut(p) {
-                let _ = t.task.reset_to_store();
+            Err(e) => {
+                metrics::counter!("readstate_commits_failed_total").increment(1);
+                tracing::warn!(error = %e, "offset commit failed; the next commit covers it");
             }
         }
-        let msg = format!("commit of {} partition(s) failed: {e}", parts.len());
-        tracing::error!(error = %e, "outputs could not be made durable: the instance stops");
-        self.fatal = Some(msg.clone());
-        RuntimeError::Fatal(msg)
-    }
-
-    /// Steps 1-4: flush, produce and await outputs, then changelog, then store batches.
-    fn flush_and_store(&mut self, parts: &[TopicPartition]) -> Result<usize, RuntimeError> {
-        let flushed = self.prepare_all(parts);
-        for (_, out) in &flushed {
-            self.send_updates(out);
-        }
-        self.send_dead_letters();
-        // Also awaits the records forwarded to the repartition topic since the last commit.
-        self.collector.flush()?;
-        self.collector.clear_changelog_offsets();
-        self.send_changelog(&flushed);
-        self.collector.flush()?;
-        self.store_all(flushed)
+        CommitOutcome::Committed
     }
 
     /// Step 1 for every running task of `parts` (memory only).
-    fn prepare_all(&mut self, parts: &[TopicPartition]) -> Vec<(i32, FlushOutput)> {
+    fn prepare_all(
+        &mut self,
+        tasks: &mut Tasks,
+        parts: &[TopicPartition],
+    ) -> Vec<(i32, FlushOutput)> {
         let now = now_ms();
         let mut flushed: Vec<(i32, FlushOutput)> = Vec::with_capacity(parts.len());
         for (topic, p) in parts {
-            if *topic != self.task_topic {
+            if topic != tasks.task_topic() {
                 continue;
             }
-            let Some(t) = self.running.get_mut(p) else {
+            let Some(t) = tasks.running.get_mut(p) else {
                 continue;
             };
             let flush_started = Instant::now();
@@ -485,6 +458,31 @@ impl TaskManager {
             flushed.push((*p, out));
         }
         flushed
+    }
+
+    fn send_outputs(&mut self, out: &FlushOutput) {
+        let sent = self.codecs.send_outputs(out, &mut self.collector);
+        self.summary.updates_emitted += sent.updates;
+        Progress::add(&self.progress.updates_emitted, sent.updates);
+        metrics::counter!("readstate_updates_emitted_total").increment(sent.updates);
+        metrics::counter!("readstate_head_updates_emitted_total").increment(sent.heads);
+    }
+
+    fn send_dead_letters(&mut self) {
+        for d in self.dead_letters.take() {
+            let headers = dead_letter_headers(&d);
+            let mut rec: BaseRecord<'_, [u8], [u8]> =
+                BaseRecord::to(self.dead_letters.topic()).headers(headers);
+            if let Some(k) = d.key.as_deref() {
+                rec = rec.key(k);
+            }
+            if let Some(v) = d.value.as_deref() {
+                rec = rec.payload(v);
+            }
+            self.collector.send(rec);
+            self.summary.dead_letters += 1;
+            Progress::add(&self.progress.dead_letters, 1);
+        }
     }
 
     /// Each store's changelog records to its own changelog topic, partition p of task p.
@@ -508,79 +506,27 @@ impl TaskManager {
         }
     }
 
-    /// Step 4: the store batches, each with its checkpoint (the offset after the records
-    /// just acknowledged on its changelog).
-    fn store_all(&mut self, flushed: Vec<(i32, FlushOutput)>) -> Result<usize, RuntimeError> {
+    /// The store batches, each with its checkpoint (the offset after the records just
+    /// acknowledged on its changelog).
+    fn store_all(
+        &mut self,
+        tasks: &mut Tasks,
+        flushed: Vec<(i32, FlushOutput)>,
+    ) -> Result<(), RuntimeError> {
         let highs = self.collector.take_changelog_offsets();
-        let n = flushed.len();
         for (p, mut out) in flushed {
             let checkpoints: Vec<Option<i64>> = (0..out.stores.len())
                 .map(|i| highs.get(&(i, p)).map(|o| o + 1))
                 .collect();
-            let t = self.running.get_mut(&p).expect("task flushed above");
+            let t = tasks.running.get_mut(&p).expect("task flushed above");
             t.task.commit_flush(out.take_batches(), &checkpoints)?;
         }
-        Ok(n)
-    }
-
-    /// exactly_once_v2: every task of the instance in one transaction (outputs, dead
-    /// letters, changelog, the records forwarded since the last commit, and the source
-    /// offsets with the group's metadata). The stores are written only after it committed,
-    /// so a store is never ahead of what its changelog committed.
-    fn commit_transaction<C: ConsumerContext>(
-        &mut self,
-        consumer: &BaseConsumer<C>,
-    ) -> Result<(), RuntimeError> {
-        let started = Instant::now();
-        let parts = self.owned();
-        let flushed = self.prepare_all(&parts);
-        for (_, out) in &flushed {
-            self.send_updates(out);
-        }
-        self.send_dead_letters();
-        self.collector.clear_changelog_offsets();
-        self.send_changelog(&flushed);
-        let (tpl, entries) = self.offsets_of(&parts);
-        let Some(group) = consumer.group_metadata() else {
-            return Err(self.fail(
-                &parts,
-                RuntimeError::Config("no consumer group metadata".into()),
-            ));
-        };
-        match self.collector.commit_transaction(&tpl, &group) {
-            Ok(()) => {
-                self.store_all(flushed)?;
-                self.committed_now(entries);
-            }
-            Err(TxnError::Aborted(e)) => {
-                tracing::warn!(error = %e, "transaction aborted: tasks resume from their stores and the committed offsets");
-                metrics::counter!("readstate_commits_failed_total").increment(1);
-                self.rewind_to_committed(consumer, &parts)?;
-                return Ok(());
-            }
-            Err(e @ TxnError::Migrated(_)) => {
-                metrics::counter!("readstate_commits_failed_total").increment(1);
-                self.lose_all_and_requeue(consumer, &e.to_string());
-                return Ok(());
-            }
-            Err(e @ TxnError::Fenced(_)) => {
-                metrics::counter!("readstate_commits_failed_total").increment(1);
-                self.lose_all(&e.to_string());
-                self.collector.recreate()?;
-                return Ok(());
-            }
-        }
-        self.summary.commits += 1;
-        self.refresh_summary();
-        metrics::histogram!("readstate_commit_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
         Ok(())
     }
 
     /// Offsets are committed: remember them, and let the repartition topics go below them.
     fn committed_now(&mut self, entries: Vec<(TopicPartition, i64)>) {
-        if let Some(purger) = &mut self.purger {
-            let topic = &self.task_topic;
+        if let Some((topic, purger)) = &mut self.purger {
             purger.offer(
                 entries
                     .iter()
@@ -588,25 +534,7 @@ impl TaskManager {
                     .map(|((t, p), o)| (t.clone(), *p, *o)),
             );
         }
-        self.committed.extend(entries);
-    }
-
-    /// The next offset of every partition in `parts`, as a list to commit and as entries.
-    fn offsets_of(
-        &self,
-        parts: &[TopicPartition],
-    ) -> (TopicPartitionList, Vec<(TopicPartition, i64)>) {
-        let mut tpl = TopicPartitionList::new();
-        let mut entries = Vec::new();
-        for (topic, p) in parts {
-            if let Some(off) = self.positions.get(topic).and_then(|m| m.get(p)) {
-                entries.push(((topic.clone(), *p), *off));
-                if let Err(e) = tpl.add_partition_offset(topic, *p, Offset::Offset(*off)) {
-                    tracing::warn!(error = %e, topic, partition = p, "offset not committed");
-                }
-            }
-        }
-        (tpl, entries)
+        self.offsets.committed_now(entries);
     }
 
     /// After an aborted transaction: every task drops its cache, and every partition goes
@@ -614,108 +542,66 @@ impl TaskManager {
     fn rewind_to_committed<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
+        tasks: &mut Tasks,
         parts: &[TopicPartition],
     ) -> Result<(), RuntimeError> {
-        for (_, p) in parts {
-            if let Some(t) = self.running.get_mut(p) {
-                t.task.reset_to_store()?;
-            }
-        }
+        self.reset_tasks(tasks, parts)?;
         self.dead_letters.clear();
         for tp in parts {
-            if let Some(pos) = self.positions.get_mut(&tp.0) {
-                pos.remove(&tp.1);
+            self.offsets.drop_position(tp);
+            if let Some(offset) = self.offsets.committed(tp) {
+                rewind(consumer, tp, offset)?;
             }
-            let Some(&offset) = self.committed.get(tp) else {
-                continue;
-            };
-            rewind(consumer, tp, offset)?;
         }
         Ok(())
     }
 
-    fn send_updates(&mut self, out: &FlushOutput) {
-        let output_topic = &self.receipts_topic;
-        for u in &out.updates {
-            self.buf.clear();
-            self.encoder.encode_update_into(u, &mut self.buf);
-            let mut key = itoa::Buffer::new();
-            let rec = BaseRecord::to(output_topic)
-                .key(key.format(u.conversation_id.0).as_bytes())
-                .payload(&self.buf);
-            self.collector.send(rec);
-        }
-        let n = out.updates.len() as u64;
-        self.summary.updates_emitted += n;
-        Progress::add(&self.progress.updates_emitted, n);
-        metrics::counter!("readstate_updates_emitted_total").increment(n);
-        self.send_heads(out);
-    }
-
-    /// Conversation-head updates, to their topic when the topology has one.
-    fn send_heads(&mut self, out: &FlushOutput) {
-        let (Some(encoder), Some(topic)) = (&self.heads_encoder, &self.heads_topic) else {
-            return;
-        };
-        for u in &out.heads {
-            self.buf.clear();
-            encoder.encode_head_into(u, &mut self.buf);
-            let mut key = itoa::Buffer::new();
-            let rec = BaseRecord::to(topic.as_str())
-                .key(key.format(u.conversation_id.0).as_bytes())
-                .payload(&self.buf);
-            self.collector.send(rec);
-        }
-        metrics::counter!("readstate_head_updates_emitted_total").increment(out.heads.len() as u64);
-    }
-
-    fn send_dead_letters(&mut self) {
-        let dlq = &self.topology.dead_letter_topic.0;
-        for d in std::mem::take(&mut self.dead_letters) {
-            let headers = dead_letter_headers(&d);
-            let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(dlq).headers(headers);
-            if let Some(k) = d.key.as_deref() {
-                rec = rec.key(k);
-            }
-            if let Some(v) = d.value.as_deref() {
-                rec = rec.payload(v);
-            }
-            self.collector.send(rec);
-            self.summary.dead_letters += 1;
-            Progress::add(&self.progress.dead_letters, 1);
-        }
-    }
-
-    /// Step 5. A refusal because of membership loses every task; other failures are left
-    /// to the next commit (replay marks make a replay harmless).
-    fn commit_offsets<C: ConsumerContext>(
+    /// The tasks of `parts` forget what is not in their stores.
+    pub(super) fn reset_tasks(
         &mut self,
-        consumer: &BaseConsumer<C>,
+        tasks: &mut Tasks,
         parts: &[TopicPartition],
-    ) {
-        let (tpl, entries) = self.offsets_of(parts);
-        if tpl.count() == 0 {
-            return;
+    ) -> Result<(), RuntimeError> {
+        for (_, p) in parts {
+            if let Some(t) = tasks.running.get_mut(p) {
+                t.task.reset_to_store()?;
+            }
         }
-        match consumer.commit(&tpl, CommitMode::Sync) {
-            Ok(()) => self.committed_now(entries),
-            Err(e) if is_membership_error(&e) => {
-                metrics::counter!("readstate_commits_failed_total").increment(1);
-                self.lose_all_and_requeue(consumer, &format!("offset commit refused: {e}"));
-            }
-            Err(e) => {
-                metrics::counter!("readstate_commits_failed_total").increment(1);
-                tracing::warn!(error = %e, "offset commit failed; the next commit covers it");
-            }
+        Ok(())
+    }
+
+    /// Tasks lost: nothing more is produced for them; what they processed is forgotten.
+    /// Returns the committed offsets (where partitions still assigned resume).
+    pub(super) fn abandon(&mut self) -> std::collections::HashMap<TopicPartition, i64> {
+        self.collector.abandon();
+        self.dead_letters.clear();
+        self.offsets.clear()
+    }
+
+    /// A new producer after this one was fenced.
+    pub(super) fn recreate_producer(&mut self) -> Result<(), RuntimeError> {
+        Ok(self.collector.recreate()?)
+    }
+
+    /// Forget a revoked partition's position.
+    pub(super) fn forget(&mut self, tp: &TopicPartition) {
+        self.offsets.forget(tp);
+    }
+
+    /// Close the producer: flushing what is queued (clean) or dropping it.
+    pub(super) fn close(&mut self, clean: bool) {
+        if clean {
+            self.collector.close();
+        } else {
+            self.collector.abandon();
         }
     }
 
     /// Summary and metrics after a commit: counters advance by what the running tasks did
     /// since the last commit; gauges are per task (bounded by the partition count).
-    fn refresh_summary(&mut self) {
-        metrics::gauge!("readstate_rocksdb_memory_bytes").set(self.rocks_memory_bytes() as f64);
+    fn refresh_summary(&mut self, tasks: &mut Tasks) {
         let mut total = crate::processor::ProcessStats::default();
-        for t in self.running.values_mut() {
+        for t in tasks.running.values_mut() {
             let stats = t.task.stats();
             let (s, was) = (stats.events, t.reported.events);
             let d = |now: u64, before: u64| now.saturating_sub(before);
@@ -743,9 +629,9 @@ impl TaskManager {
             for store in t.task.processor().stores() {
                 let labels = [("task", id.as_str()), ("store", store.name().as_str())];
                 let keys = store.approximate_num_keys() as f64;
-                series::set("readstate_store_estimated_keys", &labels, keys);
+                series::set(self.owner, "readstate_store_estimated_keys", &labels, keys);
                 let bytes = store.approximate_size_bytes() as f64;
-                series::set("readstate_store_size_bytes", &labels, bytes);
+                series::set(self.owner, "readstate_store_size_bytes", &labels, bytes);
             }
         }
         self.summary.events_folded = self.summary.events_folded.max(total.folded);

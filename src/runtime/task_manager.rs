@@ -18,136 +18,69 @@
 //! registry cannot resolve their records; records of a parked partition that were already
 //! fetched are dropped, and the partition is rewound to the first of them when it resumes.
 
-use crate::telemetry::series;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError as RdKafkaError;
-use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::TopicPartitionList;
 
 use super::changelog_reader::{ChangelogReader, Restored};
+use super::codecs::Codecs;
+use super::dead_letter_log::DeadLetterQueue;
+use super::membership::{is_membership_error, MemberIdCheck, Membership, MembershipMonitor};
+use super::offsets::TopicPartition;
+use super::parking::{rewind, ParkReason, Parking};
 use super::record_collector::RecordCollector;
 use super::repartition_purger::RepartitionPurger;
 use super::state_manager::{check_checkpoint, CheckpointCheck, StateManager};
-use super::{
-    DeadLetterBreaker, LogLimiter, RunConfig, RunSummary, RuntimeError, DEAD_LETTER_LOGS_PER_SECOND,
-};
+use super::task_executor::{CommitOutcome, ExecutorParts, TaskExecutor};
+use super::tasks::{Forwarding, RunningTask, Tasks};
+use super::{RunConfig, RunSummary, RuntimeError};
 use crate::ids::TaskId;
-use crate::kafka::KafkaError;
-use crate::processor::{
-    CacheBudget, ProcessorContext, ProcessorStats, ProcessorSupplier, ReadStateSupplier,
-};
-use crate::serde::{EventDecoder, HeadEncoder, MessageDecoder, UpdateEncoder};
+use crate::processor::{CacheBudget, ProcessorContext, ProcessorSupplier, ReadStateSupplier};
+use crate::serde::{EventDecoder, MessageDecoder, UpdateEncoder};
 use crate::state::{read_checkpoint, KeyValueStore};
-use crate::task::{DeadLetter, StreamTask};
-use crate::telemetry::{Health, Progress};
-use crate::topology::graph::{Graph, Output, Route};
+use crate::task::StreamTask;
+use crate::telemetry::{series, Health};
+use crate::topology::graph::{Graph, Output};
 use crate::topology::{ProcessingGuarantee, Topology};
 
-pub(super) struct RunningTask {
-    pub(super) task: StreamTask,
-    /// Stats already turned into metrics.
-    pub(super) reported: ProcessorStats,
+/// What happened to tasks over the instance's life (the lifecycle half of a
+/// [`RunSummary`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct LifecycleCounts {
+    restored_records: u64,
+    tasks_opened: u64,
+    tasks_closed: u64,
+    assignments: u64,
+    tasks_lost: u64,
+    tasks_corrupted: u64,
 }
-
-/// Sub-topology 0 of a repartitioned topology: source partitions whose records are
-/// re-keyed by conversation_id and forwarded to the repartition topic.
-pub(super) struct Forwarding {
-    pub(super) source_topic: String,
-    pub(super) repartition_topic: String,
-    /// Assigned partitions of the source topic.
-    pub(super) partitions: BTreeSet<i32>,
-}
-
-/// Why a partition is paused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum ParkReason {
-    Restoring,
-    Registry,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Parked {
-    pub(super) reason: ParkReason,
-    /// First offset dropped while parked: where to seek when resuming.
-    pub(super) rewind: Option<i64>,
-}
-
-/// Waiting for the schema registry to resolve writer schemas.
-pub(super) struct RegistryWait {
-    pub(super) ids: Vec<u32>,
-    pub(super) retry_at: Instant,
-    pub(super) backoff: Duration,
-    pub(super) since: Instant,
-}
-
-pub(super) type TopicPartition = (String, i32);
 
 pub(super) struct TaskManager {
-    pub(super) topology: Topology,
-    /// The topic the stateful tasks consume (the source, or its repartition topic).
-    pub(super) task_topic: String,
-    /// The message-event topic co-partitioned with `task_topic`: task p reads partition p
-    /// of both.
-    pub(super) message_topic: Option<String>,
-    /// Where each task topic's records go: the compiled graph's source → processor input.
-    pub(super) routes: Vec<Route>,
-    /// The changelog topic of each store of a task (indexed as `Topology::stores()`).
-    pub(super) changelogs: Vec<Option<String>>,
-    /// The topics of the graph's sink nodes: receipt updates, and conversation heads.
-    pub(super) receipts_topic: String,
-    pub(super) heads_topic: Option<String>,
     /// Makes each task's processor (init with its restored stores).
     supplier: Box<dyn ProcessorSupplier>,
+    /// The instance's record-cache budget, shared equally by its running tasks.
+    cache: CacheBudget,
     /// Sub-topology number of the stateful tasks (1 when repartitioned, else 0).
     subtopology: u32,
-    pub(super) forwarding: Option<Forwarding>,
-    pub(super) running: BTreeMap<i32, RunningTask>,
+    pub(super) tasks: Tasks,
     /// Partitions assigned but not yet opened.
     to_open: Vec<i32>,
     /// Stores restored of tasks whose other stores are still restoring, by partition
     /// (indexed as `Topology::stores()`).
     restored: BTreeMap<i32, Vec<Option<Restored>>>,
-    pub(super) parked: HashMap<TopicPartition, Parked>,
-    pub(super) registry_wait: Option<RegistryWait>,
-    /// Next offset to commit per topic and partition (keyed by topic first, so the hot
-    /// path looks up by `&str` without allocating).
-    pub(super) positions: HashMap<String, BTreeMap<i32, i64>>,
-    /// Offsets last committed (or first consumed) per partition: the membership probe
-    /// commits these again.
-    pub(super) committed: HashMap<TopicPartition, i64>,
-    pub(super) origin_ids: HashMap<String, HashMap<i32, u32>>,
-    pub(super) collector: RecordCollector,
-    /// Deletes repartition records below the committed offsets (repartitioned sources).
-    pub(super) purger: Option<RepartitionPurger>,
+    pub(super) parking: Parking,
     state: StateManager,
     reader: Option<ChangelogReader>,
-    pub(super) decoder: EventDecoder,
-    pub(super) message_decoder: Option<MessageDecoder>,
-    pub(super) encoder: UpdateEncoder,
-    /// Encodes conversation-head updates (a message source with a heads sink).
-    pub(super) heads_encoder: Option<HeadEncoder>,
-    pub(super) rt: tokio::runtime::Runtime,
-    pub(super) dead_letters: Vec<DeadLetter>,
-    pub(super) dead_letter_log: LogLimiter,
-    pub(super) breaker: DeadLetterBreaker,
-    pub(super) summary: RunSummary,
-    pub(super) buf: Vec<u8>,
+    pub(super) executor: TaskExecutor,
+    membership: MembershipMonitor,
+    counts: LifecycleCounts,
+    /// Whose per-task and per-partition series this instance's are.
+    pub(super) owner: series::Owner,
     health: Arc<Health>,
-    pub(super) progress: Arc<Progress>,
     assigned_once: bool,
-    /// When the poll loop last returned from `poll`.
-    pub(super) last_poll: Instant,
-    /// A gap between polls longer than this (the process was paused, or stalled) means
-    /// the group may have moved on: membership is verified before the next commit.
-    pub(super) probe_after: Duration,
-    /// Set after such a gap until a membership probe succeeds.
-    pub(super) suspect: bool,
-    /// The group member id the running tasks were assigned under.
-    pub(super) member: Option<String>,
     /// Set when tasks are in an unknown state: the poll loop stops the instance.
     pub(super) fatal: Option<String>,
     /// An error inside a rebalance callback (which cannot return one): the poll loop
@@ -168,7 +101,7 @@ impl TaskManager {
             .map(|s| s.changelog_topic.as_ref().map(|c| c.0.clone()))
             .collect();
         let [source] = t.sources.as_slice() else {
-            return Err(RuntimeError::Config(format!(
+            return Err(RuntimeError::Unsupported(format!(
                 "{} sources feed one store; run supports one source per topology",
                 t.sources.len()
             )));
@@ -178,115 +111,85 @@ impl TaskManager {
             repartition_topic: r.0.clone(),
             partitions: BTreeSet::new(),
         });
+        let owner = series::Owner::new();
         let reader = changelogs.iter().any(Option::is_some).then(|| {
             ChangelogReader::new(
                 config.kafka.clone(),
                 format!("{}-restore", t.application_id),
                 changelogs.clone(),
                 config.restore_batch,
+                owner,
             )
         });
         let state = StateManager::new(
             config.state_dir.join(t.application_id.as_str()),
             t.stores().into_iter().cloned().collect(),
         );
-        let transactional_id = match t.guarantee {
-            ProcessingGuarantee::AtLeastOnce => None,
-            ProcessingGuarantee::ExactlyOnceV2 => {
-                Some(format!("{}-{}", t.application_id, state.process_id()?))
-            }
-        };
-        let collector = RecordCollector::with_transactions(
-            &config.kafka,
-            changelogs.clone(),
-            transactional_id,
-        )?;
-        let graph = Graph::compile(t);
-        Ok(Self {
-            topology: t.clone(),
-            task_topic: source.task_input_topic().0.clone(),
-            message_topic: t.messages.as_ref().map(|m| m.topic.0.clone()),
-            routes: graph.routes(),
+        let task_topic = source.task_input_topic().0.clone();
+        let executor = TaskExecutor::new(ExecutorParts {
+            guarantee: t.guarantee,
+            routes: Graph::compile(t).routes(),
+            collector: record_collector(config, &state, changelogs.clone())?,
             changelogs,
-            receipts_topic: graph
-                .sink_topic(Output::Receipts)
-                .map(|t| t.0.clone())
-                .ok_or_else(|| RuntimeError::Config("the topology has no receipts sink".into()))?,
-            heads_topic: graph
-                .sink_topic(Output::ConversationHeads)
-                .map(|t| t.0.clone()),
+            codecs: codecs(config, encoder)?,
+            purger: forwarding_purger(config, t).map(|p| (task_topic.clone(), p)),
+            dead_letters: DeadLetterQueue::new(t.bad_records, t.dead_letter_topic.0.clone()),
+            progress: config.progress.clone(),
+            rt,
+            owner,
+        });
+        Ok(Self {
             supplier: Box::new(ReadStateSupplier::new(t)),
+            cache: CacheBudget {
+                entries: t.store.cache_max_entries,
+                positions: t.heads_store.as_ref().map_or(0, |h| h.cache_max_entries),
+            },
             subtopology: u32::from(forwarding.is_some()),
-            forwarding,
-            running: BTreeMap::new(),
+            tasks: Tasks::new(
+                task_topic,
+                t.messages.as_ref().map(|m| m.topic.0.clone()),
+                forwarding,
+            ),
             to_open: Vec::new(),
             restored: BTreeMap::new(),
-            parked: HashMap::new(),
-            registry_wait: None,
-            positions: HashMap::new(),
-            committed: HashMap::new(),
-            origin_ids: HashMap::new(),
-            collector,
-            purger: forwarding_purger(config, t),
+            parking: Parking::default(),
             state,
             reader,
-            decoder: EventDecoder::with_max_record_bytes(
-                config.resolver.clone(),
-                config.topology.bad_records.max_record_bytes,
-            )?,
-            message_decoder: match &t.messages {
-                Some(_) => Some(MessageDecoder::with_max_record_bytes(
-                    config.resolver.clone(),
-                    config.topology.bad_records.max_record_bytes,
-                )?),
-                None => None,
-            },
-            encoder,
-            heads_encoder: None,
-            rt,
-            dead_letters: Vec::new(),
-            dead_letter_log: LogLimiter::new(DEAD_LETTER_LOGS_PER_SECOND),
-            breaker: DeadLetterBreaker::new(config.topology.bad_records),
-            summary: RunSummary::default(),
-            buf: Vec::with_capacity(256),
+            executor,
+            membership: MembershipMonitor::new(
+                config.clock.clone(),
+                config.kafka.session_timeout(),
+            ),
+            counts: LifecycleCounts::default(),
+            owner,
             health: config.health.clone(),
-            progress: config.progress.clone(),
             assigned_once: false,
-            last_poll: Instant::now(),
-            probe_after: config.kafka.session_timeout() / 3,
-            suspect: false,
-            member: None,
             fatal: None,
             deferred: None,
         })
     }
 
     pub(super) fn summary(&self) -> RunSummary {
-        self.summary.clone()
-    }
-
-    pub(super) fn rocks_memory_bytes(&self) -> usize {
-        self.state.memory_bytes()
+        let c = self.counts;
+        RunSummary {
+            restored_records: c.restored_records,
+            tasks_opened: c.tasks_opened,
+            tasks_closed: c.tasks_closed,
+            assignments: c.assignments,
+            tasks_lost: c.tasks_lost,
+            tasks_corrupted: c.tasks_corrupted,
+            ..self.executor.summary.clone()
+        }
     }
 
     fn task_id(&self, partition: i32) -> TaskId {
         TaskId::new(self.subtopology, partition)
     }
 
-    /// The co-partitioned message topic's partition joining task partition `p`.
-    fn message_partition(&self, p: i32) -> Option<TopicPartition> {
-        self.message_topic.as_ref().map(|t| (t.clone(), p))
-    }
-
-    /// A record of a task's topic (the read events' or the co-partitioned messages').
-    pub(super) fn is_task_topic(&self, topic: &str) -> bool {
-        topic == self.task_topic || self.message_topic.as_deref() == Some(topic)
-    }
-
     /// With a message source, both topics' partitions must come together (the range
     /// assignor guarantees it when every member subscribes to both with equal counts).
     fn check_co_partitioned(&self, parts: &[TopicPartition]) -> Result<(), RuntimeError> {
-        let Some(mt) = &self.message_topic else {
+        let Some(mt) = self.tasks.message_topic() else {
             return Ok(());
         };
         let of = |topic: &str| -> BTreeSet<i32> {
@@ -296,13 +199,13 @@ impl TaskManager {
                 .map(|(_, p)| *p)
                 .collect()
         };
-        let (reads, messages) = (of(&self.task_topic), of(mt));
+        let task_topic = self.tasks.task_topic();
+        let (reads, messages) = (of(task_topic), of(mt));
         if reads == messages {
             return Ok(());
         }
         Err(RuntimeError::Fatal(format!(
-            "co-partitioning broken: this instance was assigned partitions {reads:?} of {} but {messages:?} of {mt}; every instance of the group must run the same topology (both topics subscribed, range assignment) and both topics must have the same partition count",
-            self.task_topic
+            "co-partitioning broken: this instance was assigned partitions {reads:?} of {task_topic} but {messages:?} of {mt}; every instance of the group must run the same topology (both topics subscribed, range assignment) and both topics must have the same partition count"
         )))
     }
 
@@ -315,14 +218,45 @@ impl TaskManager {
     }
 
     /// The poll loop returned from `poll`: note a gap long enough to doubt membership.
-    pub(super) fn polled(&mut self, now: Instant) {
-        if now.duration_since(self.last_poll) > self.probe_after {
-            if !self.suspect {
-                tracing::warn!(gap = ?now.duration_since(self.last_poll), "long gap between polls (process paused or stalled): membership is verified before the next commit");
-            }
-            self.suspect = true;
+    pub(super) fn polled(&mut self) {
+        self.membership.polled();
+    }
+
+    /// Start-up work before the first poll (topic checks) is no gap between polls.
+    pub(super) fn started(&mut self) {
+        self.membership.started();
+    }
+
+    /// Decode and fold a polled batch; an error stops the instance.
+    pub(super) fn process<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        msgs: &[rdkafka::message::BorrowedMessage<'_>],
+    ) -> Result<(), RuntimeError> {
+        let r = self
+            .executor
+            .process(consumer, &mut self.tasks, &mut self.parking, msgs);
+        self.note_fatal(r)
+    }
+
+    /// Ask the registry again when due; resume what waited for it.
+    pub(super) fn retry_registry<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<(), RuntimeError> {
+        self.executor.retry_registry(consumer, &mut self.parking)
+    }
+
+    pub(super) fn needs_flush(&self) -> bool {
+        self.tasks.needs_flush()
+    }
+
+    /// A fatal error is remembered, so that nothing more is committed.
+    fn note_fatal<T>(&mut self, r: Result<T, RuntimeError>) -> Result<T, RuntimeError> {
+        if let Err(RuntimeError::Fatal(why)) = &r {
+            self.fatal.get_or_insert_with(|| why.clone());
         }
-        self.last_poll = now;
+        r
     }
 
     /// New partitions from the group: returns those to pause until their task restored.
@@ -332,12 +266,12 @@ impl TaskManager {
         member: Option<String>,
     ) -> Vec<TopicPartition> {
         self.assigned_once = true;
-        self.member = member;
+        self.membership.assigned_under(member);
         if let Err(e) = self.check_co_partitioned(parts) {
             self.fatal = Some(e.to_string());
             self.deferred.get_or_insert(e);
         }
-        self.summary.assignments += 1;
+        self.counts.assignments += 1;
         metrics::counter!("readstate_rebalances_total").increment(1);
         self.queue(parts)
     }
@@ -346,7 +280,7 @@ impl TaskManager {
     pub(super) fn still_parked(&self, parts: &[TopicPartition]) -> Vec<TopicPartition> {
         parts
             .iter()
-            .filter(|tp| self.parked.contains_key(*tp))
+            .filter(|tp| self.parking.contains(tp))
             .cloned()
             .collect()
     }
@@ -355,29 +289,23 @@ impl TaskManager {
     fn queue(&mut self, parts: &[TopicPartition]) -> Vec<TopicPartition> {
         let mut pause = Vec::new();
         for (topic, p) in parts {
-            if *topic == self.task_topic {
-                if !self.running.contains_key(p)
-                    && !self.to_open.contains(p)
-                    && !self.is_restoring(*p)
-                {
-                    self.to_open.push(*p);
-                    let parked = Parked {
-                        reason: ParkReason::Restoring,
-                        rewind: None,
-                    };
-                    self.parked.insert((topic.clone(), *p), parked);
-                    pause.push((topic.clone(), *p));
-                    if let Some(mp) = self.message_partition(*p) {
-                        self.parked.insert(mp.clone(), parked);
-                        pause.push(mp);
-                    }
-                    self.health.set_ready(false);
-                }
-            } else if let Some(f) = &mut self.forwarding {
-                if *topic == f.source_topic {
-                    f.partitions.insert(*p);
-                }
+            if topic != self.tasks.task_topic() {
+                self.tasks.forward(topic, *p);
+                continue;
             }
+            if self.tasks.running.contains_key(p)
+                || self.to_open.contains(p)
+                || self.is_restoring(*p)
+            {
+                continue;
+            }
+            self.to_open.push(*p);
+            let tps = std::iter::once((topic.clone(), *p)).chain(self.tasks.message_partition(*p));
+            for tp in tps {
+                self.parking.mark(tp.clone(), ParkReason::Restoring, None);
+                pause.push(tp);
+            }
+            self.health.set_ready(false);
         }
         pause
     }
@@ -435,7 +363,7 @@ impl TaskManager {
             CheckpointCheck::Corrupted(why) => {
                 tracing::warn!(task = %id, store = %store.name(), reason = %why, "store does not match its changelog: wiping it and restoring from the start");
                 metrics::counter!("readstate_tasks_corrupted_total").increment(1);
-                self.summary.tasks_corrupted += 1;
+                self.counts.tasks_corrupted += 1;
                 drop(store);
                 self.state.wipe_store(id, index)?;
                 self.state.open(id, index)?
@@ -492,35 +420,33 @@ impl TaskManager {
         let id = done[0].task;
         let records: u64 = done.iter().map(|r| r.records).sum();
         let elapsed = done.iter().map(|r| r.elapsed).max().unwrap_or_default();
-        self.summary.restored_records += records;
+        self.counts.restored_records += records;
         if self.reader.is_some() {
             tracing::info!(task = %id, records, ?elapsed, "task restored");
         }
         let ctx = ProcessorContext {
             task: id,
             stores: done.into_iter().map(|r| r.store).collect(),
-            cache: self.cache_share(self.running.len() + 1),
+            cache: self.cache_share(self.tasks.running.len() + 1),
         };
         let processor = self.supplier.init(ctx)?;
-        self.running.insert(
-            id.partition,
-            RunningTask {
-                task: StreamTask::new(id, processor),
-                reported: Default::default(),
-            },
-        );
-        self.summary.tasks_opened += 1;
+        let task = RunningTask {
+            task: StreamTask::new(id, processor),
+            reported: Default::default(),
+        };
+        self.tasks.running.insert(id.partition, task);
+        self.counts.tasks_opened += 1;
         self.share_cache_budget();
-        let tp = (self.task_topic.clone(), id.partition);
-        self.unpark(consumer, &tp)?;
-        match self.message_partition(id.partition) {
-            Some(mp) => self.unpark(consumer, &mp),
+        let tp = (self.tasks.task_topic().to_owned(), id.partition);
+        self.parking.unpark(consumer, &tp)?;
+        match self.tasks.message_partition(id.partition) {
+            Some(mp) => self.parking.unpark(consumer, &mp),
             None => Ok(()),
         }
     }
 
     fn update_readiness(&mut self) {
-        metrics::gauge!("readstate_tasks_assigned").set(self.running.len() as f64);
+        metrics::gauge!("readstate_tasks_assigned").set(self.tasks.running.len() as f64);
         self.prune_series();
         let restoring = self.reader.as_ref().is_some_and(|r| r.is_restoring());
         // Ready once the group has given us an assignment (even an empty one) and every
@@ -533,6 +459,7 @@ impl TaskManager {
     /// (closed, lost, moved): another instance exports them now.
     fn prune_series(&self) {
         let mut live: std::collections::HashSet<String> = self
+            .tasks
             .running
             .keys()
             .chain(&self.to_open)
@@ -546,71 +473,15 @@ impl TaskManager {
             "readstate_store_size_bytes",
             "readstate_restore_remaining_records",
         ] {
-            series::retain(name, "task", |t| live.contains(t));
+            series::retain(self.owner, name, "task", |t| live.contains(t));
         }
-    }
-
-    /// Pause a partition; records of it already fetched are dropped (and rewound to).
-    pub(super) fn park<C: ConsumerContext>(
-        &mut self,
-        consumer: &BaseConsumer<C>,
-        tp: TopicPartition,
-        reason: ParkReason,
-        rewind: Option<i64>,
-    ) -> Result<(), RuntimeError> {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&tp.0, tp.1);
-        consumer.pause(&tpl).map_err(KafkaError::from)?;
-        let e = self.parked.entry(tp).or_insert(Parked { reason, rewind });
-        e.rewind = match (e.rewind, rewind) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        Ok(())
-    }
-
-    /// Resume a parked partition, first rewinding to the first record dropped meanwhile.
-    pub(super) fn unpark<C: ConsumerContext>(
-        &mut self,
-        consumer: &BaseConsumer<C>,
-        tp: &TopicPartition,
-    ) -> Result<(), RuntimeError> {
-        let Some(parked) = self.parked.remove(tp) else {
-            return Ok(());
-        };
-        if let Some(offset) = parked.rewind {
-            rewind(consumer, tp, offset)?;
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&tp.0, tp.1);
-        consumer.resume(&tpl).map_err(KafkaError::from)?;
-        Ok(())
-    }
-
-    /// Every topic-partition this instance processes: running tasks and forwarders.
-    pub(super) fn owned(&self) -> Vec<TopicPartition> {
-        let mut v: Vec<TopicPartition> = self
-            .running
-            .keys()
-            .map(|p| (self.task_topic.clone(), *p))
-            .collect();
-        let messages: Vec<TopicPartition> = self
-            .running
-            .keys()
-            .filter_map(|p| self.message_partition(*p))
-            .collect();
-        v.extend(messages);
-        if let Some(f) = &self.forwarding {
-            v.extend(f.partitions.iter().map(|p| (f.source_topic.clone(), *p)));
-        }
-        v
     }
 
     /// `cache_max_entries` is the instance's record-cache budget (as Kafka Streams'
     /// `statestore.cache.max.bytes`): each running task gets an equal share.
     fn share_cache_budget(&mut self) {
-        let share = self.cache_share(self.running.len());
-        for t in self.running.values_mut() {
+        let share = self.cache_share(self.tasks.running.len());
+        for t in self.tasks.running.values_mut() {
             t.task.processor_mut().set_cache_budget(share);
         }
     }
@@ -618,23 +489,10 @@ impl TaskManager {
     /// One task's share of the instance's cache budget when it runs `tasks` tasks.
     fn cache_share(&self, tasks: usize) -> CacheBudget {
         let tasks = tasks.max(1);
-        let t = &self.topology;
         CacheBudget {
-            entries: (t.store.cache_max_entries / tasks).max(1),
-            positions: t
-                .heads_store
-                .as_ref()
-                .map_or(0, |h| h.cache_max_entries / tasks),
+            entries: (self.cache.entries / tasks).max(1),
+            positions: self.cache.positions / tasks,
         }
-    }
-
-    /// Forget a partition's bookkeeping (positions, parking).
-    fn forget(&mut self, tp: &TopicPartition) {
-        if let Some(pos) = self.positions.get_mut(&tp.0) {
-            pos.remove(&tp.1);
-        }
-        self.committed.remove(tp);
-        self.parked.remove(tp);
     }
 
     /// Partitions revoked while we still own them: commit them (clean close), then drop.
@@ -644,7 +502,7 @@ impl TaskManager {
         parts: &[TopicPartition],
     ) {
         for (t, p) in parts {
-            if *t == self.task_topic {
+            if t == self.tasks.task_topic() {
                 self.to_open.retain(|q| q != p);
                 self.restored.remove(p);
                 if let Some(r) = self.reader.as_mut() {
@@ -652,14 +510,14 @@ impl TaskManager {
                 }
             }
         }
-        let owned = self.owned();
+        let owned = self.tasks.owned();
         let revoked: Vec<TopicPartition> = parts
             .iter()
             .filter(|tp| owned.contains(tp))
             .cloned()
             .collect();
         if !revoked.is_empty() && self.fatal.is_none() {
-            let doubtful = self.suspect && !self.verify_membership(consumer);
+            let doubtful = self.membership.is_suspect() && !self.verify_membership(consumer);
             if doubtful || self.member_check(consumer) != Membership::Kept {
                 // Lost, or in doubt: close without committing (as after a crash); the next
                 // owner replays from the committed offsets.
@@ -669,28 +527,20 @@ impl TaskManager {
             }
         }
         for tp in &revoked {
-            if tp.0 == self.task_topic {
-                if self.running.remove(&tp.1).is_some() {
-                    self.summary.tasks_closed += 1;
-                }
-            } else if let Some(f) = &mut self.forwarding {
-                f.partitions.remove(&tp.1);
+            if self.tasks.close(tp) {
+                self.counts.tasks_closed += 1;
             }
         }
-        self.forget_all(parts);
-        for (t, p) in parts {
-            let p = p.to_string();
-            series::remove(CONSUMER_LAG, &[("topic", t), ("partition", &p)]);
+        for tp in parts {
+            self.executor.forget(tp);
+            self.parking.forget(tp);
+            let p = tp.1.to_string();
+            let labels = [("topic", tp.0.as_str()), ("partition", &p)];
+            series::remove(self.owner, CONSUMER_LAG, &labels);
         }
         self.share_cache_budget();
         self.update_readiness();
         tracing::info!(partitions = ?revoked, "revoked partitions closed");
-    }
-
-    fn forget_all(&mut self, parts: &[TopicPartition]) {
-        for tp in parts {
-            self.forget(tp);
-        }
     }
 
     /// Every task is lost after a commit the coordinator refused, while the consumer may
@@ -704,8 +554,7 @@ impl TaskManager {
         consumer: &BaseConsumer<C>,
         why: &str,
     ) {
-        let rewinds = std::mem::take(&mut self.committed);
-        self.lose_all(why);
+        let rewinds = self.lose_all(why);
         if consumer.assignment_lost() {
             return;
         }
@@ -727,10 +576,10 @@ impl TaskManager {
             let Some(&offset) = rewinds.get(tp) else {
                 continue;
             };
-            if let Some(parked) = self.parked.get_mut(tp) {
-                parked.rewind = Some(offset);
-            } else if let Err(e) = rewind(consumer, tp, offset) {
-                self.fatal = Some(e.to_string());
+            if !self.parking.set_rewind(tp, offset) {
+                if let Err(e) = rewind(consumer, tp, offset) {
+                    self.fatal = Some(e.to_string());
+                }
             }
         }
         let mut tpl = TopicPartitionList::new();
@@ -740,26 +589,26 @@ impl TaskManager {
         if let Err(e) = consumer.pause(&tpl) {
             self.fatal = Some(format!("cannot pause requeued partitions: {e}"));
         }
-        self.suspect = true;
+        self.membership.suspect();
     }
 
     /// Every task is lost: someone else may own its partition already. Nothing more is
     /// produced or committed for it; its store is wiped so that whoever owns it next
-    /// restores it from the changelog.
-    pub(super) fn lose_all(&mut self, why: &str) {
+    /// restores it from the changelog. Returns the offsets last committed.
+    pub(super) fn lose_all(&mut self, why: &str) -> std::collections::HashMap<TopicPartition, i64> {
         // Only what is owned now is a lost task (a repeated loss finds nothing).
-        self.collector.abandon();
-        let running: Vec<i32> = self.running.keys().copied().collect();
+        let committed = self.executor.abandon();
+        let mut lost: Vec<TaskId> = self
+            .tasks
+            .clear()
+            .into_iter()
+            .map(|p| self.task_id(p))
+            .collect();
         let restoring: Vec<i32> = self
             .reader
             .as_ref()
             .map(|r| r.tasks().iter().map(|t| t.partition).collect())
             .unwrap_or_default();
-        let mut lost = Vec::new();
-        for p in running {
-            drop(self.running.remove(&p));
-            lost.push(self.task_id(p));
-        }
         for p in restoring {
             if let Some(t) = self.reader.as_mut().and_then(|r| r.remove(p)) {
                 lost.push(t);
@@ -780,19 +629,87 @@ impl TaskManager {
             }
         }
         self.to_open.clear();
-        if let Some(f) = &mut self.forwarding {
-            f.partitions.clear();
-        }
-        self.positions.clear();
-        self.committed.clear();
-        self.parked.clear();
-        self.registry_wait = None;
-        self.dead_letters.clear();
-        self.suspect = false;
-        self.summary.tasks_lost += lost.len() as u64;
+        self.parking.clear();
+        self.membership.verified();
+        self.counts.tasks_lost += lost.len() as u64;
         metrics::counter!("readstate_tasks_lost_total").increment(lost.len() as u64);
         tracing::warn!(tasks = ?lost.iter().map(ToString::to_string).collect::<Vec<_>>(), reason = why, "tasks lost: closed dirty (nothing produced or committed), stores wiped for a restore from the changelog");
         self.update_readiness();
+        committed
+    }
+
+    /// Commit every task (verifying membership first after a long gap between polls).
+    pub(super) fn commit_all<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<(), RuntimeError> {
+        if self.fatal.is_some()
+            || (self.membership.is_suspect() && !self.verify_membership(consumer))
+        {
+            return Ok(());
+        }
+        // Cheap, every time: a changed member id means the tasks were lost meanwhile.
+        if self.member_check(consumer) != Membership::Kept {
+            return Ok(());
+        }
+        let parts = self.tasks.owned();
+        self.commit_tasks(consumer, &parts)
+    }
+
+    /// The commit protocol for a set of tasks (the executor's), and what its outcome
+    /// means for them: a produce or store failure is fatal; a membership refusal or a
+    /// fenced producer loses every task.
+    pub(super) fn commit_tasks<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        parts: &[TopicPartition],
+    ) -> Result<(), RuntimeError> {
+        if self.fatal.is_some() {
+            return Ok(());
+        }
+        let started = self.membership.now();
+        let outcome = self.executor.commit(consumer, &mut self.tasks, parts);
+        metrics::gauge!("readstate_rocksdb_memory_bytes").set(self.state.memory_bytes() as f64);
+        match outcome {
+            Ok(CommitOutcome::Committed | CommitOutcome::Aborted) => Ok(()),
+            Ok(CommitOutcome::Lost { why, requeue: true }) => {
+                self.lose_all_and_requeue(consumer, &why);
+                Ok(())
+            }
+            Ok(CommitOutcome::Lost {
+                why,
+                requeue: false,
+            }) => {
+                self.lose_all(&why);
+                Ok(())
+            }
+            Ok(CommitOutcome::Fenced { why }) => {
+                self.lose_all(&why);
+                self.executor.recreate_producer()
+            }
+            Err(e) if e.is_expiry() && self.membership.took_long(started) => {
+                // A commit this slow may have spanned a pause past the session timeout: the
+                // records that expired meanwhile were dropped by the producer. If the group
+                // moved on, the tasks are lost, not broken. A record the broker refused is
+                // never put down to a pause: the instance stops.
+                self.membership.suspect();
+                if self.probe_membership(consumer) == Membership::Lost {
+                    return Ok(());
+                }
+                Err(self.fail(parts, e))
+            }
+            Err(e) => Err(self.fail(parts, e)),
+        }
+    }
+
+    /// Outputs could not be made durable: the tasks forget what is not in their stores,
+    /// and the instance stops (the offsets were not committed, so the work is replayed).
+    fn fail(&mut self, parts: &[TopicPartition], e: RuntimeError) -> RuntimeError {
+        let _ = self.executor.reset_tasks(&mut self.tasks, parts);
+        let msg = format!("commit of {} partition(s) failed: {e}", parts.len());
+        tracing::error!(error = %e, "outputs could not be made durable: the instance stops");
+        self.fatal = Some(msg.clone());
+        RuntimeError::Fatal(msg)
     }
 
     /// Whether a commit may go on after a long gap between polls.
@@ -810,24 +727,22 @@ impl TaskManager {
         &mut self,
         consumer: &BaseConsumer<C>,
     ) -> Membership {
-        if self.running.is_empty()
-            && self
-                .forwarding
-                .as_ref()
-                .is_none_or(|f| f.partitions.is_empty())
-        {
+        if self.tasks.is_idle() {
             return Membership::Kept;
         }
-        match (&self.member, crate::kafka::member_id(consumer)) {
-            (Some(was), Some(now)) if *was != now => {
+        match self
+            .membership
+            .check_member(crate::kafka::member_id(consumer))
+        {
+            MemberIdCheck::Changed { was, now } => {
                 let why = format!("group member id changed from {was} to {now}");
                 // librdkafka revokes the lost assignment and assigns again: no requeue.
                 self.lose_all(&why);
-                self.member = None;
+                self.membership.assigned_under(None);
                 Membership::Lost
             }
-            (Some(_), None) => Membership::Unknown,
-            _ => Membership::Kept,
+            MemberIdCheck::Rejoining => Membership::Unknown,
+            MemberIdCheck::Same => Membership::Kept,
         }
     }
 
@@ -846,12 +761,9 @@ impl TaskManager {
             Membership::Kept => {}
             other => return other,
         }
-        let mut tpl = TopicPartitionList::new();
-        for ((t, p), o) in &self.committed {
-            let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
-        }
+        let tpl = self.executor.offsets.committed_list();
         if tpl.count() == 0 {
-            self.suspect = false;
+            self.membership.verified();
             return Membership::Kept;
         }
         match consumer.commit(&tpl, CommitMode::Sync) {
@@ -859,7 +771,7 @@ impl TaskManager {
             Ok(()) if self.member_check(consumer) != Membership::Kept => Membership::Lost,
             Ok(()) => {
                 tracing::info!("membership verified after a long gap between polls");
-                self.suspect = false;
+                self.membership.verified();
                 Membership::Kept
             }
             Err(e) if is_membership_error(&e) => {
@@ -875,16 +787,50 @@ impl TaskManager {
 
     /// Close every task after the final commit (clean) or without it (after a failure).
     pub(super) fn close_all(&mut self, clean: bool) {
-        self.summary.tasks_closed += self.running.len() as u64;
-        self.running.clear();
+        self.counts.tasks_closed += self.tasks.running.len() as u64;
+        self.tasks.running.clear();
         self.to_open.clear();
         self.prune_series();
-        if clean {
-            self.collector.close();
-        } else {
-            self.collector.abandon();
-        }
+        self.executor.close(clean);
     }
+}
+
+fn record_collector(
+    config: &RunConfig,
+    state: &StateManager,
+    changelogs: Vec<Option<String>>,
+) -> Result<RecordCollector, RuntimeError> {
+    let t = &config.topology;
+    let transactional_id = match t.guarantee {
+        ProcessingGuarantee::AtLeastOnce => None,
+        ProcessingGuarantee::ExactlyOnceV2 => {
+            Some(format!("{}-{}", t.application_id, state.process_id()?))
+        }
+    };
+    Ok(RecordCollector::with_transactions(
+        &config.kafka,
+        changelogs,
+        transactional_id,
+    )?)
+}
+
+/// The decoders of the topology's sources and the encoder of its receipts sink.
+fn codecs(config: &RunConfig, encoder: UpdateEncoder) -> Result<Codecs, RuntimeError> {
+    let t = &config.topology;
+    let max = t.bad_records.max_record_bytes;
+    let receipts = Graph::compile(t)
+        .sink_topic(Output::Receipts)
+        .map(|t| t.0.clone())
+        .ok_or(RuntimeError::NoReceiptsSink)?;
+    let messages = match &t.messages {
+        Some(m) => Some((
+            m.topic.0.clone(),
+            MessageDecoder::with_max_record_bytes(config.resolver.clone(), max)?,
+        )),
+        None => None,
+    };
+    let reads = EventDecoder::with_max_record_bytes(config.resolver.clone(), max)?;
+    Ok(Codecs::new(reads, messages, (receipts, encoder)))
 }
 
 fn forwarding_purger(config: &RunConfig, t: &Topology) -> Option<RepartitionPurger> {
@@ -896,48 +842,6 @@ fn forwarding_purger(config: &RunConfig, t: &Topology) -> Option<RepartitionPurg
 
 /// The consumer lag series, per (topic, partition).
 pub(super) const CONSUMER_LAG: &str = "readstate_consumer_lag_records";
-
-/// What a membership probe found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Membership {
-    Kept,
-    Lost,
-    Unknown,
-}
-
-/// Seek a partition back to `offset` (records after it are read again); failing leaves
-/// the position unknown, which is fatal.
-pub(super) fn rewind<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    tp: &TopicPartition,
-    offset: i64,
-) -> Result<(), RuntimeError> {
-    consumer
-        .seek(&tp.0, tp.1, Offset::Offset(offset), Duration::from_secs(10))
-        .map_err(|e| {
-            RuntimeError::Fatal(format!(
-                "cannot rewind {} [{}] to offset {offset}: {e}",
-                tp.0, tp.1
-            ))
-        })
-}
-
-/// Commit errors meaning this member no longer owns its partitions.
-pub(super) fn is_membership_error(e: &RdKafkaError) -> bool {
-    e.rdkafka_error_code().is_some_and(is_membership_code)
-}
-
-pub(super) fn is_membership_code(c: RDKafkaErrorCode) -> bool {
-    matches!(
-        c,
-        RDKafkaErrorCode::UnknownMemberId
-            | RDKafkaErrorCode::IllegalGeneration
-            | RDKafkaErrorCode::RebalanceInProgress
-            | RDKafkaErrorCode::FencedInstanceId
-            | RDKafkaErrorCode::AssignmentLost
-            | RDKafkaErrorCode::StaleMemberEpoch
-    )
-}
 
 #[cfg(test)]
 mod tests {
@@ -1019,14 +923,15 @@ topic = "out"
         let parts = vec![("src".to_owned(), 0), ("src".to_owned(), 1)];
         let pause = tm.assign(&parts, Some("m1".into()));
         assert_eq!(pause, parts, "restoring partitions are paused");
-        assert_eq!(tm.parked.len(), 2);
+        assert_eq!(tm.parking.len(), 2);
         tm.open_assigned(&consumer).unwrap();
-        while tm.running.len() < 2 {
+        while tm.tasks.running.len() < 2 {
             tm.restore_step(&consumer).unwrap();
         }
-        assert!(tm.parked.is_empty(), "resumed once restored");
+        assert!(tm.parking.is_empty(), "resumed once restored");
         assert_eq!(
-            tm.summary.tasks_corrupted, 1,
+            tm.summary().tasks_corrupted,
+            1,
             "the checkpoint beyond the end"
         );
         let dirs: Vec<_> = [0, 1]
@@ -1034,28 +939,8 @@ topic = "out"
             .into();
         assert!(dirs.iter().all(|d| d.exists()));
         tm.lose_all("test");
-        assert!(tm.running.is_empty());
-        assert_eq!(tm.summary.tasks_lost, 2);
+        assert!(tm.tasks.running.is_empty());
+        assert_eq!(tm.summary().tasks_lost, 2);
         assert!(dirs.iter().all(|d| !d.exists()), "lost stores are wiped");
-    }
-
-    #[test]
-    fn membership_errors_are_told_from_transient_ones() {
-        let commit = |c| RdKafkaError::ConsumerCommit(c);
-        assert!(is_membership_error(&commit(
-            RDKafkaErrorCode::UnknownMemberId
-        )));
-        assert!(is_membership_error(&commit(
-            RDKafkaErrorCode::IllegalGeneration
-        )));
-        assert!(is_membership_error(&commit(
-            RDKafkaErrorCode::RebalanceInProgress
-        )));
-        assert!(!is_membership_error(&commit(
-            RDKafkaErrorCode::BrokerTransportFailure
-        )));
-        assert!(!is_membership_error(&commit(
-            RDKafkaErrorCode::RequestTimedOut
-        )));
     }
 }

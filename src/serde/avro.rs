@@ -136,19 +136,32 @@ impl<T: DeserializeOwned> WireDecoder<T> {
             if !self.needs_fetch(id) {
                 continue;
             }
-            let plan = match self.resolver.schema_by_id(id).await? {
-                None => {
-                    self.not_found_at.insert(id, std::time::Instant::now());
-                    Err(DecodeError::UnknownSchema(id))
-                }
-                Some(text) => {
-                    self.not_found_at.remove(&id);
-                    self.plan_for(id, &text)
-                }
-            };
-            self.plans.insert(id, plan);
+            let text = self.resolver.schema_by_id(id).await?;
+            self.install(id, text.as_deref());
         }
         Ok(())
+    }
+
+    /// The registry's answer for writer schema `id` (`None`: not found). A decoder shared
+    /// behind a lock fetches with [`WireDecoder::resolver`] without holding it, then
+    /// installs the answer.
+    pub fn install(&mut self, id: u32, text: Option<&str>) {
+        let plan = match text {
+            None => {
+                self.not_found_at.insert(id, std::time::Instant::now());
+                Err(DecodeError::UnknownSchema(id))
+            }
+            Some(text) => {
+                self.not_found_at.remove(&id);
+                self.plan_for(id, text)
+            }
+        };
+        self.plans.insert(id, plan);
+    }
+
+    /// Where writer schemas are fetched from.
+    pub fn resolver(&self) -> &Arc<dyn SchemaResolver> {
+        &self.resolver
     }
 
     fn plan_for(&self, id: u32, text: &str) -> Result<Plan, DecodeError> {

@@ -38,18 +38,19 @@ impl LagProbe {
             .map_err(KafkaError::from)?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let owner = series::Owner::new();
         let thread = std::thread::Builder::new()
             .name("sink-lag".into())
             .spawn(move || {
                 let mut next = Instant::now();
                 while !flag.load(Ordering::Relaxed) {
                     if Instant::now() >= next {
-                        measure(&client, &topic, &positions);
+                        measure(owner, &client, &topic, &positions);
                         next = Instant::now() + interval;
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                series::retain(LAG, "partition", |_| false);
+                series::retain(owner, LAG, "partition", |_| false);
             })
             .map_err(|e| SinkError::Fatal(format!("starting the sink lag thread: {e}")))?;
         Ok(Self {
@@ -68,17 +69,17 @@ impl Drop for LagProbe {
     }
 }
 
-fn measure(client: &BaseConsumer, topic: &str, positions: &Positions) {
+fn measure(owner: series::Owner, client: &BaseConsumer, topic: &str, positions: &Positions) {
     let owned = positions.lock().expect("positions lock").clone();
     for (p, next) in &owned {
         if let Ok((low, high)) = client.fetch_watermarks(topic, *p, Duration::from_secs(2)) {
             let lag = (high - (*next).max(low)).max(0);
-            series::set(LAG, &[("partition", &p.to_string())], lag as f64);
+            series::set(owner, LAG, &[("partition", &p.to_string())], lag as f64);
         }
     }
     // Partitions given up meanwhile lose their series.
     let owned = positions.lock().expect("positions lock");
-    series::retain(LAG, "partition", |p| {
+    series::retain(owner, LAG, "partition", |p| {
         p.parse().is_ok_and(|p: i32| owned.contains_key(&p))
     });
 }

@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rand::Rng;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
@@ -33,6 +32,7 @@ use super::lag::{LagProbe, Positions};
 use super::row::SinkRow;
 use super::table::ReceiptTable;
 use super::SinkError;
+use crate::backoff::Backoff;
 use crate::ids::Origin;
 use crate::kafka::{dead_letter_headers, KafkaError, KafkaSettings};
 use crate::model::ReceiptUpdate;
@@ -210,9 +210,10 @@ impl<R: SinkRow> Sink<R> {
                 }
                 Err(SinkError::Retriable(e)) => {
                     let why = format!("postgres sink waiting for the database: {e}");
-                    tracing::warn!(error = %e, retry_in = ?retry.backoff, "database unavailable: the sink waits (stream processing goes on)");
+                    let wait = retry.failed();
+                    tracing::warn!(error = %e, retry_in = ?wait, "database unavailable: the sink waits (stream processing goes on)");
                     self.cfg.health.set_waiting(Some(why));
-                    let until = Instant::now() + jitter(retry.backoff);
+                    let until = Instant::now() + wait;
                     while Instant::now() < until {
                         if shutdown.load(Ordering::Relaxed) {
                             return Ok(false);
@@ -324,10 +325,10 @@ impl<R: SinkRow> Sink<R> {
                 Ok(())
             }
             Err(SinkError::Retriable(e)) => {
-                tracing::warn!(error = %e, partitions = ?parts, retry_in = ?self.claim_retry.backoff, "claiming sink partitions");
+                let wait = self.claim_retry.failed();
+                tracing::warn!(error = %e, partitions = ?parts, retry_in = ?wait, "claiming sink partitions");
                 self.summary.retries += 1;
                 metrics::counter!("readstate_sink_retries_total").increment(1);
-                self.claim_retry.failed();
                 Ok(())
             }
             Err(e) => Err(e),
@@ -436,14 +437,14 @@ impl<R: SinkRow> Sink<R> {
         let Some(bytes) = payload else {
             return Ok(Err(("empty", "record has no value".into())));
         };
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = sink_backoff();
         loop {
             match self.decoder.prepare(std::iter::once(Some(bytes))).await {
                 Ok(()) => break,
                 Err(SerdeError::RegistryUnavailable(e)) if !shutdown.load(Ordering::Relaxed) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "schema registry unavailable");
-                    tokio::time::sleep(jitter(backoff)).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    let wait = backoff.fail();
+                    tracing::warn!(error = %e, retry_in = ?wait, "schema registry unavailable");
+                    tokio::time::sleep(wait).await;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -496,7 +497,7 @@ impl<R: SinkRow> Sink<R> {
         let mut pending = batch
             .take(|p| owned.get(&p).copied().unwrap_or(-1))
             .split(self.cfg.table.parallel_writes());
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = sink_backoff();
         let mut outage_started: Option<Instant> = None;
         let result = loop {
             pending.retain(|w| !w.is_empty());
@@ -548,12 +549,12 @@ impl<R: SinkRow> Sink<R> {
                 self.cfg
                     .health
                     .set_waiting(Some(format!("postgres sink waiting for the database: {e}")));
-                tracing::warn!(error = %e, retry_in = ?backoff, "database write failed; consumption paused");
+                let wait = backoff.fail();
+                tracing::warn!(error = %e, retry_in = ?wait, "database write failed; consumption paused");
                 self.summary.retries += 1;
                 metrics::counter!("readstate_sink_retries_total").increment(1);
-                self.wait_serving_group(jitter(backoff), batch, &mut pending, shutdown)
+                self.wait_serving_group(wait, batch, &mut pending, shutdown)
                     .await?;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         };
         if self.outage && result.is_ok() && pending_is_written(&pending) {
@@ -712,28 +713,29 @@ fn pending_is_written<R: Clone>(pending: &[WriteBatch<R>]) -> bool {
     pending.iter().all(WriteBatch::is_empty)
 }
 
-/// Exponential backoff for a retried step.
+/// The sink's pacing of a retried step: 100 ms doubling to 30 s, jittered.
+fn sink_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(100), MAX_BACKOFF).with_jitter()
+}
+
+/// A step retried from the poll loop: when it is due next.
 struct Retry {
     at: Instant,
-    backoff: Duration,
+    backoff: Backoff,
 }
 
 impl Retry {
     fn new() -> Self {
         Self {
             at: Instant::now(),
-            backoff: Duration::from_millis(100),
+            backoff: sink_backoff(),
         }
     }
 
-    fn failed(&mut self) {
-        self.at = Instant::now() + jitter(self.backoff);
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    /// Another failure: the delay until the next attempt.
+    fn failed(&mut self) -> Duration {
+        let wait = self.backoff.fail();
+        self.at = Instant::now() + wait;
+        wait
     }
-}
-
-/// Full jitter on top of half the delay: spreads retries of many instances.
-fn jitter(d: Duration) -> Duration {
-    let half = d / 2;
-    half + half.mul_f64(rand::thread_rng().gen_range(0.0..1.0))
 }

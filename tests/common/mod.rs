@@ -1,6 +1,10 @@
 //! Shared helpers for integration tests: topologies, workloads and an independent oracle.
 #![allow(dead_code)]
 
+pub mod wait;
+#[allow(unused_imports)]
+pub use wait::{wait_for, wait_until, wait_until_explained};
+
 use std::collections::HashMap;
 
 use rand::rngs::StdRng;

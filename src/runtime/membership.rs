@@ -1,0 +1,194 @@
+//! Group membership as this instance knows it: the member id its tasks were assigned
+//! under, and whether a pause (a long gap between polls, or a commit that took as long) may
+//! have let the group move on without it. Time comes from an injectable [`Clock`].
+//!
+//! The decisions here are pure; probing the coordinator (committing the last committed
+//! offsets again) and losing tasks are the task manager's.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::error::KafkaError as RdKafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::backoff::Clock;
+
+/// What a membership check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Membership {
+    Kept,
+    Lost,
+    Unknown,
+}
+
+/// What the member id says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum MemberIdCheck {
+    /// The same member (or none recorded yet).
+    Same,
+    /// librdkafka rejoined under a new member id: the tasks were lost.
+    Changed { was: String, now: String },
+    /// No member id now: rejoining.
+    Rejoining,
+}
+
+#[derive(Debug)]
+pub(super) struct MembershipMonitor {
+    clock: Arc<dyn Clock>,
+    /// When the poll loop last returned from `poll`.
+    last_poll: Instant,
+    /// A gap between polls (or a commit) longer than this means the group may have moved
+    /// on: membership is verified before the next commit.
+    probe_after: Duration,
+    /// Set after such a gap until a membership probe succeeds.
+    suspect: bool,
+    /// The group member id the running tasks were assigned under.
+    member: Option<String>,
+}
+
+impl MembershipMonitor {
+    /// Suspects a pause after a third of the session timeout without a poll.
+    pub(super) fn new(clock: Arc<dyn Clock>, session_timeout: Duration) -> Self {
+        Self {
+            last_poll: clock.now(),
+            clock,
+            probe_after: session_timeout / 3,
+            suspect: false,
+            member: None,
+        }
+    }
+
+    pub(super) fn now(&self) -> Instant {
+        self.clock.now()
+    }
+
+    /// The poll loop returned from `poll`: note a gap long enough to doubt membership.
+    pub(super) fn polled(&mut self) {
+        let now = self.clock.now();
+        let gap = now.duration_since(self.last_poll);
+        if gap > self.probe_after {
+            if !self.suspect {
+                tracing::warn!(?gap, "long gap between polls (process paused or stalled): membership is verified before the next commit");
+            }
+            self.suspect = true;
+        }
+        self.last_poll = now;
+    }
+
+    /// Start-up work before the first poll is no gap between polls.
+    pub(super) fn started(&mut self) {
+        self.last_poll = self.clock.now();
+    }
+
+    /// Whether something that began at `started` took long enough to span a pause past
+    /// the session timeout.
+    pub(super) fn took_long(&self, started: Instant) -> bool {
+        self.clock.now().duration_since(started) > self.probe_after
+    }
+
+    pub(super) fn is_suspect(&self) -> bool {
+        self.suspect
+    }
+
+    pub(super) fn suspect(&mut self) {
+        self.suspect = true;
+    }
+
+    pub(super) fn verified(&mut self) {
+        self.suspect = false;
+    }
+
+    pub(super) fn assigned_under(&mut self, member: Option<String>) {
+        self.member = member;
+    }
+
+    /// Compare the member id now with the one the tasks were assigned under.
+    pub(super) fn check_member(&self, now: Option<String>) -> MemberIdCheck {
+        match (&self.member, now) {
+            (Some(was), Some(now)) if *was != now => MemberIdCheck::Changed {
+                was: was.clone(),
+                now,
+            },
+            (Some(_), None) => MemberIdCheck::Rejoining,
+            _ => MemberIdCheck::Same,
+        }
+    }
+}
+
+/// Commit errors meaning this member no longer owns its partitions.
+pub(super) fn is_membership_error(e: &RdKafkaError) -> bool {
+    e.rdkafka_error_code().is_some_and(is_membership_code)
+}
+
+pub(super) fn is_membership_code(c: RDKafkaErrorCode) -> bool {
+    matches!(
+        c,
+        RDKafkaErrorCode::UnknownMemberId
+            | RDKafkaErrorCode::IllegalGeneration
+            | RDKafkaErrorCode::RebalanceInProgress
+            | RDKafkaErrorCode::FencedInstanceId
+            | RDKafkaErrorCode::AssignmentLost
+            | RDKafkaErrorCode::StaleMemberEpoch
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backoff::ManualClock;
+
+    /// A gap between polls over a third of the session timeout makes membership suspect,
+    /// measured on the injected clock (no sleep).
+    #[test]
+    fn a_long_gap_between_polls_is_suspect() {
+        let clock = ManualClock::new();
+        let mut m = MembershipMonitor::new(clock.clone(), Duration::from_secs(30));
+        clock.advance(Duration::from_secs(9));
+        m.polled();
+        assert!(!m.is_suspect(), "9 s of a 10 s allowance");
+        clock.advance(Duration::from_secs(11));
+        m.polled();
+        assert!(m.is_suspect());
+        m.verified();
+        assert!(!m.is_suspect());
+        let started = m.now();
+        clock.advance(Duration::from_secs(10));
+        assert!(!m.took_long(started));
+        clock.advance(Duration::from_millis(1));
+        assert!(m.took_long(started));
+    }
+
+    #[test]
+    fn a_changed_member_id_means_the_tasks_were_lost() {
+        let mut m = MembershipMonitor::new(ManualClock::new(), Duration::from_secs(30));
+        assert_eq!(m.check_member(Some("b".into())), MemberIdCheck::Same);
+        m.assigned_under(Some("a".into()));
+        assert_eq!(m.check_member(Some("a".into())), MemberIdCheck::Same);
+        assert_eq!(m.check_member(None), MemberIdCheck::Rejoining);
+        assert_eq!(
+            m.check_member(Some("b".into())),
+            MemberIdCheck::Changed {
+                was: "a".into(),
+                now: "b".into()
+            }
+        );
+    }
+
+    #[test]
+    fn membership_errors_are_told_from_transient_ones() {
+        let commit = RdKafkaError::ConsumerCommit;
+        for c in [
+            RDKafkaErrorCode::UnknownMemberId,
+            RDKafkaErrorCode::IllegalGeneration,
+            RDKafkaErrorCode::RebalanceInProgress,
+        ] {
+            assert!(is_membership_error(&commit(c)), "{c:?}");
+        }
+        for c in [
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::RequestTimedOut,
+        ] {
+            assert!(!is_membership_error(&commit(c)), "{c:?}");
+        }
+    }
+}

@@ -21,10 +21,10 @@ pub mod versus;
 
 use std::time::{Duration, Instant};
 
-use crate::ids::{Origin, StoreName, TaskId};
+use crate::ids::{Origin, StoreName};
 use crate::loadgen::{Generated, Generator, WorkloadSpec};
 use crate::model::ReceiptUpdate;
-use crate::processor::{EmitPolicy, InputId, ReadStateProcessor};
+use crate::processor::{EmitPolicy, ReadStateProcessor};
 use crate::serde::avro::{AvroReadEvent, EventEncoder};
 use crate::serde::registry::LOCAL_READ_EVENT_ID;
 use crate::serde::{EventDecoder, LocalRegistry, READ_EVENT_SCHEMA};
@@ -34,7 +34,7 @@ use crate::sink::PostgresTable;
 use crate::state::restore::ChangelogRestorer;
 use crate::state::rocks::{RocksDbOptions, RocksDbStore};
 use crate::state::KeyValueStore;
-use crate::task::{SourceRecord, StreamTask};
+use crate::task::SourceRecord;
 
 /// One printed figure.
 #[derive(Debug, Clone)]
@@ -153,12 +153,11 @@ pub fn core(records: &[Vec<u8>], flush: CoreFlush) -> Result<Figure, BenchError>
         &RocksDbOptions::default(),
     )?;
     let cache = crate::topology::DEFAULT_CACHE_MAX_ENTRIES;
-    let processor = ReadStateProcessor::open(Box::new(store), EmitPolicy::default(), cache)?;
-    let mut task = StreamTask::new(TaskId::new(0, 0), Box::new(processor));
+    let mut processor = ReadStateProcessor::open(Box::new(store), EmitPolicy::default(), cache)?;
     let mut decoder = EventDecoder::new(std::sync::Arc::new(LocalRegistry::new()))?;
     futures::executor::block_on(decoder.prepare(records.iter().take(1).map(|r| Some(&r[..]))))?;
     let source = Origin::source_id("bench", 0);
-    let mut dead = Vec::new();
+    let mut dead = 0usize;
     let (mut updates, mut flushes) = (0usize, 0usize);
     let started = Instant::now();
     let (mut last_flush, mut since_flush) = (Instant::now(), 0usize);
@@ -176,19 +175,23 @@ pub fn core(records: &[Vec<u8>], flush: CoreFlush) -> Result<Figure, BenchError>
                 source,
                 offset: base + i as i64,
             },
+            timestamp: None,
         }));
-        task.process_reads(InputId(0), &decoder, &batch, &mut dead)?;
+        let events = decode_reads(&decoder, &batch, &mut dead);
+        processor.process(&events)?;
         since_flush += chunk.len();
         let last = base as usize + chunk.len() == records.len();
         let due = match flush {
             CoreFlush::EveryEvents(n) => since_flush >= n,
-            CoreFlush::Interval(d) => last_flush.elapsed() >= d || task.processor().needs_flush(),
+            CoreFlush::Interval(d) => {
+                last_flush.elapsed() >= d || processor.dirty_len() >= processor.cache_capacity() / 2
+            }
         };
         if due || last {
-            let mut out = task.prepare_flush(0);
+            let mut out = processor.prepare_flush(0);
             updates += out.updates.len();
             flushes += 1;
-            task.commit_flush(out.take_batches(), &[Some(base + chunk.len() as i64)])?;
+            processor.commit_flush(out.flush.take_batches(), &[Some(base + chunk.len() as i64)])?;
             (last_flush, since_flush) = (Instant::now(), 0);
         }
     }
@@ -214,6 +217,23 @@ pub fn core(records: &[Vec<u8>], flush: CoreFlush) -> Result<Figure, BenchError>
             records.len()
         ),
     })
+}
+
+/// Decode a batch of read events as the read-state node does (one allocation per batch,
+/// ids borrowed from the records); undecodable ones are counted in `dead`.
+pub(crate) fn decode_reads<'a>(
+    decoder: &EventDecoder,
+    batch: &[SourceRecord<'a>],
+    dead: &mut usize,
+) -> Vec<(crate::model::EventRef<'a>, Origin)> {
+    let mut events = Vec::with_capacity(batch.len());
+    for r in batch {
+        match decoder.decode_ref(r.value) {
+            Ok(e) => events.push((e, r.origin)),
+            Err(_) => *dead += 1,
+        }
+    }
+    events
 }
 
 /// Restore: `records` changelog records (distinct keys, in random order) into an empty
@@ -686,9 +706,7 @@ pub fn many_keys(keys: u64, cache_entries: usize) -> Result<Vec<Figure>, BenchEr
     let dir = tempfile::tempdir().map_err(|e| BenchError::Other(e.to_string()))?;
     let opts = RocksDbOptions::default();
     let store = RocksDbStore::open(StoreName::from("keys"), &dir.path().join("store"), &opts)?;
-    let processor =
-        ReadStateProcessor::open(Box::new(store), EmitPolicy::default(), cache_entries)?;
-    let mut task = StreamTask::new(TaskId::new(0, 0), Box::new(processor));
+    let mut task = ReadStateProcessor::open(Box::new(store), EmitPolicy::default(), cache_entries)?;
     let source = Origin::source_id("keys", 0);
     let started = Instant::now();
     let chunk = 100_000u64;
@@ -715,11 +733,12 @@ pub fn many_keys(keys: u64, cache_entries: usize) -> Result<Vec<Figure>, BenchEr
             ));
         }
         done += events.len() as u64;
-        task.process_events(InputId(0), &events)?;
+        let views: Vec<_> = events.iter().map(|(e, o)| (e.view(), *o)).collect();
+        task.process(&views)?;
         let mut out = task.prepare_flush(0);
-        task.commit_flush(out.take_batches(), &[Some(done as i64)])?;
+        task.commit_flush(out.flush.take_batches(), &[Some(done as i64)])?;
     }
-    for mut store in task.close() {
+    for mut store in task.into_stores() {
         store.flush()?;
     }
     let secs = started.elapsed().as_secs_f64();

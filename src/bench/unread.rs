@@ -5,23 +5,23 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{BenchError, Figure, Target};
-use crate::ids::{ConversationId, Origin, ReaderId, SenderId, StoreName, TaskId};
+use crate::ids::{ConversationId, Origin, ReaderId, SenderId, StoreName};
 use crate::loadgen::chat::{generate, ChatEvent, ChatSpec};
 use crate::model::{MessageEvent, ReadEvent};
-use crate::processor::{EmitPolicy, InputId, ReadStateProcessor, Records, DEFAULT_UNREAD_CAP};
+use crate::processor::{EmitPolicy, ReadStateProcessor, DEFAULT_UNREAD_CAP};
 use crate::serde::avro::{AvroReadEvent, EventEncoder};
 use crate::serde::message::{AvroMessageEvent, MessageEncoder};
 use crate::serde::registry::{LocalRegistry, LOCAL_MESSAGE_EVENT_ID, LOCAL_READ_EVENT_ID};
 use crate::serde::{EventDecoder, MessageDecoder, MESSAGE_EVENT_SCHEMA, READ_EVENT_SCHEMA};
 use crate::state::rocks::{RocksDbOptions, RocksDbStore};
 use crate::state::KeyValueStore;
-use crate::task::{SourceRecord, StreamTask};
+use crate::task::SourceRecord;
 
 const MEMBERS: i64 = 1_000;
 const MENTIONS: usize = 2;
 
 /// A task with the read-state and head-state stores of `read_state_with_unread.toml`.
-fn task(dir: &std::path::Path) -> Result<StreamTask, BenchError> {
+fn task(dir: &std::path::Path) -> Result<ReadStateProcessor, BenchError> {
     let open = |name: &str| -> Result<Box<dyn KeyValueStore>, BenchError> {
         let store = RocksDbStore::open(
             StoreName::from(name),
@@ -33,11 +33,8 @@ fn task(dir: &std::path::Path) -> Result<StreamTask, BenchError> {
     let cache = crate::topology::DEFAULT_CACHE_MAX_ENTRIES;
     let mut p = ReadStateProcessor::open(open("read-state")?, EmitPolicy::default(), cache)?;
     p.enable_unread(DEFAULT_UNREAD_CAP, 4 * cache, open("head-state")?)?;
-    Ok(StreamTask::new(TaskId::new(0, 0), Box::new(p)))
+    Ok(p)
 }
-
-const READS: InputId = InputId(0);
-const MESSAGES: InputId = InputId(1);
 
 fn at(offset: i64) -> Origin {
     Origin { source: 1, offset }
@@ -61,9 +58,10 @@ pub fn writes_per_message(messages: i64) -> Result<Figure, BenchError> {
             (e, at(m))
         })
         .collect();
-    task.process_events(READS, &reads)?;
+    let views: Vec<_> = reads.iter().map(|(e, o)| (e.view(), *o)).collect();
+    task.process(&views)?;
     let mut out = task.prepare_flush(0);
-    task.commit_flush(out.take_batches(), &[])?;
+    task.commit_flush(out.flush.take_batches(), &[])?;
     let (mut writes, mut heads) = (0usize, 0usize);
     let started = Instant::now();
     for i in 1..=messages {
@@ -76,11 +74,11 @@ pub fn writes_per_message(messages: i64) -> Result<Figure, BenchError> {
                 .collect(),
             ..Default::default()
         };
-        task.process_decoded(MESSAGES, Records::MessageEvents(&[(m, at(MEMBERS + i))]))?;
+        task.process_messages(&[(m, at(MEMBERS + i))])?;
         let mut out = task.prepare_flush(0);
-        writes += out.store_writes();
+        writes += out.flush.store_writes();
         heads += out.heads.len();
-        task.commit_flush(out.take_batches(), &[])?;
+        task.commit_flush(out.flush.take_batches(), &[])?;
     }
     let secs = started.elapsed().as_secs_f64();
     Ok(Figure {
@@ -129,7 +127,7 @@ pub fn both_sources(conversations: u64) -> Result<Figure, BenchError> {
     let first = |m: bool| records.iter().find(|r| r.0 == m).map(|r| Some(&r.1[..]));
     futures::executor::block_on(reads_dec.prepare(first(false).into_iter()))?;
     futures::executor::block_on(msgs_dec.prepare(first(true).into_iter()))?;
-    let mut dead = Vec::new();
+    let mut dead = 0usize;
     let (mut updates, mut heads) = (0usize, 0usize);
     let started = Instant::now();
     for (chunk_no, chunk) in records.chunks(10_000).enumerate() {
@@ -149,16 +147,21 @@ pub fn both_sources(conversations: u64) -> Result<Figure, BenchError> {
                         source: u32::from(want),
                         offset: base + i as i64,
                     },
+                    timestamp: None,
                 })
                 .collect()
         };
-        task.process_reads(READS, &reads_dec, &batch(false), &mut dead)?;
-        task.process_messages(MESSAGES, &msgs_dec, &batch(true), &mut dead)?;
+        task.process(&super::decode_reads(&reads_dec, &batch(false), &mut dead))?;
+        let messages: Vec<_> = batch(true)
+            .iter()
+            .filter_map(|r| msgs_dec.decode(r.value).ok().map(|m| (m, r.origin)))
+            .collect();
+        task.process_messages(&messages)?;
         if chunk_no % 10 == 9 || base as usize + chunk.len() == records.len() {
             let mut out = task.prepare_flush(0);
             updates += out.updates.len();
             heads += out.heads.len();
-            task.commit_flush(out.take_batches(), &[])?;
+            task.commit_flush(out.flush.take_batches(), &[])?;
         }
     }
     let secs = started.elapsed().as_secs_f64();
@@ -171,7 +174,7 @@ pub fn both_sources(conversations: u64) -> Result<Figure, BenchError> {
             "{} events ({messages} messages, {} reads) in {conversations} conversations of up to 200 members; a flush per 100,000 events: {updates} receipt updates with counts, {heads} head updates; {} dead letters",
             records.len(),
             records.len() - messages,
-            dead.len()
+            dead
         ),
     })
 }

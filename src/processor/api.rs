@@ -1,61 +1,50 @@
-//! The processor API (Kafka Streams' `Processor` / `ProcessorSupplier` /
-//! `ProcessorContext`): what a stream task asks of the processor node of its sub-topology.
+//! The processor API as the runtime sees it: bytes in, bytes out, stores by index. Nothing
+//! here names a domain type; the runtime, the task and the test driver drive every processor
+//! through these traits.
 //!
-//! - **init**: [`ProcessorSupplier::init`] hands a new processor its stores (restored, in
-//!   the order its topology node names them) and its context (task, cache budget); the
-//!   processor reloads whatever it keeps between flushes (e.g. advances held back).
-//! - **process**: a batch of records from input `i` (the position of its source in the
-//!   node's `inputs`), decoded by that source's codec ([`Records`]).
-//! - **punctuate**: due work (emits held back by the minimum emit interval) popped from a
-//!   due-time queue ([`super::punctuation::DueQueue`]), never found by a scan.
-//! - **flush**: memory only: the outputs and each store's batch and changelog records
-//!   ([`FlushOutput`]); the task makes them durable in the commit protocol's order, then
-//!   **commit**s the batches back with each store's checkpoint. **reset** drops what was not
-//!   committed (a failed flush).
-//! - **close**: the stores are handed back to the task (closed, or wiped when lost).
+//! - [`SourceSerdes`]: the deserializers of a topology's source nodes, shared by the tasks of
+//!   an instance: which writer schemas a polled batch needs (fetched from the schema
+//!   registry before processing; while it is down the partitions are parked), and the
+//!   repartition key of a record.
+//! - [`ProcessorSupplier::init`] makes a task's processor over its restored stores (in the
+//!   order its node names them) and its cache budget.
+//! - [`Processor::process`]: raw records of one input (a source node of the graph), decoded
+//!   by the processor's source serdes; undecodable ones become dead letters.
+//! - [`Processor::flush`]: memory only: the outputs, encoded by its sink nodes' serializers
+//!   and addressed by [`SinkId`] ([`Outputs`]), and each store's batch with its changelog
+//!   records ([`StoreFlush`]). The task makes them durable in the commit protocol's order,
+//!   then [`Processor::commit`]s the batches back with each store's checkpoint; `reset`
+//!   drops what was not committed.
+//! - [`Processor::close`] hands the stores back (closed, or wiped when lost).
 //!
-//! [`ReadStateProcessor`](super::ReadStateProcessor) is the implementation of the
-//! `read-state` node; `tests::CountingProcessor` is the test implementation beside the
-//! trait.
+//! `tests::CountingProcessor` is the test implementation beside the trait; the read-state
+//! node ([`super::node`]) is the production one.
 
-use super::read_state::{EmitPolicy, FlushOutput, ProcessStats, ReadStateProcessor};
-use super::unread::MessageStats;
+use std::ops::Range;
+
+use futures::future::BoxFuture;
+
 use super::ProcessorError;
-use crate::ids::{Origin, TaskId};
-use crate::model::{EventRef, MessageEvent};
-use crate::state::{KeyValueStore, StoreBatch};
-use crate::topology::Topology;
+use crate::ids::TaskId;
+use crate::serde::{DecodeError, SerdeError};
+use crate::state::restore::{RawRestorer, StoreRestorer};
+use crate::state::{BatchOp, KeyValueStore, StoreBatch, StoreError};
+use crate::task::{DeadLetter, SourceRecord};
 
 /// Which input of a processor a batch comes from: its source's position in the node's
 /// `inputs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InputId(pub usize);
 
+/// Which sink node an output record goes to: its position among the graph's sink nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SinkId(pub usize);
+
 /// The kinds of record a source decodes to (its `records` in the topology).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RecordKind {
     ReadEvents,
     MessageEvents,
-}
-
-/// A batch of decoded records of one input, each with where it first entered readstate.
-#[derive(Debug, Clone, Copy)]
-pub enum Records<'a, 'r> {
-    ReadEvents(&'a [(EventRef<'r>, Origin)]),
-    MessageEvents(&'a [(MessageEvent, Origin)]),
-}
-
-impl Records<'_, '_> {
-    pub fn len(&self) -> usize {
-        match self {
-            Self::ReadEvents(r) => r.len(),
-            Self::MessageEvents(m) => m.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// The record-cache budget of one task (its share of the instance's).
@@ -75,24 +64,167 @@ pub struct ProcessorContext {
     pub cache: CacheBudget,
 }
 
-/// Counters of what a processor did; monotone over its life.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// One monotone counter of a processor: a metric name (and a bounded label) with its
+/// total over the processor's life. The runtime adds what grew since the last commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counter {
+    pub name: &'static str,
+    pub label: Option<(&'static str, &'static str)>,
+    pub value: u64,
+}
+
+/// What a processor did, as counters (see [`Counter`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProcessorStats {
-    pub events: ProcessStats,
-    /// With a message input.
-    pub messages: Option<MessageStats>,
+    pub counters: Vec<Counter>,
+}
+
+impl ProcessorStats {
+    /// The total of the counters named `name` (over labels).
+    pub fn total(&self, name: &str) -> u64 {
+        self.counters
+            .iter()
+            .filter(|c| c.name == name)
+            .map(|c| c.value)
+            .sum()
+    }
+}
+
+/// Output records of one flush, encoded: every key and value in one buffer (no allocation
+/// per record), each record addressed to a sink node.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    buf: Vec<u8>,
+    records: Vec<(SinkId, Range<usize>, Range<usize>)>,
+}
+
+impl Outputs {
+    /// Append a record for `sink`, its key and value written by the two encoders.
+    pub fn push(
+        &mut self,
+        sink: SinkId,
+        key: impl FnOnce(&mut Vec<u8>),
+        value: impl FnOnce(&mut Vec<u8>),
+    ) {
+        let k0 = self.buf.len();
+        key(&mut self.buf);
+        let v0 = self.buf.len();
+        value(&mut self.buf);
+        self.records.push((sink, k0..v0, v0..self.buf.len()));
+    }
+
+    /// (sink, key, value) of every record, in the order pushed.
+    pub fn iter(&self) -> impl Iterator<Item = (SinkId, &[u8], &[u8])> + '_ {
+        self.records
+            .iter()
+            .map(|(s, k, v)| (*s, &self.buf[k.clone()], &self.buf[v.clone()]))
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Records for `sink`.
+    pub fn count(&self, sink: SinkId) -> usize {
+        self.records.iter().filter(|(s, _, _)| *s == sink).count()
+    }
+}
+
+/// One store's part of a flush: its writes, and which of them go to its changelog.
+#[derive(Debug, Default)]
+pub struct StoreFlush {
+    /// The store writes, to apply once the outputs and changelog are acknowledged.
+    pub batch: StoreBatch,
+    /// Which of `batch`'s puts go to the changelog topic (the values; not the pending
+    /// index).
+    changelog: Vec<usize>,
+}
+
+impl StoreFlush {
+    /// (store key, encoded value) records for the changelog topic, borrowed from the batch;
+    /// a logged delete is a tombstone (`None`).
+    pub fn changelog(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> + '_ {
+        self.changelog.iter().map(|&i| match self.batch.op(i) {
+            BatchOp::Put { key, value } => (key, Some(value)),
+            BatchOp::Delete { key } => (key, None),
+        })
+    }
+
+    pub fn changelog_len(&self) -> usize {
+        self.changelog.len()
+    }
+
+    /// Put a value that goes to the changelog too.
+    pub fn put_logged(&mut self, key: &[u8], encode: impl FnOnce(&mut Vec<u8>)) {
+        let i = self.batch.put_with(key, encode);
+        self.changelog.push(i);
+    }
+
+    /// Delete a key, with a tombstone on the changelog.
+    pub fn delete_logged(&mut self, key: &[u8]) {
+        self.batch.delete(key);
+        self.changelog.push(self.batch.len() - 1);
+    }
+}
+
+/// What a flush produced: the outputs, and one part per store of the task (indexed as its
+/// stores). The task makes the outputs and each store's changelog durable, then hands the
+/// batches back to [`Processor::commit`].
+#[derive(Debug, Default)]
+pub struct FlushOutput {
+    pub outputs: Outputs,
+    pub stores: Vec<StoreFlush>,
+}
+
+impl FlushOutput {
+    /// An empty flush of `n` stores.
+    pub fn for_stores(n: usize) -> Self {
+        let mut out = Self::default();
+        out.stores.resize_with(n, StoreFlush::default);
+        out
+    }
+
+    /// Nothing to write to any store.
+    pub fn is_empty(&self) -> bool {
+        self.stores.iter().all(|s| s.batch.is_empty())
+    }
+
+    /// Store puts of this flush.
+    pub fn store_writes(&self) -> usize {
+        self.stores.iter().map(|s| s.batch.len()).sum()
+    }
+
+    /// Changelog records of this flush, over every store.
+    pub fn changelog_len(&self) -> usize {
+        self.stores.iter().map(StoreFlush::changelog_len).sum()
+    }
+
+    /// Take the store batches, to hand back to [`Processor::commit`].
+    pub fn take_batches(&mut self) -> Vec<StoreBatch> {
+        std::mem::take(&mut self.stores)
+            .into_iter()
+            .map(|s| s.batch)
+            .collect()
+    }
 }
 
 /// The processor node of a sub-topology, as a task drives it.
 pub trait Processor: Send {
-    /// Fold a batch of records of input `input`.
-    fn process(&mut self, input: InputId, records: Records<'_, '_>) -> Result<(), ProcessorError>;
-
-    /// Add the work due at `now_ms` (held-back emits) to `out`.
-    fn punctuate(&mut self, now_ms: i64, out: &mut FlushOutput);
+    /// Decode and fold raw records of input `input`; records that cannot be decoded are
+    /// added to `dead_letters` (and otherwise skipped).
+    fn process(
+        &mut self,
+        input: InputId,
+        records: &[SourceRecord<'_>],
+        dead_letters: &mut Vec<DeadLetter>,
+    ) -> Result<(), ProcessorError>;
 
     /// The outputs and store writes of everything processed since the last flush, and of
-    /// the work due at `now_ms` (memory only; see [`Processor::commit`]).
+    /// the work due at `now_ms` (punctuation; memory only: see [`Processor::commit`]).
     fn flush(&mut self, now_ms: i64) -> FlushOutput;
 
     /// Write a flush's store batches (indexed as the stores), each with its changelog's
@@ -124,105 +256,49 @@ pub trait Processor: Send {
     fn as_any(&self) -> &dyn std::any::Any;
 }
 
-/// Makes the processor of a topology node for each task (`init`).
+/// Makes the processor of a topology node for each task (`init`), and the restorer of
+/// each of its stores.
 pub trait ProcessorSupplier: Send + Sync {
     fn init(&self, ctx: ProcessorContext) -> Result<Box<dyn Processor>, ProcessorError>;
-}
 
-/// The `read-state` node of a topology.
-#[derive(Debug, Clone)]
-pub struct ReadStateSupplier {
-    policy: EmitPolicy,
-    /// With a message input: positions kept per conversation head.
-    unread_cap: Option<usize>,
-}
-
-impl ReadStateSupplier {
-    pub fn new(topology: &Topology) -> Self {
-        let node = &topology.processor;
-        Self {
-            policy: EmitPolicy {
-                min_emit_interval_ms: node.min_emit_interval.as_millis() as i64,
-            },
-            unread_cap: node.unread_cap,
-        }
-    }
-
-    /// The concrete processor (the test driver and benchmarks query its state).
-    pub fn open(&self, ctx: ProcessorContext) -> Result<ReadStateProcessor, ProcessorError> {
-        let mut stores = ctx.stores.into_iter();
-        let state = stores
-            .next()
-            .ok_or(ProcessorError::MissingStore("read-state"))?;
-        let mut p = ReadStateProcessor::open(state, self.policy, ctx.cache.entries)?;
-        if let Some(cap) = self.unread_cap {
-            let heads = stores.next().ok_or(ProcessorError::MissingStore("heads"))?;
-            p.enable_unread(cap, ctx.cache.positions, heads)?;
-        }
-        Ok(p)
+    /// How store `index` of a task is restored from its changelog (`store` as it is before
+    /// the restore). By default, records are written as they are.
+    fn restorer(
+        &self,
+        index: usize,
+        store: &dyn KeyValueStore,
+    ) -> Result<Box<dyn StoreRestorer>, StoreError> {
+        let _ = (index, store);
+        Ok(Box::new(RawRestorer))
     }
 }
 
-impl ProcessorSupplier for ReadStateSupplier {
-    fn init(&self, ctx: ProcessorContext) -> Result<Box<dyn Processor>, ProcessorError> {
-        Ok(Box::new(self.open(ctx)?))
-    }
-}
+/// The deserializers of a topology's source nodes, shared by an instance's tasks.
+pub trait SourceSerdes: Send + Sync {
+    /// Fetch the writer schemas the records (topic, value) need that are not known yet. An
+    /// error means the registry is unavailable: nothing is dead-lettered, the caller
+    /// parks what needs it and asks again later.
+    fn prepare<'a>(
+        &'a self,
+        records: &'a [(&'a str, Option<&'a [u8]>)],
+    ) -> BoxFuture<'a, Result<(), SerdeError>>;
 
-impl Processor for ReadStateProcessor {
-    fn process(&mut self, _input: InputId, records: Records<'_, '_>) -> Result<(), ProcessorError> {
-        match records {
-            Records::ReadEvents(events) => ReadStateProcessor::process(self, events),
-            Records::MessageEvents(messages) => self.process_messages(messages),
-        }
-    }
+    /// Fetch the writer schemas `ids` (after an outage).
+    fn prepare_ids<'a>(&'a self, ids: &'a [u32]) -> BoxFuture<'a, Result<(), SerdeError>>;
 
-    fn punctuate(&mut self, now_ms: i64, out: &mut FlushOutput) {
-        self.emit_due(now_ms, out);
-    }
+    /// The writer schema id of a record of `topic` when it has not been resolved yet.
+    fn unknown_schema(&self, topic: &str, value: Option<&[u8]>) -> Option<u32>;
 
-    fn flush(&mut self, now_ms: i64) -> FlushOutput {
-        self.prepare_flush(now_ms)
-    }
+    /// Write the key a record of source `topic` is repartitioned by into `key`.
+    fn repartition_key(
+        &self,
+        topic: &str,
+        value: Option<&[u8]>,
+        key: &mut Vec<u8>,
+    ) -> Result<(), DecodeError>;
 
-    fn commit(
-        &mut self,
-        batches: Vec<StoreBatch>,
-        checkpoints: &[Option<i64>],
-    ) -> Result<(), ProcessorError> {
-        self.commit_flush(batches, checkpoints)
-    }
-
-    fn reset(&mut self) -> Result<(), ProcessorError> {
-        self.reset_to_store()
-    }
-
-    fn close(self: Box<Self>) -> Vec<Box<dyn KeyValueStore>> {
-        self.into_stores()
-    }
-
-    fn stores(&self) -> Vec<&dyn KeyValueStore> {
-        ReadStateProcessor::stores(self)
-    }
-
-    fn stats(&self) -> ProcessorStats {
-        ProcessorStats {
-            events: ReadStateProcessor::stats(self),
-            messages: self.message_stats(),
-        }
-    }
-
-    fn set_cache_budget(&mut self, budget: CacheBudget) {
-        self.set_cache_capacity(budget.entries, budget.positions);
-    }
-
-    fn needs_flush(&self) -> bool {
-        self.dirty_len() >= self.cache_capacity() / 2
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
+    /// The largest record value a dead letter carries whole.
+    fn max_record_bytes(&self) -> usize;
 }
 
 #[cfg(test)]
@@ -231,17 +307,18 @@ pub(crate) mod tests {
     use crate::state::memory::InMemoryStore;
 
     /// The test implementation beside the trait: counts the records of each input into
-    /// its own store (one key per input), emits nothing, and flushes every `every`
-    /// records. It shows the seams: inputs routed by id, several stores each with its own
-    /// changelog records, punctuation, and commit with per-store checkpoints.
+    /// its own store (one key per input), forwards one output per flushed input to sink 0,
+    /// and flushes every `every` records. It shows the seams: inputs routed by id, outputs
+    /// by sink, several stores each with its own changelog records, and commit with
+    /// per-store checkpoints.
     pub(crate) struct CountingProcessor {
         stores: Vec<Box<dyn KeyValueStore>>,
         counts: Vec<u64>,
         dirty: Vec<bool>,
         every: u64,
         pending: u64,
-        /// When punctuation ran.
-        pub(crate) punctuated: Vec<i64>,
+        /// When flushes ran.
+        pub(crate) flushed_at: Vec<i64>,
     }
 
     impl CountingProcessor {
@@ -253,7 +330,7 @@ pub(crate) mod tests {
                 dirty: vec![false; n],
                 every,
                 pending: 0,
-                punctuated: Vec::new(),
+                flushed_at: Vec::new(),
             }
         }
     }
@@ -262,16 +339,24 @@ pub(crate) mod tests {
         fn process(
             &mut self,
             input: InputId,
-            records: Records<'_, '_>,
+            records: &[SourceRecord<'_>],
+            dead_letters: &mut Vec<DeadLetter>,
         ) -> Result<(), ProcessorError> {
-            self.counts[input.0] += records.len() as u64;
-            self.dirty[input.0] = true;
-            self.pending += records.len() as u64;
+            for r in records {
+                if r.value.is_none() {
+                    dead_letters.push(DeadLetter::from_record(
+                        r,
+                        "empty_value",
+                        "no value".into(),
+                        0,
+                    ));
+                    continue;
+                }
+                self.counts[input.0] += 1;
+                self.dirty[input.0] = true;
+                self.pending += 1;
+            }
             Ok(())
-        }
-
-        fn punctuate(&mut self, now_ms: i64, _out: &mut FlushOutput) {
-            self.punctuated.push(now_ms);
         }
 
         fn flush(&mut self, now_ms: i64) -> FlushOutput {
@@ -280,10 +365,12 @@ pub(crate) mod tests {
                 if std::mem::take(dirty) {
                     let v = self.counts[i].to_be_bytes();
                     out.stores[i].put_logged(b"count", |b| b.extend_from_slice(&v));
+                    out.outputs
+                        .push(SinkId(0), |k| k.push(i as u8), |b| b.extend_from_slice(&v));
                 }
             }
             self.pending = 0;
-            self.punctuate(now_ms, &mut out);
+            self.flushed_at.push(now_ms);
             out
         }
 
@@ -292,11 +379,12 @@ pub(crate) mod tests {
             batches: Vec<StoreBatch>,
             checkpoints: &[Option<i64>],
         ) -> Result<(), ProcessorError> {
-            for (i, b) in batches.into_iter().enumerate() {
-                let checkpoint = checkpoints.get(i).copied().flatten();
-                crate::state::write_flushed(&mut *self.stores[i], b, checkpoint)?;
-            }
-            Ok(())
+            let stores = self.stores.iter_mut().map(|s| &mut **s);
+            Ok(crate::state::write_all_flushed(
+                stores,
+                batches,
+                checkpoints,
+            )?)
         }
 
         fn reset(&mut self) -> Result<(), ProcessorError> {
@@ -318,7 +406,14 @@ pub(crate) mod tests {
         }
 
         fn stats(&self) -> ProcessorStats {
-            ProcessorStats::default()
+            let value = self.counts.iter().sum();
+            ProcessorStats {
+                counters: vec![Counter {
+                    name: "readstate_events_folded_total",
+                    label: None,
+                    value,
+                }],
+            }
         }
 
         fn set_cache_budget(&mut self, _budget: CacheBudget) {}
@@ -337,5 +432,25 @@ pub(crate) mod tests {
             .map(|i| Box::new(InMemoryStore::new(format!("store-{i}").into())) as Box<_>)
             .collect();
         CountingProcessor::new(stores, every)
+    }
+
+    #[test]
+    fn outputs_keep_every_record_in_one_buffer_in_order() {
+        let mut o = Outputs::default();
+        o.push(
+            SinkId(1),
+            |k| k.extend_from_slice(b"k1"),
+            |v| v.extend_from_slice(b"v1"),
+        );
+        o.push(SinkId(0), |_| {}, |v| v.extend_from_slice(b"value"));
+        let all: Vec<(SinkId, &[u8], &[u8])> = o.iter().collect();
+        assert_eq!(
+            all,
+            [
+                (SinkId(1), &b"k1"[..], &b"v1"[..]),
+                (SinkId(0), &b""[..], &b"value"[..])
+            ]
+        );
+        assert_eq!((o.len(), o.count(SinkId(0)), o.count(SinkId(2))), (2, 1, 0));
     }
 }

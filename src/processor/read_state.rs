@@ -14,6 +14,8 @@
 
 use compact_str::CompactString;
 
+use super::api::FlushOutput;
+pub use super::api::StoreFlush;
 use super::punctuation::DueQueue;
 use super::unread::{positions_budget, Heads, MessageStats};
 use super::ProcessorError;
@@ -22,7 +24,7 @@ use crate::model::{EventRef, HeadUpdate, MessageEvent, ReceiptUpdate, StateKey, 
 use crate::state::cache::RecordCache;
 use crate::state::codec::{self, EntryCodec, ReadStates, StoreKey, TAG_PENDING};
 use crate::state::head::ConversationHead;
-use crate::state::{write_flushed, BatchOp, KeyValueStore, ReadState, StoreBatch, StoreError};
+use crate::state::{write_all_flushed, KeyValueStore, ReadState, StoreBatch, StoreError};
 
 /// When an advance may be emitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -55,84 +57,26 @@ pub struct ProcessStats {
     pub flushes: u64,
 }
 
-/// One store's part of a flush: its writes, and which of them go to its changelog.
+/// What a flush produced, typed; the read-state node encodes `updates` and `heads` for its
+/// sinks, and the task makes them and each store's changelog durable, then hands the
+/// batches back to [`ReadStateProcessor::commit_flush`].
 #[derive(Debug, Default)]
-pub struct StoreFlush {
-    /// The store writes, to apply once the updates and changelog are acknowledged.
-    pub batch: StoreBatch,
-    /// Which of `batch`'s puts go to the changelog topic (the values; not the pending
-    /// index).
-    changelog: Vec<usize>,
-}
-
-impl StoreFlush {
-    /// (store key, encoded value) records for the changelog topic, borrowed from the batch.
-    pub fn changelog(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
-        self.changelog
-            .iter()
-            .filter_map(|&i| match self.batch.op(i) {
-                BatchOp::Put { key, value } => Some((key, value)),
-                BatchOp::Delete { .. } => None,
-            })
-    }
-
-    pub fn changelog_len(&self) -> usize {
-        self.changelog.len()
-    }
-
-    /// Put a value that goes to the changelog too.
-    pub fn put_logged(&mut self, key: &[u8], encode: impl FnOnce(&mut Vec<u8>)) {
-        let i = self.batch.put_with(key, encode);
-        self.changelog.push(i);
-    }
-}
-
-/// What a flush produced; the caller makes `updates`, `heads` and each store's changelog
-/// durable, then hands the batches back to [`ReadStateProcessor::commit_flush`].
-#[derive(Debug, Default)]
-pub struct FlushOutput {
+pub struct ReadStateFlush {
     pub updates: Vec<ReceiptUpdate>,
     /// Conversation-head updates (topologies with a message source).
     pub heads: Vec<HeadUpdate>,
-    /// One per store of the task, indexed as `Topology::stores()`.
-    pub stores: Vec<StoreFlush>,
+    /// The store parts, one per store of the task (indexed as `Topology::stores()`); its
+    /// outputs are filled by the node that encodes `updates` and `heads`.
+    pub flush: FlushOutput,
 }
 
-impl FlushOutput {
+impl ReadStateFlush {
     /// An empty flush of `n` stores.
     pub fn for_stores(n: usize) -> Self {
-        let mut out = Self::default();
-        out.ensure_stores(n);
-        out
-    }
-
-    /// Make room for `n` stores' parts.
-    pub fn ensure_stores(&mut self, n: usize) {
-        while self.stores.len() < n {
-            self.stores.push(StoreFlush::default());
+        Self {
+            flush: FlushOutput::for_stores(n),
+            ..Self::default()
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.stores.iter().all(|s| s.batch.is_empty())
-    }
-
-    /// Store puts of this flush (read states, pending-index entries, heads).
-    pub fn store_writes(&self) -> usize {
-        self.stores.iter().map(|s| s.batch.len()).sum()
-    }
-
-    /// Changelog records of this flush, over every store.
-    pub fn changelog_len(&self) -> usize {
-        self.stores.iter().map(StoreFlush::changelog_len).sum()
-    }
-
-    /// Take the store batches, to hand back to [`ReadStateProcessor::commit_flush`].
-    pub fn take_batches(&mut self) -> Vec<StoreBatch> {
-        std::mem::take(&mut self.stores)
-            .into_iter()
-            .map(|s| s.batch)
-            .collect()
     }
 }
 
@@ -262,10 +206,10 @@ impl ReadStateProcessor {
 
     /// Decide the updates of this flush and prepare the store batch. `now_ms` is wall-clock
     /// time; it stamps updates and drives the minimum emit interval.
-    pub fn prepare_flush(&mut self, now_ms: i64) -> FlushOutput {
-        let mut out = FlushOutput::for_stores(self.store_count());
+    pub fn prepare_flush(&mut self, now_ms: i64) -> ReadStateFlush {
+        let mut out = ReadStateFlush::for_stores(self.store_count());
         if let Some(heads) = &mut self.heads {
-            heads.flush(now_ms, &mut out.stores[HEADS_STORE], &mut out.heads);
+            heads.flush(now_ms, &mut out.flush.stores[HEADS_STORE], &mut out.heads);
         }
         let mut dirty = self.cache.take_dirty();
         // In store-key order (StateKey's order is the encoded key's): the store batch is
@@ -281,18 +225,21 @@ impl ReadStateProcessor {
 
     /// Punctuation: the advances held back by the emit interval whose slot opened by
     /// `now_ms`, popped from the due-time queue.
-    pub fn emit_due(&mut self, now_ms: i64, out: &mut FlushOutput) {
-        out.ensure_stores(self.store_count());
+    pub fn emit_due(&mut self, now_ms: i64, out: &mut ReadStateFlush) {
+        let n = self.store_count();
+        if out.flush.stores.len() < n {
+            out.flush.stores.resize_with(n, StoreFlush::default);
+        }
         for key in self.pending.due(now_ms) {
             self.flush_key(key, now_ms, out);
         }
     }
 
-    fn flush_key(&mut self, key: StateKey, now_ms: i64, out: &mut FlushOutput) {
+    fn flush_key(&mut self, key: StateKey, now_ms: i64, out: &mut ReadStateFlush) {
         let Some(state) = self.cache.get_mut_clean(&key) else {
             return;
         };
-        let store = &mut out.stores[STATE_STORE];
+        let store = &mut out.flush.stores[STATE_STORE];
         if state.has_unemitted_advance() {
             let due = self.policy.due_at(state);
             if due <= now_ms {
@@ -324,14 +271,10 @@ impl ReadStateProcessor {
         batches: Vec<StoreBatch>,
         checkpoints: &[Option<i64>],
     ) -> Result<(), ProcessorError> {
-        for (i, batch) in batches.into_iter().enumerate() {
-            let checkpoint = checkpoints.get(i).copied().flatten();
-            let store = match (i, &mut self.heads) {
-                (HEADS_STORE, Some(heads)) => heads.store_mut(),
-                _ => &mut *self.store,
-            };
-            write_flushed(store, batch, checkpoint)?;
-        }
+        // The read-state store, then the heads' (HEADS_STORE).
+        let heads = self.heads.as_mut().map(Heads::store_mut);
+        let stores = std::iter::once(&mut *self.store).chain(heads);
+        write_all_flushed(stores, batches, checkpoints)?;
         self.stats.flushes += 1;
         let pending = &self.pending;
         self.cache.end_flush(|k| pending.contains(k));

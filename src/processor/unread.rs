@@ -74,7 +74,7 @@ impl Heads {
         &*self.store
     }
 
-    pub fn store_mut(&mut self) -> &mut dyn KeyValueStore {
+    pub fn store_mut(&mut self) -> &mut (dyn KeyValueStore + 'static) {
         &mut *self.store
     }
 

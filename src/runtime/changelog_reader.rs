@@ -18,7 +18,7 @@ use super::RuntimeError;
 use crate::backoff::Backoff;
 use crate::ids::TaskId;
 use crate::kafka::{KafkaError, KafkaSettings};
-use crate::state::restore::ChangelogRestorer;
+use crate::state::restore::StoreRestorer;
 use crate::state::KeyValueStore;
 
 /// A restore that makes no progress this long fails the instance.
@@ -29,7 +29,7 @@ struct Restoring {
     /// Which of the task's stores (its index in `Topology::stores()`).
     index: usize,
     store: Box<dyn KeyValueStore>,
-    restorer: ChangelogRestorer,
+    restorer: Box<dyn StoreRestorer>,
     /// Next changelog offset to apply.
     next: i64,
     /// The changelog's end when the restore began.
@@ -132,6 +132,7 @@ impl ChangelogReader {
         task: TaskId,
         index: usize,
         store: Box<dyn KeyValueStore>,
+        restorer: Box<dyn StoreRestorer>,
         from: i64,
         end: i64,
     ) -> Result<Option<Restored>, RuntimeError> {
@@ -145,7 +146,6 @@ impl ChangelogReader {
                 elapsed: Duration::ZERO,
             }));
         }
-        let restorer = ChangelogRestorer::new(&*store)?;
         let now = Instant::now();
         self.restoring.insert(
             (index, task.partition),
@@ -254,10 +254,10 @@ impl ChangelogReader {
         for (k, msgs) in by_store {
             let r = restoring.get_mut(&k).expect("filtered above");
             let next = msgs.last().expect("non-empty").offset() + 1;
-            let records = msgs
+            let mut records = msgs
                 .iter()
                 .filter_map(|m| m.key().map(|k| (k, m.payload())));
-            let n = r.restorer.apply(&mut *r.store, records, next)?;
+            let n = r.restorer.restore(&mut *r.store, &mut records, next)?;
             r.next = next;
             r.restored += n as u64;
             r.last_progress = Instant::now();
@@ -394,6 +394,10 @@ fn retriable(e: &rdkafka::error::KafkaError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn raw() -> Box<dyn StoreRestorer> {
+        Box::new(crate::state::restore::RawRestorer)
+    }
     use crate::ids::{ConversationId, ReaderId};
     use crate::model::StateKey;
     use crate::state::memory::InMemoryStore;
@@ -452,7 +456,7 @@ mod tests {
             assert_eq!((low, high), (0, 250));
             let store = Box::new(InMemoryStore::new("s".into()));
             assert!(reader
-                .register(TaskId::new(0, p), 0, store, 0, high)
+                .register(TaskId::new(0, p), 0, store, raw(), 0, high)
                 .unwrap()
                 .is_none());
         }
@@ -527,7 +531,7 @@ mod tests {
             let (low, high) = reader.watermarks(index, 0).unwrap();
             let store = Box::new(InMemoryStore::new(format!("s{index}").into()));
             assert!(reader
-                .register(task, index, store, low, high)
+                .register(task, index, store, raw(), low, high)
                 .unwrap()
                 .is_none());
         }

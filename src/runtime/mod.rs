@@ -10,7 +10,6 @@
 //! - [`membership`]: the member id and pause suspicion, on an injectable clock;
 //! - [`parking`]: partitions paused while restoring or waiting on the schema registry;
 //! - [`offsets`]: processed and committed source offsets, origin ids;
-//! - [`codecs`]: the one runtime module that knows the record types (decoders, encoders);
 //! - [`record_collector`]: every produce; acknowledged changelog offsets; send errors
 //!   surfaced at flush (RecordCollector);
 //! - [`state_manager`]: where stores live, checkpoints judged against the changelog, wipes
@@ -19,7 +18,6 @@
 //! - [`repartition_purger`]: deletes repartition records below the committed offsets.
 
 mod changelog_reader;
-mod codecs;
 pub(crate) mod dead_letter_log;
 mod membership;
 mod offsets;
@@ -35,19 +33,18 @@ mod tasks;
 pub use state_manager::check_state_dir;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError as RdKafkaError;
 
-use crate::backoff::{Backoff, Clock};
+use crate::backoff::Clock;
 use crate::kafka::admin::{describe_policies, ensure_topics, MetadataClient, TopicRequest};
 use crate::kafka::{KafkaError, KafkaSettings};
-use crate::serde::avro::WireEncoder;
 use crate::serde::registry::SchemaResolver;
-use crate::serde::{SerdeError, CONVERSATION_HEAD_SCHEMA, RECEIPT_UPDATE_SCHEMA};
+use crate::serde::SerdeError;
 use crate::telemetry::{Health, Progress};
 use crate::topology::Topology;
 
@@ -230,28 +227,13 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
     let (checked, tasks) = std::thread::scope(|s| {
         let checks = s.spawn(|| prepare_topics(config));
         let tasks = rt
-            .block_on(register_with_retry(
-                &*config.resolver,
-                &format!("{}-value", t.output.topic),
-                RECEIPT_UPDATE_SCHEMA,
+            .block_on(crate::processor::node::build(
+                t,
+                config.resolver.clone(),
                 shutdown,
             ))
-            .and_then(|encoder| TaskManager::new(config, encoder, rt))
-            .and_then(|mut tm| {
-                if let Some(h) = &t.heads_output {
-                    let subject = format!("{}-value", h.topic);
-                    let encoder = tm.executor.block_on(register_with_retry(
-                        &*config.resolver,
-                        &subject,
-                        CONVERSATION_HEAD_SCHEMA,
-                        shutdown,
-                    ))?;
-                    tm.executor
-                        .codecs_mut()
-                        .with_heads(h.topic.0.clone(), encoder);
-                }
-                Ok(tm)
-            });
+            .map_err(RuntimeError::from)
+            .and_then(|node| TaskManager::new(config, node, rt));
         (checks.join().expect("topic check thread panicked"), tasks)
     });
     checked?;
@@ -487,26 +469,5 @@ fn check_message_partitions(
             m.topic
         ))),
         Some(_) => Ok(()),
-    }
-}
-
-/// Register an output schema, retrying while the registry is unavailable.
-async fn register_with_retry<T: serde::Serialize>(
-    resolver: &dyn SchemaResolver,
-    subject: &str,
-    schema: &str,
-    shutdown: &AtomicBool,
-) -> Result<WireEncoder<T>, RuntimeError> {
-    let mut backoff = Backoff::remote();
-    loop {
-        match WireEncoder::<T>::register(resolver, subject, schema).await {
-            Ok(e) => return Ok(e),
-            Err(SerdeError::RegistryUnavailable(msg)) if !shutdown.load(Ordering::Relaxed) => {
-                let wait = backoff.fail();
-                tracing::warn!(error = %msg, retry_in = ?wait, "schema registry unavailable");
-                tokio::time::sleep(wait).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
     }
 }

@@ -21,7 +21,6 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use rdkafka::Message;
 
-use super::codecs::{unknown_schemas, Codecs};
 use super::dead_letter_log::DeadLetterQueue;
 use super::membership::is_membership_error;
 use super::offsets::{SourceOffsets, TopicPartition};
@@ -32,7 +31,7 @@ use super::tasks::Tasks;
 use super::{RunSummary, RuntimeError};
 use crate::ids::Origin;
 use crate::kafka::dead_letter_headers;
-use crate::processor::{FlushOutput, InputId, RecordKind};
+use crate::processor::{FlushOutput, InputId, SourceSerdes};
 use crate::serde::SerdeError;
 use crate::task::{DeadLetter, SourceRecord};
 use crate::telemetry::{series, Progress};
@@ -67,7 +66,10 @@ pub(super) struct TaskExecutor {
     routes: Vec<Route>,
     /// The changelog topic of each store of a task (indexed as `Topology::stores()`).
     changelogs: Vec<Option<String>>,
-    codecs: Codecs,
+    /// The sources' deserializers (writer schemas, repartition keys).
+    serdes: Arc<dyn SourceSerdes>,
+    /// The topic of each sink node, by `SinkId`.
+    sinks: Vec<String>,
     collector: RecordCollector,
     /// Deletes records of the repartition topic (the first) below the committed offsets.
     purger: Option<(String, RepartitionPurger)>,
@@ -85,7 +87,8 @@ pub(super) struct ExecutorParts {
     pub(super) guarantee: ProcessingGuarantee,
     pub(super) routes: Vec<Route>,
     pub(super) changelogs: Vec<Option<String>>,
-    pub(super) codecs: Codecs,
+    pub(super) serdes: Arc<dyn SourceSerdes>,
+    pub(super) sinks: Vec<String>,
     pub(super) collector: RecordCollector,
     pub(super) purger: Option<(String, RepartitionPurger)>,
     pub(super) dead_letters: DeadLetterQueue,
@@ -100,7 +103,8 @@ impl TaskExecutor {
             guarantee: p.guarantee,
             routes: p.routes,
             changelogs: p.changelogs,
-            codecs: p.codecs,
+            serdes: p.serdes,
+            sinks: p.sinks,
             collector: p.collector,
             purger: p.purger,
             offsets: SourceOffsets::default(),
@@ -110,14 +114,6 @@ impl TaskExecutor {
             rt: p.rt,
             owner: p.owner,
         }
-    }
-
-    pub(super) fn codecs_mut(&mut self) -> &mut Codecs {
-        &mut self.codecs
-    }
-
-    pub(super) fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.rt.block_on(f)
     }
 
     /// Whether records of this partition are processed now; a parked one remembers the
@@ -147,32 +143,27 @@ impl TaskExecutor {
         let dead_before = self.dead_letters.len();
         // Group by task and input (the graph's route of the record's topic), keeping order
         // within each; forward what needs repartitioning.
-        let mut batches: BTreeMap<(i32, InputId), (RecordKind, Vec<SourceRecord<'_>>)> =
-            BTreeMap::new();
+        let mut batches: BTreeMap<(i32, InputId), Vec<SourceRecord<'_>>> = BTreeMap::new();
         let mut accepted = 0u64;
         for m in msgs {
             if !Self::accepts(tasks, parking, m) {
                 continue;
             }
             accepted += 1;
-            let Some((input, kind)) =
-                Graph::route(&self.routes, m.topic()).map(|r| (r.input, r.records))
-            else {
+            let Some(input) = Graph::route(&self.routes, m.topic()).map(|r| r.input) else {
                 self.forward(tasks, m);
                 continue;
             };
             let origin = self.origin_of(tasks, m);
-            let batch = batches
-                .entry((m.partition(), input))
-                .or_insert_with(|| (kind, Vec::new()));
-            batch.1.push(source_record(m, origin));
+            let batch = batches.entry((m.partition(), input)).or_default();
+            batch.push(source_record(m, origin));
         }
         // Records dropped here (parked, revoked) are consumed again later, and counted then.
         self.summary.records_consumed += accepted;
         Progress::add(&self.progress.records_consumed, accepted);
         metrics::counter!("readstate_events_consumed_total").increment(accepted);
-        for ((p, input), (kind, recs)) in batches {
-            self.process_input(tasks, p, input, kind, &recs)?;
+        for ((p, input), recs) in batches {
+            self.process_input(tasks, p, input, &recs)?;
         }
         match self
             .dead_letters
@@ -186,19 +177,17 @@ impl TaskExecutor {
         }
     }
 
-    /// Records of task `p`'s input `input`, decoded as `kind`.
+    /// Records of task `p`'s input `input`.
     fn process_input(
         &mut self,
         tasks: &mut Tasks,
         p: i32,
         input: InputId,
-        kind: RecordKind,
         recs: &[SourceRecord<'_>],
     ) -> Result<(), RuntimeError> {
         let before = self.dead_letters.len();
         let task = &mut tasks.running.get_mut(&p).expect("accepted above").task;
-        let dead = self.dead_letters.pending_mut();
-        self.codecs.process(task, input, kind, recs, dead)?;
+        task.process(input, recs, self.dead_letters.pending_mut())?;
         self.dead_letters.log_since(before);
         let first = recs[0].offset;
         let next = recs.last().expect("non-empty").offset + 1;
@@ -233,14 +222,16 @@ impl TaskExecutor {
         parking: &mut Parking,
         msgs: &[BorrowedMessage<'_>],
     ) -> Result<(), RuntimeError> {
-        match self.rt.block_on(self.codecs.prepare(msgs)) {
+        let values: Vec<(&str, Option<&[u8]>)> =
+            msgs.iter().map(|m| (m.topic(), m.payload())).collect();
+        match self.rt.block_on(self.serdes.prepare(&values)) {
             Ok(()) => return Ok(()),
             Err(SerdeError::RegistryUnavailable(e)) => {
                 tracing::warn!(error = %e, "schema registry unavailable: parking the partitions that need it")
             }
             Err(e) => return Err(e.into()),
         }
-        let (ids, first) = unknown_schemas(&self.codecs, msgs);
+        let (ids, first) = unknown_schemas(&*self.serdes, msgs);
         // Everything polled for those partitions from the first record needing a schema on.
         for (tp, off) in first {
             let from = msgs
@@ -266,7 +257,7 @@ impl TaskExecutor {
             return Ok(());
         };
         let ids = w.ids.clone();
-        match self.rt.block_on(self.codecs.prepare_ids(&ids)) {
+        match self.rt.block_on(self.serdes.prepare_ids(&ids)) {
             Ok(()) => {
                 let w = parking.registry_due(Instant::now()).expect("due above");
                 tracing::info!(after = ?w.since.elapsed(), "schema registry available again: resuming parked partitions");
@@ -298,16 +289,18 @@ impl TaskExecutor {
             .forwarding
             .as_ref()
             .expect("accepted as a forwarded partition");
-        match self.codecs.repartition_key(m.payload()) {
-            Ok(conversation) => {
-                let mut key = itoa::Buffer::new();
-                let key = key.format(conversation);
+        let mut key = Vec::with_capacity(24);
+        match self
+            .serdes
+            .repartition_key(m.topic(), m.payload(), &mut key)
+        {
+            Ok(()) => {
                 let headers = OwnedHeaders::new().insert(Header {
                     key: Origin::HEADER,
                     value: Some(&origin.to_bytes()),
                 });
                 let mut rec = BaseRecord::to(&f.repartition_topic)
-                    .key(key.as_bytes())
+                    .key(&key[..])
                     .headers(headers);
                 if let Some(v) = m.payload() {
                     rec = rec.payload(v);
@@ -318,7 +311,7 @@ impl TaskExecutor {
             }
             Err(e) => {
                 let rec = source_record(m, origin);
-                let max = self.codecs.max_record_bytes();
+                let max = self.serdes.max_record_bytes();
                 let d = DeadLetter::from_record(&rec, e.reason(), e.to_string(), max);
                 self.dead_letters.push(d);
             }
@@ -460,12 +453,14 @@ impl TaskExecutor {
         flushed
     }
 
+    /// A flush's outputs to their sink nodes' topics.
     fn send_outputs(&mut self, out: &FlushOutput) {
-        let sent = self.codecs.send_outputs(out, &mut self.collector);
-        self.summary.updates_emitted += sent.updates;
-        Progress::add(&self.progress.updates_emitted, sent.updates);
-        metrics::counter!("readstate_updates_emitted_total").increment(sent.updates);
-        metrics::counter!("readstate_head_updates_emitted_total").increment(sent.heads);
+        for (sink, key, value) in out.outputs.iter() {
+            let rec = BaseRecord::to(self.sinks[sink.0].as_str())
+                .key(key)
+                .payload(value);
+            self.collector.send(rec);
+        }
     }
 
     fn send_dead_letters(&mut self) {
@@ -493,10 +488,11 @@ impl TaskExecutor {
                     continue;
                 };
                 for (k, v) in store.changelog() {
-                    let rec = BaseRecord::to(topic.as_str())
-                        .partition(*p)
-                        .key(k)
-                        .payload(v);
+                    let mut rec: BaseRecord<'_, [u8], [u8]> =
+                        BaseRecord::to(topic.as_str()).partition(*p).key(k);
+                    if let Some(v) = v {
+                        rec = rec.payload(v);
+                    }
                     self.collector.send(rec);
                 }
                 let n = store.changelog_len() as u64;
@@ -600,31 +596,26 @@ impl TaskExecutor {
     /// Summary and metrics after a commit: counters advance by what the running tasks did
     /// since the last commit; gauges are per task (bounded by the partition count).
     fn refresh_summary(&mut self, tasks: &mut Tasks) {
-        let mut total = crate::processor::ProcessStats::default();
         for t in tasks.running.values_mut() {
             let stats = t.task.stats();
-            let (s, was) = (stats.events, t.reported.events);
-            let d = |now: u64, before: u64| now.saturating_sub(before);
-            metrics::counter!("readstate_events_folded_total").increment(d(s.folded, was.folded));
-            metrics::counter!("readstate_events_stale_total").increment(d(s.stale, was.stale));
-            metrics::counter!("readstate_events_replayed_skipped_total")
-                .increment(d(s.replayed, was.replayed));
-            if let Some(m) = stats.messages {
-                let was = t.reported.messages.unwrap_or_default();
-                for (result, now, before) in [
-                    ("counted", m.counted, was.counted),
-                    ("duplicate", m.duplicates, was.duplicates),
-                    ("late", m.late, was.late),
-                ] {
-                    metrics::counter!("readstate_messages_folded_total", "result" => result)
-                        .increment(d(now, before));
+            t.reported.resize(stats.counters.len(), 0);
+            for (c, was) in stats.counters.iter().zip(t.reported.iter_mut()) {
+                let d = c.value.saturating_sub(*was);
+                *was = c.value;
+                match c.label {
+                    Some((k, v)) => metrics::counter!(c.name, k => v).increment(d),
+                    None => metrics::counter!(c.name).increment(d),
                 }
-                metrics::counter!("readstate_events_replayed_skipped_total")
-                    .increment(d(m.replayed, was.replayed));
+                match c.name {
+                    "readstate_events_folded_total" => self.summary.events_folded += d,
+                    "readstate_events_replayed_skipped_total" => self.summary.replayed_skipped += d,
+                    "readstate_updates_emitted_total" => {
+                        self.summary.updates_emitted += d;
+                        Progress::add(&self.progress.updates_emitted, d);
+                    }
+                    _ => {}
+                }
             }
-            t.reported = stats;
-            total.folded += s.folded;
-            total.replayed += s.replayed;
             let id = t.task.id().to_string();
             for store in t.task.processor().stores() {
                 let labels = [("task", id.as_str()), ("store", store.name().as_str())];
@@ -634,9 +625,28 @@ impl TaskExecutor {
                 series::set(self.owner, "readstate_store_size_bytes", &labels, bytes);
             }
         }
-        self.summary.events_folded = self.summary.events_folded.max(total.folded);
-        self.summary.replayed_skipped = self.summary.replayed_skipped.max(total.replayed);
     }
+}
+
+/// The first offset per partition of the records in `msgs` whose writer schema is unknown,
+/// and the unknown ids.
+fn unknown_schemas(
+    serdes: &dyn SourceSerdes,
+    msgs: &[BorrowedMessage<'_>],
+) -> (Vec<u32>, BTreeMap<TopicPartition, i64>) {
+    let mut ids: Vec<u32> = Vec::new();
+    let mut first: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+    for m in msgs {
+        if let Some(id) = serdes.unknown_schema(m.topic(), m.payload()) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+            first
+                .entry((m.topic().to_owned(), m.partition()))
+                .or_insert(m.offset());
+        }
+    }
+    (ids, first)
 }
 
 fn source_record<'a>(m: &'a BorrowedMessage<'_>, origin: Origin) -> SourceRecord<'a> {
@@ -647,5 +657,6 @@ fn source_record<'a>(m: &'a BorrowedMessage<'_>, origin: Origin) -> SourceRecord
         key: m.key(),
         value: m.payload(),
         origin,
+        timestamp: m.timestamp().to_millis(),
     }
 }

@@ -26,7 +26,6 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::TopicPartitionList;
 
 use super::changelog_reader::{ChangelogReader, Restored};
-use super::codecs::Codecs;
 use super::dead_letter_log::DeadLetterQueue;
 use super::membership::{is_membership_error, MemberIdCheck, Membership, MembershipMonitor};
 use super::offsets::TopicPartition;
@@ -38,12 +37,11 @@ use super::task_executor::{CommitOutcome, ExecutorParts, TaskExecutor};
 use super::tasks::{Forwarding, RunningTask, Tasks};
 use super::{RunConfig, RunSummary, RuntimeError};
 use crate::ids::TaskId;
-use crate::processor::{CacheBudget, ProcessorContext, ProcessorSupplier, ReadStateSupplier};
-use crate::serde::{EventDecoder, MessageDecoder, UpdateEncoder};
+use crate::processor::{BuiltNode, CacheBudget, ProcessorContext, ProcessorSupplier};
 use crate::state::{read_checkpoint, KeyValueStore};
 use crate::task::StreamTask;
 use crate::telemetry::{series, Health};
-use crate::topology::graph::{Graph, Output};
+use crate::topology::graph::Graph;
 use crate::topology::{ProcessingGuarantee, Topology};
 
 /// What happened to tasks over the instance's life (the lifecycle half of a
@@ -91,7 +89,7 @@ pub(super) struct TaskManager {
 impl TaskManager {
     pub(super) fn new(
         config: &RunConfig,
-        encoder: UpdateEncoder,
+        node: BuiltNode,
         rt: tokio::runtime::Runtime,
     ) -> Result<Self, RuntimeError> {
         let t = &config.topology;
@@ -126,12 +124,14 @@ impl TaskManager {
             t.stores().into_iter().cloned().collect(),
         );
         let task_topic = source.task_input_topic().0.clone();
+        let graph = Graph::compile(t);
         let executor = TaskExecutor::new(ExecutorParts {
             guarantee: t.guarantee,
-            routes: Graph::compile(t).routes(),
+            routes: graph.routes(),
+            sinks: graph.sink_topics().iter().map(|t| t.0.clone()).collect(),
             collector: record_collector(config, &state, changelogs.clone())?,
             changelogs,
-            codecs: codecs(config, encoder)?,
+            serdes: node.serdes,
             purger: forwarding_purger(config, t).map(|p| (task_topic.clone(), p)),
             dead_letters: DeadLetterQueue::new(t.bad_records, t.dead_letter_topic.0.clone()),
             progress: config.progress.clone(),
@@ -139,7 +139,7 @@ impl TaskManager {
             owner,
         });
         Ok(Self {
-            supplier: Box::new(ReadStateSupplier::new(t)),
+            supplier: node.supplier,
             cache: CacheBudget {
                 entries: t.store.cache_max_entries,
                 positions: t.heads_store.as_ref().map_or(0, |h| h.cache_max_entries),
@@ -358,7 +358,8 @@ impl TaskManager {
         let (low, high) = reader.watermarks(index, id.partition)?;
         let store = match check_checkpoint(read_checkpoint(&*store)?, low, high) {
             CheckpointCheck::RestoreFrom(from) => {
-                return reader.register(id, index, store, from, high)
+                let restorer = self.supplier.restorer(index, &*store)?;
+                return reader.register(id, index, store, restorer, from, high);
             }
             CheckpointCheck::Corrupted(why) => {
                 tracing::warn!(task = %id, store = %store.name(), reason = %why, "store does not match its changelog: wiping it and restoring from the start");
@@ -369,7 +370,9 @@ impl TaskManager {
                 self.state.open(id, index)?
             }
         };
-        reader.register(id, index, store, low, high)
+        let restorer = self.supplier.restorer(index, &*store)?;
+        let reader = self.reader.as_mut().expect("checked above");
+        reader.register(id, index, store, restorer, low, high)
     }
 
     /// Apply one step of every running restore; start the tasks that completed.
@@ -814,25 +817,6 @@ fn record_collector(
     )?)
 }
 
-/// The decoders of the topology's sources and the encoder of its receipts sink.
-fn codecs(config: &RunConfig, encoder: UpdateEncoder) -> Result<Codecs, RuntimeError> {
-    let t = &config.topology;
-    let max = t.bad_records.max_record_bytes;
-    let receipts = Graph::compile(t)
-        .sink_topic(Output::Receipts)
-        .map(|t| t.0.clone())
-        .ok_or(RuntimeError::NoReceiptsSink)?;
-    let messages = match &t.messages {
-        Some(m) => Some((
-            m.topic.0.clone(),
-            MessageDecoder::with_max_record_bytes(config.resolver.clone(), max)?,
-        )),
-        None => None,
-    };
-    let reads = EventDecoder::with_max_record_bytes(config.resolver.clone(), max)?;
-    Ok(Codecs::new(reads, messages, (receipts, encoder)))
-}
-
 fn forwarding_purger(config: &RunConfig, t: &Topology) -> Option<RepartitionPurger> {
     t.sources
         .iter()
@@ -847,7 +831,7 @@ pub(super) const CONSUMER_LAG: &str = "readstate_consumer_lag_records";
 mod tests {
     use super::*;
     use crate::kafka::KafkaSettings;
-    use crate::serde::{LocalRegistry, RECEIPT_UPDATE_SCHEMA};
+    use crate::serde::LocalRegistry;
     use crate::state::{put_checkpoint, StoreBatch};
     use rdkafka::mocking::MockCluster;
 
@@ -885,14 +869,14 @@ topic = "out"
             .enable_all()
             .build()
             .unwrap();
-        let encoder = rt
-            .block_on(UpdateEncoder::register(
-                &*cfg.resolver,
-                "out-value",
-                RECEIPT_UPDATE_SCHEMA,
+        let node = rt
+            .block_on(crate::processor::node::build(
+                &cfg.topology,
+                cfg.resolver.clone(),
+                &std::sync::atomic::AtomicBool::new(false),
             ))
             .unwrap();
-        TaskManager::new(&cfg, encoder, rt).unwrap()
+        TaskManager::new(&cfg, node, rt).unwrap()
     }
 
     /// Assign parks the partitions; open judges checkpoints (one beyond the empty

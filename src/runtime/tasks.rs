@@ -5,13 +5,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::offsets::TopicPartition;
-use crate::processor::ProcessorStats;
 use crate::task::StreamTask;
 
 pub(super) struct RunningTask {
     pub(super) task: StreamTask,
-    /// Stats already turned into metrics.
-    pub(super) reported: ProcessorStats,
+    /// The processor's counters already turned into metrics (by position).
+    pub(super) reported: Vec<u64>,
 }
 
 /// Sub-topology 0 of a repartitioned topology: source partitions whose records are

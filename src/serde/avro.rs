@@ -96,7 +96,7 @@ impl<T: DeserializeOwned> WireDecoder<T> {
     }
 
     /// Whether schema `id` must be fetched: never seen, or "not found" long enough ago.
-    fn needs_fetch(&self, id: u32) -> bool {
+    pub fn needs_fetch(&self, id: u32) -> bool {
         match self.plans.get(&id) {
             None => true,
             Some(Err(DecodeError::UnknownSchema(_))) => self
@@ -404,6 +404,16 @@ impl EventDecoder {
     /// Fetch the writer schemas `ids` not seen before.
     pub async fn prepare_ids(&mut self, ids: &[u32]) -> Result<(), SerdeError> {
         self.inner.prepare_ids(ids).await
+    }
+
+    /// Whether writer schema `id` must be fetched (see [`WireDecoder::install`]).
+    pub fn needs_fetch(&self, id: u32) -> bool {
+        self.inner.needs_fetch(id)
+    }
+
+    /// The registry's answer for writer schema `id` (`None`: not found).
+    pub fn install(&mut self, id: u32, text: Option<&str>) {
+        self.inner.install(id, text)
     }
 
     /// Decode and validate one record, borrowing its ids from `payload` when it was written

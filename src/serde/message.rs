@@ -123,6 +123,16 @@ impl MessageDecoder {
         self.inner.unknown_schema(payload)
     }
 
+    /// Whether writer schema `id` must be fetched.
+    pub fn needs_fetch(&self, id: u32) -> bool {
+        self.inner.needs_fetch(id)
+    }
+
+    /// The registry's answer for writer schema `id` (`None`: not found).
+    pub fn install(&mut self, id: u32, text: Option<&str>) {
+        self.inner.install(id, text)
+    }
+
     pub fn decode(&self, payload: Option<&[u8]>) -> Result<MessageEvent, DecodeError> {
         let d = self.inner.decode(payload.ok_or(DecodeError::EmptyValue)?)?;
         validate_message(MessageEvent {

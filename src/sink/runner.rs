@@ -417,6 +417,7 @@ impl<R: SinkRow> Sink<R> {
                     key: key.as_deref(),
                     value: payload.as_deref(),
                     origin: Origin { source: 0, offset },
+                    timestamp: None,
                 };
                 let max = crate::serde::avro::MAX_RECORD_BYTES;
                 self.dead_letter(DeadLetter::from_record(&rec, reason, error, max))

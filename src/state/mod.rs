@@ -177,6 +177,11 @@ pub trait KeyValueStore: Send {
 /// Key of the store's own metadata: the changelog offset its contents reflect.
 pub const CHECKPOINT_KEY: &[u8] = b"m/changelog-offset";
 
+/// Whether `key` is the store's own bookkeeping (the checkpoint), not a processor's entry.
+pub fn is_internal_key(key: &[u8]) -> bool {
+    key == CHECKPOINT_KEY
+}
+
 /// Read the changelog checkpoint recorded in a store: the offset of the next changelog
 /// record not yet reflected in it (`None` for a store never written).
 pub fn read_checkpoint(store: &dyn KeyValueStore) -> Result<Option<i64>, StoreError> {
@@ -194,6 +199,19 @@ pub fn read_checkpoint(store: &dyn KeyValueStore) -> Result<Option<i64>, StoreEr
 /// Add the checkpoint write to a batch.
 pub fn put_checkpoint(batch: &mut StoreBatch, next_offset: i64) {
     batch.put(CHECKPOINT_KEY, next_offset.to_be_bytes());
+}
+
+/// Write each of a flush's batches to its store (`stores` and `checkpoints` indexed as the
+/// batches), each with its checkpoint, as [`write_flushed`].
+pub fn write_all_flushed<'a>(
+    stores: impl IntoIterator<Item = &'a mut (dyn KeyValueStore + 'static)>,
+    batches: Vec<StoreBatch>,
+    checkpoints: &[Option<i64>],
+) -> Result<(), StoreError> {
+    for (i, (store, batch)) in stores.into_iter().zip(batches).enumerate() {
+        write_flushed(store, batch, checkpoints.get(i).copied().flatten())?;
+    }
+    Ok(())
 }
 
 /// Write a flushed batch with its checkpoint (when its changelog got records) in one

@@ -1,11 +1,65 @@
-//! Applying changelog records to a store (restore), keeping the pending-emit index and the
-//! checkpoint consistent with the values.
+//! Applying changelog records to a store (restore). [`StoreRestorer`] is the seam: the
+//! runtime's changelog reader knows no store's entries; a processor node supplies the
+//! restorer of each of its stores. [`RawRestorer`] writes records as they are (puts,
+//! tombstones as deletes); [`ChangelogRestorer`] is the read-state store's, keeping its
+//! pending-emit index consistent with the values. Each batch is written atomically with the
+//! store's checkpoint.
 
 use hashbrown::HashSet;
 
 use super::codec::{EntryCodec, Heads, ReadState, ReadStates, StoreKey, TAG_PENDING};
 use super::{put_checkpoint, KeyValueStore, StoreBatch, StoreError};
 use crate::model::StateKey;
+
+/// Applies a store's changelog records, batch by batch.
+pub trait StoreRestorer: Send {
+    /// Apply a run of changelog records (key, value; `None` is a tombstone) and record
+    /// `next_offset` as the store's checkpoint, in one atomic batch. Returns records
+    /// applied.
+    fn restore<'a>(
+        &mut self,
+        store: &mut dyn KeyValueStore,
+        records: &mut dyn Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+        next_offset: i64,
+    ) -> Result<usize, StoreError>;
+}
+
+/// Writes changelog records as they are.
+#[derive(Debug, Default)]
+pub struct RawRestorer;
+
+impl StoreRestorer for RawRestorer {
+    fn restore<'a>(
+        &mut self,
+        store: &mut dyn KeyValueStore,
+        records: &mut dyn Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+        next_offset: i64,
+    ) -> Result<usize, StoreError> {
+        let mut batch = StoreBatch::default();
+        let mut n = 0;
+        for (key, value) in records {
+            match value {
+                Some(v) => batch.put(key, v),
+                None => batch.delete(key),
+            }
+            n += 1;
+        }
+        put_checkpoint(&mut batch, next_offset);
+        store.write(batch)?;
+        Ok(n)
+    }
+}
+
+impl StoreRestorer for ChangelogRestorer {
+    fn restore<'a>(
+        &mut self,
+        store: &mut dyn KeyValueStore,
+        records: &mut dyn Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+        next_offset: i64,
+    ) -> Result<usize, StoreError> {
+        self.apply(store, records, next_offset)
+    }
+}
 
 /// Applies the changelog records of one store, batch by batch, keeping its pending-emit
 /// index (a key has an entry exactly when its value holds an unemitted advance) and its

@@ -1,14 +1,15 @@
 //! Tasks: one per input partition, each owning its processor and store.
 //!
-//! A [`StreamTask`] turns a batch of source records into folded state (decode, validate,
-//! fold) and dead letters; flushing is delegated to its processor (see `ARCHITECTURE.md`
+//! A [`StreamTask`] hands a batch of source records to its processor (which decodes,
+//! validates and folds them, and turns the undecodable into dead letters); flushing is
+//! delegated to its processor too (see `ARCHITECTURE.md`
 //! for the order in which a flush's outputs become durable).
 
 use crate::ids::{Origin, TaskId};
-use crate::model::ReadEvent;
-use crate::processor::api::{InputId, Processor, ProcessorStats, Records};
-use crate::processor::{FlushOutput, ProcessorError, ReadStateProcessor};
-use crate::serde::{EventDecoder, MessageDecoder};
+use crate::processor::{
+    FlushOutput, InputId, Processor, ProcessorError, ProcessorStats, ReadStateNode,
+    ReadStateProcessor,
+};
 use crate::state::{KeyValueStore, StoreBatch};
 
 /// A record as consumed: where it is, and its bytes.
@@ -22,6 +23,8 @@ pub struct SourceRecord<'a> {
     /// Where the event first entered readstate (differs from topic/offset after a
     /// repartition); drives replay detection.
     pub origin: Origin,
+    /// The record's timestamp (epoch milliseconds), when it has one.
+    pub timestamp: Option<i64>,
 }
 
 /// A record that could not be processed, with everything needed to find and replay it.
@@ -91,75 +94,16 @@ impl StreamTask {
         self.id
     }
 
-    /// Decode a batch of read events of input `input` and fold them. The decoder must
-    /// have been prepared for the batch (writer schemas fetched). Undecodable records are
-    /// returned as dead letters; the rest are folded with one bulk store read for cache
-    /// misses.
-    pub fn process_reads(
+    /// Decode and fold a batch of raw records of input `input` (the source serdes must
+    /// have prepared their writer schemas). Undecodable records are added to
+    /// `dead_letters`; the rest are folded.
+    pub fn process(
         &mut self,
         input: InputId,
-        decoder: &EventDecoder,
         records: &[SourceRecord<'_>],
         dead_letters: &mut Vec<DeadLetter>,
     ) -> Result<(), ProcessorError> {
-        // One allocation per batch; the events borrow their ids from the records.
-        let mut events = Vec::with_capacity(records.len());
-        for r in records {
-            match decoder.decode_ref(r.value) {
-                Ok(e) => events.push((e, r.origin)),
-                Err(e) => dead_letters.push(DeadLetter::from_record(
-                    r,
-                    e.reason(),
-                    e.to_string(),
-                    decoder.max_record_bytes(),
-                )),
-            }
-        }
-        self.processor.process(input, Records::ReadEvents(&events))
-    }
-
-    /// Decode message events of input `input` and fold them into their conversations'
-    /// heads; undecodable records are returned as dead letters.
-    pub fn process_messages(
-        &mut self,
-        input: InputId,
-        decoder: &MessageDecoder,
-        records: &[SourceRecord<'_>],
-        dead_letters: &mut Vec<DeadLetter>,
-    ) -> Result<(), ProcessorError> {
-        let mut messages = Vec::with_capacity(records.len());
-        for r in records {
-            match decoder.decode(r.value) {
-                Ok(m) => messages.push((m, r.origin)),
-                Err(e) => dead_letters.push(DeadLetter::from_record(
-                    r,
-                    e.reason(),
-                    e.to_string(),
-                    decoder.max_record_bytes(),
-                )),
-            }
-        }
-        self.processor
-            .process(input, Records::MessageEvents(&messages))
-    }
-
-    /// Fold already-decoded records (test driver, benchmarks).
-    pub fn process_decoded(
-        &mut self,
-        input: InputId,
-        records: Records<'_, '_>,
-    ) -> Result<(), ProcessorError> {
-        self.processor.process(input, records)
-    }
-
-    /// Fold already-decoded read events (benchmarks, the test driver's typed input).
-    pub fn process_events(
-        &mut self,
-        input: InputId,
-        events: &[(ReadEvent, Origin)],
-    ) -> Result<(), ProcessorError> {
-        let views: Vec<_> = events.iter().map(|(e, o)| (e.view(), *o)).collect();
-        self.processor.process(input, Records::ReadEvents(&views))
+        self.processor.process(input, records, dead_letters)
     }
 
     pub fn prepare_flush(&mut self, now_ms: i64) -> FlushOutput {
@@ -192,7 +136,10 @@ impl StreamTask {
     /// The read-state processor, when the task runs one (interactive queries: the test
     /// driver, benchmarks).
     pub fn read_state(&self) -> Option<&ReadStateProcessor> {
-        self.processor.as_any().downcast_ref()
+        self.processor
+            .as_any()
+            .downcast_ref::<ReadStateNode>()
+            .map(ReadStateNode::processor)
     }
 
     pub fn stats(&self) -> ProcessorStats {
@@ -208,27 +155,40 @@ impl StreamTask {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::MessageEvent;
     use crate::processor::api::tests::{counting, CountingProcessor};
+    use crate::processor::SinkId;
     use crate::state::read_checkpoint;
 
-    fn at(offset: i64) -> Origin {
-        Origin { source: 1, offset }
+    fn records<'a>(topic: &'a str, offsets: std::ops::Range<i64>) -> Vec<SourceRecord<'a>> {
+        offsets
+            .map(|offset| SourceRecord {
+                topic,
+                partition: 0,
+                offset,
+                key: None,
+                value: Some(b"x"),
+                origin: Origin { source: 1, offset },
+                timestamp: None,
+            })
+            .collect()
     }
 
     /// The task drives any processor through the trait: records reach the input they were
-    /// routed to, each store gets its own batch and changelog records, and each its own
-    /// checkpoint; what was not committed is forgotten by a reset.
+    /// routed to, bad ones become dead letters, each store gets its own batch and
+    /// changelog records and its own checkpoint, outputs are addressed to sinks; what was
+    /// not committed is forgotten by a reset.
     #[test]
     fn a_task_drives_a_processor_over_several_stores() {
         let mut task = StreamTask::new(TaskId::new(0, 0), Box::new(counting(2, 3)));
-        let reads: Vec<(ReadEvent, Origin)> =
-            (0..2).map(|i| (ReadEvent::default(), at(i))).collect();
-        task.process_events(InputId(0), &reads).unwrap();
-        assert!(!task.processor().needs_flush(), "2 of 3 records");
-        let messages = [(MessageEvent::default(), at(9))];
-        task.process_decoded(InputId(1), Records::MessageEvents(&messages))
+        let mut dead = Vec::new();
+        task.process(InputId(0), &records("reads", 0..2), &mut dead)
             .unwrap();
+        assert!(!task.processor().needs_flush(), "2 of 3 records");
+        let mut messages = records("messages", 9..11);
+        messages[1].value = None;
+        task.process(InputId(1), &messages, &mut dead).unwrap();
+        assert_eq!(dead.len(), 1, "the record without a value");
+        assert_eq!((dead[0].offset, dead[0].reason), (10, "empty_value"));
         assert!(task.processor().needs_flush());
         let mut out = task.prepare_flush(5);
         let logged: Vec<Vec<(Vec<u8>, Vec<u8>)>> = out
@@ -236,7 +196,7 @@ mod tests {
             .iter()
             .map(|s| {
                 s.changelog()
-                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map(|(k, v)| (k.to_vec(), v.unwrap_or_default().to_vec()))
                     .collect()
             })
             .collect();
@@ -247,6 +207,11 @@ mod tests {
         assert_eq!(
             logged[1],
             [(b"count".to_vec(), 1u64.to_be_bytes().to_vec())]
+        );
+        assert_eq!(
+            out.outputs.count(SinkId(0)),
+            2,
+            "one output per counted input"
         );
         task.commit_flush(out.take_batches(), &[Some(11), Some(4)])
             .unwrap();
@@ -261,13 +226,11 @@ mod tests {
             .processor()
             .as_any()
             .downcast_ref::<CountingProcessor>();
-        assert_eq!(
-            counting.unwrap().punctuated,
-            [5],
-            "the flush punctuated at its time"
-        );
+        assert_eq!(counting.unwrap().flushed_at, [5], "flushed at its time");
+        assert_eq!(task.stats().total("readstate_events_folded_total"), 3);
         // Processed but not committed: a reset continues from the stores.
-        task.process_events(InputId(0), &reads).unwrap();
+        task.process(InputId(0), &records("reads", 2..4), &mut dead)
+            .unwrap();
         task.reset_to_store().unwrap();
         let out = task.prepare_flush(6);
         assert!(out.is_empty(), "nothing uncommitted survives a reset");

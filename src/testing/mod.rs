@@ -2,10 +2,16 @@
 //! records (with partition and offset) into a compiled topology, advance wall-clock time,
 //! read the emitted updates and dead letters, inspect the stores; no broker.
 //!
-//! The driver runs the same task, processor, store, cache and Avro code as `readstate run`.
-//! What it replaces is Kafka: a flush's updates are "acknowledged" at once, then the store
-//! batch is written and the consumed offsets count as committed. Crashes can be simulated at
+//! The driver runs the same task, processor node (source serdes, sink serializers), store,
+//! cache and Avro code as `readstate run`; the outputs it reads back were encoded by the
+//! node's sinks and are decoded as a consumer of the output topics would. What it replaces
+//! is Kafka: a flush's outputs are "acknowledged" at once, then the store batch is written
+//! and the consumed offsets count as committed. Crashes can be simulated at
 //! the two interesting points (before a flush; after the outputs but before the commit).
+
+pub mod task_driver;
+
+pub use task_driver::TaskDriver;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,21 +21,24 @@ use std::time::Duration;
 use crate::ids::{Origin, TaskId};
 use crate::model::{HeadUpdate, MessageEvent, ReadEvent, ReceiptUpdate, StateKey, UnreadCounts};
 use crate::processor::{
-    CacheBudget, InputId, MessageStats, ProcessStats, ProcessorContext, ProcessorSupplier,
-    ReadStateProcessor, ReadStateSupplier, RecordKind,
+    CacheBudget, FlushOutput, InputId, MessageStats, ProcessStats, ProcessorContext,
+    ProcessorSupplier, ReadStateProcessor, ReadStateSerdes, ReadStateSupplier, RecordKind,
+    SourceSerdes,
 };
-use crate::serde::avro::{AvroReadEvent, EventEncoder};
-use crate::serde::message::{AvroMessageEvent, MessageEncoder};
+use crate::serde::avro::{AvroReadEvent, EventEncoder, UpdateDecoder};
+use crate::serde::message::{AvroMessageEvent, HeadDecoder, MessageEncoder};
 use crate::serde::registry::{
     LocalRegistry, SchemaResolver, LOCAL_MESSAGE_EVENT_ID, LOCAL_READ_EVENT_ID,
 };
-use crate::serde::{EventDecoder, MessageDecoder, MESSAGE_EVENT_SCHEMA, READ_EVENT_SCHEMA};
+use crate::serde::{
+    CONVERSATION_HEAD_SCHEMA, MESSAGE_EVENT_SCHEMA, READ_EVENT_SCHEMA, RECEIPT_UPDATE_SCHEMA,
+};
 use crate::state::head::ConversationHead;
 use crate::state::memory::InMemoryStore;
 use crate::state::rocks::RocksDbStore;
 use crate::state::{KeyValueStore, ReadState};
 use crate::task::{DeadLetter, SourceRecord, StreamTask};
-use crate::topology::graph::{Graph, Route};
+use crate::topology::graph::{Graph, NodeKind, Output, Route};
 use crate::topology::{Store, Topology};
 
 /// Where the driver's stores live.
@@ -66,11 +75,18 @@ pub struct TopologyTestDriver {
     topology: Topology,
     /// The compiled graph's routes: which processor input each source's records go to.
     routes: Vec<Route>,
+    /// What each sink node (by `SinkId`) receives.
+    sinks: Vec<Output>,
     stores: DriverStores,
-    decoder: EventDecoder,
+    /// The node's source serdes and its supplier, as `readstate run` builds them.
+    serdes: Arc<ReadStateSerdes>,
+    supplier: ReadStateSupplier,
+    /// Consumers' decoders of the output topics.
+    update_decoder: UpdateDecoder,
+    head_decoder: HeadDecoder,
     encoder: EventEncoder,
-    message_decoder: MessageDecoder,
     message_encoder: MessageEncoder,
+    rt: tokio::runtime::Runtime,
     partitions: BTreeMap<i32, PartitionState>,
     now_ms: i64,
     last_flush_ms: i64,
@@ -98,18 +114,41 @@ impl TopologyTestDriver {
         stores: DriverStores,
         resolver: Arc<dyn SchemaResolver>,
     ) -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the driver's registry calls");
+        let never = std::sync::atomic::AtomicBool::new(false);
+        let serdes = rt
+            .block_on(ReadStateSerdes::register(
+                &topology,
+                resolver.clone(),
+                &never,
+            ))
+            .expect("the node's output schemas register");
+        let serdes = Arc::new(serdes);
+        let graph = Graph::compile(&topology);
         Self {
-            routes: Graph::compile(&topology).routes(),
+            routes: graph.routes(),
+            sinks: graph
+                .nodes
+                .iter()
+                .filter_map(|n| match &n.kind {
+                    NodeKind::Sink { output, .. } => Some(*output),
+                    _ => None,
+                })
+                .collect(),
+            supplier: ReadStateSupplier::new(&topology, serdes.clone()),
+            serdes,
+            update_decoder: UpdateDecoder::new(resolver.clone(), RECEIPT_UPDATE_SCHEMA)
+                .expect("embedded schema parses"),
+            head_decoder: HeadDecoder::new(resolver, CONVERSATION_HEAD_SCHEMA)
+                .expect("embedded schema parses"),
+            rt,
             topology,
             stores,
-            decoder: EventDecoder::new(resolver.clone()).expect("embedded schema parses"),
             encoder: EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID)
                 .expect("embedded schema parses"),
-            message_decoder: MessageDecoder::with_max_record_bytes(
-                resolver,
-                crate::serde::avro::MAX_RECORD_BYTES,
-            )
-            .expect("embedded schema parses"),
             message_encoder: MessageEncoder::new(MESSAGE_EVENT_SCHEMA, LOCAL_MESSAGE_EVENT_ID)
                 .expect("embedded schema parses"),
             partitions: BTreeMap::new(),
@@ -167,7 +206,7 @@ impl TopologyTestDriver {
                 positions: t.heads_store.as_ref().map_or(0, |h| h.cache_max_entries),
             },
         };
-        let processor = ReadStateSupplier::new(t).init(ctx).expect("init processor");
+        let processor = self.supplier.init(ctx).expect("init processor");
         StreamTask::new(id, processor)
     }
 
@@ -234,17 +273,17 @@ impl TopologyTestDriver {
                     source,
                     offset: *offset,
                 },
+                timestamp: None,
             })
             .collect();
-        futures::executor::block_on(self.decoder.prepare(recs.iter().map(|r| r.value)))
-            .expect("local registry");
+        self.prepare(&recs);
         let max_next = records.iter().map(|(o, _)| o + 1).max().unwrap_or(0);
         let input = self.input_of(RecordKind::ReadEvents);
         self.open_partition(partition);
         let ps = self.partitions.get_mut(&partition).expect("open");
         ps.consumed = ps.consumed.max(max_next);
         let task = ps.task.as_mut().expect("open");
-        task.process_reads(input, &self.decoder, &recs, &mut self.dead_letters)
+        task.process(input, &recs, &mut self.dead_letters)
             .expect("process");
     }
 
@@ -278,16 +317,48 @@ impl TopologyTestDriver {
                 source: Origin::source_id(&topic, partition),
                 offset,
             },
+            timestamp: None,
         };
-        futures::executor::block_on(self.message_decoder.prepare(std::iter::once(value)))
-            .expect("local registry");
+        self.prepare(std::slice::from_ref(&rec));
         let input = self.input_of(RecordKind::MessageEvents);
         self.open_partition(partition);
         let ps = self.partitions.get_mut(&partition).expect("open");
         ps.messages_consumed = ps.messages_consumed.max(offset + 1);
         let task = ps.task.as_mut().expect("open");
-        task.process_messages(input, &self.message_decoder, &[rec], &mut self.dead_letters)
+        task.process(input, &[rec], &mut self.dead_letters)
             .expect("process messages");
+    }
+
+    /// Fetch the writer schemas the records need (as the runtime does before processing).
+    fn prepare(&self, recs: &[SourceRecord<'_>]) {
+        let values: Vec<(&str, Option<&[u8]>)> = recs.iter().map(|r| (r.topic, r.value)).collect();
+        self.rt
+            .block_on(self.serdes.prepare(&values))
+            .expect("the schema registry answers");
+    }
+
+    /// Read a flush's outputs back as the consumers of the output topics would.
+    fn collect(&mut self, out: &FlushOutput) {
+        for (sink, _key, value) in out.outputs.iter() {
+            match self.sinks[sink.0] {
+                Output::Receipts => {
+                    let d = &mut self.update_decoder;
+                    self.rt
+                        .block_on(d.prepare(std::iter::once(Some(value))))
+                        .expect("the schema registry answers");
+                    let u = d.decode(value).expect("the sink's own encoding decodes");
+                    self.outputs.push(u.into());
+                }
+                Output::ConversationHeads => {
+                    let d = &mut self.head_decoder;
+                    self.rt
+                        .block_on(d.prepare(std::iter::once(Some(value))))
+                        .expect("the schema registry answers");
+                    let h = d.decode(value).expect("the sink's own encoding decodes");
+                    self.heads.push(h.into());
+                }
+            }
+        }
     }
 
     /// Advance the wall clock; flushes when a commit interval has passed (like the runtime).
@@ -305,13 +376,13 @@ impl TopologyTestDriver {
     /// Flush and commit every task now.
     pub fn flush(&mut self) {
         let now = self.now_ms;
-        for ps in self.partitions.values_mut() {
-            let Some(task) = ps.task.as_mut() else {
+        let parts: Vec<i32> = self.partitions.keys().copied().collect();
+        for p in parts {
+            let Some(mut out) = self.flush_task(p, now) else {
                 continue;
             };
-            let mut out = task.prepare_flush(now);
-            self.outputs.append(&mut out.updates);
-            self.heads.append(&mut out.heads);
+            let ps = self.partitions.get_mut(&p).expect("listed above");
+            let task = ps.task.as_mut().expect("flushed above");
             task.commit_flush(out.take_batches(), &[])
                 .expect("commit flush");
             ps.committed = ps.consumed;
@@ -337,14 +408,19 @@ impl TopologyTestDriver {
     /// the store batch and the offset commit did not happen.
     pub fn crash_after_output(&mut self) {
         let now = self.now_ms;
-        for ps in self.partitions.values_mut() {
-            if let Some(task) = ps.task.as_mut() {
-                let mut out = task.prepare_flush(now);
-                self.outputs.append(&mut out.updates);
-                self.heads.append(&mut out.heads);
-            }
+        let parts: Vec<i32> = self.partitions.keys().copied().collect();
+        for p in parts {
+            self.flush_task(p, now);
         }
         self.crash();
+    }
+
+    /// Flush partition `p`'s task (if open) and read its outputs back.
+    fn flush_task(&mut self, p: i32, now: i64) -> Option<FlushOutput> {
+        let task = self.partitions.get_mut(&p)?.task.as_mut()?;
+        let out = task.prepare_flush(now);
+        self.collect(&out);
+        Some(out)
     }
 
     /// Simulate a crash between the store write and the offset commit (steps 4 and 5 of
@@ -352,12 +428,12 @@ impl TopologyTestDriver {
     /// records since the last commit are consumed again; replay marks must skip them.
     pub fn crash_after_store(&mut self) {
         let now = self.now_ms;
-        for ps in self.partitions.values_mut() {
-            if let Some(task) = ps.task.as_mut() {
-                let mut out = task.prepare_flush(now);
-                self.outputs.append(&mut out.updates);
-                self.heads.append(&mut out.heads);
-                task.commit_flush(out.take_batches(), &[])
+        let parts: Vec<i32> = self.partitions.keys().copied().collect();
+        for p in parts {
+            if let Some(mut out) = self.flush_task(p, now) {
+                let task = self.partitions.get_mut(&p).and_then(|ps| ps.task.as_mut());
+                task.expect("flushed above")
+                    .commit_flush(out.take_batches(), &[])
                     .expect("commit flush");
             }
         }
@@ -420,8 +496,9 @@ impl TopologyTestDriver {
     /// What message folding did, summed over the tasks.
     pub fn message_stats(&self) -> MessageStats {
         let mut s = MessageStats::default();
-        for t in self.partitions.values().filter_map(|p| p.task.as_ref()) {
-            if let Some(x) = t.stats().messages {
+        let tasks = self.partitions.values().filter_map(|p| p.task.as_ref());
+        for t in tasks.filter_map(StreamTask::read_state) {
+            if let Some(x) = t.message_stats() {
                 s.counted += x.counted;
                 s.duplicates += x.duplicates;
                 s.late += x.late;
@@ -470,8 +547,9 @@ impl TopologyTestDriver {
 
     pub fn stats(&self) -> ProcessStats {
         let mut s = ProcessStats::default();
-        for t in self.partitions.values().filter_map(|p| p.task.as_ref()) {
-            let x = t.stats().events;
+        let tasks = self.partitions.values().filter_map(|p| p.task.as_ref());
+        for t in tasks.filter_map(StreamTask::read_state) {
+            let x = t.stats();
             s.folded += x.folded;
             s.advanced += x.advanced;
             s.stale += x.stale;

@@ -138,6 +138,18 @@ impl Graph {
         routes.iter().find(|r| r.topic.as_str() == topic)
     }
 
+    /// The topics of the sink nodes, in graph order (a processor's `SinkId` is the
+    /// position here).
+    pub fn sink_topics(&self) -> Vec<&TopicName> {
+        self.nodes
+            .iter()
+            .filter_map(|n| match &n.kind {
+                NodeKind::Sink { topic, .. } => Some(topic),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The topic of the sink node the processor's `output` goes to, if it has one.
     pub fn sink_topic(&self, output: Output) -> Option<&TopicName> {
         self.nodes.iter().find_map(|n| match &n.kind {

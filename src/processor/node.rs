@@ -1,0 +1,485 @@
+//! The `read-state` node as the runtime drives it: its source serdes (read events, and
+//! message events with a message source), its sink serializers (receipt updates, and
+//! conversation-head updates), and the adapter that runs [`ReadStateProcessor`] behind the
+//! byte-level [`Processor`] trait. Everything that knows the read-state record types is
+//! here or below; the runtime sees only the traits of [`super::api`].
+//!
+//! [`build`] is the processor registry: it makes the supplier and source serdes of a
+//! topology's processor node by its kind (`read-state`), registering its sinks' schemas.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use futures::future::BoxFuture;
+
+use super::api::{
+    CacheBudget, Counter, FlushOutput, InputId, Outputs, Processor, ProcessorContext,
+    ProcessorStats, ProcessorSupplier, RecordKind, SinkId, SourceSerdes,
+};
+use super::read_state::{EmitPolicy, ReadStateFlush, ReadStateProcessor};
+use super::ProcessorError;
+use crate::backoff::Backoff;
+use crate::serde::registry::SchemaResolver;
+use crate::serde::{
+    DecodeError, EventDecoder, HeadEncoder, MessageDecoder, SerdeError, UpdateEncoder,
+    CONVERSATION_HEAD_SCHEMA, RECEIPT_UPDATE_SCHEMA,
+};
+use crate::state::restore::{ChangelogRestorer, StoreRestorer};
+use crate::state::{KeyValueStore, StoreBatch, StoreError};
+use crate::task::{DeadLetter, SourceRecord};
+use crate::topology::graph::{Graph, NodeKind, Output};
+use crate::topology::Topology;
+
+/// A processor node, ready to run: what makes its tasks' processors, and its sources'
+/// deserializers (shared by the tasks).
+pub struct BuiltNode {
+    pub supplier: Box<dyn ProcessorSupplier>,
+    pub serdes: Arc<dyn SourceSerdes>,
+}
+
+/// The processor registry: build the topology's processor node by its kind, registering
+/// its sinks' output schemas (retried while the registry is unavailable, until
+/// `shutdown`).
+pub async fn build(
+    t: &Topology,
+    resolver: Arc<dyn SchemaResolver>,
+    shutdown: &AtomicBool,
+) -> Result<BuiltNode, ProcessorError> {
+    let serdes = Arc::new(ReadStateSerdes::register(t, resolver, shutdown).await?);
+    Ok(BuiltNode {
+        supplier: Box::new(ReadStateSupplier::new(t, serdes.clone())),
+        serdes,
+    })
+}
+
+/// The serdes of the read-state node: decoders shared by the tasks (each batch takes the
+/// read lock once; fetching a writer schema takes the write lock only to install it).
+pub struct ReadStateSerdes {
+    resolver: Arc<dyn SchemaResolver>,
+    reads: RwLock<EventDecoder>,
+    /// With a message source: its topic and decoder.
+    messages: Option<(String, RwLock<MessageDecoder>)>,
+    updates: UpdateEncoder,
+    heads: Option<HeadEncoder>,
+}
+
+impl ReadStateSerdes {
+    /// Decoders for `t`'s sources, and encoders for its sinks (their schemas registered
+    /// under `<topic>-value`).
+    pub async fn register(
+        t: &Topology,
+        resolver: Arc<dyn SchemaResolver>,
+        shutdown: &AtomicBool,
+    ) -> Result<Self, ProcessorError> {
+        let max = t.bad_records.max_record_bytes;
+        let updates = register_with_retry(
+            &*resolver,
+            &format!("{}-value", t.output.topic),
+            RECEIPT_UPDATE_SCHEMA,
+            shutdown,
+        )
+        .await?;
+        let heads = match &t.heads_output {
+            Some(h) => {
+                let subject = format!("{}-value", h.topic);
+                let schema = CONVERSATION_HEAD_SCHEMA;
+                Some(register_with_retry(&*resolver, &subject, schema, shutdown).await?)
+            }
+            None => None,
+        };
+        let messages = match &t.messages {
+            Some(m) => Some((
+                m.topic.0.clone(),
+                RwLock::new(MessageDecoder::with_max_record_bytes(
+                    resolver.clone(),
+                    max,
+                )?),
+            )),
+            None => None,
+        };
+        Ok(Self {
+            reads: RwLock::new(EventDecoder::with_max_record_bytes(resolver.clone(), max)?),
+            resolver,
+            messages,
+            updates,
+            heads,
+        })
+    }
+
+    fn is_message_topic(&self, topic: &str) -> bool {
+        self.messages.as_ref().is_some_and(|(t, _)| t == topic)
+    }
+
+    /// The ids either decoder has not resolved.
+    fn missing(&self, ids: impl Iterator<Item = u32>) -> Vec<u32> {
+        let reads = self.reads.read().expect("decoder lock");
+        let messages = self
+            .messages
+            .as_ref()
+            .map(|(_, d)| d.read().expect("decoder lock"));
+        let mut missing: Vec<u32> = Vec::new();
+        for id in ids {
+            let needed =
+                reads.needs_fetch(id) || messages.as_ref().is_some_and(|m| m.needs_fetch(id));
+            if needed && !missing.contains(&id) {
+                missing.push(id);
+            }
+        }
+        missing
+    }
+
+    /// Fetch each id once (no lock held meanwhile) and install it where it is missing.
+    async fn fetch(&self, ids: Vec<u32>) -> Result<(), SerdeError> {
+        for id in ids {
+            let text = self.resolver.schema_by_id(id).await?;
+            let mut reads = self.reads.write().expect("decoder lock");
+            if reads.needs_fetch(id) {
+                reads.install(id, text.as_deref());
+            }
+            drop(reads);
+            if let Some((_, m)) = &self.messages {
+                let mut m = m.write().expect("decoder lock");
+                if m.needs_fetch(id) {
+                    m.install(id, text.as_deref());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SourceSerdes for ReadStateSerdes {
+    fn prepare<'a>(
+        &'a self,
+        records: &'a [(&'a str, Option<&'a [u8]>)],
+    ) -> BoxFuture<'a, Result<(), SerdeError>> {
+        Box::pin(async move {
+            let ids = records
+                .iter()
+                .filter_map(|(_, v)| crate::serde::split_wire((*v)?).ok().map(|(id, _)| id));
+            let missing = self.missing(ids);
+            self.fetch(missing).await
+        })
+    }
+
+    fn prepare_ids<'a>(&'a self, ids: &'a [u32]) -> BoxFuture<'a, Result<(), SerdeError>> {
+        Box::pin(async move {
+            let missing = self.missing(ids.iter().copied());
+            self.fetch(missing).await
+        })
+    }
+
+    fn unknown_schema(&self, topic: &str, value: Option<&[u8]>) -> Option<u32> {
+        match &self.messages {
+            Some((t, d)) if t == topic => d.read().expect("decoder lock").unknown_schema(value),
+            _ => self
+                .reads
+                .read()
+                .expect("decoder lock")
+                .unknown_schema(value),
+        }
+    }
+
+    /// Read events are repartitioned by conversation (decimal, as every output key).
+    fn repartition_key(
+        &self,
+        topic: &str,
+        value: Option<&[u8]>,
+        key: &mut Vec<u8>,
+    ) -> Result<(), DecodeError> {
+        debug_assert!(
+            !self.is_message_topic(topic),
+            "messages are not repartitioned"
+        );
+        let reads = self.reads.read().expect("decoder lock");
+        let e = reads.decode_ref(value)?;
+        key.extend_from_slice(itoa::Buffer::new().format(e.conversation_id.0).as_bytes());
+        Ok(())
+    }
+
+    fn max_record_bytes(&self) -> usize {
+        self.reads.read().expect("decoder lock").max_record_bytes()
+    }
+}
+
+/// Register an output schema, retrying while the registry is unavailable.
+async fn register_with_retry<T: serde::Serialize>(
+    resolver: &dyn SchemaResolver,
+    subject: &str,
+    schema: &str,
+    shutdown: &AtomicBool,
+) -> Result<crate::serde::avro::WireEncoder<T>, SerdeError> {
+    let mut backoff = Backoff::remote();
+    loop {
+        match crate::serde::avro::WireEncoder::<T>::register(resolver, subject, schema).await {
+            Ok(e) => return Ok(e),
+            Err(SerdeError::RegistryUnavailable(msg)) if !shutdown.load(Ordering::Relaxed) => {
+                let wait = backoff.fail();
+                tracing::warn!(error = %msg, retry_in = ?wait, subject, "schema registry unavailable");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Makes the read-state processor of each task.
+pub struct ReadStateSupplier {
+    policy: EmitPolicy,
+    /// With a message input: positions kept per conversation head.
+    unread_cap: Option<usize>,
+    serdes: Arc<ReadStateSerdes>,
+    wiring: Wiring,
+}
+
+/// Where the node's inputs come from and its outputs go, from the compiled graph.
+#[derive(Debug, Clone, Copy)]
+struct Wiring {
+    messages: Option<InputId>,
+    receipts: SinkId,
+    heads: Option<SinkId>,
+}
+
+impl Wiring {
+    fn of(t: &Topology) -> Self {
+        let g = Graph::compile(t);
+        let messages = g
+            .routes()
+            .iter()
+            .find(|r| r.records == RecordKind::MessageEvents)
+            .map(|r| r.input);
+        let sinks: Vec<Output> = g
+            .nodes
+            .iter()
+            .filter_map(|n| match &n.kind {
+                NodeKind::Sink { output, .. } => Some(*output),
+                _ => None,
+            })
+            .collect();
+        let sink = |o: Output| sinks.iter().position(|s| *s == o).map(SinkId);
+        Self {
+            messages,
+            receipts: sink(Output::Receipts).expect("a read-state node has a receipts sink"),
+            heads: sink(Output::ConversationHeads),
+        }
+    }
+}
+
+impl ReadStateSupplier {
+    pub fn new(topology: &Topology, serdes: Arc<ReadStateSerdes>) -> Self {
+        let node = &topology.processor;
+        Self {
+            policy: EmitPolicy {
+                min_emit_interval_ms: node.min_emit_interval.as_millis() as i64,
+            },
+            unread_cap: node.unread_cap,
+            serdes,
+            wiring: Wiring::of(topology),
+        }
+    }
+
+    /// The concrete processor over a task's stores (benchmarks query its state).
+    pub fn open(&self, ctx: ProcessorContext) -> Result<ReadStateProcessor, ProcessorError> {
+        let mut stores = ctx.stores.into_iter();
+        let state = stores
+            .next()
+            .ok_or(ProcessorError::MissingStore("read-state"))?;
+        let mut p = ReadStateProcessor::open(state, self.policy, ctx.cache.entries)?;
+        if let Some(cap) = self.unread_cap {
+            let heads = stores.next().ok_or(ProcessorError::MissingStore("heads"))?;
+            p.enable_unread(cap, ctx.cache.positions, heads)?;
+        }
+        Ok(p)
+    }
+}
+
+impl ProcessorSupplier for ReadStateSupplier {
+    fn init(&self, ctx: ProcessorContext) -> Result<Box<dyn Processor>, ProcessorError> {
+        Ok(Box::new(ReadStateNode {
+            inner: self.open(ctx)?,
+            serdes: self.serdes.clone(),
+            wiring: self.wiring,
+        }))
+    }
+
+    /// Read states (with their pending-emit index) and conversation heads.
+    fn restorer(
+        &self,
+        _index: usize,
+        store: &dyn KeyValueStore,
+    ) -> Result<Box<dyn StoreRestorer>, StoreError> {
+        Ok(Box::new(ChangelogRestorer::new(store)?))
+    }
+}
+
+/// A task's read-state processor behind the byte-level trait: decodes its inputs, encodes
+/// its outputs.
+pub struct ReadStateNode {
+    inner: ReadStateProcessor,
+    serdes: Arc<ReadStateSerdes>,
+    wiring: Wiring,
+}
+
+impl ReadStateNode {
+    /// The processor (interactive queries: the test driver, benchmarks).
+    pub fn processor(&self) -> &ReadStateProcessor {
+        &self.inner
+    }
+
+    fn process_messages(
+        &mut self,
+        records: &[SourceRecord<'_>],
+        dead_letters: &mut Vec<DeadLetter>,
+    ) -> Result<(), ProcessorError> {
+        let (_, decoder) = self
+            .serdes
+            .messages
+            .as_ref()
+            .ok_or(ProcessorError::NoMessageSource)?;
+        let decoder = decoder.read().expect("decoder lock");
+        let mut messages = Vec::with_capacity(records.len());
+        for r in records {
+            match decoder.decode(r.value) {
+                Ok(m) => messages.push((m, r.origin)),
+                Err(e) => dead_letters.push(dead_letter(r, &e, decoder.max_record_bytes())),
+            }
+        }
+        drop(decoder);
+        self.inner.process_messages(&messages)
+    }
+
+    fn process_reads(
+        &mut self,
+        records: &[SourceRecord<'_>],
+        dead_letters: &mut Vec<DeadLetter>,
+    ) -> Result<(), ProcessorError> {
+        let decoder = self.serdes.reads.read().expect("decoder lock");
+        // One allocation per batch; the events borrow their ids from the records.
+        let mut events = Vec::with_capacity(records.len());
+        for r in records {
+            match decoder.decode_ref(r.value) {
+                Ok(e) => events.push((e, r.origin)),
+                Err(e) => dead_letters.push(dead_letter(r, &e, decoder.max_record_bytes())),
+            }
+        }
+        drop(decoder);
+        self.inner.process(&events)
+    }
+
+    /// Encode a typed flush's updates for the node's sinks, keyed by conversation.
+    fn encode(&self, typed: &ReadStateFlush, outputs: &mut Outputs) {
+        debug_assert!(outputs.is_empty());
+        let key = |c: i64| {
+            move |k: &mut Vec<u8>| k.extend_from_slice(itoa::Buffer::new().format(c).as_bytes())
+        };
+        for u in &typed.updates {
+            outputs.push(self.wiring.receipts, key(u.conversation_id.0), |v| {
+                self.serdes.updates.encode_update_into(u, v)
+            });
+        }
+        if let (Some(sink), Some(encoder)) = (self.wiring.heads, &self.serdes.heads) {
+            for h in &typed.heads {
+                outputs.push(sink, key(h.conversation_id.0), |v| {
+                    encoder.encode_head_into(h, v)
+                });
+            }
+        }
+    }
+}
+
+fn dead_letter(r: &SourceRecord<'_>, e: &DecodeError, max: usize) -> DeadLetter {
+    DeadLetter::from_record(r, e.reason(), e.to_string(), max)
+}
+
+impl Processor for ReadStateNode {
+    fn process(
+        &mut self,
+        input: InputId,
+        records: &[SourceRecord<'_>],
+        dead_letters: &mut Vec<DeadLetter>,
+    ) -> Result<(), ProcessorError> {
+        if Some(input) == self.wiring.messages {
+            self.process_messages(records, dead_letters)
+        } else {
+            self.process_reads(records, dead_letters)
+        }
+    }
+
+    fn flush(&mut self, now_ms: i64) -> FlushOutput {
+        let mut typed = self.inner.prepare_flush(now_ms);
+        let mut outputs = Outputs::default();
+        self.encode(&typed, &mut outputs);
+        typed.flush.outputs = outputs;
+        typed.flush
+    }
+
+    fn commit(
+        &mut self,
+        batches: Vec<StoreBatch>,
+        checkpoints: &[Option<i64>],
+    ) -> Result<(), ProcessorError> {
+        self.inner.commit_flush(batches, checkpoints)
+    }
+
+    fn reset(&mut self) -> Result<(), ProcessorError> {
+        self.inner.reset_to_store()
+    }
+
+    fn close(self: Box<Self>) -> Vec<Box<dyn KeyValueStore>> {
+        self.inner.into_stores()
+    }
+
+    fn stores(&self) -> Vec<&dyn KeyValueStore> {
+        self.inner.stores()
+    }
+
+    fn stats(&self) -> ProcessorStats {
+        let s = self.inner.stats();
+        let counter = |name, value| Counter {
+            name,
+            label: None,
+            value,
+        };
+        let mut counters = vec![
+            counter("readstate_events_folded_total", s.folded),
+            counter("readstate_events_stale_total", s.stale),
+            counter("readstate_events_replayed_skipped_total", s.replayed),
+            counter("readstate_updates_emitted_total", s.updates_emitted),
+        ];
+        if let Some(m) = self.inner.message_stats() {
+            for (result, value) in [
+                ("counted", m.counted),
+                ("duplicate", m.duplicates),
+                ("late", m.late),
+            ] {
+                counters.push(Counter {
+                    name: "readstate_messages_folded_total",
+                    label: Some(("result", result)),
+                    value,
+                });
+            }
+            counters.push(counter(
+                "readstate_events_replayed_skipped_total",
+                m.replayed,
+            ));
+            counters.push(counter(
+                "readstate_head_updates_emitted_total",
+                m.heads_emitted,
+            ));
+        }
+        ProcessorStats { counters }
+    }
+
+    fn set_cache_budget(&mut self, budget: CacheBudget) {
+        self.inner
+            .set_cache_capacity(budget.entries, budget.positions);
+    }
+
+    fn needs_flush(&self) -> bool {
+        self.inner.dirty_len() >= self.inner.cache_capacity() / 2
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}

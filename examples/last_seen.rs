@@ -289,6 +289,63 @@ mod tests {
         assert_eq!(stored(&d), before, "the changelog restores the same state");
     }
 
+    /// On the embedded broker, through `readstate::runtime::run` with a registry that knows
+    /// this kind: every advance is forwarded once, in order per device; a second instance
+    /// with an empty state directory restores the store from its changelog (an older
+    /// sighting forwards nothing, a newer one forwards one record).
+    #[test]
+    fn runs_on_the_embedded_broker_and_restores_from_its_changelog() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let broker = embedded::Broker::new();
+        let t0 = 1_700_000_000_000i64;
+        let mut sightings: Vec<(String, String, i64)> = (0..400)
+            .map(|_| {
+                let user = format!("u{}", rng.gen_range(0..30));
+                let device = format!("d{}", rng.gen_range(0..2));
+                (user, device, t0 + rng.gen_range(0..60_000))
+            })
+            .collect();
+        broker.produce(&sightings);
+        // The oracle: per (user, device) in production order (one user, one partition).
+        let mut max: BTreeMap<String, i64> = BTreeMap::new();
+        let mut advances = 0;
+        for (u, d, at) in &sightings {
+            let e = max.entry(store_key(u, d)).or_insert(i64::MIN);
+            if *at > *e {
+                *e = *at;
+                advances += 1;
+            }
+        }
+        let first = broker.run_until(advances);
+        let mut last: BTreeMap<String, i64> = BTreeMap::new();
+        for (user, p) in &first {
+            let k = store_key(user, &p.device);
+            let was = last.insert(k.clone(), p.last_seen);
+            assert!(was.is_none_or(|w| w < p.last_seen), "{k} moved backwards");
+        }
+        assert_eq!(last, max, "the last forward of each device is its max");
+        // A second instance, state directory empty: the store comes back from the changelog.
+        let (u, d, _) = sightings[0].clone();
+        let newest = max[&store_key(&u, &d)];
+        sightings = vec![
+            (u.clone(), d.clone(), newest - 1),
+            (u.clone(), d.clone(), newest + 1),
+        ];
+        broker.produce(&sightings);
+        let all = broker.run_until(advances + 1);
+        let of_device = |at: i64| {
+            all.iter()
+                .filter(|(user, p)| *user == u && p.device == d && p.last_seen == at)
+                .count()
+        };
+        assert_eq!(of_device(newest + 1), 1, "the newer sighting is forwarded");
+        assert_eq!(
+            of_device(newest - 1),
+            0,
+            "the older one is not: the store came back"
+        );
+    }
+
     /// A record whose value is not the expected JSON is a dead letter; the rest go on.
     #[test]
     fn a_bad_record_is_a_dead_letter() {
@@ -299,5 +356,140 @@ mod tests {
         assert_eq!(d.dead_letters().len(), 1);
         assert_eq!(d.dead_letters()[0].reason, "malformed");
         assert_eq!(outputs(&mut d).len(), 1);
+    }
+}
+
+/// The embedded broker (librdkafka's mock cluster) for the example's test: topics, a
+/// producer, and `readstate::runtime::run` with this example's kind registered.
+#[cfg(test)]
+mod embedded {
+    use super::*;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+    use readstate::kafka::KafkaSettings;
+    use readstate::processor::ProcessorRegistry;
+    use readstate::runtime::{run, RunConfig};
+    use readstate::serde::LocalRegistry;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    const PARTITIONS: i32 = 2;
+
+    pub struct Broker {
+        mock: MockCluster<'static, DefaultProducerContext>,
+        app: String,
+        input: String,
+        output: String,
+    }
+
+    impl Broker {
+        pub fn new() -> Self {
+            let mock = MockCluster::new(1).expect("mock cluster");
+            let id = format!("{:08x}", rand::random::<u32>());
+            let b = Self {
+                mock,
+                app: format!("last-seen-{id}"),
+                input: format!("seen-{id}"),
+                output: format!("presence-{id}"),
+            };
+            // The mock answers no CreateTopics: readstate's internal topics are made here.
+            for t in [&b.input, &b.output, &format!("{}-{STORE}-changelog", b.app)] {
+                b.mock.create_topic(t, PARTITIONS, 1).expect("topic");
+            }
+            b.mock
+                .create_topic(&format!("{}-dlq", b.app), 1, 1)
+                .expect("topic");
+            b
+        }
+
+        /// `examples/last_seen.toml` with this broker's names.
+        fn topology(&self, state_dir: &std::path::Path) -> String {
+            include_str!("last_seen.toml")
+                .replace("{app}", &self.app)
+                .replace("{state_dir}", &state_dir.display().to_string())
+                .replace("{input}", &self.input)
+                .replace("{output}", &self.output)
+        }
+
+        /// Produce sightings keyed by user, and wait for every acknowledgement.
+        pub fn produce(&self, sightings: &[(String, String, i64)]) {
+            let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+                .set("bootstrap.servers", self.mock.bootstrap_servers())
+                .create()
+                .expect("producer");
+            for (user, device, at) in sightings {
+                let v = serde_json::to_vec(&Seen {
+                    device: device.clone(),
+                    at: *at,
+                })
+                .expect("JSON");
+                let rec = BaseRecord::to(&self.input)
+                    .key(user.as_bytes())
+                    .payload(&v)
+                    .timestamp(*at);
+                p.send(rec).map_err(|(e, _)| e).expect("queued");
+            }
+            p.flush(Duration::from_secs(30)).expect("acknowledged");
+        }
+
+        /// Run an instance (new state directory) until the output topic holds `n` records,
+        /// then stop it cleanly; every output record, in partition order.
+        pub fn run_until(&self, n: usize) -> Vec<(String, Presence)> {
+            let dir = tempfile::tempdir().expect("state dir");
+            let mut registry = ProcessorRegistry::default();
+            registry.register_supplier("last-seen", |_| {
+                Box::new(supplier(Duration::from_secs(3600)))
+            });
+            let topology = registry
+                .compile(&self.topology(dir.path()))
+                .expect("the topology compiles");
+            let kafka = KafkaSettings::new(self.mock.bootstrap_servers());
+            let mut cfg = RunConfig::new(topology, kafka, Arc::new(LocalRegistry::new()));
+            cfg.registry = Arc::new(registry);
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            let instance = std::thread::spawn(move || run(cfg, flag));
+            let out = self.read_output(n, Duration::from_secs(60));
+            stop.store(true, Ordering::Relaxed);
+            instance
+                .join()
+                .expect("instance thread")
+                .expect("the instance stops cleanly");
+            out
+        }
+
+        /// The output topic from the beginning, until it holds `n` records (bounded).
+        fn read_output(&self, n: usize, within: Duration) -> Vec<(String, Presence)> {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", self.mock.bootstrap_servers())
+                .set("group.id", format!("{}-reader", self.app))
+                .create()
+                .expect("consumer");
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..PARTITIONS {
+                tpl.add_partition_offset(&self.output, p, Offset::Beginning)
+                    .expect("partition");
+            }
+            c.assign(&tpl).expect("assign");
+            let mut out = Vec::new();
+            let deadline = Instant::now() + within;
+            while out.len() < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "{} of {n} output records after {within:?}",
+                    out.len()
+                );
+                if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                    let user = String::from_utf8(m.key().expect("keyed").to_vec()).expect("UTF-8");
+                    let p: Presence =
+                        serde_json::from_slice(m.payload().expect("a value")).expect("JSON");
+                    out.push((user, p));
+                }
+            }
+            out
+        }
     }
 }

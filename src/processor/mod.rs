@@ -10,6 +10,7 @@ pub mod api;
 pub mod node;
 pub mod punctuation;
 pub mod read_state;
+pub mod registry;
 pub mod typed;
 pub mod unread;
 
@@ -21,6 +22,7 @@ pub use node::{BuiltNode, ReadStateNode, ReadStateSerdes, ReadStateSupplier};
 pub use read_state::{
     EmitPolicy, ProcessStats, ReadStateFlush, ReadStateProcessor, HEADS_STORE, STATE_STORE,
 };
+pub use registry::{NodeBuilder, ProcessorRegistry, RawSerdes};
 pub use unread::{MessageStats, DEFAULT_UNREAD_CAP};
 
 /// Errors of the processing layer.
@@ -46,6 +48,8 @@ pub enum ProcessorError {
     StoreType(String),
     #[error("the processor has no sink named {0:?}")]
     NoSuchSink(String),
+    #[error("no processor kind {0:?} is registered")]
+    UnknownKind(String),
     #[error("the supplier declares {declared} stores but the task was given {given}")]
     StoreCount { declared: usize, given: usize },
 }

@@ -4,8 +4,8 @@
 //! byte-level [`Processor`] trait. Everything that knows the read-state record types is
 //! here or below; the runtime sees only the traits of [`super::api`].
 //!
-//! [`build`] is the processor registry: it makes the supplier and source serdes of a
-//! topology's processor node by its kind (`read-state`), registering its sinks' schemas.
+//! [`build`] makes the supplier and source serdes of a `read-state` node, registering its
+//! sinks' schemas (the registry's built-in kind).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -37,9 +37,8 @@ pub struct BuiltNode {
     pub serdes: Arc<dyn SourceSerdes>,
 }
 
-/// The processor registry: build the topology's processor node by its kind, registering
-/// its sinks' output schemas (retried while the registry is unavailable, until
-/// `shutdown`).
+/// Build the `read-state` node of a topology (see [`super::registry`]), registering its
+/// sinks' output schemas (retried while the registry is unavailable, until `shutdown`).
 pub async fn build(
     t: &Topology,
     resolver: Arc<dyn SchemaResolver>,

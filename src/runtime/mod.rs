@@ -43,6 +43,7 @@ use rdkafka::error::KafkaError as RdKafkaError;
 use crate::backoff::Clock;
 use crate::kafka::admin::{describe_policies, ensure_topics, MetadataClient, TopicRequest};
 use crate::kafka::{KafkaError, KafkaSettings};
+use crate::processor::ProcessorRegistry;
 use crate::serde::registry::SchemaResolver;
 use crate::serde::SerdeError;
 use crate::telemetry::{Health, Progress};
@@ -175,6 +176,8 @@ pub struct RunConfig {
     pub commit_now: Arc<AtomicBool>,
     /// The clock of the membership heuristics (a gap between polls, a slow commit).
     pub clock: Arc<dyn Clock>,
+    /// The processor kinds this instance can run (`read-state`, and a program's own).
+    pub registry: Arc<ProcessorRegistry>,
 }
 
 impl RunConfig {
@@ -196,6 +199,7 @@ impl RunConfig {
             progress: Arc::new(Progress::default()),
             commit_now: Arc::new(AtomicBool::new(false)),
             clock: crate::backoff::system_clock(),
+            registry: Arc::new(ProcessorRegistry::default()),
         }
     }
 }
@@ -227,11 +231,7 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
     let (checked, tasks) = std::thread::scope(|s| {
         let checks = s.spawn(|| prepare_topics(config));
         let tasks = rt
-            .block_on(crate::processor::node::build(
-                t,
-                config.resolver.clone(),
-                shutdown,
-            ))
+            .block_on(config.registry.build(t, config.resolver.clone(), shutdown))
             .map_err(RuntimeError::from)
             .and_then(|node| TaskManager::new(config, node, rt));
         (checks.join().expect("topic check thread panicked"), tasks)

@@ -21,7 +21,7 @@ pub enum NodeKind {
         records: RecordKind,
     },
     Processor {
-        kind: &'static str,
+        kind: String,
     },
     /// A store of the processor, with its changelog (index: its position among the
     /// task's stores).
@@ -75,7 +75,9 @@ impl Graph {
         };
         let processor = g.add(
             &t.processor.name,
-            NodeKind::Processor { kind: "read-state" },
+            NodeKind::Processor {
+                kind: t.processor.kind.clone(),
+            },
         );
         for input in &t.processor.inputs {
             let (topic, records) = match &t.messages {

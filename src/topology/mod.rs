@@ -148,6 +148,9 @@ pub struct Store {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadStateNode {
     pub name: String,
+    /// The processor kind ([`READ_STATE_KIND`], or one registered with the runtime's
+    /// `ProcessorRegistry`).
+    pub kind: String,
     pub inputs: Vec<String>,
     pub store: StoreName,
     /// The store of the conversation heads (with a message source).
@@ -453,8 +456,18 @@ fn compile_heads_store(
     }
 }
 
-/// Compile topology text into a checked [`Topology`], or every error found.
+/// The processor kind built in: read states from read events (and unread counts with a
+/// message source).
+pub const READ_STATE_KIND: &str = "read-state";
+
+/// Compile topology text into a checked [`Topology`], or every error found; the processor
+/// must be of kind `read-state`.
 pub fn compile(text: &str) -> Result<Topology, Vec<TopologyError>> {
+    compile_with_kinds(text, &[READ_STATE_KIND])
+}
+
+/// As [`compile`], with the processor kinds a registry knows (e.g. a program's own).
+pub fn compile_with_kinds(text: &str, kinds: &[&str]) -> Result<Topology, Vec<TopologyError>> {
     let (spec, unknown) = config::parse(text).map_err(|e| {
         vec![TopologyError {
             at: "file".into(),
@@ -465,7 +478,7 @@ pub fn compile(text: &str) -> Result<Topology, Vec<TopologyError>> {
     for (path, message) in unknown {
         errs.push(path, message);
     }
-    let t = compile_spec(&spec, &mut errs);
+    let t = compile_spec(&spec, kinds, &mut errs);
     if errs.0.is_empty() {
         Ok(t.expect("no errors means a topology"))
     } else {
@@ -473,7 +486,7 @@ pub fn compile(text: &str) -> Result<Topology, Vec<TopologyError>> {
     }
 }
 
-fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
+fn compile_spec(spec: &TopologySpec, kinds: &[&str], errs: &mut Errors) -> Option<Topology> {
     let app = spec.application.clone().unwrap_or_default();
     if spec.application.is_none() {
         errs.push("application", "section [application] is required");
@@ -670,13 +683,37 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
     for (i, p) in spec.processor.iter().enumerate() {
         let at = format!("processor[{i}]");
         let name = errs.required(&at, "name", &p.name);
-        match p.kind.as_deref() {
-            Some("read-state") => {}
-            Some(k) => errs.push(
-                format!("{at}.kind"),
-                format!("unknown processor kind {k:?} (supported: read-state)"),
-            ),
-            None => errs.push(format!("{at}.kind"), "is required (read-state)"),
+        let kind = match p.kind.as_deref() {
+            Some(k) if kinds.contains(&k) => k,
+            Some(k) => {
+                errs.push(
+                    format!("{at}.kind"),
+                    format!(
+                        "unknown processor kind {k:?} (supported: {})",
+                        kinds.join(", ")
+                    ),
+                );
+                READ_STATE_KIND
+            }
+            None => {
+                errs.push(
+                    format!("{at}.kind"),
+                    format!("is required ({})", kinds.join(", ")),
+                );
+                READ_STATE_KIND
+            }
+        };
+        if kind != READ_STATE_KIND {
+            let only_read_state = [
+                ("unread_cap", p.unread_cap.is_some()),
+                ("heads_store", p.heads_store.is_some()),
+                ("min_emit_interval", p.min_emit_interval.is_some()),
+            ];
+            for (field, set) in only_read_state {
+                if set {
+                    errs.push(format!("{at}.{field}"), "only for kind read-state");
+                }
+            }
         }
         let inputs = p.inputs.clone().unwrap_or_default();
         if inputs.is_empty() {
@@ -726,6 +763,7 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
         if let (Some(name), Some(store)) = (name, store) {
             processors.push(ReadStateNode {
                 name: name.to_owned(),
+                kind: kind.to_owned(),
                 inputs,
                 store: StoreName(store.to_owned()),
                 heads_store,
@@ -735,14 +773,11 @@ fn compile_spec(spec: &TopologySpec, errs: &mut Errors) -> Option<Topology> {
         }
     }
     if spec.processor.is_empty() {
-        errs.push(
-            "processor",
-            "one [[processor]] of kind read-state is required",
-        );
+        errs.push("processor", "one [[processor]] is required");
     } else if spec.processor.len() > 1 {
         errs.push(
             "processor[1]",
-            "only one read-state processor per topology is supported",
+            "only one processor per topology is supported",
         );
     }
     let inputs_resolve = processors.iter().all(|p| {

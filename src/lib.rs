@@ -14,17 +14,23 @@
 //!   graph the runtime routes on (`topology::graph`), and describe it.
 //! - [`serde`]: Avro in the Confluent wire format; the `SchemaResolver` seam (Confluent
 //!   registry or local schemas).
-//! - [`processor`]: the processor API (`Processor`, `ProcessorSupplier`, `ProcessorContext`,
-//!   punctuation from a due-time queue) and its read-state implementation: monotonic fold,
-//!   replay marks, coalescing, the minimum emit interval, conversation heads.
+//! - [`processor`]: the processor API. `processor::api` is the runtime's seam and names no
+//!   domain type (`Processor`: raw records in, encoded `Outputs` by sink and store batches
+//!   out; `SourceSerdes`; `ProcessorSupplier` with per-store restorers);
+//!   `processor::registry` maps processor kinds to node builders; `processor::typed` is the
+//!   API to write processors with (typed records, `forward`, named stores, punctuation);
+//!   `processor::node` is the built-in `read-state` node (monotonic fold, replay marks,
+//!   coalescing, the minimum emit interval, conversation heads).
 //! - [`state`]: key-value stores (RocksDB, in-memory), the entry codecs (`EntryCodec`), the
 //!   record cache, restore.
 //! - [`task`]: one task per input partition and its processor over its stores: decode per
 //!   input, dead letters, flush.
 //! - [`kafka`]: client settings (consumer, producer) and internal-topic admin.
-//! - [`runtime`]: `readstate run` in Kafka Streams' roles: the poll loop, the task manager
-//!   (assign, revoke, lost, corrupted, fatal), the commit protocol, the record collector,
-//!   the state manager and the incremental changelog reader.
+//! - [`runtime`]: `readstate run` in Kafka Streams' roles, one type each: the poll loop
+//!   (StreamThread), the task manager (the lifecycle: assign, revoke, lost, corrupted,
+//!   fatal), the task executor (processing and the one commit path), the running tasks,
+//!   membership, parking, offsets, the record collector, the state manager and the
+//!   incremental changelog reader. It knows no domain type.
 //! - [`sink`]: the PostgreSQL sink: migrations, batching, the version-guarded upsert with
 //!   offsets in the same transaction, and its consumer loop.
 //! - [`reset`]: `readstate reset`, the application reset tool (offsets, internal topics,
@@ -33,7 +39,9 @@
 //! - [`loadgen`]: a realistic workload generator and its oracle (`loadgen`, `demo`).
 //! - [`demo`]: `readstate demo`: embedded broker, generator, run + sink, PASS/FAIL check.
 //! - [`bench`]: `readstate bench`: figures next to their targets (PERFORMANCE.md).
-//! - [`testing`]: `TopologyTestDriver`, the whole core without a broker.
+//! - [`testing`]: `TopologyTestDriver` (a read-state topology without a broker) and
+//!   `TaskDriver` (any processor supplier through the task, flush, changelog, checkpoint
+//!   and restore path).
 
 pub mod backoff;
 pub mod bench;

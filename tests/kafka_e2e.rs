@@ -746,14 +746,12 @@ fn evolved_writers_through_an_http_registry_that_is_down_at_first() {
     reg.fail_next(3, 2);
     let resolver = Arc::new(ConfluentRegistry::new(&reg.url(), Duration::from_secs(5)).unwrap());
     let inst = env.start_with(env.state.path(), resolver);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let output_id = loop {
-        if let Some(id) = reg.id_of(&format!("{}-value", env.output)) {
-            break id;
-        }
-        assert!(Instant::now() < deadline, "output schema never registered");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let subject = format!("{}-value", env.output);
+    let output_id = wait_until(
+        "the output schema to be registered",
+        Duration::from_secs(60),
+        || reg.id_of(&subject),
+    );
     let updates = env.read_updates_as(&want, output_id);
     let summary = inst.stop();
     assert_eq!(reg.failed(), 5, "the outage was met and retried");
@@ -1096,20 +1094,17 @@ fn registry_down_longer_than_max_poll_interval_parks_and_resumes() {
     let cfg = env.config(env.state.path(), resolver, &props);
     let health = cfg.health.clone();
     let inst = launch(cfg);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let output_id = loop {
-        if let Some(id) = reg.id_of(&format!("{}-value", env.output)) {
-            break id;
-        }
-        assert!(Instant::now() < deadline, "output schema never registered");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let subject = format!("{}-value", env.output);
+    let output_id = wait_until(
+        "the output schema to be registered",
+        Duration::from_secs(60),
+        || reg.id_of(&subject),
+    );
     // The outage starts once the instance runs its tasks (the schema is registered while
     // the topics are checked, before the group is joined).
-    while !health.is_ready() {
-        assert!(Instant::now() < deadline, "the instance never became ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("the instance to be ready", Duration::from_secs(60), || {
+        health.is_ready()
+    });
     let outage = Duration::from_secs(12);
     reg.down_for(outage);
     let down_at = Instant::now();

@@ -9,6 +9,8 @@ mod chat;
 mod kafka;
 #[path = "common/process.rs"]
 mod process;
+#[path = "common/wait.rs"]
+mod wait;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -439,11 +441,9 @@ fn sigstop_past_the_session_timeout_then_sigcont_keeps_every_count_exact() {
     let cfg = env.config(dir_c.path());
     let health = cfg.health.clone();
     let c = launch(cfg);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
-    while !health.is_ready() {
-        assert!(std::time::Instant::now() < deadline, "C restored in time");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait::wait_for("C to restore", std::time::Duration::from_secs(90), || {
+        health.is_ready()
+    });
     let sc = c.stop();
     assert!(sc.restored_records > 0, "{sc:?}");
     check_stored_counts(&dir_c.path().join(&env.app), &w);

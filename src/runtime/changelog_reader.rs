@@ -353,24 +353,42 @@ fn poll_batch<'c>(
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 
 /// One partition's watermarks, asked again while the partition has no leader, until
-/// `deadline`.
+/// `deadline`. A request that timed out (in librdkafka's queue, or past the call's own
+/// timeout) once the deadline has passed gets one fresh window: the process was paused
+/// while it waited (SIGSTOP), and the pause is no answer from the cluster.
 fn watermarks_with_retry(
     consumer: &BaseConsumer,
     topic: &str,
     partition: i32,
-    deadline: Instant,
+    mut deadline: Instant,
 ) -> Result<(i64, i64), KafkaError> {
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(500));
+    let mut resumed = false;
     loop {
-        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+        let e = match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
             Ok(w) => return Ok(w),
-            Err(e) if retriable(&e) && Instant::now() + backoff.peek() < deadline => {
-                tracing::debug!(topic, partition, error = %e, "changelog watermarks not answered yet");
-                std::thread::sleep(backoff.fail());
-            }
+            Err(e) if retriable(&e) => e,
             Err(e) => return Err(e.into()),
+        };
+        if !resumed && timed_out(&e) && Instant::now() >= deadline {
+            resumed = true;
+            deadline = Instant::now() + LEADER_WAIT;
         }
+        if Instant::now() + backoff.peek() >= deadline {
+            return Err(e.into());
+        }
+        tracing::debug!(topic, partition, error = %e, "changelog watermarks not answered yet");
+        std::thread::sleep(backoff.fail());
     }
+}
+
+/// The request itself timed out (rather than being answered with an error).
+fn timed_out(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(C::TimedOutQueue | C::OperationTimedOut | C::RequestTimedOut)
+    )
 }
 
 /// Worth asking again: a partition without a (known) leader yet (a topic just created),
@@ -387,6 +405,10 @@ fn retriable(e: &rdkafka::error::KafkaError) -> bool {
                 | C::BrokerTransportFailure
                 | C::AllBrokersDown
                 | C::RequestTimedOut
+                // Requests that expired in librdkafka's queue or waited past the call's
+                // timeout: what a process paused past them (SIGSTOP) finds on waking.
+                | C::TimedOutQueue
+                | C::OperationTimedOut
         )
     )
 }
@@ -397,6 +419,28 @@ mod tests {
 
     fn raw() -> Box<dyn StoreRestorer> {
         Box::new(crate::state::restore::RawRestorer)
+    }
+
+    /// A process resumed after SIGSTOP finds its watermark request expired in librdkafka's
+    /// queue (TimedOutQueue): asked again, not fatal. A CI run saw the paused instance of
+    /// unread_e2e exit 1 with "Meta data fetch error: TimedOutQueue" after SIGCONT: its
+    /// assignment callback was fetching watermarks when it was stopped.
+    #[test]
+    fn watermark_errors_of_a_paused_process_are_asked_again() {
+        use rdkafka::error::KafkaError as E;
+        use rdkafka::types::RDKafkaErrorCode as C;
+        for c in [
+            C::TimedOutQueue,
+            C::OperationTimedOut,
+            C::RequestTimedOut,
+            C::BrokerTransportFailure,
+            C::LeaderNotAvailable,
+        ] {
+            assert!(retriable(&E::MetadataFetch(c)), "{c:?}");
+        }
+        for c in [C::TopicAuthorizationFailed, C::InvalidPartitions] {
+            assert!(!retriable(&E::MetadataFetch(c)), "{c:?}");
+        }
     }
     use crate::ids::{ConversationId, ReaderId};
     use crate::model::StateKey;

@@ -14,6 +14,8 @@
 //!   surfaced at flush (RecordCollector);
 //! - [`state_manager`]: where stores live, checkpoints judged against the changelog, wipes
 //!   (ProcessorStateManager);
+//! - [`state_updater`]: tasks assigned but not ready: stores opened, checkpoints judged,
+//!   restores advanced between polls (DefaultStateUpdater);
 //! - [`changelog_reader`]: incremental restores between polls (StoreChangelogReader);
 //! - [`repartition_purger`]: deletes repartition records below the committed offsets.
 
@@ -25,6 +27,7 @@ mod parking;
 mod record_collector;
 mod repartition_purger;
 mod state_manager;
+mod state_updater;
 mod stream_thread;
 mod task_executor;
 mod task_manager;

@@ -18,27 +18,25 @@
 //! registry cannot resolve their records; records of a parked partition that were already
 //! fetched are dropped, and the partition is rewound to the first of them when it resumes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::TopicPartitionList;
 
-use super::changelog_reader::{ChangelogReader, Restored};
+use super::changelog_reader::ChangelogReader;
 use super::dead_letter_log::DeadLetterQueue;
 use super::membership::{is_membership_error, MemberIdCheck, Membership, MembershipMonitor};
 use super::offsets::TopicPartition;
 use super::parking::{rewind, ParkReason, Parking};
 use super::record_collector::RecordCollector;
 use super::repartition_purger::RepartitionPurger;
-use super::state_manager::{check_checkpoint, CheckpointCheck, StateManager};
+use super::state_manager::StateManager;
+use super::state_updater::{ReadyTask, StateUpdater};
 use super::task_executor::{CommitOutcome, ExecutorParts, TaskExecutor};
 use super::tasks::{Forwarding, RunningTask, Tasks};
 use super::{RunConfig, RunSummary, RuntimeError};
-use crate::ids::TaskId;
 use crate::processor::{BuiltNode, CacheBudget, ProcessorContext, ProcessorSupplier};
-use crate::state::{read_checkpoint, KeyValueStore};
 use crate::task::StreamTask;
 use crate::telemetry::{series, Health};
 use crate::topology::graph::Graph;
@@ -53,7 +51,6 @@ struct LifecycleCounts {
     tasks_closed: u64,
     assignments: u64,
     tasks_lost: u64,
-    tasks_corrupted: u64,
 }
 
 pub(super) struct TaskManager {
@@ -61,17 +58,10 @@ pub(super) struct TaskManager {
     supplier: Box<dyn ProcessorSupplier>,
     /// The instance's record-cache budget, shared equally by its running tasks.
     cache: CacheBudget,
-    /// Sub-topology number of the stateful tasks (1 when repartitioned, else 0).
-    subtopology: u32,
     pub(super) tasks: Tasks,
-    /// Partitions assigned but not yet opened.
-    to_open: Vec<i32>,
-    /// Stores restored of tasks whose other stores are still restoring, by partition
-    /// (indexed as `Topology::stores()`).
-    restored: BTreeMap<i32, Vec<Option<Restored>>>,
+    /// Tasks assigned but not ready: opening, restoring.
+    updater: StateUpdater,
     pub(super) parking: Parking,
-    state: StateManager,
-    reader: Option<ChangelogReader>,
     pub(super) executor: TaskExecutor,
     membership: MembershipMonitor,
     counts: LifecycleCounts,
@@ -144,17 +134,13 @@ impl TaskManager {
                 entries: t.store.cache_max_entries,
                 positions: t.heads_store.as_ref().map_or(0, |h| h.cache_max_entries),
             },
-            subtopology: u32::from(forwarding.is_some()),
+            updater: StateUpdater::new(state, reader, u32::from(forwarding.is_some())),
             tasks: Tasks::new(
                 task_topic,
                 t.messages.as_ref().map(|m| m.topic.0.clone()),
                 forwarding,
             ),
-            to_open: Vec::new(),
-            restored: BTreeMap::new(),
             parking: Parking::default(),
-            state,
-            reader,
             executor,
             membership: MembershipMonitor::new(
                 config.clock.clone(),
@@ -177,13 +163,9 @@ impl TaskManager {
             tasks_closed: c.tasks_closed,
             assignments: c.assignments,
             tasks_lost: c.tasks_lost,
-            tasks_corrupted: c.tasks_corrupted,
+            tasks_corrupted: self.updater.corrupted,
             ..self.executor.summary.clone()
         }
-    }
-
-    fn task_id(&self, partition: i32) -> TaskId {
-        TaskId::new(self.subtopology, partition)
     }
 
     /// With a message source, both topics' partitions must come together (the range
@@ -207,14 +189,6 @@ impl TaskManager {
         Err(RuntimeError::Fatal(format!(
             "co-partitioning broken: this instance was assigned partitions {reads:?} of {task_topic} but {messages:?} of {mt}; every instance of the group must run the same topology (both topics subscribed, range assignment) and both topics must have the same partition count"
         )))
-    }
-
-    fn is_restoring(&self, p: i32) -> bool {
-        self.restored.contains_key(&p)
-            || self
-                .reader
-                .as_ref()
-                .is_some_and(|r| r.tasks().iter().any(|t| t.partition == p))
     }
 
     /// The poll loop returned from `poll`: note a gap long enough to doubt membership.
@@ -293,13 +267,10 @@ impl TaskManager {
                 self.tasks.forward(topic, *p);
                 continue;
             }
-            if self.tasks.running.contains_key(p)
-                || self.to_open.contains(p)
-                || self.is_restoring(*p)
-            {
+            if self.tasks.running.contains_key(p) || self.updater.has(*p) {
                 continue;
             }
-            self.to_open.push(*p);
+            self.updater.queue(*p);
             let tps = std::iter::once((topic.clone(), *p)).chain(self.tasks.message_partition(*p));
             for tp in tps {
                 self.parking.mark(tp.clone(), ParkReason::Restoring, None);
@@ -310,69 +281,17 @@ impl TaskManager {
         pause
     }
 
-    /// Open the stores of newly assigned tasks and register their restores.
+    /// Open the stores of newly assigned tasks and register their restores; start those
+    /// with nothing to restore.
     pub(super) fn open_assigned<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
     ) -> Result<(), RuntimeError> {
-        let parts: Vec<i32> = std::mem::take(&mut self.to_open);
-        if parts.is_empty() {
-            return Ok(());
+        for ready in self.updater.open_queued(&*self.supplier)? {
+            self.start_task(consumer, ready)?;
         }
-        let ids: Vec<TaskId> = parts.iter().map(|p| self.task_id(*p)).collect();
-        let started = Instant::now();
-        let stores = self.state.open_many(&ids);
-        tracing::debug!(tasks = ids.len(), opened = ?started.elapsed(), startup_ms = crate::telemetry::since_start_ms(), "stores opened");
-        for (id, stores) in ids.into_iter().zip(stores) {
-            for (index, store) in stores?.into_iter().enumerate() {
-                if let Some(done) = self.register_restore(id, index, store)? {
-                    self.store_restored(consumer, done)?;
-                }
-            }
-        }
-        tracing::debug!(
-            startup_ms = crate::telemetry::since_start_ms(),
-            "checkpoints checked against the changelogs"
-        );
         self.update_readiness();
         Ok(())
-    }
-
-    /// Judge a store's checkpoint and start its restore; a store with nothing to restore
-    /// is returned at once.
-    fn register_restore(
-        &mut self,
-        id: TaskId,
-        index: usize,
-        store: Box<dyn KeyValueStore>,
-    ) -> Result<Option<Restored>, RuntimeError> {
-        let Some(reader) = self.reader.as_mut().filter(|r| r.has_changelog(index)) else {
-            return Ok(Some(Restored {
-                task: id,
-                index,
-                store,
-                records: 0,
-                elapsed: Duration::ZERO,
-            }));
-        };
-        let (low, high) = reader.watermarks(index, id.partition)?;
-        let store = match check_checkpoint(read_checkpoint(&*store)?, low, high) {
-            CheckpointCheck::RestoreFrom(from) => {
-                let restorer = self.supplier.restorer(index, &*store)?;
-                return reader.register(id, index, store, restorer, from, high);
-            }
-            CheckpointCheck::Corrupted(why) => {
-                tracing::warn!(task = %id, store = %store.name(), reason = %why, "store does not match its changelog: wiping it and restoring from the start");
-                metrics::counter!("readstate_tasks_corrupted_total").increment(1);
-                self.counts.tasks_corrupted += 1;
-                drop(store);
-                self.state.wipe_store(id, index)?;
-                self.state.open(id, index)?
-            }
-        };
-        let restorer = self.supplier.restorer(index, &*store)?;
-        let reader = self.reader.as_mut().expect("checked above");
-        reader.register(id, index, store, restorer, low, high)
     }
 
     /// Apply one step of every running restore; start the tasks that completed.
@@ -380,56 +299,29 @@ impl TaskManager {
         &mut self,
         consumer: &BaseConsumer<C>,
     ) -> Result<(), RuntimeError> {
-        let Some(reader) = self.reader.as_mut() else {
-            return Ok(());
-        };
-        if !reader.is_restoring() {
+        let ready = self.updater.step()?;
+        if ready.is_empty() {
             return Ok(());
         }
-        for done in reader.step()? {
-            self.store_restored(consumer, done)?;
+        for t in ready {
+            self.start_task(consumer, t)?;
         }
         self.update_readiness();
         Ok(())
     }
 
-    /// One store of a task is restored: start the task once all of its stores are.
-    fn store_restored<C: ConsumerContext>(
-        &mut self,
-        consumer: &BaseConsumer<C>,
-        done: Restored,
-    ) -> Result<(), RuntimeError> {
-        let n = self.state.stores().len();
-        let p = done.task.partition;
-        let slots = self
-            .restored
-            .entry(p)
-            .or_insert_with(|| (0..n).map(|_| None).collect());
-        let index = done.index;
-        slots[index] = Some(done);
-        if slots.iter().any(Option::is_none) {
-            return Ok(());
-        }
-        let slots = self.restored.remove(&p).expect("present above");
-        let done: Vec<Restored> = slots.into_iter().flatten().collect();
-        self.start_task(consumer, done)
-    }
-
+    /// A task whose stores are restored starts: its processor is made over them and its
+    /// partitions resume.
     fn start_task<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
-        done: Vec<Restored>,
+        ready: ReadyTask,
     ) -> Result<(), RuntimeError> {
-        let id = done[0].task;
-        let records: u64 = done.iter().map(|r| r.records).sum();
-        let elapsed = done.iter().map(|r| r.elapsed).max().unwrap_or_default();
-        self.counts.restored_records += records;
-        if self.reader.is_some() {
-            tracing::info!(task = %id, records, ?elapsed, "task restored");
-        }
+        let id = ready.id;
+        self.counts.restored_records += ready.records;
         let ctx = ProcessorContext {
             task: id,
-            stores: done.into_iter().map(|r| r.store).collect(),
+            stores: ready.stores,
             cache: self.cache_share(self.tasks.running.len() + 1),
         };
         let processor = self.supplier.init(ctx)?;
@@ -451,26 +343,20 @@ impl TaskManager {
     fn update_readiness(&mut self) {
         metrics::gauge!("readstate_tasks_assigned").set(self.tasks.running.len() as f64);
         self.prune_series();
-        let restoring = self.reader.as_ref().is_some_and(|r| r.is_restoring());
         // Ready once the group has given us an assignment (even an empty one) and every
         // assigned task has restored.
         self.health
-            .set_ready(self.assigned_once && !restoring && self.to_open.is_empty());
+            .set_ready(self.assigned_once && !self.updater.is_busy());
     }
 
     /// Remove the per-task and per-partition series of tasks this instance no longer has
     /// (closed, lost, moved): another instance exports them now.
     fn prune_series(&self) {
-        let mut live: std::collections::HashSet<String> = self
-            .tasks
-            .running
-            .keys()
-            .chain(&self.to_open)
-            .map(|p| self.task_id(*p).to_string())
+        let running = self.tasks.running.keys().map(|p| self.updater.task_id(*p));
+        let live: std::collections::HashSet<String> = running
+            .chain(self.updater.task_ids())
+            .map(|id| id.to_string())
             .collect();
-        if let Some(r) = &self.reader {
-            live.extend(r.tasks().iter().map(ToString::to_string));
-        }
         for name in [
             "readstate_store_estimated_keys",
             "readstate_store_size_bytes",
@@ -506,11 +392,7 @@ impl TaskManager {
     ) {
         for (t, p) in parts {
             if t == self.tasks.task_topic() {
-                self.to_open.retain(|q| q != p);
-                self.restored.remove(p);
-                if let Some(r) = self.reader.as_mut() {
-                    r.remove(*p);
-                }
+                self.updater.revoke(*p);
             }
         }
         let owned = self.tasks.owned();
@@ -601,37 +483,10 @@ impl TaskManager {
     pub(super) fn lose_all(&mut self, why: &str) -> std::collections::HashMap<TopicPartition, i64> {
         // Only what is owned now is a lost task (a repeated loss finds nothing).
         let committed = self.executor.abandon();
-        let mut lost: Vec<TaskId> = self
-            .tasks
-            .clear()
-            .into_iter()
-            .map(|p| self.task_id(p))
-            .collect();
-        let restoring: Vec<i32> = self
-            .reader
-            .as_ref()
-            .map(|r| r.tasks().iter().map(|t| t.partition).collect())
-            .unwrap_or_default();
-        for p in restoring {
-            if let Some(t) = self.reader.as_mut().and_then(|r| r.remove(p)) {
-                lost.push(t);
-            }
+        let (lost, failed) = self.updater.lose_all(self.tasks.clear());
+        if let Some(why) = failed {
+            self.fatal = Some(why);
         }
-        // Stores restored while another store of their task still restored.
-        for p in std::mem::take(&mut self.restored).into_keys() {
-            let id = self.task_id(p);
-            if !lost.contains(&id) {
-                lost.push(id);
-            }
-        }
-        for id in &lost {
-            if let Err(e) = self.state.wipe(*id) {
-                self.fatal = Some(format!(
-                    "task {id} was lost and its store cannot be wiped: {e}"
-                ));
-            }
-        }
-        self.to_open.clear();
         self.parking.clear();
         self.membership.verified();
         self.counts.tasks_lost += lost.len() as u64;
@@ -672,7 +527,8 @@ impl TaskManager {
         }
         let started = self.membership.now();
         let outcome = self.executor.commit(consumer, &mut self.tasks, parts);
-        metrics::gauge!("readstate_rocksdb_memory_bytes").set(self.state.memory_bytes() as f64);
+        let rocks = self.updater.state().memory_bytes() as f64;
+        metrics::gauge!("readstate_rocksdb_memory_bytes").set(rocks);
         match outcome {
             Ok(CommitOutcome::Committed | CommitOutcome::Aborted) => Ok(()),
             Ok(CommitOutcome::Lost { why, requeue: true }) => {
@@ -792,7 +648,7 @@ impl TaskManager {
     pub(super) fn close_all(&mut self, clean: bool) {
         self.counts.tasks_closed += self.tasks.running.len() as u64;
         self.tasks.running.clear();
-        self.to_open.clear();
+        self.updater.clear();
         self.prune_series();
         self.executor.close(clean);
     }
@@ -830,6 +686,7 @@ pub(super) const CONSUMER_LAG: &str = "readstate_consumer_lag_records";
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::TaskId;
     use crate::kafka::KafkaSettings;
     use crate::serde::LocalRegistry;
     use crate::state::{put_checkpoint, StoreBatch};
@@ -890,7 +747,7 @@ topic = "out"
         let dir = tempfile::tempdir().unwrap();
         let mut tm = manager(&mock.bootstrap_servers(), dir.path());
         {
-            let mut s = tm.state.open(TaskId::new(0, 0), 0).unwrap();
+            let mut s = tm.updater.state().open(TaskId::new(0, 0), 0).unwrap();
             let mut b = StoreBatch::default();
             put_checkpoint(&mut b, 100);
             s.write(b).unwrap();
@@ -919,7 +776,7 @@ topic = "out"
             "the checkpoint beyond the end"
         );
         let dirs: Vec<_> = [0, 1]
-            .map(|p| tm.state.store_dir(TaskId::new(0, p), 0))
+            .map(|p| tm.updater.state().store_dir(TaskId::new(0, p), 0))
             .into();
         assert!(dirs.iter().all(|d| d.exists()));
         tm.lose_all("test");

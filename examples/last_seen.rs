@@ -9,7 +9,7 @@
 //! last `at` (an order-preserving i64).
 //!
 //! `cargo run --release --example last_seen` drives a short scenario through
-//! `readstate::testing::TaskDriver` (the same task, flush, changelog and checkpoint path as
+//! `readstate_testing::TaskDriver` (the same task, flush, changelog and checkpoint path as
 //! `readstate run`) and prints what it forwards; its tests check it against an oracle.
 
 use std::time::Duration;
@@ -130,7 +130,7 @@ pub fn supplier(ttl: Duration) -> TypedSupplier<LastSeen> {
 
 fn main() {
     use readstate::processor::InputId;
-    use readstate::testing::TaskDriver;
+    use readstate_testing::TaskDriver;
     let mut d = TaskDriver::new(
         Box::new(supplier(Duration::from_secs(60))),
         &[STORE],
@@ -168,7 +168,7 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
     use readstate::processor::InputId;
-    use readstate::testing::TaskDriver;
+    use readstate_testing::TaskDriver;
     use std::collections::BTreeMap;
 
     const MIN: i64 = 60_000;

@@ -36,20 +36,17 @@
 //! - [`reset`]: `readstate reset`, the application reset tool (offsets, internal topics,
 //!   sink offsets, local state).
 //! - [`telemetry`]: the Prometheus recorder and `/metrics`, `/health`, `/ready`.
-//! - [`loadgen`]: a realistic workload generator and its oracle (`loadgen`, `demo`).
-//! - [`demo`]: `readstate demo`: embedded broker, generator, run + sink, PASS/FAIL check.
-//! - [`bench`]: `readstate bench`: figures next to their targets (PERFORMANCE.md).
-//! - [`testing`]: `TopologyTestDriver` (a read-state topology without a broker) and
-//!   `TaskDriver` (any processor supplier through the task, flush, changelog, checkpoint
-//!   and restore path).
+//!
+//! Outside this crate (the workspace, see `ARCHITECTURE.md`): `crates/cli` is the
+//! `readstate` binary (`App`, the composition root, and the command line) with the
+//! end-to-end tests that start it; `crates/tools` holds the dev-only tools (loadgen, demo,
+//! bench); `crates/testing` holds `TopologyTestDriver`, `TaskDriver`, the one bounded wait
+//! and the test fixtures.
 
 pub mod backoff;
-pub mod bench;
 pub mod config;
-pub mod demo;
 pub mod ids;
 pub mod kafka;
-pub mod loadgen;
 pub mod model;
 pub mod processor;
 pub mod reset;
@@ -59,5 +56,4 @@ pub mod sink;
 pub mod state;
 pub mod task;
 pub mod telemetry;
-pub mod testing;
 pub mod topology;

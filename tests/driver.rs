@@ -1,13 +1,11 @@
 //! The processing core through the TopologyTestDriver, against an independent oracle.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use proptest::prelude::*;
 use readstate::model::ReadEvent;
-use readstate::testing::{DriverStores, TopologyTestDriver};
+use readstate_testing::fixtures::*;
+use readstate_testing::{DriverStores, TopologyTestDriver};
 
 /// Pipe events into partitions by conversation, with consecutive offsets per partition.
 fn pipe_all(d: &mut TopologyTestDriver, events: &[ReadEvent], parts: i32, next: &mut [i64]) {

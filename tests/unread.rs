@@ -8,10 +8,10 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use readstate::ids::{ConversationId, ReaderId, SenderId};
-use readstate::loadgen::chat::{generate, ChatEvent, ChatSpec, ChatWorkload};
 use readstate::model::{MessageEvent, StateKey};
-use readstate::testing::{DriverStores, TopologyTestDriver};
 use readstate::topology::{compile, Topology};
+use readstate_testing::{DriverStores, TopologyTestDriver};
+use readstate_tools::loadgen::chat::{generate, ChatEvent, ChatSpec, ChatWorkload};
 
 const PARTS: i32 = 3;
 

@@ -1,0 +1,501 @@
+//! Unread and mention counts through `readstate run` on MockCluster: a read-event topic and
+//! a co-partitioned message topic, instances joining and leaving (eager range rebalances,
+//! tasks restored from the changelog, heads included), a kill -9 of a real process and a
+//! restart; the final counts of every member equal the chat generator's oracle.
+
+use readstate_testing::chat;
+use readstate_testing::kafka;
+use readstate_testing::process;
+use readstate_testing::wait;
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use chat::{produce, topology_text, ChatTopics};
+use kafka::suffix;
+use process::{signal, terminate, terminate_logged, wait_log};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::Message;
+use readstate::ids::ConversationId;
+use readstate::kafka::KafkaSettings;
+use readstate::model::{HeadUpdate, ReceiptUpdate, StateKey};
+use readstate::runtime::{run, RunConfig, RunSummary};
+use readstate::serde::avro::UpdateDecoder;
+use readstate::serde::message::HeadDecoder;
+use readstate::serde::registry::{LOCAL_CONVERSATION_HEAD_ID, LOCAL_RECEIPT_UPDATE_ID};
+use readstate::serde::{LocalRegistry, CONVERSATION_HEAD_SCHEMA, RECEIPT_UPDATE_SCHEMA};
+use readstate::state::head::ConversationHead;
+use readstate::state::rocks::{RocksDbOptions, RocksDbStore};
+use readstate::state::{put_checkpoint, KeyValueStore, ReadState, StoreBatch, StoreKey};
+use readstate::topology::compile;
+use readstate_tools::loadgen::chat::{generate, ChatEvent, ChatSpec, ChatWorkload};
+
+const PARTS: i32 = 4;
+
+struct Env {
+    /// The in-process broker; `None` on the real Apache Kafka of `scripts/test`.
+    _mock: Option<MockCluster<'static, DefaultProducerContext>>,
+    brokers: String,
+    app: String,
+    t: ChatTopics,
+    state: tempfile::TempDir,
+}
+
+impl Env {
+    fn new(message_partitions: i32) -> Self {
+        let mock = MockCluster::new(1).unwrap();
+        let env = Self::on(mock.bootstrap_servers(), Some(mock));
+        let mock = env._mock.as_ref().expect("mock");
+        // The mock broker does not answer CreateTopics: every topic is made here.
+        for t in [&env.t.reads, &env.t.updates, &env.t.heads] {
+            mock.create_topic(t, PARTS, 1).unwrap();
+        }
+        mock.create_topic(&env.t.messages, message_partitions, 1)
+            .unwrap();
+        for store in ["read-state", "head-state"] {
+            let changelog = format!("{}-{store}-changelog", env.app);
+            mock.create_topic(&changelog, PARTS, 1).unwrap();
+        }
+        mock.create_topic(&format!("{}-dlq", env.app), 1, 1)
+            .unwrap();
+        env
+    }
+
+    /// On the real broker: only the two source topics exist; readstate creates its
+    /// changelog, dead-letter and output topics through the admin API.
+    fn real() -> Self {
+        let brokers = std::env::var("READSTATE_TEST_KAFKA").expect(
+            "READSTATE_TEST_KAFKA is not set: run scripts/test, which starts a private Apache Kafka",
+        );
+        let env = Self::on(brokers, None);
+        for t in [&env.t.reads, &env.t.messages] {
+            kafka::create_topic(&env.brokers, t, PARTS, &[]);
+        }
+        env
+    }
+
+    fn on(brokers: String, mock: Option<MockCluster<'static, DefaultProducerContext>>) -> Self {
+        let s = suffix();
+        Env {
+            _mock: mock,
+            brokers,
+            app: format!("unread-{s}"),
+            t: ChatTopics::new(&s),
+            state: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn topology_text(&self, state_dir: &std::path::Path) -> String {
+        topology_text(&self.app, state_dir, &self.t, "")
+    }
+
+    fn config(&self, state_dir: &std::path::Path) -> RunConfig {
+        let topology = compile(&self.topology_text(state_dir)).unwrap();
+        let mut cfg = RunConfig::new(
+            topology,
+            KafkaSettings::new(self.brokers.clone()),
+            Arc::new(LocalRegistry::new()),
+        );
+        cfg.state_dir = state_dir.to_path_buf();
+        cfg
+    }
+
+    fn produce(&self, events: &[ChatEvent]) {
+        produce(&self.brokers.clone(), &self.t, events);
+    }
+
+    /// Wait (bounded) until the outputs show every pointer and every message: each key's
+    /// last receipt has the oracle's pointer, each conversation's last head its count.
+    fn await_outputs(&self, w: &ChatWorkload) -> (Vec<ReceiptUpdate>, Vec<HeadUpdate>) {
+        let brokers = self.brokers.clone();
+        let reg = Arc::new(LocalRegistry::new());
+        let mut dec = UpdateDecoder::new(reg.clone(), RECEIPT_UPDATE_SCHEMA).unwrap();
+        let mut hdec = HeadDecoder::new(reg, CONVERSATION_HEAD_SCHEMA).unwrap();
+        let header = |id: u32| {
+            let mut h = vec![0u8];
+            h.extend_from_slice(&id.to_be_bytes());
+            h
+        };
+        let (u, h) = (
+            header(LOCAL_RECEIPT_UPDATE_ID),
+            header(LOCAL_CONVERSATION_HEAD_ID),
+        );
+        futures::executor::block_on(dec.prepare(std::iter::once(Some(u.as_slice())))).unwrap();
+        futures::executor::block_on(hdec.prepare(std::iter::once(Some(h.as_slice())))).unwrap();
+        let updates = kafka::read_until(
+            &brokers,
+            &self.t.updates,
+            |m| ReceiptUpdate::from(dec.decode(m.payload().unwrap()).unwrap()),
+            |us: &[ReceiptUpdate]| {
+                let mut last: HashMap<StateKey, i64> = HashMap::new();
+                for u in us {
+                    let e = last.entry(u.key()).or_insert(-1);
+                    *e = (*e).max(u.last_read_seq);
+                }
+                w.pointers.iter().all(|(k, p)| last.get(k) == Some(p))
+            },
+        );
+        let heads = kafka::read_until(
+            &brokers,
+            &self.t.heads,
+            |m| HeadUpdate::from(hdec.decode(m.payload().unwrap()).unwrap()),
+            |hs: &[HeadUpdate]| {
+                let mut count: HashMap<ConversationId, i64> = HashMap::new();
+                for h in hs {
+                    let e = count.entry(h.conversation_id).or_insert(0);
+                    *e = (*e).max(h.message_count);
+                }
+                w.messages
+                    .iter()
+                    .all(|(c, ms)| count.get(c) == Some(&(ms.len() as i64)))
+            },
+        );
+        (updates, heads)
+    }
+}
+
+/// An instance started in-process through the binary's composition root.
+struct Instance(readstate_cli::RunningApp);
+
+fn launch(cfg: RunConfig) -> Instance {
+    Instance(
+        readstate_cli::App::new(cfg)
+            .start()
+            .expect("instance starts"),
+    )
+}
+
+impl Instance {
+    fn stop(self) -> RunSummary {
+        self.0.stop().expect("instance runs")
+    }
+}
+
+/// Heads and pointers from the RocksDB stores under `app_dir` (each task's `head-state` and
+/// `read-state` stores; each holds only its own entries).
+fn stored(
+    app_dir: &std::path::Path,
+) -> (
+    HashMap<ConversationId, ConversationHead>,
+    HashMap<StateKey, ReadState>,
+) {
+    let (mut heads, mut states) = (HashMap::new(), HashMap::new());
+    for p in 0..PARTS {
+        let open = |store: &str| {
+            let path = app_dir.join(format!("0_{p}")).join(store);
+            path.exists().then(|| {
+                RocksDbStore::open(store.into(), &path, &RocksDbOptions::default()).unwrap()
+            })
+        };
+        let (Some(h), Some(s)) = (open("head-state"), open("read-state")) else {
+            continue;
+        };
+        assert!(
+            h.scan_prefix(b"s").unwrap().is_empty(),
+            "no pointer among the heads"
+        );
+        assert!(
+            s.scan_prefix(b"h").unwrap().is_empty(),
+            "no head among the pointers"
+        );
+        for (k, v) in h.scan_prefix(b"h").unwrap() {
+            let (_, key) = StoreKey::decode(&k).unwrap();
+            heads.insert(key.conversation, ConversationHead::decode(&v).unwrap());
+        }
+        for (k, v) in s.scan_prefix(b"s").unwrap() {
+            let (_, key) = StoreKey::decode(&k).unwrap();
+            states.insert(key, ReadState::decode(&v).unwrap());
+        }
+    }
+    (heads, states)
+}
+
+/// Every member's counts, derived from the stored heads and pointers, equal the oracle's.
+fn check_stored_counts(app_dir: &std::path::Path, w: &ChatWorkload) {
+    let (heads, states) = stored(app_dir);
+    assert_eq!(heads.len(), w.messages.len(), "one head per conversation");
+    let mut checked = 0;
+    for (conv, members) in &w.members {
+        let head = &heads[conv];
+        assert_eq!(head.message_count, w.messages[conv].len() as i64);
+        for r in members {
+            let key = StateKey {
+                conversation: *conv,
+                reader: *r,
+            };
+            let pointer = states.get(&key).map_or(-1, |s| s.last_read_seq);
+            assert_eq!(
+                Some(&pointer),
+                w.pointers.get(&key).or(Some(&-1)),
+                "{key:?}"
+            );
+            let got = head.counts(*r, pointer);
+            let want = w.expected(*conv, *r);
+            assert_eq!(
+                (got.unread, got.mentions, got.capped),
+                (want.unread, want.mentions, false),
+                "{key:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 1000, "{checked} members checked");
+}
+
+/// Receipt updates never go backwards per key, and their counts are never above the
+/// member's counts with no read at all (a sanity bound that needs no timing).
+fn check_receipts(updates: &[ReceiptUpdate], w: &ChatWorkload) {
+    let mut last: HashMap<StateKey, i64> = HashMap::new();
+    for u in updates {
+        let prev = last.insert(u.key(), u.version).unwrap_or(0);
+        assert!(
+            u.version >= prev,
+            "version went backwards for {:?}",
+            u.key()
+        );
+        let c = u.counts.expect("receipts carry counts");
+        let all = w.messages[&u.conversation_id].len() as i64;
+        assert!(c.unread >= 0 && c.unread <= all && c.mentions <= c.unread);
+    }
+}
+
+fn spec(seed: u64) -> ChatSpec {
+    ChatSpec {
+        seed,
+        conversations: 30,
+        max_members: 150,
+        max_messages: 120,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn instances_joining_and_leaving_keep_every_count_exact() {
+    instances_joining_and_leaving(Env::new(PARTS));
+}
+
+/// The same on Apache Kafka: topics created by readstate, a compacted changelog, the
+/// group coordinator's real range assignment.
+#[test]
+fn real_broker_instances_joining_and_leaving_keep_every_count_exact() {
+    instances_joining_and_leaving(Env::real());
+}
+
+fn instances_joining_and_leaving(env: Env) {
+    let w = generate(&spec(11));
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let chunks: Vec<&[ChatEvent]> = w.arrivals.chunks(w.arrivals.len() / 3 + 1).collect();
+    let a = launch(env.config(dir_a.path()));
+    env.produce(chunks[0]);
+    let b = launch(env.config(dir_b.path()));
+    env.produce(chunks[1]);
+    kafka::read_until(
+        &env.brokers.clone(),
+        &env.t.updates,
+        |_| (),
+        |d: &[()]| d.len() >= 50,
+    );
+    let sa = a.stop();
+    env.produce(chunks[2]);
+    let (updates, _) = env.await_outputs(&w);
+    let sb = b.stop();
+    assert!(sa.tasks_opened > 0 && sb.tasks_opened > 0, "{sa:?} {sb:?}");
+    assert!(
+        sb.restored_records > 0,
+        "B restored A's tasks, heads included: {sb:?}"
+    );
+    check_receipts(&updates, &w);
+    // B owned every partition at the end: its stores hold every head and pointer.
+    check_stored_counts(&dir_b.path().join(&env.app), &w);
+}
+
+#[test]
+fn kill_9_mid_stream_then_restart_keeps_every_count_exact() {
+    let env = Env::new(PARTS);
+    let w = generate(&spec(12));
+    let file = env.state.path().join("topology.toml");
+    std::fs::write(&file, env.topology_text(env.state.path())).unwrap();
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
+            .args(["run", "--local-schemas", "--topology"])
+            .arg(&file)
+            .env("KAFKA_BROKERS", env.brokers.clone())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = w.arrivals.split_at(w.arrivals.len() / 2);
+    env.produce(first);
+    let mut child = spawn();
+    kafka::read_until(
+        &env.brokers.clone(),
+        &env.t.heads,
+        |_| (),
+        |d: &[()]| d.len() >= 20,
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    env.produce(second);
+    let mut child = spawn();
+    let (updates, _) = env.await_outputs(&w);
+    terminate(&mut child);
+    check_receipts(&updates, &w);
+    check_stored_counts(&env.state.path().join(&env.app), &w);
+}
+
+#[test]
+fn a_message_topic_with_another_partition_count_is_refused_by_name() {
+    let env = Env::new(PARTS - 1);
+    let err = run(
+        env.config(env.state.path()),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .expect_err("co-partitioning is checked at start");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&env.t.messages) && msg.contains("3 partitions") && msg.contains(&env.t.reads),
+        "{msg}"
+    );
+}
+
+/// `readstate run` as a child process with its own state directory, a short session
+/// timeout, and its log in `<state_dir>/readstate.log`.
+fn spawn_in(env: &Env, file: &std::path::Path, state_dir: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
+        .args(["run", "--local-schemas", "--topology"])
+        .arg(file)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args([
+            "-X",
+            "session.timeout.ms=6000",
+            "-X",
+            "heartbeat.interval.ms=500",
+        ])
+        .env("KAFKA_BROKERS", &env.brokers)
+        .env("RUST_LOG", "warn,readstate=info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(state_dir.join("readstate.log")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// A paused past its session timeout while B takes its tasks over, then resumed: A must
+/// learn it lost them (closing them dirty), and the counts stay exact. The final state is
+/// checked in a third instance that restores every task from the changelog.
+#[test]
+fn sigstop_past_the_session_timeout_then_sigcont_keeps_every_count_exact() {
+    let env = Env::new(PARTS);
+    let w = generate(&spec(13));
+    let file = env.state.path().join("topology.toml");
+    std::fs::write(&file, env.topology_text(env.state.path())).unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let n = w.arrivals.len();
+    let cuts = [n / 3, 2 * n / 3];
+    let mut a = spawn_in(&env, &file, dir_a.path());
+    env.produce(&w.arrivals[..cuts[0]]);
+    env.await_outputs(&w.prefix(cuts[0]));
+    let mut b = spawn_in(&env, &file, dir_b.path());
+    wait_log(
+        &dir_b.path().join("readstate.log"),
+        "assigned partitions=[(",
+    );
+    signal(&a, "STOP");
+    env.produce(&w.arrivals[cuts[0]..cuts[1]]);
+    // Only reachable once B owns A's tasks too (A's session timed out).
+    let stopped_at = std::time::Instant::now();
+    env.await_outputs(&w.prefix(cuts[1]));
+    let taken_over = stopped_at.elapsed();
+    signal(&a, "CONT");
+    env.produce(&w.arrivals[cuts[1]..]);
+    let (updates, _) = env.await_outputs(&w);
+    let log = |dir: &std::path::Path| {
+        let path = dir.join("readstate.log");
+        move || process::log_tail(&path, 200)
+    };
+    terminate_logged(&mut a, "A", log(dir_a.path()));
+    terminate_logged(&mut b, "B", log(dir_b.path()));
+    assert!(
+        taken_over >= std::time::Duration::from_secs(3),
+        "B took A's tasks only after A's session timed out ({taken_over:?})"
+    );
+    let log_a = std::fs::read_to_string(dir_a.path().join("readstate.log")).unwrap();
+    assert!(
+        log_a.contains("tasks lost"),
+        "A closed its lost tasks dirty:\n{log_a}"
+    );
+    check_receipts(&updates, &w);
+    // A fresh instance restores every task (heads included) from the changelog.
+    let dir_c = tempfile::tempdir().unwrap();
+    let cfg = env.config(dir_c.path());
+    let health = cfg.health.clone();
+    let c = launch(cfg);
+    wait::wait_for("C to restore", std::time::Duration::from_secs(90), || {
+        health.is_ready()
+    });
+    let sc = c.stop();
+    assert!(sc.restored_records > 0, "{sc:?}");
+    check_stored_counts(&dir_c.path().join(&env.app), &w);
+}
+
+/// Each store is judged against its own changelog: a head-state store whose checkpoint
+/// lies beyond its changelog's end (as after the changelog was recreated) is wiped and
+/// restored from it alone, the read-state store beside it kept; the counts stay exact.
+#[test]
+fn a_head_store_that_does_not_match_its_changelog_is_wiped_and_restored_alone() {
+    let env = Env::new(PARTS);
+    let w = generate(&spec(14));
+    let (first, second) = w.arrivals.split_at(w.arrivals.len() / 2);
+    env.produce(first);
+    let a = launch(env.config(env.state.path()));
+    env.await_outputs(&w.prefix(first.len()));
+    let sa = a.stop();
+    assert_eq!(sa.tasks_corrupted, 0, "{sa:?}");
+    // Every head store claims a changelog position far beyond the end, and holds a head
+    // no message made (it must not survive the wipe).
+    let app_dir = env.state.path().join(&env.app);
+    let stray = ConversationId(-42);
+    let kept = StateKey {
+        conversation: stray,
+        reader: readstate::ids::ReaderId(1),
+    };
+    for p in 0..PARTS {
+        let path = app_dir.join(format!("0_{p}")).join("head-state");
+        let mut s =
+            RocksDbStore::open("head-state".into(), &path, &RocksDbOptions::default()).unwrap();
+        let mut batch = StoreBatch::default();
+        put_checkpoint(&mut batch, 1_000_000);
+        let mut bytes = Vec::new();
+        ConversationHead::default().encode(&mut bytes);
+        batch.put(StoreKey::head(stray).as_bytes(), &bytes);
+        s.write(batch).unwrap();
+        // And the read-state store beside it a value no event made (it must survive).
+        let path = app_dir.join(format!("0_{p}")).join("read-state");
+        let mut s =
+            RocksDbStore::open("read-state".into(), &path, &RocksDbOptions::default()).unwrap();
+        let mut batch = StoreBatch::default();
+        batch.put(
+            StoreKey::state(kept).as_bytes(),
+            ReadState::default().to_bytes(),
+        );
+        s.write(batch).unwrap();
+    }
+    env.produce(second);
+    let b = launch(env.config(env.state.path()));
+    env.await_outputs(&w);
+    let sb = b.stop();
+    assert_eq!(
+        sb.tasks_corrupted, PARTS as u64,
+        "only the head stores were wiped: {sb:?}"
+    );
+    assert!(sb.restored_records > 0, "{sb:?}");
+    let (heads, _) = stored(&app_dir);
+    assert!(
+        !heads.contains_key(&stray),
+        "the wiped store kept a stray head"
+    );
+    check_stored_counts(&app_dir, &w);
+}

@@ -1,0 +1,216 @@
+//! Unread and mention counts in PostgreSQL: `readstate migrate` then `readstate run` (a real
+//! process, with both embedded sinks) on MockCluster and the private PostgreSQL of
+//! `scripts/test`. The `read_receipts_unread` view and the `conversation_heads_counts`
+//! function give every member's counts equal to the chat oracle, and `conversation_heads`
+//! holds one row per conversation (nothing per member).
+
+use readstate_testing::chat;
+use readstate_testing::db;
+use readstate_testing::kafka;
+use readstate_testing::process;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chat::{produce, topology_text, ChatTopics};
+use db::Db;
+use kafka::suffix;
+use process::{log_tail, terminate, KillOnDrop};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use readstate::model::UnreadCounts;
+use readstate_tools::loadgen::chat::{generate, ChatSpec, ChatWorkload};
+
+const PARTS: i32 = 4;
+
+const PG_SINKS: &str = r#"
+[[sink]]
+name = "pg"
+kind = "postgres"
+input = "updates"
+batch_size = 200
+linger = "200ms"
+[[sink]]
+name = "pg-heads"
+kind = "postgres"
+input = "heads"
+batch_size = 200
+linger = "200ms"
+"#;
+
+/// Every member's counts as PostgreSQL derives them: readers with a pointer from the
+/// view, the others from the function at pointer -1.
+fn counts_in_postgres(db: &Db, w: &ChatWorkload) -> Option<HashMap<(i64, i64), UnreadCounts>> {
+    let c = db.connect(&db.url).ok()?;
+    let rows = db
+        .rt
+        .block_on(c.query(
+            "SELECT conversation_id, reader_id, unread_count, mention_count, counts_capped FROM read_receipts_unread",
+            &[],
+        ))
+        .ok()?;
+    let mut out: HashMap<(i64, i64), UnreadCounts> = rows
+        .iter()
+        .map(|r| {
+            let counts = UnreadCounts {
+                unread: r.get(2),
+                mentions: r.get(3),
+                capped: r.get(4),
+            };
+            ((r.get(0), r.get(1)), counts)
+        })
+        .collect();
+    for (conv, members) in &w.members {
+        for m in members {
+            if out.contains_key(&(conv.0, m.0)) {
+                continue;
+            }
+            let r = db
+                .rt
+                .block_on(c.query_one(
+                    "SELECT * FROM conversation_heads_counts($1, $2, -1)",
+                    &[&conv.0, &m.0],
+                ))
+                .ok()?;
+            let counts = UnreadCounts {
+                unread: r.get(0),
+                mentions: r.get(1),
+                capped: r.get(2),
+            };
+            out.insert((conv.0, m.0), counts);
+        }
+    }
+    Some(out)
+}
+
+fn expected(w: &ChatWorkload) -> HashMap<(i64, i64), UnreadCounts> {
+    let mut m = HashMap::new();
+    for (conv, members) in &w.members {
+        for r in members {
+            m.insert((conv.0, r.0), w.expected(*conv, *r));
+        }
+    }
+    m
+}
+
+#[test]
+fn postgres_counts_of_every_member_equal_the_oracle_with_one_row_per_conversation() {
+    let db = Db::create();
+    let mock: MockCluster<'static, DefaultProducerContext> = MockCluster::new(1).unwrap();
+    let s = suffix();
+    let app = format!("unread-pg-{s}");
+    let t = ChatTopics::new(&s);
+    for name in t.all() {
+        mock.create_topic(name, PARTS, 1).unwrap();
+    }
+    for store in ["read-state", "head-state"] {
+        mock.create_topic(&format!("{app}-{store}-changelog"), PARTS, 1)
+            .unwrap();
+    }
+    mock.create_topic(&format!("{app}-dlq"), 1, 1).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let file = state.path().join("topology.toml");
+    std::fs::write(&file, topology_text(&app, state.path(), &t, PG_SINKS)).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let cli = |args: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_readstate"));
+        c.args(args)
+            .arg("--topology")
+            .arg(&file)
+            .env("KAFKA_BROKERS", &brokers)
+            .env("DATABASE_URL", &db.url)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null());
+        c
+    };
+    let migrated = cli(&["migrate"]).status().unwrap();
+    assert!(migrated.success(), "readstate migrate");
+    let w = generate(&ChatSpec {
+        seed: 21,
+        conversations: 20,
+        max_members: 120,
+        max_messages: 100,
+        ..Default::default()
+    });
+    produce(&brokers, &t, &w.arrivals);
+    let log = state.path().join("readstate.log");
+    let mut child = KillOnDrop(
+        cli(&["run", "--local-schemas"])
+            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let want = expected(&w);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let got = loop {
+        let got = counts_in_postgres(&db, &w);
+        if got.as_ref() == Some(&want) {
+            break got.unwrap();
+        }
+        if Instant::now() >= deadline {
+            let differ: Vec<_> = want
+                .iter()
+                .filter(|(k, v)| got.as_ref().is_none_or(|g| g.get(k) != Some(v)))
+                .collect();
+            let sample: Vec<String> = differ
+                .iter()
+                .take(5)
+                .map(|(k, v)| {
+                    let g = got.as_ref().and_then(|g| g.get(k));
+                    format!("(conversation, reader) {k:?}: want {v:?}, got {g:?}")
+                })
+                .collect();
+            panic!(
+                "PostgreSQL counts did not converge to the oracle: {} of {} members differ, e.g.\n{}\nthe instance's log ends:\n{}",
+                differ.len(),
+                want.len(),
+                sample.join("\n"),
+                log_tail(&log, 150)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    terminate(&mut child.0);
+    assert!(
+        got.values().any(|c| c.mentions > 0),
+        "mentions were counted"
+    );
+    let c = db.connect(&db.url).unwrap();
+    let heads: i64 = db
+        .rt
+        .block_on(c.query_one("SELECT count(*) FROM conversation_heads", &[]))
+        .unwrap()
+        .get(0);
+    assert_eq!(heads, w.messages.len() as i64, "one row per conversation");
+}
+
+/// `readstate demo --unread`: messages and reads through both sinks; PASS means every
+/// member's counts in PostgreSQL equal the generator's.
+#[test]
+fn the_unread_demo_passes() {
+    use readstate_tools::demo::unread::{run_unread_demo, UnreadDemoConfig};
+    let admin = std::env::var("READSTATE_TEST_DATABASE_URL").expect(
+        "READSTATE_TEST_DATABASE_URL is not set: run scripts/test, which starts a private PostgreSQL",
+    );
+    let report = run_unread_demo(UnreadDemoConfig {
+        spec: ChatSpec {
+            seed: 5,
+            conversations: 60,
+            max_members: 200,
+            max_messages: 200,
+            ..Default::default()
+        },
+        partitions: 4,
+        database_url: admin,
+        database_name: format!("rs_unread_demo_{}", suffix()),
+    })
+    .expect("the demo runs");
+    print!("{}", report.render());
+    assert!(report.pass(), "demo FAILED");
+    assert_eq!(report.head_rows, 60);
+    assert!(
+        report.members > 2_000 && report.messages > 2_000,
+        "{report:?}"
+    );
+}

@@ -364,17 +364,16 @@ mod tests {
 #[cfg(test)]
 mod embedded {
     use super::*;
-    use rdkafka::consumer::{BaseConsumer, Consumer};
+
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+    use rdkafka::{ClientConfig, Message};
     use readstate::kafka::KafkaSettings;
     use readstate::processor::ProcessorRegistry;
     use readstate::runtime::{run, RunConfig};
     use readstate::serde::LocalRegistry;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    use std::time::Instant;
 
     const PARTITIONS: i32 = 2;
 
@@ -452,7 +451,7 @@ mod embedded {
             let stop = Arc::new(AtomicBool::new(false));
             let flag = stop.clone();
             let instance = std::thread::spawn(move || run(cfg, flag));
-            let out = self.read_output(n, Duration::from_secs(60));
+            let out = self.read_output(n);
             stop.store(true, Ordering::Relaxed);
             instance
                 .join()
@@ -462,34 +461,17 @@ mod embedded {
         }
 
         /// The output topic from the beginning, until it holds `n` records (bounded).
-        fn read_output(&self, n: usize, within: Duration) -> Vec<(String, Presence)> {
-            let c: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", self.mock.bootstrap_servers())
-                .set("group.id", format!("{}-reader", self.app))
-                .create()
-                .expect("consumer");
-            let mut tpl = TopicPartitionList::new();
-            for p in 0..PARTITIONS {
-                tpl.add_partition_offset(&self.output, p, Offset::Beginning)
-                    .expect("partition");
-            }
-            c.assign(&tpl).expect("assign");
-            let mut out = Vec::new();
-            let deadline = Instant::now() + within;
-            while out.len() < n {
-                assert!(
-                    Instant::now() < deadline,
-                    "{} of {n} output records after {within:?}",
-                    out.len()
-                );
-                if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
-                    let user = String::from_utf8(m.key().expect("keyed").to_vec()).expect("UTF-8");
-                    let p: Presence =
-                        serde_json::from_slice(m.payload().expect("a value")).expect("JSON");
-                    out.push((user, p));
-                }
-            }
-            out
+        fn read_output(&self, n: usize) -> Vec<(String, Presence)> {
+            let decode = |m: &rdkafka::message::BorrowedMessage<'_>| {
+                let user = String::from_utf8(m.key().expect("keyed").to_vec()).expect("UTF-8");
+                let p: Presence =
+                    serde_json::from_slice(m.payload().expect("a value")).expect("JSON");
+                (user, p)
+            };
+            let bootstrap = self.mock.bootstrap_servers();
+            readstate_testing::kafka::read_until(&bootstrap, &self.output, decode, |out| {
+                out.len() >= n
+            })
         }
     }
 }

@@ -10,8 +10,9 @@
 //!   `StoreName`, `Origin`, ...).
 //! - [`model`]: the domain records, `ReadEvent` in and `ReceiptUpdate` out.
 //! - [`config`]: topology files as written (TOML), unknown fields collected.
-//! - [`topology`]: compile a spec into a checked `Topology` (every error at once), into the
-//!   graph the runtime routes on (`topology::graph`), and describe it.
+//! - [`topology`]: compile a spec into a checked `Topology` (one function per section,
+//!   every error at once: `topology::compile`), into the graph the runtime routes on
+//!   (`topology::graph`), and describe it.
 //! - [`serde`]: Avro in the Confluent wire format; the `SchemaResolver` seam (Confluent
 //!   registry or local schemas).
 //! - [`processor`]: the processor API. `processor::api` is the runtime's seam and names no
@@ -29,8 +30,9 @@
 //! - [`runtime`]: `readstate run` in Kafka Streams' roles, one type each: the poll loop
 //!   (StreamThread), the task manager (the lifecycle: assign, revoke, lost, corrupted,
 //!   fatal), the task executor (processing and the one commit path), the running tasks,
-//!   membership, parking, offsets, the record collector, the state manager and the
-//!   incremental changelog reader. It knows no domain type.
+//!   membership, parking, the schema gate (registry park/resume), offsets, the record
+//!   collector, the state manager and the incremental changelog reader. It knows no domain
+//!   type.
 //! - [`sink`]: the PostgreSQL sink: migrations, batching, the version-guarded upsert with
 //!   offsets in the same transaction, and its consumer loop.
 //! - [`reset`]: `readstate reset`, the application reset tool (offsets, internal topics,

@@ -56,6 +56,19 @@ pub struct CacheBudget {
     pub positions: usize,
 }
 
+impl CacheBudget {
+    /// One task's share of this (the instance's) budget when it runs `tasks` tasks: each
+    /// running task gets an equal share, as Kafka Streams divides
+    /// `statestore.cache.max.bytes`.
+    pub fn share(&self, tasks: usize) -> CacheBudget {
+        let tasks = tasks.max(1);
+        CacheBudget {
+            entries: (self.entries / tasks).max(1),
+            positions: self.positions / tasks,
+        }
+    }
+}
+
 /// What a processor is initialised with: its task, its stores (in the order its node
 /// names them), and its cache budget.
 pub struct ProcessorContext {

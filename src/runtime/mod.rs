@@ -26,6 +26,7 @@ mod offsets;
 mod parking;
 mod record_collector;
 mod repartition_purger;
+mod schema_gate;
 mod state_manager;
 mod state_updater;
 mod stream_thread;

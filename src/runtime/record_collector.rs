@@ -204,6 +204,27 @@ pub struct RecordCollector {
 }
 
 impl RecordCollector {
+    /// The collector of an instance of `config`'s topology: transactional under
+    /// exactly_once_v2 (`<application.id>-<process id>`), at least once otherwise.
+    pub(super) fn for_topology(
+        config: &super::RunConfig,
+        state: &super::state_manager::StateManager,
+        changelogs: Vec<Option<String>>,
+    ) -> Result<Self, super::RuntimeError> {
+        let t = &config.topology;
+        let transactional_id = match t.guarantee {
+            crate::topology::ProcessingGuarantee::AtLeastOnce => None,
+            crate::topology::ProcessingGuarantee::ExactlyOnceV2 => {
+                Some(format!("{}-{}", t.application_id, state.process_id()?))
+            }
+        };
+        Ok(Self::with_transactions(
+            &config.kafka,
+            changelogs,
+            transactional_id,
+        )?)
+    }
+
     /// A collector whose records go out in transactions under `transactional_id`
     /// (exactly_once_v2), or at least once without one.
     ///

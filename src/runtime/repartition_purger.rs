@@ -23,6 +23,13 @@ pub(super) struct RepartitionPurger {
 }
 
 impl RepartitionPurger {
+    /// A purger when `config`'s topology forwards through a repartition topic.
+    pub(super) fn for_topology(config: &super::RunConfig) -> Option<Self> {
+        (config.topology.sources.iter())
+            .any(|s| s.repartition_topic.is_some())
+            .then(|| Self::new(&config.kafka, config.repartition_purge_interval))
+    }
+
     pub(super) fn new(settings: &KafkaSettings, interval: Duration) -> Self {
         let (tx, rx) = mpsc::channel::<Purge>();
         let admin: Option<AdminClient<DefaultClientContext>> = match settings

@@ -24,15 +24,15 @@ use rdkafka::Message;
 use super::dead_letter_log::DeadLetterQueue;
 use super::membership::is_membership_error;
 use super::offsets::{SourceOffsets, TopicPartition};
-use super::parking::{rewind, ParkReason, Parking};
+use super::parking::{rewind, Parking};
 use super::record_collector::{RecordCollector, TxnError};
 use super::repartition_purger::RepartitionPurger;
+use super::schema_gate::SchemaGate;
 use super::tasks::Tasks;
 use super::{RunSummary, RuntimeError};
 use crate::ids::Origin;
 use crate::kafka::dead_letter_headers;
 use crate::processor::{FlushOutput, InputId, SourceSerdes};
-use crate::serde::SerdeError;
 use crate::task::{DeadLetter, SourceRecord};
 use crate::telemetry::{series, Progress};
 use crate::topology::graph::{Graph, Route};
@@ -66,8 +66,9 @@ pub(super) struct TaskExecutor {
     routes: Vec<Route>,
     /// The changelog topic of each store of a task (indexed as `Topology::stores()`).
     changelogs: Vec<Option<String>>,
-    /// The sources' deserializers (writer schemas, repartition keys).
-    serdes: Arc<dyn SourceSerdes>,
+    /// The sources' deserializers (writer schemas, repartition keys), and the park and
+    /// resume protocol of the schema registry.
+    schemas: SchemaGate,
     /// The topic of each sink node, by `SinkId`.
     sinks: Vec<String>,
     collector: RecordCollector,
@@ -77,7 +78,6 @@ pub(super) struct TaskExecutor {
     pub(super) dead_letters: DeadLetterQueue,
     pub(super) summary: RunSummary,
     progress: Arc<Progress>,
-    rt: tokio::runtime::Runtime,
     /// Whose per-task series these are.
     owner: series::Owner,
 }
@@ -103,7 +103,7 @@ impl TaskExecutor {
             guarantee: p.guarantee,
             routes: p.routes,
             changelogs: p.changelogs,
-            serdes: p.serdes,
+            schemas: SchemaGate::new(p.serdes, p.rt),
             sinks: p.sinks,
             collector: p.collector,
             purger: p.purger,
@@ -111,7 +111,6 @@ impl TaskExecutor {
             dead_letters: p.dead_letters,
             summary: RunSummary::default(),
             progress: p.progress,
-            rt: p.rt,
             owner: p.owner,
         }
     }
@@ -139,7 +138,7 @@ impl TaskExecutor {
         if msgs.is_empty() {
             return Ok(());
         }
-        self.prepare_schemas(consumer, tasks, parking, msgs)?;
+        self.schemas.prepare(consumer, tasks, parking, msgs)?;
         let dead_before = self.dead_letters.len();
         // Group by task and input (the graph's route of the record's topic), keeping order
         // within each; forward what needs repartitioning.
@@ -213,68 +212,13 @@ impl TaskExecutor {
         })
     }
 
-    /// Fetch unknown writer schemas. While the registry is unavailable the partitions
-    /// whose records need them are parked (nothing is dead-lettered, polling goes on).
-    fn prepare_schemas<C: ConsumerContext>(
-        &mut self,
-        consumer: &BaseConsumer<C>,
-        tasks: &Tasks,
-        parking: &mut Parking,
-        msgs: &[BorrowedMessage<'_>],
-    ) -> Result<(), RuntimeError> {
-        let values: Vec<(&str, Option<&[u8]>)> =
-            msgs.iter().map(|m| (m.topic(), m.payload())).collect();
-        match self.rt.block_on(self.serdes.prepare(&values)) {
-            Ok(()) => return Ok(()),
-            Err(SerdeError::RegistryUnavailable(e)) => {
-                tracing::warn!(error = %e, "schema registry unavailable: parking the partitions that need it")
-            }
-            Err(e) => return Err(e.into()),
-        }
-        let (ids, first) = unknown_schemas(&*self.serdes, msgs);
-        // Everything polled for those partitions from the first record needing a schema on.
-        for (tp, off) in first {
-            let from = msgs
-                .iter()
-                .find(|m| m.topic() == tp.0 && m.partition() == tp.1)
-                .map_or(off, |m| m.offset());
-            if parking.contains(&tp) || !tasks.owns(&tp.0, tp.1) {
-                continue;
-            }
-            parking.park(consumer, tp, ParkReason::Registry, Some(from))?;
-        }
-        parking.wait_for_registry(ids, Instant::now());
-        Ok(())
-    }
-
     /// Ask the registry again when due; once it answers, resume the parked partitions.
     pub(super) fn retry_registry<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
         parking: &mut Parking,
     ) -> Result<(), RuntimeError> {
-        let Some(w) = parking.registry_due(Instant::now()) else {
-            return Ok(());
-        };
-        let ids = w.ids.clone();
-        match self.rt.block_on(self.serdes.prepare_ids(&ids)) {
-            Ok(()) => {
-                let w = parking.registry_due(Instant::now()).expect("due above");
-                tracing::info!(after = ?w.since.elapsed(), "schema registry available again: resuming parked partitions");
-                parking.registry_answered();
-                for tp in parking.parked_for(ParkReason::Registry) {
-                    parking.unpark(consumer, &tp)?;
-                }
-                Ok(())
-            }
-            Err(SerdeError::RegistryUnavailable(e)) => {
-                let w = parking.registry_due(Instant::now()).expect("due above");
-                tracing::warn!(error = %e, retry_in = ?w.backoff.peek(), down_for = ?w.since.elapsed(), "schema registry still unavailable");
-                w.failed(Instant::now());
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        }
+        self.schemas.retry(consumer, parking)
     }
 
     /// Sub-topology 0: re-key one source record by conversation_id and produce it to the
@@ -290,10 +234,7 @@ impl TaskExecutor {
             .as_ref()
             .expect("accepted as a forwarded partition");
         let mut key = Vec::with_capacity(24);
-        match self
-            .serdes
-            .repartition_key(m.topic(), m.payload(), &mut key)
-        {
+        match (self.schemas.serdes()).repartition_key(m.topic(), m.payload(), &mut key) {
             Ok(()) => {
                 let headers = OwnedHeaders::new().insert(Header {
                     key: Origin::HEADER,
@@ -311,7 +252,7 @@ impl TaskExecutor {
             }
             Err(e) => {
                 let rec = source_record(m, origin);
-                let max = self.serdes.max_record_bytes();
+                let max = self.schemas.serdes().max_record_bytes();
                 let d = DeadLetter::from_record(&rec, e.reason(), e.to_string(), max);
                 self.dead_letters.push(d);
             }
@@ -626,27 +567,6 @@ impl TaskExecutor {
             }
         }
     }
-}
-
-/// The first offset per partition of the records in `msgs` whose writer schema is unknown,
-/// and the unknown ids.
-fn unknown_schemas(
-    serdes: &dyn SourceSerdes,
-    msgs: &[BorrowedMessage<'_>],
-) -> (Vec<u32>, BTreeMap<TopicPartition, i64>) {
-    let mut ids: Vec<u32> = Vec::new();
-    let mut first: BTreeMap<TopicPartition, i64> = BTreeMap::new();
-    for m in msgs {
-        if let Some(id) = serdes.unknown_schema(m.topic(), m.payload()) {
-            if !ids.contains(&id) {
-                ids.push(id);
-            }
-            first
-                .entry((m.topic().to_owned(), m.partition()))
-                .or_insert(m.offset());
-        }
-    }
-    (ids, first)
 }
 
 fn source_record<'a>(m: &'a BorrowedMessage<'_>, origin: Origin) -> SourceRecord<'a> {

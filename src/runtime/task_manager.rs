@@ -40,7 +40,6 @@ use crate::processor::{BuiltNode, CacheBudget, ProcessorContext, ProcessorSuppli
 use crate::task::StreamTask;
 use crate::telemetry::{series, Health};
 use crate::topology::graph::Graph;
-use crate::topology::{ProcessingGuarantee, Topology};
 
 /// What happened to tasks over the instance's life (the lifecycle half of a
 /// [`RunSummary`]).
@@ -119,10 +118,10 @@ impl TaskManager {
             guarantee: t.guarantee,
             routes: graph.routes(),
             sinks: graph.sink_topics().iter().map(|t| t.0.clone()).collect(),
-            collector: record_collector(config, &state, changelogs.clone())?,
+            collector: RecordCollector::for_topology(config, &state, changelogs.clone())?,
             changelogs,
             serdes: node.serdes,
-            purger: forwarding_purger(config, t).map(|p| (task_topic.clone(), p)),
+            purger: RepartitionPurger::for_topology(config).map(|p| (task_topic.clone(), p)),
             dead_letters: DeadLetterQueue::new(t.bad_records, t.dead_letter_topic.0.clone()),
             progress: config.progress.clone(),
             rt,
@@ -166,29 +165,6 @@ impl TaskManager {
             tasks_corrupted: self.updater.corrupted,
             ..self.executor.summary.clone()
         }
-    }
-
-    /// With a message source, both topics' partitions must come together (the range
-    /// assignor guarantees it when every member subscribes to both with equal counts).
-    fn check_co_partitioned(&self, parts: &[TopicPartition]) -> Result<(), RuntimeError> {
-        let Some(mt) = self.tasks.message_topic() else {
-            return Ok(());
-        };
-        let of = |topic: &str| -> BTreeSet<i32> {
-            parts
-                .iter()
-                .filter(|(t, _)| t == topic)
-                .map(|(_, p)| *p)
-                .collect()
-        };
-        let task_topic = self.tasks.task_topic();
-        let (reads, messages) = (of(task_topic), of(mt));
-        if reads == messages {
-            return Ok(());
-        }
-        Err(RuntimeError::Fatal(format!(
-            "co-partitioning broken: this instance was assigned partitions {reads:?} of {task_topic} but {messages:?} of {mt}; every instance of the group must run the same topology (both topics subscribed, range assignment) and both topics must have the same partition count"
-        )))
     }
 
     /// The poll loop returned from `poll`: note a gap long enough to doubt membership.
@@ -241,7 +217,7 @@ impl TaskManager {
     ) -> Vec<TopicPartition> {
         self.assigned_once = true;
         self.membership.assigned_under(member);
-        if let Err(e) = self.check_co_partitioned(parts) {
+        if let Err(e) = self.tasks.check_co_partitioned(parts) {
             self.fatal = Some(e.to_string());
             self.deferred.get_or_insert(e);
         }
@@ -322,7 +298,7 @@ impl TaskManager {
         let ctx = ProcessorContext {
             task: id,
             stores: ready.stores,
-            cache: self.cache_share(self.tasks.running.len() + 1),
+            cache: self.cache.share(self.tasks.running.len() + 1),
         };
         let processor = self.supplier.init(ctx)?;
         let task = RunningTask {
@@ -369,18 +345,9 @@ impl TaskManager {
     /// `cache_max_entries` is the instance's record-cache budget (as Kafka Streams'
     /// `statestore.cache.max.bytes`): each running task gets an equal share.
     fn share_cache_budget(&mut self) {
-        let share = self.cache_share(self.tasks.running.len());
+        let share = self.cache.share(self.tasks.running.len());
         for t in self.tasks.running.values_mut() {
             t.task.processor_mut().set_cache_budget(share);
-        }
-    }
-
-    /// One task's share of the instance's cache budget when it runs `tasks` tasks.
-    fn cache_share(&self, tasks: usize) -> CacheBudget {
-        let tasks = tasks.max(1);
-        CacheBudget {
-            entries: (self.cache.entries / tasks).max(1),
-            positions: self.cache.positions / tasks,
         }
     }
 
@@ -654,134 +621,8 @@ impl TaskManager {
     }
 }
 
-fn record_collector(
-    config: &RunConfig,
-    state: &StateManager,
-    changelogs: Vec<Option<String>>,
-) -> Result<RecordCollector, RuntimeError> {
-    let t = &config.topology;
-    let transactional_id = match t.guarantee {
-        ProcessingGuarantee::AtLeastOnce => None,
-        ProcessingGuarantee::ExactlyOnceV2 => {
-            Some(format!("{}-{}", t.application_id, state.process_id()?))
-        }
-    };
-    Ok(RecordCollector::with_transactions(
-        &config.kafka,
-        changelogs,
-        transactional_id,
-    )?)
-}
-
-fn forwarding_purger(config: &RunConfig, t: &Topology) -> Option<RepartitionPurger> {
-    t.sources
-        .iter()
-        .any(|s| s.repartition_topic.is_some())
-        .then(|| RepartitionPurger::new(&config.kafka, config.repartition_purge_interval))
-}
-
 /// The consumer lag series, per (topic, partition).
 pub(super) const CONSUMER_LAG: &str = "readstate_consumer_lag_records";
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ids::TaskId;
-    use crate::kafka::KafkaSettings;
-    use crate::serde::LocalRegistry;
-    use crate::state::{put_checkpoint, StoreBatch};
-    use rdkafka::mocking::MockCluster;
-
-    fn manager(brokers: &str, dir: &std::path::Path) -> TaskManager {
-        let text = format!(
-            r#"
-[application]
-id = "app"
-state_dir = "{}"
-[[source]]
-name = "events"
-topic = "src"
-[[store]]
-name = "read-state"
-[[processor]]
-name = "read-state"
-kind = "read-state"
-inputs = ["events"]
-store = "read-state"
-[[sink]]
-name = "updates"
-kind = "kafka"
-input = "read-state"
-topic = "out"
-"#,
-            dir.display()
-        );
-        let topology = crate::topology::compile(&text).unwrap();
-        let cfg = RunConfig::new(
-            topology,
-            KafkaSettings::new(brokers),
-            Arc::new(LocalRegistry::new()),
-        );
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let node = rt
-            .block_on(crate::processor::node::build(
-                &cfg.topology,
-                cfg.resolver.clone(),
-                &std::sync::atomic::AtomicBool::new(false),
-            ))
-            .unwrap();
-        TaskManager::new(&cfg, node, rt).unwrap()
-    }
-
-    /// Assign parks the partitions; open judges checkpoints (one beyond the empty
-    /// changelog is wiped), restores and starts the tasks, resuming the partitions; a
-    /// loss closes them dirty and wipes their stores.
-    #[test]
-    fn assign_open_corrupted_and_lost() {
-        let mock = MockCluster::new(1).unwrap();
-        mock.create_topic("src", 2, 1).unwrap();
-        mock.create_topic("app-read-state-changelog", 2, 1).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let mut tm = manager(&mock.bootstrap_servers(), dir.path());
-        {
-            let mut s = tm.updater.state().open(TaskId::new(0, 0), 0).unwrap();
-            let mut b = StoreBatch::default();
-            put_checkpoint(&mut b, 100);
-            s.write(b).unwrap();
-        }
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", mock.bootstrap_servers())
-            .set("group.id", "g")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition("src", 0);
-        tpl.add_partition("src", 1);
-        consumer.assign(&tpl).unwrap();
-        let parts = vec![("src".to_owned(), 0), ("src".to_owned(), 1)];
-        let pause = tm.assign(&parts, Some("m1".into()));
-        assert_eq!(pause, parts, "restoring partitions are paused");
-        assert_eq!(tm.parking.len(), 2);
-        tm.open_assigned(&consumer).unwrap();
-        while tm.tasks.running.len() < 2 {
-            tm.restore_step(&consumer).unwrap();
-        }
-        assert!(tm.parking.is_empty(), "resumed once restored");
-        assert_eq!(
-            tm.summary().tasks_corrupted,
-            1,
-            "the checkpoint beyond the end"
-        );
-        let dirs: Vec<_> = [0, 1]
-            .map(|p| tm.updater.state().store_dir(TaskId::new(0, p), 0))
-            .into();
-        assert!(dirs.iter().all(|d| d.exists()));
-        tm.lose_all("test");
-        assert!(tm.tasks.running.is_empty());
-        assert_eq!(tm.summary().tasks_lost, 2);
-        assert!(dirs.iter().all(|d| !d.exists()), "lost stores are wiped");
-    }
-}
+mod tests;

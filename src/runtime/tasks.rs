@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::offsets::TopicPartition;
+use super::RuntimeError;
 use crate::task::StreamTask;
 
 pub(super) struct RunningTask {
@@ -51,6 +52,32 @@ impl Tasks {
 
     pub(super) fn message_topic(&self) -> Option<&str> {
         self.message_topic.as_deref()
+    }
+
+    /// With a message source, both topics' partitions must come together (the range
+    /// assignor guarantees it when every member subscribes to both with equal counts).
+    pub(super) fn check_co_partitioned(
+        &self,
+        parts: &[TopicPartition],
+    ) -> Result<(), RuntimeError> {
+        let Some(mt) = self.message_topic() else {
+            return Ok(());
+        };
+        let of = |topic: &str| -> BTreeSet<i32> {
+            parts
+                .iter()
+                .filter(|(t, _)| t == topic)
+                .map(|(_, p)| *p)
+                .collect()
+        };
+        let task_topic = self.task_topic();
+        let (reads, messages) = (of(task_topic), of(mt));
+        if reads == messages {
+            return Ok(());
+        }
+        Err(RuntimeError::Fatal(format!(
+            "co-partitioning broken: this instance was assigned partitions {reads:?} of {task_topic} but {messages:?} of {mt}; every instance of the group must run the same topology (both topics subscribed, range assignment) and both topics must have the same partition count"
+        )))
     }
 
     /// The co-partitioned message topic's partition joining task partition `p`.

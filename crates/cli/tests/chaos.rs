@@ -366,7 +366,10 @@ fn check_restore(s: &Scenario, want: &HashMap<StateKey, Expected>) {
         Arc::new(LocalRegistry::new()),
     );
     cfg.state_dir = dir.path().to_path_buf();
-    let inst = readstate_cli::App::new(cfg).start().unwrap();
+    let inst = readstate_cli::App::new(cfg)
+        .with_database(s.db.url.clone())
+        .start()
+        .unwrap();
     wait_for(
         s,
         "the fresh instance to restore",

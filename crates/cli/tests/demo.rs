@@ -1,10 +1,10 @@
 //! `readstate demo` end to end, with `/metrics` scraped during the run. A test binary of its
 //! own, so the process-wide metrics recorder counts this run only.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use readstate::telemetry::{serve, Health};
-use readstate_testing::http_get;
+use readstate_testing::{http_get, wait_for};
 use readstate_tools::demo::{run_demo, DemoConfig};
 use readstate_tools::loadgen::WorkloadSpec;
 
@@ -46,18 +46,17 @@ fn demo_passes_and_metrics_agree_with_what_was_processed() {
         })
     });
     // During the run: the counters move.
-    let deadline = Instant::now() + Duration::from_secs(120);
     let mut seen_running = false;
-    while !demo.is_finished() && Instant::now() < deadline {
-        let page = http_get(addr, "/metrics").unwrap();
-        if page.contains("readstate_events_consumed_total ") {
-            seen_running = sample(&page, "readstate_events_consumed_total") > 0.0;
-            if seen_running {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        "the demo to finish or its counters to move",
+        Duration::from_secs(120),
+        || {
+            let page = http_get(addr, "/metrics").unwrap();
+            seen_running = page.contains("readstate_events_consumed_total ")
+                && sample(&page, "readstate_events_consumed_total") > 0.0;
+            seen_running || demo.is_finished()
+        },
+    );
     let report = demo.join().unwrap().expect("demo runs");
     print!("{}", report.render());
     assert!(seen_running, "metrics scraped while the demo ran");

@@ -1285,18 +1285,11 @@ fn real_broker_restore_from_a_compacted_changelog_is_exact() {
     }
     let written = a.stop().changelog_records as i64;
     let changelog = format!("{}-read-state-changelog", env.app);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let kept = loop {
-        let kept = kafka::count_records(&env.brokers(), &changelog);
-        if kept < written {
-            break kept;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the changelog was never compacted ({kept} of {written})"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let kept = wait_until(
+        &format!("the broker to compact {changelog} (below {written} records)"),
+        Duration::from_secs(120),
+        || Some(kafka::count_records(&env.brokers(), &changelog)).filter(|k| *k < written),
+    );
     let fresh = tempfile::tempdir().unwrap();
     let health = readstate::telemetry::Health::new();
     let mut cfg = env.config(fresh.path(), Arc::new(LocalRegistry::new()), &[]);
@@ -1342,18 +1335,16 @@ fn real_broker_exactly_once_kill9_between_produce_and_commit() {
     env.produce(first, 0);
     let mut child = spawn_cli_in(&env, &file, env.state.path(), &[]);
     let repartition = format!("{}-events-repartition", env.app);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while kafka::end_offsets(&env.brokers(), &repartition)
-        .iter()
-        .sum::<i64>()
-        < first.len() as i64
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the first run forwarded its records"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(
+        "the first run to forward its records",
+        Duration::from_secs(60),
+        || {
+            kafka::end_offsets(&env.brokers(), &repartition)
+                .iter()
+                .sum::<i64>()
+                >= first.len() as i64
+        },
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(
@@ -1606,18 +1597,9 @@ fn metrics_pass_promtool_and_moved_tasks_lose_their_series() {
     let log_a = dir_a.path().join("readstate.log");
     let addr_a = metrics_addr(&log_a);
     let all: std::collections::BTreeSet<String> = (0..PARTS).map(|p| format!("0_{p}")).collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let page = loop {
-        let page = scrape(addr_a);
-        if exported_tasks(&page) == all {
-            break page;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "A never exported all its tasks:\n{page}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let page = wait_until("A to export all its tasks", Duration::from_secs(60), || {
+        Some(scrape(addr_a)).filter(|page| exported_tasks(page) == all)
+    });
     assert_eq!(promtool(&page), "", "promtool check metrics");
     for line in [
         "readstate_tasks_lost_total 0",
@@ -1630,28 +1612,18 @@ fn metrics_pass_promtool_and_moved_tasks_lose_their_series() {
     }
     let mut b = spawn_cli_in(&env, &topology, dir_b.path(), &metrics);
     let addr_b = metrics_addr(&dir_b.path().join("readstate.log"));
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let (ta, tb) = (
-            exported_tasks(&scrape(addr_a)),
-            exported_tasks(&scrape(addr_b)),
-        );
-        if !tb.is_empty()
-            && ta.is_disjoint(&tb)
-            && ta
-                .union(&tb)
-                .cloned()
-                .collect::<std::collections::BTreeSet<_>>()
-                == all
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "series not handed over: A {ta:?}, B {tb:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(
+        "A to hand series over to B (disjoint, all tasks)",
+        Duration::from_secs(90),
+        || {
+            let (ta, tb) = (
+                exported_tasks(&scrape(addr_a)),
+                exported_tasks(&scrape(addr_b)),
+            );
+            let union: std::collections::BTreeSet<_> = ta.union(&tb).cloned().collect();
+            !tb.is_empty() && ta.is_disjoint(&tb) && union == all
+        },
+    );
     assert_eq!(promtool(&scrape(addr_a)), "", "after the rebalance");
     terminate(&mut b);
     terminate(&mut a);

@@ -230,15 +230,11 @@ fn sink_rows_equal_the_oracle_and_a_replay_changes_nothing() {
         .block_on(c.execute("DELETE FROM readstate_sink_offsets", &[]))
         .unwrap();
     let sink = start_sink(k.sink_config(&db, 500, Duration::from_millis(200)));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while db
-        .offsets(&k.group())
-        .map(|o| o.values().map(|x| x.1).sum::<i64>())
-        != Some(k.records())
-    {
-        assert!(Instant::now() < deadline, "replay never finished");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("the replay to finish", Duration::from_secs(60), || {
+        db.offsets(&k.group())
+            .map(|o| o.values().map(|x| x.1).sum::<i64>())
+            == Some(k.records())
+    });
     let replay = sink.stop();
     assert_eq!(replay.rows_changed, 0, "{replay:?}");
     assert_eq!(db.rows().unwrap(), rows, "a replay rewrote rows");
@@ -280,30 +276,25 @@ fn end_to_end_run_then_sink_matches_the_oracle() {
         .expect("instance starts");
     let sink = start_sink(k.sink_config(&db, 500, Duration::from_millis(200)));
     let oracle = oracle(&events);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let rows = db.rows().unwrap_or_default();
-        let done = rows.len() == oracle.len()
-            && oracle.iter().all(|(key, x)| {
-                rows.get(key).is_some_and(|r| {
-                    r.seq == x.max_seq
+    wait_for(
+        "PostgreSQL to match the oracle",
+        Duration::from_secs(120),
+        || {
+            let rows = db.rows().unwrap_or_default();
+            rows.len() == oracle.len()
+                && oracle.iter().all(|(key, x)| {
+                    rows.get(key).is_some_and(|r| {
+                        r.seq == x.max_seq
                         && r.version == x.advances
                         && r.device == x.device_of_max
                         // Counters are as of the last emitted update: stale events after
                         // the last advance emit nothing (exact counts are in the store).
                         && (x.advances..=x.events).contains(&r.events_total)
                         && r.stale_total <= x.events - x.advances
+                    })
                 })
-            });
-        if done {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "PostgreSQL never matched the oracle"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        },
+    );
     let run_summary = inst.stop().expect("instance runs");
     let summary = sink.stop();
     assert!(summary.statements <= summary.batches);
@@ -529,19 +520,19 @@ fn sigkill_sink_then_restart_applies_every_batch_exactly_once() {
             .unwrap()
     };
     let mut child = spawn();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let applied = db
-            .offsets(&k.group())
-            .map(|o| o.values().map(|x| x.1).sum::<i64>())
-            .unwrap_or(0);
-        if applied > 0 {
-            assert!(applied < total, "killed too late to mean anything");
-            break;
-        }
-        assert!(Instant::now() < deadline, "sink never wrote");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut applied = 0;
+    wait_for_every(
+        "the sink's first write",
+        Duration::from_secs(60),
+        Duration::from_millis(5),
+        || {
+            applied = (db.offsets(&k.group()))
+                .map(|o| o.values().map(|x| x.1).sum::<i64>())
+                .unwrap_or(0);
+            applied > 0
+        },
+    );
+    assert!(applied < total, "killed too late to mean anything");
     child.kill().unwrap();
     child.wait().unwrap();
     let mut child = spawn();
@@ -582,27 +573,28 @@ fn statement_timeouts_are_retried() {
     // Hold the lock until the sink has been seen waiting on it twice, a timeout apart.
     let watcher = db.connect(&db.url).unwrap();
     let mut seen = 0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while seen < 2 {
-        let waiting: i64 = db
-            .rt
-            .block_on(watcher.query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            ))
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            seen += 1;
-            std::thread::sleep(Duration::from_millis(400));
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the sink never waited on the lock"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_every(
+        "the sink to wait on the lock twice, a statement timeout apart",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || {
+            let waiting: i64 = db
+                .rt
+                .block_on(watcher.query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                ))
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                seen += 1;
+                // The next sighting must be a later statement (timeout 300 ms).
+                std::thread::sleep(Duration::from_millis(400));
+            }
+            seen >= 2
+        },
+    );
     db.rt.block_on(locker.batch_execute("COMMIT")).unwrap();
     db.wait_rows(&want);
     let summary = sink.stop();
@@ -831,14 +823,7 @@ fn real_broker_exactly_once_run_killed_and_restarted_then_postgres_equals_the_or
 
 /// Wait (bounded) for a child to exit.
 fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "the process did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("the process to exit", within, || child.try_wait().unwrap())
 }
 
 fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {

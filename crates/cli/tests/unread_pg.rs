@@ -10,7 +10,7 @@ use readstate_testing::kafka;
 use readstate_testing::process;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chat::{produce, topology_text, ChatTopics};
 use db::Db;
@@ -19,6 +19,7 @@ use process::{log_tail, terminate, KillOnDrop};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use readstate::model::UnreadCounts;
+use readstate_testing::wait_until_explained;
 use readstate_tools::loadgen::chat::{generate, ChatSpec, ChatWorkload};
 
 const PARTS: i32 = 4;
@@ -83,6 +84,33 @@ fn counts_in_postgres(db: &Db, w: &ChatWorkload) -> Option<HashMap<(i64, i64), U
     Some(out)
 }
 
+/// What differs between the oracle and PostgreSQL's counts, with the instance's log end.
+fn differences(
+    want: &HashMap<(i64, i64), UnreadCounts>,
+    got: Option<&HashMap<(i64, i64), UnreadCounts>>,
+    log: &std::path::Path,
+) -> String {
+    let differ: Vec<_> = want
+        .iter()
+        .filter(|(k, v)| got.is_none_or(|g| g.get(k) != Some(v)))
+        .collect();
+    let sample: Vec<String> = differ
+        .iter()
+        .take(5)
+        .map(|(k, v)| {
+            let g = got.and_then(|g| g.get(k));
+            format!("(conversation, reader) {k:?}: want {v:?}, got {g:?}")
+        })
+        .collect();
+    format!(
+        "{} of {} members differ, e.g.\n{}\nthe instance's log ends:\n{}",
+        differ.len(),
+        want.len(),
+        sample.join("\n"),
+        log_tail(log, 150)
+    )
+}
+
 fn expected(w: &ChatWorkload) -> HashMap<(i64, i64), UnreadCounts> {
     let mut m = HashMap::new();
     for (conv, members) in &w.members {
@@ -142,35 +170,18 @@ fn postgres_counts_of_every_member_equal_the_oracle_with_one_row_per_conversatio
             .unwrap(),
     );
     let want = expected(&w);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let got = loop {
-        let got = counts_in_postgres(&db, &w);
-        if got.as_ref() == Some(&want) {
-            break got.unwrap();
-        }
-        if Instant::now() >= deadline {
-            let differ: Vec<_> = want
-                .iter()
-                .filter(|(k, v)| got.as_ref().is_none_or(|g| g.get(k) != Some(v)))
-                .collect();
-            let sample: Vec<String> = differ
-                .iter()
-                .take(5)
-                .map(|(k, v)| {
-                    let g = got.as_ref().and_then(|g| g.get(k));
-                    format!("(conversation, reader) {k:?}: want {v:?}, got {g:?}")
-                })
-                .collect();
-            panic!(
-                "PostgreSQL counts did not converge to the oracle: {} of {} members differ, e.g.\n{}\nthe instance's log ends:\n{}",
-                differ.len(),
-                want.len(),
-                sample.join("\n"),
-                log_tail(&log, 150)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let last = std::cell::RefCell::new(None);
+    let got = wait_until_explained(
+        "PostgreSQL counts to converge to the oracle",
+        Duration::from_secs(120),
+        || {
+            let got = counts_in_postgres(&db, &w);
+            let done = got.as_ref() == Some(&want);
+            *last.borrow_mut() = got;
+            done.then(|| last.borrow().clone().unwrap())
+        },
+        || differences(&want, last.borrow().as_ref(), &log),
+    );
     terminate(&mut child.0);
     assert!(
         got.values().any(|c| c.mentions > 0),

@@ -1,6 +1,5 @@
 //! Helpers of the unread-count tests: the topology with a co-partitioned message source,
 //! producing a chat workload to its two topics.
-#![allow(dead_code)]
 
 use rdkafka::producer::BaseRecord;
 use readstate::serde::avro::{AvroReadEvent, EventEncoder};

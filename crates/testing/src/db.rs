@@ -1,15 +1,15 @@
 //! A PostgreSQL database of its own per test, on the server `scripts/test` starts
 //! (`READSTATE_TEST_DATABASE_URL`), dropped at the end; outages on demand.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use readstate::model::{ReceiptUpdate, StateKey};
 use readstate::sink::PostgresTable;
 
 use crate::fixtures::key;
 use crate::kafka::suffix;
+use crate::wait::wait_until;
 
 /// A database of its own on the test server, dropped at the end.
 pub struct Db {
@@ -149,16 +149,15 @@ impl Db {
 
     /// Wait until the table equals `want` (pointer, version, counters) for every key.
     pub fn wait_rows(&self, want: &HashMap<StateKey, ReceiptUpdate>) -> HashMap<StateKey, Row> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(rows) = self.rows() {
-                if rows.len() == want.len() && want.iter().all(|(k, u)| matches(rows.get(k), u)) {
-                    return rows;
-                }
-            }
-            assert!(Instant::now() < deadline, "rows never matched the oracle");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until(
+            "the table's rows to match the oracle",
+            Duration::from_secs(120),
+            || {
+                self.rows().filter(|rows| {
+                    rows.len() == want.len() && want.iter().all(|(k, u)| matches(rows.get(k), u))
+                })
+            },
+        )
     }
 }
 

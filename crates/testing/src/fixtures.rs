@@ -1,6 +1,6 @@
 //! Fixtures the tests share: topologies, workloads and an independent oracle.
 
-pub use crate::wait::{wait_for, wait_until, wait_until_explained};
+pub use crate::wait::{wait_for, wait_for_every, wait_until, wait_until_explained};
 
 use std::collections::HashMap;
 

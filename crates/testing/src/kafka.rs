@@ -1,13 +1,15 @@
 //! Kafka helpers shared by the MockCluster tests: producing, reading topics, offsets.
-#![allow(dead_code)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaResult;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+
+use crate::wait::{wait_for, wait_until, wait_until_explained};
 
 pub fn suffix() -> String {
     format!("{:08x}", rand::random::<u32>())
@@ -98,20 +100,30 @@ pub fn read_until<T>(
             .unwrap();
     }
     c.assign(&tpl).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut out = Vec::new();
-    while Instant::now() < deadline {
+    let out = std::cell::RefCell::new(Vec::new());
+    wait_until_explained(
+        &format!("reading {topic}"),
+        Duration::from_secs(90),
+        || {
+            drain(&c, |r| match r {
+                Ok(m) => out.borrow_mut().push(decode(&m)),
+                Err(e) => eprintln!("reader: {e}"),
+            });
+            done(&out.borrow()).then_some(())
+        },
+        || format!("{} records read", out.borrow().len()),
+    );
+    out.into_inner()
+}
+
+/// Hand what `c` has (up to 100,000 records, each poll waiting at most 200 ms) to `f`.
+fn drain(c: &BaseConsumer, mut f: impl FnMut(KafkaResult<BorrowedMessage<'_>>)) {
+    for _ in 0..100_000 {
         match c.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => out.push(decode(&m)),
-            Some(Err(e)) => eprintln!("reader: {e}"),
-            None => {
-                if done(&out) {
-                    return out;
-                }
-            }
+            Some(r) => f(r),
+            None => return,
         }
     }
-    panic!("timed out reading {topic}: {} records", out.len());
 }
 
 /// High watermark per partition.
@@ -121,16 +133,18 @@ pub fn end_offsets(brokers: &str, topic: &str) -> Vec<i64> {
         .create()
         .unwrap();
     // A topic just created may not have its leaders yet: retry (bounded).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let high = |p: i32| loop {
-        match c.fetch_watermarks(topic, p, Duration::from_secs(5)) {
-            Ok((_, high)) => return high,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("watermarks of {topic} [{p}]: {e}; retrying");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => panic!("watermarks of {topic} [{p}]: {e}"),
-        }
+    let high = |p: i32| {
+        wait_until(
+            &format!("the watermarks of {topic} [{p}]"),
+            Duration::from_secs(30),
+            || match c.fetch_watermarks(topic, p, Duration::from_secs(5)) {
+                Ok((_, high)) => Some(high),
+                Err(e) => {
+                    eprintln!("watermarks of {topic} [{p}]: {e}; retrying");
+                    None
+                }
+            },
+        )
     };
     (0..partitions(&c, topic)).map(high).collect()
 }
@@ -209,18 +223,20 @@ pub fn read_all<T>(
     c.assign(&tpl).unwrap();
     let mut at_end = std::collections::HashSet::new();
     let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while (at_end.len() as i32) < n {
-        assert!(Instant::now() < deadline, "timed out reading {topic}");
-        match c.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => out.push(decode(&m)),
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                at_end.insert(p);
-            }
-            Some(Err(e)) => eprintln!("reader: {e}"),
-            None => {}
-        }
-    }
+    wait_for(
+        &format!("reading {topic} to its end"),
+        Duration::from_secs(90),
+        || {
+            drain(&c, |r| match r {
+                Ok(m) => out.push(decode(&m)),
+                Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
+                    at_end.insert(p);
+                }
+                Err(e) => eprintln!("reader: {e}"),
+            });
+            at_end.len() as i32 >= n
+        },
+    );
     out
 }
 
@@ -253,11 +269,11 @@ pub fn delete_topic(brokers: &str, name: &str) {
     for r in futures::executor::block_on(admin.delete_topics(&[name], &opts)).unwrap() {
         r.unwrap();
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while topic_exists(brokers, name) {
-        assert!(std::time::Instant::now() < deadline, "{name} still listed");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(
+        &format!("{name} to leave the metadata"),
+        Duration::from_secs(30),
+        || !topic_exists(brokers, name),
+    );
 }
 
 /// Whether the cluster's metadata lists `name`.

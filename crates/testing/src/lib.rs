@@ -26,4 +26,4 @@ pub mod wait;
 pub use http::http_get;
 pub use task_driver::TaskDriver;
 pub use topology_driver::{DriverStores, TopologyTestDriver, START_MS};
-pub use wait::{wait_for, wait_until, wait_until_explained};
+pub use wait::{wait_for, wait_for_every, wait_until, wait_until_explained};

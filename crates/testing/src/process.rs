@@ -1,7 +1,8 @@
 //! Child-process helpers of the fault tests: signals, graceful stop, waiting on a log.
-#![allow(dead_code)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::wait::{wait_for, wait_until_explained};
 
 /// Send a signal (`STOP`, `CONT`, `TERM`) to a child process.
 pub fn signal(child: &std::process::Child, sig: &str) {
@@ -18,41 +19,36 @@ pub fn terminate(child: &mut std::process::Child) {
     terminate_logged(child, "the child", String::new);
 }
 
-/// SIGTERM, and a clean exit within a bounded time; on failure, the end of its `log`.
+/// SIGTERM, and a clean exit within a bounded time; on failure, the end of its `log` (and
+/// the child is killed).
 pub fn terminate_logged(child: &mut std::process::Child, what: &str, log: impl Fn() -> String) {
     signal(child, "TERM");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(
-                status.success(),
-                "{what} exited with {status} on SIGTERM; its log ends:\n{}",
-                log()
-            );
-            return;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            panic!(
-                "{what} did not stop within 60 s of SIGTERM; its log ends:\n{}",
-                log()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let pid = child.id().to_string();
+    let status = wait_until_explained(
+        &format!("{what} to exit within 60 s of SIGTERM"),
+        Duration::from_secs(60),
+        || child.try_wait().unwrap(),
+        || {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid])
+                .status();
+            format!("its log ends:\n{}", log())
+        },
+    );
+    assert!(
+        status.success(),
+        "{what} exited with {status} on SIGTERM; its log ends:\n{}",
+        log()
+    );
 }
 
 /// Wait (bounded) until a child's log has `needle`.
 pub fn wait_log(path: &std::path::Path, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(path).is_ok_and(|l| l.contains(needle)) {
-        assert!(
-            Instant::now() < deadline,
-            "{} never said {needle:?}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        &format!("{} to say {needle:?}", path.display()),
+        Duration::from_secs(60),
+        || std::fs::read_to_string(path).is_ok_and(|l| l.contains(needle)),
+    );
 }
 
 /// A child process killed if the test ends (or panics) while it still runs.

@@ -13,11 +13,51 @@ pub fn wait_until<T>(what: &str, within: Duration, probe: impl FnMut() -> Option
 pub fn wait_until_explained<T>(
     what: &str,
     within: Duration,
+    probe: impl FnMut() -> Option<T>,
+    explain: impl FnOnce() -> String,
+) -> T {
+    poll(what, within, Pause::Backoff, probe, explain)
+}
+
+/// Poll `cond` until it holds, at most `within`; panics naming `what` otherwise.
+pub fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    wait_until(what, within, || cond().then_some(()))
+}
+
+/// As [`wait_for`], polling every `every` without backing off: for a test that must act
+/// soon after the outcome (e.g. kill a process right after its first write).
+pub fn wait_for_every(
+    what: &str,
+    within: Duration,
+    every: Duration,
+    mut cond: impl FnMut() -> bool,
+) {
+    poll(
+        what,
+        within,
+        Pause::Every(every),
+        || cond().then_some(()),
+        String::new,
+    )
+}
+
+enum Pause {
+    Backoff,
+    Every(Duration),
+}
+
+fn poll<T>(
+    what: &str,
+    within: Duration,
+    pause: Pause,
     mut probe: impl FnMut() -> Option<T>,
     explain: impl FnOnce() -> String,
 ) -> T {
     let deadline = Instant::now() + within;
-    let mut pause = Duration::from_millis(10);
+    let mut next = match pause {
+        Pause::Backoff => Duration::from_millis(10),
+        Pause::Every(d) => d,
+    };
     loop {
         if let Some(v) = probe() {
             return v;
@@ -25,12 +65,9 @@ pub fn wait_until_explained<T>(
         if Instant::now() >= deadline {
             panic!("waited {within:?} in vain for: {what}\n{}", explain());
         }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(200));
+        std::thread::sleep(next);
+        if let Pause::Backoff = pause {
+            next = (next * 2).min(Duration::from_millis(200));
+        }
     }
-}
-
-/// Poll `cond` until it holds, at most `within`; panics naming `what` otherwise.
-pub fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    wait_until(what, within, || cond().then_some(()))
 }

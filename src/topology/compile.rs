@@ -1,0 +1,832 @@
+//! Compile a parsed topology spec into a checked [`Topology`], one function per section
+//! (`[application]`, `[[source]]`, `[[store]]`, `[[processor]]`, kafka and postgres
+//! `[[sink]]`s); each reports its errors with where they are, and none stops at the first.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{
+    BadRecords, KafkaSink, KeyedBy, OnBadRecord, PostgresSink, ProcessingGuarantee, ReadStateNode,
+    Source, Store, StoreKind, Topology, TopologyError, DEFAULT_CACHE_MAX_ENTRIES, READ_STATE_KIND,
+};
+use crate::config::{self, SinkSpec, TopologySpec};
+use crate::ids::{ApplicationId, StoreName, TopicName};
+
+/// Compile a parsed spec, section by section; every section reports its errors, and a
+/// topology comes back only when each part it needs compiled.
+pub(super) fn compile_spec(
+    spec: &TopologySpec,
+    kinds: &[&str],
+    errs: &mut Errors,
+) -> Option<Topology> {
+    let app = application(spec, errs);
+    let (sources, messages) = sources(spec, &app.prefix, errs);
+    let stores = stores(spec, &app.prefix, errs);
+    let processors = processors(spec, kinds, messages.as_ref(), &stores, errs);
+    check_inputs(spec, &processors, &sources, messages.as_ref(), errs);
+    let kafka = kafka_sinks(spec, &processors, messages.is_some(), errs);
+    let (postgres, heads_postgres) = postgres_sinks(&kafka, &app.prefix, errs);
+    let processor = processors.into_iter().next()?;
+    let store = stores.iter().find(|s| s.name == processor.store)?.clone();
+    let heads_store = match &processor.heads_store {
+        Some(h) => Some(stores.iter().find(|s| &s.name == h)?.clone()),
+        None => None,
+    };
+    if stores.len() > 1 + usize::from(heads_store.is_some()) {
+        errs.push("store", "stores other than the processor's are not used");
+    }
+    Some(Topology {
+        application_id: ApplicationId(app.id?),
+        commit_interval: app.commit_interval,
+        guarantee: app.guarantee,
+        state_dir: app.state_dir,
+        dead_letter_topic: TopicName(app.dead_letter_topic),
+        bad_records: app.bad_records,
+        sources,
+        messages,
+        store,
+        heads_store,
+        processor,
+        output: kafka.receipts.into_iter().next()?,
+        heads_output: kafka.heads.into_iter().next(),
+        postgres,
+        heads_postgres,
+    })
+}
+
+/// What `[application]` compiles to.
+struct Application {
+    id: Option<String>,
+    /// The id, or a stand-in while it is missing: the prefix of derived topic names.
+    prefix: String,
+    commit_interval: Duration,
+    guarantee: ProcessingGuarantee,
+    dead_letter_topic: String,
+    bad_records: BadRecords,
+    state_dir: PathBuf,
+}
+
+fn application(spec: &TopologySpec, errs: &mut Errors) -> Application {
+    let app = spec.application.clone().unwrap_or_default();
+    if spec.application.is_none() {
+        errs.push("application", "section [application] is required");
+    }
+    let id = errs
+        .required("application", "id", &app.id)
+        .map(str::to_owned);
+    if let Some(id) = &id {
+        check_topic(errs, "application.id", id);
+    }
+    let prefix = id.clone().unwrap_or_else(|| "app".into());
+    let commit_interval = errs.duration(
+        "application.commit_interval",
+        &app.commit_interval,
+        Duration::from_secs(1),
+    );
+    if commit_interval.is_zero() {
+        errs.push("application.commit_interval", "must be greater than zero");
+    }
+    let guarantee = guarantee(&app, errs);
+    let dead_letter_topic = app
+        .dead_letter_topic
+        .clone()
+        .unwrap_or_else(|| format!("{prefix}-dlq"));
+    check_topic(errs, "application.dead_letter_topic", &dead_letter_topic);
+    Application {
+        id,
+        prefix,
+        commit_interval,
+        guarantee,
+        dead_letter_topic,
+        bad_records: compile_bad_records(&app, errs),
+        state_dir: PathBuf::from(app.state_dir.clone().unwrap_or_else(|| "./state".into())),
+    }
+}
+
+fn guarantee(app: &config::ApplicationSpec, errs: &mut Errors) -> ProcessingGuarantee {
+    match app.processing_guarantee.as_deref() {
+        None | Some("at_least_once") => ProcessingGuarantee::AtLeastOnce,
+        Some("exactly_once_v2") => ProcessingGuarantee::ExactlyOnceV2,
+        Some(other) => {
+            errs.push(
+                "application.processing_guarantee",
+                format!("unknown guarantee {other:?}: expected \"at_least_once\" or \"exactly_once_v2\""),
+            );
+            ProcessingGuarantee::AtLeastOnce
+        }
+    }
+}
+
+/// The read-event sources, and the message source when there is one.
+fn sources(spec: &TopologySpec, app: &str, errs: &mut Errors) -> (Vec<Source>, Option<Source>) {
+    if spec.source.is_empty() {
+        errs.push("source", "at least one [[source]] is required");
+    }
+    let mut sources: Vec<Source> = Vec::new();
+    let mut messages: Option<Source> = None;
+    for (i, s) in spec.source.iter().enumerate() {
+        let at = format!("source[{i}]");
+        let name = errs.required(&at, "name", &s.name);
+        let topic = errs.required(&at, "topic", &s.topic);
+        if let Some(t) = topic {
+            check_topic(errs, &format!("{at}.topic"), t);
+        }
+        let (keyed_by, is_messages) = source_roles(&at, s, errs);
+        let (Some(name), Some(topic)) = (name, topic) else {
+            continue;
+        };
+        if is_messages && messages.is_some() {
+            errs.push(format!("{at}.records"), "at most one message-events source");
+        }
+        let taken = match is_messages {
+            true => sources.iter().any(|x| x.name == name),
+            false => sources.iter().chain(&messages).any(|x| x.name == name),
+        };
+        if taken {
+            errs.push(
+                format!("{at}.name"),
+                format!("duplicate source name {name:?}"),
+            );
+        }
+        let repartition_topic = (keyed_by != KeyedBy::ConversationId)
+            .then(|| TopicName(format!("{app}-{name}-repartition")));
+        let source = Source {
+            name: name.to_owned(),
+            topic: TopicName(topic.to_owned()),
+            keyed_by,
+            repartition_topic,
+        };
+        match is_messages {
+            true => messages = Some(source),
+            false => sources.push(source),
+        }
+    }
+    (sources, messages)
+}
+
+/// A source's key and whether it carries message events (checked against each other).
+fn source_roles(at: &str, s: &config::SourceSpec, errs: &mut Errors) -> (KeyedBy, bool) {
+    let keyed_by = match s.keyed_by.as_deref() {
+        None => KeyedBy::ConversationId,
+        Some(k) => KeyedBy::parse(k).unwrap_or_else(|| {
+            errs.push(format!("{at}.keyed_by"), format!("unknown key {k:?} (one of conversation_id, reader_id, sender_id, device_id, other)"));
+            KeyedBy::ConversationId
+        }),
+    };
+    check_format(errs, at, s.format.as_deref());
+    let is_messages = match s.records.as_deref() {
+        None | Some("read-events") => false,
+        Some("message-events") => true,
+        Some(other) => {
+            errs.push(
+                format!("{at}.records"),
+                format!("unknown records {other:?} (read-events or message-events)"),
+            );
+            false
+        }
+    };
+    if is_messages && keyed_by != KeyedBy::ConversationId {
+        errs.push(
+            format!("{at}.keyed_by"),
+            "message events must be keyed by conversation_id: they are read co-partitioned with the read events, never repartitioned",
+        );
+        return (KeyedBy::ConversationId, true);
+    }
+    (keyed_by, is_messages)
+}
+
+fn check_format(errs: &mut Errors, at: &str, format: Option<&str>) {
+    if let Some(f) = format {
+        if f != "avro-confluent" {
+            errs.push(
+                format!("{at}.format"),
+                format!("unsupported format {f:?} (supported: avro-confluent)"),
+            );
+        }
+    }
+}
+
+fn stores(spec: &TopologySpec, app: &str, errs: &mut Errors) -> Vec<Store> {
+    let mut stores: Vec<Store> = Vec::new();
+    for (i, s) in spec.store.iter().enumerate() {
+        let at = format!("store[{i}]");
+        let name = errs.required(&at, "name", &s.name);
+        let kind = match s.kind.as_deref().unwrap_or("rocksdb") {
+            "rocksdb" => StoreKind::RocksDb,
+            "memory" => StoreKind::Memory,
+            k => {
+                errs.push(
+                    format!("{at}.kind"),
+                    format!("unknown store kind {k:?} (rocksdb or memory)"),
+                );
+                StoreKind::RocksDb
+            }
+        };
+        let cache_max_entries = errs.positive(
+            &format!("{at}.cache_max_entries"),
+            s.cache_max_entries,
+            DEFAULT_CACHE_MAX_ENTRIES,
+            1 << 40,
+        );
+        let rocksdb = rocksdb_options(&at, s, errs);
+        let Some(name) = name else { continue };
+        if stores.iter().any(|x| x.name.as_str() == name) {
+            errs.push(
+                format!("{at}.name"),
+                format!("duplicate store name {name:?}"),
+            );
+        }
+        let changelog_topic =
+            (s.changelog.unwrap_or(true)).then(|| TopicName(format!("{app}-{name}-changelog")));
+        if let Some(t) = &changelog_topic {
+            check_topic(errs, &format!("{at}.name"), t.as_str());
+        }
+        if changelog_topic.is_none() && s.disable_wal == Some(true) {
+            errs.push(
+                format!("{at}.disable_wal"),
+                "disable_wal needs the changelog: without either, a crash loses the store's latest writes",
+            );
+        }
+        let rocksdb = crate::state::rocks::RocksDbOptions {
+            // As in Kafka Streams: the changelog (written before the store, with the
+            // checkpoint in the same batch) makes the WAL redundant.
+            disable_wal: s.disable_wal.unwrap_or(changelog_topic.is_some()),
+            ..rocksdb
+        };
+        stores.push(Store {
+            name: StoreName(name.to_owned()),
+            kind,
+            changelog_topic,
+            cache_max_entries,
+            rocksdb,
+        });
+    }
+    stores
+}
+
+/// A store's RocksDB memory settings (the WAL is decided with its changelog).
+fn rocksdb_options(
+    at: &str,
+    s: &config::StoreSpec,
+    errs: &mut Errors,
+) -> crate::state::rocks::RocksDbOptions {
+    let defaults = crate::state::rocks::RocksDbOptions::default();
+    let block_cache_mb = errs.positive(
+        &format!("{at}.block_cache_mb"),
+        s.block_cache_mb,
+        defaults.block_cache_bytes >> 20,
+        1 << 20,
+    );
+    let write_buffer_mb = errs.positive(
+        &format!("{at}.write_buffer_mb"),
+        s.write_buffer_mb,
+        defaults.write_buffer_bytes >> 20,
+        1 << 16,
+    );
+    crate::state::rocks::RocksDbOptions {
+        block_cache_bytes: block_cache_mb << 20,
+        write_buffer_bytes: write_buffer_mb << 20,
+        ..defaults
+    }
+}
+
+fn processors(
+    spec: &TopologySpec,
+    kinds: &[&str],
+    messages: Option<&Source>,
+    stores: &[Store],
+    errs: &mut Errors,
+) -> Vec<ReadStateNode> {
+    let mut processors = Vec::new();
+    for (i, p) in spec.processor.iter().enumerate() {
+        let at = format!("processor[{i}]");
+        if let Some(node) = processor(spec, &at, p, kinds, messages, stores, errs) {
+            processors.push(node);
+        }
+    }
+    if spec.processor.is_empty() {
+        errs.push("processor", "one [[processor]] is required");
+    } else if spec.processor.len() > 1 {
+        errs.push(
+            "processor[1]",
+            "only one processor per topology is supported",
+        );
+    }
+    processors
+}
+
+fn processor(
+    spec: &TopologySpec,
+    at: &str,
+    p: &config::ProcessorSpec,
+    kinds: &[&str],
+    messages: Option<&Source>,
+    stores: &[Store],
+    errs: &mut Errors,
+) -> Option<ReadStateNode> {
+    let name = errs.required(at, "name", &p.name);
+    let kind = processor_kind(at, p, kinds, errs);
+    let inputs = p.inputs.clone().unwrap_or_default();
+    if inputs.is_empty() {
+        errs.push(format!("{at}.inputs"), "at least one source is required");
+    }
+    for (j, inp) in inputs.iter().enumerate() {
+        let known = (spec.source.iter()).any(|s| s.name.as_deref() == Some(inp.as_str()));
+        if !known {
+            errs.push(
+                format!("{at}.inputs[{j}]"),
+                format!("no source named {inp:?}"),
+            );
+        }
+    }
+    let reads_messages = messages.is_some_and(|m| inputs.contains(&m.name));
+    let unread_cap = unread_cap(at, p, reads_messages, errs);
+    let store = errs.required(at, "store", &p.store);
+    if let Some(st) = store {
+        if !stores.iter().any(|s| s.name.as_str() == st) {
+            errs.push(format!("{at}.store"), format!("no store named {st:?}"));
+        }
+    }
+    let heads_store = compile_heads_store(errs, at, p, reads_messages, store, stores);
+    let min_emit_interval = errs.duration(
+        &format!("{at}.min_emit_interval"),
+        &p.min_emit_interval,
+        Duration::ZERO,
+    );
+    Some(ReadStateNode {
+        name: name?.to_owned(),
+        kind: kind.to_owned(),
+        inputs,
+        store: StoreName(store?.to_owned()),
+        heads_store,
+        min_emit_interval,
+        unread_cap,
+    })
+}
+
+/// A processor's kind, one the registry knows; the read-state fields only on read-state.
+fn processor_kind<'k>(
+    at: &str,
+    p: &config::ProcessorSpec,
+    kinds: &[&'k str],
+    errs: &mut Errors,
+) -> &'k str {
+    let kind = match p.kind.as_deref() {
+        Some(k) => match kinds.iter().find(|known| **known == k) {
+            Some(known) => known,
+            None => {
+                errs.push(
+                    format!("{at}.kind"),
+                    format!(
+                        "unknown processor kind {k:?} (supported: {})",
+                        kinds.join(", ")
+                    ),
+                );
+                READ_STATE_KIND
+            }
+        },
+        None => {
+            errs.push(
+                format!("{at}.kind"),
+                format!("is required ({})", kinds.join(", ")),
+            );
+            READ_STATE_KIND
+        }
+    };
+    if kind != READ_STATE_KIND {
+        let only_read_state = [
+            ("unread_cap", p.unread_cap.is_some()),
+            ("heads_store", p.heads_store.is_some()),
+            ("min_emit_interval", p.min_emit_interval.is_some()),
+        ];
+        for (field, set) in only_read_state {
+            if set {
+                errs.push(format!("{at}.{field}"), "only for kind read-state");
+            }
+        }
+    }
+    kind
+}
+
+fn unread_cap(
+    at: &str,
+    p: &config::ProcessorSpec,
+    reads_messages: bool,
+    errs: &mut Errors,
+) -> Option<usize> {
+    match (reads_messages, p.unread_cap) {
+        (true, cap) => Some(errs.positive(
+            &format!("{at}.unread_cap"),
+            cap,
+            crate::processor::DEFAULT_UNREAD_CAP,
+            100_000,
+        )),
+        (false, Some(_)) => {
+            errs.push(
+                format!("{at}.unread_cap"),
+                "needs a source with records = \"message-events\" among the inputs",
+            );
+            None
+        }
+        (false, None) => None,
+    }
+}
+
+/// Every source feeds the processor, and a message source comes with a read-event one.
+fn check_inputs(
+    spec: &TopologySpec,
+    processors: &[ReadStateNode],
+    sources: &[Source],
+    messages: Option<&Source>,
+    errs: &mut Errors,
+) {
+    let inputs_resolve = processors.iter().all(|p| {
+        p.inputs
+            .iter()
+            .all(|i| sources.iter().chain(messages).any(|s| &s.name == i))
+    });
+    if sources.is_empty() && !spec.source.is_empty() && messages.is_some() {
+        errs.push(
+            "source",
+            "a read-events source is required beside the message-events one",
+        );
+    }
+    if let (Some(p), true) = (processors.first(), inputs_resolve) {
+        for s in sources.iter().chain(messages) {
+            if !p.inputs.contains(&s.name) {
+                errs.push(
+                    format!("source {:?}", s.name),
+                    "is not an input of any processor",
+                );
+            }
+        }
+    }
+}
+
+/// The kafka sinks by output, and the postgres sinks' specs (compiled against them).
+struct KafkaSinks<'a> {
+    receipts: Vec<KafkaSink>,
+    heads: Vec<KafkaSink>,
+    postgres: Vec<(usize, &'a SinkSpec)>,
+}
+
+fn kafka_sinks<'a>(
+    spec: &'a TopologySpec,
+    processors: &[ReadStateNode],
+    has_messages: bool,
+    errs: &mut Errors,
+) -> KafkaSinks<'a> {
+    let mut out = KafkaSinks {
+        receipts: Vec::new(),
+        heads: Vec::new(),
+        postgres: Vec::new(),
+    };
+    for (i, s) in spec.sink.iter().enumerate() {
+        let at = format!("sink[{i}]");
+        let name = errs.required(&at, "name", &s.name);
+        let input = errs.required(&at, "input", &s.input);
+        match s.kind.as_deref() {
+            Some("kafka") => {
+                let named = (name, input);
+                if let Some((sink, to_heads)) =
+                    kafka_sink(&at, s, named, processors, has_messages, errs)
+                {
+                    match to_heads {
+                        true => out.heads.push(sink),
+                        false => out.receipts.push(sink),
+                    }
+                }
+            }
+            Some("postgres") => out.postgres.push((i, s)),
+            Some(k) => errs.push(
+                format!("{at}.kind"),
+                format!("unknown sink kind {k:?} (kafka or postgres)"),
+            ),
+            None => errs.push(format!("{at}.kind"), "is required (kafka or postgres)"),
+        }
+    }
+    if out.receipts.len() != 1 {
+        errs.push(
+            "sink",
+            format!(
+                "exactly one kafka sink (the output topic) is required, found {}",
+                out.receipts.len()
+            ),
+        );
+    }
+    if out.heads.len() > 1 {
+        errs.push(
+            "sink",
+            "at most one kafka sink with output = \"conversation-heads\"",
+        );
+    }
+    out
+}
+
+/// A kafka sink, and whether it carries conversation heads (not receipts).
+fn kafka_sink(
+    at: &str,
+    s: &SinkSpec,
+    (name, input): (Option<&str>, Option<&str>),
+    processors: &[ReadStateNode],
+    has_messages: bool,
+    errs: &mut Errors,
+) -> Option<(KafkaSink, bool)> {
+    let topic = errs.required(at, "topic", &s.topic);
+    if let Some(t) = topic {
+        check_topic(errs, &format!("{at}.topic"), t);
+    }
+    check_format(errs, at, s.format.as_deref());
+    for (field, set) in [
+        ("table", s.table.is_some()),
+        ("batch_size", s.batch_size.is_some()),
+        ("linger", s.linger.is_some()),
+    ] {
+        if set {
+            errs.push(format!("{at}.{field}"), "only applies to postgres sinks");
+        }
+    }
+    if let Some(inp) = input {
+        if !processors.iter().any(|p| p.name == inp) {
+            errs.push(format!("{at}.input"), format!("no processor named {inp:?}"));
+        }
+    }
+    let to_heads = match s.output.as_deref() {
+        None | Some("receipts") => false,
+        Some("conversation-heads") => true,
+        Some(o) => {
+            errs.push(
+                format!("{at}.output"),
+                format!("unknown output {o:?} (receipts or conversation-heads)"),
+            );
+            false
+        }
+    };
+    if to_heads && !has_messages {
+        errs.push(
+            format!("{at}.output"),
+            "conversation-heads needs a source with records = \"message-events\"",
+        );
+    }
+    let sink = KafkaSink {
+        name: name?.into(),
+        input: input?.into(),
+        topic: TopicName(topic?.into()),
+    };
+    Some((sink, to_heads))
+}
+
+/// The postgres sinks of receipts and of conversation heads (at most one each).
+fn postgres_sinks(
+    kafka: &KafkaSinks<'_>,
+    app: &str,
+    errs: &mut Errors,
+) -> (Option<PostgresSink>, Option<PostgresSink>) {
+    let mut pg = None;
+    let mut heads_pg = None;
+    for (i, s) in &kafka.postgres {
+        let at = format!("sink[{i}]");
+        let input = s.input.as_deref();
+        let receipts = input.and_then(|inp| kafka.receipts.iter().find(|k| k.name == inp));
+        let of_heads = input.and_then(|inp| kafka.heads.iter().find(|k| k.name == inp));
+        let topic = receipts.or(of_heads).map(|k| k.topic.clone());
+        if let (None, Some(inp)) = (&topic, input) {
+            errs.push(
+                format!("{at}.input"),
+                format!(
+                    "no kafka sink named {inp:?} (a postgres sink consumes a kafka sink's topic)"
+                ),
+            );
+        }
+        let slot = match of_heads.is_some() {
+            true => &mut heads_pg,
+            false => &mut pg,
+        };
+        if slot.is_some() {
+            errs.push(at.clone(), "at most one postgres sink per kafka sink");
+        }
+        let sink = postgres_sink(&at, s, of_heads.is_some(), app, errs);
+        if let (Some(sink), Some(topic)) = (sink, topic) {
+            *slot = Some(PostgresSink { topic, ..sink });
+        }
+    }
+    if let Some(h) = &mut heads_pg {
+        match &pg {
+            Some(r) => h.receipts_table = r.table.clone(),
+            None => errs.push(
+                "sink",
+                "a postgres sink of conversation heads needs the receipts' postgres sink (its unread view joins the receipts table)",
+            ),
+        }
+    }
+    (pg, heads_pg)
+}
+
+/// One postgres sink's settings (its topic is its input's, filled in by the caller).
+fn postgres_sink(
+    at: &str,
+    s: &SinkSpec,
+    of_heads: bool,
+    app: &str,
+    errs: &mut Errors,
+) -> Option<PostgresSink> {
+    if s.output.is_some() {
+        errs.push(format!("{at}.output"), "only applies to kafka sinks");
+    }
+    if s.topic.is_some() {
+        errs.push(
+            format!("{at}.topic"),
+            "a postgres sink reads its input's topic; remove topic",
+        );
+    }
+    let batch_size = errs.positive(&format!("{at}.batch_size"), s.batch_size, 500, 100_000);
+    let pool_size = errs.positive(&format!("{at}.pool_size"), s.pool_size, 2, 256);
+    let linger = errs.duration(&format!("{at}.linger"), &s.linger, Duration::from_secs(1));
+    let statement_timeout = errs.duration(
+        &format!("{at}.statement_timeout"),
+        &s.statement_timeout,
+        Duration::from_secs(30),
+    );
+    let (default_table, group) = match of_heads {
+        true => ("conversation_heads", format!("{app}-pg-heads-sink")),
+        false => ("read_receipts", format!("{app}-pg-sink")),
+    };
+    let table = s.table.clone().unwrap_or_else(|| default_table.into());
+    let plain = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.';
+    if table.is_empty() || !table.chars().all(plain) {
+        errs.push(
+            format!("{at}.table"),
+            format!("{table:?} is not a plain SQL identifier"),
+        );
+    }
+    Some(PostgresSink {
+        name: s.name.clone()?,
+        topic: TopicName(String::new()),
+        consumer_group: group,
+        receipts_table: table.clone(),
+        table,
+        batch_size,
+        linger,
+        pool_size,
+        statement_timeout,
+        url: s.url.clone(),
+        embedded: s.embedded.unwrap_or(true),
+    })
+}
+
+pub(super) struct Errors(pub(super) Vec<TopologyError>);
+
+impl Errors {
+    pub(super) fn push(&mut self, at: impl Into<String>, message: impl Into<String>) {
+        self.0.push(TopologyError {
+            at: at.into(),
+            message: message.into(),
+        });
+    }
+
+    fn required<'a>(&mut self, at: &str, field: &str, v: &'a Option<String>) -> Option<&'a str> {
+        match v.as_deref() {
+            Some(s) if !s.trim().is_empty() => Some(s),
+            Some(_) => {
+                self.push(format!("{at}.{field}"), "must not be empty");
+                None
+            }
+            None => {
+                self.push(format!("{at}.{field}"), "is required");
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, at: &str, v: &Option<String>, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(s) => {
+                match humantime::parse_duration(s) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        self.push(at, format!("invalid duration {s:?}: {e} (examples: \"500ms\", \"1s\", \"30s\")"));
+                        default
+                    }
+                }
+            }
+        }
+    }
+
+    fn positive(&mut self, at: &str, v: Option<i64>, default: usize, max: i64) -> usize {
+        match v {
+            None => default,
+            Some(n) if n > 0 && n <= max => n as usize,
+            Some(n) => {
+                self.push(at, format!("must be between 1 and {max}, got {n}"));
+                default
+            }
+        }
+    }
+}
+
+/// Legal Kafka topic names: 1..=249 of [A-Za-z0-9._-].
+fn check_topic(errs: &mut Errors, at: &str, t: &str) {
+    if t.len() > 249
+        || !t
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        errs.push(
+            at,
+            format!("{t:?} is not a legal Kafka topic name ([A-Za-z0-9._-], at most 249)"),
+        );
+    }
+}
+
+fn compile_bad_records(app: &config::ApplicationSpec, errs: &mut Errors) -> BadRecords {
+    let d = BadRecords::default();
+    let on_bad_record = match app.on_bad_record.as_deref() {
+        None | Some("dead-letter") => OnBadRecord::DeadLetter,
+        Some("fail") => OnBadRecord::Fail,
+        Some(other) => {
+            errs.push(
+                "application.on_bad_record",
+                format!("unknown policy {other:?}: expected \"dead-letter\" or \"fail\""),
+            );
+            d.on_bad_record
+        }
+    };
+    let max_ratio = match app.dead_letter_max_ratio {
+        None => d.max_ratio,
+        Some(r) if r > 0.0 && r <= 1.0 => r,
+        Some(r) => {
+            errs.push(
+                "application.dead_letter_max_ratio",
+                format!("must be in (0, 1], got {r} (1.0 turns the circuit breaker off)"),
+            );
+            d.max_ratio
+        }
+    };
+    let window = errs.duration(
+        "application.dead_letter_window",
+        &app.dead_letter_window,
+        d.window,
+    );
+    if window < Duration::from_secs(1) {
+        errs.push("application.dead_letter_window", "must be at least 1s");
+    }
+    BadRecords {
+        max_record_bytes: errs.positive(
+            "application.max_record_bytes",
+            app.max_record_bytes,
+            d.max_record_bytes,
+            crate::serde::avro::MAX_RECORD_BYTES_CEILING as i64,
+        ),
+        on_bad_record,
+        max_ratio,
+        window,
+        min_records: errs.positive(
+            "application.dead_letter_min_records",
+            app.dead_letter_min_records,
+            d.min_records as usize,
+            1 << 40,
+        ) as u64,
+    }
+}
+
+/// The heads store of a read-state processor: required with a message input, refused
+/// without one, distinct from the read-state store.
+fn compile_heads_store(
+    errs: &mut Errors,
+    at: &str,
+    p: &config::ProcessorSpec,
+    reads_messages: bool,
+    store: Option<&str>,
+    stores: &[Store],
+) -> Option<StoreName> {
+    match (reads_messages, p.heads_store.as_deref()) {
+        (true, None) => {
+            errs.push(
+                format!("{at}.heads_store"),
+                "is required with a message-events input: the conversation heads live in their own store (and changelog)",
+            );
+            None
+        }
+        (false, Some(_)) => {
+            errs.push(
+                format!("{at}.heads_store"),
+                "needs a source with records = \"message-events\" among the inputs",
+            );
+            None
+        }
+        (false, None) => None,
+        (true, Some(h)) if Some(h) == store => {
+            errs.push(
+                format!("{at}.heads_store"),
+                format!("{h:?} is the read-state store; the heads need a store of their own"),
+            );
+            None
+        }
+        (true, Some(h)) if !stores.iter().any(|s| s.name.as_str() == h) => {
+            errs.push(format!("{at}.heads_store"), format!("no store named {h:?}"));
+            None
+        }
+        (true, Some(h)) => Some(StoreName(h.to_owned())),
+    }
+}

@@ -11,6 +11,7 @@ pub mod node;
 pub mod punctuation;
 pub mod read_state;
 pub mod registry;
+pub mod restorers;
 pub mod typed;
 pub mod unread;
 

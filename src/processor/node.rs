@@ -17,6 +17,7 @@ use super::api::{
     ProcessorStats, ProcessorSupplier, RecordKind, SinkId, SourceSerdes,
 };
 use super::read_state::{EmitPolicy, ReadStateFlush, ReadStateProcessor};
+use super::restorers::{HeadsRestorer, ReadStateRestorer};
 use super::ProcessorError;
 use crate::backoff::Backoff;
 use crate::serde::registry::SchemaResolver;
@@ -24,7 +25,7 @@ use crate::serde::{
     DecodeError, EventDecoder, HeadEncoder, MessageDecoder, SerdeError, UpdateEncoder,
     CONVERSATION_HEAD_SCHEMA, RECEIPT_UPDATE_SCHEMA,
 };
-use crate::state::restore::{ChangelogRestorer, StoreRestorer};
+use crate::state::restore::StoreRestorer;
 use crate::state::{KeyValueStore, StoreBatch, StoreError};
 use crate::task::{DeadLetter, SourceRecord};
 use crate::topology::graph::{Graph, NodeKind, Output};
@@ -304,10 +305,13 @@ impl ProcessorSupplier for ReadStateSupplier {
     /// Read states (with their pending-emit index) and conversation heads.
     fn restorer(
         &self,
-        _index: usize,
+        index: usize,
         store: &dyn KeyValueStore,
     ) -> Result<Box<dyn StoreRestorer>, StoreError> {
-        Ok(Box::new(ChangelogRestorer::new(store)?))
+        Ok(match index {
+            super::HEADS_STORE => Box::new(HeadsRestorer),
+            _ => Box::new(ReadStateRestorer::new(store)?),
+        })
     }
 }
 

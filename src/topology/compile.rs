@@ -24,6 +24,7 @@ pub(super) fn compile_spec(
     let stores = stores(spec, &app.prefix, errs);
     let processors = processors(spec, kinds, messages.as_ref(), &stores, errs);
     check_inputs(spec, &processors, &sources, messages.as_ref(), errs);
+    check_custom_sources(spec, &processors, errs);
     let kafka = kafka_sinks(spec, &processors, messages.is_some(), errs);
     let (postgres, heads_postgres) = postgres_sinks(&kafka, &app.prefix, errs);
     let processor = processors.into_iter().next()?;
@@ -458,6 +459,31 @@ fn check_inputs(
                     format!("source {:?}", s.name),
                     "is not an input of any processor",
                 );
+            }
+        }
+    }
+}
+
+/// A processor of a program's own kind gets its source records as they are, through its
+/// own serdes: the read-state source fields (format, key, record kind) do not apply.
+fn check_custom_sources(spec: &TopologySpec, processors: &[ReadStateNode], errs: &mut Errors) {
+    let custom = processors.iter().filter(|p| p.kind != READ_STATE_KIND);
+    for p in custom {
+        for (i, s) in spec.source.iter().enumerate() {
+            if !s.name.as_ref().is_some_and(|n| p.inputs.contains(n)) {
+                continue;
+            }
+            for (field, set) in [
+                ("format", s.format.is_some()),
+                ("keyed_by", s.keyed_by.is_some()),
+                ("records", s.records.is_some()),
+            ] {
+                if set {
+                    errs.push(
+                        format!("source[{i}].{field}"),
+                        format!("only for read-state processors: kind {:?} reads its records through its own serdes", p.kind),
+                    );
+                }
             }
         }
     }

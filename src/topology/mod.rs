@@ -409,6 +409,22 @@ topic = "chat.receipt-updates"
     }
 
     #[test]
+    fn a_custom_kind_refuses_the_read_state_source_fields() {
+        let custom = GOOD
+            .replace("kind = \"read-state\"", "kind = \"last-seen\"")
+            .replace("min_emit_interval = \"30s\"\n", "");
+        let kinds = [READ_STATE_KIND, "last-seen"];
+        assert!(compile_with_kinds(&custom, &kinds).is_ok());
+        let keyed = custom.replace(
+            "topic = \"chat.read-events\"",
+            "topic = \"chat.read-events\"\nkeyed_by = \"sender_id\"\nformat = \"avro-confluent\"",
+        );
+        let errs = compile_with_kinds(&keyed, &kinds).unwrap_err();
+        let ats: Vec<&str> = errs.iter().map(|e| e.at.as_str()).collect();
+        assert_eq!(ats, ["source[0].format", "source[0].keyed_by"], "{errs:?}");
+    }
+
+    #[test]
     fn sender_keyed_source_gets_a_repartition_topic() {
         let t = compile(&GOOD.replace(
             "topic = \"chat.read-events\"",

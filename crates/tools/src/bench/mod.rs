@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use crate::loadgen::{Generated, Generator, WorkloadSpec};
 use readstate::ids::{Origin, StoreName};
 use readstate::model::ReceiptUpdate;
+use readstate::processor::restorers::ReadStateRestorer;
 use readstate::processor::{EmitPolicy, ReadStateProcessor};
 use readstate::serde::avro::{AvroReadEvent, EventEncoder};
 use readstate::serde::registry::LOCAL_READ_EVENT_ID;
@@ -31,7 +32,6 @@ use readstate::serde::{EventDecoder, LocalRegistry, READ_EVENT_SCHEMA};
 use readstate::sink::batch::{PartitionRange, WriteBatch};
 use readstate::sink::table::ReceiptTable;
 use readstate::sink::PostgresTable;
-use readstate::state::restore::ChangelogRestorer;
 use readstate::state::rocks::{RocksDbOptions, RocksDbStore};
 use readstate::state::KeyValueStore;
 use readstate::task::SourceRecord;
@@ -279,7 +279,7 @@ pub fn restore(records: usize, flush_run: Option<usize>) -> Result<Figure, Bench
     )?;
     let started = Instant::now();
     let mut next = 0i64;
-    let mut restorer = ChangelogRestorer::new(&store)?;
+    let mut restorer = ReadStateRestorer::new(&store)?;
     for chunk in pairs.chunks(readstate::runtime::RESTORE_BATCH) {
         next += chunk.len() as i64;
         restorer.apply(

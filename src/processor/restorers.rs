@@ -5,7 +5,7 @@ use hashbrown::HashSet;
 
 use crate::model::StateKey;
 use crate::state::codec::{EntryCodec, Heads, ReadState, ReadStates, StoreKey, TAG_PENDING};
-use crate::state::restore::StoreRestorer;
+use crate::state::restore::{restore_checked, StoreRestorer};
 use crate::state::{put_checkpoint, KeyValueStore, StoreBatch, StoreError};
 
 impl StoreRestorer for ReadStateRestorer {
@@ -108,31 +108,12 @@ impl StoreRestorer for HeadsRestorer {
         records: &mut dyn Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
         next_offset: i64,
     ) -> Result<usize, StoreError> {
-        let mut batch = StoreBatch::default();
-        let mut n = 0;
-        for (key, value) in records {
-            let corrupt = |reason: String| StoreError::Corrupt {
-                store: store.name().clone(),
-                key: key.to_vec(),
-                reason,
-            };
+        restore_checked(store, records, next_offset, |key, value| {
             if Heads::decode_key(key).is_none() {
-                return Err(corrupt(
-                    "changelog key is not a conversation-head key".into(),
-                ));
+                return Err("changelog key is not a conversation-head key".into());
             }
-            match value {
-                None => batch.delete(key),
-                Some(v) => {
-                    Heads::decode_value(v).map_err(corrupt)?;
-                    batch.put(key, v);
-                }
-            }
-            n += 1;
-        }
-        put_checkpoint(&mut batch, next_offset);
-        store.write(batch)?;
-        Ok(n)
+            value.map_or(Ok(()), |v| Heads::decode_value(v).map(|_| ()))
+        })
     }
 }
 

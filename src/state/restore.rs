@@ -32,17 +32,34 @@ impl StoreRestorer for RawRestorer {
         records: &mut dyn Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
         next_offset: i64,
     ) -> Result<usize, StoreError> {
-        let mut batch = StoreBatch::default();
-        let mut n = 0;
-        for (key, value) in records {
-            match value {
-                Some(v) => batch.put(key, v),
-                None => batch.delete(key),
-            }
-            n += 1;
-        }
-        put_checkpoint(&mut batch, next_offset);
-        store.write(batch)?;
-        Ok(n)
+        restore_checked(store, records, next_offset, |_, _| Ok(()))
     }
+}
+
+/// Write changelog records as they are, each first passing `check` (an `Err` names what is
+/// wrong with the record; nothing of the batch is written then), and the checkpoint, in one
+/// atomic batch. Returns records applied.
+pub fn restore_checked<'a>(
+    store: &mut dyn KeyValueStore,
+    records: &mut dyn Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+    next_offset: i64,
+    check: impl Fn(&[u8], Option<&[u8]>) -> Result<(), String>,
+) -> Result<usize, StoreError> {
+    let mut batch = StoreBatch::default();
+    let mut n = 0;
+    for (key, value) in records {
+        check(key, value).map_err(|reason| StoreError::Corrupt {
+            store: store.name().clone(),
+            key: key.to_vec(),
+            reason,
+        })?;
+        match value {
+            Some(v) => batch.put(key, v),
+            None => batch.delete(key),
+        }
+        n += 1;
+    }
+    put_checkpoint(&mut batch, next_offset);
+    store.write(batch)?;
+    Ok(n)
 }

@@ -288,7 +288,7 @@ mod tests {
 
     /// librdkafka's mock names a controller it does not have: DescribeConfigs could only
     /// time out there, so it is not waited for (the real broker's side is covered by
-    /// kafka_e2e's refusal of a changelog that is not compacted).
+    /// the end-to-end tests' refusal of a changelog that is not compacted).
     #[test]
     fn a_cluster_without_its_controller_among_the_brokers_is_told_apart() {
         let mock: MockCluster<'static, DefaultProducerContext> = MockCluster::new(1).unwrap();

@@ -1,0 +1,167 @@
+//! `readstate run`: Rebalances: instances joining and leaving mid stream (on the mock and the real broker, with and without a repartitioned source), repartition topics purged below the committed offsets, and per-task series handed over with the tasks.
+
+mod support;
+
+use process::terminate;
+use readstate::model::ReadEvent;
+use readstate::serde::LocalRegistry;
+use readstate_testing::fixtures::*;
+use readstate_testing::kafka;
+use readstate_testing::process;
+use std::sync::Arc;
+use std::time::Duration;
+use support::*;
+
+#[test]
+fn instances_joining_and_leaving_mid_stream_converge() {
+    instances_joining_and_leaving(Env::new());
+}
+
+/// A source keyed by reader_id: sub-topology 0 re-keys it by conversation through the
+/// repartition topic while instances join and leave; state and output equal the oracle and
+/// poison pills are caught before the repartition.
+#[test]
+fn repartitioned_source_with_instances_joining_and_leaving() {
+    let env = Env::keyed_by(Some("reader_id"));
+    let events = zipf_workload(7, 15_000);
+    let want = oracle(&events);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let chunks: Vec<&[ReadEvent]> = events.chunks(5_000).collect();
+    let a = env.start_in(dir_a.path());
+    let mut garbage = env.produce(chunks[0], 200);
+    let b = env.start_in(dir_b.path());
+    garbage += env.produce(chunks[1], 200);
+    env.read_until(&env.output, |_| (), |d: &[()]| d.len() >= 50);
+    let sa = a.stop();
+    garbage += env.produce(chunks[2], 200);
+    let updates = env.read_updates(&want);
+    let sb = b.stop();
+    check_output_monotonic(&updates, &want);
+    let stored = env.stored_states_in(dir_b.path());
+    assert_eq!(stored.len(), want.len());
+    assert_states_match(&want, |k| stored.get(&k).cloned());
+    assert!(
+        sa.records_forwarded + sb.records_forwarded >= events.len() as u64,
+        "every event went through the repartition topic: {sa:?} {sb:?}"
+    );
+    // Every poison pill is on the DLQ, and nothing else. Dead letters are at least once: an
+    // offset commit refused during a rebalance makes the next owner write one again, so
+    // they are counted by provenance (source partition and offset).
+    let dlq = env.read_until(
+        &format!("{}-dlq", env.app),
+        |m| {
+            let get = |name: &str| header(m, name);
+            (
+                get("readstate.source.partition"),
+                get("readstate.source.offset"),
+            )
+        },
+        |d| d.iter().collect::<std::collections::HashSet<_>>().len() >= garbage,
+    );
+    let distinct: std::collections::HashSet<_> = dlq.iter().collect();
+    assert_eq!(distinct.len(), garbage);
+}
+
+#[test]
+fn real_broker_instances_joining_and_leaving_converge() {
+    instances_joining_and_leaving(Env::real());
+}
+
+/// A repartitioned source on the real broker: readstate creates the repartition topic
+/// through the admin API with the source's partition count, and deletes its records below
+/// the committed offsets (DeleteRecords), as Kafka Streams does.
+#[test]
+fn real_broker_repartition_topic_is_created_and_purged_below_the_committed_offsets() {
+    let env = Env::on(Broker::real(), Some("reader_id"));
+    let events = zipf_workload(35, 8_000);
+    let want = oracle(&events);
+    let mut cfg = env.config(env.state.path(), Arc::new(LocalRegistry::new()), &[]);
+    cfg.repartition_purge_interval = Duration::from_millis(500);
+    let a = launch(cfg);
+    env.produce(&events, 0);
+    env.read_updates(&want);
+    let repartition = format!("{}-events-repartition", env.app);
+    let brokers = env.brokers();
+    let low = |p: i32| -> (i64, i64) {
+        let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+        rdkafka::consumer::Consumer::fetch_watermarks(&c, &repartition, p, Duration::from_secs(5))
+            .unwrap()
+    };
+    wait_for(
+        "repartition records were never purged",
+        Duration::from_secs(60),
+        || (0..PARTS).map(|p| low(p).0).sum::<i64>() != 0,
+    );
+    a.stop();
+    assert_eq!(
+        kafka::end_offsets(&brokers, &repartition).len(),
+        PARTS as usize
+    );
+    let committed = kafka::committed(&brokers, &env.app, &repartition);
+    for p in 0..PARTS {
+        let (lo, _) = low(p);
+        assert!(
+            lo <= committed[p as usize],
+            "partition {p}: purged to {lo}, committed {}",
+            committed[p as usize]
+        );
+    }
+    check_final_state(&env, &want);
+}
+
+/// `/metrics` of `readstate run` passes `promtool check metrics` (every metric described,
+/// counters present at zero, `readstate_build_info`); when a second instance takes half
+/// the partitions, the first stops exporting the moved tasks' series, so dashboards never
+/// count a task twice. Logs written to a file carry no colour codes.
+#[test]
+fn metrics_pass_promtool_and_moved_tasks_lose_their_series() {
+    let env = Env::new();
+    let events = zipf_workload(8, 2_000);
+    env.produce(&events, 0);
+    let topology = env.state.path().join("topology.toml");
+    std::fs::write(&topology, env.topology_text()).unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let metrics = ["--metrics-addr", "127.0.0.1:0"];
+    let mut a = spawn_cli_in(&env, &topology, dir_a.path(), &metrics);
+    let log_a = dir_a.path().join("readstate.log");
+    let addr_a = metrics_addr(&log_a);
+    let all: std::collections::BTreeSet<String> = (0..PARTS).map(|p| format!("0_{p}")).collect();
+    let page = wait_until("A to export all its tasks", Duration::from_secs(60), || {
+        Some(scrape(addr_a)).filter(|page| exported_tasks(page) == all)
+    });
+    assert_eq!(promtool(&page), "", "promtool check metrics");
+    for line in [
+        "readstate_tasks_lost_total 0",
+        "readstate_commits_failed_total 0",
+        "readstate_dead_letters_total{reason=\"unknown_schema\"} 0",
+        "# HELP readstate_events_consumed_total ",
+        "readstate_build_info{version=\"",
+    ] {
+        assert!(page.contains(line), "no {line:?} in\n{page}");
+    }
+    let mut b = spawn_cli_in(&env, &topology, dir_b.path(), &metrics);
+    let addr_b = metrics_addr(&dir_b.path().join("readstate.log"));
+    wait_for(
+        "A to hand series over to B (disjoint, all tasks)",
+        Duration::from_secs(90),
+        || {
+            let (ta, tb) = (
+                exported_tasks(&scrape(addr_a)),
+                exported_tasks(&scrape(addr_b)),
+            );
+            let union: std::collections::BTreeSet<_> = ta.union(&tb).cloned().collect();
+            !tb.is_empty() && ta.is_disjoint(&tb) && union == all
+        },
+    );
+    assert_eq!(promtool(&scrape(addr_a)), "", "after the rebalance");
+    terminate(&mut b);
+    terminate(&mut a);
+    let log = std::fs::read_to_string(&log_a).unwrap();
+    assert!(
+        log.contains("serving /metrics") && !log.contains('\u{1b}'),
+        "colour codes in a log file"
+    );
+}

@@ -412,12 +412,8 @@ fn sigstop_past_the_session_timeout_then_sigcont_keeps_every_count_exact() {
     signal(&a, "CONT");
     env.produce(&w.arrivals[cuts[1]..]);
     let (updates, _) = env.await_outputs(&w);
-    let log = |dir: &std::path::Path| {
-        let path = dir.join("readstate.log");
-        move || process::log_tail(&path, 200)
-    };
-    terminate_logged(&mut a, "A", log(dir_a.path()));
-    terminate_logged(&mut b, "B", log(dir_b.path()));
+    terminate_logged(&mut a, "A", process::log_in(dir_a.path()));
+    terminate_logged(&mut b, "B", process::log_in(dir_b.path()));
     assert!(
         taken_over >= std::time::Duration::from_secs(3),
         "B took A's tasks only after A's session timed out ({taken_over:?})"

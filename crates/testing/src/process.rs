@@ -69,3 +69,9 @@ pub fn log_tail(path: &std::path::Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// The end of `dir/readstate.log` (200 lines), as the explanation of a failed wait.
+pub fn log_in(dir: &std::path::Path) -> impl Fn() -> String {
+    let path = dir.join("readstate.log");
+    move || log_tail(&path, 200)
+}

@@ -620,12 +620,8 @@ pub fn sigstop_then_sigcont(env: Env) {
     signal(&a, "CONT");
     env.produce(chunks[2], 0);
     let updates = env.read_updates(&want);
-    let log = |dir: &std::path::Path| {
-        let path = dir.join("readstate.log");
-        move || process::log_tail(&path, 200)
-    };
-    terminate_logged(&mut a, "A", log(dir_a.path()));
-    terminate_logged(&mut b, "B", log(dir_b.path()));
+    terminate_logged(&mut a, "A", process::log_in(dir_a.path()));
+    terminate_logged(&mut b, "B", process::log_in(dir_b.path()));
     assert!(
         taken_over >= Duration::from_secs(3),
         "B took A's partitions only after A's session timed out ({taken_over:?})"

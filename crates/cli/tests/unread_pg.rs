@@ -84,6 +84,26 @@ fn counts_in_postgres(db: &Db, w: &ChatWorkload) -> Option<HashMap<(i64, i64), U
     Some(out)
 }
 
+/// Where each embedded sink is against its topic's end, per partition (a sink behind
+/// explains counts that differ; a sink at the end does not).
+fn sink_positions(db: &Db, brokers: &str, app: &str, t: &ChatTopics) -> String {
+    let mut out = Vec::new();
+    for (group, topic) in [
+        (format!("{app}-pg-sink"), &t.updates),
+        (format!("{app}-pg-heads-sink"), &t.heads),
+    ] {
+        let applied = db.offsets(&group).unwrap_or_default();
+        let ends = kafka::end_offsets(brokers, topic);
+        for (p, end) in ends.iter().enumerate() {
+            let at = applied.get(&(p as i32)).map(|(next, _)| *next);
+            out.push(format!(
+                "{group} {topic}[{p}]: applied up to {at:?} of {end}"
+            ));
+        }
+    }
+    out.join("\n")
+}
+
 /// What differs between the oracle and PostgreSQL's counts, with the instance's log end.
 fn differences(
     want: &HashMap<(i64, i64), UnreadCounts>,
@@ -180,7 +200,11 @@ fn postgres_counts_of_every_member_equal_the_oracle_with_one_row_per_conversatio
             *last.borrow_mut() = got;
             done.then(|| last.borrow().clone().unwrap())
         },
-        || differences(&want, last.borrow().as_ref(), &log),
+        || {
+            let sinks = sink_positions(&db, &brokers, &app, &t);
+            let diff = differences(&want, last.borrow().as_ref(), &log);
+            format!("{sinks}\n{diff}")
+        },
     );
     terminate(&mut child.0);
     assert!(

@@ -119,7 +119,7 @@ ensure_kafka_jars() {
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
   fi
-  KAFKA_JARS="${READSTATE_KAFKA_CACHE:-$HOME/.cache/readstate-kafka}/$KAFKA_VERSION"
+  KAFKA_JARS="${READSTATE_BROKER_CACHE:-$HOME/.cache/readstate-kafka}/$KAFKA_VERSION"
   if [ ! -f "$KAFKA_JARS/.complete" ]; then
     echo "==> resolving Apache Kafka $KAFKA_VERSION from Maven Central into $KAFKA_JARS"
     rm -rf "$KAFKA_JARS"

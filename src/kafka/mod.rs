@@ -243,8 +243,17 @@ const PRODUCER_ONLY: &[&str] = &[
 /// Environment variables read as client properties: `READSTATE_KAFKA_SASL_PASSWORD` is
 /// `sasl.password`, `READSTATE_KAFKA_CONSUMER_FETCH_MAX_BYTES` is
 /// `consumer.fetch.max.bytes` (`_` is `.`, `__` is `_`). `READSTATE_KAFKA_CONFIG` names a
-/// properties file instead.
+/// properties file instead; the names of [`ENV_NOT_PROPERTIES`] are not properties.
 pub const ENV_PREFIX: &str = "READSTATE_KAFKA_";
+
+/// Variables under [`ENV_PREFIX`] that are not client properties: the properties file,
+/// and the names older versions of `scripts/kafka` printed and read (now
+/// `READSTATE_BROKER_DIR` and `READSTATE_BROKER_CACHE`), still exported in users' shells.
+pub const ENV_NOT_PROPERTIES: [&str; 3] = [
+    "READSTATE_KAFKA_CONFIG",
+    "READSTATE_KAFKA_RUN",
+    "READSTATE_KAFKA_CACHE",
+];
 
 /// Broker address and librdkafka properties passed through (from a file, the environment
 /// and `-X key=value`, later ones winning), and the client id prefix of this instance.
@@ -308,7 +317,7 @@ impl KafkaSettings {
     ) -> Result<Self, KafkaError> {
         let mut found: Vec<(String, String)> = vars
             .into_iter()
-            .filter(|(k, _)| k != "READSTATE_KAFKA_CONFIG")
+            .filter(|(k, _)| !ENV_NOT_PROPERTIES.contains(&k.as_str()))
             .filter_map(|(k, v)| Some((env_property(k.strip_prefix(ENV_PREFIX)?), v)))
             .collect();
         found.sort();
@@ -556,8 +565,16 @@ mod tests {
                 ),
                 ("READSTATE_KAFKA_SSL__X".to_owned(), "y".to_owned()),
                 ("OTHER".to_owned(), "z".to_owned()),
+                // What older scripts/kafka printed: not properties.
+                ("READSTATE_KAFKA_RUN".to_owned(), "/tmp/k".to_owned()),
+                ("READSTATE_KAFKA_CACHE".to_owned(), "/tmp/c".to_owned()),
             ])
             .unwrap();
+        assert!(
+            (s.properties.iter()).all(|p| !matches!(p.key.as_str(), "run" | "cache")),
+            "{:?}",
+            s.properties
+        );
         let c = s.consumer("g");
         assert_eq!(c.get("sasl.username"), Some("reader"));
         assert_eq!(c.get("sasl.password"), Some("s3cret"));

@@ -179,32 +179,83 @@ pub fn target(c: &tokio_postgres::Config) -> String {
     )
 }
 
-/// A database URL with its password replaced by `***` (URL or keyword form).
+/// A database URL with its password replaced by `***`: the URL form's userinfo and its
+/// `password=` query parameter, and the keyword form's `password` (quoted or not, with or
+/// without spaces around `=`).
 pub fn redact(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let start = scheme_end + 3;
-        let authority_end = url[start..]
-            .find(['/', '?'])
-            .map_or(url.len(), |i| start + i);
-        let authority = &url[start..authority_end];
-        if let Some((userinfo, host)) = authority.rsplit_once('@') {
-            if let Some((user, _)) = userinfo.split_once(':') {
-                return format!(
-                    "{}{user}:***@{host}{}",
-                    &url[..start],
-                    &url[authority_end..]
-                );
-            }
-        }
-        return url.to_owned();
+    match url.find("://") {
+        Some(scheme_end) => redact_url(url, scheme_end + 3),
+        None => redact_keywords(url),
     }
-    url.split_whitespace()
-        .map(|w| match w.split_once('=') {
-            Some(("password", _)) => "password=***".to_owned(),
-            _ => w.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+}
+
+fn redact_url(url: &str, start: usize) -> String {
+    let authority_end = url[start..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| start + i);
+    let authority = &url[start..authority_end];
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    let rest = &url[authority_end..];
+    let rest = match rest.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = (query.split('&'))
+                .map(|kv| match kv.split_once('=') {
+                    Some(("password", _)) => "password=***".to_owned(),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", params.join("&"))
+        }
+        None => rest.to_owned(),
+    };
+    format!("{}{authority}{rest}", &url[..start])
+}
+
+/// libpq's keyword form: `key = value` pairs, a value single-quoted when it has spaces
+/// (`\'` and `\\` escaped inside quotes).
+fn redact_keywords(conninfo: &str) -> String {
+    let mut out = String::with_capacity(conninfo.len());
+    let mut rest = conninfo;
+    while let Some(eq) = rest.find('=') {
+        let key = rest[..eq].split_whitespace().last().unwrap_or("");
+        out.push_str(&rest[..=eq]);
+        let after = &rest[eq + 1..];
+        let spaces = after.len() - after.trim_start().len();
+        out.push_str(&after[..spaces]);
+        let value = &after[spaces..];
+        let len = value_len(value);
+        match key {
+            "password" => out.push_str("***"),
+            _ => out.push_str(&value[..len]),
+        }
+        rest = &value[len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Bytes of a keyword-form value at the start of `s`: quoted up to its closing quote, else
+/// up to whitespace.
+fn value_len(s: &str) -> usize {
+    if !s.starts_with('\'') {
+        return s.find(char::is_whitespace).unwrap_or(s.len());
+    }
+    let mut escaped = false;
+    for (i, c) in s.char_indices().skip(1) {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '\'' => return i + 1,
+            _ => {}
+        }
+    }
+    s.len()
 }
 
 #[cfg(test)]
@@ -244,6 +295,19 @@ mod tests {
         assert_eq!(
             redact("host=h password=s3cret dbname=d"),
             "host=h password=*** dbname=d"
+        );
+        // Quoted values (spaces, escaped quotes), spaces around `=`, the URL's query.
+        assert_eq!(
+            redact("host=h password='Quoted Secret9' dbname=d"),
+            "host=h password=*** dbname=d"
+        );
+        assert_eq!(
+            redact(r"password = 'it\'s secret' user='a b'"),
+            "password = *** user='a b'"
+        );
+        assert_eq!(
+            redact("postgres://h/db?user=u&password=s3cret&sslmode=require"),
+            "postgres://h/db?user=u&password=***&sslmode=require"
         );
         let e = parse("postgres://u:s3cret@h:notaport/db")
             .err()

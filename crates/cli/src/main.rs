@@ -128,7 +128,7 @@ struct BenchArgs {
     #[arg(long, default_value_t = 200_000)]
     sink_rows: usize,
     /// PostgreSQL for the sink figures.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
     /// Events for the core figures: enough to span several commit intervals.
     #[arg(long, default_value_t = 5_000_000)]
@@ -212,7 +212,7 @@ struct DemoArgs {
     #[arg(long, default_value_t = 16)]
     partitions: i32,
     /// PostgreSQL to create the database readstate_demo on (dropped and recreated).
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
     /// Serve /metrics, /health and /ready here while the demo runs.
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:0")]
@@ -252,7 +252,7 @@ struct LoadgenArgs {
     #[arg(long, default_value = "chat.read-events")]
     topic: String,
     /// Register read_event.avsc under <topic>-value in this registry and use its id.
-    #[arg(long, env = "SCHEMA_REGISTRY_URL")]
+    #[arg(long, env = "SCHEMA_REGISTRY_URL", hide_env_values = true)]
     schema_registry_url: Option<String>,
     /// Without a registry: the schema id to put in the wire header.
     #[arg(long, default_value_t = 1)]
@@ -298,7 +298,12 @@ struct KafkaArgs {
     #[command(flatten)]
     client: ClientArgs,
     /// Confluent-compatible schema registry URL.
-    #[arg(long, env = "SCHEMA_REGISTRY_URL", conflicts_with = "local_schemas")]
+    #[arg(
+        long,
+        env = "SCHEMA_REGISTRY_URL",
+        hide_env_values = true,
+        conflicts_with = "local_schemas"
+    )]
     schema_registry_url: Option<String>,
     /// Use the schemas in schemas/ with fixed ids (read events 1, receipt updates 2) instead
     /// of a registry.
@@ -337,7 +342,7 @@ impl KafkaArgs {
 struct DatabaseArgs {
     /// PostgreSQL URL (postgres://user@host:port/db?sslmode=require); overrides the
     /// topology's sink `url`.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
 }
 

@@ -298,3 +298,26 @@ fn json_logs_are_one_object_per_line() {
         assert!(v.get("level").is_some() && v.get("fields").is_some(), "{l}");
     }
 }
+
+#[test]
+fn help_never_prints_the_secrets_in_the_environment() {
+    for command in ["run", "sink", "migrate", "demo", "bench", "loadgen"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_readstate"))
+            .args([command, "--help"])
+            .env("DATABASE_URL", "postgres://u:hunter2@db.example/app")
+            .env(
+                "SCHEMA_REGISTRY_URL",
+                "https://reg:regsecret@registry.example",
+            )
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{command} --help: {text}");
+        for secret in ["hunter2", "regsecret", "db.example", "registry.example"] {
+            assert!(
+                !text.contains(secret),
+                "{command} --help shows {secret}:\n{text}"
+            );
+        }
+    }
+}

@@ -51,7 +51,6 @@ pub(super) struct Parking {
 }
 
 impl Parking {
-    #[cfg(test)]
     pub(super) fn is_empty(&self) -> bool {
         self.parked.is_empty()
     }

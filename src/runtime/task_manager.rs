@@ -67,7 +67,8 @@ pub(super) struct TaskManager {
     /// Whose per-task and per-partition series this instance's are.
     pub(super) owner: series::Owner,
     health: Arc<Health>,
-    assigned_once: bool,
+    /// The group has assigned partitions (even none) since the tasks were last lost.
+    has_assignment: bool,
     /// Set when tasks are in an unknown state: the poll loop stops the instance.
     pub(super) fatal: Option<String>,
     /// An error inside a rebalance callback (which cannot return one): the poll loop
@@ -148,7 +149,7 @@ impl TaskManager {
             counts: LifecycleCounts::default(),
             owner,
             health: config.health.clone(),
-            assigned_once: false,
+            has_assignment: false,
             fatal: None,
             deferred: None,
         })
@@ -186,6 +187,7 @@ impl TaskManager {
         let r = self
             .executor
             .process(consumer, &mut self.tasks, &mut self.parking, msgs);
+        self.update_ready();
         self.note_fatal(r)
     }
 
@@ -194,7 +196,9 @@ impl TaskManager {
         &mut self,
         consumer: &BaseConsumer<C>,
     ) -> Result<(), RuntimeError> {
-        self.executor.retry_registry(consumer, &mut self.parking)
+        let r = self.executor.retry_registry(consumer, &mut self.parking);
+        self.update_ready();
+        r
     }
 
     pub(super) fn needs_flush(&self) -> bool {
@@ -215,7 +219,7 @@ impl TaskManager {
         parts: &[TopicPartition],
         member: Option<String>,
     ) -> Vec<TopicPartition> {
-        self.assigned_once = true;
+        self.has_assignment = true;
         self.membership.assigned_under(member);
         if let Err(e) = self.tasks.check_co_partitioned(parts) {
             self.fatal = Some(e.to_string());
@@ -319,10 +323,25 @@ impl TaskManager {
     fn update_readiness(&mut self) {
         metrics::gauge!("readstate_tasks_assigned").set(self.tasks.running.len() as f64);
         self.prune_series();
-        // Ready once the group has given us an assignment (even an empty one) and every
-        // assigned task has restored.
-        self.health
-            .set_ready(self.assigned_once && !self.updater.is_busy());
+        self.update_ready();
+    }
+
+    /// Ready once the group has given us an assignment (even an empty one; none since
+    /// every task was lost is no assignment), every assigned task has restored, and not
+    /// every running task waits for the schema registry.
+    fn update_ready(&self) {
+        let ready = self.has_assignment && !self.updater.is_busy() && !self.all_wait_for_registry();
+        self.health.set_ready(ready);
+    }
+
+    /// Whether tasks run and every one of them is parked until the registry answers.
+    fn all_wait_for_registry(&self) -> bool {
+        if self.parking.is_empty() || self.tasks.running.is_empty() {
+            return false;
+        }
+        let parked = self.parking.parked_for(ParkReason::Registry);
+        let task_topic = self.tasks.task_topic();
+        (self.tasks.running.keys()).all(|p| parked.iter().any(|(t, q)| t == task_topic && q == p))
     }
 
     /// Remove the per-task and per-partition series of tasks this instance no longer has
@@ -424,6 +443,8 @@ impl TaskManager {
             }
         };
         let pause = self.queue(&parts);
+        self.has_assignment = true;
+        self.update_readiness();
         for tp in &parts {
             let Some(&offset) = rewinds.get(tp) else {
                 continue;
@@ -456,6 +477,8 @@ impl TaskManager {
         }
         self.parking.clear();
         self.membership.verified();
+        // Nothing runs until the group assigns partitions again (or they are requeued).
+        self.has_assignment = false;
         self.counts.tasks_lost += lost.len() as u64;
         metrics::counter!("readstate_tasks_lost_total").increment(lost.len() as u64);
         tracing::warn!(tasks = ?lost.iter().map(ToString::to_string).collect::<Vec<_>>(), reason = why, "tasks lost: closed dirty (nothing produced or committed), stores wiped for a restore from the changelog");

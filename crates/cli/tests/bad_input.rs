@@ -112,8 +112,17 @@ fn registry_down_longer_than_max_poll_interval_parks_and_resumes() {
     reg.down_for(outage);
     let down_at = Instant::now();
     env.produce_raw(&records);
+    // Every partition waits for the registry: the instance says it is not ready.
+    wait_for(
+        "/ready to turn 503 while every task waits for the registry",
+        outage,
+        || !health.is_ready(),
+    );
     let updates = env.read_updates_as(&want, output_id);
     let took = down_at.elapsed();
+    wait_for("/ready to turn 200 again", Duration::from_secs(30), || {
+        health.is_ready()
+    });
     let s = inst.stop();
     assert!(
         took >= outage,

@@ -86,6 +86,7 @@ fn assign_open_corrupted_and_lost() {
         tm.restore_step(&consumer).unwrap();
     }
     assert!(tm.parking.is_empty(), "resumed once restored");
+    assert!(tm.health.is_ready(), "assigned and restored");
     assert_eq!(
         tm.summary().tasks_corrupted,
         1,
@@ -97,6 +98,10 @@ fn assign_open_corrupted_and_lost() {
     assert!(dirs.iter().all(|d| d.exists()));
     tm.lose_all("test");
     assert!(tm.tasks.running.is_empty());
+    assert!(
+        !tm.health.is_ready(),
+        "nothing runs until the next assignment"
+    );
     assert_eq!(tm.summary().tasks_lost, 2);
     assert!(dirs.iter().all(|d| !d.exists()), "lost stores are wiped");
 }

@@ -329,11 +329,45 @@ impl Progress {
     }
 }
 
+/// Why an instance is not ready (what `/ready` answers with its 503).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum NotReady {
+    /// No assignment: the group is forming, or every task was lost and the group has not
+    /// assigned partitions again.
+    NoAssignment = 1,
+    /// A task's stores are restoring from their changelogs.
+    Restoring = 2,
+    /// Every running task is parked until the schema registry answers.
+    SchemaRegistry = 3,
+}
+
+impl NotReady {
+    fn from_code(c: u8) -> Option<Self> {
+        match c {
+            1 => Some(Self::NoAssignment),
+            2 => Some(Self::Restoring),
+            3 => Some(Self::SchemaRegistry),
+            _ => None,
+        }
+    }
+
+    pub fn text(self) -> &'static str {
+        match self {
+            Self::NoAssignment => "no assignment: the group has not assigned partitions (yet, or since every task was lost)",
+            Self::Restoring => "restoring: a task's stores are loading from their changelogs",
+            Self::SchemaRegistry => "waiting for the schema registry: every task is parked until it answers",
+        }
+    }
+}
+
 /// Liveness and readiness as the runtime sees them.
 #[derive(Debug, Default)]
 pub struct Health {
     live: AtomicBool,
     ready: AtomicBool,
+    /// Why not ready (a [`NotReady`] code; 0 when unknown or ready).
+    not_ready: std::sync::atomic::AtomicU8,
     /// Why a component cannot work now (e.g. the sink waiting for PostgreSQL): `/ready`
     /// answers 503 with this text while it is set.
     waiting: std::sync::Mutex<Option<String>>,
@@ -344,13 +378,28 @@ impl Health {
         Arc::new(Self {
             live: AtomicBool::new(true),
             ready: AtomicBool::new(false),
+            not_ready: std::sync::atomic::AtomicU8::new(NotReady::NoAssignment as u8),
             waiting: std::sync::Mutex::new(None),
         })
     }
 
     /// Ready: joined the group and every assigned task has restored its stores.
     pub fn set_ready(&self, ready: bool) {
+        if ready {
+            self.not_ready.store(0, Ordering::Relaxed);
+        }
         self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Not ready, and why.
+    pub fn set_not_ready(&self, why: NotReady) {
+        self.not_ready.store(why as u8, Ordering::Relaxed);
+        self.ready.store(false, Ordering::Relaxed);
+    }
+
+    /// Why the instance is not ready, when the runtime said.
+    pub fn not_ready(&self) -> Option<NotReady> {
+        NotReady::from_code(self.not_ready.load(Ordering::Relaxed))
     }
 
     pub fn is_ready(&self) -> bool {
@@ -403,12 +452,11 @@ async fn ready_page(State(e): State<Endpoints>) -> (StatusCode, String) {
     if let Some(why) = e.health.waiting() {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
     }
-    let (code, text) = status(
-        e.health.is_ready(),
-        "ready\n",
-        "restoring or not assigned yet\n",
-    );
-    (code, text.to_owned())
+    if e.health.is_ready() {
+        return (StatusCode::OK, "ready\n".to_owned());
+    }
+    let why = e.health.not_ready().map_or("not ready", NotReady::text);
+    (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"))
 }
 
 /// A running endpoint; dropping it stops the server.

@@ -38,7 +38,7 @@ use super::tasks::{Forwarding, RunningTask, Tasks};
 use super::{RunConfig, RunSummary, RuntimeError};
 use crate::processor::{BuiltNode, CacheBudget, ProcessorContext, ProcessorSupplier};
 use crate::task::StreamTask;
-use crate::telemetry::{series, Health};
+use crate::telemetry::{series, Health, NotReady};
 use crate::topology::graph::Graph;
 
 /// What happened to tasks over the instance's life (the lifecycle half of a
@@ -256,7 +256,7 @@ impl TaskManager {
                 self.parking.mark(tp.clone(), ParkReason::Restoring, None);
                 pause.push(tp);
             }
-            self.health.set_ready(false);
+            self.health.set_not_ready(NotReady::Restoring);
         }
         pause
     }
@@ -330,8 +330,19 @@ impl TaskManager {
     /// every task was lost is no assignment), every assigned task has restored, and not
     /// every running task waits for the schema registry.
     fn update_ready(&self) {
-        let ready = self.has_assignment && !self.updater.is_busy() && !self.all_wait_for_registry();
-        self.health.set_ready(ready);
+        let why = if !self.has_assignment {
+            Some(NotReady::NoAssignment)
+        } else if self.updater.is_busy() {
+            Some(NotReady::Restoring)
+        } else if self.all_wait_for_registry() {
+            Some(NotReady::SchemaRegistry)
+        } else {
+            None
+        };
+        match why {
+            Some(why) => self.health.set_not_ready(why),
+            None => self.health.set_ready(true),
+        }
     }
 
     /// Whether tasks run and every one of them is parked until the registry answers.

@@ -2,6 +2,8 @@
 
 mod support;
 
+use readstate::telemetry::NotReady;
+
 use rdkafka::Message;
 use readstate::serde::registry::{ConfluentRegistry, LOCAL_READ_EVENT_ID};
 use readstate::serde::{LocalRegistry, READ_EVENT_SCHEMA};
@@ -116,7 +118,7 @@ fn registry_down_longer_than_max_poll_interval_parks_and_resumes() {
     wait_for(
         "/ready to turn 503 while every task waits for the registry",
         outage,
-        || !health.is_ready(),
+        || health.not_ready() == Some(NotReady::SchemaRegistry),
     );
     let updates = env.read_updates_as(&want, output_id);
     let took = down_at.elapsed();

@@ -42,7 +42,10 @@ pub const HEAD_MIGRATIONS: &[Migration] = &[Migration {
 /// Advisory lock key serialising migrations ("readstat" in ASCII).
 const LOCK_KEY: i64 = 0x7265_6164_7374_6174;
 
-const HISTORY: &str = "CREATE TABLE IF NOT EXISTS readstate_migrations (
+/// The history table (the notice that it exists already is silenced: every `migrate` after
+/// the first would log it).
+const HISTORY: &str = "SET LOCAL client_min_messages = warning;
+CREATE TABLE IF NOT EXISTS readstate_migrations (
     table_name text NOT NULL,
     version    integer NOT NULL,
     name       text NOT NULL,

@@ -111,12 +111,22 @@ impl SinkError {
 }
 
 /// The most useful text of a database error: the server's message and SQLSTATE when there
-/// is one.
+/// is one, else the error with its causes (`error performing TLS handshake: ...: certificate
+/// verify failed`, `error connecting to server: Connection refused`).
 pub fn db_error_text(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(d) => format!("{} (SQLSTATE {})", d.message(), d.code().code()),
-        None => e.to_string(),
+    if let Some(d) = e.as_db_error() {
+        return format!("{} (SQLSTATE {})", d.message(), d.code().code());
     }
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.contains(&c_text) {
+            text = format!("{text}: {c_text}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// The receipts sink of `topology` against `url`: connects, checks the migrations, and

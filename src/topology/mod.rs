@@ -37,11 +37,12 @@ impl fmt::Display for TopologyError {
 /// All mistakes found in one topology file.
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
-    #[error("{path}: cannot read: {source}")]
+    /// The OS error is part of the message (not a `source`, which `{:#}` would print a
+    /// second time).
+    #[error("{path}: cannot read: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {} error(s):\n{}", .errors.len(), .errors.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     Invalid {
@@ -257,9 +258,9 @@ pub struct Topology {
 impl Topology {
     /// Read, parse and compile a topology file.
     pub fn from_file(path: &Path) -> Result<Self, CompileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CompileError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| CompileError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         compile(&text).map_err(|errors| CompileError::Invalid {
             path: path.to_path_buf(),

@@ -271,6 +271,16 @@ fn a_missing_topology_and_guarded_properties_are_named() {
         err.contains("/nonexistent/topology.toml: cannot read"),
         "{err}"
     );
+    // run prints the error chain: the OS error once.
+    let (code, _, err) = readstate(&[
+        "run",
+        "-t",
+        "/nonexistent/topology.toml",
+        "--brokers",
+        "x:1",
+    ]);
+    assert_ne!(code, 0);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
     let shipped = shipped();
     let guarded = ["-X", "enable.auto.commit=true"];
     let state = tempfile::tempdir().unwrap();

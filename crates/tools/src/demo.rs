@@ -186,11 +186,10 @@ pub fn with_database(url: &str, db: &str) -> String {
 async fn connect(url: &str) -> Result<tokio_postgres::Client, DemoError> {
     let db =
         readstate::sink::connect::parse(url).map_err(|e| DemoError::Database(e.to_string()))?;
-    let (client, conn) = db
-        .config
-        .connect(db.tls)
-        .await
-        .map_err(|e| DemoError::Database(format!("connecting to {}: {e}", db.target)))?;
+    let (client, conn) = db.config.connect(db.tls).await.map_err(|e| {
+        let why = readstate::sink::db_error_text(&e);
+        DemoError::Database(format!("connecting to {}: {why}", db.target))
+    })?;
     tokio::spawn(conn);
     Ok(client)
 }
@@ -211,7 +210,7 @@ async fn table_rows(url: &str) -> Result<HashMap<StateKey, (i64, i64)>, DemoErro
             &[],
         )
         .await
-        .map_err(|e| DemoError::Database(e.to_string()))?;
+        .map_err(|e| DemoError::Database(readstate::sink::db_error_text(&e)))?;
     Ok(rows
         .iter()
         .map(|r| {

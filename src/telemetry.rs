@@ -90,6 +90,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("readstate_tasks_lost_total", Kind::Counter, "Tasks closed dirty because the group moved on without this instance."),
     ("readstate_tasks_corrupted_total", Kind::Counter, "Stores wiped because their checkpoint lay outside the changelog."),
     ("readstate_commits_failed_total", Kind::Counter, "Offset commits refused or failed."),
+    ("readstate_commits_postponed_total", Kind::Counter, "Commits the group refused while it rebalanced, postponed until the rebalance completed (no task lost)."),
     ("readstate_store_estimated_keys", Kind::Gauge, "RocksDB's estimate of the keys in a task's store."),
     ("readstate_store_size_bytes", Kind::Gauge, "A task's store on disk and in memtables, bytes."),
     ("readstate_rocksdb_memory_bytes", Kind::Gauge, "The instance's shared RocksDB block cache in use (memtables charged to it), bytes."),
@@ -103,6 +104,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("readstate_sink_batch_duration_seconds", Kind::Histogram, "One sink batch transaction with its retries, seconds."),
     ("readstate_sink_retries_total", Kind::Counter, "Retried database operations of the sink."),
     ("readstate_sink_lag_records", Kind::Gauge, "Output records of an owned partition not yet written to PostgreSQL."),
+    ("readstate_sink_partitions_stopped_total", Kind::Counter, "Sink partitions stopped because their topic was recreated since their offsets were stored."),
 ];
 
 /// Label values of `readstate_dead_letters_total{reason}`.
@@ -371,6 +373,9 @@ pub struct Health {
     /// Why a component cannot work now (e.g. the sink waiting for PostgreSQL): `/ready`
     /// answers 503 with this text while it is set.
     waiting: std::sync::Mutex<Option<String>>,
+    /// Why part of the work stopped until an operator acts (e.g. a sink partition whose
+    /// topic was recreated): `/ready` answers 503 with this text until a restart.
+    stopped: std::sync::Mutex<Option<String>>,
 }
 
 impl Health {
@@ -380,6 +385,7 @@ impl Health {
             ready: AtomicBool::new(false),
             not_ready: std::sync::atomic::AtomicU8::new(NotReady::NoAssignment as u8),
             waiting: std::sync::Mutex::new(None),
+            stopped: std::sync::Mutex::new(None),
         })
     }
 
@@ -403,7 +409,16 @@ impl Health {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed) && self.waiting().is_none()
+        self.ready.load(Ordering::Relaxed) && self.waiting().is_none() && self.stopped().is_none()
+    }
+
+    /// Part of the work stopped until an operator acts; the first reason is kept.
+    pub fn set_stopped(&self, why: String) {
+        self.stopped.lock().expect("health lock").get_or_insert(why);
+    }
+
+    pub fn stopped(&self) -> Option<String> {
+        self.stopped.lock().expect("health lock").clone()
     }
 
     /// Set (or clear, with `None`) what the instance is waiting for.
@@ -449,7 +464,7 @@ async fn health_page(State(e): State<Endpoints>) -> (StatusCode, &'static str) {
 }
 
 async fn ready_page(State(e): State<Endpoints>) -> (StatusCode, String) {
-    if let Some(why) = e.health.waiting() {
+    if let Some(why) = e.health.stopped().or_else(|| e.health.waiting()) {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
     }
     if e.health.is_ready() {

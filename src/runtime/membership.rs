@@ -32,6 +32,20 @@ pub(super) enum MemberIdCheck {
     Rejoining,
 }
 
+/// Why tasks are lost, which decides whether their stores are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Loss {
+    /// This member may have left the group (its session expired, it was fenced, it
+    /// rejoined under a new member id): another owner may have written the changelogs
+    /// while this one still wrote them, so under at-least-once the stores are wiped.
+    Left,
+    /// The group's generation moved on while this member stayed in it (librdkafka reports
+    /// the assignment lost after an `IllegalGeneration`): nobody else can own its
+    /// partitions before it rejoins, so the stores, which hold only committed data, are
+    /// kept, and a task assigned again restores only what its changelog gained.
+    Stayed,
+}
+
 #[derive(Debug)]
 pub(super) struct MembershipMonitor {
     clock: Arc<dyn Clock>,
@@ -98,6 +112,16 @@ impl MembershipMonitor {
         self.suspect = false;
     }
 
+    /// Judge a loss librdkafka reports (`assignment_lost`) with the member id now: the
+    /// same one as the tasks were assigned under, and no pause since, means the member
+    /// stayed in the group (a session timeout or an unknown member resets the id).
+    pub(super) fn judge_loss(&self, now: Option<&str>) -> Loss {
+        match (&self.member, now) {
+            (Some(was), Some(now)) if was == now && !self.suspect => Loss::Stayed,
+            _ => Loss::Left,
+        }
+    }
+
     pub(super) fn assigned_under(&mut self, member: Option<String>) {
         self.member = member;
     }
@@ -115,21 +139,35 @@ impl MembershipMonitor {
     }
 }
 
-/// Commit errors meaning this member no longer owns its partitions.
-pub(super) fn is_membership_error(e: &RdKafkaError) -> bool {
-    e.rdkafka_error_code().is_some_and(is_membership_code)
+/// Why the group coordinator refused a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// The group is rebalancing, or its generation (member epoch) moved on while this member
+    /// stayed in it: the commit is postponed, and retried after the rebalance for the
+    /// partitions still owned. Nothing is lost: the stores hold only committed data.
+    Rebalancing,
+    /// This member is no longer in the group (removed after its session expired, or
+    /// fenced): every task is lost.
+    Gone,
 }
 
-pub(super) fn is_membership_code(c: RDKafkaErrorCode) -> bool {
-    matches!(
-        c,
+/// How a commit error bears on membership: `None` when it does not (a transport error,
+/// a timeout: the next commit covers it).
+pub(super) fn refusal(e: &RdKafkaError) -> Option<Refusal> {
+    e.rdkafka_error_code().and_then(refusal_of)
+}
+
+pub(super) fn refusal_of(c: RDKafkaErrorCode) -> Option<Refusal> {
+    match c {
+        RDKafkaErrorCode::IllegalGeneration
+        | RDKafkaErrorCode::RebalanceInProgress
+        | RDKafkaErrorCode::StaleMemberEpoch => Some(Refusal::Rebalancing),
         RDKafkaErrorCode::UnknownMemberId
-            | RDKafkaErrorCode::IllegalGeneration
-            | RDKafkaErrorCode::RebalanceInProgress
-            | RDKafkaErrorCode::FencedInstanceId
-            | RDKafkaErrorCode::AssignmentLost
-            | RDKafkaErrorCode::StaleMemberEpoch
-    )
+        | RDKafkaErrorCode::FencedInstanceId
+        | RDKafkaErrorCode::FencedMemberEpoch
+        | RDKafkaErrorCode::AssignmentLost => Some(Refusal::Gone),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -175,20 +213,41 @@ mod tests {
     }
 
     #[test]
-    fn membership_errors_are_told_from_transient_ones() {
+    fn a_loss_under_the_same_member_id_without_a_pause_keeps_the_stores() {
+        let clock = ManualClock::new();
+        let mut m = MembershipMonitor::new(clock.clone(), Duration::from_secs(30));
+        assert_eq!(m.judge_loss(Some("a")), Loss::Left, "no member recorded");
+        m.assigned_under(Some("a".into()));
+        assert_eq!(m.judge_loss(Some("a")), Loss::Stayed);
+        assert_eq!(m.judge_loss(None), Loss::Left, "member id reset");
+        assert_eq!(m.judge_loss(Some("b")), Loss::Left, "rejoined");
+        clock.advance(Duration::from_secs(11));
+        m.polled();
+        assert_eq!(m.judge_loss(Some("a")), Loss::Left, "after a pause");
+    }
+
+    #[test]
+    fn refusals_are_told_apart_and_from_transient_errors() {
         let commit = RdKafkaError::ConsumerCommit;
         for c in [
-            RDKafkaErrorCode::UnknownMemberId,
             RDKafkaErrorCode::IllegalGeneration,
             RDKafkaErrorCode::RebalanceInProgress,
+            RDKafkaErrorCode::StaleMemberEpoch,
         ] {
-            assert!(is_membership_error(&commit(c)), "{c:?}");
+            assert_eq!(refusal(&commit(c)), Some(Refusal::Rebalancing), "{c:?}");
+        }
+        for c in [
+            RDKafkaErrorCode::UnknownMemberId,
+            RDKafkaErrorCode::FencedInstanceId,
+            RDKafkaErrorCode::FencedMemberEpoch,
+        ] {
+            assert_eq!(refusal(&commit(c)), Some(Refusal::Gone), "{c:?}");
         }
         for c in [
             RDKafkaErrorCode::BrokerTransportFailure,
             RDKafkaErrorCode::RequestTimedOut,
         ] {
-            assert!(!is_membership_error(&commit(c)), "{c:?}");
+            assert_eq!(refusal(&commit(c)), None, "{c:?}");
         }
     }
 }

@@ -26,6 +26,7 @@ mod offsets;
 mod parking;
 mod record_collector;
 mod repartition_purger;
+mod repeat_log;
 mod schema_gate;
 mod state_manager;
 mod state_updater;
@@ -81,6 +82,8 @@ pub struct RunSummary {
     pub assignments: u64,
     /// Tasks closed dirty because the group moved on without this instance.
     pub tasks_lost: u64,
+    /// Commits the group refused while it rebalanced, postponed (no task lost).
+    pub commits_postponed: u64,
     /// Stores wiped because their checkpoint lay outside the changelog.
     pub tasks_corrupted: u64,
 }

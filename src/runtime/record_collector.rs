@@ -15,6 +15,7 @@ use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, PurgeConfig, ThreadedProducer};
 use rdkafka::{ClientContext, Message, TopicPartitionList};
 
+use super::membership::{refusal_of, Refusal};
 use crate::kafka::{KafkaError, KafkaSettings, Scope};
 
 /// How long `flush` waits beyond the producer's own message timeout before it reports a
@@ -167,9 +168,13 @@ pub enum TxnError {
     /// The producer was fenced (another instance took over its transactional id or the
     /// group moved on): the tasks were migrated; the producer must be created again.
     Fenced(String),
-    /// The group coordinator refused the offsets (generation or member unknown): the
+    /// The group coordinator refused the offsets because this member left the group: the
     /// tasks were migrated; the transaction was aborted.
     Migrated(String),
+    /// The group coordinator refused the offsets because the group is rebalancing (or its
+    /// generation moved on): the transaction was aborted, and the tasks still owned after
+    /// the rebalance resume from their stores and the committed offsets.
+    Rebalancing(String),
     /// The transaction was aborted (a record failed, a timeout): resume from the stores
     /// and the committed offsets.
     Aborted(String),
@@ -180,6 +185,9 @@ impl std::fmt::Display for TxnError {
         match self {
             TxnError::Fenced(e) => write!(f, "producer fenced: {e}"),
             TxnError::Migrated(e) => write!(f, "offsets refused by the group: {e}"),
+            TxnError::Rebalancing(e) => {
+                write!(f, "offsets refused while the group rebalances: {e}")
+            }
             TxnError::Aborted(e) => write!(f, "transaction aborted: {e}"),
         }
     }
@@ -306,24 +314,25 @@ impl RecordCollector {
     ) -> Result<(), TxnError> {
         let t = self.txn.as_ref().expect("a transactional collector");
         self.begin_if_needed().map_err(TxnError::Aborted)?;
-        let classify = |e: KafkaError, migrated_on_abort: bool| -> TxnError {
+        let classify = |e: KafkaError, refused: Option<Refusal>| -> TxnError {
             let text = e.to_string();
-            match &e {
-                KafkaError::Client(rdkafka::error::KafkaError::Transaction(r)) if r.is_fatal() => {
+            match (&e, refused) {
+                (KafkaError::Client(rdkafka::error::KafkaError::Transaction(r)), _)
+                    if r.is_fatal() =>
+                {
                     TxnError::Fenced(text)
                 }
-                _ if migrated_on_abort => TxnError::Migrated(text),
-                _ => TxnError::Aborted(text),
+                (_, Some(Refusal::Gone)) => TxnError::Migrated(text),
+                (_, Some(Refusal::Rebalancing)) => TxnError::Rebalancing(text),
+                (_, None) => TxnError::Aborted(text),
             }
         };
         let sent = if offsets.count() > 0 {
             self.producer
                 .send_offsets_to_transaction(offsets, group, TXN_TIMEOUT)
                 .map_err(|e| {
-                    let membership = e
-                        .rdkafka_error_code()
-                        .is_some_and(super::membership::is_membership_code);
-                    classify(KafkaError::from(e), membership)
+                    let refused = e.rdkafka_error_code().and_then(refusal_of);
+                    classify(KafkaError::from(e), refused)
                 })
         } else {
             Ok(())
@@ -331,7 +340,7 @@ impl RecordCollector {
         let result = sent.and_then(|()| {
             self.producer
                 .commit_transaction(TXN_TIMEOUT)
-                .map_err(|e| classify(KafkaError::from(e), false))
+                .map_err(|e| classify(KafkaError::from(e), None))
         });
         match result {
             Ok(()) => {

@@ -207,9 +207,14 @@ impl StateUpdater {
     }
 
     /// Every task not ready yet is lost (with `running`, the partitions of the running
-    /// ones): their stores are wiped so that whoever owns them next restores them from the
-    /// changelog. The lost tasks, and the first wipe that failed.
-    pub(super) fn lose_all(&mut self, running: Vec<i32>) -> (Vec<TaskId>, Option<String>) {
+    /// ones). With `wipe`, their stores are wiped so that whoever owns them next restores
+    /// them from the changelog; else they are closed as they are (they hold only committed
+    /// data and its checkpoint). The lost tasks, and the first wipe that failed.
+    pub(super) fn lose_all(
+        &mut self,
+        running: Vec<i32>,
+        wipe: bool,
+    ) -> (Vec<TaskId>, Option<String>) {
         let mut lost: Vec<TaskId> = running.into_iter().map(|p| self.task_id(p)).collect();
         let restoring: Vec<i32> = self
             .reader
@@ -229,7 +234,7 @@ impl StateUpdater {
             }
         }
         let mut failed = None;
-        for id in &lost {
+        for id in lost.iter().filter(|_| wipe) {
             if let Err(e) = self.state.wipe(*id) {
                 failed.get_or_insert(format!(
                     "task {id} was lost and its store cannot be wiped: {e}"

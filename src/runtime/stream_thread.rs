@@ -17,6 +17,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Statistics, TopicPartitionList};
 
 use super::offsets::TopicPartition;
+use super::repeat_log::{RepeatLog, REPEAT_INTERVAL};
 use super::task_manager::TaskManager;
 use super::RuntimeError;
 
@@ -71,7 +72,7 @@ impl ConsumerContext for RebalanceHandler {
             let parts = topic_partitions(tpl);
             let mut tasks = self.tasks.lock().expect("task manager lock");
             if consumer.assignment_lost() {
-                let _ = tasks.lose_all("assignment lost (session timeout or fenced)");
+                let _ = tasks.assignment_lost(consumer, "librdkafka reports the assignment lost");
             } else {
                 tasks.revoke(consumer, &parts);
             }
@@ -131,6 +132,7 @@ impl StreamThread {
     pub(super) fn run(&self, shutdown: &AtomicBool) -> Result<(), RuntimeError> {
         let mut last_commit = Instant::now();
         let mut first_record = true;
+        let mut errors = RepeatLog::new(REPEAT_INTERVAL);
         // Start-up work before the first poll (topic checks) is no gap between polls.
         self.tasks.lock().expect("task manager lock").started();
         while !shutdown.load(Ordering::Relaxed) {
@@ -149,7 +151,7 @@ impl StreamThread {
                 match m {
                     Ok(m) => msgs.push(m),
                     // Transport failures and the like are transient: librdkafka reconnects.
-                    Err(e) => tracing::warn!(error = %e, "consumer error"),
+                    Err(e) => warn_consumer_error(&mut errors, &e),
                 }
             }
             tasks.process(&self.consumer, &msgs)?;
@@ -198,5 +200,16 @@ fn check_fatal(tasks: &TaskManager) -> Result<(), RuntimeError> {
     match &tasks.fatal {
         Some(why) => Err(RuntimeError::Fatal(why.clone())),
         None => Ok(()),
+    }
+}
+
+/// A consumer error, told once per kind per [`REPEAT_INTERVAL`] with how many repeats were
+/// left out (a broker outage reports one on every poll).
+fn warn_consumer_error(errors: &mut RepeatLog, e: &rdkafka::error::KafkaError) {
+    let kind = e
+        .rdkafka_error_code()
+        .map_or_else(|| e.to_string(), |c| format!("{c:?}"));
+    if let Some(left_out) = errors.admit(&kind, Instant::now()) {
+        tracing::warn!(error = %e, repeats_left_out = left_out, "consumer error (the same kind is told at most every 30 s)");
     }
 }

@@ -22,7 +22,7 @@ use rdkafka::producer::BaseRecord;
 use rdkafka::Message;
 
 use super::dead_letter_log::DeadLetterQueue;
-use super::membership::is_membership_error;
+use super::membership::{refusal, Refusal};
 use super::offsets::{SourceOffsets, TopicPartition};
 use super::parking::{rewind, Parking};
 use super::record_collector::{RecordCollector, TxnError};
@@ -37,6 +37,16 @@ use crate::task::{DeadLetter, SourceRecord};
 use crate::telemetry::{series, Progress};
 use crate::topology::graph::{Graph, Route};
 use crate::topology::ProcessingGuarantee;
+
+/// A commit the group refused while it rebalances: counted and told once, at INFO (it is
+/// expected, and costs nothing but the wait).
+fn postponed(why: &str) {
+    metrics::counter!("readstate_commits_postponed_total").increment(1);
+    tracing::info!(
+        reason = why,
+        "commit postponed until the rebalance completes; no task is lost"
+    );
+}
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -53,8 +63,13 @@ pub(super) enum CommitOutcome {
     /// The transaction was aborted: the tasks went back to their stores and the
     /// partitions to their committed offsets.
     Aborted,
-    /// The coordinator refused the offsets (or the transaction) because of membership:
-    /// every task is lost. `requeue`: the consumer may still hold the assignment.
+    /// The coordinator refused the offsets because the group is rebalancing: they are
+    /// committed after the rebalance, for the partitions still owned (under
+    /// exactly_once_v2 the transaction was aborted, and the tasks went back to their stores
+    /// and the partitions to their committed offsets). No task is lost.
+    Postponed { why: String },
+    /// The coordinator refused the offsets (or the transaction) because this member left
+    /// the group: every task is lost. `requeue`: the consumer may still hold the assignment.
     Lost { why: String, requeue: bool },
     /// The producer was fenced: every task is lost, and a new producer is needed.
     Fenced { why: String },
@@ -331,6 +346,11 @@ impl TaskExecutor {
                 self.rewind_to_committed(consumer, tasks, parts)?;
                 Ok(CommitOutcome::Aborted)
             }
+            Err(TxnError::Rebalancing(e)) => {
+                postponed(&e);
+                self.rewind_to_committed(consumer, tasks, parts)?;
+                Ok(CommitOutcome::Postponed { why: e })
+            }
             Err(e @ TxnError::Migrated(_)) => {
                 failed();
                 let why = e.to_string();
@@ -343,9 +363,10 @@ impl TaskExecutor {
         }
     }
 
-    /// Step 4 under at-least-once, last: the source offsets. A refusal because of
-    /// membership loses every task; other failures are left to the next commit (replay
-    /// marks make a replay harmless).
+    /// Step 4 under at-least-once, last: the source offsets. A refusal while the group
+    /// rebalances postpones them; one because this member left the group loses every
+    /// task; other failures are left to the next commit (replay marks make a replay
+    /// harmless).
     fn commit_offsets<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
@@ -357,15 +378,22 @@ impl TaskExecutor {
         }
         match consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => self.committed_now(entries),
-            Err(e) if is_membership_error(&e) => {
-                metrics::counter!("readstate_commits_failed_total").increment(1);
-                let why = format!("offset commit refused: {e}");
-                return CommitOutcome::Lost { why, requeue: true };
-            }
-            Err(e) => {
-                metrics::counter!("readstate_commits_failed_total").increment(1);
-                tracing::warn!(error = %e, "offset commit failed; the next commit covers it");
-            }
+            Err(e) => match refusal(&e) {
+                Some(Refusal::Rebalancing) => {
+                    let why = e.to_string();
+                    postponed(&why);
+                    return CommitOutcome::Postponed { why };
+                }
+                Some(Refusal::Gone) => {
+                    metrics::counter!("readstate_commits_failed_total").increment(1);
+                    let why = format!("offset commit refused: {e}");
+                    return CommitOutcome::Lost { why, requeue: true };
+                }
+                None => {
+                    metrics::counter!("readstate_commits_failed_total").increment(1);
+                    tracing::warn!(error = %e, "offset commit failed; the next commit covers it");
+                }
+            },
         }
         CommitOutcome::Committed
     }
@@ -513,6 +541,10 @@ impl TaskExecutor {
         self.collector.abandon();
         self.dead_letters.clear();
         self.offsets.clear()
+    }
+
+    pub(super) fn is_exactly_once(&self) -> bool {
+        self.guarantee == ProcessingGuarantee::ExactlyOnceV2
     }
 
     /// A new producer after this one was fenced.

@@ -26,7 +26,7 @@ use rdkafka::TopicPartitionList;
 
 use super::changelog_reader::ChangelogReader;
 use super::dead_letter_log::DeadLetterQueue;
-use super::membership::{is_membership_error, MemberIdCheck, Membership, MembershipMonitor};
+use super::membership::{refusal, Loss, MemberIdCheck, Membership, MembershipMonitor, Refusal};
 use super::offsets::TopicPartition;
 use super::parking::{rewind, ParkReason, Parking};
 use super::record_collector::RecordCollector;
@@ -50,6 +50,7 @@ struct LifecycleCounts {
     tasks_closed: u64,
     assignments: u64,
     tasks_lost: u64,
+    commits_postponed: u64,
 }
 
 pub(super) struct TaskManager {
@@ -163,6 +164,7 @@ impl TaskManager {
             tasks_closed: c.tasks_closed,
             assignments: c.assignments,
             tasks_lost: c.tasks_lost,
+            commits_postponed: c.commits_postponed,
             tasks_corrupted: self.updater.corrupted,
             ..self.executor.summary.clone()
         }
@@ -436,7 +438,7 @@ impl TaskManager {
         consumer: &BaseConsumer<C>,
         why: &str,
     ) {
-        let rewinds = self.lose_all(why);
+        let rewinds = self.lose_all(why, Loss::Left);
         if consumer.assignment_lost() {
             return;
         }
@@ -476,13 +478,32 @@ impl TaskManager {
         self.membership.suspect();
     }
 
+    /// librdkafka reports the assignment lost: every task is lost, as [`Loss`] judges from
+    /// the member id now.
+    pub(super) fn assignment_lost<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        why: &str,
+    ) -> std::collections::HashMap<TopicPartition, i64> {
+        let member = crate::kafka::member_id(consumer);
+        let loss = self.membership.judge_loss(member.as_deref());
+        self.lose_all(why, loss)
+    }
+
     /// Every task is lost: someone else may own its partition already. Nothing more is
-    /// produced or committed for it; its store is wiped so that whoever owns it next
-    /// restores it from the changelog. Returns the offsets last committed.
-    pub(super) fn lose_all(&mut self, why: &str) -> std::collections::HashMap<TopicPartition, i64> {
+    /// produced or committed for it. Under at-least-once, after this member may have left
+    /// the group, its store is wiped so that whoever owns it next restores it from the
+    /// changelog; otherwise the store is kept (it holds only committed data). Returns the
+    /// offsets last committed.
+    pub(super) fn lose_all(
+        &mut self,
+        why: &str,
+        loss: Loss,
+    ) -> std::collections::HashMap<TopicPartition, i64> {
         // Only what is owned now is a lost task (a repeated loss finds nothing).
         let committed = self.executor.abandon();
-        let (lost, failed) = self.updater.lose_all(self.tasks.clear());
+        let wipe = loss == Loss::Left && !self.executor.is_exactly_once();
+        let (lost, failed) = self.updater.lose_all(self.tasks.clear(), wipe);
         if let Some(why) = failed {
             self.fatal = Some(why);
         }
@@ -492,7 +513,11 @@ impl TaskManager {
         self.has_assignment = false;
         self.counts.tasks_lost += lost.len() as u64;
         metrics::counter!("readstate_tasks_lost_total").increment(lost.len() as u64);
-        tracing::warn!(tasks = ?lost.iter().map(ToString::to_string).collect::<Vec<_>>(), reason = why, "tasks lost: closed dirty (nothing produced or committed), stores wiped for a restore from the changelog");
+        let tasks: Vec<String> = lost.iter().map(ToString::to_string).collect();
+        match wipe {
+            true => tracing::warn!(?tasks, reason = why, "tasks lost: closed dirty (nothing produced or committed), stores wiped for a restore from the changelog"),
+            false => tracing::warn!(?tasks, reason = why, ?loss, "tasks lost: closed dirty (nothing produced or committed), stores kept at their last commit"),
+        }
         self.update_readiness();
         committed
     }
@@ -532,6 +557,11 @@ impl TaskManager {
         metrics::gauge!("readstate_rocksdb_memory_bytes").set(rocks);
         match outcome {
             Ok(CommitOutcome::Committed | CommitOutcome::Aborted) => Ok(()),
+            Ok(CommitOutcome::Postponed { why }) => {
+                self.counts.commits_postponed += 1;
+                tracing::debug!(reason = why, "commit postponed");
+                Ok(())
+            }
             Ok(CommitOutcome::Lost { why, requeue: true }) => {
                 self.lose_all_and_requeue(consumer, &why);
                 Ok(())
@@ -540,11 +570,11 @@ impl TaskManager {
                 why,
                 requeue: false,
             }) => {
-                self.lose_all(&why);
+                self.lose_all(&why, Loss::Left);
                 Ok(())
             }
             Ok(CommitOutcome::Fenced { why }) => {
-                self.lose_all(&why);
+                self.lose_all(&why, Loss::Left);
                 self.executor.recreate_producer()
             }
             Err(e) if e.is_expiry() && self.membership.took_long(started) => {
@@ -597,7 +627,7 @@ impl TaskManager {
             MemberIdCheck::Changed { was, now } => {
                 let why = format!("group member id changed from {was} to {now}");
                 // librdkafka revokes the lost assignment and assigns again: no requeue.
-                self.lose_all(&why);
+                self.lose_all(&why, Loss::Left);
                 self.membership.assigned_under(None);
                 Membership::Lost
             }
@@ -614,7 +644,7 @@ impl TaskManager {
         consumer: &BaseConsumer<C>,
     ) -> Membership {
         if consumer.assignment_lost() {
-            self.lose_all("the consumer reports its assignment lost");
+            self.assignment_lost(consumer, "the consumer reports its assignment lost");
             return Membership::Lost;
         }
         match self.member_check(consumer) {
@@ -634,9 +664,14 @@ impl TaskManager {
                 self.membership.verified();
                 Membership::Kept
             }
-            Err(e) if is_membership_error(&e) => {
+            Err(e) if refusal(&e) == Some(Refusal::Gone) => {
                 self.lose_all_and_requeue(consumer, &format!("membership probe refused: {e}"));
                 Membership::Lost
+            }
+            Err(e) if refusal(&e) == Some(Refusal::Rebalancing) => {
+                // Still a member: the rebalance tells what stays owned.
+                tracing::info!(error = %e, "membership probe refused while the group rebalances; commit postponed");
+                Membership::Unknown
             }
             Err(e) => {
                 tracing::warn!(error = %e, "membership probe failed; commit postponed");

@@ -148,6 +148,12 @@ struct Sink<R: SinkRow> {
     owned: BTreeMap<i32, i64>,
     /// Assigned partitions not claimed yet (the database was unreachable): paused.
     unclaimed: BTreeSet<i32>,
+    /// The offset after the last record accepted per owned partition: a record below it
+    /// and below the stored offset means the topic started again (recreated).
+    read: BTreeMap<i32, i64>,
+    /// Partitions stopped because their topic was recreated while running: paused, and
+    /// `/ready` says why, until an operator resets the sink offsets.
+    stopped: BTreeSet<i32>,
     claim_retry: Retry,
     /// The database is unavailable: every owned partition is paused, and partitions
     /// assigned meanwhile are paused too.
@@ -190,6 +196,8 @@ impl<R: SinkRow> Sink<R> {
             decoder,
             owned: BTreeMap::new(),
             unclaimed: BTreeSet::new(),
+            read: BTreeMap::new(),
+            stopped: BTreeSet::new(),
             claim_retry: Retry::new(),
             outage: false,
             summary: SinkSummary::default(),
@@ -276,6 +284,8 @@ impl<R: SinkRow> Sink<R> {
                     for p in &parts {
                         self.owned.remove(p);
                         self.unclaimed.remove(p);
+                        self.read.remove(p);
+                        self.stopped.remove(p);
                         batch.drop_partition(*p);
                         for w in writing.iter_mut() {
                             w.remove_partition(*p);
@@ -318,8 +328,9 @@ impl<R: SinkRow> Sink<R> {
             Ok(()) => {
                 self.unclaimed.clear();
                 if !self.outage {
+                    let claimed = parts.iter().filter(|p| !self.stopped.contains(p));
                     self.consumer
-                        .resume(&self.partition_list(parts.iter()))
+                        .resume(&self.partition_list(claimed))
                         .map_err(KafkaError::from)?;
                 }
                 Ok(())
@@ -344,8 +355,13 @@ impl<R: SinkRow> Sink<R> {
             .await?;
         for p in parts {
             let next = stored.get(p).copied().unwrap_or(-1);
-            self.check_stored_offset(*p, next)?;
+            if let Some(end) = self.stored_offset_beyond_end(*p, next)? {
+                self.owned.insert(*p, next);
+                self.stop_partition(*p, next, end);
+                continue;
+            }
             self.owned.insert(*p, next);
+            self.read.remove(p);
             let to = if next >= 0 {
                 Offset::Offset(next)
             } else {
@@ -362,10 +378,15 @@ impl<R: SinkRow> Sink<R> {
     }
 
     /// A stored offset must lie within the partition's log: beyond its end means the topic
-    /// was recreated (fatal); below its start means records were deleted unwritten (said).
-    fn check_stored_offset(&self, partition: i32, next: i64) -> Result<(), SinkError> {
+    /// was recreated (`Some(end)`: the partition is stopped); below its start means records
+    /// were deleted unwritten (said).
+    fn stored_offset_beyond_end(
+        &self,
+        partition: i32,
+        next: i64,
+    ) -> Result<Option<i64>, SinkError> {
         if next < 0 {
-            return Ok(());
+            return Ok(None);
         }
         let (low, high) = self
             .consumer
@@ -374,18 +395,55 @@ impl<R: SinkRow> Sink<R> {
                 SinkError::Retriable(format!("offsets of {} [{partition}]: {e}", self.cfg.topic))
             })?;
         if next > high {
-            return Err(SinkError::OffsetBeyondEnd {
-                group: self.cfg.group.clone(),
-                topic: self.cfg.topic.clone(),
-                partition,
-                stored: next,
-                end: high,
-            });
+            return Ok(Some(high));
         }
         if next < low {
             tracing::warn!(topic = %self.cfg.topic, partition, stored = next, log_start = low, "records below the log start were deleted (retention) before the sink wrote them; it goes on from the log start");
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// A partition's offsets went back below the stored offset: if its log now ends
+    /// below it, the topic was recreated while running.
+    fn offsets_went_back(&mut self, partition: i32, stored: i64) {
+        match self
+            .consumer
+            .fetch_watermarks(&self.cfg.topic, partition, Duration::from_secs(5))
+        {
+            Ok((_, high)) if high < stored => self.stop_partition(partition, stored, high),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(topic = %self.cfg.topic, partition, error = %e, "offsets went back below the stored offset; the log end is unknown, checked again at the next record");
+            }
+        }
+    }
+
+    /// The partition's topic was recreated (or truncated) since its offsets were stored:
+    /// reading on would skip every record below the stored offset, so the partition stops
+    /// (paused, nothing skipped silently). The error names it and the fix, and `/ready`
+    /// says why until an operator resets the sink offsets and restarts; the other
+    /// partitions go on.
+    fn stop_partition(&mut self, partition: i32, stored: i64, end: i64) {
+        let topic = &self.cfg.topic;
+        let e = SinkError::OffsetBeyondEnd {
+            group: self.cfg.group.clone(),
+            topic: topic.clone(),
+            partition,
+            stored,
+            end,
+        };
+        tracing::error!(error = %e, "sink partition stopped");
+        self.cfg
+            .health
+            .set_stopped(format!("postgres sink stopped {topic} [{partition}]: {e}"));
+        metrics::counter!("readstate_sink_partitions_stopped_total").increment(1);
+        self.stopped.insert(partition);
+        if let Err(e) = self
+            .consumer
+            .pause(&self.partition_list([partition].iter()))
+        {
+            tracing::warn!(topic = %topic, partition, error = %e, "cannot pause the stopped partition");
+        }
     }
 
     async fn accept(
@@ -402,9 +460,18 @@ impl<R: SinkRow> Sink<R> {
             // seeks back to the stored offset).
             return Ok(());
         };
-        if offset < stored {
-            return Ok(()); // written already (before the seek took effect)
+        if self.stopped.contains(&partition) {
+            return Ok(());
         }
+        if offset < stored {
+            // Written already (fetched before the seek took effect), unless the offsets
+            // went back: then the topic may have been recreated.
+            if self.read.get(&partition).is_some_and(|&next| offset < next) {
+                self.offsets_went_back(partition, stored);
+            }
+            return Ok(());
+        }
+        self.read.insert(partition, offset + 1);
         self.summary.records += 1;
         metrics::counter!("readstate_sink_records_total").increment(1);
         let update = match self.decode(payload.as_deref(), shutdown).await? {
@@ -477,7 +544,7 @@ impl<R: SinkRow> Sink<R> {
 
     fn assignment(&self) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
-        for p in self.owned.keys() {
+        for p in self.owned.keys().filter(|p| !self.stopped.contains(p)) {
             tpl.add_partition(&self.cfg.topic, *p);
         }
         tpl

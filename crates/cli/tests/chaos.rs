@@ -273,18 +273,26 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
         "node 0, paused past its session timeout, closed its tasks dirty\n{}",
         s.logs()
     );
+    let mut restored_total = 0;
     for n in 0..4 {
         let log = std::fs::read_to_string(s.root.path().join(format!("node-{n}.log")))
             .unwrap_or_default();
         let count = |what: &str| log.matches(what).count();
+        let restored = restored_records(&log);
+        restored_total += restored;
         eprintln!(
-            "chaos: node {n}: {} loss(es), {} wiped store(s), {} restore(s), {} assignment(s)",
+            "chaos: node {n}: {} loss(es) ({} wiping stores), {} commit(s) postponed by a rebalance, {} restore(s) of {restored} changelog records, {} assignment(s)",
             count("tasks lost"),
-            count("store does not match"),
+            count("stores wiped"),
+            count("commit postponed"),
             count("task restored"),
             count("assigned")
         );
     }
+    eprintln!(
+        "chaos: {restored_total} changelog records restored for {n} input records ({:.2} per input record)",
+        restored_total as f64 / n as f64
+    );
     let outputs = check_output(&s, &want);
     let changelog = check_changelog(&s);
     check_restore(&s, &want);
@@ -292,6 +300,15 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
         "chaos: PASS: {n} events, {} keys, {outputs} output records and {changelog} changelog records without a regression; PostgreSQL and the restored stores equal the oracle",
         want.len()
     );
+}
+
+/// The changelog records a node's log says it restored (`task restored ... records=N`).
+fn restored_records(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("task restored"))
+        .filter_map(|l| l.split("records=").nth(1))
+        .filter_map(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Every output record in offset order: per key, pointer and version never go down, and

@@ -66,19 +66,7 @@ impl Kafka {
 
     /// Produce updates to the output topic as the stream processor does.
     fn produce(&self, updates: &[ReceiptUpdate]) {
-        let p = kafka::producer(&self.brokers());
-        let enc = UpdateEncoder::new(RECEIPT_UPDATE_SCHEMA, LOCAL_RECEIPT_UPDATE_ID).unwrap();
-        for u in updates {
-            let key = u.conversation_id.0.to_string();
-            let v = enc.encode(&AvroReceiptUpdate::from(u)).unwrap();
-            send(
-                &p,
-                BaseRecord::to(&self.output)
-                    .key(key.as_str())
-                    .payload(v.as_slice()),
-            );
-        }
-        kafka::flush(&p);
+        produce_updates(&self.brokers(), &self.output, updates);
     }
 
     fn records(&self) -> i64 {
@@ -121,6 +109,23 @@ impl Kafka {
             |d| d.len() >= at_least,
         )
     }
+}
+
+/// Produce updates to `topic` as the stream processor does (keyed by conversation).
+fn produce_updates(brokers: &str, topic: &str, updates: &[ReceiptUpdate]) {
+    let p = kafka::producer(brokers);
+    let enc = UpdateEncoder::new(RECEIPT_UPDATE_SCHEMA, LOCAL_RECEIPT_UPDATE_ID).unwrap();
+    for u in updates {
+        let key = u.conversation_id.0.to_string();
+        let v = enc.encode(&AvroReceiptUpdate::from(u)).unwrap();
+        send(
+            &p,
+            BaseRecord::to(topic)
+                .key(key.as_str())
+                .payload(v.as_slice()),
+        );
+    }
+    kafka::flush(&p);
 }
 
 struct Running<T> {
@@ -842,8 +847,8 @@ fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
 }
 
 /// The output topic recreated while PostgreSQL kept the sink's offsets (the compose stack's
-/// Kafka without a volume): the sink stops with an error naming the partition instead of
-/// skipping records. `readstate reset` is refused while an instance runs, `--dry-run`
+/// Kafka without a volume): the sink stops each partition with an error naming it instead
+/// of skipping records, and `/ready` says why. `readstate reset` is refused while an instance runs, `--dry-run`
 /// changes nothing, and the reset (offsets to earliest, changelog deleted, sink offsets and
 /// local state deleted) lets the next run write every row again.
 #[test]
@@ -893,20 +898,45 @@ fn real_broker_recreated_output_topic_stops_the_sink_until_reset() {
     let committed = kafka::committed(&brokers, &app, &source);
     assert_eq!(committed.iter().sum::<i64>(), events.len() as i64);
 
-    // The output topic is recreated; PostgreSQL keeps the sink's offsets.
+    // The output topic is recreated; PostgreSQL keeps the sink's offsets. The sink stops
+    // every partition (none is skipped), says so and how to fix it, and /ready says why.
     kafka::delete_topic(&brokers, &output);
     kafka::create_topic(&brokers, &output, PARTS, &[]);
-    let mut child = run();
-    let status = wait_exit(&mut child, Duration::from_secs(60));
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    assert!(!status.success(), "the sink must stop the instance");
+    let log = dir.path().join("stopped.log");
+    let mut child = cli(
+        &[
+            "run",
+            "--local-schemas",
+            "--topology",
+            &file,
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        &env,
+    )
+    .env("RUST_LOG", "warn,readstate::telemetry=info")
+    .stderr(std::fs::File::create(&log).unwrap())
+    .spawn()
+    .unwrap();
+    let stopped = format!("for group {sink_group}, {output} [");
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    settle("the sink to stop every partition", || {
+        text().matches("sink partition stopped").count() == PARTS as usize
+    });
+    let stderr = text();
     assert!(
-        stderr.contains(&format!("for group {sink_group}, {output} ["))
+        stderr.contains(&stopped)
             && stderr.contains("but the topic ends at offset 0")
             && stderr.contains("readstate reset"),
         "{stderr}"
     );
+    let ready = http_get_logged(&log, "/ready");
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && ready.contains(&stopped),
+        "{ready}"
+    );
+    assert!(child.try_wait().unwrap().is_none(), "the instance runs on");
+    assert!(sigterm(&mut child).success());
 
     let reset_args = [
         "reset",
@@ -971,6 +1001,68 @@ fn real_broker_recreated_output_topic_stops_the_sink_until_reset() {
     assert!(sigterm(&mut child).success());
 }
 
+/// The output topic deleted and recreated while the sink runs (issue 26: librdkafka reset
+/// the offsets to the new log's start, and the sink skipped every record below its stored
+/// offsets without a word): the partitions whose offsets went back stop, `/ready` says why
+/// and names the fix, the sink itself runs on, and no record of the new topic is skipped
+/// into PostgreSQL as if written.
+#[test]
+fn real_broker_output_topic_recreated_while_the_sink_runs_stops_its_partitions() {
+    let rb = RealBroker::new();
+    let (brokers, db) = (rb.brokers.clone(), &rb.db);
+    let dlq = format!("{}-dlq", rb.app);
+    kafka::create_topic(&brokers, &rb.output, PARTS, &[]);
+    kafka::create_topic(&brokers, &dlq, 1, &[]);
+    let health = readstate::telemetry::Health::new();
+    let group = format!("{}-pg-sink", rb.app);
+    let sink = start_sink(SinkConfig {
+        group: group.clone(),
+        topic: rb.output.clone(),
+        dead_letter_topic: dlq,
+        batch_size: 100,
+        linger: Duration::from_millis(50),
+        kafka: KafkaSettings::new(brokers.clone()),
+        resolver: Arc::new(LocalRegistry::new()),
+        table: Arc::new(db.table()),
+        progress: Default::default(),
+        health: health.clone(),
+    });
+    let first = update_stream(51, 300, 4);
+    produce_updates(&brokers, &rb.output, &first);
+    settle("every record written", || {
+        records_applied(db, &group) == first.len() as i64
+    });
+    let rows_before = db.rows().unwrap();
+    kafka::delete_topic(&brokers, &rb.output);
+    kafka::create_topic(&brokers, &rb.output, PARTS, &[]);
+    // Fewer records than were written before: each partition's new log ends below its
+    // stored offset.
+    let second = update_stream(52, 20, 1);
+    produce_updates(&brokers, &rb.output, &second);
+    let stopped = || health.stopped().unwrap_or_default();
+    settle("the sink to stop a recreated partition", || {
+        !stopped().is_empty()
+    });
+    let why = stopped();
+    assert!(
+        why.contains(&format!("for group {group}, {} [", rb.output))
+            && why.contains("readstate reset")
+            && why.contains("--sink-offsets"),
+        "{why}"
+    );
+    assert!(
+        !health.is_ready(),
+        "/ready answers 503 while a partition is stopped"
+    );
+    let summary = sink.stop();
+    assert_eq!(
+        records_applied(db, &group),
+        first.len() as i64,
+        "no record of the new topic was counted as written: {summary:?}"
+    );
+    assert_eq!(db.rows().unwrap(), rows_before, "no row changed");
+}
+
 /// libpq's `sslmode` values and `sslrootcert`, as managed databases require. The private
 /// server's certificate is for "localhost" only, signed by a test CA (`scripts/env.sh`).
 #[test]
@@ -1031,6 +1123,12 @@ fn postgres_tls_modes_behave_as_libpq() {
 
 /// The body of a /metrics page served at the address a child logged.
 fn scrape_logged(log: &std::path::Path) -> Option<String> {
+    let reply = get_logged(log, "/metrics")?;
+    Some(reply.split_once("\r\n\r\n")?.1.to_owned())
+}
+
+/// GET `path` (the whole reply) from the telemetry address a child logged.
+fn get_logged(log: &std::path::Path, path: &str) -> Option<String> {
     let text = std::fs::read_to_string(log).ok()?;
     let line = text.lines().find(|l| l.contains("serving /metrics"))?;
     let addr: std::net::SocketAddr = line
@@ -1040,8 +1138,15 @@ fn scrape_logged(log: &std::path::Path) -> Option<String> {
         .next()?
         .parse()
         .ok()?;
-    let reply = readstate_testing::http_get(addr, "/metrics").ok()?;
-    Some(reply.split_once("\r\n\r\n")?.1.to_owned())
+    readstate_testing::http_get(addr, path).ok()
+}
+
+fn http_get_logged(log: &std::path::Path, path: &str) -> String {
+    wait_until(
+        "the telemetry address in the log",
+        Duration::from_secs(30),
+        || get_logged(log, path),
+    )
 }
 
 /// `readstate_sink_lag_records` is 0 for every partition once everything is written, and

@@ -165,3 +165,56 @@ fn metrics_pass_promtool_and_moved_tasks_lose_their_series() {
         "colour codes in a log file"
     );
 }
+
+/// Commits the group coordinator refuses while the group rebalances (`RebalanceInProgress`,
+/// `IllegalGeneration`, injected into the mock's offset commits) are postponed, not lost:
+/// no store is wiped or restored again, the next commit covers the offsets, and state and
+/// output equal the oracle (issue 26). Before, each refusal lost every task and restored
+/// every store from its changelog.
+fn refused_commits_are_postponed(mut env: Env, eos: bool) {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    env.eos = eos;
+    let events = zipf_workload(11, 8_000);
+    let want = oracle(&events);
+    let a = env.start();
+    env.produce(&events[..4_000], 0);
+    env.read_until(&env.output, |_| (), |d: &[()]| d.len() >= 50);
+    let api = match eos {
+        true => RDKafkaApiKey::TxnOffsetCommit,
+        false => RDKafkaApiKey::OffsetCommit,
+    };
+    use RDKafkaRespErr::{
+        RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION as GEN, RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS as REB,
+    };
+    env.mock().request_errors(api, &[REB, GEN, REB, GEN]);
+    env.produce(&events[4_000..], 0);
+    let updates = env.read_updates(&want);
+    if !eos {
+        // (The mock does not keep offsets committed in a transaction.)
+        let brokers = env.brokers();
+        let end = kafka::end_offsets(&brokers, &env.source);
+        wait_for(
+            "the offsets to be committed after the refusals",
+            Duration::from_secs(60),
+            || kafka::committed(&brokers, &env.app, &env.source) == end,
+        );
+    }
+    let s = a.stop();
+    assert!(s.commits_postponed >= 4, "every refusal postponed: {s:?}");
+    // librdkafka itself reports the assignment lost after an IllegalGeneration refusal
+    // (the member id unchanged): the tasks are closed and assigned again, their stores kept.
+    assert_eq!(s.restored_records, 0, "no store wiped or restored: {s:?}");
+    assert_eq!(s.tasks_corrupted, 0, "{s:?}");
+    check_output_monotonic(&updates, &want);
+    check_final_state(&env, &want);
+}
+
+#[test]
+fn commits_refused_during_a_rebalance_are_postponed_not_lost() {
+    refused_commits_are_postponed(Env::new(), false);
+}
+
+#[test]
+fn transactions_refused_during_a_rebalance_are_postponed_not_lost() {
+    refused_commits_are_postponed(Env::new(), true);
+}

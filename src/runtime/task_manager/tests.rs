@@ -53,8 +53,9 @@ topic = "out"
 }
 
 /// Assign parks the partitions; open judges checkpoints (one beyond the empty
-/// changelog is wiped), restores and starts the tasks, resuming the partitions; a
-/// loss closes them dirty and wipes their stores.
+/// changelog is wiped), restores and starts the tasks, resuming the partitions; a loss
+/// while still a member keeps their stores; a loss after leaving the group closes them
+/// dirty and wipes their stores (at-least-once).
 #[test]
 fn assign_open_corrupted_and_lost() {
     let mock = MockCluster::new(1).unwrap();
@@ -96,12 +97,27 @@ fn assign_open_corrupted_and_lost() {
         .map(|p| tm.updater.state().store_dir(TaskId::new(0, p), 0))
         .into();
     assert!(dirs.iter().all(|d| d.exists()));
-    tm.lose_all("test");
+    // The generation moved on while this member stayed: stores kept, tasks opened again
+    // without a restore.
+    tm.lose_all("test", Loss::Stayed);
+    assert!(tm.tasks.running.is_empty() && dirs.iter().all(|d| d.exists()));
+    tm.assign(&parts, Some("m1".into()));
+    tm.open_assigned(&consumer).unwrap();
+    while tm.tasks.running.len() < 2 {
+        tm.restore_step(&consumer).unwrap();
+    }
+    assert_eq!(tm.summary().restored_records, 0);
+    assert_eq!(
+        tm.summary().tasks_corrupted,
+        1,
+        "kept stores are not corrupted"
+    );
+    tm.lose_all("test", Loss::Left);
     assert!(tm.tasks.running.is_empty());
     assert!(
         !tm.health.is_ready(),
         "nothing runs until the next assignment"
     );
-    assert_eq!(tm.summary().tasks_lost, 2);
+    assert_eq!(tm.summary().tasks_lost, 4);
     assert!(dirs.iter().all(|d| !d.exists()), "lost stores are wiped");
 }

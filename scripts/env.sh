@@ -183,6 +183,11 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 group.consumer.min.session.timeout.ms=3000
 group.classic.min.session.timeout.ms=3000
+# The consumer group protocol (KIP-848) as readstate's classic settings: a 10 s session,
+# heartbeats every second (the broker's defaults are 45 s and 5 s).
+group.consumer.session.timeout.ms=10000
+group.consumer.min.heartbeat.interval.ms=500
+group.consumer.heartbeat.interval.ms=1000
 # Compaction that really runs in a test: segments roll every second, the cleaner looks
 # every 200 ms and cleans as soon as anything is dirty.
 log.roll.ms=1000

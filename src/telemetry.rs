@@ -319,11 +319,17 @@ pub struct Progress {
     pub sink_records: AtomicU64,
     pub sink_rows_written: AtomicU64,
     pub sink_statements: AtomicU64,
+    /// Stream tasks running now (a level, not a count).
+    pub tasks_running: AtomicU64,
 }
 
 impl Progress {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
+    }
+
+    pub fn set(c: &AtomicU64, n: u64) {
+        c.store(n, Ordering::Relaxed);
     }
 
     pub fn add(c: &AtomicU64, n: u64) {

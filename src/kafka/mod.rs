@@ -399,19 +399,31 @@ impl KafkaSettings {
         }
     }
 
-    /// A group consumer: manual offset commits, cooperative-sticky assignment.
+    /// Whether the group consumers use the consumer group protocol of KIP-848
+    /// (`group.protocol=consumer`): assignment by the group coordinator
+    /// (`group.remote.assignor`), session and heartbeat set broker side, and every
+    /// rebalance incremental.
+    pub fn consumer_protocol(&self) -> bool {
+        self.property(Scope::Consumer, "group.protocol")
+            .is_some_and(|v| v.eq_ignore_ascii_case("consumer"))
+    }
+
+    /// A group consumer: manual offset commits, cooperative-sticky assignment (under the
+    /// classic protocol; the consumer protocol's are the coordinator's).
     pub fn consumer(&self, group: &str) -> ClientConfig {
         let mut c = self.base("consumer");
+        if !self.consumer_protocol() {
+            c.set("partition.assignment.strategy", "cooperative-sticky")
+                .set("session.timeout.ms", "10000")
+                .set("heartbeat.interval.ms", "1000");
+        }
         c.set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("partition.assignment.strategy", "cooperative-sticky")
             // Aborted transactions stay invisible (librdkafka's default, made explicit).
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "false")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
             .set("fetch.wait.max.ms", "50")
             // The queue thresholds count the whole consumer queue (all partitions): once it
             // holds queued.min.messages, every partition's next fetch waits this long

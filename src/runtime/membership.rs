@@ -58,6 +58,9 @@ pub(super) struct MembershipMonitor {
     suspect: bool,
     /// The group member id the running tasks were assigned under.
     member: Option<String>,
+    /// The consumer group protocol of KIP-848: the member id stays the same after the
+    /// member was fenced, so it tells nothing of a loss.
+    consumer_protocol: bool,
 }
 
 impl MembershipMonitor {
@@ -69,7 +72,14 @@ impl MembershipMonitor {
             probe_after: session_timeout / 3,
             suspect: false,
             member: None,
+            consumer_protocol: false,
         }
+    }
+
+    /// Under the consumer group protocol of KIP-848 (see [`Self::judge_loss`]).
+    pub(super) fn with_consumer_protocol(mut self, on: bool) -> Self {
+        self.consumer_protocol = on;
+        self
     }
 
     pub(super) fn now(&self) -> Instant {
@@ -112,10 +122,18 @@ impl MembershipMonitor {
         self.suspect = false;
     }
 
+    pub(super) fn is_consumer_protocol(&self) -> bool {
+        self.consumer_protocol
+    }
+
     /// Judge a loss librdkafka reports (`assignment_lost`) with the member id now: the
     /// same one as the tasks were assigned under, and no pause since, means the member
-    /// stayed in the group (a session timeout or an unknown member resets the id).
+    /// stayed in the group (under the classic protocol a session timeout or an unknown
+    /// member resets the id; under KIP-848's it does not, and every loss is real).
     pub(super) fn judge_loss(&self, now: Option<&str>) -> Loss {
+        if self.consumer_protocol {
+            return Loss::Left;
+        }
         match (&self.member, now) {
             (Some(was), Some(now)) if was == now && !self.suspect => Loss::Stayed,
             _ => Loss::Left,
@@ -224,6 +242,14 @@ mod tests {
         clock.advance(Duration::from_secs(11));
         m.polled();
         assert_eq!(m.judge_loss(Some("a")), Loss::Left, "after a pause");
+        let mut m =
+            MembershipMonitor::new(clock, Duration::from_secs(30)).with_consumer_protocol(true);
+        m.assigned_under(Some("a".into()));
+        assert_eq!(
+            m.judge_loss(Some("a")),
+            Loss::Left,
+            "KIP-848 keeps the member id"
+        );
     }
 
     #[test]

@@ -252,11 +252,21 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
         "output schema and producer ready"
     );
     let mut consumer_config = config.kafka.consumer(t.application_id.as_str());
-    if t.messages.is_some() {
+    let consumer_protocol = config.kafka.consumer_protocol();
+    if t.messages.is_some() && !consumer_protocol {
         // Co-partitioning: the range assignor gives each member the same partition numbers
         // of every topic with the same partition count (all members subscribe to both).
         // Rebalances are eager: every task is revoked (committed, closed) and reassigned.
         consumer_config.set("partition.assignment.strategy", "range");
+    }
+    if t.messages.is_some()
+        && consumer_protocol
+        && consumer_config.get("group.remote.assignor").is_none()
+    {
+        // The coordinator's range assignor keeps the same partition numbers of co-
+        // partitioned topics together; its incremental assignment may still give one half
+        // of a pair before the other, and a task starts once it holds both.
+        consumer_config.set("group.remote.assignor", "range");
     }
     if consumer_config.get("statistics.interval.ms").is_none() {
         // Consumer lag per partition comes from these statistics (no blocking request).

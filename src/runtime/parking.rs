@@ -19,6 +19,8 @@ use crate::kafka::KafkaError;
 pub(super) enum ParkReason {
     Restoring,
     Registry,
+    /// One half of a co-partitioned pair, held without the other (KIP-848).
+    CoPartition,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -84,6 +86,7 @@ impl Parking {
     /// Remember a partition as parked (the caller pauses it, or it is paused already).
     pub(super) fn mark(&mut self, tp: TopicPartition, reason: ParkReason, rewind: Option<i64>) {
         let e = self.parked.entry(tp).or_insert(Parked { reason, rewind });
+        e.reason = reason;
         e.rewind = match (e.rewind, rewind) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

@@ -543,6 +543,11 @@ impl TaskExecutor {
         self.offsets.clear()
     }
 
+    /// How many tasks run now, for whoever watches the instance's progress.
+    pub(super) fn report_running(&self, tasks: usize) {
+        Progress::set(&self.progress.tasks_running, tasks as u64);
+    }
+
     pub(super) fn is_exactly_once(&self) -> bool {
         self.guarantee == ProcessingGuarantee::ExactlyOnceV2
     }

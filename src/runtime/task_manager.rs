@@ -146,7 +146,8 @@ impl TaskManager {
             membership: MembershipMonitor::new(
                 config.clock.clone(),
                 config.kafka.session_timeout(),
-            ),
+            )
+            .with_consumer_protocol(config.kafka.consumer_protocol()),
             counts: LifecycleCounts::default(),
             owner,
             health: config.health.clone(),
@@ -223,13 +224,30 @@ impl TaskManager {
     ) -> Vec<TopicPartition> {
         self.has_assignment = true;
         self.membership.assigned_under(member);
-        if let Err(e) = self.tasks.check_co_partitioned(parts) {
-            self.fatal = Some(e.to_string());
-            self.deferred.get_or_insert(e);
+        if !self.membership.is_consumer_protocol() {
+            // The classic protocol's range assignment gives both halves of a pair at once.
+            if let Err(e) = self.tasks.check_co_partitioned(parts) {
+                self.fatal = Some(e.to_string());
+                self.deferred.get_or_insert(e);
+            }
         }
         self.counts.assignments += 1;
         metrics::counter!("readstate_rebalances_total").increment(1);
-        self.queue(parts)
+        self.take_on(parts)
+    }
+
+    /// Take newly held partitions on: tasks whose co-partitioned pair is complete are
+    /// queued; a half held alone is parked until its other half comes. Returns the
+    /// partitions to pause.
+    fn take_on(&mut self, parts: &[TopicPartition]) -> Vec<TopicPartition> {
+        let (take, lone) = self.tasks.pair(parts);
+        let mut pause = self.queue(&take);
+        for tp in lone {
+            tracing::info!(topic = %tp.0, partition = tp.1, "co-partitioned half held without its pair: parked until the group assigns the other half");
+            self.parking.mark(tp.clone(), ParkReason::CoPartition, None);
+            pause.push(tp);
+        }
+        pause
     }
 
     /// Of `parts`, those still parked (their task restoring, or not opened).
@@ -324,6 +342,7 @@ impl TaskManager {
 
     fn update_readiness(&mut self) {
         metrics::gauge!("readstate_tasks_assigned").set(self.tasks.running.len() as f64);
+        self.executor.report_running(self.tasks.running.len());
         self.prune_series();
         self.update_ready();
     }
@@ -389,14 +408,18 @@ impl TaskManager {
         consumer: &BaseConsumer<C>,
         parts: &[TopicPartition],
     ) {
+        // A task with either half of its pair revoked closes; the other half is parked.
+        let (touched, alone) = self.tasks.unpair(parts);
         for (t, p) in parts {
             if t == self.tasks.task_topic() {
                 self.updater.revoke(*p);
             }
         }
+        touched.iter().for_each(|p| self.updater.revoke(*p));
         let owned = self.tasks.owned();
         let revoked: Vec<TopicPartition> = parts
             .iter()
+            .chain(&alone)
             .filter(|tp| owned.contains(tp))
             .cloned()
             .collect();
@@ -421,6 +444,15 @@ impl TaskManager {
             let p = tp.1.to_string();
             let labels = [("topic", tp.0.as_str()), ("partition", &p)];
             series::remove(self.owner, CONSUMER_LAG, &labels);
+        }
+        for tp in alone {
+            self.executor.forget(&tp);
+            if let Err(e) = self
+                .parking
+                .park(consumer, tp, ParkReason::CoPartition, None)
+            {
+                self.fatal = Some(format!("cannot pause a co-partitioned half: {e}"));
+            }
         }
         self.share_cache_budget();
         self.update_readiness();
@@ -455,7 +487,7 @@ impl TaskManager {
                 return;
             }
         };
-        let pause = self.queue(&parts);
+        let pause = self.take_on(&parts);
         self.has_assignment = true;
         self.update_readiness();
         for tp in &parts {

@@ -30,6 +30,9 @@ pub(super) struct Tasks {
     message_topic: Option<String>,
     pub(super) running: BTreeMap<i32, RunningTask>,
     pub(super) forwarding: Option<Forwarding>,
+    /// Halves of co-partitioned pairs held without their other half (KIP-848's
+    /// incremental assignment may give one before the other): parked until it comes.
+    lone: BTreeSet<TopicPartition>,
 }
 
 impl Tasks {
@@ -43,6 +46,7 @@ impl Tasks {
             message_topic,
             running: BTreeMap::new(),
             forwarding,
+            lone: BTreeSet::new(),
         }
     }
 
@@ -78,6 +82,68 @@ impl Tasks {
         Err(RuntimeError::Fatal(format!(
             "co-partitioning broken: this instance was assigned partitions {reads:?} of {task_topic} but {messages:?} of {mt}; every instance of the group must run the same topology (both topics subscribed, range assignment) and both topics must have the same partition count"
         )))
+    }
+
+    /// The other half of a co-partitioned pair (None without a message source, or for a
+    /// forwarded source partition).
+    fn partner(&self, tp: &TopicPartition) -> Option<TopicPartition> {
+        let mt = self.message_topic.as_ref()?;
+        if tp.0 == self.task_topic {
+            Some((mt.clone(), tp.1))
+        } else if tp.0 == *mt {
+            Some((self.task_topic.clone(), tp.1))
+        } else {
+            None
+        }
+    }
+
+    /// Pair newly assigned partitions: the partitions to take on (forwarded ones, and the
+    /// task partitions whose pair is now complete), and the halves still alone (to park
+    /// until their other half comes).
+    pub(super) fn pair(
+        &mut self,
+        parts: &[TopicPartition],
+    ) -> (Vec<TopicPartition>, Vec<TopicPartition>) {
+        let (mut take, mut lone) = (Vec::new(), Vec::new());
+        for tp in parts {
+            let Some(other) = self.partner(tp) else {
+                take.push(tp.clone());
+                continue;
+            };
+            let task = if tp.0 == self.task_topic { tp } else { &other };
+            if self.lone.remove(&other) {
+                take.push(task.clone());
+            } else if parts.contains(&other) {
+                // Both halves in this assignment: taken once, at the task topic's.
+                if task == tp {
+                    take.push(tp.clone());
+                }
+            } else if self.lone.insert(tp.clone()) {
+                lone.push(tp.clone());
+            }
+        }
+        (take, lone)
+    }
+
+    /// Partitions revoked: the task partitions touched (either half revoked), and the
+    /// other halves still assigned, now alone (to park until their pair comes back).
+    pub(super) fn unpair(&mut self, parts: &[TopicPartition]) -> (Vec<i32>, Vec<TopicPartition>) {
+        let (mut touched, mut alone) = (Vec::new(), Vec::new());
+        for tp in parts {
+            if self.lone.remove(tp) {
+                continue;
+            }
+            let Some(other) = self.partner(tp) else {
+                continue;
+            };
+            touched.push(tp.1);
+            if !parts.contains(&other) && self.lone.insert(other.clone()) {
+                alone.push(other);
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        (touched, alone)
     }
 
     /// The co-partitioned message topic's partition joining task partition `p`.
@@ -158,10 +224,39 @@ impl Tasks {
 
     /// Drop every task and forwarding (lost, or closed at shutdown); their partitions.
     pub(super) fn clear(&mut self) -> Vec<i32> {
+        self.lone.clear();
         if let Some(f) = &mut self.forwarding {
             f.partitions.clear();
         }
         let running = std::mem::take(&mut self.running);
         running.into_keys().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(t: &str, p: i32) -> TopicPartition {
+        (t.to_owned(), p)
+    }
+
+    /// KIP-848's incremental assignment: a task starts once both halves of its pair are
+    /// held; a revoked half closes the task and leaves the other alone.
+    #[test]
+    fn pairs_complete_across_assignments_and_split_on_revoke() {
+        let mut t = Tasks::new("reads".into(), Some("msgs".into()), None);
+        let (take, lone) = t.pair(&[tp("reads", 0), tp("msgs", 0), tp("reads", 1)]);
+        assert_eq!((take, lone), (vec![tp("reads", 0)], vec![tp("reads", 1)]));
+        let (take, lone) = t.pair(&[tp("msgs", 1), tp("msgs", 2)]);
+        assert_eq!((take, lone), (vec![tp("reads", 1)], vec![tp("msgs", 2)]));
+        let (touched, alone) = t.unpair(&[tp("msgs", 0), tp("msgs", 2)]);
+        assert_eq!((touched, alone), (vec![0], vec![tp("reads", 0)]));
+        let (take, lone) = t.pair(&[tp("msgs", 0)]);
+        assert_eq!((take, lone), (vec![tp("reads", 0)], vec![]));
+        let mut plain = Tasks::new("reads".into(), None, None);
+        let parts = [tp("reads", 0), tp("reads", 1)];
+        assert_eq!(plain.pair(&parts), (parts.to_vec(), vec![]));
+        assert_eq!(plain.unpair(&parts), (vec![], vec![]));
     }
 }

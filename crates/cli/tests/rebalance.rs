@@ -67,6 +67,14 @@ fn real_broker_instances_joining_and_leaving_converge() {
     instances_joining_and_leaving(Env::real());
 }
 
+/// The same under the consumer group protocol of KIP-848 (`group.protocol=consumer`).
+#[test]
+fn real_broker_consumer_protocol_instances_joining_and_leaving_converge() {
+    let mut env = Env::real();
+    env.props = vec!["group.protocol=consumer"];
+    instances_joining_and_leaving(env);
+}
+
 /// A repartitioned source on the real broker: readstate creates the repartition topic
 /// through the admin API with the source's partition count, and deletes its records below
 /// the committed offsets (DeleteRecords), as Kafka Streams does.
@@ -217,4 +225,72 @@ fn commits_refused_during_a_rebalance_are_postponed_not_lost() {
 #[test]
 fn transactions_refused_during_a_rebalance_are_postponed_not_lost() {
     refused_commits_are_postponed(Env::new(), true);
+}
+
+/// What a rebalance costs (issue 26): instance B joins A, then A leaves, on the real
+/// broker. A's tasks that stay with it restore nothing and no task is lost; B restores
+/// only what it takes over. Prints the pause (B started or A stopped, until the group's
+/// tasks all run again) and the records restored, for PERFORMANCE.md.
+fn rebalance_costs(env: Env, protocol: &str) {
+    use readstate::telemetry::Progress;
+    let events = zipf_workload(17, 12_000);
+    let want = oracle(&events);
+    let chunks: Vec<&[ReadEvent]> = events.chunks(4_000).collect();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let start = |dir: &std::path::Path| {
+        let cfg = env.config(dir, Arc::new(LocalRegistry::new()), &env.props);
+        let progress = cfg.progress.clone();
+        (launch(cfg), progress)
+    };
+    let running = |p: &Arc<Progress>| Progress::get(&p.tasks_running);
+    let (a, pa) = start(dir_a.path());
+    env.produce(chunks[0], 0);
+    wait_consumed(&pa, chunks[0].len());
+    let joined = std::time::Instant::now();
+    let (b, pb) = start(dir_b.path());
+    wait_for(
+        "A and B to share the tasks",
+        Duration::from_secs(90),
+        || running(&pa) > 0 && running(&pb) > 0 && running(&pa) + running(&pb) == PARTS as u64,
+    );
+    let join_pause = joined.elapsed();
+    env.produce(chunks[1], 0);
+    env.read_until(&env.output, |_| (), |d: &[()]| d.len() >= 50);
+    let left = std::time::Instant::now();
+    let sa = a.stop();
+    wait_for("B to run every task", Duration::from_secs(90), || {
+        running(&pb) == PARTS as u64
+    });
+    let leave_pause = left.elapsed();
+    env.produce(chunks[2], 0);
+    let updates = env.read_updates(&want);
+    let sb = b.stop();
+    eprintln!(
+        "rebalance costs ({protocol}): join {join_pause:?} until both run tasks, leave {leave_pause:?} until B runs all; A restored {} records, B {} ({} assignments); tasks lost {}+{}",
+        sa.restored_records, sb.restored_records, sb.assignments, sa.tasks_lost, sb.tasks_lost
+    );
+    assert_eq!(
+        sa.restored_records, 0,
+        "A's staying tasks restore nothing: {sa:?}"
+    );
+    assert_eq!((sa.tasks_lost, sb.tasks_lost), (0, 0), "{sa:?} {sb:?}");
+    assert!(
+        sb.restored_records > 0,
+        "B restored what it took over: {sb:?}"
+    );
+    check_output_monotonic(&updates, &want);
+    let stored = env.stored_states_in(dir_b.path());
+    assert_states_match(&want, |k| stored.get(&k).cloned());
+}
+
+#[test]
+fn real_broker_classic_protocol_rebalance_costs() {
+    rebalance_costs(Env::real(), "classic, cooperative-sticky");
+}
+
+#[test]
+fn real_broker_consumer_protocol_rebalance_costs() {
+    let mut env = Env::real();
+    env.props = vec!["group.protocol=consumer"];
+    rebalance_costs(env, "consumer (KIP-848)");
 }

@@ -41,6 +41,8 @@ struct Env {
     app: String,
     t: ChatTopics,
     state: tempfile::TempDir,
+    /// librdkafka properties of every instance ("key=value").
+    props: Vec<&'static str>,
 }
 
 impl Env {
@@ -77,6 +79,7 @@ impl Env {
     }
 
     fn on(brokers: String, mock: Option<MockCluster<'static, DefaultProducerContext>>) -> Self {
+        readstate_testing::fixtures::capture_logs();
         let s = suffix();
         Env {
             _mock: mock,
@@ -84,6 +87,7 @@ impl Env {
             app: format!("unread-{s}"),
             t: ChatTopics::new(&s),
             state: tempfile::tempdir().unwrap(),
+            props: Vec::new(),
         }
     }
 
@@ -93,11 +97,11 @@ impl Env {
 
     fn config(&self, state_dir: &std::path::Path) -> RunConfig {
         let topology = compile(&self.topology_text(state_dir)).unwrap();
-        let mut cfg = RunConfig::new(
-            topology,
-            KafkaSettings::new(self.brokers.clone()),
-            Arc::new(LocalRegistry::new()),
-        );
+        let props: Vec<String> = self.props.iter().map(|p| p.to_string()).collect();
+        let kafka = KafkaSettings::new(self.brokers.clone())
+            .with_properties(&props)
+            .unwrap();
+        let mut cfg = RunConfig::new(topology, kafka, Arc::new(LocalRegistry::new()));
         cfg.state_dir = state_dir.to_path_buf();
         cfg
     }
@@ -283,19 +287,34 @@ fn real_broker_instances_joining_and_leaving_keep_every_count_exact() {
     instances_joining_and_leaving(Env::real());
 }
 
+/// The same under the consumer group protocol of KIP-848: the coordinator's range
+/// assignor, incremental assignments in which a task starts once it holds both halves of
+/// its pair (issue 26).
+#[test]
+fn real_broker_consumer_protocol_instances_joining_and_leaving_keep_every_count_exact() {
+    let mut env = Env::real();
+    env.props = vec!["group.protocol=consumer"];
+    instances_joining_and_leaving(env);
+}
+
 fn instances_joining_and_leaving(env: Env) {
     let w = generate(&spec(11));
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let chunks: Vec<&[ChatEvent]> = w.arrivals.chunks(w.arrivals.len() / 3 + 1).collect();
-    let a = launch(env.config(dir_a.path()));
+    let (cfg_a, cfg_b) = (env.config(dir_a.path()), env.config(dir_b.path()));
+    let (pa, pb) = (cfg_a.progress.clone(), cfg_b.progress.clone());
+    let a = launch(cfg_a);
     env.produce(chunks[0]);
-    let b = launch(env.config(dir_b.path()));
+    let b = launch(cfg_b);
     env.produce(chunks[1]);
-    kafka::read_until(
-        &env.brokers.clone(),
-        &env.t.updates,
-        |_| (),
-        |d: &[()]| d.len() >= 50,
+    // Both run tasks (under KIP-848, B holds both halves of a pair before its task runs).
+    let running = |p: &Arc<readstate::telemetry::Progress>| {
+        readstate::telemetry::Progress::get(&p.tasks_running)
+    };
+    wait::wait_for(
+        "A and B to share the tasks",
+        std::time::Duration::from_secs(90),
+        || running(&pa) > 0 && running(&pb) > 0 && running(&pa) + running(&pb) == PARTS as u64,
     );
     let sa = a.stop();
     env.produce(chunks[2]);

@@ -69,6 +69,8 @@ pub struct Env {
     pub keyed_by: Option<&'static str>,
     /// Run under exactly_once_v2.
     pub eos: bool,
+    /// librdkafka properties of every instance ("key=value").
+    pub props: Vec<&'static str>,
 }
 
 impl Env {
@@ -119,6 +121,7 @@ impl Env {
             state: tempfile::tempdir().unwrap(),
             keyed_by,
             eos: false,
+            props: Vec::new(),
         };
         env.broker.create_topic(&env.source, PARTS, &[]);
         env.broker.create_topic(&env.output, PARTS, &[]);
@@ -207,7 +210,7 @@ impl Env {
         resolver: Arc<dyn SchemaResolver>,
         health: Option<Arc<readstate::telemetry::Health>>,
     ) -> Instance {
-        let mut cfg = self.config(state_dir, resolver, &[]);
+        let mut cfg = self.config(state_dir, resolver, &self.props);
         if let Some(h) = health {
             cfg.health = h;
         }

@@ -94,7 +94,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("readstate_store_estimated_keys", Kind::Gauge, "RocksDB's estimate of the keys in a task's store."),
     ("readstate_store_size_bytes", Kind::Gauge, "A task's store on disk and in memtables, bytes."),
     ("readstate_rocksdb_memory_bytes", Kind::Gauge, "The instance's shared RocksDB block cache in use (memtables charged to it), bytes."),
-    ("readstate_consumer_lag_records", Kind::Gauge, "High watermark minus committed offset of an assigned source partition (librdkafka statistics)."),
+    ("readstate_consumer_lag_records", Kind::Gauge, "Records of an assigned source partition not consumed yet: the log's end (last stable offset) minus the position after the last record consumed (librdkafka statistics)."),
     ("readstate_sink_records_total", Kind::Counter, "Output records consumed by the PostgreSQL sink."),
     ("readstate_sink_rows_total", Kind::Counter, "Rows sent in sink batches (one per key per batch)."),
     ("readstate_sink_rows_written_total", Kind::Counter, "Rows inserted or moved forward in PostgreSQL."),

@@ -35,6 +35,30 @@ where
 /// The consumer's current group member id (librdkafka's `rd_kafka_memberid`); `None`
 /// while it has none (not joined yet, or reset after a session timeout). A member id that
 /// changed means the assignment made under the old one was lost.
+/// How many records of a partition a consumer has not consumed yet, from its statistics:
+/// from the position after the last record handed to the application to the log's end
+/// (the last stable offset under read_committed). None before either is known.
+///
+/// librdkafka's own `consumer_lag` counts from the committed offset, which offsets
+/// committed through a transaction never move, and it counts a transaction's commit
+/// marker as a record; so a fetcher that has passed the end with nothing queued is 0
+/// behind, whatever the marker.
+pub fn records_behind(s: &rdkafka::statistics::Partition) -> Option<i64> {
+    let end = if s.ls_offset >= 0 {
+        s.ls_offset
+    } else {
+        s.hi_offset
+    };
+    if end < 0 {
+        return None;
+    }
+    if s.fetchq_cnt == 0 && s.next_offset >= end {
+        return Some(0);
+    }
+    let position = s.app_offset.max(s.committed_offset);
+    (position >= 0).then(|| (end - position).max(0))
+}
+
 pub fn member_id<C: rdkafka::consumer::ConsumerContext>(
     consumer: &rdkafka::consumer::BaseConsumer<C>,
 ) -> Option<String> {
@@ -123,6 +147,13 @@ pub enum KafkaError {
     Guarded { key: String, why: &'static str },
     #[error("kafka properties file {0}")]
     PropertyFile(String),
+    /// A `READSTATE_KAFKA_*` variable that librdkafka refuses as a property.
+    #[error("environment variable {var} is read as the librdkafka property {key:?}, which librdkafka refuses ({why}); every READSTATE_KAFKA_* variable is a client property: fix its name or value, or unset it")]
+    EnvProperty {
+        var: String,
+        key: String,
+        why: String,
+    },
 }
 
 /// Which clients a librdkafka property is for: `consumer.`, `producer.` and `admin.`
@@ -315,13 +346,14 @@ impl KafkaSettings {
         mut self,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, KafkaError> {
-        let mut found: Vec<(String, String)> = vars
+        let mut found: Vec<(String, String, String)> = vars
             .into_iter()
             .filter(|(k, _)| !ENV_NOT_PROPERTIES.contains(&k.as_str()))
-            .filter_map(|(k, v)| Some((env_property(k.strip_prefix(ENV_PREFIX)?), v)))
+            .filter_map(|(k, v)| Some((env_property(k.strip_prefix(ENV_PREFIX)?), v, k)))
             .collect();
         found.sort();
-        for (k, v) in found {
+        for (k, v, var) in found {
+            check_env_property(&var, &k, &v)?;
             self.add(&k, &v)?;
         }
         Ok(self)
@@ -489,6 +521,25 @@ impl KafkaSettings {
 }
 
 /// `SASL_PASSWORD` → `sasl.password`; `__` → `_`.
+/// librdkafka must know the property a `READSTATE_KAFKA_*` variable names (scope prefix
+/// aside), and take its value: else the error names the variable, not only the property.
+fn check_env_property(var: &str, key: &str, value: &str) -> Result<(), KafkaError> {
+    let bare = ["consumer.", "producer.", "admin."]
+        .iter()
+        .find_map(|p| key.strip_prefix(p))
+        .unwrap_or(key);
+    match ClientConfig::new().set(bare, value).create_native_config() {
+        Err(rdkafka::error::KafkaError::ClientConfig(_, why, _, _)) => {
+            Err(KafkaError::EnvProperty {
+                var: var.to_owned(),
+                key: bare.to_owned(),
+                why,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 fn env_property(name: &str) -> String {
     name.to_ascii_lowercase()
         .split("__")
@@ -499,6 +550,39 @@ fn env_property(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn records_behind_counts_from_the_position_and_ignores_markers() {
+        use rdkafka::statistics::Partition;
+        let p = |app, committed, next, ls, hi, queued| Partition {
+            app_offset: app,
+            committed_offset: committed,
+            next_offset: next,
+            ls_offset: ls,
+            hi_offset: hi,
+            fetchq_cnt: queued,
+            ..Partition::default()
+        };
+        // Offsets committed in transactions: librdkafka's committed offset stays behind.
+        assert_eq!(
+            super::records_behind(&p(900, 100, 1000, 1000, 1000, 5)),
+            Some(100)
+        );
+        // Consumed to the end, the last offset a commit marker.
+        assert_eq!(
+            super::records_behind(&p(999, -1001, 1000, 1000, 1000, 0)),
+            Some(0)
+        );
+        // Not consuming yet (restoring): from the committed offset.
+        assert_eq!(
+            super::records_behind(&p(-1001, 40, 40, 100, 100, 0)),
+            Some(60)
+        );
+        assert_eq!(
+            super::records_behind(&p(-1001, -1001, -1001, -1, -1, 0)),
+            None
+        );
+    }
+
     use super::*;
 
     fn props(list: &[&str]) -> Result<KafkaSettings, KafkaError> {
@@ -575,7 +659,6 @@ mod tests {
                     "READSTATE_KAFKA_PRODUCER_LINGER_MS".to_owned(),
                     "7".to_owned(),
                 ),
-                ("READSTATE_KAFKA_SSL__X".to_owned(), "y".to_owned()),
                 ("OTHER".to_owned(), "z".to_owned()),
                 // What older scripts/kafka printed: not properties.
                 ("READSTATE_KAFKA_RUN".to_owned(), "/tmp/k".to_owned()),
@@ -591,8 +674,18 @@ mod tests {
         assert_eq!(c.get("sasl.username"), Some("reader"));
         assert_eq!(c.get("sasl.password"), Some("s3cret"));
         assert_eq!(c.get("fetch.min.bytes"), Some("10"));
-        assert_eq!(c.get("ssl_x"), Some("y"));
         assert_eq!(s.producer().get("linger.ms"), Some("7"));
+        // A variable librdkafka does not take is refused naming the variable (`__` is `_`).
+        for (var, key) in [
+            ("READSTATE_KAFKA_SSL__X", "ssl_x"),
+            ("READSTATE_KAFKA_BROKER_DIR", "broker.dir"),
+        ] {
+            let e = KafkaSettings::new("b")
+                .with_env([(var.to_owned(), "y".to_owned())])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(var) && e.contains(&format!("{key:?}")), "{e}");
+        }
         std::fs::write(&f, "enable.auto.commit=true\n").unwrap();
         let e = KafkaSettings::new("b")
             .with_properties_file(&f)

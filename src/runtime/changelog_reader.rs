@@ -402,6 +402,8 @@ fn retriable(e: &rdkafka::error::KafkaError) -> bool {
             C::NotLeaderForPartition
                 | C::LeaderNotAvailable
                 | C::UnknownTopicOrPartition
+                // Not in the client's metadata yet (a node of the cluster restarted).
+                | C::UnknownPartition
                 | C::BrokerTransportFailure
                 | C::AllBrokersDown
                 | C::RequestTimedOut

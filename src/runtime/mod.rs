@@ -38,7 +38,7 @@ mod tasks;
 pub use state_manager::check_state_dir;
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -185,6 +185,9 @@ pub struct RunConfig {
     pub clock: Arc<dyn Clock>,
     /// The processor kinds this instance can run (`read-state`, and a program's own).
     pub registry: Arc<ProcessorRegistry>,
+    /// Set once the topics are prepared (the output and internal topics exist): the
+    /// embedded sinks subscribe only then.
+    pub topics_ready: Arc<AtomicBool>,
 }
 
 impl RunConfig {
@@ -207,6 +210,7 @@ impl RunConfig {
             commit_now: Arc::new(AtomicBool::new(false)),
             clock: crate::backoff::system_clock(),
             registry: Arc::new(ProcessorRegistry::default()),
+            topics_ready: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -244,6 +248,7 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
         (checks.join().expect("topic check thread panicked"), tasks)
     });
     checked?;
+    config.topics_ready.store(true, Ordering::Relaxed);
     let tasks = tasks?;
     let owner = tasks.owner;
     let tasks = Arc::new(Mutex::new(tasks));

@@ -144,7 +144,43 @@ fn is_expiry(e: &rdkafka::error::KafkaError) -> bool {
     )
 }
 
-impl ClientContext for DeliveryTracker {}
+/// librdkafka's log lines and errors, except a fenced producer's: expected under
+/// exactly_once_v2 when another instance took over (the task manager says it once, at
+/// WARN, in readstate's words: tasks lost, producer recreated), they go to debug.
+impl ClientContext for DeliveryTracker {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        if is_fencing(message) {
+            tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}");
+            return;
+        }
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            L::Notice | L::Info => {
+                tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}")
+            }
+            L::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if is_fencing(reason) || is_fencing(&error.to_string()) {
+            tracing::debug!(target: "librdkafka", "librdkafka: {error}: {reason}");
+        } else {
+            tracing::error!(target: "librdkafka", "librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+/// Whether librdkafka's text is about this producer being fenced (its transactional id
+/// taken over, or its epoch bumped).
+fn is_fencing(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    t.contains("fenced") || t.contains("old epoch") || t.contains("producer epoch")
+}
 
 impl ProducerContext for DeliveryTracker {
     type DeliveryOpaque = ();

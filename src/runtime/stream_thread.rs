@@ -43,13 +43,14 @@ impl ClientContext for RebalanceHandler {
         let mut active = std::collections::HashSet::new();
         for (topic, t) in &stats.topics {
             for (p, s) in &t.partitions {
-                if *p >= 0 && s.consumer_lag >= 0 && s.fetch_state == "active" {
+                let behind = crate::kafka::records_behind(s);
+                if let (true, Some(lag)) = (*p >= 0 && s.fetch_state == "active", behind) {
                     let part = p.to_string();
                     series::set(
                         self.owner,
                         LAG,
                         &[("topic", topic), ("partition", &part)],
-                        s.consumer_lag as f64,
+                        lag as f64,
                     );
                     active.insert(format!("{topic}/{part}"));
                 }

@@ -610,15 +610,33 @@ impl TaskManager {
                 self.executor.recreate_producer()
             }
             Err(e) if e.is_expiry() && self.membership.took_long(started) => {
-                // A commit this slow may have spanned a pause past the session timeout: the
-                // records that expired meanwhile were dropped by the producer. If the group
-                // moved on, the tasks are lost, not broken. A record the broker refused is
-                // never put down to a pause: the instance stops.
+                // A commit this slow may have spanned a pause past the session timeout, or
+                // an outage of the brokers: the records that expired meanwhile were dropped
+                // by the producer. If the group moved on, the tasks are lost, not broken;
+                // if the coordinator cannot be reached either (the cluster is gone), they
+                // are lost too and queued again, to resume from the committed offsets once
+                // it is back. If this member kept its partitions (a leader failed over
+                // slowly), the commit is dropped and its records processed again. A record
+                // the broker refused is never put down to a pause or an outage: the
+                // instance stops.
                 self.membership.suspect();
-                if self.probe_membership(consumer) == Membership::Lost {
-                    return Ok(());
+                match self.probe_membership(consumer) {
+                    Membership::Lost => Ok(()),
+                    Membership::Unknown => {
+                        let why = format!(
+                            "records expired while the group coordinator could not be reached: {e}"
+                        );
+                        self.lose_all_and_requeue(consumer, &why);
+                        Ok(())
+                    }
+                    Membership::Kept => {
+                        tracing::warn!(error = %e, "outputs expired undelivered (a partition leader failing over?): the tasks go back to their last commit and process again");
+                        let r =
+                            self.executor
+                                .retry_from_last_commit(consumer, &mut self.tasks, parts);
+                        r.map_err(|e| self.fail(parts, e))
+                    }
                 }
-                Err(self.fail(parts, e))
             }
             Err(e) => Err(self.fail(parts, e)),
         }

@@ -138,6 +138,13 @@ impl ConfluentRegistry {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(std::time::Duration::from_secs(5)))
+            // No idle connection is kept. One client serves several threads, each with its
+            // own runtime (the stream thread's, every sink's), and a pooled connection is
+            // driven by a task on the runtime that opened it: taken from the pool by
+            // another runtime while its own is not driven, a request stalled until the
+            // timeout. Look-ups are cached per id, so a connection per request costs
+            // nothing that matters.
+            .pool_max_idle_per_host(0)
             .build()
             .map_err(|e| SerdeError::Registry(format!("{}: {e}", redacted(&base))))?;
         Ok(Self { base, client })

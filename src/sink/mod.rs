@@ -187,6 +187,7 @@ fn sink_config<R: SinkRow>(
         table: std::sync::Arc::new(table),
         progress: Default::default(),
         health: crate::telemetry::Health::new(),
+        topics_ready: None,
     })
 }
 

@@ -28,7 +28,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use super::batch::{Batcher, WriteBatch};
-use super::lag::{LagProbe, Positions};
+use super::lag::{Consumed, ConsumedAt, LagProbe, Positions, Written};
 use super::row::SinkRow;
 use super::table::ReceiptTable;
 use super::SinkError;
@@ -61,6 +61,10 @@ pub struct SinkConfig<R: SinkRow = ReceiptUpdate> {
     pub progress: Arc<Progress>,
     /// `/ready` says here why the sink is waiting (the database unreachable).
     pub health: Arc<Health>,
+    /// When given, the sink subscribes once it is set: the sink embedded in `readstate
+    /// run` waits for the stream thread to create the output topic (subscribing to a
+    /// missing topic logs an error and delays the first assignment).
+    pub topics_ready: Option<Arc<AtomicBool>>,
 }
 
 /// What a sink instance did, for logs and tests.
@@ -86,9 +90,27 @@ enum RebalanceEvent {
 struct SinkContext {
     topic: String,
     events: Mutex<Vec<RebalanceEvent>>,
+    /// Where the consumer stands per partition (its statistics), for the lag probe.
+    consumed: Consumed,
 }
 
-impl ClientContext for SinkContext {}
+impl ClientContext for SinkContext {
+    fn stats(&self, stats: rdkafka::Statistics) {
+        let Some(t) = stats.topics.get(&self.topic) else {
+            return;
+        };
+        let mut consumed = self.consumed.lock().expect("consumed lock");
+        for (p, s) in t.partitions.iter().filter(|(p, _)| **p >= 0) {
+            consumed.insert(
+                *p,
+                ConsumedAt {
+                    next_fetch: s.next_offset,
+                    queued: s.fetchq_cnt,
+                },
+            );
+        }
+    }
+}
 
 impl SinkContext {
     fn partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
@@ -161,6 +183,8 @@ struct Sink<R: SinkRow> {
     summary: SinkSummary,
     /// `owned`, as the lag probe sees it.
     positions: Positions,
+    /// The owned partitions published as all written (see `unwritten`).
+    all_written: BTreeSet<i32>,
     _lag: LagProbe,
     dead_letter_log: LogLimiter,
 }
@@ -172,12 +196,16 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 impl<R: SinkRow> Sink<R> {
     fn new(cfg: SinkConfig<R>) -> Result<Self, SinkError> {
+        let consumed = Consumed::default();
         let consumer: BaseConsumer<SinkContext> = cfg
             .kafka
             .consumer(&cfg.group)
+            // Where the consumer stands, for the lag probe (no request: local figures).
+            .set("statistics.interval.ms", "5000")
             .create_with_context(SinkContext {
                 topic: cfg.topic.clone(),
                 events: Mutex::new(Vec::new()),
+                consumed: consumed.clone(),
             })
             .map_err(KafkaError::from)?;
         let producer: FutureProducer = cfg.kafka.producer().create().map_err(KafkaError::from)?;
@@ -187,6 +215,7 @@ impl<R: SinkRow> Sink<R> {
             &cfg.kafka,
             cfg.topic.clone(),
             positions.clone(),
+            consumed,
             LAG_INTERVAL,
         )?;
         Ok(Self {
@@ -202,6 +231,7 @@ impl<R: SinkRow> Sink<R> {
             outage: false,
             summary: SinkSummary::default(),
             positions,
+            all_written: BTreeSet::new(),
             _lag: lag,
             dead_letter_log: LogLimiter::new(DEAD_LETTER_LOGS_PER_SECOND),
         })
@@ -235,8 +265,23 @@ impl<R: SinkRow> Sink<R> {
         }
     }
 
+    /// Wait until the output topic exists (see [`SinkConfig::topics_ready`]); false when
+    /// shut down first.
+    async fn wait_for_topics(&self, shutdown: &AtomicBool) -> bool {
+        let Some(ready) = &self.cfg.topics_ready else {
+            return true;
+        };
+        while !ready.load(Ordering::Relaxed) {
+            if shutdown.load(Ordering::Relaxed) {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     async fn run(&mut self, shutdown: &AtomicBool) -> Result<(), SinkError> {
-        if !self.wait_for_database(shutdown).await? {
+        if !self.wait_for_database(shutdown).await? || !self.wait_for_topics(shutdown).await {
             return Ok(());
         }
         self.consumer
@@ -472,6 +517,7 @@ impl<R: SinkRow> Sink<R> {
             return Ok(());
         }
         self.read.insert(partition, offset + 1);
+        self.unwritten(partition);
         self.summary.records += 1;
         metrics::counter!("readstate_sink_records_total").increment(1);
         let update = match self.decode(payload.as_deref(), shutdown).await? {
@@ -758,12 +804,30 @@ impl<R: SinkRow> Sink<R> {
         self.publish_positions();
     }
 
-    /// Let the lag probe see the owned partitions and their stored offsets.
-    fn publish_positions(&self) {
-        self.positions
-            .lock()
-            .expect("positions lock")
-            .clone_from(&self.owned);
+    /// Let the lag probe see the owned partitions, their stored offsets, and whether every
+    /// record accepted is written.
+    fn publish_positions(&mut self) {
+        let mut positions = self.positions.lock().expect("positions lock");
+        positions.clear();
+        self.all_written.clear();
+        for (p, next) in &self.owned {
+            let all = self.read.get(p).is_none_or(|r| r <= next);
+            positions.insert(*p, Written { next: *next, all });
+            if all {
+                self.all_written.insert(*p);
+            }
+        }
+    }
+
+    /// A record accepted after the last publication: the probe must not count the
+    /// partition as written (one lock when the partition changes state, not per record).
+    fn unwritten(&mut self, partition: i32) {
+        if self.all_written.remove(&partition) {
+            let mut positions = self.positions.lock().expect("positions lock");
+            if let Some(w) = positions.get_mut(&partition) {
+                w.all = false;
+            }
+        }
     }
 }
 

@@ -107,7 +107,7 @@ impl App {
                 let url = (self.database_url.clone())
                     .or_else(|| pg.url.clone())
                     .ok_or(AppError::NoDatabase)?;
-                PostgresSinks::build(&config, &url)?
+                PostgresSinks::build(&config, &url)?.after(&config.topics_ready)
             }
             _ => PostgresSinks::default(),
         };
@@ -217,6 +217,18 @@ impl PostgresSinks {
             receipts: Some(receipts),
             heads,
         })
+    }
+
+    /// Embedded beside a stream thread: subscribe only once `ready` is set (the stream
+    /// thread has created the output topics).
+    pub fn after(mut self, ready: &Arc<AtomicBool>) -> Self {
+        if let Some(r) = &mut self.receipts {
+            r.topics_ready = Some(ready.clone());
+        }
+        if let Some(h) = &mut self.heads {
+            h.topics_ready = Some(ready.clone());
+        }
+        self
     }
 
     /// Start each sink on its own thread.

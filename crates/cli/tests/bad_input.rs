@@ -254,3 +254,33 @@ fn on_bad_record_fail_stops_at_the_first_bad_record() {
         "fail writes no dead letter"
     );
 }
+
+/// One registry client used from two runtimes, as the stream thread and the embedded sink
+/// do: a connection that the first runtime opened, left idle in the pool while that
+/// runtime is not driven (the stream thread's is only driven inside `block_on`), must not
+/// stall the second runtime's look-up (issue 26: the sink's first look-ups timed out after
+/// 10 s, once or twice a run).
+#[test]
+fn registry_lookups_from_another_runtime_do_not_stall() {
+    use readstate::serde::registry::SchemaResolver;
+    let reg = fake_registry::FakeRegistry::start();
+    let id = reg.add("events-value", READ_EVENT_SCHEMA);
+    let client = ConfluentRegistry::new(&reg.url(), Duration::from_secs(3)).unwrap();
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let stream = runtime();
+    assert!(stream.block_on(client.schema_by_id(id)).unwrap().is_some());
+    let sink = runtime();
+    let started = Instant::now();
+    let answer = sink.block_on(client.schema_by_id(id));
+    assert!(
+        matches!(answer, Ok(Some(_))) && started.elapsed() < Duration::from_secs(2),
+        "{answer:?} after {:?}",
+        started.elapsed()
+    );
+    drop(stream);
+}

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use db::Db;
 use kafka::suffix;
@@ -26,7 +26,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::Message;
 use readstate::kafka::KafkaSettings;
-use readstate::model::{ReadEvent, ReceiptUpdate, StateKey};
+use readstate::model::{ReceiptUpdate, StateKey};
 use readstate::runtime::RunConfig;
 use readstate::serde::avro::UpdateDecoder;
 use readstate::serde::registry::LOCAL_RECEIPT_UPDATE_ID;
@@ -156,24 +156,6 @@ fn kill9(child: &mut Child) {
     child.wait().unwrap();
 }
 
-/// Produce the events at a steady pace on a thread of its own.
-fn produce_paced(
-    brokers: String,
-    topic: String,
-    events: Vec<ReadEvent>,
-    per_100ms: usize,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let p = kafka::producer(&brokers);
-        for chunk in events.chunks(per_100ms) {
-            let started = Instant::now();
-            kafka::send_events(&p, &topic, chunk);
-            kafka::flush(&p);
-            std::thread::sleep(Duration::from_millis(100).saturating_sub(started.elapsed()));
-        }
-    })
-}
-
 /// Wait (bounded, through the tests' one wait helper) until `cond` holds; a timeout
 /// prints the children's logs.
 fn wait_for(s: &Scenario, what: &str, limit: Duration, cond: impl Fn() -> bool) {
@@ -200,7 +182,7 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
     let events = zipf_workload(21, n);
     let want = oracle(&events);
     let mut nodes: Vec<Child> = (0..3).map(|i| s.spawn(i)).collect();
-    let producer = produce_paced(
+    let producer = kafka::produce_paced(
         s.mock.bootstrap_servers(),
         s.source.clone(),
         events.clone(),

@@ -242,12 +242,23 @@ pub fn read_all<T>(
 
 /// Create a topic through the admin API (a real broker), with topic `config`.
 pub fn create_topic(brokers: &str, name: &str, partitions: i32, config: &[(&str, &str)]) {
+    create_replicated_topic(brokers, name, partitions, 1, config);
+}
+
+/// Create a topic with `replication` replicas of each partition.
+pub fn create_replicated_topic(
+    brokers: &str,
+    name: &str,
+    partitions: i32,
+    replication: i32,
+    config: &[(&str, &str)],
+) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
         .unwrap();
-    let mut t = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let mut t = NewTopic::new(name, partitions, TopicReplication::Fixed(replication));
     for (k, v) in config {
         t = t.set(k, v);
     }
@@ -284,4 +295,30 @@ pub fn topic_exists(brokers: &str, name: &str) -> bool {
         .unwrap();
     let md = c.fetch_metadata(None, Duration::from_secs(10)).unwrap();
     md.topics().iter().any(|t| t.name() == name)
+}
+
+/// Produce `events` at a steady pace (`per_100ms` every 100 ms) on a thread of its own;
+/// each chunk is delivered before the next (waiting out a broker outage of up to 5
+/// minutes), so an outage holds the pace.
+pub fn produce_paced(
+    brokers: String,
+    topic: String,
+    events: Vec<readstate::model::ReadEvent>,
+    per_100ms: usize,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let p = producer(&brokers);
+        for chunk in events.chunks(per_100ms) {
+            let started = std::time::Instant::now();
+            send_events(&p, &topic, chunk);
+            crate::wait::wait_until(
+                "a paced chunk to be delivered",
+                Duration::from_secs(300),
+                || p.flush(Duration::from_secs(5)).ok(),
+            );
+            flush(&p);
+            // The pace of the load, not a synchronisation.
+            std::thread::sleep(Duration::from_millis(100).saturating_sub(started.elapsed()));
+        }
+    })
 }

@@ -11,8 +11,11 @@
 //! - [`kafka`], [`db`], [`process`], [`fake_registry`], [`chat`], [`http`]: the private
 //!   broker, PostgreSQL, `readstate` child processes, a schema registry double, the chat
 //!   workload producer and a blocking HTTP GET.
+//! - [`cluster`]: a real three-node KRaft cluster whose nodes the fault tests kill, stop
+//!   and start.
 
 pub mod chat;
+pub mod cluster;
 pub mod db;
 pub mod fake_registry;
 pub mod fixtures;

@@ -408,6 +408,7 @@ linger = "500ms"
         table: Arc::new(table),
         progress: progress.clone(),
         health: Health::new(),
+        topics_ready: None,
     };
     let sink = {
         let stop = stop_sink.clone();

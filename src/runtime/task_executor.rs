@@ -535,22 +535,6 @@ impl TaskExecutor {
         Ok(())
     }
 
-    /// Outputs of a commit expired undelivered while this member kept its partitions (a
-    /// partition leader failing over took longer than `message.timeout.ms`): nothing of
-    /// the commit counts. The tasks go back to their stores and the partitions to their
-    /// committed offsets, and the records are processed again (replay marks keep counts
-    /// exact), as after an aborted transaction.
-    pub(super) fn retry_from_last_commit<C: ConsumerContext>(
-        &mut self,
-        consumer: &BaseConsumer<C>,
-        tasks: &mut Tasks,
-        parts: &[TopicPartition],
-    ) -> Result<(), RuntimeError> {
-        metrics::counter!("readstate_commits_failed_total").increment(1);
-        self.collector.abandon();
-        self.rewind_to_committed(consumer, tasks, parts)
-    }
-
     /// Tasks lost: nothing more is produced for them; what they processed is forgotten.
     /// Returns the committed offsets (where partitions still assigned resume).
     pub(super) fn abandon(&mut self) -> std::collections::HashMap<TopicPartition, i64> {

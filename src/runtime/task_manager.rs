@@ -615,10 +615,8 @@ impl TaskManager {
                 // by the producer. If the group moved on, the tasks are lost, not broken;
                 // if the coordinator cannot be reached either (the cluster is gone), they
                 // are lost too and queued again, to resume from the committed offsets once
-                // it is back. If this member kept its partitions (a leader failed over
-                // slowly), the commit is dropped and its records processed again. A record
-                // the broker refused is never put down to a pause or an outage: the
-                // instance stops.
+                // it is back. A record the broker refused is never put down to a pause or
+                // an outage: the instance stops.
                 self.membership.suspect();
                 match self.probe_membership(consumer) {
                     Membership::Lost => Ok(()),
@@ -629,13 +627,10 @@ impl TaskManager {
                         self.lose_all_and_requeue(consumer, &why);
                         Ok(())
                     }
-                    Membership::Kept => {
-                        tracing::warn!(error = %e, "outputs expired undelivered (a partition leader failing over?): the tasks go back to their last commit and process again");
-                        let r =
-                            self.executor
-                                .retry_from_last_commit(consumer, &mut self.tasks, parts);
-                        r.map_err(|e| self.fail(parts, e))
-                    }
+                    // Still a member, by the coordinator's word: stop rather than
+                    // process on (a dropped commit replayed over a store another owner
+                    // may have moved past regressed the output in a chaos run).
+                    Membership::Kept => Err(self.fail(parts, e)),
                 }
             }
             Err(e) => Err(self.fail(parts, e)),

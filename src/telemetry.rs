@@ -117,6 +117,7 @@ pub const DEAD_LETTER_REASONS: &[&str] = &[
     "malformed",
     "invalid_event",
     "rejected_by_database",
+    "misrouted",
 ];
 
 /// Label values of `readstate_messages_folded_total{result}`.

@@ -319,3 +319,56 @@ proptest! {
         }
     }
 }
+
+/// With the partition count known (as under `readstate run`), a read event on a partition
+/// its source's declared partitioner (here Sarama's FNV-1a) would not pick for its
+/// conversation is a `misrouted` dead letter and changes no state; the rest fold.
+#[test]
+fn misrouted_reads_are_dead_letters_and_fold_nothing() {
+    use readstate::kafka::partitioner::Partitioner;
+    let text = topology_text(
+        "test-app",
+        "1s",
+        "./state",
+        "read-events",
+        "receipt-updates",
+        "0s",
+    )
+    .replace(
+        "topic = \"read-events\"",
+        "topic = \"read-events\"\npartitioner = \"fnv1a\"",
+    );
+    let t = readstate::topology::compile(&text).unwrap();
+    let mut d = TopologyTestDriver::new(t).with_partition_count(8);
+    let placed = |c: i64| Partitioner::Fnv1a.partition(c.to_string().as_bytes(), 8);
+    let (mut right, mut wrong) = (Vec::new(), Vec::new());
+    for c in 0..40i64 {
+        let e = event(c, 1, 10 + c, "phone");
+        let p = placed(c);
+        d.pipe_event(p, c, &e);
+        right.push(e);
+        let elsewhere = (p + 1 + (c as i32 % 7)) % 8;
+        d.pipe_event(elsewhere, 100 + c, &event(c, 2, 5, "phone"));
+        wrong.push((elsewhere, 100 + c));
+    }
+    d.flush();
+    assert_matches_oracle(&d, &right);
+    for c in 0..40 {
+        assert!(d.state(key(c, 2)).is_none(), "conversation {c} misrouted");
+    }
+    let dead: Vec<(i32, i64, &str)> = d
+        .dead_letters()
+        .iter()
+        .map(|l| (l.partition, l.offset, l.reason))
+        .collect();
+    let want: Vec<(i32, i64, &str)> = wrong.iter().map(|(p, o)| (*p, *o, "misrouted")).collect();
+    assert_eq!(dead.len(), want.len());
+    for w in &want {
+        assert!(dead.contains(w), "{w:?} in {dead:?}");
+    }
+    assert!(
+        d.dead_letters()[0].error.contains("fnv1a"),
+        "{:?}",
+        d.dead_letters()[0]
+    );
+}

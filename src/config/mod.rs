@@ -58,6 +58,12 @@ pub struct SourceSpec {
     /// What the records are: "read-events" (default, `read_event.avsc`) or
     /// "message-events" (`message_event.avsc`, co-partitioned with the read events).
     pub records: Option<String>,
+    /// The partitioner the source's producers use, over the conversation id as text:
+    /// "murmur2" (default: Java clients, readstate), "crc32" (librdkafka's `consistent`),
+    /// "consistent_random" (librdkafka's default) or "fnv1a" (Sarama). Every record a task
+    /// folds is checked against it; one on another partition is a dead letter
+    /// (`misrouted`).
+    pub partitioner: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -192,6 +198,7 @@ const SECTIONS: &[Section] = &[
             ("keyed_by", Type::Str),
             ("format", Type::Str),
             ("records", Type::Str),
+            ("partitioner", Type::Str),
         ],
     ),
     (

@@ -1,6 +1,7 @@
 //! Kafka clients: settings shared by consumers and producers, and internal-topic admin.
 
 pub mod admin;
+pub mod partitioner;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -213,6 +214,10 @@ const GUARDED: &[(&str, &str)] = &[
     (
         "enable.partition.eof",
         "the poll loop does not handle end-of-partition events",
+    ),
+    (
+        "partitioner",
+        "repartitioned and output records are placed with murmur2, as the tasks check them; declare a source's producers' partitioner in the topology",
     ),
 ];
 
@@ -631,6 +636,7 @@ mod tests {
             "producer.acks=1",
             "enable.idempotence=false",
             "producer.transactional.id=x",
+            "producer.partitioner=consistent",
         ] {
             let e = props(&[bad]).unwrap_err().to_string();
             assert!(e.contains("readstate sets it"), "{bad}: {e}");

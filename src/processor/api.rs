@@ -75,6 +75,10 @@ pub struct ProcessorContext {
     pub task: TaskId,
     pub stores: Vec<Box<dyn KeyValueStore>>,
     pub cache: CacheBudget,
+    /// The partition count of the task's input topics (co-partitioned: one count), when
+    /// known. A processor checks with it where producers put its records; a test driver
+    /// that pipes records into partitions of its own choosing leaves it `None`.
+    pub partitions: Option<i32>,
 }
 
 /// One monotone counter of a processor: a metric name (and a bounded label) with its

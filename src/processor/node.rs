@@ -20,6 +20,8 @@ use super::read_state::{EmitPolicy, ReadStateFlush, ReadStateProcessor};
 use super::restorers::{HeadsRestorer, ReadStateRestorer};
 use super::ProcessorError;
 use crate::backoff::Backoff;
+use crate::ids::ConversationId;
+use crate::kafka::partitioner::Partitioner;
 use crate::serde::registry::SchemaResolver;
 use crate::serde::{
     DecodeError, EventDecoder, HeadEncoder, MessageDecoder, SerdeError, UpdateEncoder,
@@ -230,6 +232,8 @@ pub struct ReadStateSupplier {
     unread_cap: Option<usize>,
     serdes: Arc<ReadStateSerdes>,
     wiring: Wiring,
+    /// Per input: the partitioner that placed its records.
+    partitioners: Vec<Partitioner>,
 }
 
 /// Where the node's inputs come from and its outputs go, from the compiled graph.
@@ -275,6 +279,7 @@ impl ReadStateSupplier {
             unread_cap: node.unread_cap,
             serdes,
             wiring: Wiring::of(topology),
+            partitioners: input_partitioners(topology),
         }
     }
 
@@ -293,12 +298,37 @@ impl ReadStateSupplier {
     }
 }
 
+/// Per input of the node (the graph's routes): the partitioner that placed its records.
+fn input_partitioners(t: &Topology) -> Vec<Partitioner> {
+    let sources = t
+        .sources
+        .iter()
+        .map(|s| (s.task_input_topic(), s.task_input_partitioner()));
+    let messages = t.messages.iter().map(|m| (&m.topic, m.partitioner));
+    let by_topic: Vec<_> = sources.chain(messages).collect();
+    Graph::compile(t)
+        .routes()
+        .iter()
+        .map(|r| {
+            by_topic
+                .iter()
+                .find(|(topic, _)| **topic == r.topic)
+                .map_or_else(Partitioner::default, |(_, p)| *p)
+        })
+        .collect()
+}
+
 impl ProcessorSupplier for ReadStateSupplier {
     fn init(&self, ctx: ProcessorContext) -> Result<Box<dyn Processor>, ProcessorError> {
+        let routing = ctx.partitions.map(|partitions| Routing {
+            partitions,
+            by_input: self.partitioners.clone(),
+        });
         Ok(Box::new(ReadStateNode {
             inner: self.open(ctx)?,
             serdes: self.serdes.clone(),
             wiring: self.wiring,
+            routing,
         }))
     }
 
@@ -321,6 +351,33 @@ pub struct ReadStateNode {
     inner: ReadStateProcessor,
     serdes: Arc<ReadStateSerdes>,
     wiring: Wiring,
+    /// Where each input's records belong (unknown to a test driver that picks partitions
+    /// itself: then nothing is checked).
+    routing: Option<Routing>,
+}
+
+/// Where producers put a conversation's records: checked for every record, so that one
+/// placed by another partitioner (or key) is a dead letter, never folded into a task that
+/// does not own its conversation.
+#[derive(Debug, Clone)]
+struct Routing {
+    partitions: i32,
+    by_input: Vec<Partitioner>,
+}
+
+impl Routing {
+    /// Why `r`, a record of `input` about conversation `c`, is not where it belongs.
+    fn misplaced(&self, input: InputId, c: ConversationId, r: &SourceRecord<'_>) -> Option<String> {
+        let partitioner = self.by_input.get(input.0).copied().unwrap_or_default();
+        let mut key = itoa::Buffer::new();
+        let expected = partitioner.partition(key.format(c.0).as_bytes(), self.partitions);
+        (expected != r.partition).then(|| {
+            format!(
+                "conversation {c} belongs on partition {expected} of {} ({} over the conversation id, {} partitions), found on partition {}: its producer used another partitioner or key",
+                r.topic, partitioner, self.partitions, r.partition
+            )
+        })
+    }
 }
 
 impl ReadStateNode {
@@ -329,8 +386,13 @@ impl ReadStateNode {
         &self.inner
     }
 
+    fn misplaced(&self, input: InputId, c: ConversationId, r: &SourceRecord<'_>) -> Option<String> {
+        self.routing.as_ref()?.misplaced(input, c, r)
+    }
+
     fn process_messages(
         &mut self,
+        input: InputId,
         records: &[SourceRecord<'_>],
         dead_letters: &mut Vec<DeadLetter>,
     ) -> Result<(), ProcessorError> {
@@ -341,10 +403,14 @@ impl ReadStateNode {
             .ok_or(ProcessorError::NoMessageSource)?;
         let decoder = decoder.read().expect("decoder lock");
         let mut messages = Vec::with_capacity(records.len());
+        let max = decoder.max_record_bytes();
         for r in records {
             match decoder.decode(r.value) {
-                Ok(m) => messages.push((m, r.origin)),
-                Err(e) => dead_letters.push(dead_letter(r, &e, decoder.max_record_bytes())),
+                Ok(m) => match self.misplaced(input, m.conversation_id, r) {
+                    None => messages.push((m, r.origin)),
+                    Some(why) => dead_letters.push(misrouted(r, why, max)),
+                },
+                Err(e) => dead_letters.push(dead_letter(r, &e, max)),
             }
         }
         drop(decoder);
@@ -353,16 +419,21 @@ impl ReadStateNode {
 
     fn process_reads(
         &mut self,
+        input: InputId,
         records: &[SourceRecord<'_>],
         dead_letters: &mut Vec<DeadLetter>,
     ) -> Result<(), ProcessorError> {
         let decoder = self.serdes.reads.read().expect("decoder lock");
         // One allocation per batch; the events borrow their ids from the records.
         let mut events = Vec::with_capacity(records.len());
+        let max = decoder.max_record_bytes();
         for r in records {
             match decoder.decode_ref(r.value) {
-                Ok(e) => events.push((e, r.origin)),
-                Err(e) => dead_letters.push(dead_letter(r, &e, decoder.max_record_bytes())),
+                Ok(e) => match self.misplaced(input, e.conversation_id, r) {
+                    None => events.push((e, r.origin)),
+                    Some(why) => dead_letters.push(misrouted(r, why, max)),
+                },
+                Err(e) => dead_letters.push(dead_letter(r, &e, max)),
             }
         }
         drop(decoder);
@@ -394,6 +465,13 @@ fn dead_letter(r: &SourceRecord<'_>, e: &DecodeError, max: usize) -> DeadLetter 
     DeadLetter::from_record(r, e.reason(), e.to_string(), max)
 }
 
+fn misrouted(r: &SourceRecord<'_>, why: String, max: usize) -> DeadLetter {
+    DeadLetter::from_record(r, MISROUTED, why, max)
+}
+
+/// The dead-letter reason of a record on a partition its conversation does not belong on.
+pub const MISROUTED: &str = "misrouted";
+
 impl Processor for ReadStateNode {
     fn process(
         &mut self,
@@ -402,9 +480,9 @@ impl Processor for ReadStateNode {
         dead_letters: &mut Vec<DeadLetter>,
     ) -> Result<(), ProcessorError> {
         if Some(input) == self.wiring.messages {
-            self.process_messages(records, dead_letters)
+            self.process_messages(input, records, dead_letters)
         } else {
-            self.process_reads(records, dead_letters)
+            self.process_reads(input, records, dead_letters)
         }
     }
 

@@ -247,9 +247,10 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
             .and_then(|node| TaskManager::new(config, node, rt));
         (checks.join().expect("topic check thread panicked"), tasks)
     });
-    checked?;
+    let partitions = checked?;
     config.topics_ready.store(true, Ordering::Relaxed);
-    let tasks = tasks?;
+    let mut tasks = tasks?;
+    tasks.set_partitions(partitions);
     let owner = tasks.owner;
     let tasks = Arc::new(Mutex::new(tasks));
     tracing::debug!(
@@ -329,10 +330,11 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
 }
 
 /// Source topics must exist; internal topics are created with the source's partition
-/// count, and existing ones are checked (partition count, `cleanup.policy`). Runs on a
+/// count, and existing ones are checked (partition count, `cleanup.policy`); returns the
+/// sources' partition count. Runs on a
 /// thread of its own (with its own small runtime for the admin requests); the metadata
 /// requests and the DescribeConfigs go out at once.
-fn prepare_topics(config: &RunConfig) -> Result<(), RuntimeError> {
+fn prepare_topics(config: &RunConfig) -> Result<i32, RuntimeError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -424,7 +426,7 @@ fn prepare_topics(config: &RunConfig) -> Result<(), RuntimeError> {
         startup_ms = crate::telemetry::since_start_ms(),
         "internal and output topics ready"
     );
-    Ok(())
+    Ok(partitions)
 }
 
 /// DescribeConfigs of `topics` on a thread of its own (an admin client is a connection

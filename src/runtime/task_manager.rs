@@ -58,6 +58,9 @@ pub(super) struct TaskManager {
     supplier: Box<dyn ProcessorSupplier>,
     /// The instance's record-cache budget, shared equally by its running tasks.
     cache: CacheBudget,
+    /// The input topics' partition count, once the topics are checked: processors check
+    /// with it where producers put their records.
+    partitions: Option<i32>,
     pub(super) tasks: Tasks,
     /// Tasks assigned but not ready: opening, restoring.
     updater: StateUpdater,
@@ -78,6 +81,11 @@ pub(super) struct TaskManager {
 }
 
 impl TaskManager {
+    /// The input topics' partition count (checked before the group is joined).
+    pub(super) fn set_partitions(&mut self, partitions: i32) {
+        self.partitions = Some(partitions);
+    }
+
     pub(super) fn new(
         config: &RunConfig,
         node: BuiltNode,
@@ -135,6 +143,7 @@ impl TaskManager {
                 entries: t.store.cache_max_entries,
                 positions: t.heads_store.as_ref().map_or(0, |h| h.cache_max_entries),
             },
+            partitions: None,
             updater: StateUpdater::new(state, reader, u32::from(forwarding.is_some())),
             tasks: Tasks::new(
                 task_topic,
@@ -323,6 +332,7 @@ impl TaskManager {
             task: id,
             stores: ready.stores,
             cache: self.cache.share(self.tasks.running.len() + 1),
+            partitions: self.partitions,
         };
         let processor = self.supplier.init(ctx)?;
         let task = RunningTask {

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{
-    BadRecords, KafkaSink, KeyedBy, OnBadRecord, PostgresSink, ProcessingGuarantee, ReadStateNode,
-    Source, Store, StoreKind, Topology, TopologyError, DEFAULT_CACHE_MAX_ENTRIES, READ_STATE_KIND,
+    BadRecords, KafkaSink, KeyedBy, OnBadRecord, Partitioner, PostgresSink, ProcessingGuarantee,
+    ReadStateNode, Source, Store, StoreKind, Topology, TopologyError, DEFAULT_CACHE_MAX_ENTRIES,
+    READ_STATE_KIND,
 };
 use crate::config::{self, SinkSpec, TopologySpec};
 use crate::ids::{ApplicationId, StoreName, TopicName};
@@ -156,13 +157,57 @@ fn sources(spec: &TopologySpec, app: &str, errs: &mut Errors) -> (Vec<Source>, O
             topic: TopicName(topic.to_owned()),
             keyed_by,
             repartition_topic,
+            partitioner: partitioner(&at, s, errs),
         };
         match is_messages {
             true => messages = Some(source),
             false => sources.push(source),
         }
     }
+    if let Some(m) = &messages {
+        check_co_partitioning(spec, &sources, m, errs);
+    }
     (sources, messages)
+}
+
+fn partitioner(at: &str, s: &config::SourceSpec, errs: &mut Errors) -> Partitioner {
+    match s.partitioner.as_deref().map(str::parse::<Partitioner>) {
+        None => Partitioner::default(),
+        Some(Ok(p)) => p,
+        Some(Err(e)) => {
+            errs.push(format!("{at}.partitioner"), e);
+            Partitioner::default()
+        }
+    }
+}
+
+/// A conversation's messages and reads meet in one task only if both were placed by one
+/// partitioner (a repartitioned source is placed by readstate's own, murmur2).
+fn check_co_partitioning(
+    spec: &TopologySpec,
+    sources: &[Source],
+    messages: &Source,
+    errs: &mut Errors,
+) {
+    for s in sources {
+        let reads = s.task_input_partitioner();
+        if reads == messages.partitioner {
+            continue;
+        }
+        let i = spec
+            .source
+            .iter()
+            .position(|x| x.name.as_deref() == Some(messages.name.as_str()))
+            .unwrap_or_default();
+        let how = match s.repartition_topic {
+            Some(_) => "are repartitioned by readstate with murmur2",
+            None => "declare",
+        };
+        errs.push(
+            format!("source[{i}].partitioner"),
+            format!("co-partitioned sources need one partitioner: the read events of {:?} {how} {reads}, the message events declare {}; a conversation's reads and messages would meet in different tasks", s.name, messages.partitioner),
+        );
+    }
 }
 
 /// A source's key and whether it carries message events (checked against each other).
@@ -477,6 +522,7 @@ fn check_custom_sources(spec: &TopologySpec, processors: &[ReadStateNode], errs:
                 ("format", s.format.is_some()),
                 ("keyed_by", s.keyed_by.is_some()),
                 ("records", s.records.is_some()),
+                ("partitioner", s.partitioner.is_some()),
             ] {
                 if set {
                     errs.push(

@@ -84,15 +84,15 @@ pub fn describe(t: &Topology) -> String {
             Some(r) => {
                 let _ = writeln!(
                     o,
-                    "  Source: {}-repartition-source (topics: [{r}], keyed by conversation_id)",
+                    "  Source: {}-repartition-source (topics: [{r}], keyed by conversation_id, placed by murmur2)",
                     s.name
                 );
             }
             None => {
                 let _ = writeln!(
                     o,
-                    "  Source: {} (topics: [{}], keyed by conversation_id, format avro-confluent)",
-                    s.name, s.topic
+                    "  Source: {} (topics: [{}], keyed by conversation_id, placed by {}, format avro-confluent)",
+                    s.name, s.topic, s.partitioner
                 );
             }
         }
@@ -101,8 +101,8 @@ pub fn describe(t: &Topology) -> String {
     if let Some(m) = &t.messages {
         let _ = writeln!(
             o,
-            "  Source: {} (topics: [{}], message events keyed by conversation_id, co-partitioned: partition p joins task p)",
-            m.name, m.topic
+            "  Source: {} (topics: [{}], message events keyed by conversation_id, placed by {}, co-partitioned: partition p joins task p)",
+            m.name, m.topic, m.partitioner
         );
         let _ = writeln!(o, "    --> {}", t.processor.name);
     }

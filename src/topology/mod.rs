@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use crate::config;
 use crate::ids::{ApplicationId, StoreName, TopicName};
+pub use crate::kafka::partitioner::Partitioner;
 
 pub use describe::describe;
 
@@ -101,9 +102,20 @@ pub struct Source {
     /// Set when the source is not keyed by conversation: records go through this internal
     /// topic, keyed by conversation_id, before the processor.
     pub repartition_topic: Option<TopicName>,
+    /// The partitioner of the source's producers (over the conversation id as text).
+    pub partitioner: Partitioner,
 }
 
 impl Source {
+    /// The partitioner that placed the records the processor's tasks read for this
+    /// source: readstate's own (murmur2) through a repartition topic, else the source's.
+    pub fn task_input_partitioner(&self) -> Partitioner {
+        match self.repartition_topic {
+            Some(_) => Partitioner::Murmur2,
+            None => self.partitioner,
+        }
+    }
+
     /// The topic the processor's tasks read for this source.
     pub fn task_input_topic(&self) -> &TopicName {
         self.repartition_topic.as_ref().unwrap_or(&self.topic)
@@ -440,5 +452,59 @@ topic = "chat.receipt-updates"
             t.task_input_topics(),
             vec![TopicName::from("rr-events-repartition")]
         );
+    }
+
+    /// Each source names its producers' partitioner; co-partitioned sources must name one
+    /// (a repartitioned read source is placed by readstate's murmur2).
+    #[test]
+    fn co_partitioned_sources_need_one_partitioner() {
+        let unread = include_str!("../../topologies/read_state_with_unread.toml");
+        let t = compile(unread).unwrap();
+        assert_eq!(t.sources[0].partitioner, Partitioner::Murmur2);
+        let declared = "partitioner = \"murmur2\"";
+        let (reads_at, messages_at) = (
+            unread.find(declared).unwrap(),
+            unread.rfind(declared).unwrap(),
+        );
+        assert!(reads_at < messages_at, "both sources declare one");
+        let with = |reads: &str, messages: &str| {
+            let mut text = unread.to_owned();
+            text.replace_range(
+                messages_at..messages_at + declared.len(),
+                &format!("partitioner = \"{messages}\""),
+            );
+            text.replace_range(
+                reads_at..reads_at + declared.len(),
+                &format!("partitioner = \"{reads}\""),
+            );
+            text
+        };
+        let both = with("consistent", "crc32");
+        let t = compile(&both).unwrap();
+        assert_eq!(t.messages.unwrap().partitioner, Partitioner::Crc32);
+        let errs = compile(&with("murmur2", "fnv1a")).unwrap_err();
+        assert_eq!(errs[0].at, "source[1].partitioner", "{errs:?}");
+        assert!(
+            errs[0].message.contains("murmur2") && errs[0].message.contains("fnv1a"),
+            "{errs:?}"
+        );
+        let repartitioned = both.replacen(
+            "keyed_by = \"conversation_id\"",
+            "keyed_by = \"reader_id\"",
+            1,
+        );
+        let errs = compile(&repartitioned).unwrap_err();
+        assert!(
+            errs[0]
+                .message
+                .contains("repartitioned by readstate with murmur2"),
+            "{errs:?}"
+        );
+        let unknown = GOOD.replace(
+            "topic = \"chat.read-events\"",
+            "topic = \"chat.read-events\"\npartitioner = \"random\"",
+        );
+        let errs = compile(&unknown).unwrap_err();
+        assert_eq!(errs[0].at, "source[0].partitioner", "{errs:?}");
     }
 }

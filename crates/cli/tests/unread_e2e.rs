@@ -15,6 +15,7 @@ use std::sync::Arc;
 use chat::{produce, topology_text, ChatTopics};
 use kafka::suffix;
 use process::{signal, terminate, terminate_logged, wait_log};
+use rdkafka::message::Headers;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::Message;
@@ -363,6 +364,96 @@ fn kill_9_mid_stream_then_restart_keeps_every_count_exact() {
     terminate(&mut child);
     check_receipts(&updates, &w);
     check_stored_counts(&env.state.path().join(&env.app), &w);
+}
+
+/// Messages produced with librdkafka's default partitioner (CRC-32) and reads with
+/// murmur2: most conversations' messages land on another partition than their reads.
+/// Every such message is a `misrouted` dead letter, none is folded into a task that does
+/// not own its conversation: the conversations placed alike get exact counts, the others
+/// no head at all (never wrong counts), and every pointer is exact. The oracle of where
+/// each record went is the topics themselves, read back.
+#[test]
+fn misrouted_messages_are_dead_letters_never_folded() {
+    let env = Env::new(PARTS);
+    let w = generate(&ChatSpec {
+        conversations: 100,
+        ..spec(13)
+    });
+    chat::produce_with(&env.brokers, &env.t, &w.arrivals, "consistent_random");
+    let partition_of = |topic: &str| -> Vec<(i64, i32)> {
+        kafka::read_all(&env.brokers, topic, |m| {
+            let key = std::str::from_utf8(m.key().unwrap()).unwrap();
+            (key.parse().unwrap(), m.partition())
+        })
+    };
+    let reads: HashMap<i64, i32> = partition_of(&env.t.reads).into_iter().collect();
+    let messages = partition_of(&env.t.messages);
+    let misrouted: std::collections::HashSet<i64> = messages
+        .iter()
+        .filter(|(c, p)| reads.get(c).is_some_and(|r| r != p))
+        .map(|(c, _)| *c)
+        .collect();
+    let dead = messages
+        .iter()
+        .filter(|(c, _)| misrouted.contains(c))
+        .count();
+    assert!(
+        !misrouted.is_empty() && misrouted.len() < w.messages.len(),
+        "the partitioners disagree on some conversations, not all: {misrouted:?}"
+    );
+    // The oracle without the misrouted conversations' messages.
+    let mut routed = w.prefix(w.arrivals.len());
+    routed.messages.retain(|c, _| !misrouted.contains(&c.0));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = env.config(dir.path());
+    cfg.topology.bad_records.max_ratio = 1.0;
+    let inst = launch(cfg);
+    env.await_outputs(&routed);
+    let dlq = format!("{}-dlq", env.app);
+    let letters = wait::wait_until(
+        "every misrouted message in the DLQ",
+        std::time::Duration::from_secs(60),
+        || {
+            let got = kafka::read_all(&env.brokers, &dlq, |m| {
+                let header = |name: &str| {
+                    let h = m.headers().unwrap();
+                    (0..h.count())
+                        .map(|i| h.get(i))
+                        .find(|h| h.key == name)
+                        .and_then(|h| h.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                };
+                (
+                    header("readstate.source.topic"),
+                    header("readstate.error.reason"),
+                )
+            });
+            (got.len() >= dead).then_some(got)
+        },
+    );
+    let summary = inst.stop();
+    assert_eq!(letters.len(), dead, "one dead letter per misrouted message");
+    for (topic, reason) in &letters {
+        assert_eq!(topic.as_deref(), Some(env.t.messages.as_str()));
+        assert_eq!(reason.as_deref(), Some("misrouted"));
+    }
+    assert!(summary.tasks_opened > 0, "{summary:?}");
+    let (heads, states) = stored(&dir.path().join(&env.app));
+    for c in &misrouted {
+        assert!(
+            !heads.contains_key(&ConversationId(*c)),
+            "no head for misrouted conversation {c}"
+        );
+    }
+    for (key, pointer) in &w.pointers {
+        assert_eq!(
+            states.get(key).map(|s| s.last_read_seq),
+            Some(*pointer),
+            "{key:?}"
+        );
+    }
+    routed.members.retain(|c, _| !misrouted.contains(&c.0));
+    check_stored_counts(&dir.path().join(&env.app), &routed);
 }
 
 #[test]

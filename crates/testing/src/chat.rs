@@ -87,7 +87,14 @@ topic = "{heads}"
 
 /// Produce chat events, each keyed by its conversation to its own topic.
 pub fn produce(brokers: &str, t: &ChatTopics, events: &[ChatEvent]) {
+    produce_with(brokers, t, events, "murmur2_random");
+}
+
+/// The same, the message events placed by librdkafka's `partitioner` (the read events
+/// by murmur2, as Java clients).
+pub fn produce_with(brokers: &str, t: &ChatTopics, events: &[ChatEvent], partitioner: &str) {
     let p = kafka::producer(brokers);
+    let pm = kafka::producer_with(brokers, partitioner);
     let reads = EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID).unwrap();
     let messages = MessageEncoder::new(MESSAGE_EVENT_SCHEMA, LOCAL_MESSAGE_EVENT_ID).unwrap();
     for e in events {
@@ -97,12 +104,17 @@ pub fn produce(brokers: &str, t: &ChatTopics, events: &[ChatEvent]) {
             ChatEvent::Message(m) => (&t.messages, messages.encode(&AvroMessageEvent::from(m))),
         };
         let value = value.unwrap();
+        let producer = match e {
+            ChatEvent::Read(_) => &p,
+            ChatEvent::Message(_) => &pm,
+        };
         kafka::send(
-            &p,
+            producer,
             BaseRecord::to(topic.as_str())
                 .key(key.as_str())
                 .payload(value.as_slice()),
         );
     }
     kafka::flush(&p);
+    kafka::flush(&pm);
 }

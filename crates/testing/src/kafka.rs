@@ -17,9 +17,14 @@ pub fn suffix() -> String {
 
 /// A producer partitioning keys as Java clients (and readstate) do.
 pub fn producer(brokers: &str) -> TestProducer {
+    producer_with(brokers, "murmur2_random")
+}
+
+/// A producer with librdkafka's `partitioner` (e.g. `consistent_random`, its default).
+pub fn producer_with(brokers: &str, partitioner: &str) -> TestProducer {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("partitioner", "murmur2_random")
+        .set("partitioner", partitioner)
         .set("linger.ms", "5")
         .create_with_context(Deliveries::default())
         .unwrap()

@@ -77,6 +77,7 @@ impl TaskDriver {
                 entries: 100_000,
                 positions: 100_000,
             },
+            partitions: None,
         };
         StreamTask::new(id, supplier.init(ctx).expect("init the processor"))
     }

@@ -92,6 +92,9 @@ pub struct TopologyTestDriver {
     heads: Vec<HeadUpdate>,
     dead_letters: Vec<DeadLetter>,
     flushes: u64,
+    /// The input topics' partition count, when set: the tasks check where records were
+    /// put (`misrouted` dead letters), as under `readstate run`.
+    partition_count: Option<i32>,
 }
 
 /// The driver's wall clock starts here (2023-11-14T22:13:20Z).
@@ -156,7 +159,16 @@ impl TopologyTestDriver {
             heads: Vec::new(),
             dead_letters: Vec::new(),
             flushes: 0,
+            partition_count: None,
         }
+    }
+
+    /// Tell the tasks the input topics' partition count (before piping): each record is
+    /// then checked against its source's partitioner, as `readstate run` does.
+    pub fn with_partition_count(mut self, partitions: i32) -> Self {
+        assert!(self.partitions.is_empty(), "set before the first record");
+        self.partition_count = Some(partitions);
+        self
     }
 
     pub fn topology(&self) -> &Topology {
@@ -203,6 +215,7 @@ impl TopologyTestDriver {
                 entries: t.store.cache_max_entries,
                 positions: t.heads_store.as_ref().map_or(0, |h| h.cache_max_entries),
             },
+            partitions: self.partition_count,
         };
         let processor = self.supplier.init(ctx).expect("init processor");
         StreamTask::new(id, processor)

@@ -14,7 +14,8 @@
 //!   every error at once: `topology::compile`), into the graph the runtime routes on
 //!   (`topology::graph`), and describe it.
 //! - [`serde`]: Avro in the Confluent wire format; the `SchemaResolver` seam (Confluent
-//!   registry or local schemas).
+//!   registry or local schemas); users' JSON read events mapped by field paths
+//!   (`serde::json`).
 //! - [`processor`]: the processor API. `processor::api` is the runtime's seam and names no
 //!   domain type (`Processor`: raw records in, encoded `Outputs` by sink and store batches
 //!   out; `SourceSerdes`; `ProcessorSupplier` with per-store restorers);

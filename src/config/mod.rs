@@ -53,8 +53,20 @@ pub struct SourceSpec {
     /// Which field the upstream record key holds: conversation_id (no repartition needed),
     /// or reader_id, sender_id, device_id, other (readstate repartitions by conversation).
     pub keyed_by: Option<String>,
-    /// Value format; only "avro-confluent" for now.
+    /// Value format: "avro-confluent" (default, `read_event.avsc` or a compatible writer),
+    /// "json" (plain JSON, mapped by `fields`) or "json-schema" (Confluent's JSON Schema
+    /// wire format: a 5-byte header, then JSON mapped by `fields`).
     pub format: Option<String>,
+    /// JSON formats: where each role of a read event is, `role = "path.to.field"`. Roles:
+    /// reader, conversation, position (required), message_id, device, sender, read_at.
+    pub fields: Option<std::collections::BTreeMap<String, String>>,
+    /// JSON formats: values for roles a record lacks (or holds null), `role = value`.
+    pub defaults: Option<std::collections::BTreeMap<String, toml::Value>>,
+    /// JSON formats: what orders the reads, "seq" (default: an integer) or "timestamp"
+    /// (kept in microseconds; equal times are ordered by message id).
+    pub position: Option<String>,
+    /// JSON formats: the unit of the time fields, "s", "ms" (default), "us" or "rfc3339".
+    pub time_unit: Option<String>,
     /// What the records are: "read-events" (default, `read_event.avsc`) or
     /// "message-events" (`message_event.avsc`, co-partitioned with the read events).
     pub records: Option<String>,
@@ -142,6 +154,10 @@ enum Type {
     Float,
     Bool,
     StrList,
+    /// A table of strings (`[source.fields]`).
+    StrTable,
+    /// A table of strings and integers (`[source.defaults]`).
+    ValueTable,
 }
 
 impl Type {
@@ -152,6 +168,8 @@ impl Type {
             Type::Float => "a number",
             Type::Bool => "true or false",
             Type::StrList => "a list of strings",
+            Type::StrTable => "a table of strings",
+            Type::ValueTable => "a table of strings and integers",
         }
     }
 
@@ -163,6 +181,8 @@ impl Type {
             | (Type::Bool, V::Boolean(_)) => true,
             (Type::Float, V::Float(_) | V::Integer(_)) => true,
             (Type::StrList, V::Array(a)) => a.iter().all(toml::Value::is_str),
+            (Type::StrTable, V::Table(t)) => t.values().all(toml::Value::is_str),
+            (Type::ValueTable, V::Table(t)) => t.values().all(|v| v.is_str() || v.is_integer()),
             _ => false,
         }
     }
@@ -199,6 +219,10 @@ const SECTIONS: &[Section] = &[
             ("format", Type::Str),
             ("records", Type::Str),
             ("partitioner", Type::Str),
+            ("fields", Type::StrTable),
+            ("defaults", Type::ValueTable),
+            ("position", Type::Str),
+            ("time_unit", Type::Str),
         ],
     ),
     (
@@ -370,6 +394,8 @@ mod tests {
                     Type::Float => "0.5",
                     Type::Bool => "true",
                     Type::StrList => "[\"x\"]",
+                    Type::StrTable => "{ a = \"x\" }",
+                    Type::ValueTable => "{ a = \"x\", b = 1 }",
                 };
                 text.push_str(&format!("{f} = {v}\n"));
             }

@@ -22,16 +22,17 @@ use super::ProcessorError;
 use crate::backoff::Backoff;
 use crate::ids::ConversationId;
 use crate::kafka::partitioner::Partitioner;
+use crate::serde::json::JsonEventDecoder;
 use crate::serde::registry::SchemaResolver;
 use crate::serde::{
-    DecodeError, EventDecoder, HeadEncoder, MessageDecoder, SerdeError, UpdateEncoder,
-    CONVERSATION_HEAD_SCHEMA, RECEIPT_UPDATE_SCHEMA,
+    DecodeError, EventDecoder, HeadEncoder, MessageDecoder, ReadEventDecoder, SerdeError,
+    UpdateEncoder, CONVERSATION_HEAD_SCHEMA, RECEIPT_UPDATE_SCHEMA,
 };
 use crate::state::restore::StoreRestorer;
 use crate::state::{KeyValueStore, StoreBatch, StoreError};
 use crate::task::{DeadLetter, SourceRecord};
 use crate::topology::graph::{Graph, NodeKind, Output};
-use crate::topology::Topology;
+use crate::topology::{SourceFormat, Topology};
 
 /// A processor node, ready to run: what makes its tasks' processors, and its sources'
 /// deserializers (shared by the tasks).
@@ -58,7 +59,7 @@ pub async fn build(
 /// read lock once; fetching a writer schema takes the write lock only to install it).
 pub struct ReadStateSerdes {
     resolver: Arc<dyn SchemaResolver>,
-    reads: RwLock<EventDecoder>,
+    reads: RwLock<ReadEventDecoder>,
     /// With a message source: its topic and decoder.
     messages: Option<(String, RwLock<MessageDecoder>)>,
     updates: UpdateEncoder,
@@ -99,8 +100,16 @@ impl ReadStateSerdes {
             )),
             None => None,
         };
+        let reads = match t.sources.first().map(|s| &s.format) {
+            Some(SourceFormat::Json(mapping)) => {
+                ReadEventDecoder::Json(Box::new(JsonEventDecoder::new((**mapping).clone(), max)))
+            }
+            _ => {
+                ReadEventDecoder::Avro(EventDecoder::with_max_record_bytes(resolver.clone(), max)?)
+            }
+        };
         Ok(Self {
-            reads: RwLock::new(EventDecoder::with_max_record_bytes(resolver.clone(), max)?),
+            reads: RwLock::new(reads),
             resolver,
             messages,
             updates,

@@ -2,7 +2,9 @@
 //! (conversation, reader) and emit coalesced updates at flush.
 //!
 //! Rules (DESIGN.md §2):
-//! - the pointer only moves forward: an event with `seq <= stored` is a no-op, counted stale;
+//! - the pointer only moves forward: an event with `seq <= stored` is a no-op, counted stale,
+//!   except that equal positions are ordered by message id (`(seq, message_id)` compared,
+//!   no id lowest): timestamps tie, and the max must not depend on arrival order;
 //! - the max carries its message id, sender, device and read time;
 //! - `version` counts advances, so it is the same after a replay as before;
 //! - each key remembers the highest source offset folded per origin partition and skips
@@ -405,7 +407,7 @@ pub fn fold(state: &mut ReadState, event: &EventRef<'_>, origin: Origin) -> Fold
     }
     state.events_total += 1;
     state.events_since_emit += 1;
-    if event.message_seq > state.last_read_seq {
+    if ahead(event, state) {
         state.last_read_seq = event.message_seq;
         assign(&mut state.message_id, event.message_id.as_deref());
         state.sender_id = event.sender_id;
@@ -417,6 +419,16 @@ pub fn fold(state: &mut ReadState, event: &EventRef<'_>, origin: Origin) -> Fold
         state.stale_total += 1;
         state.stale_since_emit += 1;
         Fold::Stale
+    }
+}
+
+/// Whether `event` is past `state`'s pointer: a higher position, or an equal one with a
+/// higher message id.
+fn ahead(event: &EventRef<'_>, state: &ReadState) -> bool {
+    match event.message_seq.cmp(&state.last_read_seq) {
+        std::cmp::Ordering::Greater => true,
+        std::cmp::Ordering::Equal => event.message_id.as_deref() > state.message_id.as_deref(),
+        std::cmp::Ordering::Less => false,
     }
 }
 
@@ -495,5 +507,31 @@ mod tests {
         assert_eq!(s.last_read_seq, 9);
         assert_eq!(s.device_id.as_deref(), Some("b"));
         assert_eq!((s.version, s.events_total, s.stale_total), (2, 5, 3));
+    }
+
+    /// Equal positions (timestamps) are ordered by message id, so the max is the same
+    /// whatever order the events arrive in.
+    #[test]
+    fn equal_positions_are_ordered_by_message_id() {
+        let with_id = |id: Option<&str>, dev: &str| ReadEvent {
+            message_id: id.map(str::to_owned),
+            ..ev(7, dev)
+        };
+        let events = [
+            with_id(None, "a"),
+            with_id(Some("m-2"), "b"),
+            with_id(Some("m-1"), "c"),
+        ];
+        for order in [[0, 1, 2], [2, 1, 0], [1, 0, 2], [2, 0, 1]] {
+            let mut s = ReadState::default();
+            for (off, i) in order.iter().enumerate() {
+                fold(&mut s, &events[*i].view(), at(off as i64));
+            }
+            assert_eq!(
+                (s.message_id.as_deref(), s.device_id.as_deref()),
+                (Some("m-2"), Some("b")),
+                "{order:?}"
+            );
+        }
     }
 }

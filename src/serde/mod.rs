@@ -4,10 +4,13 @@
 //! - [`registry`]: the [`registry::SchemaResolver`] seam (Confluent HTTP registry, or the
 //!   local schemas in `schemas/` with fixed ids);
 //! - [`avro`]: decoding read events with writer→reader schema resolution, encoding receipt
-//!   updates.
+//!   updates;
+//! - [`json`]: read events in a source's own JSON shape, found by field paths;
+//!   [`ReadEventDecoder`] is a source's decoder by its format.
 
 pub mod avro;
 pub mod fast;
+pub mod json;
 pub mod message;
 pub mod registry;
 
@@ -41,6 +44,8 @@ pub enum DecodeError {
     IncompatibleSchema { id: u32, reason: String },
     #[error("avro datum does not match writer schema {id}: {reason}")]
     Malformed { id: u32, reason: String },
+    #[error("not a JSON object: {0}")]
+    MalformedJson(String),
     #[error("invalid read event: {0}")]
     Invalid(String),
 }
@@ -54,7 +59,7 @@ impl DecodeError {
             DecodeError::TooLarge { .. } => "too_large",
             DecodeError::UnknownSchema(_) => "unknown_schema",
             DecodeError::IncompatibleSchema { .. } => "incompatible_schema",
-            DecodeError::Malformed { .. } => "malformed",
+            DecodeError::Malformed { .. } | DecodeError::MalformedJson(_) => "malformed",
             DecodeError::Invalid(_) => "invalid_event",
         }
     }
@@ -71,6 +76,52 @@ pub enum SerdeError {
     Schema(String),
     #[error("avro encoding failed: {0}")]
     Encode(String),
+}
+
+/// The read events' decoder of a source, by its format.
+pub enum ReadEventDecoder {
+    Avro(EventDecoder),
+    Json(Box<json::JsonEventDecoder>),
+}
+
+impl ReadEventDecoder {
+    /// Decode and validate one record, borrowing ids from `payload` where it can.
+    pub fn decode_ref<'a>(
+        &self,
+        payload: Option<&'a [u8]>,
+    ) -> Result<crate::model::EventRef<'a>, DecodeError> {
+        match self {
+            Self::Avro(d) => d.decode_ref(payload),
+            Self::Json(d) => d.decode_ref(payload),
+        }
+    }
+
+    pub fn max_record_bytes(&self) -> usize {
+        match self {
+            Self::Avro(d) => d.max_record_bytes(),
+            Self::Json(d) => d.max_record_bytes(),
+        }
+    }
+
+    /// Whether writer schema `id` must be fetched (never for JSON: no schema is read).
+    pub fn needs_fetch(&self, id: u32) -> bool {
+        matches!(self, Self::Avro(d) if d.needs_fetch(id))
+    }
+
+    /// The registry's answer for writer schema `id`.
+    pub fn install(&mut self, id: u32, text: Option<&str>) {
+        if let Self::Avro(d) = self {
+            d.install(id, text);
+        }
+    }
+
+    /// The writer schema id of `payload` when it has not been resolved yet.
+    pub fn unknown_schema(&self, payload: Option<&[u8]>) -> Option<u32> {
+        match self {
+            Self::Avro(d) => d.unknown_schema(payload),
+            Self::Json(_) => None,
+        }
+    }
 }
 
 /// Split a Confluent-framed payload into (schema id, datum).

@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use super::{
     BadRecords, KafkaSink, KeyedBy, OnBadRecord, Partitioner, PostgresSink, ProcessingGuarantee,
-    ReadStateNode, Source, Store, StoreKind, Topology, TopologyError, DEFAULT_CACHE_MAX_ENTRIES,
-    READ_STATE_KIND,
+    ReadStateNode, Source, SourceFormat, Store, StoreKind, Topology, TopologyError,
+    DEFAULT_CACHE_MAX_ENTRIES, READ_STATE_KIND,
 };
 use crate::config::{self, SinkSpec, TopologySpec};
 use crate::ids::{ApplicationId, StoreName, TopicName};
+use crate::serde::json::PositionKind;
 
 /// Compile a parsed spec, section by section; every section reports its errors, and a
 /// topology comes back only when each part it needs compiled.
@@ -158,6 +159,7 @@ fn sources(spec: &TopologySpec, app: &str, errs: &mut Errors) -> (Vec<Source>, O
             keyed_by,
             repartition_topic,
             partitioner: partitioner(&at, s, errs),
+            format: super::fields::source_format(&at, s, is_messages, errs),
         };
         match is_messages {
             true => messages = Some(source),
@@ -166,6 +168,7 @@ fn sources(spec: &TopologySpec, app: &str, errs: &mut Errors) -> (Vec<Source>, O
     }
     if let Some(m) = &messages {
         check_co_partitioning(spec, &sources, m, errs);
+        check_positions_meet_seqs(spec, &sources, errs);
     }
     (sources, messages)
 }
@@ -210,6 +213,26 @@ fn check_co_partitioning(
     }
 }
 
+/// With a message source, read positions are compared with message seqs.
+fn check_positions_meet_seqs(spec: &TopologySpec, sources: &[Source], errs: &mut Errors) {
+    for s in sources {
+        let SourceFormat::Json(m) = &s.format else {
+            continue;
+        };
+        if m.position == PositionKind::Timestamp {
+            let i = spec
+                .source
+                .iter()
+                .position(|x| x.name.as_deref() == Some(s.name.as_str()))
+                .unwrap_or_default();
+            errs.push(
+                format!("source[{i}].position"),
+                "a timestamp position cannot be compared with the message seqs of a message source (unread counts need seq positions)",
+            );
+        }
+    }
+}
+
 /// A source's key and whether it carries message events (checked against each other).
 fn source_roles(at: &str, s: &config::SourceSpec, errs: &mut Errors) -> (KeyedBy, bool) {
     let keyed_by = match s.keyed_by.as_deref() {
@@ -219,7 +242,6 @@ fn source_roles(at: &str, s: &config::SourceSpec, errs: &mut Errors) -> (KeyedBy
             KeyedBy::ConversationId
         }),
     };
-    check_format(errs, at, s.format.as_deref());
     let is_messages = match s.records.as_deref() {
         None | Some("read-events") => false,
         Some("message-events") => true,

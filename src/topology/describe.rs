@@ -62,10 +62,12 @@ pub fn describe(t: &Topology) -> String {
         for s in &repartitioned {
             let _ = writeln!(
                 o,
-                "  Source: {} (topics: [{}], keyed by {})",
+                "  Source: {} (topics: [{}], keyed by {}, format {}{})",
                 s.name,
                 s.topic,
-                s.keyed_by.as_str()
+                s.keyed_by.as_str(),
+                s.format.name(),
+                mapping(&s.format)
             );
             let _ = writeln!(o, "    --> {}-repartition-sink", s.name);
             let _ = writeln!(
@@ -91,8 +93,12 @@ pub fn describe(t: &Topology) -> String {
             None => {
                 let _ = writeln!(
                     o,
-                    "  Source: {} (topics: [{}], keyed by conversation_id, placed by {}, format avro-confluent)",
-                    s.name, s.topic, s.partitioner
+                    "  Source: {} (topics: [{}], keyed by conversation_id, placed by {}, format {}{})",
+                    s.name,
+                    s.topic,
+                    s.partitioner,
+                    s.format.name(),
+                    mapping(&s.format)
                 );
             }
         }
@@ -229,4 +235,25 @@ fn describe_store(o: &mut String, store: &super::Store, cache_unit: &str) {
             let _ = writeln!(o, "    changelog: none (state is lost with the node)");
         }
     }
+}
+
+/// A JSON source's mapping, as `; reader <- path, ...; position timestamp (s)`.
+fn mapping(format: &crate::topology::SourceFormat) -> String {
+    use crate::serde::json::{PositionKind, Role};
+    let crate::topology::SourceFormat::Json(m) = format else {
+        return String::new();
+    };
+    let fields: Vec<String> = Role::ALL
+        .iter()
+        .zip(&m.paths)
+        .filter_map(|(r, p)| {
+            p.as_ref()
+                .map(|p| format!("{} <- {}", r.name(), p.join(".")))
+        })
+        .collect();
+    let position = match m.position {
+        PositionKind::Seq => "seq".to_owned(),
+        PositionKind::Timestamp => format!("timestamp ({})", m.time_unit.name()),
+    };
+    format!("; {}; position {position}", fields.join(", "))
 }

@@ -6,6 +6,7 @@
 
 mod compile;
 mod describe;
+mod fields;
 pub mod graph;
 
 use std::fmt;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use crate::config;
 use crate::ids::{ApplicationId, StoreName, TopicName};
 pub use crate::kafka::partitioner::Partitioner;
+pub use crate::serde::json::FieldMapping;
 
 pub use describe::describe;
 
@@ -104,6 +106,28 @@ pub struct Source {
     pub repartition_topic: Option<TopicName>,
     /// The partitioner of the source's producers (over the conversation id as text).
     pub partitioner: Partitioner,
+    /// How its values are written.
+    pub format: SourceFormat,
+}
+
+/// How a source's values are written.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SourceFormat {
+    /// Avro in the Confluent wire format, read with the built-in reader schema.
+    #[default]
+    AvroConfluent,
+    /// JSON (plain, or framed as Confluent's JSON Schema wire format), mapped by fields.
+    Json(Box<FieldMapping>),
+}
+
+impl SourceFormat {
+    pub fn name(&self) -> &'static str {
+        match self {
+            SourceFormat::AvroConfluent => "avro-confluent",
+            SourceFormat::Json(m) if m.wire_header => "json-schema",
+            SourceFormat::Json(_) => "json",
+        }
+    }
 }
 
 impl Source {

@@ -1,0 +1,179 @@
+use super::*;
+
+/// The mapping of `topologies/json_read_receipts.toml`'s shape: numeric ids as strings,
+/// `read_at` in seconds as the position.
+fn receipts() -> FieldMapping {
+    let mut m = FieldMapping::new(&[
+        (Role::Reader, "reader_id"),
+        (Role::Conversation, "conversation_id"),
+        (Role::Position, "read_at"),
+        (Role::MessageId, "msg_id"),
+        (Role::Device, "device_id"),
+        (Role::Sender, "sender_id"),
+    ]);
+    m.position = PositionKind::Timestamp;
+    m.time_unit = TimeUnit::Seconds;
+    m
+}
+
+fn decode<'a>(m: &FieldMapping, json: &'a str) -> Result<EventRef<'a>, DecodeError> {
+    JsonEventDecoder::new(m.clone(), 65536).decode_ref(Some(json.as_bytes()))
+}
+
+#[test]
+fn maps_fields_and_borrows_the_strings() {
+    let json = r#"{"msg_id": "550e8400-e29b-41d4-a716-446655440000", "sender_id": "123",
+        "reader_id": 456, "conversation_id": "789", "read_at": 1704067200,
+        "device_id": "device-abc", "extra": {"nested": [1, 2, {"x": null}]}}"#;
+    let e = decode(&receipts(), json).unwrap();
+    assert_eq!(e.reader_id, ReaderId(456));
+    assert_eq!(e.conversation_id, ConversationId(789));
+    assert_eq!(e.sender_id, Some(SenderId(123)));
+    assert_eq!(e.message_seq, 1_704_067_200_000_000, "microseconds");
+    assert_eq!(
+        e.read_at_ms, 1_704_067_200_000,
+        "read_at defaults to the position"
+    );
+    assert!(matches!(
+        e.message_id,
+        Some(Cow::Borrowed("550e8400-e29b-41d4-a716-446655440000"))
+    ));
+    assert!(matches!(e.device_id, Some(Cow::Borrowed("device-abc"))));
+}
+
+#[test]
+fn nested_paths_defaults_and_nulls() {
+    let mut m = FieldMapping::new(&[
+        (Role::Reader, "who.id"),
+        (Role::Conversation, "where.channel.id"),
+        (Role::Position, "seq"),
+        (Role::Device, "who.device"),
+        (Role::ReadAt, "at"),
+    ]);
+    m.defaults[Role::Device as usize] = Some(FieldDefault::Str("unknown".into()));
+    m.time_unit = TimeUnit::Rfc3339;
+    let json = r#"{"seq": 7, "who": {"id": 1, "device": null},
+        "where": {"other": 1, "channel": {"id": 2}}, "at": "2024-01-01T00:00:00.5Z"}"#;
+    let e = decode(&m, json).unwrap();
+    assert_eq!(
+        (e.reader_id.0, e.conversation_id.0, e.message_seq),
+        (1, 2, 7)
+    );
+    assert_eq!(
+        e.device_id.as_deref(),
+        Some("unknown"),
+        "null takes the default"
+    );
+    assert_eq!(e.read_at_ms, 1_704_067_200_500);
+    assert_eq!(e.message_id, None, "unmapped");
+}
+
+#[test]
+fn bad_records_say_what_is_wrong() {
+    let m = receipts();
+    let cases = [
+        (
+            r#"{"reader_id": 1, "conversation_id": 2}"#,
+            "invalid_event",
+            "no position (field \"read_at\")",
+        ),
+        (
+            r#"{"reader_id": "user456", "conversation_id": 2, "read_at": 1}"#,
+            "invalid_event",
+            "\"user456\" is not a 64-bit integer",
+        ),
+        (
+            r#"{"reader_id": 1, "conversation_id": 2, "read_at": "soon"}"#,
+            "invalid_event",
+            "position: \"soon\" is not a number",
+        ),
+        (
+            r#"{"reader_id": 1, "conversation_id": {}, "read_at": 1}"#,
+            "invalid_event",
+            "conversation: expected an integer",
+        ),
+        (
+            r#"{"reader_id": 1, "conversation_id": 2, "read_at": -5}"#,
+            "invalid_event",
+            "negative",
+        ),
+        (r#"{"reader_id": 1, "#, "malformed", "EOF"),
+        (r#"[1, 2]"#, "malformed", "expected a JSON object"),
+        (r#"{"reader_id": 1} trailing"#, "malformed", "trailing"),
+    ];
+    for (json, reason, says) in cases {
+        let err = decode(&m, json).unwrap_err();
+        assert_eq!(err.reason(), reason, "{json}: {err}");
+        assert!(err.to_string().contains(says), "{json}: {err}");
+    }
+    let d = JsonEventDecoder::new(m, 10);
+    assert_eq!(d.decode_ref(None).unwrap_err(), DecodeError::EmptyValue);
+    assert_eq!(
+        d.decode_ref(Some(&[b' '; 11])).unwrap_err().reason(),
+        "too_large"
+    );
+}
+
+#[test]
+fn time_units_and_json_schema_framing() {
+    let mut m = receipts();
+    for (unit, value, us) in [
+        (TimeUnit::Seconds, "1.25", 1_250_000),
+        (TimeUnit::Millis, "1500", 1_500_000),
+        (TimeUnit::Micros, "\"42\"", 42),
+        (TimeUnit::Rfc3339, "\"1970-01-01T01:00:00+01:00\"", 0),
+    ] {
+        m.time_unit = unit;
+        let json = format!(r#"{{"reader_id": 1, "conversation_id": 2, "read_at": {value}}}"#);
+        assert_eq!(
+            decode(&m, &json).unwrap().message_seq,
+            us,
+            "{unit:?} {value}"
+        );
+    }
+    m.time_unit = TimeUnit::Seconds;
+    m.wire_header = true;
+    let mut framed = vec![0, 0, 0, 0, 9];
+    framed.extend_from_slice(br#"{"reader_id": 1, "conversation_id": 2, "read_at": 3}"#);
+    let d = JsonEventDecoder::new(m, 65536);
+    assert_eq!(d.decode_ref(Some(&framed)).unwrap().message_seq, 3_000_000);
+    assert_eq!(
+        d.decode_ref(Some(b"{}")).unwrap_err().reason(),
+        "not_wire_format"
+    );
+}
+
+#[test]
+fn rfc3339_agrees_with_humantime() {
+    for s in [
+        "1970-01-01T00:00:00Z",
+        "2000-02-29T12:34:56Z",
+        "2024-01-01T00:00:00.123456Z",
+        "2038-01-19T03:14:08Z",
+        "1999-12-31T23:59:59.9Z",
+    ] {
+        let want = humantime::parse_rfc3339(s).unwrap();
+        let want = want
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as i64;
+        assert_eq!(parse_rfc3339(s), Some(want), "{s}");
+    }
+    assert_eq!(
+        parse_rfc3339("2024-01-01T02:00:00+02:00"),
+        parse_rfc3339("2024-01-01T00:00:00Z")
+    );
+    assert_eq!(
+        parse_rfc3339("2024-01-01t00:00:00-01:30"),
+        parse_rfc3339("2024-01-01T01:30:00Z")
+    );
+    for bad in [
+        "2024-13-01T00:00:00Z",
+        "2024-01-01",
+        "2024-01-01T00:00:00",
+        "2024-01-01T00:00:00.Z",
+        "2024-01-01T00:00:00Zjunk",
+    ] {
+        assert_eq!(parse_rfc3339(bad), None, "{bad}");
+    }
+}

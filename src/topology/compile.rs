@@ -467,11 +467,7 @@ fn processor_kind<'k>(
             ("heads_store", p.heads_store.is_some()),
             ("min_emit_interval", p.min_emit_interval.is_some()),
         ];
-        for (field, set) in only_read_state {
-            if set {
-                errs.push(format!("{at}.{field}"), "only for kind read-state");
-            }
-        }
+        errs.refuse_set(at, only_read_state, "only for kind read-state");
     }
     kind
 }
@@ -540,19 +536,17 @@ fn check_custom_sources(spec: &TopologySpec, processors: &[ReadStateNode], errs:
             if !s.name.as_ref().is_some_and(|n| p.inputs.contains(n)) {
                 continue;
             }
-            for (field, set) in [
+            let fields = [
                 ("format", s.format.is_some()),
                 ("keyed_by", s.keyed_by.is_some()),
                 ("records", s.records.is_some()),
                 ("partitioner", s.partitioner.is_some()),
-            ] {
-                if set {
-                    errs.push(
-                        format!("source[{i}].{field}"),
-                        format!("only for read-state processors: kind {:?} reads its records through its own serdes", p.kind),
-                    );
-                }
-            }
+            ];
+            errs.refuse_set(
+                &format!("source[{i}]"),
+                fields,
+                &format!("only for read-state processors: kind {:?} reads its records through its own serdes", p.kind),
+            );
         }
     }
 }
@@ -631,15 +625,12 @@ fn kafka_sink(
         check_topic(errs, &format!("{at}.topic"), t);
     }
     check_format(errs, at, s.format.as_deref());
-    for (field, set) in [
+    let fields = [
         ("table", s.table.is_some()),
         ("batch_size", s.batch_size.is_some()),
         ("linger", s.linger.is_some()),
-    ] {
-        if set {
-            errs.push(format!("{at}.{field}"), "only applies to postgres sinks");
-        }
-    }
+    ];
+    errs.refuse_set(at, fields, "only applies to postgres sinks");
     if let Some(inp) = input {
         if !processors.iter().any(|p| p.name == inp) {
             errs.push(format!("{at}.input"), format!("no processor named {inp:?}"));
@@ -776,6 +767,20 @@ impl Errors {
             at: at.into(),
             message: message.into(),
         });
+    }
+
+    /// Report each field of `at` that is set (`(name, set)`) where it does not apply.
+    pub(super) fn refuse_set<const N: usize>(
+        &mut self,
+        at: &str,
+        fields: [(&str, bool); N],
+        why: &str,
+    ) {
+        for (field, set) in fields {
+            if set {
+                self.push(format!("{at}.{field}"), why);
+            }
+        }
     }
 
     fn required<'a>(&mut self, at: &str, field: &str, v: &'a Option<String>) -> Option<&'a str> {

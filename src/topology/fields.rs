@@ -45,16 +45,13 @@ pub(super) fn source_format(
 }
 
 fn refuse_json_fields(at: &str, s: &SourceSpec, why: &str, errs: &mut Errors) {
-    for (field, set) in [
+    let fields = [
         ("fields", s.fields.is_some()),
         ("defaults", s.defaults.is_some()),
         ("position", s.position.is_some()),
         ("time_unit", s.time_unit.is_some()),
-    ] {
-        if set {
-            errs.push(format!("{at}.{field}"), why);
-        }
-    }
+    ];
+    errs.refuse_set(at, fields, why);
 }
 
 fn position_kind(at: &str, s: &SourceSpec, errs: &mut Errors) -> PositionKind {

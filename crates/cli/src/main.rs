@@ -136,7 +136,7 @@ struct BenchArgs {
     /// Connections the sink figures write on at once (the topology's pool_size).
     #[arg(long, default_value_t = 2)]
     sink_connections: usize,
-    /// Only these figures (comma-separated: keys, core, unread, e2e, versus, startup,
+    /// Only these figures (comma-separated: keys, core, json, unread, e2e, versus, startup,
     /// restore, sink); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -548,6 +548,16 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", bench::core(&records, interval)?.render());
         let frequent = bench::CoreFlush::EveryEvents(100_000);
         println!("{}", bench::core(&records, frequent)?.render());
+    }
+    if want("core") || want("json") {
+        let json = readstate_tools::loadgen::WorkloadSpec {
+            events: args.core_events.min(1_000_000),
+            ..spec.clone()
+        };
+        println!(
+            "{}",
+            bench::json_decode(&bench::json_records(&json))?.render()
+        );
     }
     if want("unread") {
         println!("{}", bench::unread::writes_per_message(10_000)?.render());

@@ -1,7 +1,8 @@
 //! `readstate bench`: figures for a stated workload, each printed next to its target.
 //!
 //! - **core**: decode (Confluent wire format, Avro) → fold → coalesce → flush into RocksDB,
-//!   in-process on one thread, no broker; events/s.
+//!   in-process on one thread, no broker; events/s. **json decode**: users' JSON read events
+//!   through a field mapping, decoding alone; events/s.
 //! - **restore**: changelog records applied into an empty RocksDB store in the batches the
 //!   runtime uses (`RESTORE_BATCH` records, each batch atomic with its checkpoint); records/s. The
 //!   records come from memory, so this is the store side of a restore, not the fetch.
@@ -215,6 +216,67 @@ pub fn core(records: &[Vec<u8>], flush: CoreFlush) -> Result<Figure, BenchError>
         note: format!(
             "{} events, {policy}: {flushes} flushes, {updates} updates",
             records.len()
+        ),
+    })
+}
+
+/// The read events of `spec` in a Go service's JSON shape (issue 23): ids as strings of
+/// digits, a UUID-shaped message id, `read_at` in seconds, a device, and a field readstate
+/// does not map.
+pub fn json_records(spec: &WorkloadSpec) -> Vec<Vec<u8>> {
+    Generator::new(spec.clone())
+        .filter_map(|g| match g {
+            Generated::Event(e) => Some(
+                format!(
+                    r#"{{"msg_id":"550e8400-e29b-41d4-a716-{:012x}","sender_id":"{}","reader_id":"{}","conversation_id":"{}","read_at":{},"device_id":"{}","client":{{"os":"ios","version":"7.1.2"}}}}"#,
+                    e.message_seq,
+                    e.sender_id.map_or(0, |s| s.0),
+                    e.reader_id.0,
+                    e.conversation_id.0,
+                    1_700_000_000 + e.message_seq,
+                    e.device_id.as_deref().unwrap_or("none"),
+                )
+                .into_bytes(),
+            ),
+            Generated::Poison(_) => None,
+        })
+        .collect()
+}
+
+/// JSON decoding alone (the mapping of `topologies/json_read_receipts.toml`), one thread.
+pub fn json_decode(records: &[Vec<u8>]) -> Result<Figure, BenchError> {
+    use readstate::serde::json::JsonEventDecoder;
+    use readstate::topology::SourceFormat;
+    let t = readstate::topology::compile(include_str!(
+        "../../../../topologies/json_read_receipts.toml"
+    ))
+    .map_err(|e| BenchError::Other(format!("topologies/json_read_receipts.toml: {e:?}")))?;
+    let SourceFormat::Json(mapping) = &t.sources[0].format else {
+        return Err(BenchError::Other(
+            "json_read_receipts.toml has no JSON source".into(),
+        ));
+    };
+    let mapping = (**mapping).clone();
+    let decoder = JsonEventDecoder::new(mapping, 65_536);
+    let started = Instant::now();
+    let mut checksum = 0i64;
+    for r in records {
+        let e = decoder
+            .decode_ref(Some(r))
+            .map_err(|e| BenchError::Other(format!("json bench record: {e}")))?;
+        checksum = checksum.wrapping_add(e.message_seq ^ e.reader_id.0);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let bytes = records.iter().map(Vec::len).sum::<usize>() / records.len().max(1);
+    Ok(Figure {
+        name: "json decode (1 thread)".into(),
+        value: records.len() as f64 / secs,
+        unit: "events/s",
+        target: Some(Target::AtLeast(1_000_000.0)),
+        note: format!(
+            "{} events of ~{bytes} bytes, 6 fields mapped (checksum {})",
+            records.len(),
+            checksum & 0xff
         ),
     })
 }

@@ -149,6 +149,20 @@ build_yardstick() {
   export YARDSTICK_CLASSPATH="$READSTATE_ROOT/bench/kafka-streams/target/classpath.txt"
 }
 
+# The Sarama (Go) producer of bench/sarama-producer, for the tests that need events produced
+# the way Go services produce them. Exports READSTATE_SARAMA_PRODUCER (its binary).
+build_sarama_producer() {
+  if ! command -v go >/dev/null 2>&1; then
+    echo "==> installing Go"
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq golang-go >/dev/null
+  fi
+  echo "==> building the Sarama producer (bench/sarama-producer)"
+  (cd "$READSTATE_ROOT/bench/sarama-producer" && go build -o target/sarama-producer .)
+  export READSTATE_SARAMA_PRODUCER="$READSTATE_ROOT/bench/sarama-producer/target/sarama-producer"
+}
+
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }

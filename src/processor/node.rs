@@ -22,11 +22,11 @@ use super::ProcessorError;
 use crate::backoff::Backoff;
 use crate::ids::ConversationId;
 use crate::kafka::partitioner::Partitioner;
-use crate::serde::json::JsonEventDecoder;
+use crate::serde::json::JsonDecoder;
 use crate::serde::registry::SchemaResolver;
 use crate::serde::{
-    DecodeError, EventDecoder, HeadEncoder, MessageDecoder, ReadEventDecoder, SerdeError,
-    UpdateEncoder, CONVERSATION_HEAD_SCHEMA, RECEIPT_UPDATE_SCHEMA,
+    DecodeError, EventDecoder, HeadEncoder, MessageDecoder, MessageEventDecoder, ReadEventDecoder,
+    SerdeError, UpdateEncoder, CONVERSATION_HEAD_SCHEMA, RECEIPT_UPDATE_SCHEMA,
 };
 use crate::state::restore::StoreRestorer;
 use crate::state::{KeyValueStore, StoreBatch, StoreError};
@@ -61,7 +61,7 @@ pub struct ReadStateSerdes {
     resolver: Arc<dyn SchemaResolver>,
     reads: RwLock<ReadEventDecoder>,
     /// With a message source: its topic and decoder.
-    messages: Option<(String, RwLock<MessageDecoder>)>,
+    messages: Option<(String, RwLock<MessageEventDecoder>)>,
     updates: UpdateEncoder,
     heads: Option<HeadEncoder>,
 }
@@ -93,16 +93,13 @@ impl ReadStateSerdes {
         let messages = match &t.messages {
             Some(m) => Some((
                 m.topic.0.clone(),
-                RwLock::new(MessageDecoder::with_max_record_bytes(
-                    resolver.clone(),
-                    max,
-                )?),
+                RwLock::new(message_decoder(m, &resolver, max)?),
             )),
             None => None,
         };
         let reads = match t.sources.first().map(|s| &s.format) {
             Some(SourceFormat::Json(mapping)) => {
-                ReadEventDecoder::Json(Box::new(JsonEventDecoder::new((**mapping).clone(), max)))
+                ReadEventDecoder::Json(Box::new(JsonDecoder::new((**mapping).clone(), max)))
             }
             _ => {
                 ReadEventDecoder::Avro(EventDecoder::with_max_record_bytes(resolver.clone(), max)?)
@@ -211,6 +208,22 @@ impl SourceSerdes for ReadStateSerdes {
     fn max_record_bytes(&self) -> usize {
         self.reads.read().expect("decoder lock").max_record_bytes()
     }
+}
+
+/// The decoder of a message source, by its format.
+fn message_decoder(
+    m: &crate::topology::Source,
+    resolver: &Arc<dyn SchemaResolver>,
+    max: usize,
+) -> Result<MessageEventDecoder, SerdeError> {
+    Ok(match &m.format {
+        SourceFormat::Json(mapping) => {
+            MessageEventDecoder::Json(Box::new(JsonDecoder::new((**mapping).clone(), max)))
+        }
+        SourceFormat::AvroConfluent => MessageEventDecoder::Avro(
+            MessageDecoder::with_max_record_bytes(resolver.clone(), max)?,
+        ),
+    })
 }
 
 /// Register an output schema, retrying while the registry is unavailable.

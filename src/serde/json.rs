@@ -17,9 +17,10 @@ use std::fmt;
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
+use super::message::validate_message;
 use super::DecodeError;
 use crate::ids::{ConversationId, ReaderId, SenderId};
-use crate::model::EventRef;
+use crate::model::{EventRef, MessageEvent};
 
 /// What a mapped field means in a read event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,10 +32,19 @@ pub enum Role {
     Device,
     Sender,
     ReadAt,
+    /// A message's mentioned users: an array of ids.
+    Mentions,
+    /// A message mentions everyone (`@everyone`, `@here`): a boolean.
+    MentionEveryone,
+    /// When a message was sent (carried, never used for ordering).
+    SentAt,
 }
 
+/// How many roles there are (the length of a mapping's per-role arrays).
+pub const ROLES: usize = 10;
+
 impl Role {
-    pub const ALL: [Role; 7] = [
+    pub const ALL: [Role; ROLES] = [
         Role::Reader,
         Role::Conversation,
         Role::Position,
@@ -42,10 +52,26 @@ impl Role {
         Role::Device,
         Role::Sender,
         Role::ReadAt,
+        Role::Mentions,
+        Role::MentionEveryone,
+        Role::SentAt,
     ];
 
-    /// The roles a mapping must name.
-    pub const REQUIRED: [Role; 3] = [Role::Reader, Role::Conversation, Role::Position];
+    /// The roles of a read event (the first seven), and those a mapping must name.
+    pub const READ: &'static [Role] = Role::ALL.split_at(7).0;
+    pub const READ_REQUIRED: [Role; 3] = [Role::Reader, Role::Conversation, Role::Position];
+
+    /// The roles of a message event, and those a mapping must name.
+    pub const MESSAGE: &'static [Role] = &[
+        Role::Conversation,
+        Role::Position,
+        Role::MessageId,
+        Role::Sender,
+        Role::SentAt,
+        Role::Mentions,
+        Role::MentionEveryone,
+    ];
+    pub const MESSAGE_REQUIRED: [Role; 3] = [Role::Conversation, Role::Position, Role::Sender];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -56,6 +82,9 @@ impl Role {
             Role::Device => "device",
             Role::Sender => "sender",
             Role::ReadAt => "read_at",
+            Role::Mentions => "mentions",
+            Role::MentionEveryone => "mention_everyone",
+            Role::SentAt => "sent_at",
         }
     }
 
@@ -124,9 +153,9 @@ pub enum FieldDefault {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldMapping {
     /// Per role (indexed as [`Role::ALL`]): its path, split at dots.
-    pub paths: [Option<Vec<String>>; 7],
+    pub paths: [Option<Vec<String>>; ROLES],
     /// Per role: the value when the record lacks the field (or holds null).
-    pub defaults: [Option<FieldDefault>; 7],
+    pub defaults: [Option<FieldDefault>; ROLES],
     pub position: PositionKind,
     /// The unit of the time fields (a timestamp position, `read_at`).
     pub time_unit: TimeUnit,
@@ -137,7 +166,7 @@ pub struct FieldMapping {
 impl FieldMapping {
     /// A mapping of `role = "path"` pairs (paths split at dots).
     pub fn new(pairs: &[(Role, &str)]) -> Self {
-        let mut paths: [Option<Vec<String>>; 7] = none();
+        let mut paths: [Option<Vec<String>>; ROLES] = none();
         for (role, path) in pairs {
             paths[role.index()] = Some(path.split('.').map(str::to_owned).collect());
         }
@@ -152,8 +181,8 @@ impl FieldMapping {
 }
 
 /// One empty slot per role.
-fn none<T>() -> [Option<T>; 7] {
-    [None, None, None, None, None, None, None]
+fn none<T>() -> [Option<T>; ROLES] {
+    std::array::from_fn(|_| None)
 }
 
 /// Mapped paths as a tree: a record is walked once, descending only into mapped objects.
@@ -164,7 +193,7 @@ struct Trie {
 }
 
 impl Trie {
-    fn of(paths: &[Option<Vec<String>>; 7]) -> Self {
+    fn of(paths: &[Option<Vec<String>>; ROLES]) -> Self {
         let mut root = Trie {
             children: Vec::new(),
             role: None,
@@ -198,9 +227,9 @@ impl Trie {
     }
 }
 
-/// Decodes read events from JSON records through a [`FieldMapping`].
+/// Decodes read or message events from JSON records through a [`FieldMapping`].
 #[derive(Debug, Clone)]
-pub struct JsonEventDecoder {
+pub struct JsonDecoder {
     mapping: FieldMapping,
     trie: Trie,
     max_record_bytes: usize,
@@ -214,11 +243,13 @@ enum Scalar<'a> {
     Str(Cow<'a, str>),
     Bool(bool),
     Null,
+    /// An array of values (an array of arrays or objects is `Nested`).
+    List(Vec<Scalar<'a>>),
     /// An object or array where a value was expected.
     Nested,
 }
 
-impl JsonEventDecoder {
+impl JsonDecoder {
     pub fn new(mapping: FieldMapping, max_record_bytes: usize) -> Self {
         Self {
             trie: Trie::of(&mapping.paths),
@@ -231,8 +262,8 @@ impl JsonEventDecoder {
         self.max_record_bytes
     }
 
-    /// Decode and validate one record; ids borrow from `payload` where they can.
-    pub fn decode_ref<'a>(&self, payload: Option<&'a [u8]>) -> Result<EventRef<'a>, DecodeError> {
+    /// The mapped fields of one record (one pass; strings borrowed where they can be).
+    fn capture<'a>(&self, payload: Option<&'a [u8]>) -> Result<Captured<'a, '_>, DecodeError> {
         let payload = payload.ok_or(DecodeError::EmptyValue)?;
         if payload.len() > self.max_record_bytes {
             return Err(DecodeError::TooLarge {
@@ -244,7 +275,7 @@ impl JsonEventDecoder {
             true => super::split_wire(payload)?.1,
             false => payload,
         };
-        let mut found: [Option<Scalar<'a>>; 7] = none();
+        let mut found: [Option<Scalar<'a>>; ROLES] = none();
         let mut de = serde_json::Deserializer::from_slice(json);
         ObjectSeed {
             trie: &self.trie,
@@ -253,65 +284,124 @@ impl JsonEventDecoder {
         .deserialize(&mut de)
         .and_then(|()| de.end())
         .map_err(|e| DecodeError::MalformedJson(e.to_string()))?;
-        self.event(found).and_then(super::avro::validate)
+        Ok(Captured {
+            found,
+            mapping: &self.mapping,
+        })
     }
 
-    /// The event from the captured fields (defaults for the missing ones).
-    fn event<'a>(&self, mut found: [Option<Scalar<'a>>; 7]) -> Result<EventRef<'a>, DecodeError> {
-        let mut take = |role: Role| -> Option<Scalar<'a>> {
-            match found[role.index()].take() {
-                None | Some(Scalar::Null) => {
-                    self.mapping.defaults[role.index()]
-                        .as_ref()
-                        .map(|d| match d {
-                            FieldDefault::Int(i) => Scalar::Int(*i),
-                            FieldDefault::Str(s) => Scalar::Str(Cow::Owned(s.clone())),
-                        })
-                }
-                Some(v) => Some(v),
-            }
-        };
-        let required = |role: Role, v: Option<Scalar<'a>>| v.ok_or_else(|| self.missing(role));
-        let reader = id(Role::Reader, required(Role::Reader, take(Role::Reader))?)?;
-        let conversation = id(
-            Role::Conversation,
-            required(Role::Conversation, take(Role::Conversation))?,
-        )?;
-        let position = required(Role::Position, take(Role::Position))?;
+    /// Decode and validate one read event; ids borrow from `payload` where they can.
+    pub fn decode_ref<'a>(&self, payload: Option<&'a [u8]>) -> Result<EventRef<'a>, DecodeError> {
+        let mut c = self.capture(payload)?;
+        let reader = id(Role::Reader, c.required(Role::Reader)?)?;
+        let conversation = id(Role::Conversation, c.required(Role::Conversation)?)?;
+        let position = c.required(Role::Position)?;
+        let unit = self.mapping.time_unit;
         let message_seq = match self.mapping.position {
             PositionKind::Seq => id(Role::Position, position)?,
-            PositionKind::Timestamp => micros(Role::Position, position, self.mapping.time_unit)?,
+            PositionKind::Timestamp => micros(Role::Position, position, unit)?,
         };
-        let read_at_ms = match take(Role::ReadAt) {
-            Some(v) => micros(Role::ReadAt, v, self.mapping.time_unit)?.div_euclid(1000),
+        let read_at_ms = match c.take(Role::ReadAt) {
+            Some(v) => micros(Role::ReadAt, v, unit)?.div_euclid(1000),
             None if self.mapping.position == PositionKind::Timestamp => {
                 message_seq.div_euclid(1000)
             }
             None => 0,
         };
-        Ok(EventRef {
+        super::avro::validate(EventRef {
             reader_id: ReaderId(reader),
             conversation_id: ConversationId(conversation),
             message_seq,
-            message_id: take(Role::MessageId)
-                .map(|v| text(Role::MessageId, v))
-                .transpose()?,
-            sender_id: take(Role::Sender)
-                .map(|v| id(Role::Sender, v).map(SenderId))
-                .transpose()?,
-            device_id: take(Role::Device)
-                .map(|v| text(Role::Device, v))
-                .transpose()?,
+            message_id: c.text(Role::MessageId)?,
+            sender_id: c.id(Role::Sender)?.map(SenderId),
+            device_id: c.text(Role::Device)?,
             read_at_ms,
         })
     }
 
-    fn missing(&self, role: Role) -> DecodeError {
-        let path = self.mapping.paths[role.index()]
-            .as_ref()
-            .map(|p| p.join("."))
-            .unwrap_or_default();
-        DecodeError::Invalid(format!("no {} (field {path:?})", role.name()))
+    /// Decode and validate one message event (positions are seqs).
+    pub fn decode_message(&self, payload: Option<&[u8]>) -> Result<MessageEvent, DecodeError> {
+        let mut c = self.capture(payload)?;
+        let conversation = id(Role::Conversation, c.required(Role::Conversation)?)?;
+        let message_seq = id(Role::Position, c.required(Role::Position)?)?;
+        let sender = id(Role::Sender, c.required(Role::Sender)?)?;
+        let sent_at_ms = match c.take(Role::SentAt) {
+            Some(v) => micros(Role::SentAt, v, self.mapping.time_unit)?.div_euclid(1000),
+            None => 0,
+        };
+        let mentions = match c.take(Role::Mentions) {
+            None => Vec::new(),
+            Some(Scalar::List(items)) => items
+                .into_iter()
+                .map(|v| id(Role::Mentions, v).map(ReaderId))
+                .collect::<Result<_, _>>()?,
+            Some(other) => {
+                return Err(invalid(
+                    Role::Mentions,
+                    format_args!("expected an array of ids, got {other:?}"),
+                ))
+            }
+        };
+        let mention_everyone = match c.take(Role::MentionEveryone) {
+            None => false,
+            Some(Scalar::Bool(b)) => b,
+            Some(other) => {
+                return Err(invalid(
+                    Role::MentionEveryone,
+                    format_args!("expected true or false, got {other:?}"),
+                ))
+            }
+        };
+        validate_message(MessageEvent {
+            conversation_id: ConversationId(conversation),
+            message_seq,
+            message_id: c.text(Role::MessageId)?.map(Cow::into_owned),
+            sender_id: SenderId(sender),
+            sent_at_ms,
+            mentions,
+            mention_everyone,
+        })
+    }
+}
+
+/// The mapped fields of one record, with the mapping's defaults for the missing ones.
+struct Captured<'a, 'm> {
+    found: [Option<Scalar<'a>>; ROLES],
+    mapping: &'m FieldMapping,
+}
+
+impl<'a> Captured<'a, '_> {
+    /// The role's value: the record's, else the mapping's default (a null is missing).
+    fn take(&mut self, role: Role) -> Option<Scalar<'a>> {
+        match self.found[role.index()].take() {
+            None | Some(Scalar::Null) => {
+                self.mapping.defaults[role.index()]
+                    .as_ref()
+                    .map(|d| match d {
+                        FieldDefault::Int(i) => Scalar::Int(*i),
+                        FieldDefault::Str(s) => Scalar::Str(Cow::Owned(s.clone())),
+                    })
+            }
+            Some(v) => Some(v),
+        }
+    }
+
+    fn required(&mut self, role: Role) -> Result<Scalar<'a>, DecodeError> {
+        self.take(role).ok_or_else(|| {
+            let path = self.mapping.paths[role.index()]
+                .as_ref()
+                .map(|p| p.join("."))
+                .unwrap_or_default();
+            DecodeError::Invalid(format!("no {} (field {path:?})", role.name()))
+        })
+    }
+
+    fn id(&mut self, role: Role) -> Result<Option<i64>, DecodeError> {
+        self.take(role).map(|v| id(role, v)).transpose()
+    }
+
+    fn text(&mut self, role: Role) -> Result<Option<Cow<'a, str>>, DecodeError> {
+        self.take(role).map(|v| text(role, v)).transpose()
     }
 }
 
@@ -454,7 +544,7 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 /// Walks one JSON object, capturing the fields on mapped paths.
 struct ObjectSeed<'t, 'f, 'de> {
     trie: &'t Trie,
-    found: &'f mut [Option<Scalar<'de>>; 7],
+    found: &'f mut [Option<Scalar<'de>>; ROLES],
 }
 
 impl<'de> DeserializeSeed<'de> for ObjectSeed<'_, '_, 'de> {
@@ -553,8 +643,17 @@ impl<'de> Visitor<'de> for ScalarVisitor {
         Ok(Scalar::Nested)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar<'de>, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Scalar::Nested)
+        let mut items = Vec::new();
+        let mut nested = false;
+        while let Some(item) = seq.next_element::<Scalar<'de>>()? {
+            nested |= matches!(item, Scalar::List(_) | Scalar::Nested);
+            items.push(item);
+        }
+        Ok(if nested {
+            Scalar::Nested
+        } else {
+            Scalar::List(items)
+        })
     }
 }
 

@@ -78,24 +78,27 @@ pub enum SerdeError {
     Encode(String),
 }
 
-/// The read events' decoder of a source, by its format.
-pub enum ReadEventDecoder {
-    Avro(EventDecoder),
-    Json(Box<json::JsonEventDecoder>),
+/// A source's decoder by its format: Avro through the schema registry (`A`), or JSON
+/// through a field mapping.
+pub enum SourceDecoder<A> {
+    Avro(A),
+    Json(Box<json::JsonDecoder>),
 }
 
-impl ReadEventDecoder {
-    /// Decode and validate one record, borrowing ids from `payload` where it can.
-    pub fn decode_ref<'a>(
-        &self,
-        payload: Option<&'a [u8]>,
-    ) -> Result<crate::model::EventRef<'a>, DecodeError> {
-        match self {
-            Self::Avro(d) => d.decode_ref(payload),
-            Self::Json(d) => d.decode_ref(payload),
-        }
-    }
+/// The read events' decoder of a source.
+pub type ReadEventDecoder = SourceDecoder<EventDecoder>;
+/// The message events' decoder of a message source.
+pub type MessageEventDecoder = SourceDecoder<MessageDecoder>;
 
+/// What the schema gate asks of an Avro source decoder (writer schemas by id).
+pub trait AvroSource {
+    fn max_record_bytes(&self) -> usize;
+    fn needs_fetch(&self, id: u32) -> bool;
+    fn install(&mut self, id: u32, text: Option<&str>);
+    fn unknown_schema(&self, payload: Option<&[u8]>) -> Option<u32>;
+}
+
+impl<A: AvroSource> SourceDecoder<A> {
     pub fn max_record_bytes(&self) -> usize {
         match self {
             Self::Avro(d) => d.max_record_bytes(),
@@ -123,6 +126,53 @@ impl ReadEventDecoder {
         }
     }
 }
+
+impl ReadEventDecoder {
+    /// Decode and validate one record, borrowing ids from `payload` where it can.
+    pub fn decode_ref<'a>(
+        &self,
+        payload: Option<&'a [u8]>,
+    ) -> Result<crate::model::EventRef<'a>, DecodeError> {
+        match self {
+            Self::Avro(d) => d.decode_ref(payload),
+            Self::Json(d) => d.decode_ref(payload),
+        }
+    }
+}
+
+impl MessageEventDecoder {
+    /// Decode and validate one record.
+    pub fn decode(
+        &self,
+        payload: Option<&[u8]>,
+    ) -> Result<crate::model::MessageEvent, DecodeError> {
+        match self {
+            Self::Avro(d) => d.decode(payload),
+            Self::Json(d) => d.decode_message(payload),
+        }
+    }
+}
+
+macro_rules! avro_source {
+    ($t:ty) => {
+        impl AvroSource for $t {
+            fn max_record_bytes(&self) -> usize {
+                <$t>::max_record_bytes(self)
+            }
+            fn needs_fetch(&self, id: u32) -> bool {
+                <$t>::needs_fetch(self, id)
+            }
+            fn install(&mut self, id: u32, text: Option<&str>) {
+                <$t>::install(self, id, text)
+            }
+            fn unknown_schema(&self, payload: Option<&[u8]>) -> Option<u32> {
+                <$t>::unknown_schema(self, payload)
+            }
+        }
+    };
+}
+avro_source!(EventDecoder);
+avro_source!(MessageDecoder);
 
 /// Split a Confluent-framed payload into (schema id, datum).
 pub fn split_wire(payload: &[u8]) -> Result<(u32, &[u8]), DecodeError> {

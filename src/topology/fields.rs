@@ -28,20 +28,60 @@ pub(super) fn source_format(
             return SourceFormat::AvroConfluent;
         }
     };
-    if is_messages {
-        errs.push(
-            format!("{at}.format"),
-            "message events are read as Avro (message_event.avsc) in this version",
-        );
-        return SourceFormat::AvroConfluent;
-    }
+    let kind = match is_messages {
+        true => Kind::Messages,
+        false => Kind::Reads,
+    };
     let mut mapping = FieldMapping::new(&[]);
     mapping.wire_header = wire_header;
     mapping.position = position_kind(at, s, errs);
+    if is_messages && mapping.position != PositionKind::Seq {
+        errs.push(
+            format!("{at}.position"),
+            "message events are ordered by seq (the order read pointers point into)",
+        );
+    }
     mapping.time_unit = time_unit(at, s, errs);
-    paths(at, s, &mut mapping, errs);
-    defaults(at, s, &mut mapping, errs);
+    paths(at, s, kind, &mut mapping, errs);
+    defaults(at, s, kind, &mut mapping, errs);
     SourceFormat::Json(Box::new(mapping))
+}
+
+/// What a source's records are: which roles a mapping may and must name.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Reads,
+    Messages,
+}
+
+impl Kind {
+    fn roles(self) -> &'static [Role] {
+        match self {
+            Kind::Reads => Role::READ,
+            Kind::Messages => Role::MESSAGE,
+        }
+    }
+
+    fn required(self) -> &'static [Role] {
+        match self {
+            Kind::Reads => &Role::READ_REQUIRED,
+            Kind::Messages => &Role::MESSAGE_REQUIRED,
+        }
+    }
+
+    /// The role called `name`, when records of this kind have it.
+    fn role(self, name: &str) -> Result<Role, String> {
+        Role::parse(name)
+            .filter(|r| self.roles().contains(r))
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.roles().iter().map(|r| r.name()).collect();
+                let what = match self {
+                    Kind::Reads => "read events",
+                    Kind::Messages => "message events",
+                };
+                format!("unknown role of {what} (one of {})", names.join(", "))
+            })
+    }
 }
 
 fn refuse_json_fields(at: &str, s: &SourceSpec, why: &str, errs: &mut Errors) {
@@ -81,20 +121,16 @@ fn time_unit(at: &str, s: &SourceSpec, errs: &mut Errors) -> TimeUnit {
     }
 }
 
-fn role_names() -> String {
-    Role::ALL.map(Role::name).join(", ")
-}
-
 /// `[source.fields]`: a path per role, the required roles present.
-fn paths(at: &str, s: &SourceSpec, mapping: &mut FieldMapping, errs: &mut Errors) {
+fn paths(at: &str, s: &SourceSpec, kind: Kind, mapping: &mut FieldMapping, errs: &mut Errors) {
     let fields = s.fields.clone().unwrap_or_default();
     for (name, path) in &fields {
-        let Some(role) = Role::parse(name) else {
-            errs.push(
-                format!("{at}.fields.{name}"),
-                format!("unknown role (one of {})", role_names()),
-            );
-            continue;
+        let role = match kind.role(name) {
+            Ok(role) => role,
+            Err(e) => {
+                errs.push(format!("{at}.fields.{name}"), e);
+                continue;
+            }
         };
         let parts: Vec<String> = path.split('.').map(str::to_owned).collect();
         if parts.iter().any(String::is_empty) {
@@ -106,7 +142,7 @@ fn paths(at: &str, s: &SourceSpec, mapping: &mut FieldMapping, errs: &mut Errors
         }
         mapping.paths[role as usize] = Some(parts);
     }
-    for role in Role::REQUIRED {
+    for role in kind.required() {
         if !fields.contains_key(role.name()) {
             errs.push(
                 format!("{at}.fields.{}", role.name()),
@@ -117,14 +153,18 @@ fn paths(at: &str, s: &SourceSpec, mapping: &mut FieldMapping, errs: &mut Errors
 }
 
 /// `[source.defaults]`: a value per role, of the role's type.
-fn defaults(at: &str, s: &SourceSpec, mapping: &mut FieldMapping, errs: &mut Errors) {
+fn defaults(at: &str, s: &SourceSpec, kind: Kind, mapping: &mut FieldMapping, errs: &mut Errors) {
     for (name, value) in s.defaults.iter().flatten() {
-        let Some(role) = Role::parse(name) else {
-            errs.push(
-                format!("{at}.defaults.{name}"),
-                format!("unknown role (one of {})", role_names()),
-            );
-            continue;
+        let role = match kind.role(name) {
+            Ok(Role::Mentions | Role::MentionEveryone) => {
+                errs.push(format!("{at}.defaults.{name}"), "has no default");
+                continue;
+            }
+            Ok(role) => role,
+            Err(e) => {
+                errs.push(format!("{at}.defaults.{name}"), e);
+                continue;
+            }
         };
         let d = match (role, value) {
             (Role::MessageId | Role::Device, toml::Value::String(s)) => {
@@ -221,5 +261,56 @@ topic = "updates"
             4,
             "fields, defaults, position, time_unit: {errs:?}"
         );
+    }
+
+    /// A JSON message source names the roles of message events; read roles, a missing
+    /// sender or a timestamp position are refused.
+    #[test]
+    fn a_json_message_source_has_the_roles_of_messages() {
+        let messages = r#"
+[[source]]
+name = "messages"
+topic = "messages"
+records = "message-events"
+format = "json"
+fields = { conversation = "conv", position = "seq", sender = "from.id", mentions = "mentions", mention_everyone = "everyone" }
+"#;
+        let with_messages = JSON_SOURCE
+            .replace("position = \"timestamp\"\n", "")
+            .replace("keyed_by = \"sender_id\"\npartitioner = \"fnv1a\"\n", "")
+            .replace("[[store]]", &format!("{messages}[[store]]"))
+            .replace(
+                "inputs = [\"events\"]",
+                "inputs = [\"events\", \"messages\"]\nheads_store = \"heads\"",
+            )
+            .replace(
+                "[[processor]]",
+                "[[store]]\nname = \"heads\"\n[[processor]]",
+            );
+        let t = compile(&with_messages).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(t.messages.as_ref().unwrap().format.name(), "json");
+        let bad = with_messages
+            .replace("sender = \"from.id\", ", "device = \"d\", ")
+            .replace(
+                "format = \"json\"\nfields = { conv",
+                "format = \"json\"\nposition = \"timestamp\"\nfields = { conv",
+            );
+        let errs = compile(&bad).unwrap_err();
+        let mut got: Vec<(&str, &str)> = errs
+            .iter()
+            .map(|e| (e.at.as_str(), e.message.as_str()))
+            .collect();
+        got.sort();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0].0, "source[1].fields.device");
+        assert!(
+            got[0].1.contains("unknown role of message events"),
+            "{got:?}"
+        );
+        assert_eq!(
+            got[1],
+            ("source[1].fields.sender", "is required for a JSON source")
+        );
+        assert_eq!(got[2].0, "source[1].position");
     }
 }

@@ -232,6 +232,11 @@ struct DemoArgs {
     /// readstate_demo_unread) against the generator; embedded broker only.
     #[arg(long, conflicts_with_all = ["brokers", "exactly_once"])]
     unread: bool,
+    /// Produce the events as a Go service's JSON (topologies/json_read_receipts.toml's
+    /// shape: string ids of digits, keyed by sender with FNV-1a, read_at in seconds as the
+    /// position) and read them through that mapping.
+    #[arg(long, conflicts_with = "unread")]
+    json: bool,
     /// With --unread: conversations (each of 2 to --unread-max-members members, up to
     /// 300 messages).
     #[arg(long, default_value_t = 300)]
@@ -679,6 +684,7 @@ fn demo_command(args: DemoArgs) -> anyhow::Result<bool> {
         progress_every: Duration::from_secs(2),
         brokers: args.brokers,
         exactly_once: args.exactly_once,
+        json: args.json,
     })?;
     print!("{}", report.render());
     Ok(report.pass())

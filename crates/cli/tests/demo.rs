@@ -43,6 +43,7 @@ fn demo_passes_and_metrics_agree_with_what_was_processed() {
             progress_every: Duration::from_secs(5),
             brokers: None,
             exactly_once: false,
+            json: false,
         })
     });
     // During the run: the counters move.

@@ -38,11 +38,11 @@ fn sender_of(e: &ReadEvent) -> i64 {
 }
 
 fn topology(env: &Env) -> String {
-    let source = format!("topic = \"{}\"\nkeyed_by = \"sender_id\"", env.source);
+    let topic = format!("topic = \"{}\"", env.source);
     env.topology_text().replace(
-        &source,
+        &topic,
         &format!(
-            r#"{source}
+            r#"{topic}
 format = "json"
 partitioner = "fnv1a"
 position = "timestamp"
@@ -53,38 +53,82 @@ defaults = {{ device = "unknown" }}"#
     )
 }
 
-/// Produce the events as JSON keyed by sender, placed by FNV-1a (Sarama's hash
-/// partitioner); every `bad_every`-th record is followed by one that must be a dead letter.
-fn produce(env: &Env, events: &[ReadEvent], bad_every: usize) -> usize {
-    let p = kafka::producer_with(&env.brokers(), "fnv1a");
+/// Who produces the events, placing them with FNV-1a.
+#[derive(Clone, Copy)]
+enum Client {
+    /// librdkafka's `fnv1a` partitioner.
+    Librdkafka,
+    /// Sarama (Go), its default hash partitioner: `bench/sarama-producer`, built by
+    /// `scripts/test` (`READSTATE_SARAMA_PRODUCER`).
+    Sarama,
+}
+
+/// The records to produce, `(key, value)`: the events as JSON keyed by sender (or by
+/// conversation when the source is keyed by it), and after every `bad_every`-th one a
+/// record that must be a dead letter; the number of those.
+fn records(env: &Env, events: &[ReadEvent], bad_every: usize) -> (Vec<(String, String)>, usize) {
     let bad = [
         r#"{"reader_id": "user456", "conversation_id": "1", "read_at": 1}"#,
         r#"{"reader_id": 1, "conversation_id": 2"#,
         r#"{"reader_id": 1, "conversation_id": 2}"#,
     ];
+    let mut out = Vec::with_capacity(events.len() + events.len() / bad_every);
     let mut sent_bad = 0;
     for (i, e) in events.iter().enumerate() {
-        let key = sender_of(e).to_string();
-        let value = json_of(e);
-        kafka::send(
-            &p,
-            BaseRecord::to(&env.source)
-                .key(key.as_str())
-                .payload(value.as_bytes()),
-        );
+        let key = match env.keyed_by {
+            Some(_) => sender_of(e),
+            None => e.conversation_id.0,
+        };
+        out.push((key.to_string(), json_of(e)));
         if i % bad_every == bad_every - 1 {
-            let value = bad[sent_bad % bad.len()];
-            kafka::send(
-                &p,
-                BaseRecord::to(&env.source)
-                    .key("bad")
-                    .payload(value.as_bytes()),
-            );
+            out.push(("bad".into(), bad[sent_bad % bad.len()].into()));
             sent_bad += 1;
         }
     }
-    kafka::flush(&p);
-    sent_bad
+    (out, sent_bad)
+}
+
+/// Produce `events` with `client`; how many bad records went with them.
+fn produce(env: &Env, client: Client, events: &[ReadEvent], bad_every: usize) -> usize {
+    let (records, bad) = records(env, events, bad_every);
+    match client {
+        Client::Librdkafka => {
+            let p = kafka::producer_with(&env.brokers(), "fnv1a");
+            for (k, v) in &records {
+                kafka::send(
+                    &p,
+                    BaseRecord::to(&env.source)
+                        .key(k.as_str())
+                        .payload(v.as_bytes()),
+                );
+            }
+            kafka::flush(&p);
+        }
+        Client::Sarama => sarama_produce(env, &records),
+    }
+    bad
+}
+
+fn sarama_produce(env: &Env, records: &[(String, String)]) {
+    use std::io::Write;
+    let bin = std::env::var("READSTATE_SARAMA_PRODUCER").expect(
+        "READSTATE_SARAMA_PRODUCER is not set: run scripts/test, which builds bench/sarama-producer",
+    );
+    let mut child = std::process::Command::new(bin)
+        .args(["-brokers", &env.brokers(), "-topic", &env.source])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for (k, v) in records {
+        writeln!(stdin, "{k}\t{v}").unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "sarama-producer failed: {out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(said.trim(), format!("produced {} records", records.len()));
 }
 
 /// The oracle over the events as readstate must see them: positions in microseconds.
@@ -100,7 +144,7 @@ fn want(events: &[ReadEvent]) -> HashMap<readstate::model::StateKey, Expected> {
     oracle(&scaled)
 }
 
-fn two_instances_one_killed(env: Env) {
+fn two_instances_one_killed(env: Env, client: Client) {
     let events = zipf_workload(23, 12_000);
     let (first, second) = events.split_at(events.len() / 2);
     let want = want(&events);
@@ -109,37 +153,95 @@ fn two_instances_one_killed(env: Env) {
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut a = spawn_cli_in(&env, &file, dir_a.path(), &[]);
     let mut b = spawn_cli_in(&env, &file, dir_b.path(), &[]);
-    let mut bad = produce(&env, first, 500);
+    let mut bad = produce(&env, client, first, 500);
     env.read_until(&env.output, |_| (), |d: &[()]| d.len() >= 100);
     a.kill().unwrap();
     a.wait().unwrap();
-    bad += produce(&env, second, 500);
+    bad += produce(&env, client, second, 500);
     let updates = env.read_updates(&want);
     let dlq = format!("{}-dlq", env.app);
+    // Dead letters are at least once, like every output: the killed instance's uncommitted
+    // ones are written again by the other. One per bad source record, by its position.
+    let distinct = |d: &[(String, String)]| {
+        d.iter()
+            .map(|(at, _)| at)
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
     let letters = env.read_until(
         &dlq,
-        |m| header(m, "readstate.error.reason"),
-        |d: &[Option<String>]| d.len() >= bad,
+        |m| {
+            let at = ["readstate.source.partition", "readstate.source.offset"]
+                .map(|h| header(m, h).unwrap_or_default())
+                .join("@");
+            (at, header(m, "readstate.error.reason").unwrap_or_default())
+        },
+        |d: &[(String, String)]| distinct(d) >= bad,
     );
     terminate(&mut b);
     check_output_monotonic(&updates, &want);
     let stored = env.stored_states_in(dir_b.path());
     assert_eq!(stored.len(), want.len(), "B owns every task at the end");
     assert_states_match(&want, |k| stored.get(&k).cloned());
-    assert_eq!(letters.len(), bad, "one dead letter per bad record");
-    let mut reasons: Vec<&str> = letters.iter().map(|r| r.as_deref().unwrap()).collect();
+    assert_eq!(distinct(&letters), bad, "a dead letter for each bad record");
+    let mut reasons: Vec<&str> = letters.iter().map(|(_, r)| r.as_str()).collect();
     reasons.sort();
     reasons.dedup();
-    assert_eq!(reasons, ["invalid_event", "malformed"]);
+    assert_eq!(
+        reasons,
+        ["invalid_event", "malformed"],
+        "no misrouted record: readstate's fnv1a places keys as the producer did"
+    );
 }
 
 #[test]
 fn json_events_keyed_by_sender_with_one_of_two_instances_killed() {
-    two_instances_one_killed(Env::keyed_by(Some("sender_id")));
+    two_instances_one_killed(Env::keyed_by(Some("sender_id")), Client::Librdkafka);
 }
 
-/// The same on Apache Kafka (readstate creates its repartition, changelog and DLQ topics).
+/// The same on Apache Kafka (readstate creates its repartition, changelog and DLQ topics),
+/// the events produced by Sarama (Go) as the services this is for do.
 #[test]
-fn real_broker_json_events_keyed_by_sender_with_one_of_two_instances_killed() {
-    two_instances_one_killed(Env::on(Broker::real(), Some("sender_id")));
+fn real_broker_sarama_json_events_keyed_by_sender_with_one_of_two_instances_killed() {
+    two_instances_one_killed(Env::on(Broker::real(), Some("sender_id")), Client::Sarama);
+}
+
+/// Sarama's records keyed by conversation: every record is checked against readstate's
+/// FNV-1a (`partitioner = "fnv1a"`), so one placed differently by Sarama would be a
+/// `misrouted` dead letter and fail the test.
+#[test]
+fn real_broker_sarama_json_events_keyed_by_conversation_are_placed_as_declared() {
+    two_instances_one_killed(Env::on(Broker::real(), None), Client::Sarama);
+}
+
+/// `readstate demo --json`: a Zipf workload as a Go service's JSON, keyed by sender with
+/// FNV-1a, through the embedded broker, the repartition and the PostgreSQL sink: every row
+/// equals the generator's max per key (in microseconds), every poison pill is a dead letter.
+#[test]
+fn the_json_demo_passes() {
+    let admin = std::env::var("READSTATE_TEST_DATABASE_URL").expect(
+        "READSTATE_TEST_DATABASE_URL is not set: run scripts/test, which starts a private PostgreSQL",
+    );
+    let report = readstate_tools::demo::run_demo(readstate_tools::demo::DemoConfig {
+        spec: readstate_tools::loadgen::WorkloadSpec {
+            events: 40_000,
+            conversations: 3_000,
+            poison_rate: 0.001,
+            seed: 23,
+            ..Default::default()
+        },
+        partitions: 4,
+        database_url: admin,
+        database_name: format!("rs_demo_json_{}", kafka::suffix()),
+        metrics_addr: None,
+        batch_size: 500,
+        progress_every: std::time::Duration::from_secs(5),
+        brokers: None,
+        exactly_once: false,
+        json: true,
+    })
+    .expect("demo runs");
+    print!("{}", report.render());
+    assert!(report.poison > 0 && report.keys > 1_000, "{report:?}");
+    assert!(report.pass(), "demo FAILED: {:?}", report.mismatches);
 }

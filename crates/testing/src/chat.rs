@@ -118,3 +118,80 @@ pub fn produce_with(brokers: &str, t: &ChatTopics, events: &[ChatEvent], partiti
     kafka::flush(&p);
     kafka::flush(&pm);
 }
+
+/// [`topology_text`] with both sources in a service's own JSON shape (see
+/// [`produce_json`]), mapped by fields.
+pub fn json_topology_text(
+    app: &str,
+    state_dir: &std::path::Path,
+    t: &ChatTopics,
+    extra: &str,
+) -> String {
+    let reads = format!("topic = \"{}\"", t.reads);
+    let messages = format!("topic = \"{}\"", t.messages);
+    topology_text(app, state_dir, t, extra)
+        .replace(
+            &reads,
+            &format!(
+                "{reads}\nformat = \"json\"\nfields = {{ reader = \"user\", conversation = \"conv\", position = \"seq\", device = \"device\", read_at = \"at\" }}"
+            ),
+        )
+        .replace(
+            &messages,
+            &format!(
+                "{messages}\nformat = \"json\"\nfields = {{ conversation = \"conv\", position = \"seq\", message_id = \"id\", sender = \"from.id\", sent_at = \"sent_at\", mentions = \"mentions\", mention_everyone = \"everyone\" }}"
+            ),
+        )
+}
+
+/// A chat event in the JSON shape of [`json_topology_text`].
+pub fn chat_json(e: &ChatEvent) -> String {
+    match e {
+        ChatEvent::Read(r) => format!(
+            r#"{{"user":{},"conv":"{}","seq":{},"device":{},"at":{}}}"#,
+            r.reader_id.0,
+            r.conversation_id.0,
+            r.message_seq,
+            r.device_id
+                .as_deref()
+                .map_or("null".to_owned(), |d| format!("\"{d}\"")),
+            r.read_at_ms
+        ),
+        ChatEvent::Message(m) => {
+            let mentions: Vec<String> = m.mentions.iter().map(|u| u.0.to_string()).collect();
+            format!(
+                r#"{{"conv":"{}","seq":{},"id":{},"from":{{"id":{},"name":"u"}},"sent_at":{},"mentions":[{}],"everyone":{},"text":"hello, world"}}"#,
+                m.conversation_id.0,
+                m.message_seq,
+                m.message_id
+                    .as_deref()
+                    .map_or("null".to_owned(), |i| format!("\"{i}\"")),
+                m.sender_id.0,
+                m.sent_at_ms,
+                mentions.join(","),
+                m.mention_everyone
+            )
+        }
+    }
+}
+
+/// Produce chat events as JSON ([`chat_json`]), each keyed by its conversation to its own
+/// topic (murmur2).
+pub fn produce_json(brokers: &str, t: &ChatTopics, events: &[ChatEvent]) {
+    let p = kafka::producer(brokers);
+    for e in events {
+        let key = e.conversation().0.to_string();
+        let topic = match e {
+            ChatEvent::Read(_) => &t.reads,
+            ChatEvent::Message(_) => &t.messages,
+        };
+        let value = chat_json(e);
+        kafka::send(
+            &p,
+            BaseRecord::to(topic.as_str())
+                .key(key.as_str())
+                .payload(value.as_bytes()),
+        );
+    }
+    kafka::flush(&p);
+}

@@ -19,7 +19,7 @@ use rdkafka::ClientConfig;
 
 use crate::loadgen::{Generated, Generator, Oracle, WorkloadSpec};
 use readstate::kafka::KafkaSettings;
-use readstate::model::StateKey;
+use readstate::model::{ReadEvent, StateKey};
 use readstate::runtime::{run, RunConfig, RunSummary};
 use readstate::serde::avro::{AvroReadEvent, EventEncoder};
 use readstate::serde::registry::LOCAL_READ_EVENT_ID;
@@ -65,6 +65,9 @@ pub struct DemoConfig {
     pub brokers: Option<String>,
     /// Run under exactly_once_v2 instead of at_least_once.
     pub exactly_once: bool,
+    /// Produce the events as a Go service's JSON (`topologies/json_read_receipts.toml`'s
+    /// shape: keyed by sender, FNV-1a, `read_at` in seconds) instead of readstate's Avro.
+    pub json: bool,
 }
 
 /// The outcome, as printed.
@@ -307,6 +310,10 @@ pub fn run_demo(cfg: DemoConfig) -> Result<DemoReport, DemoError> {
             for t in [source, output, &format!("{app}-read-state-changelog")] {
                 mock.create_topic(t, cfg.partitions, 1)?;
             }
+            if cfg.json {
+                let repartition = format!("{app}-read-events-repartition");
+                mock.create_topic(&repartition, cfg.partitions, 1)?;
+            }
             mock.create_topic(&format!("{app}-dlq"), 1, 1)?;
             eprintln!(
                 "==> embedded Kafka-protocol broker (MockCluster) on {brokers}, {} partitions",
@@ -338,6 +345,7 @@ state_dir = "{}"
 [[source]]
 name = "read-events"
 topic = "{source}"
+{json}
 [[store]]
 name = "read-state"
 cache_max_entries = 2000000
@@ -359,7 +367,8 @@ batch_size = {}
 linger = "500ms"
 "#,
         state.path().display(),
-        cfg.batch_size
+        cfg.batch_size,
+        json = if cfg.json { JSON_SOURCE } else { "" },
     );
     let topology = compile(&text).map_err(|e| DemoError::Other(format!("{e:?}")))?;
     let kafka = KafkaSettings::new(brokers.clone());
@@ -418,7 +427,10 @@ linger = "500ms"
     // Produce, flow-controlled: at most `window` records ahead of the consumer.
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
-        .set("partitioner", "murmur2_random")
+        .set(
+            "partitioner",
+            if cfg.json { "fnv1a" } else { "murmur2_random" },
+        )
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "500000")
         .create()?;
@@ -442,21 +454,39 @@ linger = "500ms"
         );
     };
     eprintln!("==> producing {total} read events (Zipf conversations, 1:1 and groups, several devices, bursts, reordering, duplicates, poison pills)");
+    // Behind a repartition each event is consumed twice (source, repartition topic).
+    let behind = |produced: u64| {
+        let consumed = Progress::get(&progress.records_consumed);
+        match cfg.json {
+            true => (2 * produced).saturating_sub(consumed) / 2,
+            false => produced.saturating_sub(consumed),
+        }
+    };
     for g in Generator::new(cfg.spec.clone()) {
-        while produced - Progress::get(&progress.records_consumed) > window {
-            if instance.is_finished() {
-                break;
-            }
+        while behind(produced) > window && !instance.is_finished() {
             std::thread::sleep(Duration::from_millis(2));
         }
-        oracle.record(&g);
         let (key, payload): (String, &[u8]) = match &g {
+            Generated::Event(e) if cfg.json => {
+                // readstate keeps read_at as the position, in microseconds.
+                oracle.record(&Generated::Event(ReadEvent {
+                    message_seq: crate::loadgen::go_service_position(e.message_seq),
+                    ..e.clone()
+                }));
+                buf.clear();
+                buf.extend_from_slice(crate::loadgen::go_service_json(e).as_bytes());
+                (crate::loadgen::go_service_sender(e).to_string(), &buf)
+            }
             Generated::Event(e) => {
+                oracle.record(&g);
                 buf.clear();
                 encoder.encode_into(&AvroReadEvent::from(e), &mut buf)?;
                 (e.conversation_id.0.to_string(), &buf)
             }
-            Generated::Poison(b) => ("poison".to_owned(), b),
+            Generated::Poison(b) => {
+                oracle.record(&g);
+                ("poison".to_owned(), b)
+            }
         };
         readstate::kafka::send_waiting(
             &producer,
@@ -482,7 +512,8 @@ linger = "500ms"
     };
     wait_for(
         || Progress::get(&progress.records_consumed),
-        produced,
+        // Behind a repartition: the source records, and the events again.
+        produced + if cfg.json { oracle.events } else { 0 },
         || instance.is_finished(),
         deadline,
         Some(Duration::from_secs(30)),
@@ -569,6 +600,14 @@ linger = "500ms"
         demo_database_url: demo_url,
     })
 }
+
+/// The source fields of `--json`: `topologies/json_read_receipts.toml`'s mapping.
+const JSON_SOURCE: &str = r#"format = "json"
+keyed_by = "sender_id"
+partitioner = "fnv1a"
+position = "timestamp"
+time_unit = "s"
+fields = { reader = "reader_id", conversation = "conversation_id", position = "read_at", message_id = "msg_id", sender = "sender_id", device = "device_id" }"#;
 
 /// Poll `count` until it reaches `target` or `finished` says the worker ended, calling
 /// `report` between polls. Fails with the last count at `deadline`, or when the count has

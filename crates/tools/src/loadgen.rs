@@ -212,6 +212,35 @@ fn mix(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Seconds since the epoch of position 0 in [`go_service_json`]'s `read_at`.
+pub const GO_JSON_BASE_S: i64 = 1_700_000_000;
+
+/// `e` in the shape of a Go service's read receipts (the shape of
+/// `topologies/json_read_receipts.toml`): ids as strings of digits, a UUID-shaped message id
+/// (one per position), `read_at` in seconds (`GO_JSON_BASE_S` + the event's seq), a device,
+/// and a field readstate does not map.
+pub fn go_service_json(e: &ReadEvent) -> String {
+    format!(
+        r#"{{"msg_id":"550e8400-e29b-41d4-a716-{:012x}","sender_id":"{}","reader_id":"{}","conversation_id":"{}","read_at":{},"device_id":"{}","client":{{"os":"ios","version":"7.1.2"}}}}"#,
+        e.message_seq,
+        go_service_sender(e),
+        e.reader_id.0,
+        e.conversation_id.0,
+        GO_JSON_BASE_S + e.message_seq,
+        e.device_id.as_deref().unwrap_or("none"),
+    )
+}
+
+/// The `sender_id` [`go_service_json`] writes (the record key of such a topic).
+pub fn go_service_sender(e: &ReadEvent) -> i64 {
+    e.sender_id.map_or(0, |s| s.0)
+}
+
+/// The position readstate keeps for [`go_service_json`]'s `read_at` (microseconds).
+pub fn go_service_position(seq: i64) -> i64 {
+    (GO_JSON_BASE_S + seq) * 1_000_000
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

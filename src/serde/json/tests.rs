@@ -17,7 +17,7 @@ fn receipts() -> FieldMapping {
 }
 
 fn decode<'a>(m: &FieldMapping, json: &'a str) -> Result<EventRef<'a>, DecodeError> {
-    JsonEventDecoder::new(m.clone(), 65536).decode_ref(Some(json.as_bytes()))
+    JsonDecoder::new(m.clone(), 65536).decode_ref(Some(json.as_bytes()))
 }
 
 #[test]
@@ -106,7 +106,7 @@ fn bad_records_say_what_is_wrong() {
         assert_eq!(err.reason(), reason, "{json}: {err}");
         assert!(err.to_string().contains(says), "{json}: {err}");
     }
-    let d = JsonEventDecoder::new(m, 10);
+    let d = JsonDecoder::new(m, 10);
     assert_eq!(d.decode_ref(None).unwrap_err(), DecodeError::EmptyValue);
     assert_eq!(
         d.decode_ref(Some(&[b' '; 11])).unwrap_err().reason(),
@@ -135,7 +135,7 @@ fn time_units_and_json_schema_framing() {
     m.wire_header = true;
     let mut framed = vec![0, 0, 0, 0, 9];
     framed.extend_from_slice(br#"{"reader_id": 1, "conversation_id": 2, "read_at": 3}"#);
-    let d = JsonEventDecoder::new(m, 65536);
+    let d = JsonDecoder::new(m, 65536);
     assert_eq!(d.decode_ref(Some(&framed)).unwrap().message_seq, 3_000_000);
     assert_eq!(
         d.decode_ref(Some(b"{}")).unwrap_err().reason(),
@@ -175,5 +175,62 @@ fn rfc3339_agrees_with_humantime() {
         "2024-01-01T00:00:00Zjunk",
     ] {
         assert_eq!(parse_rfc3339(bad), None, "{bad}");
+    }
+}
+
+#[test]
+fn message_events_with_mentions() {
+    let mut m = FieldMapping::new(&[
+        (Role::Conversation, "channel.id"),
+        (Role::Position, "seq"),
+        (Role::Sender, "author"),
+        (Role::MessageId, "id"),
+        (Role::Mentions, "mentions"),
+        (Role::MentionEveryone, "everyone"),
+        (Role::SentAt, "sent_at"),
+    ]);
+    m.time_unit = TimeUnit::Seconds;
+    let d = JsonDecoder::new(m, 65536);
+    let json = br#"{"channel": {"id": "7"}, "seq": 12, "author": 3, "id": "m-12",
+        "mentions": [4, "5"], "everyone": true, "sent_at": 1.5, "body": "hi @4"}"#;
+    let msg = d.decode_message(Some(json)).unwrap();
+    assert_eq!(
+        msg,
+        MessageEvent {
+            conversation_id: ConversationId(7),
+            message_seq: 12,
+            message_id: Some("m-12".into()),
+            sender_id: SenderId(3),
+            sent_at_ms: 1500,
+            mentions: vec![ReaderId(4), ReaderId(5)],
+            mention_everyone: true,
+        }
+    );
+    let plain = d
+        .decode_message(Some(br#"{"channel": {"id": 7}, "seq": 1, "author": 3}"#))
+        .unwrap();
+    assert!(plain.mentions.is_empty() && !plain.mention_everyone);
+    for (json, says) in [
+        (&br#"{"channel": {"id": 7}, "seq": 1}"#[..], "no sender"),
+        (
+            br#"{"channel": {"id": 7}, "seq": 1, "author": 3, "mentions": 4}"#,
+            "expected an array",
+        ),
+        (
+            br#"{"channel": {"id": 7}, "seq": 1, "author": 3, "mentions": [[4]]}"#,
+            "expected an array",
+        ),
+        (
+            br#"{"channel": {"id": 7}, "seq": 1, "author": 3, "mentions": ["x"]}"#,
+            "mentions: \"x\"",
+        ),
+        (
+            br#"{"channel": {"id": 7}, "seq": 1, "author": 3, "everyone": 1}"#,
+            "expected true or false",
+        ),
+    ] {
+        let err = d.decode_message(Some(json)).unwrap_err();
+        assert_eq!(err.reason(), "invalid_event", "{err}");
+        assert!(err.to_string().contains(says), "{err}");
     }
 }

@@ -226,18 +226,7 @@ pub fn core(records: &[Vec<u8>], flush: CoreFlush) -> Result<Figure, BenchError>
 pub fn json_records(spec: &WorkloadSpec) -> Vec<Vec<u8>> {
     Generator::new(spec.clone())
         .filter_map(|g| match g {
-            Generated::Event(e) => Some(
-                format!(
-                    r#"{{"msg_id":"550e8400-e29b-41d4-a716-{:012x}","sender_id":"{}","reader_id":"{}","conversation_id":"{}","read_at":{},"device_id":"{}","client":{{"os":"ios","version":"7.1.2"}}}}"#,
-                    e.message_seq,
-                    e.sender_id.map_or(0, |s| s.0),
-                    e.reader_id.0,
-                    e.conversation_id.0,
-                    1_700_000_000 + e.message_seq,
-                    e.device_id.as_deref().unwrap_or("none"),
-                )
-                .into_bytes(),
-            ),
+            Generated::Event(e) => Some(crate::loadgen::go_service_json(&e).into_bytes()),
             Generated::Poison(_) => None,
         })
         .collect()
@@ -245,7 +234,7 @@ pub fn json_records(spec: &WorkloadSpec) -> Vec<Vec<u8>> {
 
 /// JSON decoding alone (the mapping of `topologies/json_read_receipts.toml`), one thread.
 pub fn json_decode(records: &[Vec<u8>]) -> Result<Figure, BenchError> {
-    use readstate::serde::json::JsonEventDecoder;
+    use readstate::serde::json::JsonDecoder;
     use readstate::topology::SourceFormat;
     let t = readstate::topology::compile(include_str!(
         "../../../../topologies/json_read_receipts.toml"
@@ -257,7 +246,7 @@ pub fn json_decode(records: &[Vec<u8>]) -> Result<Figure, BenchError> {
         ));
     };
     let mapping = (**mapping).clone();
-    let decoder = JsonEventDecoder::new(mapping, 65_536);
+    let decoder = JsonDecoder::new(mapping, 65_536);
     let started = Instant::now();
     let mut checksum = 0i64;
     for r in records {

@@ -1,12 +1,12 @@
 -- The queryable read state: one row per (conversation, reader), written only by the sink.
 -- {{table}} is the topology's postgres sink `table` (default read_receipts).
 CREATE TABLE {{table}} (
-    conversation_id bigint      NOT NULL,
-    reader_id       bigint      NOT NULL,
+    conversation_id {{conversation_id}}      NOT NULL,
+    reader_id       {{user_id}}      NOT NULL,
     -- The monotonic read pointer and the message it points at.
     last_read_seq   bigint      NOT NULL CHECK (last_read_seq >= 0),
-    message_id      text,
-    sender_id       bigint,
+    message_id      {{message_id}},
+    sender_id       {{user_id}},
     device_id       text,
     read_at         timestamptz,
     -- Number of advances of the pointer; every write is guarded by version < new version.

@@ -1,34 +1,83 @@
 //! Newtypes for the identifiers that cross module boundaries.
 //!
-//! Domain ids (`ConversationId`, `ReaderId`, ...) are 64-bit integers, the shape of
-//! snowflakes and database sequences. Names of Kafka and store objects are strings
-//! wrapped so they cannot be confused with each other.
+//! Domain ids (`ConversationId`, `ReaderId`, ...) wrap an [`Id`]: a 64-bit integer, a UUID
+//! or a string, as the topology declares ([`IdType`]). Names of Kafka and store objects
+//! are strings wrapped so they cannot be confused with each other.
 
 use std::fmt;
 
-macro_rules! int_id {
+mod id;
+
+pub use id::{Id, IdError, IdType, MAX_ID_BYTES};
+
+/// The id types a topology declares (`[ids]`): conversations, users (readers, senders,
+/// mentioned users) and message ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IdTypes {
+    pub conversation: IdType,
+    pub user: IdType,
+    pub message: IdType,
+}
+
+impl Default for IdTypes {
+    /// 64-bit conversation and user ids, text message ids: every earlier version's shape.
+    fn default() -> Self {
+        Self {
+            conversation: IdType::I64,
+            user: IdType::I64,
+            message: IdType::String,
+        }
+    }
+}
+
+macro_rules! domain_id {
     ($(#[$m:meta])* $name:ident) => {
         $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-        pub struct $name(pub i64);
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+        pub struct $name(pub Id);
+
+        impl $name {
+            /// The integer, for `i64` ids.
+            pub fn as_int(&self) -> Option<i64> {
+                self.0.as_int()
+            }
+        }
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 self.0.fmt(f)
             }
         }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), self.0)
+            }
+        }
+
+        impl From<i64> for $name {
+            fn from(v: i64) -> Self {
+                Self(Id::int(v))
+            }
+        }
+
+        impl From<Id> for $name {
+            fn from(v: Id) -> Self {
+                Self(v)
+            }
+        }
     };
 }
 
-int_id!(
+domain_id!(
     /// A conversation (channel, direct message, group).
     ConversationId
 );
-int_id!(
+domain_id!(
     /// A user who reads.
     ReaderId
 );
-int_id!(
+domain_id!(
     /// A user who sent a message.
     SenderId
 );

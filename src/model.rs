@@ -7,7 +7,7 @@
 
 use std::borrow::Cow;
 
-use crate::ids::{ConversationId, ReaderId, SenderId};
+use crate::ids::{ConversationId, Id, ReaderId, SenderId};
 
 /// "Reader R read conversation C up to message S, on device D."
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -26,19 +26,19 @@ pub struct ReadEvent {
 impl ReadEvent {
     pub fn key(&self) -> StateKey {
         StateKey {
-            conversation: self.conversation_id,
-            reader: self.reader_id,
+            conversation: self.conversation_id.clone(),
+            reader: self.reader_id.clone(),
         }
     }
 
     /// Borrow as the hot path's view.
     pub fn view(&self) -> EventRef<'_> {
         EventRef {
-            reader_id: self.reader_id,
-            conversation_id: self.conversation_id,
+            reader_id: self.reader_id.clone(),
+            conversation_id: self.conversation_id.clone(),
             message_seq: self.message_seq,
             message_id: self.message_id.as_deref().map(Cow::Borrowed),
-            sender_id: self.sender_id,
+            sender_id: self.sender_id.clone(),
             device_id: self.device_id.as_deref().map(Cow::Borrowed),
             read_at_ms: self.read_at_ms,
         }
@@ -62,8 +62,8 @@ pub struct EventRef<'a> {
 impl EventRef<'_> {
     pub fn key(&self) -> StateKey {
         StateKey {
-            conversation: self.conversation_id,
-            reader: self.reader_id,
+            conversation: self.conversation_id.clone(),
+            reader: self.reader_id.clone(),
         }
     }
 
@@ -95,7 +95,7 @@ impl From<ReadEvent> for EventRef<'static> {
 }
 
 /// The key of read state: one pointer per (conversation, reader).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StateKey {
     pub conversation: ConversationId,
     pub reader: ReaderId,
@@ -127,8 +127,8 @@ pub struct ReceiptUpdate {
 impl ReceiptUpdate {
     pub fn key(&self) -> StateKey {
         StateKey {
-            conversation: self.conversation_id,
-            reader: self.reader_id,
+            conversation: self.conversation_id.clone(),
+            reader: self.reader_id.clone(),
         }
     }
 }
@@ -180,10 +180,10 @@ pub struct HeadUpdate {
     pub window_floor_seq: i64,
     /// The window: seqs of the most recent messages, ascending, and their senders.
     pub recent_seqs: Vec<i64>,
-    pub recent_senders: Vec<i64>,
+    pub recent_senders: Vec<Id>,
     /// Mentions in the window, as parallel (seq, user) lists.
     pub mention_seqs: Vec<i64>,
-    pub mention_user_ids: Vec<i64>,
+    pub mention_user_ids: Vec<Id>,
     /// Seqs in the window that mention everyone.
     pub everyone_seqs: Vec<i64>,
     pub emitted_at_ms: i64,

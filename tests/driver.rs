@@ -10,7 +10,7 @@ use readstate_testing::{DriverStores, TopologyTestDriver};
 /// Pipe events into partitions by conversation, with consecutive offsets per partition.
 fn pipe_all(d: &mut TopologyTestDriver, events: &[ReadEvent], parts: i32, next: &mut [i64]) {
     for e in events {
-        let p = partition_of(e.conversation_id, parts);
+        let p = partition_of(&e.conversation_id, parts);
         let off = next[p as usize];
         next[p as usize] += 1;
         d.pipe_event(p, off, e);
@@ -41,7 +41,7 @@ fn reordered_events_keep_the_max_and_emit_once_per_flush() {
     d.pipe_event(0, 7, &event(1, 2, 4, "phone"));
     d.advance_wall_clock(Duration::from_secs(1));
     assert!(d.read_output().is_empty());
-    assert_eq!(d.state(key(1, 2)).unwrap().stale_total, 6);
+    assert_eq!(d.state(&key(1, 2)).unwrap().stale_total, 6);
 }
 
 #[test]
@@ -75,7 +75,7 @@ fn multi_device_pointer_is_per_user_and_carries_the_device_of_the_max() {
     d.flush();
     let out = d.read_output();
     assert_eq!(out.len(), 1);
-    assert_eq!(out[0].reader_id.0, 3);
+    assert_eq!(out[0].reader_id.as_int(), Some(3));
 }
 
 #[test]
@@ -154,7 +154,7 @@ fn replay_after_crash_keeps_counts_exact() {
     // Assign offsets per partition once, as Kafka would.
     let mut by_part: Vec<Vec<(i64, ReadEvent)>> = vec![Vec::new(); parts as usize];
     for e in &events {
-        let p = partition_of(e.conversation_id, parts) as usize;
+        let p = partition_of(&e.conversation_id, parts) as usize;
         let off = by_part[p].len() as i64;
         by_part[p].push((off, e.clone()));
     }
@@ -232,16 +232,19 @@ fn rocksdb_store_reopened_from_disk() {
         ordered.extend(
             events
                 .iter()
-                .filter(|e| partition_of(e.conversation_id, parts) == p)
+                .filter(|e| partition_of(&e.conversation_id, parts) == p)
                 .cloned(),
         );
     }
     assert_matches_oracle(&d, &ordered);
     // All readers of one conversation are one prefix scan.
-    let conv = events[0].conversation_id;
-    let p = partition_of(conv, parts);
-    let prefix =
-        readstate::state::StoreKey::conversation_prefix(readstate::state::codec::TAG_STATE, conv);
+    let conv = events[0].conversation_id.clone();
+    let p = partition_of(&conv, parts);
+    let prefix = readstate::state::StoreKey::conversation_prefix(
+        readstate::state::codec::TAG_STATE,
+        &conv,
+        readstate::ids::IdType::I64,
+    );
     let rows = d.store(p).unwrap().scan_prefix(&prefix).unwrap();
     let expected = oracle(&ordered)
         .keys()
@@ -312,7 +315,7 @@ proptest! {
         for (k, x) in want {
             prop_assert_eq!(last[&k].last_read_seq, x.max_seq);
             prop_assert_eq!(last[&k].version, x.advances);
-            let st = d.state(k).unwrap();
+            let st = d.state(&k).unwrap();
             prop_assert_eq!(st.last_read_seq, x.max_seq);
             prop_assert_eq!(st.events_total, x.events);
             prop_assert_eq!(st.stale_total, x.events - x.advances);
@@ -354,7 +357,7 @@ fn misrouted_reads_are_dead_letters_and_fold_nothing() {
     d.flush();
     assert_matches_oracle(&d, &right);
     for c in 0..40 {
-        assert!(d.state(key(c, 2)).is_none(), "conversation {c} misrouted");
+        assert!(d.state(&key(c, 2)).is_none(), "conversation {c} misrouted");
     }
     let dead: Vec<(i32, i64, &str)> = d
         .dead_letters()

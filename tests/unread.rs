@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use readstate::ids::{ConversationId, ReaderId, SenderId};
+use readstate::ids::{ConversationId, Id, ReaderId, SenderId};
 use readstate::model::{MessageEvent, StateKey};
 use readstate::topology::{compile, Topology};
 use readstate_testing::{DriverStores, TopologyTestDriver};
@@ -55,8 +55,9 @@ topic = "heads"
     .expect("unread topology compiles")
 }
 
-fn partition(c: ConversationId) -> i32 {
-    c.0.rem_euclid(i64::from(PARTS)) as i32
+fn partition(c: &ConversationId) -> i32 {
+    let c = c.as_int().expect("integer test ids");
+    c.rem_euclid(i64::from(PARTS)) as i32
 }
 
 /// The records of one topic-partition in offset order, and the next offset to pipe.
@@ -141,17 +142,17 @@ fn assert_counts(d: &TopologyTestDriver, w: &ChatWorkload, cap: usize) -> (usize
     for (conv, members) in &w.members {
         for r in members {
             let key = StateKey {
-                conversation: *conv,
-                reader: *r,
+                conversation: conv.clone(),
+                reader: r.clone(),
             };
             let got = d
-                .unread_counts(partition(*conv), key)
+                .unread_counts(partition(conv), &key)
                 .expect("the task exists and has a message source");
-            let want = w.expected(*conv, *r);
+            let want = w.expected(conv, r);
             if got.capped {
                 capped += 1;
                 assert!(
-                    w.behind(*conv, *r) > cap,
+                    w.behind(conv, r) > cap,
                     "{key:?}: capped only beyond the window"
                 );
                 assert!(got.unread <= want.unread && got.mentions <= want.mentions);
@@ -247,7 +248,7 @@ fn counts_match_the_oracle_through_crashes_replays_and_restarts() {
         assert!(seen.duplicates > 0, "duplicates were delivered: {seen:?}");
         // Each conversation's head counts every distinct message once.
         for (conv, msgs) in &w.messages {
-            let h = d.head(partition(*conv), *conv).expect("head stored");
+            let h = d.head(partition(conv), conv).expect("head stored");
             assert_eq!(h.message_count, msgs.len() as i64, "conversation {conv}");
             assert_eq!(
                 h.head_seq,
@@ -271,16 +272,16 @@ fn a_small_window_is_exact_within_it_and_flags_what_is_beyond() {
 #[test]
 fn head_updates_follow_the_messages_and_receipts_carry_counts_as_of_the_update() {
     let mut d = TopologyTestDriver::new(unread_topology(1000, "0s"));
-    let conv = ConversationId(9);
+    let conv = ConversationId::from(9);
     let msg = |seq, sender: i64, mentions: Vec<i64>| MessageEvent {
-        conversation_id: conv,
+        conversation_id: conv.clone(),
         message_seq: seq,
-        sender_id: SenderId(sender),
-        mentions: mentions.into_iter().map(ReaderId).collect(),
+        sender_id: SenderId::from(sender),
+        mentions: mentions.into_iter().map(ReaderId::from).collect(),
         ..Default::default()
     };
     // A read arrives before the messages it covers.
-    d.pipe_event(0, 0, &common_read(conv, 7, 20));
+    d.pipe_event(0, 0, &common_read(conv.clone(), 7, 20));
     for (i, m) in [
         msg(10, 1, vec![7]),
         msg(20, 7, vec![]),
@@ -302,10 +303,10 @@ fn head_updates_follow_the_messages_and_receipts_carry_counts_as_of_the_update()
     let h = &heads[0];
     assert_eq!((h.head_seq, h.message_count, h.version), (40, 4, 4));
     assert_eq!(h.recent_seqs, vec![10, 20, 30, 40]);
-    assert_eq!(h.recent_senders, vec![1, 7, 1, 2]);
+    assert_eq!(h.recent_senders, [1, 7, 1, 2].map(Id::int));
     assert_eq!(
         (h.mention_seqs.clone(), h.mention_user_ids.clone()),
-        (vec![10, 30, 30], vec![7, 7, 8])
+        (vec![10, 30, 30], [7, 7, 8].map(Id::int).to_vec())
     );
     // A duplicate message changes nothing that is emitted.
     d.pipe_message(0, 4, &msg(30, 1, vec![7, 8]));
@@ -315,7 +316,7 @@ fn head_updates_follow_the_messages_and_receipts_carry_counts_as_of_the_update()
         "a duplicate emits no head update"
     );
     // Reading further: the mention falls away.
-    d.pipe_event(0, 1, &common_read(conv, 7, 30));
+    d.pipe_event(0, 1, &common_read(conv.clone(), 7, 30));
     d.advance_wall_clock(Duration::from_secs(1));
     let c = d.read_output()[0].counts.unwrap();
     assert_eq!((c.unread, c.mentions), (1, 0));
@@ -326,13 +327,16 @@ fn head_updates_follow_the_messages_and_receipts_carry_counts_as_of_the_update()
 #[test]
 fn a_message_costs_one_write_whatever_the_conversation_size() {
     let mut d = TopologyTestDriver::new(unread_topology(1000, "0s"));
-    let conv = ConversationId(5);
+    let conv = ConversationId::from(5);
     for i in 0..100i64 {
         let m = MessageEvent {
-            conversation_id: conv,
+            conversation_id: conv.clone(),
             message_seq: i + 1,
-            sender_id: SenderId(i % 1000),
-            mentions: vec![ReaderId((i * 7) % 1000), ReaderId((i * 13) % 1000)],
+            sender_id: SenderId::from(i % 1000),
+            mentions: vec![
+                ReaderId::from((i * 7) % 1000),
+                ReaderId::from((i * 13) % 1000),
+            ],
             ..Default::default()
         };
         d.pipe_message(0, i, &m);
@@ -363,9 +367,9 @@ fn a_message_costs_one_write_whatever_the_conversation_size() {
     let c = d
         .unread_counts(
             0,
-            StateKey {
+            &StateKey {
                 conversation: conv,
-                reader: ReaderId(999),
+                reader: ReaderId::from(999),
             },
         )
         .unwrap();
@@ -375,7 +379,7 @@ fn a_message_costs_one_write_whatever_the_conversation_size() {
 
 fn common_read(conv: ConversationId, reader: i64, seq: i64) -> readstate::model::ReadEvent {
     readstate::model::ReadEvent {
-        reader_id: ReaderId(reader),
+        reader_id: ReaderId::from(reader),
         conversation_id: conv,
         message_seq: seq,
         device_id: Some("phone".into()),

@@ -3,7 +3,7 @@
 -- {{table}} is the heads sink's table (default conversation_heads); {{receipts_table}} the
 -- receipts sink's (default read_receipts).
 CREATE TABLE {{table}} (
-    conversation_id  bigint      PRIMARY KEY,
+    conversation_id  {{conversation_id}}      PRIMARY KEY,
     head_seq         bigint      NOT NULL,
     message_count    bigint      NOT NULL,
     -- Number of changes of the head; every write is guarded by version < new version.
@@ -12,10 +12,10 @@ CREATE TABLE {{table}} (
     window_floor_seq bigint      NOT NULL,
     -- The window: seqs of the most recent messages (ascending) and their senders.
     recent_seqs      bigint[]    NOT NULL,
-    recent_senders   bigint[]    NOT NULL,
+    recent_senders   {{user_id}}[]    NOT NULL,
     -- Mentions in the window as (seq, user) pairs, and the seqs mentioning everyone.
     mention_seqs     bigint[]    NOT NULL,
-    mention_user_ids bigint[]    NOT NULL,
+    mention_user_ids {{user_id}}[]    NOT NULL,
     everyone_seqs    bigint[]    NOT NULL,
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
@@ -24,7 +24,7 @@ CREATE TABLE {{table}} (
 -- read): messages after the pointer not sent by the reader, and those of them mentioning
 -- the reader or everyone. counts_capped: the pointer is behind the window, the counts are a
 -- lower bound (show "999+").
-CREATE FUNCTION {{table}}_counts(conv bigint, reader bigint, pointer bigint)
+CREATE FUNCTION {{table}}_counts(conv {{conversation_id}}, reader {{user_id}}, pointer bigint)
 RETURNS TABLE (unread_count bigint, mention_count bigint, counts_capped boolean)
 LANGUAGE sql STABLE AS $$
     SELECT

@@ -11,6 +11,7 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct TopologySpec {
     pub application: Option<ApplicationSpec>,
+    pub ids: Option<IdsSpec>,
     #[serde(default)]
     pub source: Vec<SourceSpec>,
     #[serde(default)]
@@ -19,6 +20,17 @@ pub struct TopologySpec {
     pub processor: Vec<ProcessorSpec>,
     #[serde(default)]
     pub sink: Vec<SinkSpec>,
+}
+
+/// `[ids]`: the type of each kind of id, "i64", "string" or "uuid".
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct IdsSpec {
+    /// Conversation ids (default i64).
+    pub conversation: Option<String>,
+    /// User ids: readers, senders, mentioned users (default i64).
+    pub user: Option<String>,
+    /// Message ids (default string; "uuid" checks them and writes them canonically).
+    pub message: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -207,6 +219,15 @@ const SECTIONS: &[Section] = &[
             ("dead_letter_max_ratio", Type::Float),
             ("dead_letter_window", Type::Str),
             ("dead_letter_min_records", Type::Int),
+        ],
+    ),
+    (
+        "ids",
+        false,
+        &[
+            ("conversation", Type::Str),
+            ("user", Type::Str),
+            ("message", Type::Str),
         ],
     ),
     (

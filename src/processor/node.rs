@@ -25,8 +25,8 @@ use crate::kafka::partitioner::Partitioner;
 use crate::serde::json::JsonDecoder;
 use crate::serde::registry::SchemaResolver;
 use crate::serde::{
-    DecodeError, EventDecoder, HeadEncoder, MessageDecoder, MessageEventDecoder, ReadEventDecoder,
-    SerdeError, UpdateEncoder, CONVERSATION_HEAD_SCHEMA, RECEIPT_UPDATE_SCHEMA,
+    conversation_head_schema, receipt_update_schema, DecodeError, EventDecoder, HeadEncoder,
+    MessageDecoder, MessageEventDecoder, ReadEventDecoder, SerdeError, UpdateEncoder,
 };
 use crate::state::restore::StoreRestorer;
 use crate::state::{KeyValueStore, StoreBatch, StoreError};
@@ -78,15 +78,15 @@ impl ReadStateSerdes {
         let updates = register_with_retry(
             &*resolver,
             &format!("{}-value", t.output.topic),
-            RECEIPT_UPDATE_SCHEMA,
+            &receipt_update_schema(&t.ids),
             shutdown,
         )
         .await?;
         let heads = match &t.heads_output {
             Some(h) => {
                 let subject = format!("{}-value", h.topic);
-                let schema = CONVERSATION_HEAD_SCHEMA;
-                Some(register_with_retry(&*resolver, &subject, schema, shutdown).await?)
+                let schema = conversation_head_schema(&t.ids);
+                Some(register_with_retry(&*resolver, &subject, &schema, shutdown).await?)
             }
             None => None,
         };
@@ -201,7 +201,7 @@ impl SourceSerdes for ReadStateSerdes {
         );
         let reads = self.reads.read().expect("decoder lock");
         let e = reads.decode_ref(value)?;
-        key.extend_from_slice(itoa::Buffer::new().format(e.conversation_id.0).as_bytes());
+        e.conversation_id.0.write_key(key);
         Ok(())
     }
 
@@ -389,10 +389,17 @@ struct Routing {
 
 impl Routing {
     /// Why `r`, a record of `input` about conversation `c`, is not where it belongs.
-    fn misplaced(&self, input: InputId, c: ConversationId, r: &SourceRecord<'_>) -> Option<String> {
+    fn misplaced(
+        &self,
+        input: InputId,
+        c: &ConversationId,
+        r: &SourceRecord<'_>,
+        key: &mut Vec<u8>,
+    ) -> Option<String> {
         let partitioner = self.by_input.get(input.0).copied().unwrap_or_default();
-        let mut key = itoa::Buffer::new();
-        let expected = partitioner.partition(key.format(c.0).as_bytes(), self.partitions);
+        key.clear();
+        c.0.write_key(key);
+        let expected = partitioner.partition(key, self.partitions);
         (expected != r.partition).then(|| {
             format!(
                 "conversation {c} belongs on partition {expected} of {} ({} over the conversation id, {} partitions), found on partition {}: its producer used another partitioner or key",
@@ -408,8 +415,14 @@ impl ReadStateNode {
         &self.inner
     }
 
-    fn misplaced(&self, input: InputId, c: ConversationId, r: &SourceRecord<'_>) -> Option<String> {
-        self.routing.as_ref()?.misplaced(input, c, r)
+    fn misplaced(
+        &self,
+        input: InputId,
+        c: &ConversationId,
+        r: &SourceRecord<'_>,
+        key: &mut Vec<u8>,
+    ) -> Option<String> {
+        self.routing.as_ref()?.misplaced(input, c, r, key)
     }
 
     fn process_messages(
@@ -426,9 +439,10 @@ impl ReadStateNode {
         let decoder = decoder.read().expect("decoder lock");
         let mut messages = Vec::with_capacity(records.len());
         let max = decoder.max_record_bytes();
+        let mut key = Vec::new();
         for r in records {
             match decoder.decode(r.value) {
-                Ok(m) => match self.misplaced(input, m.conversation_id, r) {
+                Ok(m) => match self.misplaced(input, &m.conversation_id, r, &mut key) {
                     None => messages.push((m, r.origin)),
                     Some(why) => dead_letters.push(misrouted(r, why, max)),
                 },
@@ -449,9 +463,10 @@ impl ReadStateNode {
         // One allocation per batch; the events borrow their ids from the records.
         let mut events = Vec::with_capacity(records.len());
         let max = decoder.max_record_bytes();
+        let mut key = Vec::new();
         for r in records {
             match decoder.decode_ref(r.value) {
-                Ok(e) => match self.misplaced(input, e.conversation_id, r) {
+                Ok(e) => match self.misplaced(input, &e.conversation_id, r, &mut key) {
                     None => events.push((e, r.origin)),
                     Some(why) => dead_letters.push(misrouted(r, why, max)),
                 },
@@ -465,17 +480,17 @@ impl ReadStateNode {
     /// Encode a typed flush's updates for the node's sinks, keyed by conversation.
     fn encode(&self, typed: &ReadStateFlush, outputs: &mut Outputs) {
         debug_assert!(outputs.is_empty());
-        let key = |c: i64| {
-            move |k: &mut Vec<u8>| k.extend_from_slice(itoa::Buffer::new().format(c).as_bytes())
-        };
+        fn key(c: &ConversationId) -> impl Fn(&mut Vec<u8>) + '_ {
+            move |k| c.0.write_key(k)
+        }
         for u in &typed.updates {
-            outputs.push(self.wiring.receipts, key(u.conversation_id.0), |v| {
+            outputs.push(self.wiring.receipts, key(&u.conversation_id), |v| {
                 self.serdes.updates.encode_update_into(u, v)
             });
         }
         if let (Some(sink), Some(encoder)) = (self.wiring.heads, &self.serdes.heads) {
             for h in &typed.heads {
-                outputs.push(sink, key(h.conversation_id.0), |v| {
+                outputs.push(sink, key(&h.conversation_id), |v| {
                     encoder.encode_head_into(h, v)
                 });
             }

@@ -23,17 +23,17 @@ impl<K> Default for DueQueue<K> {
     }
 }
 
-impl<K: Ord + Hash + Copy> DueQueue<K> {
+impl<K: Ord + Hash + Clone> DueQueue<K> {
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Schedule `key` at `due` (moving it if scheduled already); true if it was not.
     pub fn insert(&mut self, key: K, due: i64) -> bool {
-        match self.due_of.insert(key, due) {
+        match self.due_of.insert(key.clone(), due) {
             Some(old) => {
-                self.by_due.remove(&(old, key));
-                self.by_due.insert((due, key));
+                let old = self.by_due.take(&(old, key)).expect("scheduled");
+                self.by_due.insert((due, old.1));
                 false
             }
             None => {
@@ -46,7 +46,7 @@ impl<K: Ord + Hash + Copy> DueQueue<K> {
     /// Unschedule `key`; true if it was scheduled.
     pub fn remove(&mut self, key: &K) -> bool {
         match self.due_of.remove(key) {
-            Some(due) => self.by_due.remove(&(due, *key)),
+            Some(due) => self.by_due.remove(&(due, key.clone())),
             None => false,
         }
     }
@@ -56,7 +56,7 @@ impl<K: Ord + Hash + Copy> DueQueue<K> {
         self.by_due
             .iter()
             .take_while(|(d, _)| *d <= now)
-            .map(|(_, k)| *k)
+            .map(|(_, k)| k.clone())
             .collect()
     }
 

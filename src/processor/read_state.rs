@@ -146,14 +146,12 @@ impl ReadStateProcessor {
 
     fn reload_pending(&mut self) -> Result<(), ProcessorError> {
         self.pending.clear();
-        let keys: Vec<StateKey> = self
-            .store
-            .scan_prefix(&[TAG_PENDING])?
+        let keys: Vec<StateKey> = StoreKey::scan_tag(&*self.store, TAG_PENDING)?
             .into_iter()
             .filter_map(|(k, _)| StoreKey::decode(&k).map(|(_, key)| key))
             .collect();
         self.cache
-            .ensure_loaded(keys.iter().copied(), &*self.store)?;
+            .ensure_loaded(keys.iter().cloned(), &*self.store)?;
         for k in keys {
             if let Some(state) = self.cache.get(&k) {
                 if state.has_unemitted_advance() {
@@ -162,7 +160,7 @@ impl ReadStateProcessor {
             }
         }
         if let Some(heads) = &mut self.heads {
-            heads.ensure_loaded(self.pending.keys().map(|k| k.conversation))?;
+            heads.ensure_loaded(self.pending.keys().map(|k| k.conversation.clone()))?;
         }
         Ok(())
     }
@@ -175,7 +173,7 @@ impl ReadStateProcessor {
         self.fold_events(events)?;
         if let Some(heads) = &mut self.heads {
             // The heads the flush derives these readers' counts from.
-            heads.ensure_loaded(events.iter().map(|(e, _)| e.conversation_id))?;
+            heads.ensure_loaded(events.iter().map(|(e, _)| e.conversation_id.clone()))?;
         }
         Ok(())
     }
@@ -217,8 +215,8 @@ impl ReadStateProcessor {
         // In store-key order (StateKey's order is the encoded key's): the store batch is
         // then already sorted, which keeps its memtable inserts sequential.
         dirty.sort_unstable();
-        for key in &dirty {
-            self.flush_key(*key, now_ms, &mut out);
+        for key in dirty {
+            self.flush_key(key, now_ms, &mut out);
         }
         self.emit_due(now_ms, &mut out);
         self.stats.updates_emitted += out.updates.len() as u64;
@@ -245,10 +243,10 @@ impl ReadStateProcessor {
         if state.has_unemitted_advance() {
             let due = self.policy.due_at(state);
             if due <= now_ms {
-                let mut update = state.to_update(key, now_ms);
+                let mut update = state.to_update(key.clone(), now_ms);
                 if let Some(heads) = &self.heads {
                     update.counts =
-                        Some(heads.counts(key.conversation, key.reader, state.last_read_seq));
+                        Some(heads.counts(&key.conversation, &key.reader, state.last_read_seq));
                 }
                 out.updates.push(update);
                 state.emitted_version = state.version;
@@ -256,10 +254,10 @@ impl ReadStateProcessor {
                 state.events_since_emit = 0;
                 state.stale_since_emit = 0;
                 if self.pending.remove(&key) {
-                    store.batch.delete(StoreKey::pending(key).as_bytes());
+                    store.batch.delete(StoreKey::pending(&key).as_bytes());
                 }
-            } else if self.pending.insert(key, due) {
-                store.batch.put(StoreKey::pending(key).as_bytes(), b"");
+            } else if self.pending.insert(key.clone(), due) {
+                store.batch.put(StoreKey::pending(&key).as_bytes(), b"");
             }
         }
         let k = ReadStates::encode_key(&key);
@@ -281,7 +279,7 @@ impl ReadStateProcessor {
         let pending = &self.pending;
         self.cache.end_flush(|k| pending.contains(k));
         if let Some(heads) = &mut self.heads {
-            heads.end_flush(self.pending.keys().map(|k| k.conversation));
+            heads.end_flush(self.pending.keys().map(|k| k.conversation.clone()));
         }
         Ok(())
     }
@@ -297,26 +295,26 @@ impl ReadStateProcessor {
     }
 
     /// The state of a key: cached (possibly not yet flushed) or stored.
-    pub fn state(&self, key: StateKey) -> Result<Option<ReadState>, StoreError> {
-        if let Some(s) = self.cache.get(&key) {
+    pub fn state(&self, key: &StateKey) -> Result<Option<ReadState>, StoreError> {
+        if let Some(s) = self.cache.get(key) {
             return Ok(Some(s.clone()));
         }
-        codec::get::<ReadStates>(&*self.store, &key)
+        codec::get::<ReadStates>(&*self.store, key)
     }
 
     /// A reader's unread and mention counts now (message source only): from the cached or
     /// stored head and pointer.
-    pub fn unread_counts(&self, key: StateKey) -> Result<Option<UnreadCounts>, StoreError> {
+    pub fn unread_counts(&self, key: &StateKey) -> Result<Option<UnreadCounts>, StoreError> {
         let Some(heads) = &self.heads else {
             return Ok(None);
         };
         let pointer = self.state(key)?.map_or(-1, |s| s.last_read_seq);
-        let head = match heads.get(key.conversation) {
+        let head = match heads.get(&key.conversation) {
             Some(h) => Some(h.clone()),
-            None => self.stored_head(key.conversation)?,
+            None => self.stored_head(&key.conversation)?,
         };
         Ok(Some(
-            head.map(|h| h.counts(key.reader, pointer))
+            head.map(|h| h.counts(&key.reader, pointer))
                 .unwrap_or_default(),
         ))
     }
@@ -324,7 +322,7 @@ impl ReadStateProcessor {
     /// The head of a conversation: cached (possibly not yet flushed) or stored.
     pub fn head(
         &self,
-        conversation: ConversationId,
+        conversation: &ConversationId,
     ) -> Result<Option<ConversationHead>, StoreError> {
         match self.heads.as_ref().and_then(|h| h.get(conversation)) {
             Some(h) => Ok(Some(h.clone())),
@@ -334,7 +332,7 @@ impl ReadStateProcessor {
 
     fn stored_head(
         &self,
-        conversation: ConversationId,
+        conversation: &ConversationId,
     ) -> Result<Option<ConversationHead>, StoreError> {
         match &self.heads {
             Some(heads) => heads.stored(conversation),
@@ -410,7 +408,7 @@ pub fn fold(state: &mut ReadState, event: &EventRef<'_>, origin: Origin) -> Fold
     if ahead(event, state) {
         state.last_read_seq = event.message_seq;
         assign(&mut state.message_id, event.message_id.as_deref());
-        state.sender_id = event.sender_id;
+        state.sender_id.clone_from(&event.sender_id);
         assign(&mut state.device_id, event.device_id.as_deref());
         state.read_at_ms = event.read_at_ms;
         state.version += 1;
@@ -466,8 +464,8 @@ mod tests {
 
     fn ev(seq: i64, dev: &str) -> ReadEvent {
         ReadEvent {
-            reader_id: ReaderId(1),
-            conversation_id: ConversationId(2),
+            reader_id: ReaderId::from(1),
+            conversation_id: ConversationId::from(2),
             message_seq: seq,
             device_id: Some(dev.into()),
             ..Default::default()

@@ -33,7 +33,7 @@ pub struct ReadStateRestorer {
 
 impl ReadStateRestorer {
     pub fn new(store: &dyn KeyValueStore) -> Result<Self, StoreError> {
-        let had_pending = !store.scan_prefix(&[TAG_PENDING])?.is_empty();
+        let had_pending = !StoreKey::scan_tag(store, TAG_PENDING)?.is_empty();
         Ok(Self {
             pending: (!had_pending).then(HashSet::new),
         })
@@ -62,11 +62,11 @@ impl ReadStateRestorer {
             };
             let Some(k) = ReadStates::decode_key(key) else {
                 return Err(corrupt(match StoreKey::decode(key) {
-                    None => "changelog key is not a 17-byte store key".into(),
+                    None => "changelog key is not a read-state store key".into(),
                     Some((tag, _)) => format!("changelog key has tag {tag:#x}"),
                 }));
             };
-            let pending = StoreKey::pending(k);
+            let pending = StoreKey::pending(&k);
             let unemitted = match value {
                 None => {
                     batch.delete(key);
@@ -128,10 +128,10 @@ mod tests {
     #[test]
     fn restores_values_pending_index_and_checkpoint() {
         let k = StateKey {
-            conversation: ConversationId(1),
-            reader: ReaderId(2),
+            conversation: ConversationId::from(1),
+            reader: ReaderId::from(2),
         };
-        let key = StoreKey::state(k);
+        let key = StoreKey::state(&k);
         let held = ReadState {
             version: 2,
             emitted_version: 1,
@@ -144,7 +144,7 @@ mod tests {
             ..Default::default()
         }
         .to_bytes();
-        let pending = |s: &InMemoryStore| s.get(StoreKey::pending(k).as_bytes()).unwrap();
+        let pending = |s: &InMemoryStore| s.get(StoreKey::pending(&k).as_bytes()).unwrap();
         let held_rec = || [(key.as_bytes(), Some(&held[..]))].into_iter();
         let done_rec = || [(key.as_bytes(), Some(&done[..]))].into_iter();
 

@@ -85,9 +85,9 @@ impl Heads {
     /// The head of `conversation` as stored (not cached).
     pub fn stored(
         &self,
-        conversation: ConversationId,
+        conversation: &ConversationId,
     ) -> Result<Option<ConversationHead>, StoreError> {
-        codec::get::<codec::Heads>(&*self.store, &conversation)
+        codec::get::<codec::Heads>(&*self.store, conversation)
     }
 
     /// Follow the task's share of the heads store's cache budget (see
@@ -127,7 +127,7 @@ impl Heads {
 
     /// Fold a batch of messages (one multi_get for the heads not cached).
     pub fn process(&mut self, messages: &[(MessageEvent, Origin)]) -> Result<(), StoreError> {
-        self.ensure_loaded(messages.iter().map(|(m, _)| m.conversation_id))?;
+        self.ensure_loaded(messages.iter().map(|(m, _)| m.conversation_id.clone()))?;
         for (m, origin) in messages {
             let head = self
                 .entries
@@ -136,15 +136,15 @@ impl Heads {
             match head.fold(m, *origin, self.cap) {
                 MessageFold::Counted => {
                     self.stats.counted += 1;
-                    self.dirty.insert(m.conversation_id);
+                    self.dirty.insert(m.conversation_id.clone());
                 }
                 MessageFold::Duplicate => {
                     self.stats.duplicates += 1;
-                    self.dirty.insert(m.conversation_id);
+                    self.dirty.insert(m.conversation_id.clone());
                 }
                 MessageFold::Late => {
                     self.stats.late += 1;
-                    self.dirty.insert(m.conversation_id);
+                    self.dirty.insert(m.conversation_id.clone());
                 }
                 MessageFold::Replayed => self.stats.replayed += 1,
             }
@@ -156,12 +156,12 @@ impl Heads {
     /// no head yet has no messages: zero).
     pub fn counts(
         &self,
-        conversation: ConversationId,
-        reader: ReaderId,
+        conversation: &ConversationId,
+        reader: &ReaderId,
         pointer: i64,
     ) -> UnreadCounts {
         self.entries
-            .get(&conversation)
+            .get(conversation)
             .map(|h| h.counts(reader, pointer))
             .unwrap_or_default()
     }
@@ -176,7 +176,7 @@ impl Heads {
                 continue;
             };
             if head.has_unemitted_change() {
-                updates.push(head.to_update(c, now_ms));
+                updates.push(head.to_update(c.clone(), now_ms));
                 head.emitted_version = head.version;
                 self.stats.heads_emitted += 1;
             }
@@ -201,8 +201,8 @@ impl Heads {
         self.dirty.clear();
     }
 
-    pub fn get(&self, conversation: ConversationId) -> Option<&ConversationHead> {
-        self.entries.get(&conversation)
+    pub fn get(&self, conversation: &ConversationId) -> Option<&ConversationHead> {
+        self.entries.get(conversation)
     }
 }
 
@@ -219,9 +219,9 @@ mod tests {
         let msgs: Vec<(MessageEvent, Origin)> = (0..9)
             .map(|i| {
                 let m = MessageEvent {
-                    conversation_id: ConversationId(i % 3),
+                    conversation_id: ConversationId::from(i % 3),
                     message_seq: i,
-                    sender_id: SenderId(1),
+                    sender_id: SenderId::from(1),
                     ..Default::default()
                 };
                 (
@@ -242,13 +242,16 @@ mod tests {
         let (mut out, mut updates) = (StoreFlush::default(), Vec::new());
         heads.flush(0, &mut out, &mut updates);
         assert_eq!((out.changelog_len(), updates.len()), (3, 3));
-        heads.end_flush([ConversationId(1)].into_iter());
-        assert!(heads.get(ConversationId(1)).is_some(), "pinned");
-        assert!(heads.get(ConversationId(0)).is_none() && heads.get(ConversationId(2)).is_none());
+        heads.end_flush([ConversationId::from(1)].into_iter());
+        assert!(heads.get(&ConversationId::from(1)).is_some(), "pinned");
+        assert!(
+            heads.get(&ConversationId::from(0)).is_none()
+                && heads.get(&ConversationId::from(2)).is_none()
+        );
         heads.set_budget(100);
         heads.end_flush(std::iter::empty());
         assert!(
-            heads.get(ConversationId(1)).is_some(),
+            heads.get(&ConversationId::from(1)).is_some(),
             "within the budget: kept"
         );
     }

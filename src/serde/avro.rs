@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::registry::SchemaResolver;
 use super::{split_wire, write_wire_header, DecodeError, SerdeError};
-use crate::ids::{ConversationId, ReaderId, SenderId};
+use crate::ids::{ConversationId, Id, ReaderId, SenderId};
 use crate::model::{EventRef, ReadEvent, ReceiptUpdate, UnreadCounts};
 
 /// Largest record accepted by default (bytes); larger ones are dead letters. A topology
@@ -276,11 +276,12 @@ impl<T: Serialize> WireEncoder<T> {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename = "ReadEvent")]
 pub struct AvroReadEvent {
-    pub reader_id: i64,
-    pub conversation_id: i64,
+    /// Integers: `read_event.avsc` has `long` ids (encoding a text id fails).
+    pub reader_id: Id,
+    pub conversation_id: Id,
     pub message_seq: i64,
     pub message_id: Option<String>,
-    pub sender_id: Option<i64>,
+    pub sender_id: Option<Id>,
     pub device_id: Option<String>,
     pub read_at: i64,
     pub client: Option<String>,
@@ -310,11 +311,11 @@ pub struct DecodedReadEvent {
 impl From<&ReadEvent> for AvroReadEvent {
     fn from(e: &ReadEvent) -> Self {
         Self {
-            reader_id: e.reader_id.0,
-            conversation_id: e.conversation_id.0,
+            reader_id: e.reader_id.0.clone(),
+            conversation_id: e.conversation_id.0.clone(),
             message_seq: e.message_seq,
             message_id: e.message_id.clone(),
-            sender_id: e.sender_id.map(|s| s.0),
+            sender_id: e.sender_id.as_ref().map(|s| s.0.clone()),
             device_id: e.device_id.clone(),
             read_at: e.read_at_ms,
             client: None,
@@ -327,11 +328,11 @@ impl DecodedReadEvent {
     /// The event as decoded, not yet validated.
     pub fn into_event(self) -> ReadEvent {
         ReadEvent {
-            reader_id: ReaderId(self.reader_id),
-            conversation_id: ConversationId(self.conversation_id),
+            reader_id: ReaderId::from(self.reader_id),
+            conversation_id: ConversationId::from(self.conversation_id),
             message_seq: self.message_seq,
             message_id: self.message_id,
-            sender_id: self.sender_id.map(SenderId),
+            sender_id: self.sender_id.map(SenderId::from),
             device_id: self.device_id,
             read_at_ms: self.read_at,
         }
@@ -444,11 +445,12 @@ impl EventDecoder {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename = "ReceiptUpdate")]
 pub struct AvroReceiptUpdate {
-    pub conversation_id: i64,
-    pub reader_id: i64,
+    /// Integers or strings, as the topology's id types (see [`super::receipt_update_schema`]).
+    pub conversation_id: Id,
+    pub reader_id: Id,
     pub last_read_seq: i64,
     pub message_id: Option<String>,
-    pub sender_id: Option<i64>,
+    pub sender_id: Option<Id>,
     pub device_id: Option<String>,
     pub read_at: Option<i64>,
     pub version: i64,
@@ -468,11 +470,11 @@ pub struct AvroReceiptUpdate {
 impl From<&ReceiptUpdate> for AvroReceiptUpdate {
     fn from(u: &ReceiptUpdate) -> Self {
         Self {
-            conversation_id: u.conversation_id.0,
-            reader_id: u.reader_id.0,
+            conversation_id: u.conversation_id.0.clone(),
+            reader_id: u.reader_id.0.clone(),
             last_read_seq: u.last_read_seq,
             message_id: u.message_id.clone(),
-            sender_id: u.sender_id.map(|s| s.0),
+            sender_id: u.sender_id.as_ref().map(|s| s.0.clone()),
             device_id: u.device_id.clone(),
             read_at: u.read_at_ms,
             version: u.version,
@@ -491,11 +493,11 @@ impl From<&ReceiptUpdate> for AvroReceiptUpdate {
 impl From<AvroReceiptUpdate> for ReceiptUpdate {
     fn from(u: AvroReceiptUpdate) -> Self {
         Self {
-            conversation_id: ConversationId(u.conversation_id),
-            reader_id: ReaderId(u.reader_id),
+            conversation_id: ConversationId::from(u.conversation_id),
+            reader_id: ReaderId::from(u.reader_id),
             last_read_seq: u.last_read_seq,
             message_id: u.message_id,
-            sender_id: u.sender_id.map(SenderId),
+            sender_id: u.sender_id.map(SenderId::from),
             device_id: u.device_id,
             read_at_ms: u.read_at,
             version: u.version,
@@ -541,11 +543,11 @@ mod tests {
 
     fn event() -> ReadEvent {
         ReadEvent {
-            reader_id: ReaderId(7),
-            conversation_id: ConversationId(-3),
+            reader_id: ReaderId::from(7),
+            conversation_id: ConversationId::from(-3),
             message_seq: 99,
             message_id: Some("m-99".into()),
-            sender_id: Some(SenderId(5)),
+            sender_id: Some(SenderId::from(5)),
             device_id: Some("ios-1".into()),
             read_at_ms: 1_700_000_000_000,
         }
@@ -624,7 +626,11 @@ mod tests {
             .unwrap();
         let got = decode_one(&mut d, &b0).unwrap();
         assert_eq!(
-            (got.reader_id.0, got.message_seq, got.device_id),
+            (
+                got.reader_id.as_int().unwrap(),
+                got.message_seq,
+                got.device_id
+            ),
             (1, 3, None)
         );
 

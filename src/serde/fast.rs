@@ -11,7 +11,7 @@
 
 use std::borrow::Cow;
 
-use crate::ids::{ConversationId, ReaderId, SenderId};
+use crate::ids::{ConversationId, Id, ReaderId, SenderId};
 use crate::model::{EventRef, ReceiptUpdate};
 
 /// Reads the Avro binary encoding of the fields, in schema order.
@@ -95,11 +95,11 @@ pub fn decode_read_event(datum: &[u8]) -> Option<EventRef<'_>> {
         return None;
     }
     Some(EventRef {
-        reader_id: ReaderId(reader_id),
-        conversation_id: ConversationId(conversation_id),
+        reader_id: ReaderId::from(reader_id),
+        conversation_id: ConversationId::from(conversation_id),
         message_seq,
         message_id: message_id.map(Cow::Borrowed),
-        sender_id: sender_id.map(SenderId),
+        sender_id: sender_id.map(SenderId::from),
         device_id: device_id.map(Cow::Borrowed),
         read_at_ms,
     })
@@ -109,11 +109,17 @@ pub fn decode_read_event(datum: &[u8]) -> Option<EventRef<'_>> {
 /// header): the same bytes apache-avro writes (`tests::update_encoding_matches_apache_avro`),
 /// without building its serde record or cloning the ids.
 pub fn encode_receipt_update(u: &ReceiptUpdate, out: &mut Vec<u8>) {
-    put_long(out, u.conversation_id.0);
-    put_long(out, u.reader_id.0);
+    put_id(out, &u.conversation_id.0);
+    put_id(out, &u.reader_id.0);
     put_long(out, u.last_read_seq);
     put_opt_string(out, u.message_id.as_deref());
-    put_opt_long(out, u.sender_id.map(|s| s.0));
+    match &u.sender_id {
+        Some(s) => {
+            put_long(out, 1);
+            put_id(out, &s.0);
+        }
+        None => put_long(out, 0),
+    }
     put_opt_string(out, u.device_id.as_deref());
     put_opt_long(out, u.read_at_ms);
     for v in [
@@ -140,6 +146,29 @@ pub(crate) fn put_long(out: &mut Vec<u8>, v: i64) {
         z >>= 7;
     }
     out.push(z as u8);
+}
+
+/// An id as the schema of the topology's id types has it: a `long` for integers, else a
+/// `string` (the logical type `uuid` is a string too).
+#[inline]
+pub(crate) fn put_id(out: &mut Vec<u8>, id: &Id) {
+    match id.as_int() {
+        Some(v) => put_long(out, v),
+        None => {
+            let at = out.len();
+            out.push(0);
+            id.write_key(out);
+            let len = out.len() - at - 1;
+            if len < 64 {
+                out[at] = (len as u8) << 1;
+            } else {
+                let text = out.split_off(at + 1);
+                out.truncate(at);
+                put_long(out, len as i64);
+                out.extend_from_slice(&text);
+            }
+        }
+    }
 }
 
 #[inline]
@@ -188,11 +217,11 @@ mod tests {
             id,
         )
             .prop_map(|(r, c, s, m, snd, d, at, cl, tr)| AvroReadEvent {
-                reader_id: r,
-                conversation_id: c,
+                reader_id: Id::int(r),
+                conversation_id: Id::int(c),
                 message_seq: s,
                 message_id: m,
-                sender_id: snd,
+                sender_id: snd.map(Id::int),
                 device_id: d,
                 read_at: at,
                 client: cl,
@@ -225,15 +254,26 @@ mod tests {
             sender in proptest::option::of(any::<i64>()),
             read_at in proptest::option::of(any::<i64>()),
             counts in proptest::option::of(any::<(i64, i64, bool)>()),
+            text in proptest::option::of(("[a-zA-Z0-9_\\-é]{0,70}", any::<u128>())),
         ) {
-            use crate::ids::{ConversationId, ReaderId, SenderId};
+            use crate::ids::{IdType, IdTypes};
             use crate::serde::avro::{AvroReceiptUpdate, UpdateEncoder};
+            // Integer ids under the bundled schema; or string conversations, uuid users and
+            // message ids under the generated one.
+            let (conversation, reader, sender_id, message_id, ids_types) = match &text {
+                None => (Id::int(ids.0), Id::int(ids.1), sender.map(Id::int), message_id, IdTypes::default()),
+                Some((t, u)) => {
+                    let uuid = |n: u128| Id::uuid(n.to_be_bytes());
+                    let types = IdTypes { conversation: IdType::String, user: IdType::Uuid, message: IdType::Uuid };
+                    (Id::text(t).unwrap(), uuid(*u), sender.map(|s| uuid(s as u128)), Some(uuid(!u).to_string()), types)
+                }
+            };
             let u = ReceiptUpdate {
-                conversation_id: ConversationId(ids.0),
-                reader_id: ReaderId(ids.1),
+                conversation_id: ConversationId(conversation),
+                reader_id: ReaderId(reader),
                 last_read_seq: ids.2,
                 message_id,
-                sender_id: sender.map(SenderId),
+                sender_id: sender_id.map(SenderId),
                 device_id,
                 read_at_ms: read_at,
                 version: ids.3,
@@ -244,13 +284,20 @@ mod tests {
                 emitted_at_ms: ids.8,
                 counts: counts.map(|(unread, mentions, capped)| crate::model::UnreadCounts { unread, mentions, capped }),
             };
-            let reference = UpdateEncoder::new(crate::serde::RECEIPT_UPDATE_SCHEMA, 3)
+            let schema = crate::serde::receipt_update_schema(&ids_types);
+            let reference = UpdateEncoder::new(&schema, 3)
                 .unwrap()
                 .encode(&AvroReceiptUpdate::from(&u))
                 .unwrap();
             let mut ours = Vec::new();
             encode_receipt_update(&u, &mut ours);
             prop_assert_eq!(&ours[..], &reference[5..]);
+            // And back, through apache-avro's reading of the generated schema.
+            let reg = std::sync::Arc::new(crate::serde::LocalRegistry::new().with_schema(3, &schema));
+            let dec = crate::serde::avro::UpdateDecoder::new(reg, &schema).unwrap();
+            let mut dec = dec;
+            futures::executor::block_on(dec.prepare(std::iter::once(Some(&reference[..])))).unwrap();
+            prop_assert_eq!(ReceiptUpdate::from(dec.decode(&reference).unwrap()), u);
         }
 
         #[test]
@@ -280,8 +327,8 @@ mod tests {
     fn rejects_what_it_does_not_fully_read() {
         let enc = EventEncoder::new(READ_EVENT_SCHEMA, LOCAL_READ_EVENT_ID).unwrap();
         let e = AvroReadEvent {
-            reader_id: 1,
-            conversation_id: 2,
+            reader_id: Id::int(1),
+            conversation_id: Id::int(2),
             message_seq: 3,
             message_id: Some("m".into()),
             sender_id: None,

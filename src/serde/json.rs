@@ -19,7 +19,7 @@ use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess,
 
 use super::message::validate_message;
 use super::DecodeError;
-use crate::ids::{ConversationId, ReaderId, SenderId};
+use crate::ids::{ConversationId, Id, IdType, IdTypes, ReaderId, SenderId};
 use crate::model::{EventRef, MessageEvent};
 
 /// What a mapped field means in a read event.
@@ -161,6 +161,8 @@ pub struct FieldMapping {
     pub time_unit: TimeUnit,
     /// Confluent's JSON Schema wire format: a 5-byte header (magic 0, schema id) first.
     pub wire_header: bool,
+    /// The topology's id types: what an id field must hold.
+    pub ids: IdTypes,
 }
 
 impl FieldMapping {
@@ -176,6 +178,7 @@ impl FieldMapping {
             position: PositionKind::Seq,
             time_unit: TimeUnit::Millis,
             wire_header: false,
+            ids: IdTypes::default(),
         }
     }
 }
@@ -293,12 +296,17 @@ impl JsonDecoder {
     /// Decode and validate one read event; ids borrow from `payload` where they can.
     pub fn decode_ref<'a>(&self, payload: Option<&'a [u8]>) -> Result<EventRef<'a>, DecodeError> {
         let mut c = self.capture(payload)?;
-        let reader = id(Role::Reader, c.required(Role::Reader)?)?;
-        let conversation = id(Role::Conversation, c.required(Role::Conversation)?)?;
+        let ids = self.mapping.ids;
+        let reader = typed_id(Role::Reader, c.required(Role::Reader)?, ids.user)?;
+        let conversation = typed_id(
+            Role::Conversation,
+            c.required(Role::Conversation)?,
+            ids.conversation,
+        )?;
         let position = c.required(Role::Position)?;
         let unit = self.mapping.time_unit;
         let message_seq = match self.mapping.position {
-            PositionKind::Seq => id(Role::Position, position)?,
+            PositionKind::Seq => seq(Role::Position, position)?,
             PositionKind::Timestamp => micros(Role::Position, position, unit)?,
         };
         let read_at_ms = match c.take(Role::ReadAt) {
@@ -312,8 +320,8 @@ impl JsonDecoder {
             reader_id: ReaderId(reader),
             conversation_id: ConversationId(conversation),
             message_seq,
-            message_id: c.text(Role::MessageId)?,
-            sender_id: c.id(Role::Sender)?.map(SenderId),
+            message_id: c.message_id()?,
+            sender_id: c.id(Role::Sender, ids.user)?.map(SenderId),
             device_id: c.text(Role::Device)?,
             read_at_ms,
         })
@@ -322,9 +330,14 @@ impl JsonDecoder {
     /// Decode and validate one message event (positions are seqs).
     pub fn decode_message(&self, payload: Option<&[u8]>) -> Result<MessageEvent, DecodeError> {
         let mut c = self.capture(payload)?;
-        let conversation = id(Role::Conversation, c.required(Role::Conversation)?)?;
-        let message_seq = id(Role::Position, c.required(Role::Position)?)?;
-        let sender = id(Role::Sender, c.required(Role::Sender)?)?;
+        let ids = self.mapping.ids;
+        let conversation = typed_id(
+            Role::Conversation,
+            c.required(Role::Conversation)?,
+            ids.conversation,
+        )?;
+        let message_seq = seq(Role::Position, c.required(Role::Position)?)?;
+        let sender = typed_id(Role::Sender, c.required(Role::Sender)?, ids.user)?;
         let sent_at_ms = match c.take(Role::SentAt) {
             Some(v) => micros(Role::SentAt, v, self.mapping.time_unit)?.div_euclid(1000),
             None => 0,
@@ -333,7 +346,7 @@ impl JsonDecoder {
             None => Vec::new(),
             Some(Scalar::List(items)) => items
                 .into_iter()
-                .map(|v| id(Role::Mentions, v).map(ReaderId))
+                .map(|v| typed_id(Role::Mentions, v, ids.user).map(ReaderId))
                 .collect::<Result<_, _>>()?,
             Some(other) => {
                 return Err(invalid(
@@ -355,7 +368,7 @@ impl JsonDecoder {
         validate_message(MessageEvent {
             conversation_id: ConversationId(conversation),
             message_seq,
-            message_id: c.text(Role::MessageId)?.map(Cow::into_owned),
+            message_id: c.message_id()?.map(Cow::into_owned),
             sender_id: SenderId(sender),
             sent_at_ms,
             mentions,
@@ -396,8 +409,23 @@ impl<'a> Captured<'a, '_> {
         })
     }
 
-    fn id(&mut self, role: Role) -> Result<Option<i64>, DecodeError> {
-        self.take(role).map(|v| id(role, v)).transpose()
+    fn id(&mut self, role: Role, ty: IdType) -> Result<Option<Id>, DecodeError> {
+        self.take(role).map(|v| typed_id(role, v, ty)).transpose()
+    }
+
+    /// The message id as text; a `uuid` message id is checked and written canonically.
+    fn message_id(&mut self) -> Result<Option<Cow<'a, str>>, DecodeError> {
+        let Some(t) = self.text(Role::MessageId)? else {
+            return Ok(None);
+        };
+        if self.mapping.ids.message != IdType::Uuid {
+            return Ok(Some(t));
+        }
+        let id = Id::parse(IdType::Uuid, &t).map_err(|e| invalid(Role::MessageId, e))?;
+        Ok(Some(match Id::text(&t) {
+            Ok(canonical) if canonical == id => t,
+            _ => Cow::Owned(id.to_string()),
+        }))
     }
 
     fn text(&mut self, role: Role) -> Result<Option<Cow<'a, str>>, DecodeError> {
@@ -409,21 +437,35 @@ fn invalid(role: Role, what: impl fmt::Display) -> DecodeError {
     DecodeError::Invalid(format!("{}: {what}", role.name()))
 }
 
-/// A 64-bit integer id: a JSON integer, or a string of digits.
-fn id(role: Role, v: Scalar<'_>) -> Result<i64, DecodeError> {
+/// A seq: a JSON integer, or a string of digits.
+fn seq(role: Role, v: Scalar<'_>) -> Result<i64, DecodeError> {
     match v {
         Scalar::Int(i) => Ok(i),
-        Scalar::Str(s) => s.parse::<i64>().map_err(|_| {
-            invalid(
-                role,
-                format_args!("{s:?} is not a 64-bit integer (ids are i64 in this version)"),
-            )
-        }),
+        Scalar::Str(s) => s
+            .parse::<i64>()
+            .map_err(|_| invalid(role, format_args!("{s:?} is not a 64-bit integer"))),
         other => Err(invalid(
             role,
             format_args!("expected an integer, got {other:?}"),
         )),
     }
+}
+
+/// An id of the declared type: `i64` ids are JSON integers or strings of digits, `string`
+/// ids are strings (an integer is taken as its decimal text), `uuid` ids UUID strings.
+fn typed_id(role: Role, v: Scalar<'_>, ty: IdType) -> Result<Id, DecodeError> {
+    let id = match (&v, ty) {
+        (Scalar::Int(i), IdType::String) => Id::text(itoa::Buffer::new().format(*i)),
+        (Scalar::Int(i), ty) => Id::number(ty, *i),
+        (Scalar::Str(s), ty) => Id::parse(ty, s),
+        (other, ty) => {
+            return Err(invalid(
+                role,
+                format_args!("expected an id of type {ty}, got {other:?}"),
+            ))
+        }
+    };
+    id.map_err(|e| invalid(role, e))
 }
 
 /// Microseconds since the epoch of a time field written in `unit`.

@@ -7,22 +7,23 @@ use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
 use super::avro::{WireDecoder, WireEncoder, MAX_ID_LEN};
-use super::fast::put_long;
+use super::fast::{put_id, put_long};
 use super::registry::SchemaResolver;
 use super::{write_wire_header, DecodeError, SerdeError};
-use crate::ids::{ConversationId, ReaderId, SenderId};
+use crate::ids::{ConversationId, Id, ReaderId, SenderId};
 use crate::model::{HeadUpdate, MessageEvent, MAX_MENTIONS};
 
 /// Serde mirror of `message_event.avsc` (encoding: generators, tests, upstream examples).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename = "MessageEvent")]
 pub struct AvroMessageEvent {
-    pub conversation_id: i64,
+    /// Integers: `message_event.avsc` has `long` ids (encoding a text id fails).
+    pub conversation_id: Id,
     pub message_seq: i64,
     pub message_id: Option<String>,
-    pub sender_id: i64,
+    pub sender_id: Id,
     pub sent_at: i64,
-    pub mentioned_user_ids: Vec<i64>,
+    pub mentioned_user_ids: Vec<Id>,
     pub mention_everyone: bool,
     pub trace_id: Option<String>,
 }
@@ -30,12 +31,12 @@ pub struct AvroMessageEvent {
 impl From<&MessageEvent> for AvroMessageEvent {
     fn from(m: &MessageEvent) -> Self {
         Self {
-            conversation_id: m.conversation_id.0,
+            conversation_id: m.conversation_id.0.clone(),
             message_seq: m.message_seq,
             message_id: m.message_id.clone(),
-            sender_id: m.sender_id.0,
+            sender_id: m.sender_id.0.clone(),
             sent_at: m.sent_at_ms,
-            mentioned_user_ids: m.mentions.iter().map(|r| r.0).collect(),
+            mentioned_user_ids: m.mentions.iter().map(|r| r.0.clone()).collect(),
             mention_everyone: m.mention_everyone,
             trace_id: None,
         }
@@ -136,12 +137,16 @@ impl MessageDecoder {
     pub fn decode(&self, payload: Option<&[u8]>) -> Result<MessageEvent, DecodeError> {
         let d = self.inner.decode(payload.ok_or(DecodeError::EmptyValue)?)?;
         validate_message(MessageEvent {
-            conversation_id: ConversationId(d.conversation_id),
+            conversation_id: ConversationId::from(d.conversation_id),
             message_seq: d.message_seq,
             message_id: d.message_id,
-            sender_id: SenderId(d.sender_id),
+            sender_id: SenderId::from(d.sender_id),
             sent_at_ms: d.sent_at,
-            mentions: d.mentioned_user_ids.into_iter().map(ReaderId).collect(),
+            mentions: d
+                .mentioned_user_ids
+                .into_iter()
+                .map(ReaderId::from)
+                .collect(),
             mention_everyone: d.mention_everyone,
         })
     }
@@ -151,15 +156,17 @@ impl MessageDecoder {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename = "ConversationHead")]
 pub struct AvroConversationHead {
-    pub conversation_id: i64,
+    /// Integers or strings, as the topology's id types (see
+    /// [`super::conversation_head_schema`]).
+    pub conversation_id: Id,
     pub head_seq: i64,
     pub message_count: i64,
     pub version: i64,
     pub window_floor_seq: i64,
     pub recent_seqs: Vec<i64>,
-    pub recent_senders: Vec<i64>,
+    pub recent_senders: Vec<Id>,
     pub mention_seqs: Vec<i64>,
-    pub mention_user_ids: Vec<i64>,
+    pub mention_user_ids: Vec<Id>,
     pub everyone_seqs: Vec<i64>,
     pub emitted_at: i64,
 }
@@ -167,7 +174,7 @@ pub struct AvroConversationHead {
 impl From<&HeadUpdate> for AvroConversationHead {
     fn from(u: &HeadUpdate) -> Self {
         Self {
-            conversation_id: u.conversation_id.0,
+            conversation_id: u.conversation_id.0.clone(),
             head_seq: u.head_seq,
             message_count: u.message_count,
             version: u.version,
@@ -185,7 +192,7 @@ impl From<&HeadUpdate> for AvroConversationHead {
 impl From<AvroConversationHead> for HeadUpdate {
     fn from(u: AvroConversationHead) -> Self {
         Self {
-            conversation_id: ConversationId(u.conversation_id),
+            conversation_id: ConversationId::from(u.conversation_id),
             head_seq: u.head_seq,
             message_count: u.message_count,
             version: u.version,
@@ -212,31 +219,26 @@ impl HeadEncoder {
     /// `conversation_head.avsc`, see `tests::head_encoding_matches_apache_avro`).
     pub fn encode_head_into(&self, u: &HeadUpdate, out: &mut Vec<u8>) {
         write_wire_header(out, self.schema_id());
-        for v in [
-            u.conversation_id.0,
-            u.head_seq,
-            u.message_count,
-            u.version,
-            u.window_floor_seq,
-        ] {
+        put_id(out, &u.conversation_id.0);
+        for v in [u.head_seq, u.message_count, u.version, u.window_floor_seq] {
             put_long(out, v);
         }
-        for a in [
-            &u.recent_seqs,
-            &u.recent_senders,
-            &u.mention_seqs,
-            &u.mention_user_ids,
-            &u.everyone_seqs,
-        ] {
-            // An Avro array: one block of items, then the empty block.
-            if !a.is_empty() {
-                put_long(out, a.len() as i64);
-                for v in a {
-                    put_long(out, *v);
+        // An Avro array: one block of items, then the empty block.
+        fn array<T>(out: &mut Vec<u8>, items: &[T], put: impl Fn(&mut Vec<u8>, &T)) {
+            if !items.is_empty() {
+                put_long(out, items.len() as i64);
+                for v in items {
+                    put(out, v);
                 }
             }
             put_long(out, 0);
         }
+        let long = |out: &mut Vec<u8>, v: &i64| put_long(out, *v);
+        array(out, &u.recent_seqs, long);
+        array(out, &u.recent_senders, put_id);
+        array(out, &u.mention_seqs, long);
+        array(out, &u.mention_user_ids, put_id);
+        array(out, &u.everyone_seqs, long);
         put_long(out, u.emitted_at_ms);
     }
 }
@@ -248,12 +250,12 @@ mod tests {
 
     fn message() -> MessageEvent {
         MessageEvent {
-            conversation_id: ConversationId(4),
+            conversation_id: ConversationId::from(4),
             message_seq: 17,
             message_id: Some("m-17".into()),
-            sender_id: SenderId(2),
+            sender_id: SenderId::from(2),
             sent_at_ms: 1_700_000_000_000,
-            mentions: vec![ReaderId(5), ReaderId(6)],
+            mentions: vec![ReaderId::from(5), ReaderId::from(6)],
             mention_everyone: true,
         }
     }
@@ -280,7 +282,7 @@ mod tests {
             "invalid_event"
         );
         let mut many = m.clone();
-        many.mentions = (0..=MAX_MENTIONS as i64).map(ReaderId).collect();
+        many.mentions = (0..=MAX_MENTIONS as i64).map(ReaderId::from).collect();
         let framed = enc.encode(&AvroMessageEvent::from(&many)).unwrap();
         let err = d.decode(Some(&framed)).unwrap_err();
         assert!(err.to_string().contains("1001 mentioned users"), "{err}");
@@ -294,15 +296,15 @@ mod tests {
     #[test]
     fn head_update_round_trips() {
         let u = HeadUpdate {
-            conversation_id: ConversationId(3),
+            conversation_id: ConversationId::from(3),
             head_seq: 9,
             message_count: 2,
             version: 2,
             window_floor_seq: -1,
             recent_seqs: vec![8, 9],
-            recent_senders: vec![1, 2],
+            recent_senders: vec![Id::int(1), Id::int(2)],
             mention_seqs: vec![9],
-            mention_user_ids: vec![4],
+            mention_user_ids: vec![Id::int(4)],
             everyone_seqs: vec![8],
             emitted_at_ms: 5,
         };

@@ -14,6 +14,8 @@ pub mod json;
 pub mod message;
 pub mod registry;
 
+use crate::ids::{IdType, IdTypes};
+
 pub use avro::{EventDecoder, UpdateEncoder};
 pub use message::{HeadEncoder, MessageDecoder};
 pub use registry::{ConfluentRegistry, LocalRegistry, SchemaResolver};
@@ -27,6 +29,60 @@ pub const RECEIPT_UPDATE_SCHEMA: &str = include_str!("../../schemas/receipt_upda
 pub const MESSAGE_EVENT_SCHEMA: &str = include_str!("../../schemas/message_event.avsc");
 /// The Avro schema of conversation-head updates (the writer schema of their output topic).
 pub const CONVERSATION_HEAD_SCHEMA: &str = include_str!("../../schemas/conversation_head.avsc");
+
+/// The receipt-update schema for a topology's id types: [`RECEIPT_UPDATE_SCHEMA`] itself
+/// for the default types, else with `conversation_id`, `reader_id`, `sender_id` and
+/// `message_id` of the declared types (strings, `uuid` as Avro's logical type).
+pub fn receipt_update_schema(ids: &IdTypes) -> String {
+    retype(
+        RECEIPT_UPDATE_SCHEMA,
+        ids,
+        &[
+            ("conversation_id", ids.conversation, Shape::Plain),
+            ("reader_id", ids.user, Shape::Plain),
+            ("sender_id", ids.user, Shape::Nullable),
+            ("message_id", ids.message, Shape::Nullable),
+        ],
+    )
+}
+
+/// The conversation-head schema for a topology's id types (see [`receipt_update_schema`]).
+pub fn conversation_head_schema(ids: &IdTypes) -> String {
+    retype(
+        CONVERSATION_HEAD_SCHEMA,
+        ids,
+        &[
+            ("conversation_id", ids.conversation, Shape::Plain),
+            ("recent_senders", ids.user, Shape::Array),
+            ("mention_user_ids", ids.user, Shape::Array),
+        ],
+    )
+}
+
+enum Shape {
+    Plain,
+    Nullable,
+    Array,
+}
+
+fn retype(schema: &str, ids: &IdTypes, fields: &[(&str, IdType, Shape)]) -> String {
+    if *ids == IdTypes::default() {
+        return schema.to_owned();
+    }
+    let mut v: serde_json::Value = serde_json::from_str(schema).expect("bundled schema");
+    let id_type = |t: IdType| serde_json::from_str::<serde_json::Value>(t.avro()).expect("avro");
+    for f in v["fields"].as_array_mut().expect("record fields") {
+        let Some((_, t, shape)) = fields.iter().find(|(n, _, _)| f["name"] == *n) else {
+            continue;
+        };
+        f["type"] = match shape {
+            Shape::Plain => id_type(*t),
+            Shape::Nullable => serde_json::json!(["null", id_type(*t)]),
+            Shape::Array => serde_json::json!({"type": "array", "items": id_type(*t)}),
+        };
+    }
+    v.to_string()
+}
 
 /// Why a record could not become a read event. Each variant is a dead-letter reason with a
 /// bounded label (see [`DecodeError::reason`]).

@@ -226,8 +226,8 @@ mod tests {
 
     fn update(conv: i64, reader: i64, version: i64) -> ReceiptUpdate {
         ReceiptUpdate {
-            conversation_id: ConversationId(conv),
-            reader_id: ReaderId(reader),
+            conversation_id: ConversationId::from(conv),
+            reader_id: ReaderId::from(reader),
             last_read_seq: version * 10,
             message_id: None,
             sender_id: None,

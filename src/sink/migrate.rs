@@ -4,10 +4,15 @@
 //! `readstate_migrations` (table name, version, name, checksum), under a transaction-level
 //! advisory lock, so concurrent `migrate` calls are safe. `{{table}}` in a file is replaced
 //! by the sink's table name; one database can hold the tables of several applications.
+//! `{{conversation_id}}`, `{{user_id}}` and `{{message_id}}` are replaced by the column types
+//! of the topology's id types (`bigint`, `text`, `uuid`; for the default types the rendered
+//! SQL, and so its checksum, is what every earlier version applied). A table that exists
+//! with other id column types is refused before anything runs ([`check_id_columns`]).
 
 use tokio_postgres::Client;
 
 use super::{db_error_text, SinkError};
+use crate::ids::{IdType, IdTypes};
 
 /// A migration: version (from the file name), name, SQL.
 #[derive(Debug, Clone, Copy)]
@@ -63,8 +68,12 @@ fn checksum(sql: &str) -> String {
     format!("{h:016x}")
 }
 
-fn render(m: &Migration, table: &str) -> String {
-    m.sql.replace("{{table}}", table)
+fn render(m: &Migration, table: &str, ids: &IdTypes) -> String {
+    m.sql
+        .replace("{{table}}", table)
+        .replace("{{conversation_id}}", ids.conversation.sql())
+        .replace("{{user_id}}", ids.user.sql())
+        .replace("{{message_id}}", ids.message.sql())
 }
 
 /// A set of migrations for one table, rendered.
@@ -78,10 +87,16 @@ fn db(e: tokio_postgres::Error) -> SinkError {
     SinkError::from_db(&e)
 }
 
-/// Apply every migration not yet applied for the receipts table `table`; returns the
-/// versions applied now.
-pub async fn migrate(client: &mut Client, table: &str) -> Result<Vec<i32>, SinkError> {
-    let render = |m: &Migration| render(m, table);
+/// Apply every migration not yet applied for the receipts table `table` with ids of
+/// `ids`' types; returns the versions applied now.
+pub async fn migrate(
+    client: &mut Client,
+    table: &str,
+    ids: &IdTypes,
+    columns: &[(&str, IdType)],
+) -> Result<Vec<i32>, SinkError> {
+    check_id_columns(client, table, columns).await?;
+    let render = |m: &Migration| render(m, table, ids);
     apply(
         client,
         Plan {
@@ -99,8 +114,12 @@ pub async fn migrate_heads(
     client: &mut Client,
     table: &str,
     receipts_table: &str,
+    ids: &IdTypes,
+    columns: &[(&str, IdType)],
 ) -> Result<Vec<i32>, SinkError> {
-    let render = |m: &Migration| render(m, table).replace("{{receipts_table}}", receipts_table);
+    check_id_columns(client, table, columns).await?;
+    let render =
+        |m: &Migration| render(m, table, ids).replace("{{receipts_table}}", receipts_table);
     apply(
         client,
         Plan {
@@ -159,9 +178,42 @@ async fn apply(client: &mut Client, plan: Plan<'_>) -> Result<Vec<i32>, SinkErro
     Ok(applied_now)
 }
 
-/// Fail with [`SinkError::NotMigrated`] unless every migration is applied for `table`.
-pub async fn check_migrated(client: &Client, table: &str) -> Result<(), SinkError> {
-    check_set(client, table, MIGRATIONS).await
+/// Refuse a table that exists with id columns of other types than `columns` declares
+/// (a topology's id types changed under an existing table): one error naming every
+/// difference. A table that does not exist yet passes.
+pub async fn check_id_columns(
+    client: &Client,
+    table: &str,
+    columns: &[(&str, IdType)],
+) -> Result<(), SinkError> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+             FROM pg_attribute a
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&table],
+        )
+        .await
+        .map_err(db)?;
+    let differences: Vec<String> = columns
+        .iter()
+        .filter_map(|(name, ty)| {
+            let have: String = rows.iter().find(|r| r.get::<_, String>(0) == *name)?.get(1);
+            (have != ty.sql()).then(|| {
+                format!(
+                    "{name} is {have}, the topology's {ty} ids need {}",
+                    ty.sql()
+                )
+            })
+        })
+        .collect();
+    if differences.is_empty() {
+        return Ok(());
+    }
+    Err(SinkError::Fatal(format!(
+        "table {table} does not match the topology's [ids]: {}; give the sink a new table or migrate this one by hand",
+        differences.join("; ")
+    )))
 }
 
 /// Fail with [`SinkError::NotMigrated`] unless every one of `migrations` is applied for
@@ -209,6 +261,10 @@ pub async fn check_set(
 mod tests {
     use super::*;
 
+    /// FNV-1a checksums of the rendered migrations as released before `[ids]` existed.
+    const RECEIPTS_V1: &str = "6c1b62faccd7bb93";
+    const HEADS_V1: &str = "80bebb460ff110e2";
+
     #[test]
     fn every_file_in_migrations_is_compiled_in_and_in_order() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
@@ -237,10 +293,33 @@ mod tests {
     #[test]
     fn checksums_depend_on_the_table() {
         let m = &MIGRATIONS[0];
+        let ids = IdTypes::default();
         assert_ne!(
-            checksum(&render(m, "read_receipts")),
-            checksum(&render(m, "other"))
+            checksum(&render(m, "read_receipts", &ids)),
+            checksum(&render(m, "other", &ids))
         );
-        assert!(!render(m, "t").contains("{{"));
+        assert!(!render(m, "t", &ids).contains("{{"));
+    }
+
+    #[test]
+    fn default_id_types_render_what_earlier_versions_applied() {
+        // The checksums recorded by every version before id types existed: a deployed
+        // table keeps migrating cleanly.
+        let ids = IdTypes::default();
+        assert_eq!(
+            checksum(&render(&MIGRATIONS[0], "read_receipts", &ids)),
+            RECEIPTS_V1
+        );
+        let heads = render(&HEAD_MIGRATIONS[0], "conversation_heads", &ids)
+            .replace("{{receipts_table}}", "read_receipts");
+        assert_eq!(checksum(&heads), HEADS_V1);
+        let text = IdTypes {
+            conversation: IdType::String,
+            user: IdType::Uuid,
+            message: IdType::Uuid,
+        };
+        let sql = render(&MIGRATIONS[0], "t", &text);
+        assert!(sql.contains("conversation_id text ") && sql.contains("reader_id       uuid "));
+        assert!(sql.contains("message_id      uuid,"));
     }
 }

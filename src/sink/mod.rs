@@ -163,7 +163,8 @@ fn sink_config<R: SinkRow>(
     resolver: std::sync::Arc<dyn crate::serde::registry::SchemaResolver>,
     url: &str,
 ) -> Result<SinkConfig<R>, SinkError> {
-    let table = PostgresTable::<R>::open(url, &pg.table, pg.pool_size, pg.statement_timeout)?;
+    let table = PostgresTable::<R>::open(url, &pg.table, pg.pool_size, pg.statement_timeout)?
+        .with_ids(topology.ids);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

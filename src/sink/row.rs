@@ -7,7 +7,7 @@ use std::hash::Hash;
 use serde::de::DeserializeOwned;
 use tokio_postgres::types::ToSql;
 
-use crate::ids::ConversationId;
+use crate::ids::{ConversationId, Id, IdType, IdTypes};
 use crate::model::{HeadUpdate, ReceiptUpdate, StateKey};
 use crate::serde::avro::AvroReceiptUpdate;
 use crate::serde::message::AvroConversationHead;
@@ -17,21 +17,23 @@ pub type Columns = Vec<Box<dyn ToSql + Sync + Send>>;
 
 pub trait SinkRow: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// One row per key: the highest version wins.
-    type Key: Hash + Eq + Copy + Send + Sync + std::fmt::Debug;
+    type Key: Hash + Eq + Clone + Send + Sync + std::fmt::Debug;
     /// The serde mirror of the topic's Avro schema.
     type Avro: DeserializeOwned + Into<Self>;
-    /// The reader schema of the topic.
-    const SCHEMA: &'static str;
     /// The migrations its table needs.
     const MIGRATIONS: &'static [super::migrate::Migration];
 
+    /// The reader schema of the topic, for the topology's id types.
+    fn schema(ids: &IdTypes) -> String;
+    /// The table's id columns and their declared types (checked against an existing table).
+    fn id_columns(ids: &IdTypes) -> Vec<(&'static str, IdType)>;
     fn key(&self) -> Self::Key;
     fn version(&self) -> i64;
     /// The conversation: the record key on the topics.
-    fn conversation(&self) -> ConversationId;
+    fn conversation(&self) -> &ConversationId;
     /// The version-guarded set-based upsert into `table` (parameters: [`Self::columns`]).
-    fn upsert_sql(table: &str) -> String;
-    fn columns(rows: &[Self]) -> Columns;
+    fn upsert_sql(table: &str, ids: &IdTypes) -> String;
+    fn columns(rows: &[Self], ids: &IdTypes) -> Columns;
     /// The row as JSON, for a rejected row's dead letter.
     fn to_json(&self) -> String;
 }
@@ -39,22 +41,40 @@ pub trait SinkRow: Clone + Send + Sync + std::fmt::Debug + 'static {
 impl SinkRow for ReceiptUpdate {
     type Key = StateKey;
     type Avro = AvroReceiptUpdate;
-    const SCHEMA: &'static str = crate::serde::RECEIPT_UPDATE_SCHEMA;
     const MIGRATIONS: &'static [super::migrate::Migration] = super::migrate::MIGRATIONS;
+
+    fn schema(ids: &IdTypes) -> String {
+        crate::serde::receipt_update_schema(ids)
+    }
+
+    fn id_columns(ids: &IdTypes) -> Vec<(&'static str, IdType)> {
+        vec![
+            ("conversation_id", ids.conversation),
+            ("reader_id", ids.user),
+            ("sender_id", ids.user),
+            ("message_id", ids.message),
+        ]
+    }
 
     fn key(&self) -> StateKey {
         ReceiptUpdate::key(self)
     }
 
-    fn conversation(&self) -> ConversationId {
-        self.conversation_id
+    fn conversation(&self) -> &ConversationId {
+        &self.conversation_id
     }
 
     fn version(&self) -> i64 {
         self.version
     }
 
-    fn upsert_sql(table: &str) -> String {
+    fn upsert_sql(table: &str, ids: &IdTypes) -> String {
+        let (c, u, m) = (
+            param(1, ids.conversation),
+            param(2, ids.user),
+            param(4, ids.message),
+        );
+        let sd = param(5, ids.user);
         format!(
             "INSERT INTO {table} AS r (conversation_id, reader_id, last_read_seq, message_id, sender_id,
                 device_id, read_at, version, events_total, stale_total, updated_at)
@@ -62,7 +82,7 @@ impl SinkRow for ReceiptUpdate {
                 CASE WHEN ra IS NULL THEN NULL
                      ELSE timestamptz 'epoch' + ra * interval '1 millisecond' END,
                 v, et, st, now()
-         FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::int8[], $6::text[],
+         FROM unnest({c}, {u}, $3::int8[], {m}, {sd}, $6::text[],
                      $7::int8[], $8::int8[], $9::int8[], $10::int8[])
               AS t(c, rd, s, m, sd, d, ra, v, et, st)
          ON CONFLICT (conversation_id, reader_id) DO UPDATE SET
@@ -75,20 +95,22 @@ impl SinkRow for ReceiptUpdate {
         )
     }
 
-    fn columns(rows: &[Self]) -> Columns {
+    fn columns(rows: &[Self], ids: &IdTypes) -> Columns {
         let owned = |f: fn(&ReceiptUpdate) -> Option<String>| -> Vec<Option<String>> {
             rows.iter().map(f).collect()
         };
         let longs = |f: fn(&ReceiptUpdate) -> i64| -> Vec<i64> { rows.iter().map(f).collect() };
         vec![
-            Box::new(longs(|u| u.conversation_id.0)),
-            Box::new(longs(|u| u.reader_id.0)),
+            id_column(
+                ids.conversation,
+                rows.iter().map(|u| Some(&u.conversation_id.0)),
+            ),
+            id_column(ids.user, rows.iter().map(|u| Some(&u.reader_id.0))),
             Box::new(longs(|u| u.last_read_seq)),
             Box::new(owned(|u| u.message_id.clone())),
-            Box::new(
-                rows.iter()
-                    .map(|u| u.sender_id.map(|s| s.0))
-                    .collect::<Vec<_>>(),
+            id_column(
+                ids.user,
+                rows.iter().map(|u| u.sender_id.as_ref().map(|s| &s.0)),
             ),
             Box::new(owned(|u| u.device_id.clone())),
             Box::new(rows.iter().map(|u| u.read_at_ms).collect::<Vec<_>>()),
@@ -104,7 +126,7 @@ impl SinkRow for ReceiptUpdate {
             "reader_id": self.reader_id.0,
             "last_read_seq": self.last_read_seq,
             "message_id": self.message_id,
-            "sender_id": self.sender_id.map(|s| s.0),
+            "sender_id": self.sender_id.as_ref().map(|s| &s.0),
             "device_id": self.device_id,
             "read_at_ms": self.read_at_ms,
             "version": self.version,
@@ -118,15 +140,22 @@ impl SinkRow for ReceiptUpdate {
 impl SinkRow for HeadUpdate {
     type Key = ConversationId;
     type Avro = AvroConversationHead;
-    const SCHEMA: &'static str = crate::serde::CONVERSATION_HEAD_SCHEMA;
     const MIGRATIONS: &'static [super::migrate::Migration] = super::migrate::HEAD_MIGRATIONS;
 
-    fn key(&self) -> ConversationId {
-        self.conversation_id
+    fn schema(ids: &IdTypes) -> String {
+        crate::serde::conversation_head_schema(ids)
     }
 
-    fn conversation(&self) -> ConversationId {
-        self.conversation_id
+    fn id_columns(ids: &IdTypes) -> Vec<(&'static str, IdType)> {
+        vec![("conversation_id", ids.conversation)]
+    }
+
+    fn key(&self) -> ConversationId {
+        self.conversation_id.clone()
+    }
+
+    fn conversation(&self) -> &ConversationId {
+        &self.conversation_id
     }
 
     fn version(&self) -> i64 {
@@ -135,19 +164,21 @@ impl SinkRow for HeadUpdate {
 
     /// The window travels as arrays (one row per conversation, never per member); arrays
     /// of arrays do not unnest, so each row's arrays are passed as one JSON document.
-    fn upsert_sql(table: &str) -> String {
+    fn upsert_sql(table: &str, ids: &IdTypes) -> String {
+        let c = param(1, ids.conversation);
+        let users = ids.user.sql();
         format!(
             "INSERT INTO {table} AS h (conversation_id, head_seq, message_count, version,
                 window_floor_seq, recent_seqs, recent_senders, mention_seqs, mention_user_ids,
                 everyone_seqs, updated_at)
          SELECT c, hs, mc, v, f,
                 ARRAY(SELECT jsonb_array_elements_text(w->'recent_seqs')::int8),
-                ARRAY(SELECT jsonb_array_elements_text(w->'recent_senders')::int8),
+                ARRAY(SELECT jsonb_array_elements_text(w->'recent_senders')::{users}),
                 ARRAY(SELECT jsonb_array_elements_text(w->'mention_seqs')::int8),
-                ARRAY(SELECT jsonb_array_elements_text(w->'mention_user_ids')::int8),
+                ARRAY(SELECT jsonb_array_elements_text(w->'mention_user_ids')::{users}),
                 ARRAY(SELECT jsonb_array_elements_text(w->'everyone_seqs')::int8),
                 now()
-         FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::jsonb[])
+         FROM unnest({c}, $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::jsonb[])
               AS t(c, hs, mc, v, f, w)
          ON CONFLICT (conversation_id) DO UPDATE SET
                 head_seq = EXCLUDED.head_seq, message_count = EXCLUDED.message_count,
@@ -160,7 +191,7 @@ impl SinkRow for HeadUpdate {
         )
     }
 
-    fn columns(rows: &[Self]) -> Columns {
+    fn columns(rows: &[Self], ids: &IdTypes) -> Columns {
         let longs = |f: fn(&HeadUpdate) -> i64| -> Vec<i64> { rows.iter().map(f).collect() };
         let windows: Vec<serde_json::Value> = rows
             .iter()
@@ -175,7 +206,10 @@ impl SinkRow for HeadUpdate {
             })
             .collect();
         vec![
-            Box::new(longs(|u| u.conversation_id.0)),
+            id_column(
+                ids.conversation,
+                rows.iter().map(|u| Some(&u.conversation_id.0)),
+            ),
             Box::new(longs(|u| u.head_seq)),
             Box::new(longs(|u| u.message_count)),
             Box::new(longs(|u| u.version)),
@@ -194,5 +228,28 @@ impl SinkRow for HeadUpdate {
             "recent_seqs": self.recent_seqs.len(),
         })
         .to_string()
+    }
+}
+
+/// The `unnest` parameter `$n` for ids of type `ty`: bound as `int8[]` or `text[]`, and
+/// UUIDs cast from text.
+fn param(n: usize, ty: IdType) -> String {
+    match ty {
+        IdType::I64 => format!("${n}::int8[]"),
+        IdType::String => format!("${n}::text[]"),
+        IdType::Uuid => format!("${n}::text[]::uuid[]"),
+    }
+}
+
+/// A column of ids bound as `ty`'s parameter type (see [`param`]).
+fn id_column<'a>(
+    ty: IdType,
+    ids: impl Iterator<Item = Option<&'a Id>>,
+) -> Box<dyn ToSql + Sync + Send> {
+    match ty {
+        IdType::I64 => Box::new(ids.map(|i| i.and_then(Id::as_int)).collect::<Vec<_>>()),
+        IdType::String | IdType::Uuid => {
+            Box::new(ids.map(|i| i.map(Id::to_string)).collect::<Vec<_>>())
+        }
     }
 }

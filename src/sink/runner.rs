@@ -56,6 +56,7 @@ pub struct SinkConfig<R: SinkRow = ReceiptUpdate> {
     pub linger: Duration,
     pub kafka: KafkaSettings,
     pub resolver: Arc<dyn SchemaResolver>,
+    /// The table; the topic's reader schema follows its id types.
     pub table: Arc<dyn ReceiptTable<R>>,
     /// Live counters (sink records, rows written, statements).
     pub progress: Arc<Progress>,
@@ -209,7 +210,7 @@ impl<R: SinkRow> Sink<R> {
             })
             .map_err(KafkaError::from)?;
         let producer: FutureProducer = cfg.kafka.producer().create().map_err(KafkaError::from)?;
-        let decoder = WireDecoder::new(cfg.resolver.clone(), R::SCHEMA)?;
+        let decoder = WireDecoder::new(cfg.resolver.clone(), &R::schema(&cfg.table.ids()))?;
         let positions = Positions::default();
         let lag = LagProbe::start(
             &cfg.kafka,
@@ -705,7 +706,7 @@ impl<R: SinkRow> Sink<R> {
                         topic: self.cfg.topic.clone(),
                         partition: w.row_partitions[i],
                         offset: w.row_offsets[i],
-                        key: Some(u.conversation().0.to_string().into_bytes()),
+                        key: Some(u.conversation().to_string().into_bytes()),
                         value: Some(u.to_json().into_bytes()),
                         reason: "rejected_by_database",
                         error,

@@ -18,6 +18,7 @@ use tokio_postgres::types::ToSql;
 use super::batch::WriteBatch;
 use super::row::SinkRow;
 use super::{classify, db_error_text, ErrorClass, SinkError};
+use crate::ids::IdTypes;
 use crate::model::ReceiptUpdate;
 
 /// What a successful write did.
@@ -54,6 +55,11 @@ pub trait ReceiptTable<R: SinkRow = ReceiptUpdate>: Send + Sync {
         1
     }
 
+    /// The id types of its columns (the topology's `[ids]`).
+    fn ids(&self) -> IdTypes {
+        IdTypes::default()
+    }
+
     /// Fail unless the table can be written: `NotMigrated` for good, `Retriable` while the
     /// database is unreachable.
     fn check_ready(&self) -> BoxFuture<'_, Result<(), SinkError>> {
@@ -69,6 +75,8 @@ pub struct PostgresTable<R = ReceiptUpdate> {
     /// `user@host:port/db`, for messages.
     target: String,
     table: String,
+    /// The id types its columns have (the topology's `[ids]`).
+    ids: IdTypes,
     upsert: String,
     _row: std::marker::PhantomData<fn() -> R>,
 }
@@ -161,9 +169,21 @@ impl<R: SinkRow> PostgresTable<R> {
             tls,
             target,
             table: table.to_owned(),
-            upsert: R::upsert_sql(table),
+            ids: IdTypes::default(),
+            upsert: R::upsert_sql(table, &IdTypes::default()),
             _row: std::marker::PhantomData,
         })
+    }
+
+    /// The table for ids of `ids`' types (default: the default [`IdTypes`]).
+    pub fn with_ids(mut self, ids: IdTypes) -> Self {
+        self.upsert = R::upsert_sql(&self.table, &ids);
+        self.ids = ids;
+        self
+    }
+
+    pub fn ids(&self) -> IdTypes {
+        self.ids
     }
 
     pub fn table(&self) -> &str {
@@ -209,6 +229,9 @@ impl<R: SinkRow> PostgresTable<R> {
     /// Fail unless the database is migrated for this table.
     pub async fn check_migrated(&self) -> Result<(), SinkError> {
         let client = self.direct().await?;
+        super::migrate::check_id_columns(&client, &self.table, &R::id_columns(&self.ids))
+            .await
+            .map_err(|e| self.at(e))?;
         super::migrate::check_set(&client, &self.table, R::MIGRATIONS).await
     }
 
@@ -233,14 +256,26 @@ impl<R: SinkRow> PostgresTable<R> {
     /// Apply the migrations for this table; returns the versions applied now.
     pub async fn migrate(&self) -> Result<Vec<i32>, SinkError> {
         let mut client = self.direct().await?;
-        super::migrate::migrate(&mut client, &self.table).await
+        let columns = R::id_columns(&self.ids);
+        super::migrate::migrate(&mut client, &self.table, &self.ids, &columns)
+            .await
+            .map_err(|e| self.at(e))
     }
 
     /// Apply the migrations of a conversation-heads table, and of its view over
     /// `receipts_table`; returns the versions applied now.
     pub async fn migrate_heads(&self, receipts_table: &str) -> Result<Vec<i32>, SinkError> {
         let mut client = self.direct().await?;
-        super::migrate::migrate_heads(&mut client, &self.table, receipts_table).await
+        let columns = R::id_columns(&self.ids);
+        super::migrate::migrate_heads(
+            &mut client,
+            &self.table,
+            receipts_table,
+            &self.ids,
+            &columns,
+        )
+        .await
+        .map_err(|e| self.at(e))
     }
 
     async fn write_batch(
@@ -254,7 +289,7 @@ impl<R: SinkRow> PostgresTable<R> {
         let mut report = WriteReport::default();
         if !batch.rows.is_empty() {
             let stmt = tx.prepare_cached(&self.upsert).await.map_err(db)?;
-            let cols = R::columns(&batch.rows);
+            let cols = R::columns(&batch.rows, &self.ids);
             let started = std::time::Instant::now();
             let r = tx.execute(&stmt, &params(&cols)).await;
             metrics::histogram!("readstate_sink_statement_duration_seconds")
@@ -306,7 +341,7 @@ impl<R: SinkRow> PostgresTable<R> {
         let mut stack = vec![(0usize, rows.len())];
         while let Some((lo, hi)) = stack.pop() {
             tx.batch_execute("SAVEPOINT probe").await.map_err(db)?;
-            let cols = R::columns(&rows[lo..hi]);
+            let cols = R::columns(&rows[lo..hi], &self.ids);
             match tx.execute(&stmt, &params(&cols)).await {
                 Ok(_) => tx
                     .batch_execute("RELEASE SAVEPOINT probe")
@@ -358,6 +393,10 @@ impl<R: SinkRow> PostgresTable<R> {
 impl<R: SinkRow> ReceiptTable<R> for PostgresTable<R> {
     fn check_ready(&self) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(self.check_migrated())
+    }
+
+    fn ids(&self) -> IdTypes {
+        self.ids
     }
 
     fn claim<'a>(

@@ -76,7 +76,8 @@ impl RecordCache {
         self.miss_keys.clear();
         self.miss_seen.clear();
         for k in keys {
-            if !self.entries.contains_key(&k) && self.miss_seen.insert(k) {
+            if !self.entries.contains_key(&k) && !self.miss_seen.contains(&k) {
+                self.miss_seen.insert(k.clone());
                 self.miss_keys.push(k);
             }
         }
@@ -87,7 +88,7 @@ impl RecordCache {
         for (k, v) in self.miss_keys.iter().zip(values) {
             let state = v.unwrap_or_default();
             self.entries.insert(
-                *k,
+                k.clone(),
                 Box::new(CacheEntry {
                     state,
                     dirty: false,
@@ -120,7 +121,7 @@ impl RecordCache {
         e.touched_epoch = self.epoch;
         if !e.dirty {
             e.dirty = true;
-            self.dirty.push(*key);
+            self.dirty.push(key.clone());
         }
         Some(&mut e.state)
     }
@@ -186,8 +187,8 @@ mod tests {
 
     fn k(c: i64) -> StateKey {
         StateKey {
-            conversation: ConversationId(c),
-            reader: ReaderId(1),
+            conversation: ConversationId::from(c),
+            reader: ReaderId::from(1),
         }
     }
 
@@ -199,7 +200,7 @@ mod tests {
             ..Default::default()
         };
         let mut b = StoreBatch::default();
-        b.put(StoreKey::state(k(1)).as_bytes(), st.to_bytes());
+        b.put(StoreKey::state(&k(1)).as_bytes(), st.to_bytes());
         store.write(b).unwrap();
 
         let mut c = RecordCache::new(10);

@@ -1,23 +1,20 @@
 //! Byte layout of the read-state store and its changelog.
 //!
-//! Keys are 17 bytes: a tag, then conversation id and reader id as order-preserving
-//! big-endian integers (sign bit flipped). All readers of one conversation therefore share
-//! the 9-byte prefix `tag ‖ conversation`, and a prefix scan lists them in reader order.
+//! Keys are a tag, then conversation id and reader id in an order-preserving encoding
+//! ([`StoreKey`]). All readers of one conversation therefore share the prefix
+//! `tag ‖ conversation`, and a prefix scan lists them in reader order.
 //!
 //! Values are a compact versioned binary record ([`ReadState::encode`]), the same bytes in
 //! the store and in the changelog topic.
 //!
 //! Every cache, flush and restore reads and writes entries through an [`EntryCodec`]:
-//! the key type, its bytes and the value's bytes of one kind of entry. Today's entries have
-//! 64-bit ids and fixed 17-byte keys ([`ReadStates`], [`Heads`]); an entry keyed by string
-//! ids gets a codec whose `KeyBytes` is variable-length (tag, then the length-prefixed
-//! conversation, then the reader, keeping the per-conversation prefix order), without
-//! touching the code that goes through the trait.
+//! the key type, its bytes and the value's bytes of one kind of entry ([`ReadStates`],
+//! [`Heads`]).
 
 use compact_str::CompactString;
 use smallvec::SmallVec;
 
-use crate::ids::{ConversationId, ReaderId, SenderId};
+use crate::ids::{ConversationId, Id, IdType, ReaderId, SenderId};
 use crate::model::{ReceiptUpdate, StateKey};
 
 /// Tag of a read-state entry.
@@ -28,58 +25,93 @@ pub const TAG_PENDING: u8 = b'p';
 pub const TAG_HEAD: u8 = b'h';
 
 const SIGN: u64 = 1 << 63;
+/// Set on the tag of a key whose ids are not both integers (see [`StoreKey`]).
+const EXTENDED: u8 = 0x80;
 
-/// Encoded store key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StoreKey(pub [u8; 17]);
+/// Encoded store key. When both ids are integers: 17 bytes, the tag, then conversation and
+/// reader as order-preserving big-endian integers (sign bit flipped), the layout of every
+/// earlier version. Otherwise the tag with its high bit set, then each id's
+/// self-delimiting, order-preserving key form ([`Id::encode_key`]). Either way all readers
+/// of one conversation share a prefix ([`StoreKey::conversation_prefix`]) and a prefix
+/// scan lists them in reader order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StoreKey(SmallVec<[u8; 40]>);
 
 impl StoreKey {
-    pub fn new(tag: u8, key: StateKey) -> Self {
-        let mut b = [0u8; 17];
-        b[0] = tag;
-        b[1..9].copy_from_slice(&((key.conversation.0 as u64) ^ SIGN).to_be_bytes());
-        b[9..17].copy_from_slice(&((key.reader.0 as u64) ^ SIGN).to_be_bytes());
+    pub fn new(tag: u8, key: &StateKey) -> Self {
+        Self::of(tag, &key.conversation.0, &key.reader.0)
+    }
+
+    fn of(tag: u8, conversation: &Id, reader: &Id) -> Self {
+        let mut b = SmallVec::new();
+        match (conversation.as_int(), reader.as_int()) {
+            (Some(c), Some(r)) => {
+                b.push(tag);
+                b.extend_from_slice(&((c as u64) ^ SIGN).to_be_bytes());
+                b.extend_from_slice(&((r as u64) ^ SIGN).to_be_bytes());
+            }
+            _ => {
+                b.push(tag | EXTENDED);
+                conversation.encode_key(&mut b);
+                reader.encode_key(&mut b);
+            }
+        }
         Self(b)
     }
 
-    pub fn state(key: StateKey) -> Self {
+    pub fn state(key: &StateKey) -> Self {
         Self::new(TAG_STATE, key)
     }
 
-    pub fn pending(key: StateKey) -> Self {
+    pub fn pending(key: &StateKey) -> Self {
         Self::new(TAG_PENDING, key)
     }
 
-    pub fn head(conversation: ConversationId) -> Self {
-        Self::new(
-            TAG_HEAD,
-            StateKey {
-                conversation,
-                reader: ReaderId(0),
-            },
-        )
+    pub fn head(conversation: &ConversationId) -> Self {
+        Self::of(TAG_HEAD, &conversation.0, &Id::int(0))
     }
 
-    /// The prefix shared by every reader of `conversation` under `tag`.
-    pub fn conversation_prefix(tag: u8, conversation: ConversationId) -> [u8; 9] {
-        let mut b = [0u8; 9];
-        b[0] = tag;
-        b[1..9].copy_from_slice(&((conversation.0 as u64) ^ SIGN).to_be_bytes());
+    /// The prefix shared by every reader of `conversation` under `tag`, where readers'
+    /// ids are of type `readers`.
+    pub fn conversation_prefix(tag: u8, conversation: &ConversationId, readers: IdType) -> Vec<u8> {
+        let mut b = Vec::with_capacity(24);
+        match (conversation.as_int(), readers) {
+            (Some(c), IdType::I64) => {
+                b.push(tag);
+                b.extend_from_slice(&((c as u64) ^ SIGN).to_be_bytes());
+            }
+            _ => {
+                b.push(tag | EXTENDED);
+                conversation.0.encode_key(&mut b);
+            }
+        }
         b
     }
 
-    /// Decode a key; `None` when the bytes are not a 17-byte key.
+    /// Decode a key; `None` when the bytes are not a key in either layout.
     pub fn decode(bytes: &[u8]) -> Option<(u8, StateKey)> {
-        if bytes.len() != 17 {
-            return None;
-        }
-        let c = u64::from_be_bytes(bytes[1..9].try_into().ok()?) ^ SIGN;
-        let r = u64::from_be_bytes(bytes[9..17].try_into().ok()?) ^ SIGN;
+        let (&tag, rest) = bytes.split_first()?;
+        let (conversation, reader) = if tag & EXTENDED == 0 {
+            if rest.len() != 16 {
+                return None;
+            }
+            let c = u64::from_be_bytes(rest[..8].try_into().ok()?) ^ SIGN;
+            let r = u64::from_be_bytes(rest[8..].try_into().ok()?) ^ SIGN;
+            (Id::int(c as i64), Id::int(r as i64))
+        } else {
+            let (c, n) = Id::decode_key(rest)?;
+            let (r, m) = Id::decode_key(&rest[n..])?;
+            let canonical = c.as_int().is_none() || r.as_int().is_none();
+            if n + m != rest.len() || !canonical {
+                return None;
+            }
+            (c, r)
+        };
         Some((
-            bytes[0],
+            tag & !EXTENDED,
             StateKey {
-                conversation: ConversationId(c as i64),
-                reader: ReaderId(r as i64),
+                conversation: ConversationId::from(conversation),
+                reader: ReaderId::from(reader),
             },
         ))
     }
@@ -87,11 +119,21 @@ impl StoreKey {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+
+    /// Every entry under `tag`, in both key layouts.
+    pub fn scan_tag(
+        store: &dyn super::KeyValueStore,
+        tag: u8,
+    ) -> Result<Vec<super::Entry>, super::StoreError> {
+        let mut entries = store.scan_prefix(&[tag])?;
+        entries.extend(store.scan_prefix(&[tag | EXTENDED])?);
+        Ok(entries)
+    }
 }
 
 /// How one kind of store entry becomes bytes, in the store and in its changelog alike.
 pub trait EntryCodec {
-    type Key: Copy;
+    type Key: Clone;
     type Value;
     /// The encoded key (tag first): fixed-size for integer ids, owned bytes for strings.
     type KeyBytes: AsRef<[u8]>;
@@ -112,7 +154,7 @@ impl EntryCodec for ReadStates {
     type KeyBytes = StoreKey;
 
     fn encode_key(key: &StateKey) -> StoreKey {
-        StoreKey::state(*key)
+        StoreKey::state(key)
     }
 
     fn decode_key(bytes: &[u8]) -> Option<StateKey> {
@@ -140,7 +182,7 @@ impl EntryCodec for Heads {
     type KeyBytes = StoreKey;
 
     fn encode_key(key: &ConversationId) -> StoreKey {
-        StoreKey::head(*key)
+        StoreKey::head(key)
     }
 
     fn decode_key(bytes: &[u8]) -> Option<ConversationId> {
@@ -246,7 +288,10 @@ impl Default for ReadState {
     }
 }
 
+/// Sender id as a little-endian integer (every earlier version).
 const FORMAT_V1: u8 = 1;
+/// Sender id in [`Id`]'s value form (any id type).
+const FORMAT_V2: u8 = 2;
 
 impl ReadState {
     /// True when the pointer advanced beyond what was last emitted.
@@ -261,7 +306,7 @@ impl ReadState {
             reader_id: key.reader,
             last_read_seq: self.last_read_seq,
             message_id: self.message_id.as_deref().map(str::to_owned),
-            sender_id: self.sender_id,
+            sender_id: self.sender_id.clone(),
             device_id: self.device_id.as_deref().map(str::to_owned),
             read_at_ms: Some(self.read_at_ms),
             version: self.version,
@@ -276,7 +321,8 @@ impl ReadState {
 
     /// Append the binary form to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.push(FORMAT_V1);
+        let int_sender = self.sender_id.as_ref().is_none_or(|s| s.as_int().is_some());
+        out.push(if int_sender { FORMAT_V1 } else { FORMAT_V2 });
         for v in [
             self.last_read_seq,
             self.read_at_ms,
@@ -290,10 +336,13 @@ impl ReadState {
         ] {
             out.extend_from_slice(&v.to_le_bytes());
         }
-        match self.sender_id {
+        match &self.sender_id {
             Some(s) => {
                 out.push(1);
-                out.extend_from_slice(&s.0.to_le_bytes());
+                match s.as_int() {
+                    Some(v) if int_sender => out.extend_from_slice(&v.to_le_bytes()),
+                    _ => s.0.encode_value(out),
+                }
             }
             None => out.push(0),
         }
@@ -325,7 +374,7 @@ impl ReadState {
             stale_total: v.nums[6],
             events_since_emit: v.nums[7],
             stale_since_emit: v.nums[8],
-            sender_id: v.sender_id,
+            sender_id: v.sender_id.clone(),
             message_id: v.message_id.map(CompactString::from),
             device_id: v.device_id.map(CompactString::from),
             marks: v.marks().collect(),
@@ -355,7 +404,7 @@ impl<'a> ValueView<'a> {
     fn parse(bytes: &'a [u8]) -> Result<Self, String> {
         let mut r = Reader { b: bytes, pos: 0 };
         let fmt = r.u8()?;
-        if fmt != FORMAT_V1 {
+        if fmt != FORMAT_V1 && fmt != FORMAT_V2 {
             return Err(format!("unknown state format {fmt}"));
         }
         let mut nums = [0i64; 9];
@@ -364,7 +413,8 @@ impl<'a> ValueView<'a> {
         }
         let sender_id = match r.u8()? {
             0 => None,
-            _ => Some(SenderId(r.i64()?)),
+            _ if fmt == FORMAT_V1 => Some(SenderId::from(r.i64()?)),
+            _ => Some(SenderId::from(r.id()?)),
         };
         let message_id = r.opt_str()?;
         let device_id = r.opt_str()?;
@@ -428,6 +478,11 @@ impl<'a> Reader<'a> {
     fn i64(&mut self) -> Result<i64, String> {
         Ok(i64::from_le_bytes(self.take(8)?.try_into().unwrap()))
     }
+    fn id(&mut self) -> Result<Id, String> {
+        let (id, n) = Id::decode_value(&self.b[self.pos..])?;
+        self.pos += n;
+        Ok(id)
+    }
     fn opt_str(&mut self) -> Result<Option<&'a str>, String> {
         let n = self.u32()? as usize;
         if n == 0 {
@@ -447,39 +502,93 @@ mod tests {
 
     fn key(c: i64, r: i64) -> StateKey {
         StateKey {
-            conversation: ConversationId(c),
-            reader: ReaderId(r),
+            conversation: ConversationId::from(c),
+            reader: ReaderId::from(r),
+        }
+    }
+
+    fn text_key(c: &str, r: &str) -> StateKey {
+        StateKey {
+            conversation: ConversationId::from(Id::text(c).unwrap()),
+            reader: ReaderId::from(Id::text(r).unwrap()),
         }
     }
 
     #[test]
     fn key_roundtrip_and_prefix() {
         let k = key(-5, 7);
-        let enc = StoreKey::state(k);
+        let enc = StoreKey::state(&k);
+        assert_eq!(
+            enc.as_bytes().len(),
+            17,
+            "integer ids keep the 17-byte layout"
+        );
         assert_eq!(StoreKey::decode(enc.as_bytes()), Some((TAG_STATE, k)));
-        let prefix = StoreKey::conversation_prefix(TAG_STATE, ConversationId(-5));
+        let prefix =
+            StoreKey::conversation_prefix(TAG_STATE, &ConversationId::from(-5), IdType::I64);
         assert!(enc.as_bytes().starts_with(&prefix));
-        assert!(!StoreKey::state(key(-4, 7)).as_bytes().starts_with(&prefix));
+        assert!(!StoreKey::state(&key(-4, 7)).as_bytes().starts_with(&prefix));
+    }
+
+    #[test]
+    fn string_and_uuid_keys_roundtrip_and_share_a_conversation_prefix() {
+        let uuid = "550e8400-e29b-41d4-a716-446655440000";
+        for (c, r) in [
+            ("conv789", "user456"),
+            (uuid, "user456"),
+            ("conv", uuid),
+            ("a\0b", ""),
+        ] {
+            let k = text_key(c, r);
+            let enc = StoreKey::pending(&k);
+            assert_eq!(
+                StoreKey::decode(enc.as_bytes()),
+                Some((TAG_PENDING, k.clone()))
+            );
+            let prefix =
+                StoreKey::conversation_prefix(TAG_PENDING, &k.conversation, IdType::String);
+            assert!(enc.as_bytes().starts_with(&prefix), "{c} {r}");
+            let other = text_key(&format!("{c}x"), r);
+            assert!(!StoreKey::pending(&other).as_bytes().starts_with(&prefix));
+        }
+        let head = StoreKey::head(&ConversationId::from(Id::text("conv789").unwrap()));
+        assert_eq!(StoreKey::decode(head.as_bytes()).unwrap().0, TAG_HEAD);
     }
 
     proptest! {
         #[test]
         fn key_order_matches_integer_order(a in any::<(i64, i64)>(), b in any::<(i64, i64)>()) {
-            let ka = StoreKey::state(key(a.0, a.1));
-            let kb = StoreKey::state(key(b.0, b.1));
+            let ka = StoreKey::state(&key(a.0, a.1));
+            let kb = StoreKey::state(&key(b.0, b.1));
             prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+        }
+
+        #[test]
+        fn text_key_order_matches_text_order(a in ("[a-z]{0,6}", "[a-z]{1,6}"), b in ("[a-z]{0,6}", "[a-z]{1,6}")) {
+            let ka = StoreKey::state(&text_key(&a.0, &a.1));
+            let kb = StoreKey::state(&text_key(&b.0, &b.1));
+            prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+            prop_assert_eq!(StoreKey::decode(ka.as_bytes()).map(|(_, k)| k), Some(text_key(&a.0, &a.1)));
+        }
+
+        #[test]
+        fn key_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..60)) {
+            let _ = StoreKey::decode(&bytes);
         }
 
         #[test]
         fn value_roundtrip(seq in any::<i64>(), v in 0i64..1000, mid in proptest::option::of(".{0,40}"),
                            dev in proptest::option::of("[a-z0-9]{0,12}"), sender in proptest::option::of(any::<i64>()),
+                           text_sender in proptest::option::of("[a-z0-9]{0,12}"),
                            marks in proptest::collection::vec(any::<(u32, i64)>(), 0..5)) {
             let s = ReadState {
-                last_read_seq: seq, message_id: mid.map(Into::into), sender_id: sender.map(SenderId), device_id: dev.map(Into::into),
+                last_read_seq: seq, message_id: mid.map(Into::into), sender_id: sender.map(SenderId::from), device_id: dev.map(Into::into),
                 read_at_ms: 17, version: v, emitted_version: v / 2, last_emit_ms: -3,
                 events_total: 9, stale_total: 2, events_since_emit: 4, stale_since_emit: 1, marks: marks.into(),
             };
-            prop_assert_eq!(ReadState::decode(&s.to_bytes()).unwrap(), s);
+            prop_assert_eq!(ReadState::decode(&s.to_bytes()).unwrap(), s.clone());
+            let with_text = ReadState { sender_id: text_sender.map(|t| SenderId::from(Id::text(&t).unwrap())), ..s };
+            prop_assert_eq!(ReadState::decode(&with_text.to_bytes()).unwrap(), with_text);
         }
 
         #[test]

@@ -19,7 +19,7 @@
 use smallvec::SmallVec;
 
 use super::codec::{Mark, Marks};
-use crate::ids::{ConversationId, Origin, ReaderId, SenderId};
+use crate::ids::{ConversationId, Id, Origin, ReaderId, SenderId};
 use crate::model::{HeadUpdate, MessageEvent, UnreadCounts};
 
 /// One message in the window.
@@ -33,8 +33,8 @@ pub struct Position {
 }
 
 impl Position {
-    fn mentions_reader(&self, reader: ReaderId) -> bool {
-        self.everyone || self.mentions.binary_search(&reader).is_ok()
+    fn mentions_reader(&self, reader: &ReaderId) -> bool {
+        self.everyone || self.mentions.binary_search(reader).is_ok()
     }
 }
 
@@ -101,14 +101,14 @@ impl ConversationHead {
             Ok(_) => return MessageFold::Duplicate,
             Err(i) => i,
         };
-        let mut mentions: SmallVec<[ReaderId; 2]> = m.mentions.iter().copied().collect();
+        let mut mentions: SmallVec<[ReaderId; 2]> = m.mentions.iter().cloned().collect();
         mentions.sort_unstable();
         mentions.dedup();
         self.window.insert(
             i,
             Position {
                 seq: m.message_seq,
-                sender: m.sender_id,
+                sender: m.sender_id.clone(),
                 everyone: m.mention_everyone,
                 mentions,
             },
@@ -140,7 +140,7 @@ impl ConversationHead {
     }
 
     /// The counts of `reader` whose pointer is `pointer` (`-1`: nothing read).
-    pub fn counts(&self, reader: ReaderId, pointer: i64) -> UnreadCounts {
+    pub fn counts(&self, reader: &ReaderId, pointer: i64) -> UnreadCounts {
         let start = self.window.partition_point(|p| p.seq <= pointer);
         let mut c = UnreadCounts {
             capped: pointer < self.floor_seq,
@@ -177,22 +177,31 @@ impl ConversationHead {
         u.recent_senders.reserve(self.window.len());
         for p in &self.window {
             u.recent_seqs.push(p.seq);
-            u.recent_senders.push(p.sender.0);
+            u.recent_senders.push(p.sender.0.clone());
             if p.everyone {
                 u.everyone_seqs.push(p.seq);
             }
             for r in &p.mentions {
                 u.mention_seqs.push(p.seq);
-                u.mention_user_ids.push(r.0);
+                u.mention_user_ids.push(r.0.clone());
             }
         }
         u
     }
 
     /// Append the binary form to `out`: a format byte, then zigzag varints; window seqs
-    /// as deltas from the previous one.
+    /// as deltas from the previous one. Ids are varints when all are integers
+    /// ([`FORMAT_V1`], every earlier version), else in [`Id`]'s value form ([`FORMAT_V2`]).
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.push(FORMAT_V1);
+        let ints = self.window.iter().all(|p| {
+            p.sender.as_int().is_some() && p.mentions.iter().all(|r| r.as_int().is_some())
+        });
+        let format = if ints { FORMAT_V1 } else { FORMAT_V2 };
+        out.push(format);
+        let put_id = |out: &mut Vec<u8>, id: &Id| match id.as_int() {
+            Some(v) if ints => put_var(out, v),
+            _ => id.encode_value(out),
+        };
         for v in [
             self.head_seq,
             self.message_count,
@@ -213,10 +222,10 @@ impl ConversationHead {
         for p in &self.window {
             put_var(out, p.seq.wrapping_sub(prev));
             prev = p.seq;
-            put_var(out, p.sender.0);
+            put_id(out, &p.sender.0);
             put_var(out, (p.mentions.len() as i64) << 1 | i64::from(p.everyone));
             for r in &p.mentions {
-                put_var(out, r.0);
+                put_id(out, &r.0);
             }
         }
     }
@@ -231,7 +240,7 @@ impl ConversationHead {
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         let mut r = VarReader { bytes, at: 0 };
         let format = r.byte()?;
-        if format != FORMAT_V1 {
+        if format != FORMAT_V1 && format != FORMAT_V2 {
             return Err(format!("unknown conversation-head format {format}"));
         }
         let mut h = ConversationHead {
@@ -254,13 +263,13 @@ impl ConversationHead {
         for _ in 0..n {
             let seq = prev.wrapping_add(r.var()?);
             prev = seq;
-            let sender = SenderId(r.var()?);
+            let sender = SenderId::from(r.id(format)?);
             let flags = r.var()?;
             let count = usize::try_from(flags >> 1).map_err(|_| "negative mention count")?;
             r.check_len(count)?;
             let mut mentions = SmallVec::with_capacity(count);
             for _ in 0..count {
-                mentions.push(ReaderId(r.var()?));
+                mentions.push(ReaderId::from(r.id(format)?));
             }
             h.window.push(Position {
                 seq,
@@ -282,7 +291,10 @@ impl ConversationHead {
     }
 }
 
+/// Integer ids as varints.
 const FORMAT_V1: u8 = 1;
+/// Ids in [`Id`]'s value form.
+const FORMAT_V2: u8 = 2;
 
 /// The most mentioned users a window keeps (bounding a head's memory when messages name
 /// many users): four per position, and at least one message's worth.
@@ -299,6 +311,15 @@ struct VarReader<'a> {
 }
 
 impl VarReader<'_> {
+    fn id(&mut self, format: u8) -> Result<Id, String> {
+        if format == FORMAT_V1 {
+            return self.var().map(Id::int);
+        }
+        let (id, n) = Id::decode_value(&self.bytes[self.at..])?;
+        self.at += n;
+        Ok(id)
+    }
+
     fn byte(&mut self) -> Result<u8, String> {
         let b = *self
             .bytes
@@ -342,10 +363,10 @@ mod tests {
 
     fn msg(seq: i64, sender: i64, mentions: &[i64], everyone: bool) -> MessageEvent {
         MessageEvent {
-            conversation_id: ConversationId(1),
+            conversation_id: ConversationId::from(1),
             message_seq: seq,
-            sender_id: SenderId(sender),
-            mentions: mentions.iter().map(|m| ReaderId(*m)).collect(),
+            sender_id: SenderId::from(sender),
+            mentions: mentions.iter().map(|m| ReaderId::from(*m)).collect(),
             mention_everyone: everyone,
             ..Default::default()
         }
@@ -362,7 +383,7 @@ mod tests {
         h.fold(&msg(11, 2, &[7], false), at(1), 100);
         h.fold(&msg(12, 7, &[7], false), at(2), 100);
         h.fold(&msg(13, 1, &[], true), at(3), 100);
-        let c = |p| h.counts(ReaderId(7), p);
+        let c = |p| h.counts(&ReaderId::from(7), p);
         assert_eq!((c(-1).unread, c(-1).mentions), (3, 2));
         assert_eq!((c(11).unread, c(11).mentions), (1, 1));
         assert_eq!((c(13).unread, c(13).mentions), (0, 0));
@@ -381,10 +402,10 @@ mod tests {
         assert_eq!(h.window.len(), 1);
         assert_eq!(h.floor_seq, 2);
         assert!(
-            h.counts(ReaderId(5), 0).capped,
+            h.counts(&ReaderId::from(5), 0).capped,
             "readers behind the floor are capped"
         );
-        assert_eq!(h.counts(ReaderId(5), 2).mentions, 1);
+        assert_eq!(h.counts(&ReaderId::from(5), 2).mentions, 1);
     }
 
     #[test]
@@ -407,9 +428,9 @@ mod tests {
             MessageFold::Replayed
         );
         assert_eq!((h.message_count, h.late), (3, 1));
-        let c = h.counts(ReaderId(9), 0);
+        let c = h.counts(&ReaderId::from(9), 0);
         assert_eq!((c.unread, c.capped), (2, true));
-        assert!(!h.counts(ReaderId(9), 5).capped);
+        assert!(!h.counts(&ReaderId::from(9), 5).capped);
     }
 
     fn arb_head() -> impl Strategy<Value = ConversationHead> {
@@ -467,11 +488,11 @@ mod tests {
                 h.fold(m, at(i as i64), cap);
             }
             for reader in 0..4 {
-                let r = ReaderId(reader);
-                let after: Vec<&MessageEvent> = all.iter().filter(|m| m.message_seq > pointer && m.sender_id.0 != reader).collect();
+                let r = ReaderId::from(reader);
+                let after: Vec<&MessageEvent> = all.iter().filter(|m| m.message_seq > pointer && m.sender_id.as_int() != Some(reader)).collect();
                 let unread = after.len() as i64;
                 let mentions = after.iter().filter(|m| m.mention_everyone || m.mentions.contains(&r)).count() as i64;
-                let c = h.counts(r, pointer);
+                let c = h.counts(&r, pointer);
                 if !c.capped {
                     prop_assert_eq!((c.unread, c.mentions), (unread, mentions));
                 } else {

@@ -11,7 +11,7 @@ use super::{
     DEFAULT_CACHE_MAX_ENTRIES, READ_STATE_KIND,
 };
 use crate::config::{self, SinkSpec, TopologySpec};
-use crate::ids::{ApplicationId, StoreName, TopicName};
+use crate::ids::{ApplicationId, IdTypes, StoreName, TopicName};
 use crate::serde::json::PositionKind;
 
 /// Compile a parsed spec, section by section; every section reports its errors, and a
@@ -22,7 +22,8 @@ pub(super) fn compile_spec(
     errs: &mut Errors,
 ) -> Option<Topology> {
     let app = application(spec, errs);
-    let (sources, messages) = sources(spec, &app.prefix, errs);
+    let ids = super::fields::id_types(spec, errs);
+    let (sources, messages) = sources(spec, &app.prefix, &ids, errs);
     let stores = stores(spec, &app.prefix, errs);
     let processors = processors(spec, kinds, messages.as_ref(), &stores, errs);
     check_inputs(spec, &processors, &sources, messages.as_ref(), errs);
@@ -54,6 +55,7 @@ pub(super) fn compile_spec(
         heads_output: kafka.heads.into_iter().next(),
         postgres,
         heads_postgres,
+        ids,
     })
 }
 
@@ -121,7 +123,12 @@ fn guarantee(app: &config::ApplicationSpec, errs: &mut Errors) -> ProcessingGuar
 }
 
 /// The read-event sources, and the message source when there is one.
-fn sources(spec: &TopologySpec, app: &str, errs: &mut Errors) -> (Vec<Source>, Option<Source>) {
+fn sources(
+    spec: &TopologySpec,
+    app: &str,
+    ids: &IdTypes,
+    errs: &mut Errors,
+) -> (Vec<Source>, Option<Source>) {
     if spec.source.is_empty() {
         errs.push("source", "at least one [[source]] is required");
     }
@@ -159,7 +166,7 @@ fn sources(spec: &TopologySpec, app: &str, errs: &mut Errors) -> (Vec<Source>, O
             keyed_by,
             repartition_topic,
             partitioner: partitioner(&at, s, errs),
-            format: super::fields::source_format(&at, s, is_messages, errs),
+            format: super::fields::source_format(&at, s, is_messages, ids, errs),
         };
         match is_messages {
             true => messages = Some(source),

@@ -51,6 +51,14 @@ pub fn describe(t: &Topology) -> String {
         "  bad records:    {policy}; records over {} bytes are too_large",
         b.max_record_bytes
     );
+    let _ = writeln!(
+        o,
+        "  ids:            conversation {}, user {}, message {} (strings up to {} bytes)",
+        t.ids.conversation,
+        t.ids.user,
+        t.ids.message,
+        crate::ids::MAX_ID_BYTES
+    );
     let repartitioned: Vec<_> = t
         .sources
         .iter()
@@ -152,12 +160,26 @@ pub fn describe(t: &Topology) -> String {
         "  Sink: {} (topic: {}, keyed by conversation_id, format avro-confluent)",
         t.output.name, t.output.topic
     );
+    let schema = crate::serde::receipt_update_schema(&t.ids);
+    let _ = writeln!(
+        o,
+        "    value schema (subject {}-value): {}",
+        t.output.topic,
+        id_fields(&schema)
+    );
     let _ = writeln!(o, "    <-- {}", p.name);
     if let Some(h) = &t.heads_output {
         let _ = writeln!(
             o,
             "  Sink: {} (topic: {}, conversation heads keyed by conversation_id, format avro-confluent)",
             h.name, h.topic
+        );
+        let schema = crate::serde::conversation_head_schema(&t.ids);
+        let _ = writeln!(
+            o,
+            "    value schema (subject {}-value): {}",
+            h.topic,
+            id_fields(&schema)
         );
         let _ = writeln!(o, "    <-- {}", p.name);
     }
@@ -206,6 +228,34 @@ pub fn describe(t: &Topology) -> String {
         let _ = writeln!(o, "  {topic} ({what})");
     }
     o
+}
+
+/// The record name and id fields of a generated output schema, e.g.
+/// `ReceiptUpdate {conversation_id: "string", ...}` (the rest as in `schemas/`).
+fn id_fields(schema: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(schema).expect("generated schema");
+    let ids: Vec<String> = v["fields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| {
+            let typed = [
+                "conversation_id",
+                "reader_id",
+                "sender_id",
+                "message_id",
+                "recent_senders",
+                "mention_user_ids",
+            ];
+            typed.contains(&f["name"].as_str().unwrap_or_default())
+        })
+        .map(|f| format!("{}: {}", f["name"].as_str().unwrap_or_default(), f["type"]))
+        .collect();
+    format!(
+        "{} {{{}, ...}}",
+        v["name"].as_str().unwrap_or_default(),
+        ids.join(", ")
+    )
 }
 
 /// A store's memory, cache (`cache_unit`: what its `cache_max_entries` counts) and

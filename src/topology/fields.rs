@@ -3,7 +3,8 @@
 
 use super::compile::Errors;
 use super::SourceFormat;
-use crate::config::SourceSpec;
+use crate::config::{SourceSpec, TopologySpec};
+use crate::ids::{IdType, IdTypes};
 use crate::serde::json::{FieldDefault, FieldMapping, PositionKind, Role, TimeUnit};
 
 /// The format of source `at` (`is_messages`: a message-events source, Avro only).
@@ -11,11 +12,18 @@ pub(super) fn source_format(
     at: &str,
     s: &SourceSpec,
     is_messages: bool,
+    ids: &IdTypes,
     errs: &mut Errors,
 ) -> SourceFormat {
     let wire_header = match s.format.as_deref() {
         None | Some("avro-confluent") => {
             refuse_json_fields(at, s, "for JSON formats only", errs);
+            if ids.conversation != IdType::I64 || ids.user != IdType::I64 {
+                errs.push(
+                    format!("{at}.format"),
+                    "Avro sources carry long conversation and user ids (schemas/read_event.avsc, message_event.avsc): [ids] other than i64 need format = \"json\" or \"json-schema\"",
+                );
+            }
             return SourceFormat::AvroConfluent;
         }
         Some("json") => false,
@@ -34,6 +42,7 @@ pub(super) fn source_format(
     };
     let mut mapping = FieldMapping::new(&[]);
     mapping.wire_header = wire_header;
+    mapping.ids = *ids;
     mapping.position = position_kind(at, s, errs);
     if is_messages && mapping.position != PositionKind::Seq {
         errs.push(
@@ -45,6 +54,37 @@ pub(super) fn source_format(
     paths(at, s, kind, &mut mapping, errs);
     defaults(at, s, kind, &mut mapping, errs);
     SourceFormat::Json(Box::new(mapping))
+}
+
+/// `[ids]`: the type of each kind of id (i64 conversations and users, string message ids
+/// by default).
+pub(super) fn id_types(spec: &TopologySpec, errs: &mut Errors) -> IdTypes {
+    let mut ids = IdTypes::default();
+    let Some(s) = &spec.ids else {
+        return ids;
+    };
+    let names: Vec<&str> = IdType::ALL.iter().map(|t| t.name()).collect();
+    let mut parse = |field: &str, value: &Option<String>, slot: &mut IdType| {
+        let Some(v) = value else { return };
+        match IdType::parse(v) {
+            Some(t) => *slot = t,
+            None => errs.push(
+                format!("ids.{field}"),
+                format!("unknown id type {v:?} (one of {})", names.join(", ")),
+            ),
+        }
+    };
+    parse("conversation", &s.conversation, &mut ids.conversation);
+    parse("user", &s.user, &mut ids.user);
+    parse("message", &s.message, &mut ids.message);
+    if ids.message == IdType::I64 {
+        errs.push(
+            "ids.message",
+            "message ids are \"string\" or \"uuid\" (a numeric message id is kept as its text: declare \"string\")",
+        );
+        ids.message = IdType::String;
+    }
+    ids
 }
 
 /// What a source's records are: which roles a mapping may and must name.

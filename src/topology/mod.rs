@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config;
-use crate::ids::{ApplicationId, StoreName, TopicName};
+use crate::ids::{ApplicationId, IdTypes, StoreName, TopicName};
 pub use crate::kafka::partitioner::Partitioner;
 pub use crate::serde::json::FieldMapping;
 
@@ -289,6 +289,8 @@ pub struct Topology {
     pub postgres: Option<PostgresSink>,
     /// The PostgreSQL sink of the conversation-heads topic (`conversation_heads`).
     pub heads_postgres: Option<PostgresSink>,
+    /// The id types (`[ids]`): decoding, store keys, output schemas and table columns.
+    pub ids: IdTypes,
 }
 
 impl Topology {

@@ -778,14 +778,16 @@ fn migrate_command(args: MigrateArgs) -> anyhow::Result<()> {
         .as_ref()
         .context("the topology has no [[sink]] of kind \"postgres\"")?;
     let url = args.database.url(&topology)?;
-    let table = PostgresTable::connect(&url, &pg.table, 1, pg.statement_timeout)?;
+    let table =
+        PostgresTable::connect(&url, &pg.table, 1, pg.statement_timeout)?.with_ids(topology.ids);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let applied = rt.block_on(table.migrate())?;
     report_migrations(&pg.table, &applied);
     if let Some(h) = &topology.heads_postgres {
-        let heads = PostgresTable::<HeadUpdate>::open(&url, &h.table, 1, h.statement_timeout)?;
+        let heads = PostgresTable::<HeadUpdate>::open(&url, &h.table, 1, h.statement_timeout)?
+            .with_ids(topology.ids);
         let applied = rt.block_on(heads.migrate_heads(&h.receipts_table))?;
         report_migrations(&h.table, &applied);
     }

@@ -378,5 +378,5 @@ fn check_restore(s: &Scenario, want: &HashMap<StateKey, Expected>) {
     inst.stop().unwrap();
     let stored = stored_states(&dir.path().join(&s.app), 0, PARTS);
     assert_eq!(stored.len(), want.len());
-    assert_states_match(want, |k| stored.get(&k).cloned());
+    assert_states_match(want, |k| stored.get(k).cloned());
 }

@@ -137,7 +137,7 @@ fn failed_produce_during_a_revoke_stops_the_instance_and_the_other_converges() {
     let updates = env.read_updates(&want);
     check_output_monotonic(&updates, &want);
     let stored = env.stored_states_in(dir_b.path());
-    assert_states_match(&want, |k| stored.get(&k).cloned());
+    assert_states_match(&want, |k| stored.get(k).cloned());
 }
 
 // ---- The same against a real Apache Kafka (scripts/test starts one): what the mock broker

@@ -156,11 +156,11 @@ fn update_stream(seed: u64, keys: i64, max_versions: i64) -> Vec<ReceiptUpdate> 
     for k in 0..keys {
         for v in 1..=rng.gen_range(1..=max_versions) {
             let u = ReceiptUpdate {
-                conversation_id: ConversationId(k / 4),
-                reader_id: ReaderId(k % 4),
+                conversation_id: ConversationId::from(k / 4),
+                reader_id: ReaderId::from(k % 4),
                 last_read_seq: v * 3,
                 message_id: Some(format!("m-{k}-{v}")),
-                sender_id: Some(SenderId(7)),
+                sender_id: Some(SenderId::from(7)),
                 device_id: Some(format!("d{}", v % 3)),
                 read_at_ms: Some(1_700_000_000_000 + v),
                 version: v,
@@ -199,6 +199,42 @@ fn records_applied(db: &Db, group: &str) -> i64 {
 /// Rows equal the oracle; a row the database rejects goes to the DLQ; the offsets table
 /// accounts for every record exactly once; re-reading the topic from the beginning
 /// changes no row (not even `updated_at`).
+/// A receipts table made for 64-bit ids refuses a topology declaring string and UUID ids
+/// (`[ids]`), naming every column that differs, at migrate and when a sink starts; the
+/// types it was made for still pass.
+#[test]
+fn a_table_with_other_id_types_is_refused() {
+    use readstate::ids::{IdType, IdTypes};
+    let db = Db::create();
+    db.migrate();
+    let ids = IdTypes {
+        conversation: IdType::String,
+        user: IdType::String,
+        message: IdType::Uuid,
+    };
+    let says = |e: String| {
+        for part in [
+            "table read_receipts does not match the topology's [ids]",
+            "conversation_id is bigint, the topology's string ids need text",
+            "reader_id is bigint",
+            "sender_id is bigint",
+            "message_id is text, the topology's uuid ids need uuid",
+        ] {
+            assert!(e.contains(part), "{part:?} in {e}");
+        }
+    };
+    says(db.migrate_with(ids).unwrap_err().to_string());
+    let table = db.table().with_ids(ids);
+    says(
+        db.rt
+            .block_on(table.check_migrated())
+            .unwrap_err()
+            .to_string(),
+    );
+    db.migrate_with(IdTypes::default()).unwrap();
+    db.rt.block_on(db.table().check_migrated()).unwrap();
+}
+
 #[test]
 fn sink_rows_equal_the_oracle_and_a_replay_changes_nothing() {
     let (db, k) = (Db::create(), Kafka::new());
@@ -207,7 +243,7 @@ fn sink_rows_equal_the_oracle_and_a_replay_changes_nothing() {
     let want = latest(&updates);
     // A poison row: its read_at is beyond PostgreSQL's timestamp range.
     let mut poison = updates[0].clone();
-    poison.conversation_id = ConversationId(1_000_000);
+    poison.conversation_id = ConversationId::from(1_000_000);
     poison.read_at_ms = Some(i64::MAX / 2);
     updates.insert(updates.len() / 2, poison);
     k.produce(&updates);

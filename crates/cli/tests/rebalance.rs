@@ -39,7 +39,7 @@ fn repartitioned_source_with_instances_joining_and_leaving() {
     check_output_monotonic(&updates, &want);
     let stored = env.stored_states_in(dir_b.path());
     assert_eq!(stored.len(), want.len());
-    assert_states_match(&want, |k| stored.get(&k).cloned());
+    assert_states_match(&want, |k| stored.get(k).cloned());
     assert!(
         sa.records_forwarded + sb.records_forwarded >= events.len() as u64,
         "every event went through the repartition topic: {sa:?} {sb:?}"
@@ -280,7 +280,7 @@ fn rebalance_costs(env: Env, protocol: &str) {
     );
     check_output_monotonic(&updates, &want);
     let stored = env.stored_states_in(dir_b.path());
-    assert_states_match(&want, |k| stored.get(&k).cloned());
+    assert_states_match(&want, |k| stored.get(k).cloned());
 }
 
 #[test]

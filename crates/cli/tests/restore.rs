@@ -93,7 +93,7 @@ fn restore_larger_than_one_step_keeps_polling_and_the_membership() {
     assert_eq!(s.tasks_lost, 0, "{s:?}");
     check_output_monotonic(&updates, &want);
     let stored = env.stored_states_in(fresh.path());
-    assert_states_match(&want, |k| stored.get(&k).cloned());
+    assert_states_match(&want, |k| stored.get(k).cloned());
 }
 
 /// A store whose checkpoint lies beyond its changelog's end (the changelog was recreated)
@@ -172,5 +172,5 @@ fn real_broker_restore_from_a_compacted_changelog_is_exact() {
     assert!(s.restored_records as i64 <= kept, "{s:?}");
     let stored = env.stored_states_in(fresh.path());
     assert_eq!(stored.len(), want.len());
-    assert_states_match(&want, |k| stored.get(&k).cloned());
+    assert_states_match(&want, |k| stored.get(k).cloned());
 }

@@ -149,7 +149,7 @@ impl Env {
             |hs: &[HeadUpdate]| {
                 let mut count: HashMap<ConversationId, i64> = HashMap::new();
                 for h in hs {
-                    let e = count.entry(h.conversation_id).or_insert(0);
+                    let e = count.entry(h.conversation_id.clone()).or_insert(0);
                     *e = (*e).max(h.message_count);
                 }
                 w.messages
@@ -227,8 +227,8 @@ fn check_stored_counts(app_dir: &std::path::Path, w: &ChatWorkload) {
         assert_eq!(head.message_count, w.messages[conv].len() as i64);
         for r in members {
             let key = StateKey {
-                conversation: *conv,
-                reader: *r,
+                conversation: conv.clone(),
+                reader: r.clone(),
             };
             let pointer = states.get(&key).map_or(-1, |s| s.last_read_seq);
             assert_eq!(
@@ -236,8 +236,8 @@ fn check_stored_counts(app_dir: &std::path::Path, w: &ChatWorkload) {
                 w.pointers.get(&key).or(Some(&-1)),
                 "{key:?}"
             );
-            let got = head.counts(*r, pointer);
-            let want = w.expected(*conv, *r);
+            let got = head.counts(r, pointer);
+            let want = w.expected(conv, r);
             assert_eq!(
                 (got.unread, got.mentions, got.capped),
                 (want.unread, want.mentions, false),
@@ -424,7 +424,9 @@ fn misrouted_messages_are_dead_letters_never_folded() {
     );
     // The oracle without the misrouted conversations' messages.
     let mut routed = w.prefix(w.arrivals.len());
-    routed.messages.retain(|c, _| !misrouted.contains(&c.0));
+    routed
+        .messages
+        .retain(|c, _| !misrouted.contains(&c.as_int().unwrap()));
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = env.config(dir.path());
     cfg.topology.bad_records.max_ratio = 1.0;
@@ -467,7 +469,7 @@ fn misrouted_messages_are_dead_letters_never_folded() {
     let (heads, states) = stored(&dir.path().join(&env.app));
     for c in &misrouted {
         assert!(
-            !heads.contains_key(&ConversationId(*c)),
+            !heads.contains_key(&ConversationId::from(*c)),
             "no head for misrouted conversation {c}"
         );
     }
@@ -478,7 +480,9 @@ fn misrouted_messages_are_dead_letters_never_folded() {
             "{key:?}"
         );
     }
-    routed.members.retain(|c, _| !misrouted.contains(&c.0));
+    routed
+        .members
+        .retain(|c, _| !misrouted.contains(&c.as_int().unwrap()));
     check_stored_counts(&dir.path().join(&env.app), &routed);
 }
 
@@ -589,10 +593,10 @@ fn a_head_store_that_does_not_match_its_changelog_is_wiped_and_restored_alone() 
     // Every head store claims a changelog position far beyond the end, and holds a head
     // no message made (it must not survive the wipe).
     let app_dir = env.state.path().join(&env.app);
-    let stray = ConversationId(-42);
+    let stray = ConversationId::from(-42);
     let kept = StateKey {
-        conversation: stray,
-        reader: readstate::ids::ReaderId(1),
+        conversation: stray.clone(),
+        reader: readstate::ids::ReaderId::from(1),
     };
     for p in 0..PARTS {
         let path = app_dir.join(format!("0_{p}")).join("head-state");
@@ -602,7 +606,7 @@ fn a_head_store_that_does_not_match_its_changelog_is_wiped_and_restored_alone() 
         put_checkpoint(&mut batch, 1_000_000);
         let mut bytes = Vec::new();
         ConversationHead::default().encode(&mut bytes);
-        batch.put(StoreKey::head(stray).as_bytes(), &bytes);
+        batch.put(StoreKey::head(&stray).as_bytes(), &bytes);
         s.write(batch).unwrap();
         // And the read-state store beside it a value no event made (it must survive).
         let path = app_dir.join(format!("0_{p}")).join("read-state");
@@ -610,7 +614,7 @@ fn a_head_store_that_does_not_match_its_changelog_is_wiped_and_restored_alone() 
             RocksDbStore::open("read-state".into(), &path, &RocksDbOptions::default()).unwrap();
         let mut batch = StoreBatch::default();
         batch.put(
-            StoreKey::state(kept).as_bytes(),
+            StoreKey::state(&kept).as_bytes(),
             ReadState::default().to_bytes(),
         );
         s.write(batch).unwrap();

@@ -63,14 +63,15 @@ fn counts_in_postgres(db: &Db, w: &ChatWorkload) -> Option<HashMap<(i64, i64), U
         .collect();
     for (conv, members) in &w.members {
         for m in members {
-            if out.contains_key(&(conv.0, m.0)) {
+            let (conv, m) = (conv.as_int().unwrap(), m.as_int().unwrap());
+            if out.contains_key(&(conv, m)) {
                 continue;
             }
             let r = db
                 .rt
                 .block_on(c.query_one(
                     "SELECT * FROM conversation_heads_counts($1, $2, -1)",
-                    &[&conv.0, &m.0],
+                    &[&conv, &m],
                 ))
                 .ok()?;
             let counts = UnreadCounts {
@@ -78,7 +79,7 @@ fn counts_in_postgres(db: &Db, w: &ChatWorkload) -> Option<HashMap<(i64, i64), U
                 mentions: r.get(1),
                 capped: r.get(2),
             };
-            out.insert((conv.0, m.0), counts);
+            out.insert((conv, m), counts);
         }
     }
     Some(out)
@@ -135,7 +136,8 @@ fn expected(w: &ChatWorkload) -> HashMap<(i64, i64), UnreadCounts> {
     let mut m = HashMap::new();
     for (conv, members) in &w.members {
         for r in members {
-            m.insert((conv.0, r.0), w.expected(*conv, *r));
+            let key = (conv.as_int().unwrap(), r.as_int().unwrap());
+            m.insert(key, w.expected(conv, r));
         }
     }
     m

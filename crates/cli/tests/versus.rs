@@ -58,7 +58,7 @@ fn versus_runs_both_systems_over_the_whole_topic() {
         seed,
         ..WorkloadSpec::default()
     };
-    let keys: HashSet<(i64, i64)> = Generator::new(spec)
+    let keys: HashSet<(readstate::ids::Id, readstate::ids::Id)> = Generator::new(spec)
         .filter_map(|g| match g {
             Generated::Event(e) => Some((e.conversation_id.0, e.reader_id.0)),
             Generated::Poison(_) => None,

@@ -81,6 +81,16 @@ impl Db {
         self.rt.block_on(self.table().migrate()).unwrap();
     }
 
+    /// Migrate the receipts table for ids of `ids`' types.
+    pub fn migrate_with(
+        &self,
+        ids: readstate::ids::IdTypes,
+    ) -> Result<(), readstate::sink::SinkError> {
+        self.rt
+            .block_on(self.table().with_ids(ids).migrate())
+            .map(|_| ())
+    }
+
     /// Every row, or `None` while the database cannot be reached.
     pub fn rows(&self) -> Option<HashMap<StateKey, Row>> {
         let c = self.connect(&self.url).ok()?;

@@ -64,10 +64,10 @@ pub fn topology(min_emit: &str) -> Topology {
 /// Every key's state (looked up with `state_of`) equals the oracle: pointer, counts, version.
 pub fn assert_states_match(
     want: &HashMap<StateKey, Expected>,
-    state_of: impl Fn(StateKey) -> Option<ReadState>,
+    state_of: impl Fn(&StateKey) -> Option<ReadState>,
 ) {
     for (k, x) in want {
-        let s = state_of(*k).unwrap_or_else(|| panic!("no state for {k:?}"));
+        let s = state_of(k).unwrap_or_else(|| panic!("no state for {k:?}"));
         assert_eq!(s.last_read_seq, x.max_seq, "pointer of {k:?}");
         assert_eq!(s.events_total, x.events, "events of {k:?}");
         assert_eq!(s.stale_total, x.events - x.advances, "stale of {k:?}");
@@ -77,11 +77,11 @@ pub fn assert_states_match(
 
 pub fn event(conv: i64, reader: i64, seq: i64, device: &str) -> ReadEvent {
     ReadEvent {
-        reader_id: ReaderId(reader),
-        conversation_id: ConversationId(conv),
+        reader_id: ReaderId::from(reader),
+        conversation_id: ConversationId::from(conv),
         message_seq: seq,
         message_id: Some(format!("m-{conv}-{seq}")),
-        sender_id: Some(SenderId(1000 + seq % 7)),
+        sender_id: Some(SenderId::from(1000 + seq % 7)),
         device_id: Some(device.to_owned()),
         read_at_ms: 1_700_000_000_000 + seq,
     }
@@ -89,8 +89,8 @@ pub fn event(conv: i64, reader: i64, seq: i64, device: &str) -> ReadEvent {
 
 pub fn key(conv: i64, reader: i64) -> StateKey {
     StateKey {
-        conversation: ConversationId(conv),
-        reader: ReaderId(reader),
+        conversation: ConversationId::from(conv),
+        reader: ReaderId::from(reader),
     }
 }
 
@@ -163,8 +163,11 @@ pub fn last_updates(updates: &[ReceiptUpdate]) -> HashMap<StateKey, ReceiptUpdat
 }
 
 /// Partition of a conversation among `n` (the tests' stand-in for the key partitioner).
-pub fn partition_of(conv: ConversationId, n: i32) -> i32 {
-    conv.0.rem_euclid(n as i64) as i32
+pub fn partition_of(conv: &ConversationId, n: i32) -> i32 {
+    let c = conv
+        .as_int()
+        .expect("the tests' conversations have integer ids");
+    c.rem_euclid(n as i64) as i32
 }
 
 /// Zipf-distributed conversations, several readers and devices, reordering, duplicates and
@@ -208,7 +211,7 @@ pub fn stored_states(
     parts: i32,
 ) -> HashMap<StateKey, ReadState> {
     use readstate::state::rocks::{RocksDbOptions, RocksDbStore};
-    use readstate::state::{KeyValueStore, StoreKey};
+    use readstate::state::StoreKey;
     let mut m = HashMap::new();
     for p in 0..parts {
         let path = app_dir
@@ -218,7 +221,7 @@ pub fn stored_states(
             continue;
         }
         let s = RocksDbStore::open("read-state".into(), &path, &RocksDbOptions::default()).unwrap();
-        for (k, v) in s.scan_prefix(b"s").unwrap() {
+        for (k, v) in StoreKey::scan_tag(&s, readstate::state::codec::TAG_STATE).unwrap() {
             let (_, key) = StoreKey::decode(&k).unwrap();
             m.insert(key, ReadState::decode(&v).unwrap());
         }

@@ -28,9 +28,7 @@ use readstate::serde::message::{AvroMessageEvent, HeadDecoder, MessageEncoder};
 use readstate::serde::registry::{
     LocalRegistry, SchemaResolver, LOCAL_MESSAGE_EVENT_ID, LOCAL_READ_EVENT_ID,
 };
-use readstate::serde::{
-    CONVERSATION_HEAD_SCHEMA, MESSAGE_EVENT_SCHEMA, READ_EVENT_SCHEMA, RECEIPT_UPDATE_SCHEMA,
-};
+use readstate::serde::{MESSAGE_EVENT_SCHEMA, READ_EVENT_SCHEMA};
 use readstate::state::head::ConversationHead;
 use readstate::state::memory::InMemoryStore;
 use readstate::state::rocks::RocksDbStore;
@@ -141,10 +139,16 @@ impl TopologyTestDriver {
                 .collect(),
             supplier: ReadStateSupplier::new(&topology, serdes.clone()),
             serdes,
-            update_decoder: UpdateDecoder::new(resolver.clone(), RECEIPT_UPDATE_SCHEMA)
-                .expect("embedded schema parses"),
-            head_decoder: HeadDecoder::new(resolver, CONVERSATION_HEAD_SCHEMA)
-                .expect("embedded schema parses"),
+            update_decoder: UpdateDecoder::new(
+                resolver.clone(),
+                &readstate::serde::receipt_update_schema(&topology.ids),
+            )
+            .expect("generated schema parses"),
+            head_decoder: HeadDecoder::new(
+                resolver,
+                &readstate::serde::conversation_head_schema(&topology.ids),
+            )
+            .expect("generated schema parses"),
             rt,
             topology,
             stores,
@@ -489,7 +493,7 @@ impl TopologyTestDriver {
     }
 
     /// A reader's unread and mention counts now, from their task (message source only).
-    pub fn unread_counts(&self, partition: i32, key: StateKey) -> Option<UnreadCounts> {
+    pub fn unread_counts(&self, partition: i32, key: &StateKey) -> Option<UnreadCounts> {
         let task = self.partitions.get(&partition)?.task.as_ref()?;
         task.read_state()?.unread_counts(key).expect("store read")
     }
@@ -498,7 +502,7 @@ impl TopologyTestDriver {
     pub fn head(
         &self,
         partition: i32,
-        conversation: readstate::ids::ConversationId,
+        conversation: &readstate::ids::ConversationId,
     ) -> Option<ConversationHead> {
         let task = self.partitions.get(&partition)?.task.as_ref()?;
         task.read_state()?.head(conversation).expect("store read")
@@ -531,7 +535,7 @@ impl TopologyTestDriver {
     }
 
     /// The state of `key` as its task sees it (cached or stored), searching every task.
-    pub fn state(&self, key: StateKey) -> Option<ReadState> {
+    pub fn state(&self, key: &StateKey) -> Option<ReadState> {
         self.partitions
             .values()
             .filter_map(|ps| ps.task.as_ref())

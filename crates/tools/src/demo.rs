@@ -205,27 +205,33 @@ async fn admin(url: &str, sql: &str) -> Result<(), DemoError> {
         .map_err(|e| DemoError::Database(readstate::sink::db_error_text(&e)))
 }
 
-async fn table_rows(url: &str) -> Result<HashMap<StateKey, (i64, i64)>, DemoError> {
+/// Every row of the receipts table, its ids read as the topology's `ids` declare them.
+async fn table_rows(
+    url: &str,
+    ids: readstate::ids::IdTypes,
+) -> Result<HashMap<StateKey, (i64, i64)>, DemoError> {
+    use readstate::ids::{ConversationId, Id, ReaderId};
     let client = connect(url).await?;
     let rows = client
         .query(
-            "SELECT conversation_id, reader_id, last_read_seq, events_total FROM read_receipts",
+            "SELECT conversation_id::text, reader_id::text, last_read_seq, events_total
+             FROM read_receipts",
             &[],
         )
         .await
         .map_err(|e| DemoError::Database(readstate::sink::db_error_text(&e)))?;
-    Ok(rows
-        .iter()
+    rows.iter()
         .map(|r| {
-            (
-                StateKey {
-                    conversation: readstate::ids::ConversationId(r.get(0)),
-                    reader: readstate::ids::ReaderId(r.get(1)),
-                },
-                (r.get(2), r.get(3)),
-            )
+            let id = |at: usize, ty| {
+                Id::parse(ty, r.get(at)).map_err(|e| DemoError::Other(format!("row id: {e}")))
+            };
+            let key = StateKey {
+                conversation: ConversationId(id(0, ids.conversation)?),
+                reader: ReaderId(id(1, ids.user)?),
+            };
+            Ok((key, (r.get(2), r.get(3))))
         })
-        .collect())
+        .collect()
 }
 
 /// Drop and create database `db` on the server of `url`; the URL of the new database.
@@ -276,7 +282,17 @@ pub fn run_demo(cfg: DemoConfig) -> Result<DemoReport, DemoError> {
     // PostgreSQL: a fresh database.
     let db = &cfg.database_name;
     let demo_url = fresh_database(&rt, &cfg.database_url, db)?;
-    let table = PostgresTable::connect(&demo_url, "read_receipts", 2, Duration::from_secs(30))?;
+    // `--json` declares string user and conversation ids and UUID message ids (JSON_IDS).
+    let ids = match cfg.json {
+        true => readstate::ids::IdTypes {
+            conversation: readstate::ids::IdType::String,
+            user: readstate::ids::IdType::String,
+            message: readstate::ids::IdType::Uuid,
+        },
+        false => readstate::ids::IdTypes::default(),
+    };
+    let table = PostgresTable::connect(&demo_url, "read_receipts", 2, Duration::from_secs(30))?
+        .with_ids(ids);
     rt.block_on(table.migrate())?;
     eprintln!("==> PostgreSQL database {db} migrated");
 
@@ -369,8 +385,9 @@ linger = "500ms"
         state.path().display(),
         cfg.batch_size,
         json = if cfg.json { JSON_SOURCE } else { "" },
-    );
+    ) + if cfg.json { JSON_IDS } else { "" };
     let topology = compile(&text).map_err(|e| DemoError::Other(format!("{e:?}")))?;
+    debug_assert_eq!(topology.ids, ids, "JSON_IDS declares the table's ids");
     let kafka = KafkaSettings::new(brokers.clone());
     let resolver = Arc::new(LocalRegistry::new());
     let progress = Arc::new(Progress::default());
@@ -471,7 +488,7 @@ linger = "500ms"
                 // readstate keeps read_at as the position, in microseconds.
                 oracle.record(&Generated::Event(ReadEvent {
                     message_seq: crate::loadgen::go_service_position(e.message_seq),
-                    ..e.clone()
+                    ..crate::loadgen::go_service_ids(e)
                 }));
                 buf.clear();
                 buf.extend_from_slice(crate::loadgen::go_service_json(e).as_bytes());
@@ -572,7 +589,7 @@ linger = "500ms"
     let elapsed = started.elapsed();
 
     // Check every row against the generator's own max and count.
-    let rows = rt.block_on(table_rows(&demo_url))?;
+    let rows = rt.block_on(table_rows(&demo_url, topology.ids))?;
     let mut mismatches = Vec::new();
     // The pointer must equal the generator's max exactly. events_total is as of the last
     // emitted update (stale events after the last advance emit nothing), so it is at
@@ -608,6 +625,14 @@ partitioner = "fnv1a"
 position = "timestamp"
 time_unit = "s"
 fields = { reader = "reader_id", conversation = "conversation_id", position = "read_at", message_id = "msg_id", sender = "sender_id", device = "device_id" }"#;
+
+/// The ids of `--json`: `topologies/json_read_receipts.toml`'s.
+const JSON_IDS: &str = r#"
+[ids]
+conversation = "string"
+user = "string"
+message = "uuid"
+"#;
 
 /// Poll `count` until it reaches `target` or `finished` says the worker ended, calling
 /// `report` between polls. Fails with the last count at `deadline`, or when the count has

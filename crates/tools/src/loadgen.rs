@@ -161,11 +161,11 @@ impl Generator {
         let devices = 1 + (mix(reader as u64) % 3);
         let device = format!("dev-{}", self.rng.gen_range(0..devices));
         let e = ReadEvent {
-            reader_id: ReaderId(reader),
-            conversation_id: ConversationId(conv as i64),
+            reader_id: ReaderId::from(reader),
+            conversation_id: ConversationId::from(conv as i64),
             message_seq: seq,
             message_id: Some(format!("{conv}-{seq}")),
-            sender_id: Some(SenderId(Self::member(conv, seq as u64 % members))),
+            sender_id: Some(SenderId::from(Self::member(conv, seq as u64 % members))),
             device_id: Some(device),
             read_at_ms: 1_760_000_000_000 + self.emitted as i64,
         };
@@ -215,25 +215,46 @@ fn mix(x: u64) -> u64 {
 /// Seconds since the epoch of position 0 in [`go_service_json`]'s `read_at`.
 pub const GO_JSON_BASE_S: i64 = 1_700_000_000;
 
-/// `e` in the shape of a Go service's read receipts (the shape of
-/// `topologies/json_read_receipts.toml`): ids as strings of digits, a UUID-shaped message id
-/// (one per position), `read_at` in seconds (`GO_JSON_BASE_S` + the event's seq), a device,
-/// and a field readstate does not map.
+/// `e`, a generated event, in the shape of a Go service's read receipts (the shape of
+/// `topologies/json_read_receipts.toml`): string user and conversation ids (`user456`,
+/// `conv789`), a UUID message id (one per position), `read_at` in seconds (`GO_JSON_BASE_S`
+/// + the event's seq), a device, and a field readstate does not map.
 pub fn go_service_json(e: &ReadEvent) -> String {
+    let s = go_service_ids(e);
     format!(
-        r#"{{"msg_id":"550e8400-e29b-41d4-a716-{:012x}","sender_id":"{}","reader_id":"{}","conversation_id":"{}","read_at":{},"device_id":"{}","client":{{"os":"ios","version":"7.1.2"}}}}"#,
-        e.message_seq,
+        r#"{{"msg_id":"{}","sender_id":"{}","reader_id":"{}","conversation_id":"{}","read_at":{},"device_id":"{}","client":{{"os":"ios","version":"7.1.2"}}}}"#,
+        s.message_id.as_deref().unwrap_or_default(),
         go_service_sender(e),
-        e.reader_id.0,
-        e.conversation_id.0,
+        s.reader_id,
+        s.conversation_id,
         GO_JSON_BASE_S + e.message_seq,
         e.device_id.as_deref().unwrap_or("none"),
     )
 }
 
+/// `e` with the ids [`go_service_json`] gives it, as readstate decodes them under
+/// `[ids] conversation = "string", user = "string", message = "uuid"` (for oracles).
+pub fn go_service_ids(e: &ReadEvent) -> ReadEvent {
+    let text = |prefix: &str, id: &dyn std::fmt::Display| {
+        readstate::ids::Id::text(&format!("{prefix}{id}")).expect("short id")
+    };
+    ReadEvent {
+        reader_id: readstate::ids::ReaderId(text("user", &e.reader_id)),
+        conversation_id: readstate::ids::ConversationId(text("conv", &e.conversation_id)),
+        sender_id: e
+            .sender_id
+            .as_ref()
+            .map(|s| readstate::ids::SenderId(text("user", s))),
+        message_id: Some(format!("550e8400-e29b-41d4-a716-{:012x}", e.message_seq)),
+        ..e.clone()
+    }
+}
+
 /// The `sender_id` [`go_service_json`] writes (the record key of such a topic).
-pub fn go_service_sender(e: &ReadEvent) -> i64 {
-    e.sender_id.map_or(0, |s| s.0)
+pub fn go_service_sender(e: &ReadEvent) -> String {
+    e.sender_id
+        .as_ref()
+        .map_or("user0".into(), |s| format!("user{s}"))
 }
 
 /// The position readstate keeps for [`go_service_json`]'s `read_at` (microseconds).

@@ -46,9 +46,9 @@ fn restores_several_partitions_incrementally() {
         .create()
         .unwrap();
     let key = |c: i64| {
-        StoreKey::state(StateKey {
-            conversation: ConversationId(c),
-            reader: ReaderId(1),
+        StoreKey::state(&StateKey {
+            conversation: ConversationId::from(c),
+            reader: ReaderId::from(1),
         })
     };
     for i in 0..250i64 {
@@ -121,11 +121,11 @@ fn restores_each_store_of_a_task_from_its_own_changelog() {
         .set("bootstrap.servers", mock.bootstrap_servers())
         .create()
         .unwrap();
-    let state_key = StoreKey::state(StateKey {
-        conversation: ConversationId(3),
-        reader: ReaderId(4),
+    let state_key = StoreKey::state(&StateKey {
+        conversation: ConversationId::from(3),
+        reader: ReaderId::from(4),
     });
-    let head_key = StoreKey::head(ConversationId(3));
+    let head_key = StoreKey::head(&ConversationId::from(3));
     let head = crate::state::ConversationHead {
         message_count: 7,
         ..Default::default()

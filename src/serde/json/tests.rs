@@ -26,9 +26,9 @@ fn maps_fields_and_borrows_the_strings() {
         "reader_id": 456, "conversation_id": "789", "read_at": 1704067200,
         "device_id": "device-abc", "extra": {"nested": [1, 2, {"x": null}]}}"#;
     let e = decode(&receipts(), json).unwrap();
-    assert_eq!(e.reader_id, ReaderId(456));
-    assert_eq!(e.conversation_id, ConversationId(789));
-    assert_eq!(e.sender_id, Some(SenderId(123)));
+    assert_eq!(e.reader_id, ReaderId::from(456));
+    assert_eq!(e.conversation_id, ConversationId::from(789));
+    assert_eq!(e.sender_id, Some(SenderId::from(123)));
     assert_eq!(e.message_seq, 1_704_067_200_000_000, "microseconds");
     assert_eq!(
         e.read_at_ms, 1_704_067_200_000,
@@ -39,6 +39,60 @@ fn maps_fields_and_borrows_the_strings() {
         Some(Cow::Borrowed("550e8400-e29b-41d4-a716-446655440000"))
     ));
     assert!(matches!(e.device_id, Some(Cow::Borrowed("device-abc"))));
+}
+
+/// The issue's exact event with `[ids]` string users and conversations, UUID messages.
+#[test]
+fn string_and_uuid_ids_as_declared() {
+    let mut m = receipts();
+    m.ids = IdTypes {
+        conversation: IdType::String,
+        user: IdType::String,
+        message: IdType::Uuid,
+    };
+    let json = r#"{"msg_id": "550E8400-E29B-41D4-A716-446655440000", "sender_id": "user123",
+        "reader_id": "user456", "conversation_id": "conv789", "read_at": 1704067200,
+        "device_id": "device-abc"}"#;
+    let e = decode(&m, json).unwrap();
+    assert_eq!(e.reader_id.to_string(), "user456");
+    assert_eq!(e.conversation_id.to_string(), "conv789");
+    assert_eq!(e.sender_id.unwrap().to_string(), "user123");
+    assert_eq!(
+        e.message_id.as_deref(),
+        Some("550e8400-e29b-41d4-a716-446655440000"),
+        "a uuid message id is written canonically"
+    );
+    let numeric = r#"{"reader_id": 456, "conversation_id": "789", "read_at": 1}"#;
+    let e = decode(&m, numeric).unwrap();
+    assert_eq!(e.reader_id.to_string(), "456", "a number is its text");
+    assert_eq!(e.reader_id.as_int(), None, "a string id, not an integer");
+    let bad = [
+        (
+            r#"{"msg_id": "m-1", "reader_id": "a", "conversation_id": "c", "read_at": 1}"#,
+            "message_id: \"m-1\" is not a UUID",
+        ),
+        (
+            r#"{"reader_id": true, "conversation_id": "c", "read_at": 1}"#,
+            "reader: expected an id of type string",
+        ),
+    ];
+    for (json, says) in bad {
+        let err = decode(&m, json).unwrap_err();
+        assert!(err.to_string().contains(says), "{json}: {err}");
+    }
+    let long = format!(
+        r#"{{"reader_id": "{}", "conversation_id": "c", "read_at": 1}}"#,
+        "x".repeat(256)
+    );
+    let err = decode(&m, &long).unwrap_err();
+    assert!(err.to_string().contains("longer than 255 bytes"), "{err}");
+    m.ids.user = IdType::Uuid;
+    let err = decode(&m, numeric).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("reader: the number 456 is not a uuid id"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -56,7 +110,11 @@ fn nested_paths_defaults_and_nulls() {
         "where": {"other": 1, "channel": {"id": 2}}, "at": "2024-01-01T00:00:00.5Z"}"#;
     let e = decode(&m, json).unwrap();
     assert_eq!(
-        (e.reader_id.0, e.conversation_id.0, e.message_seq),
+        (
+            e.reader_id.as_int().unwrap(),
+            e.conversation_id.as_int().unwrap(),
+            e.message_seq
+        ),
         (1, 2, 7)
     );
     assert_eq!(
@@ -90,7 +148,7 @@ fn bad_records_say_what_is_wrong() {
         (
             r#"{"reader_id": 1, "conversation_id": {}, "read_at": 1}"#,
             "invalid_event",
-            "conversation: expected an integer",
+            "conversation: expected an id of type i64",
         ),
         (
             r#"{"reader_id": 1, "conversation_id": 2, "read_at": -5}"#,
@@ -197,12 +255,12 @@ fn message_events_with_mentions() {
     assert_eq!(
         msg,
         MessageEvent {
-            conversation_id: ConversationId(7),
+            conversation_id: ConversationId::from(7),
             message_seq: 12,
             message_id: Some("m-12".into()),
-            sender_id: SenderId(3),
+            sender_id: SenderId::from(3),
             sent_at_ms: 1500,
-            mentions: vec![ReaderId(4), ReaderId(5)],
+            mentions: vec![ReaderId::from(4), ReaderId::from(5)],
             mention_everyone: true,
         }
     );

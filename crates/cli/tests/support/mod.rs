@@ -72,6 +72,8 @@ pub struct Env {
     pub keyed_by: Option<&'static str>,
     /// Run under exactly_once_v2.
     pub eos: bool,
+    /// Partitions of the source and output topics.
+    pub parts: i32,
     /// librdkafka properties of every instance ("key=value").
     pub props: Vec<&'static str>,
 }
@@ -114,6 +116,11 @@ impl Env {
     }
 
     pub fn on(broker: Broker, keyed_by: Option<&'static str>) -> Self {
+        Self::on_with_parts(broker, keyed_by, PARTS)
+    }
+
+    /// On `broker`, the source and output topics with `parts` partitions.
+    pub fn on_with_parts(broker: Broker, keyed_by: Option<&'static str>, parts: i32) -> Self {
         readstate_testing::fixtures::capture_logs();
         let s = suffix();
         let env = Env {
@@ -124,10 +131,11 @@ impl Env {
             state: tempfile::tempdir().unwrap(),
             keyed_by,
             eos: false,
+            parts,
             props: Vec::new(),
         };
-        env.broker.create_topic(&env.source, PARTS, &[]);
-        env.broker.create_topic(&env.output, PARTS, &[]);
+        env.broker.create_topic(&env.source, parts, &[]);
+        env.broker.create_topic(&env.output, parts, &[]);
         env
     }
 
@@ -298,6 +306,39 @@ impl Env {
         self.read_updates_as(want, LOCAL_RECEIPT_UPDATE_ID)
     }
 
+    /// Output updates under the schema generated for `ids` (registered by the instance
+    /// under whatever id its registry gave it), until every key of `want` is at its max.
+    pub fn read_typed_updates(
+        &self,
+        want: &HashMap<StateKey, Expected>,
+        ids: &readstate::ids::IdTypes,
+    ) -> Vec<ReceiptUpdate> {
+        let schema = readstate::serde::receipt_update_schema(ids);
+        let dec = std::sync::Mutex::new(
+            UpdateDecoder::new(Arc::new(LocalRegistry::new()), &schema).unwrap(),
+        );
+        self.read_until(
+            &self.output,
+            |m| {
+                let bytes = m.payload().unwrap();
+                let mut dec = dec.lock().unwrap();
+                let id = u32::from_be_bytes(bytes[1..5].try_into().unwrap());
+                if dec.needs_fetch(id) {
+                    dec.install(id, Some(&schema));
+                }
+                ReceiptUpdate::from(dec.decode(bytes).unwrap())
+            },
+            |us: &[ReceiptUpdate]| {
+                let mut last: HashMap<StateKey, i64> = HashMap::new();
+                for u in us {
+                    let e = last.entry(u.key()).or_insert(-1);
+                    *e = (*e).max(u.last_read_seq);
+                }
+                want.iter().all(|(k, x)| last.get(k) == Some(&x.max_seq))
+            },
+        )
+    }
+
     /// Output updates, written with schema id `schema_id` (registered by the instance).
     pub fn read_updates_as(
         &self,
@@ -330,7 +371,7 @@ impl Env {
 
     pub fn stored_states_in(&self, dir: &std::path::Path) -> HashMap<StateKey, ReadState> {
         let sub = u8::from(self.keyed_by.is_some());
-        stored_states(&dir.join(&self.app), sub, PARTS)
+        stored_states(&dir.join(&self.app), sub, self.parts)
     }
 }
 
@@ -385,7 +426,7 @@ impl Instance {
 pub fn check_final_state(env: &Env, want: &HashMap<StateKey, Expected>) {
     let stored = env.stored_states();
     assert_eq!(stored.len(), want.len());
-    assert_states_match(want, |k| stored.get(&k).cloned());
+    assert_states_match(want, |k| stored.get(k).cloned());
 }
 
 /// Per key, versions never go backwards; equal versions carry equal pointers (duplicates
@@ -470,7 +511,7 @@ pub fn instances_joining_and_leaving(env: Env) {
     check_output_monotonic(&updates, &want);
     // B owned every partition at the end: its stores hold the whole, exact state.
     let stored = env.stored_states_in(dir_b.path());
-    assert_states_match(&want, |k| stored.get(&k).cloned());
+    assert_states_match(&want, |k| stored.get(k).cloned());
 }
 
 /// The reader schema without two optional fields: what an older upstream service writes.
@@ -497,11 +538,14 @@ pub fn encode_with(schema_text: &str, id: u32, e: &ReadEvent) -> Vec<u8> {
     let schema = apache_avro::Schema::parse_str(schema_text).unwrap();
     let mut r = Record::new(&schema).unwrap();
     let has = |name: &str| schema_text.contains(&format!("\"{name}\""));
-    r.put("reader_id", e.reader_id.0);
-    r.put("conversation_id", e.conversation_id.0);
+    r.put("reader_id", e.reader_id.as_int().unwrap());
+    r.put("conversation_id", e.conversation_id.as_int().unwrap());
     r.put("message_seq", e.message_seq);
     r.put("message_id", e.message_id.clone());
-    r.put("sender_id", e.sender_id.map(|s| s.0));
+    r.put(
+        "sender_id",
+        e.sender_id.as_ref().map(|s| s.as_int().unwrap()),
+    );
     r.put("device_id", e.device_id.clone());
     r.put("read_at", Value::TimestampMillis(e.read_at_ms));
     if has("client") {
@@ -530,7 +574,19 @@ pub fn spawn_cli_in(
     state_dir: &std::path::Path,
     extra: &[&str],
 ) -> std::process::Child {
+    spawn_cli_with(env, topology, state_dir, extra, &[])
+}
+
+/// The same with environment variables `vars` (e.g. `DATABASE_URL`).
+pub fn spawn_cli_with(
+    env: &Env,
+    topology: &std::path::Path,
+    state_dir: &std::path::Path,
+    extra: &[&str],
+    vars: &[(&str, &str)],
+) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
+        .envs(vars.iter().copied())
         .args(["run", "--local-schemas", "--topology"])
         .arg(topology)
         .arg("--state-dir")
@@ -592,7 +648,7 @@ pub fn check_restored_state(env: &Env, want: &HashMap<StateKey, Expected>) {
     );
     let stored = env.stored_states_in(dir.path());
     assert_eq!(stored.len(), want.len());
-    assert_states_match(want, |k| stored.get(&k).cloned());
+    assert_states_match(want, |k| stored.get(k).cloned());
 }
 
 pub fn sigstop_then_sigcont(env: Env) {

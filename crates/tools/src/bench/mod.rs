@@ -253,7 +253,7 @@ pub fn json_decode(records: &[Vec<u8>]) -> Result<Figure, BenchError> {
         let e = decoder
             .decode_ref(Some(r))
             .map_err(|e| BenchError::Other(format!("json bench record: {e}")))?;
-        checksum = checksum.wrapping_add(e.message_seq ^ e.reader_id.0);
+        checksum = checksum.wrapping_add(e.message_seq ^ e.reader_id.as_int().unwrap_or(1));
     }
     let secs = started.elapsed().as_secs_f64();
     let bytes = records.iter().map(Vec::len).sum::<usize>() / records.len().max(1);
@@ -294,8 +294,8 @@ pub fn restore(records: usize, flush_run: Option<usize>) -> Result<Figure, Bench
     let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(records);
     for i in 0..records as i64 {
         let key = readstate::model::StateKey {
-            conversation: readstate::ids::ConversationId(i / 8),
-            reader: readstate::ids::ReaderId(i % 8),
+            conversation: readstate::ids::ConversationId::from(i / 8),
+            reader: readstate::ids::ReaderId::from(i % 8),
         };
         let state = readstate::state::ReadState {
             last_read_seq: i,
@@ -308,7 +308,7 @@ pub fn restore(records: usize, flush_run: Option<usize>) -> Result<Figure, Bench
             ..Default::default()
         };
         pairs.push((
-            readstate::state::StoreKey::state(key).as_bytes().to_vec(),
+            readstate::state::StoreKey::state(&key).as_bytes().to_vec(),
             state.to_bytes(),
         ));
     }
@@ -392,11 +392,11 @@ pub fn sink(
         let rows: Vec<ReceiptUpdate> = chunk
             .iter()
             .map(|i| ReceiptUpdate {
-                conversation_id: readstate::ids::ConversationId(i / 8),
-                reader_id: readstate::ids::ReaderId(i % 8),
+                conversation_id: readstate::ids::ConversationId::from(i / 8),
+                reader_id: readstate::ids::ReaderId::from(i % 8),
                 last_read_seq: *i,
                 message_id: Some(format!("m-{i}")),
-                sender_id: Some(readstate::ids::SenderId(7)),
+                sender_id: Some(readstate::ids::SenderId::from(7)),
                 device_id: Some("dev-1".into()),
                 read_at_ms: Some(1_760_000_000_000),
                 version: 1,
@@ -767,8 +767,8 @@ pub fn many_keys(keys: u64, cache_entries: usize) -> Result<Vec<Figure>, BenchEr
         events.clear();
         for i in done..(done + chunk).min(keys) {
             let e = readstate::model::ReadEvent {
-                reader_id: readstate::ids::ReaderId((i % 8) as i64),
-                conversation_id: readstate::ids::ConversationId((i / 8) as i64),
+                reader_id: readstate::ids::ReaderId::from((i % 8) as i64),
+                conversation_id: readstate::ids::ConversationId::from((i / 8) as i64),
                 message_seq: (i % 1000) as i64,
                 message_id: None,
                 sender_id: None,

@@ -46,12 +46,12 @@ fn at(offset: i64) -> Origin {
 pub fn writes_per_message(messages: i64) -> Result<Figure, BenchError> {
     let dir = tempfile::tempdir().map_err(|e| BenchError::Other(e.to_string()))?;
     let mut task = task(dir.path())?;
-    let conv = ConversationId(1);
+    let conv = ConversationId::from(1);
     let reads: Vec<(ReadEvent, Origin)> = (0..MEMBERS)
         .map(|m| {
             let e = ReadEvent {
-                reader_id: ReaderId(m),
-                conversation_id: conv,
+                reader_id: ReaderId::from(m),
+                conversation_id: conv.clone(),
                 message_seq: 0,
                 ..Default::default()
             };
@@ -66,11 +66,11 @@ pub fn writes_per_message(messages: i64) -> Result<Figure, BenchError> {
     let started = Instant::now();
     for i in 1..=messages {
         let m = MessageEvent {
-            conversation_id: conv,
+            conversation_id: conv.clone(),
             message_seq: i,
-            sender_id: SenderId(i % MEMBERS),
+            sender_id: SenderId::from(i % MEMBERS),
             mentions: (0..MENTIONS as i64)
-                .map(|k| ReaderId((i * 7 + k * 13) % MEMBERS))
+                .map(|k| ReaderId::from((i * 7 + k * 13) % MEMBERS))
                 .collect(),
             ..Default::default()
         };

@@ -14,6 +14,7 @@ use rdkafka::ClientConfig;
 
 use super::{connect, fresh_database, DemoError};
 use crate::loadgen::chat::{generate, ChatEvent, ChatSpec, ChatWorkload};
+use readstate::ids::Id;
 use readstate::kafka::KafkaSettings;
 use readstate::model::UnreadCounts;
 use readstate::runtime::{run, RunConfig, RunSummary};
@@ -317,8 +318,8 @@ fn check(
     let mut bad = Vec::new();
     for (conv, members) in &w.members {
         for r in members {
-            let want = w.expected(*conv, *r);
-            match got.get(&(conv.0, r.0)) {
+            let want = w.expected(conv, r);
+            match got.get(&(conv.0.clone(), r.0.clone())) {
                 Some(g) if *g == want => {}
                 g => bad.push(format!(
                     "conversation {conv} member {r}: PostgreSQL {g:?}, generator {want:?}"
@@ -334,7 +335,7 @@ fn check(
 async fn pg_counts(
     url: &str,
     w: &ChatWorkload,
-) -> Result<HashMap<(i64, i64), UnreadCounts>, DemoError> {
+) -> Result<HashMap<(Id, Id), UnreadCounts>, DemoError> {
     let c = connect(url).await?;
     let db = |e: tokio_postgres::Error| DemoError::Database(readstate::sink::db_error_text(&e));
     let counts = |r: &tokio_postgres::Row, at: usize| UnreadCounts {
@@ -342,12 +343,15 @@ async fn pg_counts(
         mentions: r.get(at + 1),
         capped: r.get(at + 2),
     };
-    let mut out: HashMap<(i64, i64), UnreadCounts> = c
+    let mut out: HashMap<(Id, Id), UnreadCounts> = c
         .query("SELECT conversation_id, reader_id, unread_count, mention_count, counts_capped FROM read_receipts_unread", &[])
         .await
         .map_err(db)?
         .iter()
-        .map(|r| ((r.get(0), r.get(1)), counts(r, 2)))
+        .map(|r| {
+            let id = |at| Id::int(r.get(at));
+            ((id(0), id(1)), counts(r, 2))
+        })
         .collect();
     let stmt = c
         .prepare("SELECT * FROM conversation_heads_counts($1, $2, -1)")
@@ -355,8 +359,13 @@ async fn pg_counts(
         .map_err(db)?;
     for (conv, members) in &w.members {
         for m in members {
-            if let std::collections::hash_map::Entry::Vacant(e) = out.entry((conv.0, m.0)) {
-                let r = c.query_one(&stmt, &[&conv.0, &m.0]).await.map_err(db)?;
+            let key = (conv.0.clone(), m.0.clone());
+            if let std::collections::hash_map::Entry::Vacant(e) = out.entry(key) {
+                let params = [conv.as_int(), m.as_int()];
+                let r = c
+                    .query_one(&stmt, &[&params[0], &params[1]])
+                    .await
+                    .map_err(db)?;
                 e.insert(counts(&r, 0));
             }
         }

@@ -61,10 +61,10 @@ pub enum ChatEvent {
 }
 
 impl ChatEvent {
-    pub fn conversation(&self) -> ConversationId {
+    pub fn conversation(&self) -> &ConversationId {
         match self {
-            ChatEvent::Message(m) => m.conversation_id,
-            ChatEvent::Read(r) => r.conversation_id,
+            ChatEvent::Message(m) => &m.conversation_id,
+            ChatEvent::Read(r) => &r.conversation_id,
         }
     }
 }
@@ -82,17 +82,17 @@ pub struct ChatWorkload {
 
 impl ChatWorkload {
     /// The counts `reader` must have in `conversation` once every record arrived.
-    pub fn expected(&self, conversation: ConversationId, reader: ReaderId) -> UnreadCounts {
+    pub fn expected(&self, conversation: &ConversationId, reader: &ReaderId) -> UnreadCounts {
         let key = StateKey {
-            conversation,
-            reader,
+            conversation: conversation.clone(),
+            reader: reader.clone(),
         };
         let pointer = self.pointers.get(&key).copied().unwrap_or(-1);
         let mut c = UnreadCounts::default();
-        for m in self.messages.get(&conversation).into_iter().flatten() {
+        for m in self.messages.get(conversation).into_iter().flatten() {
             if m.message_seq > pointer && m.sender_id.0 != reader.0 {
                 c.unread += 1;
-                if m.mention_everyone || m.mentions.contains(&reader) {
+                if m.mention_everyone || m.mentions.contains(reader) {
                     c.mentions += 1;
                 }
             }
@@ -111,9 +111,9 @@ impl ChatWorkload {
         for e in &arrivals {
             match e {
                 ChatEvent::Message(m) => {
-                    if seen.insert((m.conversation_id, m.message_seq)) {
+                    if seen.insert((m.conversation_id.clone(), m.message_seq)) {
                         w.messages
-                            .entry(m.conversation_id)
+                            .entry(m.conversation_id.clone())
                             .or_default()
                             .push(m.clone());
                     }
@@ -129,14 +129,14 @@ impl ChatWorkload {
     }
 
     /// Messages after `reader`'s pointer, own ones included (how far behind the head).
-    pub fn behind(&self, conversation: ConversationId, reader: ReaderId) -> usize {
+    pub fn behind(&self, conversation: &ConversationId, reader: &ReaderId) -> usize {
         let key = StateKey {
-            conversation,
-            reader,
+            conversation: conversation.clone(),
+            reader: reader.clone(),
         };
         let pointer = self.pointers.get(&key).copied().unwrap_or(-1);
         self.messages
-            .get(&conversation)
+            .get(conversation)
             .into_iter()
             .flatten()
             .filter(|m| m.message_seq > pointer)
@@ -152,24 +152,24 @@ pub fn generate(spec: &ChatSpec) -> ChatWorkload {
     let mut w = ChatWorkload::default();
     let mut timeline: Vec<ChatEvent> = Vec::new();
     for c in 0..spec.conversations {
-        let conv = ConversationId(1_000 + c as i64);
+        let conv = ConversationId::from(1_000 + c as i64);
         let n_members = rng.gen_range(2..=spec.max_members.max(2));
         let members: Vec<ReaderId> = (0..n_members)
-            .map(|i| ReaderId(10_000 + (c as i64) * 1_000 + i as i64))
+            .map(|i| ReaderId::from(10_000 + (c as i64) * 1_000 + i as i64))
             .collect();
         let n_messages = rng.gen_range(1..=spec.max_messages.max(1));
         let mut seq = 0i64;
         let mut sent: Vec<MessageEvent> = Vec::new();
         for _ in 0..n_messages {
             seq += rng.gen_range(1..=5);
-            let m = message(&mut rng, spec, conv, seq, &members);
+            let m = message(&mut rng, spec, &conv, seq, &members);
             sent.push(m.clone());
             timeline.push(ChatEvent::Message(m));
             // Some members read right after a message, up to a recent one.
             for r in &members {
                 if rng.gen_bool((spec.max_reads as f64 / n_messages as f64).min(1.0) * 0.5) {
                     let upto = &sent[rng.gen_range(sent.len().saturating_sub(5)..sent.len())];
-                    let e = read(conv, *r, upto.message_seq);
+                    let e = read(&conv, r, upto.message_seq);
                     let key = e.key();
                     let p = w.pointers.entry(key).or_insert(-1);
                     *p = (*p).max(e.message_seq);
@@ -177,7 +177,7 @@ pub fn generate(spec: &ChatSpec) -> ChatWorkload {
                 }
             }
         }
-        w.members.insert(conv, members);
+        w.members.insert(conv.clone(), members);
         w.messages.insert(conv, sent);
     }
     // Conversations interleave: a random merge that keeps each conversation's own order,
@@ -190,20 +190,20 @@ pub fn generate(spec: &ChatSpec) -> ChatWorkload {
 fn message(
     rng: &mut StdRng,
     spec: &ChatSpec,
-    conv: ConversationId,
+    conv: &ConversationId,
     seq: i64,
     members: &[ReaderId],
 ) -> MessageEvent {
-    let sender = members[rng.gen_range(0..members.len())];
+    let sender = members[rng.gen_range(0..members.len())].clone();
     let mentions = if rng.gen_bool(spec.mention_rate) {
         (0..rng.gen_range(1..=3))
-            .map(|_| members[rng.gen_range(0..members.len())])
+            .map(|_| members[rng.gen_range(0..members.len())].clone())
             .collect()
     } else {
         Vec::new()
     };
     MessageEvent {
-        conversation_id: conv,
+        conversation_id: conv.clone(),
         message_seq: seq,
         message_id: Some(format!("m-{}-{seq}", conv.0)),
         sender_id: SenderId(sender.0),
@@ -213,10 +213,10 @@ fn message(
     }
 }
 
-fn read(conv: ConversationId, reader: ReaderId, seq: i64) -> ReadEvent {
+fn read(conv: &ConversationId, reader: &ReaderId, seq: i64) -> ReadEvent {
     ReadEvent {
-        reader_id: reader,
-        conversation_id: conv,
+        reader_id: reader.clone(),
+        conversation_id: conv.clone(),
         message_seq: seq,
         message_id: None,
         sender_id: None,
@@ -231,9 +231,9 @@ fn interleave(rng: &mut StdRng, timeline: Vec<ChatEvent>, conversations: usize) 
         HashMap::with_capacity(conversations);
     let mut order: Vec<ConversationId> = Vec::new();
     for e in timeline {
-        let c = e.conversation();
+        let c = e.conversation().clone();
         if !queues.contains_key(&c) {
-            order.push(c);
+            order.push(c.clone());
         }
         queues.entry(c).or_default().push_back(e);
     }
@@ -300,12 +300,12 @@ mod tests {
         for e in &w.arrivals {
             match e {
                 ChatEvent::Message(m) => {
-                    seen.insert((m.conversation_id, m.message_seq));
+                    seen.insert((m.conversation_id.clone(), m.message_seq));
                 }
                 ChatEvent::Read(r) => {
                     let sent = &w.messages[&r.conversation_id];
                     assert!(sent.iter().any(|m| m.message_seq == r.message_seq));
-                    if !seen.contains(&(r.conversation_id, r.message_seq)) {
+                    if !seen.contains(&(r.conversation_id.clone(), r.message_seq)) {
                         early += 1;
                     }
                 }

@@ -67,6 +67,14 @@ impl EventRef<'_> {
         }
     }
 
+    /// The key, borrowed (the hot path's lookup).
+    pub fn key_ref(&self) -> StateKeyRef<'_> {
+        StateKeyRef {
+            conversation: &self.conversation_id,
+            reader: &self.reader_id,
+        }
+    }
+
     pub fn into_owned(self) -> ReadEvent {
         ReadEvent {
             reader_id: self.reader_id,
@@ -99,6 +107,47 @@ impl From<ReadEvent> for EventRef<'static> {
 pub struct StateKey {
     pub conversation: ConversationId,
     pub reader: ReaderId,
+}
+
+impl StateKey {
+    pub fn as_ref(&self) -> StateKeyRef<'_> {
+        StateKeyRef {
+            conversation: &self.conversation,
+            reader: &self.reader,
+        }
+    }
+}
+
+/// A borrowed [`StateKey`]: finds a key in a hash map without cloning its ids (it hashes
+/// exactly as `StateKey`'s derived `Hash`: conversation, then reader).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateKeyRef<'a> {
+    pub conversation: &'a ConversationId,
+    pub reader: &'a ReaderId,
+}
+
+impl StateKeyRef<'_> {
+    pub fn to_key(self) -> StateKey {
+        StateKey {
+            conversation: self.conversation.clone(),
+            reader: self.reader.clone(),
+        }
+    }
+}
+
+impl std::hash::Hash for StateKeyRef<'_> {
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.conversation.hash(state);
+        self.reader.hash(state);
+    }
+}
+
+impl hashbrown::Equivalent<StateKey> for StateKeyRef<'_> {
+    #[inline]
+    fn equivalent(&self, key: &StateKey) -> bool {
+        *self.conversation == key.conversation && *self.reader == key.reader
+    }
 }
 
 /// A coalesced update of one key's read pointer, as emitted on the output topic.

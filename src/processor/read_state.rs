@@ -181,7 +181,7 @@ impl ReadStateProcessor {
     fn fold_events(&mut self, events: &[(EventRef<'_>, Origin)]) -> Result<(), ProcessorError> {
         let mut deferred: Vec<usize> = Vec::new();
         for (i, (event, origin)) in events.iter().enumerate() {
-            match self.cache.get_mut_dirty(&event.key()) {
+            match self.cache.get_mut_dirty_ref(event.key_ref()) {
                 Some(state) => count(&mut self.stats, fold(state, event, *origin)),
                 None => deferred.push(i),
             }
@@ -197,7 +197,7 @@ impl ReadStateProcessor {
             let (event, origin) = &events[i];
             let state = self
                 .cache
-                .get_mut_dirty(&event.key())
+                .get_mut_dirty_ref(event.key_ref())
                 .expect("ensure_loaded loaded every missing key");
             count(&mut self.stats, fold(state, event, *origin));
         }

@@ -340,6 +340,7 @@ impl DecodedReadEvent {
 }
 
 /// Check a decoded event against the domain rules.
+#[inline]
 pub fn validate(e: EventRef<'_>) -> Result<EventRef<'_>, DecodeError> {
     if e.message_seq < 0 {
         return Err(DecodeError::Invalid(format!(

@@ -80,6 +80,7 @@ impl<'a> Cursor<'a> {
 
 /// Decode the Avro datum (without the wire header) of a read event written with the reader
 /// schema, or `None` if it is not exactly such a datum.
+#[inline]
 pub fn decode_read_event(datum: &[u8]) -> Option<EventRef<'_>> {
     let mut c = Cursor { buf: datum };
     let reader_id = c.long()?;

@@ -6,24 +6,28 @@
 //! latest flush interval first. Pinned keys (advances waiting for their emit slot) are never
 //! evicted.
 
-use hashbrown::{HashMap, HashSet};
+use std::hash::BuildHasher;
+
+use hashbrown::hash_table::Entry;
+use hashbrown::{DefaultHashBuilder, Equivalent, HashSet, HashTable};
 
 use super::codec::{load, ReadState, ReadStates};
 use super::{KeyValueStore, StoreError};
-use crate::model::StateKey;
+use crate::model::{StateKey, StateKeyRef};
 
 #[derive(Debug)]
 pub struct CacheEntry {
+    key: StateKey,
     pub state: ReadState,
     dirty: bool,
     touched_epoch: u64,
 }
 
-#[derive(Debug)]
 pub struct RecordCache {
-    /// Boxed: the table then costs 24 bytes per slot, not the entry's ~180 (slots are
-    /// allocated in powers of two, up to half of them empty).
-    entries: HashMap<StateKey, Box<CacheEntry>>,
+    /// Boxed entries holding their own keys: a slot of the table is one pointer (8 bytes),
+    /// however large the ids, and a lookup touches the slot and the one entry it compares.
+    entries: HashTable<Box<CacheEntry>>,
+    hasher: DefaultHashBuilder,
     dirty: Vec<StateKey>,
     capacity: usize,
     epoch: u64,
@@ -32,10 +36,21 @@ pub struct RecordCache {
     miss_seen: HashSet<StateKey>,
 }
 
+impl std::fmt::Debug for RecordCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordCache")
+            .field("entries", &self.entries.len())
+            .field("dirty", &self.dirty.len())
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
 impl RecordCache {
     pub fn new(capacity: usize) -> Self {
         Self {
-            entries: HashMap::new(),
+            entries: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
             dirty: Vec::new(),
             capacity: capacity.max(1),
             epoch: 0,
@@ -65,6 +80,44 @@ impl RecordCache {
         self.dirty.len()
     }
 
+    #[inline]
+    fn find(&self, key: StateKeyRef<'_>) -> Option<&CacheEntry> {
+        let h = self.hasher.hash_one(key);
+        self.entries
+            .find(h, |e| key.equivalent(&e.key))
+            .map(|e| &**e)
+    }
+
+    #[inline]
+    fn find_mut(&mut self, key: StateKeyRef<'_>) -> Option<&mut CacheEntry> {
+        let h = self.hasher.hash_one(key);
+        self.entries
+            .find_mut(h, |e| key.equivalent(&e.key))
+            .map(|e| &mut **e)
+    }
+
+    /// Insert or replace the entry of `key`, clean.
+    fn put(&mut self, key: StateKey, state: ReadState) {
+        let entry = CacheEntry {
+            key,
+            state,
+            dirty: false,
+            touched_epoch: self.epoch,
+        };
+        let hasher = &self.hasher;
+        let h = hasher.hash_one(entry.key.as_ref());
+        match self.entries.entry(
+            h,
+            |e| e.key == entry.key,
+            |e| hasher.hash_one(e.key.as_ref()),
+        ) {
+            Entry::Occupied(mut o) => **o.get_mut() = entry,
+            Entry::Vacant(v) => {
+                v.insert(Box::new(entry));
+            }
+        }
+    }
+
     /// Make sure every key in `keys` has an entry, loading misses from `store` with one
     /// `multi_get`. Keys absent from the store get a fresh default state. Returns the number
     /// of misses loaded.
@@ -76,7 +129,7 @@ impl RecordCache {
         self.miss_keys.clear();
         self.miss_seen.clear();
         for k in keys {
-            if !self.entries.contains_key(&k) && !self.miss_seen.contains(&k) {
+            if self.find(k.as_ref()).is_none() && !self.miss_seen.contains(&k) {
                 self.miss_seen.insert(k.clone());
                 self.miss_keys.push(k);
             }
@@ -85,57 +138,54 @@ impl RecordCache {
             return Ok(0);
         }
         let values = load::<ReadStates>(store, &self.miss_keys)?;
-        for (k, v) in self.miss_keys.iter().zip(values) {
-            let state = v.unwrap_or_default();
-            self.entries.insert(
-                k.clone(),
-                Box::new(CacheEntry {
-                    state,
-                    dirty: false,
-                    touched_epoch: self.epoch,
-                }),
-            );
+        let keys = std::mem::take(&mut self.miss_keys);
+        for (k, v) in keys.iter().zip(values) {
+            self.put(k.clone(), v.unwrap_or_default());
         }
-        Ok(self.miss_keys.len())
+        let n = keys.len();
+        self.miss_keys = keys;
+        Ok(n)
     }
 
     /// Insert a state loaded elsewhere (e.g. pending keys at start-up), clean.
     pub fn insert_clean(&mut self, key: StateKey, state: ReadState) {
-        self.entries.insert(
-            key,
-            Box::new(CacheEntry {
-                state,
-                dirty: false,
-                touched_epoch: self.epoch,
-            }),
-        );
+        self.put(key, state);
     }
 
     pub fn get(&self, key: &StateKey) -> Option<&ReadState> {
-        self.entries.get(key).map(|e| &e.state)
+        self.find(key.as_ref()).map(|e| &e.state)
     }
 
     /// Mutable access to a loaded key, marking it dirty. `None` if not loaded.
     pub fn get_mut_dirty(&mut self, key: &StateKey) -> Option<&mut ReadState> {
-        let e = self.entries.get_mut(key)?;
-        e.touched_epoch = self.epoch;
+        self.get_mut_dirty_ref(key.as_ref())
+    }
+
+    /// [`get_mut_dirty`](Self::get_mut_dirty) by a borrowed key: nothing is cloned unless
+    /// the entry becomes dirty now.
+    #[inline]
+    pub fn get_mut_dirty_ref(&mut self, key: StateKeyRef<'_>) -> Option<&mut ReadState> {
+        let epoch = self.epoch;
+        let h = self.hasher.hash_one(key);
+        let e = self.entries.find_mut(h, |e| key.equivalent(&e.key))?;
+        e.touched_epoch = epoch;
         if !e.dirty {
             e.dirty = true;
-            self.dirty.push(key.clone());
+            self.dirty.push(e.key.clone());
         }
         Some(&mut e.state)
     }
 
     /// Mutable access without marking dirty (the flush itself writes the entry).
     pub fn get_mut_clean(&mut self, key: &StateKey) -> Option<&mut ReadState> {
-        self.entries.get_mut(key).map(|e| &mut e.state)
+        self.find_mut(key.as_ref()).map(|e| &mut e.state)
     }
 
     /// Take the dirty keys (in the order they first became dirty) and mark them clean.
     pub fn take_dirty(&mut self) -> Vec<StateKey> {
         let dirty = std::mem::take(&mut self.dirty);
         for k in &dirty {
-            if let Some(e) = self.entries.get_mut(k) {
+            if let Some(e) = self.find_mut(k.as_ref()) {
                 e.dirty = false;
             }
         }
@@ -163,10 +213,10 @@ impl RecordCache {
             if excess == 0 {
                 break;
             }
-            self.entries.retain(|k, e| {
+            self.entries.retain(|e| {
                 if excess == 0
                     || e.dirty
-                    || pinned(k)
+                    || pinned(&e.key)
                     || (only_untouched && e.touched_epoch == current)
                 {
                     return true;
@@ -238,7 +288,7 @@ mod tests {
     fn eviction_keeps_pinned_and_recent() {
         let store = InMemoryStore::new("s".into());
         let mut c = RecordCache::new(2);
-        let mut pinned = HashMap::new();
+        let mut pinned = hashbrown::HashMap::new();
         pinned.insert(k(0), 0);
         c.ensure_loaded((0..5).map(k), &store).unwrap();
         c.end_flush(|k| pinned.contains_key(k));

@@ -136,8 +136,8 @@ struct BenchArgs {
     /// Connections the sink figures write on at once (the topology's pool_size).
     #[arg(long, default_value_t = 2)]
     sink_connections: usize,
-    /// Only these figures (comma-separated: keys, core, json, unread, e2e, versus, startup,
-    /// restore, sink); all by default.
+    /// Only these figures (comma-separated: keys, core, json, ids, unread, e2e, versus,
+    /// startup, restore, sink); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run the end-to-end figure on this Kafka (e.g. what `scripts/kafka start` prints)
@@ -563,6 +563,15 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
             "{}",
             bench::json_decode(&bench::json_records(&json))?.render()
         );
+    }
+    if want("ids") {
+        let ids = readstate_tools::loadgen::WorkloadSpec {
+            events: args.core_events.min(1_000_000),
+            ..spec.clone()
+        };
+        for f in bench::ids::id_costs(&ids)? {
+            println!("{}", f.render());
+        }
     }
     if want("unread") {
         println!("{}", bench::unread::writes_per_message(10_000)?.render());

@@ -297,7 +297,7 @@ fn count_committed(brokers: &str, topic: &str, partitions: i32) -> Result<i64, B
 }
 
 /// utime + stime of a process, in seconds (Linux; 0 elsewhere).
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };

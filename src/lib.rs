@@ -7,12 +7,14 @@
 //! - [`backoff`]: the one `Backoff` (cap, jitter) of every retry loop, and the `Clock` seam
 //!   of timing heuristics (`ManualClock` in tests).
 //! - [`ids`]: newtypes for identifiers (`ConversationId`, `ReaderId`, `TaskId`, `TopicName`,
-//!   `StoreName`, `Origin`, ...).
+//!   `StoreName`, `Origin`, ...); `ids::Id`, a domain id of the type a topology declares
+//!   (`i64`, `string`, `uuid`: `ids::IdTypes`).
 //! - [`model`]: the domain records, `ReadEvent` in and `ReceiptUpdate` out.
 //! - [`config`]: topology files as written (TOML), unknown fields collected.
 //! - [`topology`]: compile a spec into a checked `Topology` (one function per section,
 //!   every error at once: `topology::compile`), into the graph the runtime routes on
-//!   (`topology::graph`), and describe it.
+//!   (`topology::graph`), and describe it; `topology::schema_check` checks sources against
+//!   their registered schemas (`validate --schema-registry-url`).
 //! - [`serde`]: Avro in the Confluent wire format; the `SchemaResolver` seam (Confluent
 //!   registry or local schemas); users' JSON read events mapped by field paths
 //!   (`serde::json`).

@@ -129,6 +129,9 @@ struct RegistryErrorBody {
 
 /// The registry's error code for an unknown schema id.
 pub const SCHEMA_NOT_FOUND: i64 = 40403;
+/// The registry's error codes for an unknown subject, and for a subject with no versions.
+pub const SUBJECT_NOT_FOUND: i64 = 40401;
+pub const VERSION_NOT_FOUND: i64 = 40402;
 
 impl ConfluentRegistry {
     /// `url` is the registry's base URL, e.g. `http://registry:8081`; it must have an
@@ -151,6 +154,41 @@ impl ConfluentRegistry {
     }
 
     /// The URL without its password, for messages.
+    /// The text of the latest schema registered under `subject` (`None`: no such subject);
+    /// `GET /subjects/{subject}/versions/latest`.
+    pub async fn latest(&self, subject: &str) -> Result<Option<String>, SerdeError> {
+        #[derive(serde::Deserialize)]
+        struct Version {
+            schema: String,
+        }
+        let what = format!("GET /subjects/{subject}/versions/latest");
+        let res = self
+            .client
+            .get(self.endpoint(&format!("subjects/{subject}/versions/latest")))
+            .send()
+            .await
+            .map_err(|e| self.unavailable(&what, describe_reqwest(&e)))?;
+        let status = res.status();
+        if status.is_success() {
+            let v: Version = res
+                .json()
+                .await
+                .map_err(|e| self.unavailable(&what, describe_reqwest(&e)))?;
+            return Ok(Some(v.schema));
+        }
+        let body: RegistryErrorBody = res.json().await.unwrap_or_default();
+        match (status.as_u16(), body.error_code) {
+            (404, SUBJECT_NOT_FOUND | VERSION_NOT_FOUND) => Ok(None),
+            _ => Err(self.unavailable(
+                &what,
+                format!(
+                    "HTTP {status}, error code {}: {}",
+                    body.error_code, body.message
+                ),
+            )),
+        }
+    }
+
     pub fn url(&self) -> String {
         redacted(&self.base)
     }

@@ -8,6 +8,7 @@ mod compile;
 mod describe;
 mod fields;
 pub mod graph;
+pub mod schema_check;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -43,6 +43,12 @@ enum Command {
     Validate {
         /// Topology file (TOML).
         file: PathBuf,
+        /// Also check each source against the latest schema registered under
+        /// `<topic>-value` in this registry: a JSON Schema source's field mapping (every
+        /// path present, of a type its role can be read from), an Avro source's writer
+        /// schema readable as readstate's.
+        #[arg(long)]
+        schema_registry_url: Option<String>,
     },
     /// Print a topology: sources → processors → stores → sinks, and its internal topics.
     Describe {
@@ -435,8 +441,31 @@ fn main() -> ExitCode {
         LogFormatArg::Json => readstate::telemetry::LogFormat::Json,
     });
     match cli.command {
-        Command::Validate { file } => match Topology::from_file(&file) {
+        Command::Validate {
+            file,
+            schema_registry_url,
+        } => match Topology::from_file(&file) {
             Ok(t) => {
+                if let Some(url) = schema_registry_url {
+                    match check_registered_schemas(&t, &url) {
+                        Ok(errors) if errors.is_empty() => {}
+                        Ok(errors) => {
+                            eprintln!(
+                                "{}: {} error(s) against {url}:",
+                                file.display(),
+                                errors.len()
+                            );
+                            for e in errors {
+                                eprintln!("  - {e}");
+                            }
+                            return ExitCode::from(2);
+                        }
+                        Err(e) => {
+                            eprintln!("{}: {e:#}", file.display());
+                            return ExitCode::from(1);
+                        }
+                    }
+                }
                 let messages = match &t.messages {
                     Some(m) => format!(" + message source {}", m.topic),
                     None => String::new(),
@@ -778,6 +807,46 @@ fn exit(r: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Every source of `t` with a registered schema checked against the latest version of its
+/// subject (`topology::schema_check`); the problems, all of them.
+fn check_registered_schemas(
+    t: &Topology,
+    url: &str,
+) -> anyhow::Result<Vec<readstate::topology::TopologyError>> {
+    use readstate::topology::schema_check;
+    let registry =
+        readstate::serde::ConfluentRegistry::new(url, std::time::Duration::from_secs(10))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut errors = Vec::new();
+    let sources = t.sources.iter().map(|s| (s, false));
+    for (s, messages) in sources.chain(t.messages.iter().map(|m| (m, true))) {
+        if !schema_check::has_schema(s) {
+            continue;
+        }
+        let subject = schema_check::subject(s);
+        let Some(schema) = rt.block_on(registry.latest(&subject))? else {
+            errors.push(readstate::topology::TopologyError {
+                at: format!("source {:?}.topic", s.name),
+                message: format!("no schema is registered under {subject}"),
+            });
+            continue;
+        };
+        errors.extend(match &s.format {
+            readstate::topology::SourceFormat::AvroConfluent => {
+                let reader = match messages {
+                    true => readstate::serde::MESSAGE_EVENT_SCHEMA,
+                    false => readstate::serde::READ_EVENT_SCHEMA,
+                };
+                schema_check::check_avro(s, &schema, reader)
+            }
+            readstate::topology::SourceFormat::Json(_) => schema_check::check(s, &schema),
+        });
+    }
+    Ok(errors)
 }
 
 fn migrate_command(args: MigrateArgs) -> anyhow::Result<()> {

@@ -55,6 +55,61 @@ fn validate_reports_three_mistakes_in_one_run() {
     assert!(err.contains("store[0].compresion: unknown field"), "{err}");
 }
 
+/// `validate --schema-registry-url`: `topologies/json_read_receipts.toml` as JSON Schema
+/// (`format = "json-schema"`) checked against what a producer registered: a schema it
+/// fits passes; one missing a mapped field and typing another wrongly fails with both named;
+/// no schema under the subject is named too.
+#[test]
+fn validate_checks_the_mapping_against_the_registered_json_schema() {
+    let registry = readstate_testing::fake_registry::FakeRegistry::start();
+    let text = std::fs::read_to_string(
+        readstate_testing::fixtures::repo_root().join("topologies/json_read_receipts.toml"),
+    )
+    .unwrap()
+    .replace("format = \"json\"", "format = \"json-schema\"");
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("json.toml");
+    std::fs::write(&f, text).unwrap();
+    let file = f.to_str().unwrap();
+    let url = registry.url();
+    let validate = || readstate(&["validate", file, "--schema-registry-url", &url]);
+    let (code, _, err) = validate();
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("no schema is registered under read_receipt_events-value"),
+        "{err}"
+    );
+    let property = |t: &str| serde_json::json!({ "type": t });
+    let mut schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "msg_id": property("string"), "sender_id": property("string"),
+            "reader_id": property("string"), "conversation_id": property("string"),
+            "read_at": property("integer"), "device_id": property("string"),
+        },
+    });
+    registry.add("read_receipt_events-value", &schema.to_string());
+    let (code, out, err) = validate();
+    assert_eq!(code, 0, "{out}{err}");
+    let props = schema["properties"].as_object_mut().unwrap();
+    props.remove("device_id");
+    props.insert("reader_id".into(), property("boolean"));
+    registry.add("read_receipt_events-value", &schema.to_string());
+    let (code, _, err) = validate();
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("2 error(s)"), "{err}");
+    assert!(
+        err.contains("source \"read-receipt-events\".fields.reader: \"reader_id\" in the schema of read_receipt_events-value: it is boolean, reader needs integer or string"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "source \"read-receipt-events\".fields.device: \"device_id\" is not in the schema"
+        ),
+        "{err}"
+    );
+}
+
 #[test]
 fn describe_prints_the_graph_and_internal_topics() {
     let (code, out, err) = readstate(&["describe", &shipped()]);

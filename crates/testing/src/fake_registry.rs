@@ -1,5 +1,6 @@
-//! A Confluent-compatible schema registry over HTTP on 127.0.0.1:0, for tests: the two
-//! endpoints readstate uses (`GET /schemas/ids/{id}`, `POST /subjects/{s}/versions`), with
+//! A Confluent-compatible schema registry over HTTP on 127.0.0.1:0, for tests: the
+//! endpoints readstate uses (`GET /schemas/ids/{id}`, `POST /subjects/{s}/versions`,
+//! `GET /subjects/{s}/versions/latest`), with
 //! outages on demand (HTTP 503 for the next N requests) and request counters.
 
 use std::collections::HashMap;
@@ -67,6 +68,24 @@ async fn schema_by_id(State(inner): State<Arc<Inner>>, Path(id): Path<u32>) -> R
     }
 }
 
+async fn latest(State(inner): State<Arc<Inner>>, Path(subject): Path<String>) -> Reply {
+    let m = inner.schemas.lock().unwrap();
+    let latest = m
+        .iter()
+        .filter(|(_, (s, _))| *s == subject)
+        .max_by_key(|(id, _)| **id);
+    match latest {
+        Some((id, (_, schema))) => (
+            StatusCode::OK,
+            Json(json!({"subject": subject, "id": id, "schema": schema})),
+        ),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error_code": 40401, "message": "Subject not found"})),
+        ),
+    }
+}
+
 async fn register(
     State(inner): State<Arc<Inner>>,
     Path(subject): Path<String>,
@@ -107,6 +126,7 @@ impl FakeRegistry {
         let app = Router::new()
             .route("/schemas/ids/{id}", get(schema_by_id))
             .route("/subjects/{subject}/versions", post(register))
+            .route("/subjects/{subject}/versions/latest", get(latest))
             .with_state(inner.clone());
         let listener = rt
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))

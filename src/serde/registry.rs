@@ -153,42 +153,55 @@ impl ConfluentRegistry {
         Ok(Self { base, client })
     }
 
-    /// The URL without its password, for messages.
     /// The text of the latest schema registered under `subject` (`None`: no such subject);
     /// `GET /subjects/{subject}/versions/latest`.
     pub async fn latest(&self, subject: &str) -> Result<Option<String>, SerdeError> {
+        let path = format!("subjects/{subject}/versions/latest");
+        self.get_schema(&path, &[SUBJECT_NOT_FOUND, VERSION_NOT_FOUND])
+            .await
+    }
+
+    /// `GET path`: the `schema` of the answer, or `None` on a 404 with one of `not_found`'s
+    /// error codes. Anything else means the registry cannot answer now.
+    async fn get_schema(
+        &self,
+        path: &str,
+        not_found: &[i64],
+    ) -> Result<Option<String>, SerdeError> {
         #[derive(serde::Deserialize)]
-        struct Version {
+        struct Found {
             schema: String,
         }
-        let what = format!("GET /subjects/{subject}/versions/latest");
+        let what = format!("GET /{path}");
         let res = self
             .client
-            .get(self.endpoint(&format!("subjects/{subject}/versions/latest")))
+            .get(self.endpoint(path))
             .send()
             .await
             .map_err(|e| self.unavailable(&what, describe_reqwest(&e)))?;
         let status = res.status();
         if status.is_success() {
-            let v: Version = res
+            let found: Found = res
                 .json()
                 .await
                 .map_err(|e| self.unavailable(&what, describe_reqwest(&e)))?;
-            return Ok(Some(v.schema));
+            return Ok(Some(found.schema));
         }
         let body: RegistryErrorBody = res.json().await.unwrap_or_default();
         match (status.as_u16(), body.error_code) {
-            (404, SUBJECT_NOT_FOUND | VERSION_NOT_FOUND) => Ok(None),
+            (404, code) if not_found.contains(&code) => Ok(None),
+            (404, code) => Err(self.unavailable(
+                &what,
+                format!("HTTP 404 with error code {code} (not {not_found:?}): is this a schema registry?"),
+            )),
             _ => Err(self.unavailable(
                 &what,
-                format!(
-                    "HTTP {status}, error code {}: {}",
-                    body.error_code, body.message
-                ),
+                format!("HTTP {status}, error code {}: {}", body.error_code, body.message),
             )),
         }
     }
 
+    /// The URL without its password, for messages.
     pub fn url(&self) -> String {
         redacted(&self.base)
     }
@@ -259,37 +272,8 @@ fn describe_reqwest(e: &reqwest::Error) -> String {
 impl SchemaResolver for ConfluentRegistry {
     fn schema_by_id(&self, id: u32) -> BoxFuture<'_, Result<Option<String>, SerdeError>> {
         Box::pin(async move {
-            #[derive(serde::Deserialize)]
-            struct Found {
-                schema: String,
-            }
-            let what = format!("GET /schemas/ids/{id}");
-            let res = self
-                .client
-                .get(self.endpoint(&format!("schemas/ids/{id}")))
-                .send()
+            self.get_schema(&format!("schemas/ids/{id}"), &[SCHEMA_NOT_FOUND])
                 .await
-                .map_err(|e| self.unavailable(&what, describe_reqwest(&e)))?;
-            let status = res.status();
-            if status.is_success() {
-                let found: Found = res
-                    .json()
-                    .await
-                    .map_err(|e| self.unavailable(&what, describe_reqwest(&e)))?;
-                return Ok(Some(found.schema));
-            }
-            let body: RegistryErrorBody = res.json().await.unwrap_or_default();
-            match (status.as_u16(), body.error_code) {
-                (404, SCHEMA_NOT_FOUND) => Ok(None),
-                (404, code) => Err(self.unavailable(
-                    &what,
-                    format!("HTTP 404 with error code {code} (not {SCHEMA_NOT_FOUND}): is this a schema registry?"),
-                )),
-                _ => Err(self.unavailable(
-                    &what,
-                    format!("HTTP {status}, error code {}: {}", body.error_code, body.message),
-                )),
-            }
         })
     }
 

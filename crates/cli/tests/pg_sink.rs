@@ -316,25 +316,45 @@ fn end_to_end_run_then_sink_matches_the_oracle() {
     let inst = readstate_cli::App::new(cfg)
         .start()
         .expect("instance starts");
-    let sink = start_sink(k.sink_config(&db, 500, Duration::from_millis(200)));
+    let cfg = k.sink_config(&db, 500, Duration::from_millis(200));
+    let progress = cfg.progress.clone();
+    let sink = start_sink(cfg);
     let oracle = oracle(&events);
-    wait_for(
+    // Counters are as of the last emitted update: stale events after the last advance
+    // emit nothing (exact counts are in the store).
+    let fits = |x: &Expected, r: &db::Row| {
+        r.seq == x.max_seq
+            && r.version == x.advances
+            && r.device == x.device_of_max
+            && (x.advances..=x.events).contains(&r.events_total)
+            && r.stale_total <= x.events - x.advances
+    };
+    let differing = |rows: &HashMap<StateKey, db::Row>| -> Vec<String> {
+        oracle
+            .iter()
+            .filter(|(key, x)| !rows.get(*key).is_some_and(|r| fits(x, r)))
+            .map(|(key, x)| format!("{key:?}: want {x:?}, row {:?}", rows.get(key)))
+            .collect()
+    };
+    readstate_testing::wait_until_explained(
         "PostgreSQL to match the oracle",
         Duration::from_secs(120),
         || {
             let rows = db.rows().unwrap_or_default();
-            rows.len() == oracle.len()
-                && oracle.iter().all(|(key, x)| {
-                    rows.get(key).is_some_and(|r| {
-                        r.seq == x.max_seq
-                        && r.version == x.advances
-                        && r.device == x.device_of_max
-                        // Counters are as of the last emitted update: stale events after
-                        // the last advance emit nothing (exact counts are in the store).
-                        && (x.advances..=x.events).contains(&r.events_total)
-                        && r.stale_total <= x.events - x.advances
-                    })
-                })
+            (rows.len() == oracle.len() && differing(&rows).is_empty()).then_some(())
+        },
+        || {
+            let rows = db.rows().unwrap_or_default();
+            let differ = differing(&rows);
+            format!(
+                "{} rows for {} keys; {} differ, e.g. {:?}; output topic ends {:?}; sink {:?}",
+                rows.len(),
+                oracle.len(),
+                differ.len(),
+                &differ[..differ.len().min(3)],
+                kafka::end_offsets(&k.brokers(), &k.output),
+                progress
+            )
         },
     );
     let run_summary = inst.stop().expect("instance runs");

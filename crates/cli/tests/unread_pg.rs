@@ -18,6 +18,7 @@ use kafka::suffix;
 use process::{log_tail, terminate, KillOnDrop};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
+use readstate::ids::IdTypes;
 use readstate::model::UnreadCounts;
 use readstate_testing::wait_until_explained;
 use readstate_tools::loadgen::chat::{generate, ChatSpec, ChatWorkload};
@@ -41,16 +42,20 @@ linger = "200ms"
 
 /// Every member's counts as PostgreSQL derives them: readers with a pointer from the
 /// view, the others from the function at pointer -1.
-fn counts_in_postgres(db: &Db, w: &ChatWorkload) -> Option<HashMap<(i64, i64), UnreadCounts>> {
+fn counts_in_postgres(
+    db: &Db,
+    w: &ChatWorkload,
+    ids: &IdTypes,
+) -> Option<HashMap<Member, UnreadCounts>> {
     let c = db.connect(&db.url).ok()?;
     let rows = db
         .rt
         .block_on(c.query(
-            "SELECT conversation_id, reader_id, unread_count, mention_count, counts_capped FROM read_receipts_unread",
+            "SELECT conversation_id::text, reader_id::text, unread_count, mention_count, counts_capped FROM read_receipts_unread",
             &[],
         ))
         .ok()?;
-    let mut out: HashMap<(i64, i64), UnreadCounts> = rows
+    let mut out: HashMap<Member, UnreadCounts> = rows
         .iter()
         .map(|r| {
             let counts = UnreadCounts {
@@ -61,19 +66,19 @@ fn counts_in_postgres(db: &Db, w: &ChatWorkload) -> Option<HashMap<(i64, i64), U
             ((r.get(0), r.get(1)), counts)
         })
         .collect();
+    // The function's parameters have the id columns' types.
+    let function = format!(
+        "SELECT * FROM conversation_heads_counts($1::text::{}, $2::text::{}, -1)",
+        ids.conversation.sql(),
+        ids.user.sql()
+    );
     for (conv, members) in &w.members {
         for m in members {
-            let (conv, m) = (conv.as_int().unwrap(), m.as_int().unwrap());
-            if out.contains_key(&(conv, m)) {
+            let (conv, m) = (conv.to_string(), m.to_string());
+            if out.contains_key(&(conv.clone(), m.clone())) {
                 continue;
             }
-            let r = db
-                .rt
-                .block_on(c.query_one(
-                    "SELECT * FROM conversation_heads_counts($1, $2, -1)",
-                    &[&conv, &m],
-                ))
-                .ok()?;
+            let r = db.rt.block_on(c.query_one(&function, &[&conv, &m])).ok()?;
             let counts = UnreadCounts {
                 unread: r.get(0),
                 mentions: r.get(1),
@@ -107,8 +112,8 @@ fn sink_positions(db: &Db, brokers: &str, app: &str, t: &ChatTopics) -> String {
 
 /// What differs between the oracle and PostgreSQL's counts, with the instance's log end.
 fn differences(
-    want: &HashMap<(i64, i64), UnreadCounts>,
-    got: Option<&HashMap<(i64, i64), UnreadCounts>>,
+    want: &HashMap<Member, UnreadCounts>,
+    got: Option<&HashMap<Member, UnreadCounts>>,
     log: &std::path::Path,
 ) -> String {
     let differ: Vec<_> = want
@@ -132,12 +137,11 @@ fn differences(
     )
 }
 
-fn expected(w: &ChatWorkload) -> HashMap<(i64, i64), UnreadCounts> {
+fn expected(w: &ChatWorkload) -> HashMap<Member, UnreadCounts> {
     let mut m = HashMap::new();
     for (conv, members) in &w.members {
         for r in members {
-            let key = (conv.as_int().unwrap(), r.as_int().unwrap());
-            m.insert(key, w.expected(conv, r));
+            m.insert((conv.to_string(), r.to_string()), w.expected(conv, r));
         }
     }
     m
@@ -145,6 +149,30 @@ fn expected(w: &ChatWorkload) -> HashMap<(i64, i64), UnreadCounts> {
 
 #[test]
 fn postgres_counts_of_every_member_equal_the_oracle_with_one_row_per_conversation() {
+    counts_in_postgres_equal_the_oracle(Shape::Avro);
+}
+
+/// The same with both sources in JSON and string user and conversation ids: `text`
+/// columns in both tables, the counts function taking text ids.
+#[test]
+fn postgres_counts_with_string_ids_from_json_equal_the_oracle() {
+    counts_in_postgres_equal_the_oracle(Shape::JsonStringIds);
+}
+
+/// A (conversation, reader) as the ids' text.
+type Member = (String, String);
+
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    /// readstate's Avro, i64 ids.
+    Avro,
+    /// A service's JSON (`chat::json_topology_text`), `[ids]` string conversations and users.
+    JsonStringIds,
+}
+
+const STRING_IDS: &str = "\n[ids]\nconversation = \"string\"\nuser = \"string\"\n";
+
+fn counts_in_postgres_equal_the_oracle(shape: Shape) {
     let db = Db::create();
     let mock: MockCluster<'static, DefaultProducerContext> = MockCluster::new(1).unwrap();
     let s = suffix();
@@ -160,7 +188,15 @@ fn postgres_counts_of_every_member_equal_the_oracle_with_one_row_per_conversatio
     mock.create_topic(&format!("{app}-dlq"), 1, 1).unwrap();
     let state = tempfile::tempdir().unwrap();
     let file = state.path().join("topology.toml");
-    std::fs::write(&file, topology_text(&app, state.path(), &t, PG_SINKS)).unwrap();
+    let text = match shape {
+        Shape::Avro => topology_text(&app, state.path(), &t, PG_SINKS),
+        Shape::JsonStringIds => {
+            let extra = format!("{PG_SINKS}{STRING_IDS}");
+            chat::json_topology_text(&app, state.path(), &t, &extra)
+        }
+    };
+    let ids = readstate::topology::compile(&text).unwrap().ids;
+    std::fs::write(&file, text).unwrap();
     let brokers = mock.bootstrap_servers();
     let cli = |args: &[&str]| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_readstate"));
@@ -182,7 +218,14 @@ fn postgres_counts_of_every_member_equal_the_oracle_with_one_row_per_conversatio
         max_messages: 100,
         ..Default::default()
     });
-    produce(&brokers, &t, &w.arrivals);
+    let w = match shape {
+        Shape::Avro => w,
+        Shape::JsonStringIds => w.with_text_ids(),
+    };
+    match shape {
+        Shape::Avro => produce(&brokers, &t, &w.arrivals),
+        Shape::JsonStringIds => chat::produce_json(&brokers, &t, &w.arrivals),
+    }
     let log = state.path().join("readstate.log");
     let mut child = KillOnDrop(
         cli(&["run", "--local-schemas"])
@@ -197,7 +240,7 @@ fn postgres_counts_of_every_member_equal_the_oracle_with_one_row_per_conversatio
         "PostgreSQL counts to converge to the oracle",
         Duration::from_secs(120),
         || {
-            let got = counts_in_postgres(&db, &w);
+            let got = counts_in_postgres(&db, &w, &ids);
             let done = got.as_ref() == Some(&want);
             *last.borrow_mut() = got;
             done.then(|| last.borrow().clone().unwrap())

@@ -149,7 +149,7 @@ pub fn chat_json(e: &ChatEvent) -> String {
     match e {
         ChatEvent::Read(r) => format!(
             r#"{{"user":{},"conv":"{}","seq":{},"device":{},"at":{}}}"#,
-            r.reader_id.0,
+            json_id(&r.reader_id.0),
             r.conversation_id.0,
             r.message_seq,
             r.device_id
@@ -158,7 +158,7 @@ pub fn chat_json(e: &ChatEvent) -> String {
             r.read_at_ms
         ),
         ChatEvent::Message(m) => {
-            let mentions: Vec<String> = m.mentions.iter().map(|u| u.0.to_string()).collect();
+            let mentions: Vec<String> = m.mentions.iter().map(|u| json_id(&u.0)).collect();
             format!(
                 r#"{{"conv":"{}","seq":{},"id":{},"from":{{"id":{},"name":"u"}},"sent_at":{},"mentions":[{}],"everyone":{},"text":"hello, world"}}"#,
                 m.conversation_id.0,
@@ -166,13 +166,18 @@ pub fn chat_json(e: &ChatEvent) -> String {
                 m.message_id
                     .as_deref()
                     .map_or("null".to_owned(), |i| format!("\"{i}\"")),
-                m.sender_id.0,
+                json_id(&m.sender_id.0),
                 m.sent_at_ms,
                 mentions.join(","),
                 m.mention_everyone
             )
         }
     }
+}
+
+/// An id as JSON: a number, or a quoted string.
+fn json_id(id: &readstate::ids::Id) -> String {
+    serde_json::to_string(id).expect("an id is JSON")
 }
 
 /// Produce chat events as JSON ([`chat_json`]), each keyed by its conversation to its own

@@ -100,6 +100,49 @@ impl ChatWorkload {
         c
     }
 
+    /// The same workload with string ids (`conv1000`, `user10000`), as a service with
+    /// string ids would produce it (`[ids] conversation = "string", user = "string"`).
+    pub fn with_text_ids(&self) -> ChatWorkload {
+        let text = |prefix: &str, id: &readstate::ids::Id| {
+            readstate::ids::Id::text(&format!("{prefix}{id}")).expect("short id")
+        };
+        let conv = |c: &ConversationId| ConversationId(text("conv", &c.0));
+        let user = |r: &ReaderId| ReaderId(text("user", &r.0));
+        let message = |m: &MessageEvent| MessageEvent {
+            conversation_id: conv(&m.conversation_id),
+            sender_id: SenderId(text("user", &m.sender_id.0)),
+            mentions: m.mentions.iter().map(user).collect(),
+            ..m.clone()
+        };
+        let arrival = |e: &ChatEvent| match e {
+            ChatEvent::Message(m) => ChatEvent::Message(message(m)),
+            ChatEvent::Read(r) => ChatEvent::Read(ReadEvent {
+                conversation_id: conv(&r.conversation_id),
+                reader_id: user(&r.reader_id),
+                sender_id: r.sender_id.as_ref().map(|s| SenderId(text("user", &s.0))),
+                ..r.clone()
+            }),
+        };
+        ChatWorkload {
+            arrivals: self.arrivals.iter().map(arrival).collect(),
+            members: (self.members.iter())
+                .map(|(c, rs)| (conv(c), rs.iter().map(user).collect()))
+                .collect(),
+            messages: (self.messages.iter())
+                .map(|(c, ms)| (conv(c), ms.iter().map(message).collect()))
+                .collect(),
+            pointers: (self.pointers.iter())
+                .map(|(k, p)| {
+                    let key = StateKey {
+                        conversation: conv(&k.conversation),
+                        reader: user(&k.reader),
+                    };
+                    (key, *p)
+                })
+                .collect(),
+        }
+    }
+
     /// The workload as far as its first `n` arrivals: what must hold once they are in.
     pub fn prefix(&self, n: usize) -> ChatWorkload {
         let arrivals = self.arrivals[..n.min(self.arrivals.len())].to_vec();

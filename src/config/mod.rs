@@ -125,6 +125,12 @@ pub struct ProcessorSpec {
     /// With a message source: recent messages kept per conversation; unread and mention
     /// counts are exact up to this many messages behind the head (default 1000).
     pub unread_cap: Option<i64>,
+    /// With a read source positioned by message id: how far the message source's time
+    /// must pass a read's before it stops waiting for its message (default "30s").
+    pub message_wait: Option<String>,
+    /// With a read source positioned by message id: reads each task keeps waiting at
+    /// most (default 100,000); beyond it the oldest stop waiting early.
+    pub max_waiting_reads: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -270,6 +276,8 @@ const SECTIONS: &[Section] = &[
             ("heads_store", Type::Str),
             ("min_emit_interval", Type::Str),
             ("unread_cap", Type::Int),
+            ("message_wait", Type::Str),
+            ("max_waiting_reads", Type::Int),
         ],
     ),
     (

@@ -11,6 +11,7 @@ pub mod node;
 pub mod punctuation;
 pub mod read_state;
 pub mod registry;
+pub mod resolve;
 pub mod restorers;
 pub mod typed;
 pub mod unread;
@@ -24,6 +25,7 @@ pub use read_state::{
     EmitPolicy, ProcessStats, ReadStateFlush, ReadStateProcessor, HEADS_STORE, STATE_STORE,
 };
 pub use registry::{NodeBuilder, ProcessorRegistry, RawSerdes};
+pub use resolve::{DEFAULT_MAX_WAITING_READS, DEFAULT_MESSAGE_WAIT, UNRESOLVED_MESSAGE};
 pub use unread::{MessageStats, DEFAULT_UNREAD_CAP};
 
 /// Errors of the processing layer.

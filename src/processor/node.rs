@@ -17,10 +17,11 @@ use super::api::{
     ProcessorStats, ProcessorSupplier, RecordKind, SinkId, SourceSerdes,
 };
 use super::read_state::{EmitPolicy, ReadStateFlush, ReadStateProcessor};
+use super::resolve::UNRESOLVED_MESSAGE;
 use super::restorers::{HeadsRestorer, ReadStateRestorer};
 use super::ProcessorError;
 use crate::backoff::Backoff;
-use crate::ids::ConversationId;
+use crate::ids::{ConversationId, IdType};
 use crate::kafka::partitioner::Partitioner;
 use crate::serde::json::JsonDecoder;
 use crate::serde::registry::SchemaResolver;
@@ -32,7 +33,7 @@ use crate::state::restore::StoreRestorer;
 use crate::state::{KeyValueStore, StoreBatch, StoreError};
 use crate::task::{DeadLetter, SourceRecord};
 use crate::topology::graph::{Graph, NodeKind, Output};
-use crate::topology::{SourceFormat, Topology};
+use crate::topology::{ResolveSpec, SourceFormat, Topology};
 
 /// A processor node, ready to run: what makes its tasks' processors, and its sources'
 /// deserializers (shared by the tasks).
@@ -256,6 +257,8 @@ pub struct ReadStateSupplier {
     wiring: Wiring,
     /// Per input: the partitioner that placed its records.
     partitioners: Vec<Partitioner>,
+    /// With reads positioned by message id: how they wait, and the message id type.
+    resolve: Option<(ResolveSpec, IdType)>,
 }
 
 /// Where the node's inputs come from and its outputs go, from the compiled graph.
@@ -302,6 +305,7 @@ impl ReadStateSupplier {
             serdes,
             wiring: Wiring::of(topology),
             partitioners: input_partitioners(topology),
+            resolve: node.resolve.map(|r| (r, topology.ids.message)),
         }
     }
 
@@ -315,6 +319,9 @@ impl ReadStateSupplier {
         if let Some(cap) = self.unread_cap {
             let heads = stores.next().ok_or(ProcessorError::MissingStore("heads"))?;
             p.enable_unread(cap, ctx.cache.positions, heads)?;
+        }
+        if let Some((spec, message_ids)) = &self.resolve {
+            p.enable_resolve(spec, *message_ids)?;
         }
         Ok(p)
     }
@@ -440,6 +447,7 @@ impl ReadStateNode {
         let mut messages = Vec::with_capacity(records.len());
         let max = decoder.max_record_bytes();
         let mut key = Vec::new();
+        let time = records.iter().filter_map(|r| r.timestamp).max();
         for r in records {
             match decoder.decode(r.value) {
                 Ok(m) => match self.misplaced(input, &m.conversation_id, r, &mut key) {
@@ -450,7 +458,7 @@ impl ReadStateNode {
             }
         }
         drop(decoder);
-        self.inner.process_messages(&messages)
+        self.inner.process_messages(&messages, time, dead_letters)
     }
 
     fn process_reads(
@@ -462,18 +470,35 @@ impl ReadStateNode {
         let decoder = self.serdes.reads.read().expect("decoder lock");
         // One allocation per batch; the events borrow their ids from the records.
         let mut events = Vec::with_capacity(records.len());
+        // With reads positioned by message id: each event's record, for those that wait.
+        let mut at: Vec<usize> = Vec::new();
+        let resolves = self.inner.resolve_stats().is_some();
         let max = decoder.max_record_bytes();
         let mut key = Vec::new();
-        for r in records {
+        for (i, r) in records.iter().enumerate() {
             match decoder.decode_ref(r.value) {
                 Ok(e) => match self.misplaced(input, &e.conversation_id, r, &mut key) {
-                    None => events.push((e, r.origin)),
+                    None => {
+                        events.push((e, r.origin));
+                        if resolves {
+                            at.push(i);
+                        }
+                    }
                     Some(why) => dead_letters.push(misrouted(r, why, max)),
                 },
                 Err(e) => dead_letters.push(dead_letter(r, &e, max)),
             }
         }
         drop(decoder);
+        if resolves {
+            let record = |i: usize| {
+                let r = &records[at[i]];
+                let letter = DeadLetter::from_record(r, UNRESOLVED_MESSAGE, String::new(), max);
+                (r.timestamp.unwrap_or_default(), letter)
+            };
+            self.inner
+                .resolve_reads(&mut events, record, dead_letters)?;
+        }
         self.inner.process(&events)
     }
 
@@ -584,6 +609,21 @@ impl Processor for ReadStateNode {
                 "readstate_head_updates_emitted_total",
                 m.heads_emitted,
             ));
+        }
+        if let Some((r, _)) = self.inner.resolve_stats() {
+            for (result, value) in [
+                ("immediate", r.immediate),
+                ("waited", r.waited),
+                ("after_wait", r.after_wait),
+                ("fallback", r.fallback),
+                ("unresolved", r.unresolved),
+            ] {
+                counters.push(Counter {
+                    name: "readstate_reads_by_message_id_total",
+                    label: Some(("result", result)),
+                    value,
+                });
+            }
         }
         ProcessorStats { counters }
     }

@@ -60,6 +60,11 @@ impl<K: Ord + Hash + Clone> DueQueue<K> {
             .collect()
     }
 
+    /// The key due first.
+    pub fn first(&self) -> Option<&K> {
+        self.by_due.first().map(|(_, k)| k)
+    }
+
     pub fn contains(&self, key: &K) -> bool {
         self.due_of.contains_key(key)
     }

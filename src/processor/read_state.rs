@@ -19,14 +19,20 @@ use compact_str::CompactString;
 use super::api::FlushOutput;
 pub use super::api::StoreFlush;
 use super::punctuation::DueQueue;
+use super::resolve::{ResolveStats, Waiting, WaitingRead, UNRESOLVED_MESSAGE};
 use super::unread::{positions_budget, Heads, MessageStats};
 use super::ProcessorError;
-use crate::ids::{ConversationId, Origin};
-use crate::model::{EventRef, HeadUpdate, MessageEvent, ReceiptUpdate, StateKey, UnreadCounts};
+use crate::ids::{ConversationId, Id, IdType, Origin};
+use crate::model::{
+    EventRef, HeadUpdate, MessageEvent, ReadEvent, ReceiptUpdate, StateKey, UnreadCounts,
+};
+use crate::serde::json::UNRESOLVED_SEQ;
 use crate::state::cache::RecordCache;
 use crate::state::codec::{self, EntryCodec, ReadStates, StoreKey, TAG_PENDING};
 use crate::state::head::ConversationHead;
 use crate::state::{write_all_flushed, KeyValueStore, ReadState, StoreBatch, StoreError};
+use crate::task::DeadLetter;
+use crate::topology::ResolveSpec;
 
 /// When an advance may be emitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -96,6 +102,16 @@ pub struct ReadStateProcessor {
     stats: ProcessStats,
     /// Conversation heads, when the topology has a message source.
     heads: Option<Heads>,
+    /// Reads waiting for the messages they name, when reads are positioned by message id.
+    resolver: Option<Resolver>,
+}
+
+/// Resolution of reads positioned by message id (see [`super::resolve`]).
+struct Resolver {
+    waiting: Waiting,
+    /// Whether a read's `read_at` stands in for a message that never came.
+    fallback: bool,
+    message_ids: IdType,
 }
 
 impl ReadStateProcessor {
@@ -112,6 +128,7 @@ impl ReadStateProcessor {
             policy,
             stats: ProcessStats::default(),
             heads: None,
+            resolver: None,
         };
         p.reload_pending()?;
         Ok(p)
@@ -130,18 +147,192 @@ impl ReadStateProcessor {
         self.reload_pending()
     }
 
+    /// Resolve reads positioned by message id (message ids of type `message_ids`) through
+    /// the heads' message index, the reads waiting for their messages kept in the heads
+    /// store (reloaded from it here). Needs [`Self::enable_unread`] first.
+    pub fn enable_resolve(
+        &mut self,
+        spec: &ResolveSpec,
+        message_ids: IdType,
+    ) -> Result<(), ProcessorError> {
+        let heads = self.heads.as_mut().ok_or(ProcessorError::NoMessageSource)?;
+        heads.enable_index(message_ids);
+        let mut waiting = Waiting::new(spec);
+        waiting.load(heads.store())?;
+        self.resolver = Some(Resolver {
+            waiting,
+            fallback: spec.fallback_to_read_at,
+            message_ids,
+        });
+        Ok(())
+    }
+
+    /// What resolving reads did, and how many wait now.
+    pub fn resolve_stats(&self) -> Option<(ResolveStats, usize)> {
+        let r = self.resolver.as_ref()?;
+        Some((r.waiting.stats, r.waiting.len()))
+    }
+
+    /// Resolve the positions of reads that name their message by id: a read whose message
+    /// is in its conversation's index takes that message's seq and stays in `events`; the
+    /// others leave `events` to wait (`record(i)`: the time and dead-letter form of the
+    /// record of `events[i]`). Without a resolver, nothing changes.
+    pub fn resolve_reads(
+        &mut self,
+        events: &mut Vec<(EventRef<'_>, Origin)>,
+        record: impl Fn(usize) -> (i64, DeadLetter),
+        dead_letters: &mut Vec<DeadLetter>,
+    ) -> Result<(), ProcessorError> {
+        let (Some(r), Some(heads)) = (&mut self.resolver, &mut self.heads) else {
+            return Ok(());
+        };
+        let unresolved = |e: &EventRef<'_>| e.message_seq == UNRESOLVED_SEQ;
+        heads.ensure_loaded(
+            (events.iter().filter(|(e, _)| unresolved(e))).map(|(e, _)| e.conversation_id.clone()),
+        )?;
+        let mut at = 0;
+        events.retain_mut(|(e, origin)| {
+            let i = at;
+            at += 1;
+            if !unresolved(e) {
+                return true;
+            }
+            let Some(id) = (e.message_id.as_deref()).and_then(|s| Id::parse(r.message_ids, s).ok())
+            else {
+                let (_, mut dl) = record(i);
+                dl.reason = "invalid_event";
+                dl.error = "a read positioned by message id without a valid message id".into();
+                dead_letters.push(dl);
+                return false;
+            };
+            match heads.get(&e.conversation_id).and_then(|h| h.seq_of(&id)) {
+                Some(seq) => {
+                    e.message_seq = seq;
+                    r.waiting.stats.immediate += 1;
+                    true
+                }
+                None => {
+                    let (record_ms, record) = record(i);
+                    let event = e.clone().into_owned();
+                    let origin = *origin;
+                    let message = id;
+                    r.waiting.park(WaitingRead {
+                        event,
+                        message,
+                        origin,
+                        record_ms,
+                        record,
+                    });
+                    false
+                }
+            }
+        });
+        let over = r.waiting.expired();
+        self.stop_waiting(over, dead_letters)
+    }
+
+    /// Reads that stop waiting: resolved if their message is known now, else by their
+    /// `read_at` (the newest window message sent by then) when the topology maps it, else
+    /// dead letters.
+    fn stop_waiting(
+        &mut self,
+        reads: Vec<WaitingRead>,
+        dead_letters: &mut Vec<DeadLetter>,
+    ) -> Result<(), ProcessorError> {
+        let (Some(r), Some(heads)) = (&mut self.resolver, &mut self.heads) else {
+            return Ok(());
+        };
+        if reads.is_empty() {
+            return Ok(());
+        }
+        heads.ensure_loaded(reads.iter().map(|w| w.event.conversation_id.clone()))?;
+        let mut resolved = Vec::with_capacity(reads.len());
+        for mut w in reads {
+            let head = heads.get(&w.event.conversation_id);
+            if let Some(seq) = head.and_then(|h| h.seq_of(&w.message)) {
+                w.event.message_seq = seq;
+                r.waiting.stats.after_wait += 1;
+                resolved.push(w.event);
+                continue;
+            }
+            let by_time = head
+                .filter(|_| r.fallback)
+                .and_then(|h| h.message_sent_by(w.event.read_at_ms));
+            match by_time {
+                Some((seq, id)) => {
+                    w.event.message_seq = seq;
+                    w.event.message_id = id.map(|id| id.to_string());
+                    r.waiting.stats.fallback += 1;
+                    resolved.push(w.event);
+                }
+                None => {
+                    r.waiting.stats.unresolved += 1;
+                    dead_letters.push(unresolved_letter(w, r.fallback, r.waiting.wait()));
+                }
+            }
+        }
+        self.fold_resolved(resolved)
+    }
+
+    /// Fold reads whose positions were resolved after they arrived: without replay marks
+    /// (a later record of the same key may have moved the marks past theirs; folding is
+    /// a max, so folding one twice changes no pointer).
+    fn fold_resolved(&mut self, reads: Vec<ReadEvent>) -> Result<(), ProcessorError> {
+        if reads.is_empty() {
+            return Ok(());
+        }
+        let misses = (self.cache).ensure_loaded(reads.iter().map(ReadEvent::key), &*self.store)?;
+        self.stats.cache_misses += misses as u64;
+        for e in &reads {
+            let view = e.view();
+            let state = (self.cache)
+                .get_mut_dirty_ref(view.key_ref())
+                .expect("ensure_loaded loaded every missing key");
+            count(&mut self.stats, apply(state, &view));
+        }
+        if let Some(heads) = &mut self.heads {
+            heads.ensure_loaded(reads.iter().map(|e| e.conversation_id.clone()))?;
+        }
+        Ok(())
+    }
+
     pub fn message_stats(&self) -> Option<MessageStats> {
         self.heads.as_ref().map(Heads::stats)
     }
 
-    /// Fold a batch of message events into their conversations' heads.
+    /// Fold a batch of message events into their conversations' heads. With reads
+    /// positioned by message id: the reads waiting for these messages are resolved, and
+    /// message time advances to `time_ms` (the batch's highest record time), ending the
+    /// waits it passes.
     pub fn process_messages(
         &mut self,
         messages: &[(MessageEvent, Origin)],
+        time_ms: Option<i64>,
+        dead_letters: &mut Vec<DeadLetter>,
     ) -> Result<(), ProcessorError> {
         let heads = self.heads.as_mut().ok_or(ProcessorError::NoMessageSource)?;
         heads.process(messages)?;
-        Ok(())
+        let Some(r) = &mut self.resolver else {
+            return Ok(());
+        };
+        let mut resolved = Vec::new();
+        for (m, _) in messages {
+            let Some(id) = (m.message_id.as_deref()).and_then(|s| Id::parse(r.message_ids, s).ok())
+            else {
+                continue;
+            };
+            for mut w in r.waiting.take_for(&m.conversation_id, &id) {
+                w.event.message_seq = m.message_seq;
+                r.waiting.stats.after_wait += 1;
+                resolved.push(w.event);
+            }
+        }
+        if let Some(t) = time_ms {
+            r.waiting.advance(t);
+        }
+        let expired = r.waiting.expired();
+        self.fold_resolved(resolved)?;
+        self.stop_waiting(expired, dead_letters)
     }
 
     fn reload_pending(&mut self) -> Result<(), ProcessorError> {
@@ -210,6 +401,9 @@ impl ReadStateProcessor {
         let mut out = ReadStateFlush::for_stores(self.store_count());
         if let Some(heads) = &mut self.heads {
             heads.flush(now_ms, &mut out.flush.stores[HEADS_STORE], &mut out.heads);
+        }
+        if let Some(r) = &mut self.resolver {
+            r.waiting.flush(&mut out.flush.stores[HEADS_STORE]);
         }
         let mut dirty = self.cache.take_dirty();
         // In store-key order (StateKey's order is the encoded key's): the store batch is
@@ -290,6 +484,9 @@ impl ReadStateProcessor {
         self.cache.clear();
         if let Some(heads) = &mut self.heads {
             heads.clear();
+            if let Some(r) = &mut self.resolver {
+                r.waiting.load(heads.store())?;
+            }
         }
         self.reload_pending()
     }
@@ -403,6 +600,11 @@ pub fn fold(state: &mut ReadState, event: &EventRef<'_>, origin: Origin) -> Fold
         Some((_, off)) => *off = origin.offset,
         None => state.marks.push((origin.source, origin.offset)),
     }
+    apply(state, event)
+}
+
+/// Fold one event whose record was not checked against the replay marks.
+fn apply(state: &mut ReadState, event: &EventRef<'_>) -> Fold {
     state.events_total += 1;
     state.events_since_emit += 1;
     if ahead(event, state) {
@@ -417,6 +619,26 @@ pub fn fold(state: &mut ReadState, event: &EventRef<'_>, origin: Origin) -> Fold
         state.stale_total += 1;
         state.stale_since_emit += 1;
         Fold::Stale
+    }
+}
+
+/// The dead letter of a read whose message did not come within the wait.
+fn unresolved_letter(w: WaitingRead, fallback: bool, wait: std::time::Duration) -> DeadLetter {
+    let e = &w.event;
+    let why = match fallback {
+        true => format!(
+            "and no message of the window was sent by its read_at ({} ms)",
+            e.read_at_ms
+        ),
+        false => "and the source maps no read_at to stand in".to_owned(),
+    };
+    DeadLetter {
+        reason: UNRESOLVED_MESSAGE,
+        error: format!(
+            "message {} of conversation {} (read by {}) did not arrive within {wait:?} of message time after the read, {why}",
+            w.message, e.conversation_id, e.reader_id
+        ),
+        ..w.record
     }
 }
 

@@ -3,6 +3,7 @@
 
 use hashbrown::HashSet;
 
+use super::resolve::WaitingRead;
 use crate::model::StateKey;
 use crate::state::codec::{EntryCodec, Heads, ReadState, ReadStates, StoreKey, TAG_PENDING};
 use crate::state::restore::{restore_checked, StoreRestorer};
@@ -109,8 +110,11 @@ impl StoreRestorer for HeadsRestorer {
         next_offset: i64,
     ) -> Result<usize, StoreError> {
         restore_checked(store, records, next_offset, |key, value| {
+            if let Some(k) = WaitingRead::decode_key(key) {
+                return value.map_or(Ok(()), |v| WaitingRead::decode(k, v).map(|_| ()));
+            }
             if Heads::decode_key(key).is_none() {
-                return Err("changelog key is not a conversation-head key".into());
+                return Err("changelog key is not a conversation-head or waiting-read key".into());
             }
             value.map_or(Ok(()), |v| Heads::decode_value(v).map(|_| ()))
         })

@@ -10,7 +10,7 @@
 use hashbrown::{HashMap, HashSet};
 
 use super::read_state::StoreFlush;
-use crate::ids::{ConversationId, Origin, ReaderId};
+use crate::ids::{ConversationId, Id, IdType, Origin, ReaderId};
 use crate::model::{HeadUpdate, MessageEvent, UnreadCounts};
 use crate::state::codec::{self, EntryCodec};
 use crate::state::head::{ConversationHead, MessageFold};
@@ -51,6 +51,9 @@ pub struct Heads {
     /// the unpinned heads are dropped after a flush. Sized from the task's record-cache
     /// share ([`positions_budget`]).
     budget: usize,
+    /// When reads name messages by id: the message id type, and every window message's
+    /// id is kept (the message index).
+    index: Option<IdType>,
     stats: MessageStats,
 }
 
@@ -62,8 +65,21 @@ impl Heads {
             entries: HashMap::new(),
             dirty: HashSet::new(),
             budget: budget.max(1),
+            index: None,
             stats: MessageStats::default(),
         }
+    }
+
+    /// Keep every window message's id (parsed as `ty`) and send time: reads name
+    /// messages by id.
+    pub fn enable_index(&mut self, ty: IdType) {
+        self.index = Some(ty);
+    }
+
+    /// The index form of a message's id (`None` without an index).
+    fn index_id(&self, m: &MessageEvent) -> Option<Option<Id>> {
+        let ty = self.index?;
+        Some(m.message_id.as_deref().and_then(|s| Id::parse(ty, s).ok()))
     }
 
     pub fn cap(&self) -> usize {
@@ -129,11 +145,12 @@ impl Heads {
     pub fn process(&mut self, messages: &[(MessageEvent, Origin)]) -> Result<(), StoreError> {
         self.ensure_loaded(messages.iter().map(|(m, _)| m.conversation_id.clone()))?;
         for (m, origin) in messages {
+            let index = self.index_id(m);
             let head = self
                 .entries
                 .get_mut(&m.conversation_id)
                 .expect("ensure_loaded loaded every conversation");
-            match head.fold(m, *origin, self.cap) {
+            match head.fold_indexed(m, *origin, self.cap, index) {
                 MessageFold::Counted => {
                     self.stats.counted += 1;
                     self.dirty.insert(m.conversation_id.clone());

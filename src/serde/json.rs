@@ -140,7 +140,14 @@ pub enum PositionKind {
     /// A time (the client's clock orders the reads), kept in microseconds since the
     /// epoch; equal times are ordered by message id.
     Timestamp,
+    /// The message read, by id: its seq is resolved through the co-partitioned message
+    /// source (`processor::resolve`); decoded reads carry [`UNRESOLVED_SEQ`].
+    MessageId,
 }
+
+/// The position of a decoded read whose position is a message id not yet resolved (a
+/// value no decoded seq can have: seqs are never negative).
+pub const UNRESOLVED_SEQ: i64 = i64::MIN;
 
 /// A value a mapping gives a role the record does not have.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,11 +310,11 @@ impl JsonDecoder {
             c.required(Role::Conversation)?,
             ids.conversation,
         )?;
-        let position = c.required(Role::Position)?;
         let unit = self.mapping.time_unit;
         let message_seq = match self.mapping.position {
-            PositionKind::Seq => seq(Role::Position, position)?,
-            PositionKind::Timestamp => micros(Role::Position, position, unit)?,
+            PositionKind::Seq => seq(Role::Position, c.required(Role::Position)?)?,
+            PositionKind::Timestamp => micros(Role::Position, c.required(Role::Position)?, unit)?,
+            PositionKind::MessageId => 0,
         };
         let read_at_ms = match c.take(Role::ReadAt) {
             Some(v) => micros(Role::ReadAt, v, unit)?.div_euclid(1000),
@@ -316,15 +323,23 @@ impl JsonDecoder {
             }
             None => 0,
         };
-        super::avro::validate(EventRef {
+        let message_id = c.message_id()?;
+        if self.mapping.position == PositionKind::MessageId && message_id.is_none() {
+            return Err(c.missing(Role::MessageId));
+        }
+        let mut e = super::avro::validate(EventRef {
             reader_id: ReaderId(reader),
             conversation_id: ConversationId(conversation),
             message_seq,
-            message_id: c.message_id()?,
+            message_id,
             sender_id: c.id(Role::Sender, ids.user)?.map(SenderId),
             device_id: c.text(Role::Device)?,
             read_at_ms,
-        })
+        })?;
+        if self.mapping.position == PositionKind::MessageId {
+            e.message_seq = UNRESOLVED_SEQ;
+        }
+        Ok(e)
     }
 
     /// Decode and validate one message event (positions are seqs).
@@ -400,13 +415,16 @@ impl<'a> Captured<'a, '_> {
     }
 
     fn required(&mut self, role: Role) -> Result<Scalar<'a>, DecodeError> {
-        self.take(role).ok_or_else(|| {
-            let path = self.mapping.paths[role.index()]
-                .as_ref()
-                .map(|p| p.join("."))
-                .unwrap_or_default();
-            DecodeError::Invalid(format!("no {} (field {path:?})", role.name()))
-        })
+        self.take(role).ok_or_else(|| self.missing(role))
+    }
+
+    /// The error of a record without `role`.
+    fn missing(&self, role: Role) -> DecodeError {
+        let path = self.mapping.paths[role.index()]
+            .as_ref()
+            .map(|p| p.join("."))
+            .unwrap_or_default();
+        DecodeError::Invalid(format!("no {} (field {path:?})", role.name()))
     }
 
     fn id(&mut self, role: Role, ty: IdType) -> Result<Option<Id>, DecodeError> {

@@ -38,6 +38,22 @@ impl Position {
     }
 }
 
+/// A window message's id and send time, kept beside the window (same order) when reads
+/// name messages by id: the bounded index `processor::resolve` resolves them through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRef {
+    pub id: Option<Id>,
+    pub sent_at_ms: i64,
+}
+
+impl MessageRef {
+    /// A window message folded before messages were indexed.
+    pub const UNKNOWN: MessageRef = MessageRef {
+        id: None,
+        sent_at_ms: i64::MAX,
+    };
+}
+
 /// What folding a message did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessageFold {
@@ -66,6 +82,9 @@ pub struct ConversationHead {
     pub late: i64,
     /// The most recent messages, ascending by seq, at most the cap.
     pub window: Vec<Position>,
+    /// When messages are indexed: each window message's id and send time (same order
+    /// and length as `window`); else empty.
+    pub index: Vec<MessageRef>,
     /// Highest message-topic offset folded per origin partition.
     pub marks: Marks,
 }
@@ -80,6 +99,7 @@ impl Default for ConversationHead {
             floor_seq: -1,
             late: 0,
             window: Vec::new(),
+            index: Vec::new(),
             marks: Marks::new(),
         }
     }
@@ -88,6 +108,18 @@ impl Default for ConversationHead {
 impl ConversationHead {
     /// Fold one message, keeping at most `cap` positions.
     pub fn fold(&mut self, m: &MessageEvent, origin: Origin, cap: usize) -> MessageFold {
+        self.fold_indexed(m, origin, cap, None)
+    }
+
+    /// Fold one message; with `index` (the message id's parsed form) also keep its id and
+    /// send time in the window's index.
+    pub fn fold_indexed(
+        &mut self,
+        m: &MessageEvent,
+        origin: Origin,
+        cap: usize,
+        index: Option<Option<Id>>,
+    ) -> MessageFold {
         match self.marks.iter_mut().find(|(s, _)| *s == origin.source) {
             Some((_, off)) if origin.offset <= *off => return MessageFold::Replayed,
             Some((_, off)) => *off = origin.offset,
@@ -113,6 +145,12 @@ impl ConversationHead {
                 mentions,
             },
         );
+        if let Some(id) = index {
+            self.index
+                .resize(self.window.len() - 1, MessageRef::UNKNOWN);
+            let sent_at_ms = m.sent_at_ms;
+            self.index.insert(i, MessageRef { id, sent_at_ms });
+        }
         self.message_count += 1;
         self.version += 1;
         self.head_seq = self.head_seq.max(m.message_seq);
@@ -136,7 +174,27 @@ impl ConversationHead {
         if n > 0 {
             self.floor_seq = self.floor_seq.max(self.window[n - 1].seq);
             self.window.drain(..n);
+            if !self.index.is_empty() {
+                self.index.drain(..n);
+            }
         }
+    }
+
+    /// The seq of message `id`, when it is in the window (newest first: reads name
+    /// recent messages).
+    pub fn seq_of(&self, id: &Id) -> Option<i64> {
+        let i = self.index.iter().rposition(|r| r.id.as_ref() == Some(id))?;
+        Some(self.window[i].seq)
+    }
+
+    /// The highest seq of a window message sent at or before `read_at_ms`, and its id (a
+    /// read's time standing in for the message it names).
+    pub fn message_sent_by(&self, read_at_ms: i64) -> Option<(i64, Option<&Id>)> {
+        let i = self
+            .index
+            .iter()
+            .rposition(|r| r.sent_at_ms <= read_at_ms)?;
+        Some((self.window[i].seq, self.index[i].id.as_ref()))
     }
 
     /// The counts of `reader` whose pointer is `pointer` (`-1`: nothing read).
@@ -196,7 +254,12 @@ impl ConversationHead {
         let ints = self.window.iter().all(|p| {
             p.sender.as_int().is_some() && p.mentions.iter().all(|r| r.as_int().is_some())
         });
-        let format = if ints { FORMAT_V1 } else { FORMAT_V2 };
+        let format = match (ints, self.index.is_empty()) {
+            (_, false) => FORMAT_V3,
+            (true, true) => FORMAT_V1,
+            (false, true) => FORMAT_V2,
+        };
+        let ints = format == FORMAT_V1;
         out.push(format);
         let put_id = |out: &mut Vec<u8>, id: &Id| match id.as_int() {
             Some(v) if ints => put_var(out, v),
@@ -228,6 +291,16 @@ impl ConversationHead {
                 put_id(out, &r.0);
             }
         }
+        for r in &self.index {
+            match &r.id {
+                Some(id) => {
+                    out.push(1);
+                    id.encode_value(out);
+                }
+                None => out.push(0),
+            }
+            put_var(out, r.sent_at_ms);
+        }
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -238,9 +311,9 @@ impl ConversationHead {
 
     /// Decode the binary form, checking every length against the bytes left.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let mut r = VarReader { bytes, at: 0 };
+        let mut r = VarReader::new(bytes);
         let format = r.byte()?;
-        if format != FORMAT_V1 && format != FORMAT_V2 {
+        if !(FORMAT_V1..=FORMAT_V3).contains(&format) {
             return Err(format!("unknown conversation-head format {format}"));
         }
         let mut h = ConversationHead {
@@ -278,6 +351,18 @@ impl ConversationHead {
                 mentions,
             });
         }
+        if format == FORMAT_V3 {
+            h.index.reserve(n);
+            for _ in 0..n {
+                let id = match r.byte()? {
+                    0 => None,
+                    1 => Some(r.id(format)?),
+                    b => return Err(format!("message id flag {b}")),
+                };
+                let sent_at_ms = r.var()?;
+                h.index.push(MessageRef { id, sent_at_ms });
+            }
+        }
         if r.at != bytes.len() {
             return Err(format!(
                 "{} trailing bytes after the conversation head",
@@ -295,6 +380,9 @@ impl ConversationHead {
 const FORMAT_V1: u8 = 1;
 /// Ids in [`Id`]'s value form.
 const FORMAT_V2: u8 = 2;
+/// As [`FORMAT_V2`], then each window message's id (a flag byte, then the id) and send
+/// time: the message index.
+const FORMAT_V3: u8 = 3;
 
 /// The most mentioned users a window keeps (bounding a head's memory when messages name
 /// many users): four per position, and at least one message's worth.
@@ -305,12 +393,40 @@ pub fn mention_budget(cap: usize) -> usize {
 /// Zigzag varints, as Avro's longs.
 use crate::serde::fast::put_long as put_var;
 
-struct VarReader<'a> {
+/// Reads the varints, ids and byte strings of a binary value, checking every length.
+pub(crate) struct VarReader<'a> {
     bytes: &'a [u8],
     at: usize,
 }
 
-impl VarReader<'_> {
+impl<'a> VarReader<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes, at: 0 }
+    }
+
+    /// Whether every byte was read.
+    pub(crate) fn is_done(&self) -> bool {
+        self.at == self.bytes.len()
+    }
+
+    /// A length-prefixed byte string; length `-1` is none.
+    pub(crate) fn optional_bytes(&mut self) -> Result<Option<&'a [u8]>, String> {
+        let n = self.var()?;
+        if n == -1 {
+            return Ok(None);
+        }
+        let n = usize::try_from(n).map_err(|_| "negative length")?;
+        self.check_len(n)?;
+        let b = &self.bytes[self.at..self.at + n];
+        self.at += n;
+        Ok(Some(b))
+    }
+
+    /// An id in its value form.
+    pub(crate) fn value_id(&mut self) -> Result<Id, String> {
+        self.id(FORMAT_V2)
+    }
+
     fn id(&mut self, format: u8) -> Result<Id, String> {
         if format == FORMAT_V1 {
             return self.var().map(Id::int);
@@ -320,7 +436,7 @@ impl VarReader<'_> {
         Ok(id)
     }
 
-    fn byte(&mut self) -> Result<u8, String> {
+    pub(crate) fn byte(&mut self) -> Result<u8, String> {
         let b = *self
             .bytes
             .get(self.at)
@@ -329,7 +445,7 @@ impl VarReader<'_> {
         Ok(b)
     }
 
-    fn var(&mut self) -> Result<i64, String> {
+    pub(crate) fn var(&mut self) -> Result<i64, String> {
         let mut z: u64 = 0;
         for shift in (0..64).step_by(7) {
             let b = self.byte()?;
@@ -455,6 +571,32 @@ mod tests {
     proptest! {
         #[test]
         fn value_roundtrip(h in arb_head()) {
+            prop_assert_eq!(ConversationHead::decode(&h.to_bytes()).unwrap(), h);
+        }
+
+        /// With the message index: it stays beside the window through evictions, every
+        /// window message is found by id, and the value (format 3) roundtrips.
+        #[test]
+        fn indexed_heads_find_window_messages_and_roundtrip(
+            seqs in proptest::collection::vec(0i64..500, 1..60),
+            cap in 1usize..20,
+            unindexed in 0usize..5,
+        ) {
+            let mut h = ConversationHead::default();
+            for (i, seq) in seqs.iter().enumerate() {
+                let id = Id::text(&format!("m-{seq}")).unwrap();
+                let mut m = msg(*seq, 1, &[], false);
+                m.sent_at_ms = seq * 10;
+                let index = (i >= unindexed).then_some(Some(id));
+                h.fold_indexed(&m, at(i as i64), cap, index);
+            }
+            prop_assert!(h.index.is_empty() || h.index.len() == h.window.len());
+            for (p, r) in h.window.iter().zip(&h.index) {
+                if let Some(id) = &r.id {
+                    prop_assert_eq!(h.seq_of(id), Some(p.seq));
+                    prop_assert_eq!(h.message_sent_by(p.seq * 10).map(|x| x.0), Some(p.seq));
+                }
+            }
             prop_assert_eq!(ConversationHead::decode(&h.to_bytes()).unwrap(), h);
         }
 

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use super::{
     BadRecords, KafkaSink, KeyedBy, OnBadRecord, Partitioner, PostgresSink, ProcessingGuarantee,
-    ReadStateNode, Source, SourceFormat, Store, StoreKind, Topology, TopologyError,
+    ReadStateNode, ResolveSpec, Source, SourceFormat, Store, StoreKind, Topology, TopologyError,
     DEFAULT_CACHE_MAX_ENTRIES, READ_STATE_KIND,
 };
 use crate::config::{self, SinkSpec, TopologySpec};
 use crate::ids::{ApplicationId, IdTypes, StoreName, TopicName};
-use crate::serde::json::PositionKind;
+use crate::serde::json::{PositionKind, Role};
 
 /// Compile a parsed spec, section by section; every section reports its errors, and a
 /// topology comes back only when each part it needs compiled.
@@ -25,7 +25,8 @@ pub(super) fn compile_spec(
     let ids = super::fields::id_types(spec, errs);
     let (sources, messages) = sources(spec, &app.prefix, &ids, errs);
     let stores = stores(spec, &app.prefix, errs);
-    let processors = processors(spec, kinds, messages.as_ref(), &stores, errs);
+    let resolving = resolving_source(&sources);
+    let processors = processors(spec, kinds, messages.as_ref(), resolving, &stores, errs);
     check_inputs(spec, &processors, &sources, messages.as_ref(), errs);
     check_custom_sources(spec, &processors, errs);
     let kafka = kafka_sinks(spec, &processors, messages.is_some(), errs);
@@ -177,7 +178,42 @@ fn sources(
         check_co_partitioning(spec, &sources, m, errs);
         check_positions_meet_seqs(spec, &sources, errs);
     }
+    check_message_ids_resolve(spec, &sources, messages.as_ref(), errs);
     (sources, messages)
+}
+
+/// Reads positioned by message id need the messages that name those ids.
+fn check_message_ids_resolve(
+    spec: &TopologySpec,
+    sources: &[Source],
+    messages: Option<&Source>,
+    errs: &mut Errors,
+) {
+    let Some(reads) = resolving_source(sources) else {
+        return;
+    };
+    let at = |name: &str| {
+        let i = spec
+            .source
+            .iter()
+            .position(|x| x.name.as_deref() == Some(name));
+        format!("source[{}]", i.unwrap_or_default())
+    };
+    match messages.map(|m| (m, &m.format)) {
+        None => errs.push(
+            format!("{}.position", at(&reads.name)),
+            "message_id positions are resolved through a source with records = \"message-events\" (co-partitioned, mapping message_id): there is none",
+        ),
+        Some((m, SourceFormat::Json(mapping)))
+            if mapping.paths[Role::MessageId as usize].is_none() =>
+        {
+            errs.push(
+                format!("{}.fields.message_id", at(&m.name)),
+                format!("is required: the reads of {:?} name messages by id", reads.name),
+            )
+        }
+        Some(_) => {}
+    }
 }
 
 fn partitioner(at: &str, s: &config::SourceSpec, errs: &mut Errors) -> Partitioner {
@@ -369,13 +405,18 @@ fn processors(
     spec: &TopologySpec,
     kinds: &[&str],
     messages: Option<&Source>,
+    resolving: Option<&Source>,
     stores: &[Store],
     errs: &mut Errors,
 ) -> Vec<ReadStateNode> {
     let mut processors = Vec::new();
     for (i, p) in spec.processor.iter().enumerate() {
         let at = format!("processor[{i}]");
-        if let Some(node) = processor(spec, &at, p, kinds, messages, stores, errs) {
+        let inputs = Inputs {
+            messages,
+            resolving,
+        };
+        if let Some(node) = processor(spec, &at, p, kinds, inputs, stores, errs) {
             processors.push(node);
         }
     }
@@ -390,12 +431,30 @@ fn processors(
     processors
 }
 
+/// What a processor's inputs may be: the message source, and the read source whose
+/// positions are message ids.
+#[derive(Clone, Copy)]
+struct Inputs<'a> {
+    messages: Option<&'a Source>,
+    resolving: Option<&'a Source>,
+}
+
+/// The read source whose positions are message ids (at most one read source exists).
+fn resolving_source(sources: &[Source]) -> Option<&Source> {
+    sources.iter().find(
+        |s| matches!(&s.format, SourceFormat::Json(m) if m.position == PositionKind::MessageId),
+    )
+}
+
 fn processor(
     spec: &TopologySpec,
     at: &str,
     p: &config::ProcessorSpec,
     kinds: &[&str],
-    messages: Option<&Source>,
+    Inputs {
+        messages,
+        resolving,
+    }: Inputs<'_>,
     stores: &[Store],
     errs: &mut Errors,
 ) -> Option<ReadStateNode> {
@@ -428,6 +487,8 @@ fn processor(
         &p.min_emit_interval,
         Duration::ZERO,
     );
+    let resolving = resolving.filter(|r| inputs.contains(&r.name));
+    let resolve = resolve_spec(at, p, resolving, errs);
     Some(ReadStateNode {
         name: name?.to_owned(),
         kind: kind.to_owned(),
@@ -436,6 +497,47 @@ fn processor(
         heads_store,
         min_emit_interval,
         unread_cap,
+        resolve,
+    })
+}
+
+/// With a read source whose positions are message ids: how long and how many reads wait
+/// for their messages.
+fn resolve_spec(
+    at: &str,
+    p: &config::ProcessorSpec,
+    resolving: Option<&Source>,
+    errs: &mut Errors,
+) -> Option<ResolveSpec> {
+    let Some(reads) = resolving else {
+        let fields = [
+            ("message_wait", p.message_wait.is_some()),
+            ("max_waiting_reads", p.max_waiting_reads.is_some()),
+        ];
+        errs.refuse_set(
+            at,
+            fields,
+            "needs a read source with position = \"message_id\" among the inputs",
+        );
+        return None;
+    };
+    let wait = errs.duration(
+        &format!("{at}.message_wait"),
+        &p.message_wait,
+        crate::processor::DEFAULT_MESSAGE_WAIT,
+    );
+    let max_waiting = errs.positive(
+        &format!("{at}.max_waiting_reads"),
+        p.max_waiting_reads,
+        crate::processor::DEFAULT_MAX_WAITING_READS,
+        10_000_000,
+    );
+    let fallback_to_read_at = matches!(&reads.format,
+        SourceFormat::Json(m) if m.paths[Role::ReadAt as usize].is_some());
+    Some(ResolveSpec {
+        wait,
+        max_waiting,
+        fallback_to_read_at,
     })
 }
 

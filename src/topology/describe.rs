@@ -304,6 +304,7 @@ fn mapping(format: &crate::topology::SourceFormat) -> String {
     let position = match m.position {
         PositionKind::Seq => "seq".to_owned(),
         PositionKind::Timestamp => format!("timestamp ({})", m.time_unit.name()),
+        PositionKind::MessageId => "message_id (resolved through the message source)".to_owned(),
     };
     format!("; {}; position {position}", fields.join(", "))
 }

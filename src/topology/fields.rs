@@ -138,10 +138,11 @@ fn position_kind(at: &str, s: &SourceSpec, errs: &mut Errors) -> PositionKind {
     match s.position.as_deref() {
         None | Some("seq") => PositionKind::Seq,
         Some("timestamp") => PositionKind::Timestamp,
+        Some("message_id") => PositionKind::MessageId,
         Some(p) => {
             errs.push(
                 format!("{at}.position"),
-                format!("unknown position {p:?} (seq or timestamp)"),
+                format!("unknown position {p:?} (seq, timestamp or message_id)"),
             );
             PositionKind::Seq
         }
@@ -182,13 +183,24 @@ fn paths(at: &str, s: &SourceSpec, kind: Kind, mapping: &mut FieldMapping, errs:
         }
         mapping.paths[role as usize] = Some(parts);
     }
+    let by_message_id = mapping.position == PositionKind::MessageId;
     for role in kind.required() {
+        let role = match (role, by_message_id) {
+            (Role::Position, true) => &Role::MessageId,
+            _ => role,
+        };
         if !fields.contains_key(role.name()) {
             errs.push(
                 format!("{at}.fields.{}", role.name()),
                 "is required for a JSON source",
             );
         }
+    }
+    if by_message_id && fields.contains_key(Role::Position.name()) {
+        errs.push(
+            format!("{at}.fields.position"),
+            "with position = \"message_id\" a read's position is its message's seq, resolved through the message source: map message_id (and read_at, the fallback), not position",
+        );
     }
 }
 
@@ -303,30 +315,34 @@ topic = "updates"
         );
     }
 
-    /// A JSON message source names the roles of message events; read roles, a missing
-    /// sender or a timestamp position are refused.
-    #[test]
-    fn a_json_message_source_has_the_roles_of_messages() {
-        let messages = r#"
-[[source]]
-name = "messages"
-topic = "messages"
-records = "message-events"
-format = "json"
-fields = { conversation = "conv", position = "seq", sender = "from.id", mentions = "mentions", mention_everyone = "everyone" }
-"#;
-        let with_messages = JSON_SOURCE
-            .replace("position = \"timestamp\"\n", "")
-            .replace("keyed_by = \"sender_id\"\npartitioner = \"fnv1a\"\n", "")
+    /// `base` (JSON_SOURCE's shape) keyed by conversation with a JSON message source mapped
+    /// by `fields` and its heads store; `processor` is added to the processor.
+    fn with_message_source(base: &str, fields: &str, processor: &str) -> String {
+        let messages = format!(
+            "[[source]]\nname = \"messages\"\ntopic = \"messages\"\nrecords = \"message-events\"\nformat = \"json\"\nfields = {fields}\n"
+        );
+        base.replace("keyed_by = \"sender_id\"\npartitioner = \"fnv1a\"\n", "")
             .replace("[[store]]", &format!("{messages}[[store]]"))
             .replace(
                 "inputs = [\"events\"]",
-                "inputs = [\"events\", \"messages\"]\nheads_store = \"heads\"",
+                &format!("inputs = [\"events\", \"messages\"]\nheads_store = \"heads\"{processor}"),
             )
             .replace(
                 "[[processor]]",
                 "[[store]]\nname = \"heads\"\n[[processor]]",
-            );
+            )
+    }
+
+    /// A JSON message source names the roles of message events; read roles, a missing
+    /// sender or a timestamp position are refused.
+    #[test]
+    fn a_json_message_source_has_the_roles_of_messages() {
+        let fields = r#"{ conversation = "conv", position = "seq", sender = "from.id", mentions = "mentions", mention_everyone = "everyone" }"#;
+        let with_messages = with_message_source(
+            &JSON_SOURCE.replace("position = \"timestamp\"\n", ""),
+            fields,
+            "",
+        );
         let t = compile(&with_messages).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(t.messages.as_ref().unwrap().format.name(), "json");
         let bad = with_messages
@@ -352,5 +368,43 @@ fields = { conversation = "conv", position = "seq", sender = "from.id", mentions
             ("source[1].fields.sender", "is required for a JSON source")
         );
         assert_eq!(got[2].0, "source[1].position");
+    }
+
+    /// `position = "message_id"`: the read maps message_id (not position), a message source
+    /// that maps message ids is required, and the wait settings belong to such a topology.
+    #[test]
+    fn message_id_positions_need_a_message_source_that_names_messages() {
+        let by_id = JSON_SOURCE
+            .replace("position = \"timestamp\"", "position = \"message_id\"")
+            .replace("position = \"read_at\"\n", "read_at = \"read_at\"\n");
+        let errs = compile(&by_id).unwrap_err();
+        let ats: Vec<&str> = errs.iter().map(|e| e.at.as_str()).collect();
+        assert_eq!(ats, ["source[0].position"], "{errs:?}");
+        assert!(errs[0].message.contains("message-events"), "{errs:?}");
+
+        let fields = r#"{ conversation = "conv", position = "seq", sender = "from", message_id = "id", sent_at = "at" }"#;
+        let with_messages = with_message_source(&by_id, fields, "\nmessage_wait = \"2m\"");
+        let t = compile(&with_messages).unwrap_or_else(|e| panic!("{e:?}"));
+        let r = t.processor.resolve.expect("reads resolve through messages");
+        assert_eq!(r.wait, std::time::Duration::from_secs(120));
+        assert!(r.fallback_to_read_at);
+
+        let bad = with_messages
+            .replace(", message_id = \"id\"", "")
+            .replace("read_at = \"read_at\"\n", "position = \"read_at\"\n");
+        let errs = compile(&bad).unwrap_err();
+        let mut ats: Vec<&str> = errs.iter().map(|e| e.at.as_str()).collect();
+        ats.sort();
+        assert_eq!(
+            ats,
+            ["source[0].fields.position", "source[1].fields.message_id"],
+            "{errs:?}"
+        );
+        let seq_reads = JSON_SOURCE.replace(
+            "store = \"read-state\"\n[[sink]]",
+            "store = \"read-state\"\nmessage_wait = \"1s\"\n[[sink]]",
+        );
+        let errs = compile(&seq_reads).unwrap_err();
+        assert_eq!(errs[0].at, "processor[0].message_wait", "{errs:?}");
     }
 }

@@ -198,6 +198,22 @@ pub struct ReadStateNode {
     /// Set when a message source feeds the processor: recent messages kept per
     /// conversation (unread and mention counts are exact up to this far behind the head).
     pub unread_cap: Option<usize>,
+    /// Set when a read source's positions are message ids: how reads wait for the
+    /// messages they name.
+    pub resolve: Option<ResolveSpec>,
+}
+
+/// How reads positioned by message id wait for their messages (`processor::resolve`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolveSpec {
+    /// How far the message source's time must pass a read's time before the read stops
+    /// waiting for its message (then its `read_at` resolves it, or it is a dead letter).
+    pub wait: Duration,
+    /// Reads a task keeps waiting at most; beyond it the oldest stop waiting early.
+    pub max_waiting: usize,
+    /// The read source maps `read_at`: a read whose message never came is resolved to
+    /// the newest message sent by then (else it is a dead letter).
+    pub fallback_to_read_at: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

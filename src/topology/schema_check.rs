@@ -167,7 +167,7 @@ fn allowed(role: Role, mapping: &FieldMapping) -> Vec<&'static str> {
         Role::Reader | Role::Sender => id_types(ids.user),
         Role::Conversation => id_types(ids.conversation),
         Role::Position => match mapping.position {
-            PositionKind::Seq => vec!["integer", "string"],
+            PositionKind::Seq | PositionKind::MessageId => vec!["integer", "string"],
             PositionKind::Timestamp => time(mapping.time_unit),
         },
         Role::ReadAt | Role::SentAt => time(mapping.time_unit),

@@ -144,17 +144,38 @@ pub fn json_topology_text(
         )
 }
 
+/// [`json_topology_text`] with the reads naming their message by id (`msg`) instead of a
+/// seq: `position = "message_id"`, resolved through the message source, each read waiting
+/// up to `wait` of message time for its message.
+pub fn json_message_id_topology_text(
+    app: &str,
+    state_dir: &std::path::Path,
+    t: &ChatTopics,
+    wait: &str,
+    extra: &str,
+) -> String {
+    json_topology_text(app, state_dir, t, extra)
+        .replace(
+            r#"fields = { reader = "user", conversation = "conv", position = "seq","#,
+            r#"position = "message_id"
+fields = { reader = "user", conversation = "conv", message_id = "msg","#,
+        )
+        .replace(
+            "unread_cap = 1000",
+            &format!("unread_cap = 1000\nmessage_wait = \"{wait}\""),
+        )
+}
+
 /// A chat event in the JSON shape of [`json_topology_text`].
 pub fn chat_json(e: &ChatEvent) -> String {
     match e {
         ChatEvent::Read(r) => format!(
-            r#"{{"user":{},"conv":"{}","seq":{},"device":{},"at":{}}}"#,
+            r#"{{"user":{},"conv":"{}","seq":{},"msg":{},"device":{},"at":{}}}"#,
             json_id(&r.reader_id.0),
             r.conversation_id.0,
             r.message_seq,
-            r.device_id
-                .as_deref()
-                .map_or("null".to_owned(), |d| format!("\"{d}\"")),
+            json_text(r.message_id.as_deref()),
+            json_text(r.device_id.as_deref()),
             r.read_at_ms
         ),
         ChatEvent::Message(m) => {
@@ -163,9 +184,7 @@ pub fn chat_json(e: &ChatEvent) -> String {
                 r#"{{"conv":"{}","seq":{},"id":{},"from":{{"id":{},"name":"u"}},"sent_at":{},"mentions":[{}],"everyone":{},"text":"hello, world"}}"#,
                 m.conversation_id.0,
                 m.message_seq,
-                m.message_id
-                    .as_deref()
-                    .map_or("null".to_owned(), |i| format!("\"{i}\"")),
+                json_text(m.message_id.as_deref()),
                 json_id(&m.sender_id.0),
                 m.sent_at_ms,
                 mentions.join(","),
@@ -173,6 +192,11 @@ pub fn chat_json(e: &ChatEvent) -> String {
             )
         }
     }
+}
+
+/// Optional text as JSON: a string, or null.
+fn json_text(s: Option<&str>) -> String {
+    s.map_or("null".to_owned(), |s| format!("\"{s}\""))
 }
 
 /// An id as JSON: a number, or a quoted string.

@@ -18,6 +18,7 @@ use readstate::ids::{Origin, TaskId};
 use readstate::model::{
     HeadUpdate, MessageEvent, ReadEvent, ReceiptUpdate, StateKey, UnreadCounts,
 };
+use readstate::processor::resolve::ResolveStats;
 use readstate::processor::{
     CacheBudget, FlushOutput, InputId, MessageStats, ProcessStats, ProcessorContext,
     ProcessorSupplier, ReadStateProcessor, ReadStateSerdes, ReadStateSupplier, RecordKind,
@@ -276,6 +277,9 @@ impl TopologyTestDriver {
     pub fn pipe_batch(&mut self, partition: i32, records: &[(i64, Option<&[u8]>)]) {
         let topic = self.topology.sources[0].topic.as_str().to_owned();
         let source = Origin::source_id(&topic, partition);
+        // Produced now, by the driver's clock (message time, for reads waiting on
+        // messages).
+        let now_ms = self.now_ms;
         let recs: Vec<SourceRecord<'_>> = records
             .iter()
             .map(|(offset, value)| SourceRecord {
@@ -288,7 +292,7 @@ impl TopologyTestDriver {
                     source,
                     offset: *offset,
                 },
-                timestamp: None,
+                timestamp: Some(now_ms),
             })
             .collect();
         self.prepare(&recs);
@@ -332,7 +336,7 @@ impl TopologyTestDriver {
                 source: Origin::source_id(&topic, partition),
                 offset,
             },
-            timestamp: None,
+            timestamp: Some(self.now_ms),
         };
         self.prepare(std::slice::from_ref(&rec));
         let input = self.input_of(RecordKind::MessageEvents);
@@ -523,6 +527,22 @@ impl TopologyTestDriver {
             }
         }
         s
+    }
+
+    /// What resolving reads positioned by message id did, and the reads waiting now,
+    /// summed over the tasks.
+    pub fn resolve_stats(&self) -> (ResolveStats, usize) {
+        let (mut s, mut waiting) = (ResolveStats::default(), 0);
+        let tasks = self.partitions.values().filter_map(|p| p.task.as_ref());
+        for (x, n) in tasks.filter_map(|t| t.read_state()?.resolve_stats()) {
+            s.immediate += x.immediate;
+            s.waited += x.waited;
+            s.after_wait += x.after_wait;
+            s.fallback += x.fallback;
+            s.unresolved += x.unresolved;
+            waiting += n;
+        }
+        (s, waiting)
     }
 
     /// Take the updates emitted so far.

@@ -292,3 +292,23 @@ fn message_events_with_mentions() {
         assert!(err.to_string().contains(says), "{err}");
     }
 }
+
+/// `position = "message_id"`: the read carries its message id and no seq of its own
+/// (resolved later); a read without a message id is invalid, naming the field.
+#[test]
+fn a_read_by_message_id_is_unresolved_and_needs_the_id() {
+    let mut m = receipts();
+    m.position = PositionKind::MessageId;
+    m.paths[Role::Position as usize] = None;
+    m.paths[Role::ReadAt as usize] = Some(vec!["read_at".into()]);
+    let json = r#"{"msg_id": "m-1", "reader_id": 4, "conversation_id": 7, "read_at": 1704067200}"#;
+    let e = decode(&m, json).unwrap();
+    assert_eq!(e.message_seq, UNRESOLVED_SEQ);
+    assert_eq!(e.message_id.as_deref(), Some("m-1"));
+    assert_eq!(e.read_at_ms, 1_704_067_200_000);
+    let err = decode(&m, r#"{"reader_id": 4, "conversation_id": 7}"#).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        DecodeError::Invalid("no message_id (field \"msg_id\")".into()).to_string()
+    );
+}

@@ -74,7 +74,7 @@ pub fn writes_per_message(messages: i64) -> Result<Figure, BenchError> {
                 .collect(),
             ..Default::default()
         };
-        task.process_messages(&[(m, at(MEMBERS + i))])?;
+        task.process_messages(&[(m, at(MEMBERS + i))], None, &mut Vec::new())?;
         let mut out = task.prepare_flush(0);
         writes += out.flush.store_writes();
         heads += out.heads.len();
@@ -156,7 +156,7 @@ pub fn both_sources(conversations: u64) -> Result<Figure, BenchError> {
             .iter()
             .filter_map(|r| msgs_dec.decode(r.value).ok().map(|m| (m, r.origin)))
             .collect();
-        task.process_messages(&messages)?;
+        task.process_messages(&messages, None, &mut Vec::new())?;
         if chunk_no % 10 == 9 || base as usize + chunk.len() == records.len() {
             let mut out = task.prepare_flush(0);
             updates += out.updates.len();

@@ -143,6 +143,27 @@ impl ChatWorkload {
         }
     }
 
+    /// The same workload with each read naming its message by id (what a service with no
+    /// sequence sends: `position = "message_id"`).
+    pub fn with_read_message_ids(&self) -> ChatWorkload {
+        let id_of = |r: &ReadEvent| {
+            let sent = self.messages.get(&r.conversation_id).into_iter().flatten();
+            let mut at = sent.filter(|m| m.message_seq == r.message_seq);
+            at.next().and_then(|m| m.message_id.clone())
+        };
+        let arrival = |e: &ChatEvent| match e {
+            ChatEvent::Read(r) => ChatEvent::Read(ReadEvent {
+                message_id: Some(id_of(r).expect("every read points at a sent message")),
+                ..r.clone()
+            }),
+            m => m.clone(),
+        };
+        ChatWorkload {
+            arrivals: self.arrivals.iter().map(arrival).collect(),
+            ..self.clone()
+        }
+    }
+
     /// The workload as far as its first `n` arrivals: what must hold once they are in.
     pub fn prefix(&self, n: usize) -> ChatWorkload {
         let arrivals = self.arrivals[..n.min(self.arrivals.len())].to_vec();

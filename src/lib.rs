@@ -24,7 +24,8 @@
 //!   `processor::registry` maps processor kinds to node builders; `processor::typed` is the
 //!   API to write processors with (typed records, `forward`, named stores, punctuation);
 //!   `processor::node` is the built-in `read-state` node (monotonic fold, replay marks,
-//!   coalescing, the minimum emit interval, conversation heads).
+//!   coalescing, the minimum emit interval, conversation heads); `processor::resolve`
+//!   keeps the reads positioned by message id that wait for their messages.
 //! - [`state`]: key-value stores (RocksDB, in-memory), the entry codecs (`EntryCodec`), the
 //!   record cache, restore.
 //! - [`task`]: one task per input partition and its processor over its stores: decode per

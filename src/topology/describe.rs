@@ -133,10 +133,22 @@ pub fn describe(t: &Topology) -> String {
         ),
         None => String::new(),
     };
+    let resolve = match &p.resolve {
+        Some(r) => format!(
+            ", reads by message id wait up to {} of message time for their message (at most {} per task), then {}",
+            ms(r.wait),
+            r.max_waiting,
+            match r.fallback_to_read_at {
+                true => "stand on read_at",
+                false => "are dead letters",
+            }
+        ),
+        None => String::new(),
+    };
     let stores: Vec<&str> = t.stores().iter().map(|s| s.name.as_str()).collect();
     let _ = writeln!(
         o,
-        "  Processor: {} (kind: read-state, stores: [{}], {emit}{unread})",
+        "  Processor: {} (kind: read-state, stores: [{}], {emit}{unread}{resolve})",
         p.name,
         stores.join(", ")
     );

@@ -154,31 +154,9 @@ fn produce(env: &Env, client: Client, events: &[ReadEvent], bad_every: usize) ->
             }
             kafka::flush(&p);
         }
-        Client::Sarama => sarama_produce(env, &records),
+        Client::Sarama => kafka::sarama_produce(&env.brokers(), &env.source, &records),
     }
     bad
-}
-
-fn sarama_produce(env: &Env, records: &[(String, String)]) {
-    use std::io::Write;
-    let bin = std::env::var("READSTATE_SARAMA_PRODUCER").expect(
-        "READSTATE_SARAMA_PRODUCER is not set: run scripts/test, which builds bench/sarama-producer",
-    );
-    let mut child = std::process::Command::new(bin)
-        .args(["-brokers", &env.brokers(), "-topic", &env.source])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    for (k, v) in records {
-        writeln!(stdin, "{k}\t{v}").unwrap();
-    }
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "sarama-producer failed: {out:?}");
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(said.trim(), format!("produced {} records", records.len()));
 }
 
 /// The oracle over the events as readstate must see them: positions in microseconds.

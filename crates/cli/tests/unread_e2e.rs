@@ -187,9 +187,11 @@ fn stored(
     HashMap<StateKey, ReadState>,
 ) {
     let (mut heads, mut states) = (HashMap::new(), HashMap::new());
-    for p in 0..PARTS {
+    // Task directories (`<sub-topology>_<partition>`: 1_p behind a repartition).
+    let tasks = std::fs::read_dir(app_dir).into_iter().flatten().flatten();
+    for task in tasks.filter(|t| t.file_name().to_string_lossy().contains('_')) {
         let open = |store: &str| {
-            let path = app_dir.join(format!("0_{p}")).join(store);
+            let path = task.path().join(store);
             path.exists().then(|| {
                 RocksDbStore::open(store.into(), &path, &RocksDbOptions::default()).unwrap()
             })
@@ -385,6 +387,97 @@ fn json_reads_and_messages_keep_every_count_exact() {
     assert_eq!(summary.dead_letters, 0, "{summary:?}");
     check_receipts(&updates, &w);
     check_stored_counts(&dir.path().join(&env.app), &w);
+}
+
+/// Reads naming their message by id (issue 23), on Apache Kafka: JSON reads with no seq
+/// (`position = "message_id"`), keyed by reader and produced by Sarama (Go, FNV-1a), so
+/// readstate repartitions them by conversation; messages keyed by conversation. Reads are
+/// produced before the messages of their batch, and a third of the conversations' messages
+/// only after the kill: those reads wait for their messages across a SIGKILL of one of two
+/// `readstate run` processes (their waits in the heads store, restored by the survivor).
+/// Every pointer, every member's counts and each key's last update (with the id of the
+/// message there) equal the oracle; no read falls back or is a dead letter.
+#[test]
+fn real_broker_reads_by_message_id_with_one_of_two_instances_killed() {
+    let env = Env::real();
+    let w = generate(&spec(16)).with_read_message_ids();
+    let held = |e: &ChatEvent| matches!(e, ChatEvent::Message(m) if m.conversation_id.as_int().unwrap() % 3 == 0);
+    let (late, early): (Vec<ChatEvent>, Vec<ChatEvent>) =
+        w.arrivals.iter().cloned().partition(held);
+    let (first, second) = early.split_at(early.len() / 2);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let spawn = |dir: &std::path::Path| {
+        let text = chat::json_message_id_topology_text(&env.app, dir, &env.t, "10m", "").replace(
+            &format!("topic = \"{}\"", env.t.reads),
+            &format!("topic = \"{}\"\nkeyed_by = \"reader_id\"", env.t.reads),
+        );
+        let file = dir.join("topology.toml");
+        std::fs::write(&file, text).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
+            .args(["run", "--local-schemas", "--topology"])
+            .arg(&file)
+            // The survivor takes the killed one's tasks within seconds, not 45.
+            .args([
+                "-X",
+                "session.timeout.ms=6000",
+                "-X",
+                "heartbeat.interval.ms=500",
+            ])
+            .env("KAFKA_BROKERS", env.brokers.clone())
+            .env("RUST_LOG", "warn,readstate=info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("readstate.log")).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut a = spawn(dir_a.path());
+    let mut b = spawn(dir_b.path());
+    produce_by_message_id(&env, first);
+    kafka::read_until(
+        &env.brokers,
+        &env.t.updates,
+        |_| (),
+        |d: &[()]| d.len() >= 50,
+    );
+    a.kill().unwrap();
+    a.wait().unwrap();
+    produce_by_message_id(&env, second);
+    produce_by_message_id(&env, &late);
+    let (updates, _) = env.await_outputs(&w);
+    terminate(&mut b);
+    check_receipts(&updates, &w);
+    let last: HashMap<StateKey, &ReceiptUpdate> = updates.iter().map(|u| (u.key(), u)).collect();
+    for (key, seq) in &w.pointers {
+        let want = format!("m-{}-{seq}", key.conversation);
+        assert_eq!(
+            last[key].message_id.as_deref(),
+            Some(want.as_str()),
+            "{key:?}"
+        );
+    }
+    check_stored_counts(&dir_b.path().join(&env.app), &w);
+    let dlq = format!("{}-dlq", env.app);
+    assert!(
+        !kafka::topic_exists(&env.brokers, &dlq) || kafka::count_records(&env.brokers, &dlq) == 0,
+        "no read fell out: every message came"
+    );
+}
+
+/// Reads (JSON, keyed by reader) with Sarama, then messages (JSON, keyed by conversation).
+fn produce_by_message_id(env: &Env, events: &[ChatEvent]) {
+    let (reads, messages): (Vec<ChatEvent>, Vec<ChatEvent>) = events
+        .iter()
+        .cloned()
+        .partition(|e| matches!(e, ChatEvent::Read(_)));
+    let records: Vec<(String, String)> = reads
+        .iter()
+        .filter_map(|e| match e {
+            ChatEvent::Read(r) => Some((r.reader_id.to_string(), chat::chat_json(e))),
+            ChatEvent::Message(_) => None,
+        })
+        .collect();
+    kafka::sarama_produce(&env.brokers, &env.t.reads, &records);
+    chat::produce_json(&env.brokers, &env.t, &messages);
 }
 
 /// Messages produced with librdkafka's default partitioner (CRC-32) and reads with

@@ -21,7 +21,7 @@ use rdkafka::producer::DefaultProducerContext;
 use readstate::ids::IdTypes;
 use readstate::model::UnreadCounts;
 use readstate_testing::wait_until_explained;
-use readstate_tools::loadgen::chat::{generate, ChatSpec, ChatWorkload};
+use readstate_tools::loadgen::chat::{generate, ChatEvent, ChatSpec, ChatWorkload};
 
 const PARTS: i32 = 4;
 
@@ -159,6 +159,14 @@ fn postgres_counts_with_string_ids_from_json_equal_the_oracle() {
     counts_in_postgres_equal_the_oracle(Shape::JsonStringIds);
 }
 
+/// The same with reads that name their message by id (`position = "message_id"`), every
+/// read produced before every message: their positions resolved through the message
+/// topic after waiting, PostgreSQL's counts equal the oracle's.
+#[test]
+fn postgres_counts_with_reads_by_message_id_equal_the_oracle() {
+    counts_in_postgres_equal_the_oracle(Shape::JsonMessageIds);
+}
+
 /// A (conversation, reader) as the ids' text.
 type Member = (String, String);
 
@@ -168,6 +176,8 @@ enum Shape {
     Avro,
     /// A service's JSON (`chat::json_topology_text`), `[ids]` string conversations and users.
     JsonStringIds,
+    /// The same, the reads naming their message by id, produced before the messages.
+    JsonMessageIds,
 }
 
 const STRING_IDS: &str = "\n[ids]\nconversation = \"string\"\nuser = \"string\"\n";
@@ -193,6 +203,10 @@ fn counts_in_postgres_equal_the_oracle(shape: Shape) {
         Shape::JsonStringIds => {
             let extra = format!("{PG_SINKS}{STRING_IDS}");
             chat::json_topology_text(&app, state.path(), &t, &extra)
+        }
+        Shape::JsonMessageIds => {
+            let extra = format!("{PG_SINKS}{STRING_IDS}");
+            chat::json_message_id_topology_text(&app, state.path(), &t, "10m", &extra)
         }
     };
     let ids = readstate::topology::compile(&text).unwrap().ids;
@@ -221,10 +235,17 @@ fn counts_in_postgres_equal_the_oracle(shape: Shape) {
     let w = match shape {
         Shape::Avro => w,
         Shape::JsonStringIds => w.with_text_ids(),
+        Shape::JsonMessageIds => w.with_text_ids().with_read_message_ids(),
     };
     match shape {
         Shape::Avro => produce(&brokers, &t, &w.arrivals),
         Shape::JsonStringIds => chat::produce_json(&brokers, &t, &w.arrivals),
+        Shape::JsonMessageIds => {
+            let (reads, messages): (Vec<_>, Vec<_>) =
+                (w.arrivals.iter().cloned()).partition(|e| matches!(e, ChatEvent::Read(_)));
+            chat::produce_json(&brokers, &t, &reads);
+            chat::produce_json(&brokers, &t, &messages);
+        }
     }
     let log = state.path().join("readstate.log");
     let mut child = KillOnDrop(

@@ -327,3 +327,28 @@ pub fn produce_paced(
         }
     })
 }
+
+/// Produce `(key, value)` records to `topic` with Sarama (Go), its default hash partitioner
+/// (FNV-1a over the key): `bench/sarama-producer`, built by `scripts/test`
+/// (`READSTATE_SARAMA_PRODUCER`).
+pub fn sarama_produce(brokers: &str, topic: &str, records: &[(String, String)]) {
+    use std::io::Write;
+    let bin = std::env::var("READSTATE_SARAMA_PRODUCER").expect(
+        "READSTATE_SARAMA_PRODUCER is not set: run scripts/test, which builds bench/sarama-producer",
+    );
+    let mut child = std::process::Command::new(bin)
+        .args(["-brokers", brokers, "-topic", topic])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for (k, v) in records {
+        writeln!(stdin, "{k}\t{v}").unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "sarama-producer failed: {out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(said.trim(), format!("produced {} records", records.len()));
+}

@@ -23,6 +23,7 @@ use super::ProcessorError;
 use crate::backoff::Backoff;
 use crate::ids::{ConversationId, IdType};
 use crate::kafka::partitioner::Partitioner;
+use crate::serde::avro_mapped::AvroMappedDecoder;
 use crate::serde::json::JsonDecoder;
 use crate::serde::registry::SchemaResolver;
 use crate::serde::{
@@ -102,6 +103,9 @@ impl ReadStateSerdes {
             Some(SourceFormat::Json(mapping)) => {
                 ReadEventDecoder::Json(Box::new(JsonDecoder::new((**mapping).clone(), max)))
             }
+            Some(SourceFormat::AvroMapped(mapping)) => ReadEventDecoder::AvroMapped(Box::new(
+                AvroMappedDecoder::new((**mapping).clone(), max),
+            )),
             _ => {
                 ReadEventDecoder::Avro(EventDecoder::with_max_record_bytes(resolver.clone(), max)?)
             }
@@ -221,6 +225,9 @@ fn message_decoder(
         SourceFormat::Json(mapping) => {
             MessageEventDecoder::Json(Box::new(JsonDecoder::new((**mapping).clone(), max)))
         }
+        SourceFormat::AvroMapped(mapping) => MessageEventDecoder::AvroMapped(Box::new(
+            AvroMappedDecoder::new((**mapping).clone(), max),
+        )),
         SourceFormat::AvroConfluent => MessageEventDecoder::Avro(
             MessageDecoder::with_max_record_bytes(resolver.clone(), max)?,
         ),

@@ -38,7 +38,7 @@ pub const MAX_ID_LEN: usize = 256;
 /// `message.max.bytes` (1,000,000), so that a record readstate accepts can be produced.
 pub const MAX_RECORD_BYTES_CEILING: usize = 900_000;
 
-fn leak_schema(text: &str) -> Result<&'static Schema, SerdeError> {
+pub(super) fn leak_schema(text: &str) -> Result<&'static Schema, SerdeError> {
     // Bound what a corrupt length prefix may make apache-avro allocate (process-wide, once):
     // no single field of an accepted record can be longer than the record.
     apache_avro::util::max_allocation_bytes(MAX_RECORD_BYTES_CEILING);
@@ -52,15 +52,86 @@ struct Plan {
     direct: bool,
 }
 
+/// What a decoder made of each writer schema id it asked the registry for: a plan `P`, or
+/// why records of that id cannot be decoded. A "not found" is asked again after a while.
+pub(super) struct WriterSchemas<P> {
+    plans: HashMap<u32, Result<P, DecodeError>>,
+    /// When the registry said "not found" for an id; asked again after `not_found_retry`.
+    not_found_at: HashMap<u32, std::time::Instant>,
+    pub(super) not_found_retry: std::time::Duration,
+}
+
+impl<P> WriterSchemas<P> {
+    pub(super) fn new() -> Self {
+        Self {
+            plans: HashMap::new(),
+            not_found_at: HashMap::new(),
+            not_found_retry: NOT_FOUND_RETRY,
+        }
+    }
+
+    /// Whether schema `id` must be fetched: never seen, or "not found" long enough ago.
+    pub(super) fn needs_fetch(&self, id: u32) -> bool {
+        match self.plans.get(&id) {
+            None => true,
+            Some(Err(DecodeError::UnknownSchema(_))) => self
+                .not_found_at
+                .get(&id)
+                .is_none_or(|t| t.elapsed() >= self.not_found_retry),
+            Some(_) => false,
+        }
+    }
+
+    /// The registry's answer for `id` (`None`: not found), planned by `plan`.
+    pub(super) fn install(
+        &mut self,
+        id: u32,
+        text: Option<&str>,
+        plan: impl FnOnce(&str) -> Result<P, DecodeError>,
+    ) {
+        let plan = match text {
+            None => {
+                self.not_found_at.insert(id, std::time::Instant::now());
+                Err(DecodeError::UnknownSchema(id))
+            }
+            Some(text) => {
+                self.not_found_at.remove(&id);
+                plan(text)
+            }
+        };
+        self.plans.insert(id, plan);
+    }
+
+    /// The plan of `payload`'s writer schema, and its datum.
+    pub(super) fn plan_of<'p>(
+        &self,
+        payload: &'p [u8],
+    ) -> Result<(u32, &P, &'p [u8]), DecodeError> {
+        let (id, datum) = split_wire(payload)?;
+        match self.plans.get(&id) {
+            Some(Ok(p)) => Ok((id, p, datum)),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err(DecodeError::UnknownSchema(id)),
+        }
+    }
+
+    /// The writer schema id of `payload` when it has not been resolved yet.
+    pub(super) fn unknown_schema(&self, payload: Option<&[u8]>) -> Option<u32> {
+        let (id, _) = split_wire(payload?).ok()?;
+        self.needs_fetch(id).then_some(id)
+    }
+
+    fn get(&self, id: u32) -> Option<&Result<P, DecodeError>> {
+        self.plans.get(&id)
+    }
+}
+
 /// Decodes Confluent-framed Avro into `T` (a serde mirror of the reader schema).
 pub struct WireDecoder<T> {
     resolver: Arc<dyn SchemaResolver>,
     reader_schema: &'static Schema,
     reader_canonical: String,
-    plans: HashMap<u32, Result<Plan, DecodeError>>,
-    /// When the registry said "not found" for an id; asked again after `not_found_retry`.
-    not_found_at: HashMap<u32, std::time::Instant>,
-    not_found_retry: std::time::Duration,
+    schemas: WriterSchemas<Plan>,
     max_record_bytes: usize,
     _t: PhantomData<fn() -> T>,
 }
@@ -82,9 +153,7 @@ impl<T: DeserializeOwned> WireDecoder<T> {
             resolver,
             reader_canonical: reader_schema.canonical_form(),
             reader_schema,
-            plans: HashMap::new(),
-            not_found_at: HashMap::new(),
-            not_found_retry: NOT_FOUND_RETRY,
+            schemas: WriterSchemas::new(),
             max_record_bytes,
             _t: PhantomData,
         })
@@ -97,14 +166,7 @@ impl<T: DeserializeOwned> WireDecoder<T> {
 
     /// Whether schema `id` must be fetched: never seen, or "not found" long enough ago.
     pub fn needs_fetch(&self, id: u32) -> bool {
-        match self.plans.get(&id) {
-            None => true,
-            Some(Err(DecodeError::UnknownSchema(_))) => self
-                .not_found_at
-                .get(&id)
-                .is_none_or(|t| t.elapsed() >= self.not_found_retry),
-            Some(_) => false,
-        }
+        self.schemas.needs_fetch(id)
     }
 
     /// Fetch the writer schemas of `payloads` not seen before. An error here means the
@@ -126,8 +188,7 @@ impl<T: DeserializeOwned> WireDecoder<T> {
 
     /// The writer schema id of `payload` when it has not been resolved yet.
     pub fn unknown_schema(&self, payload: Option<&[u8]>) -> Option<u32> {
-        let (id, _) = split_wire(payload?).ok()?;
-        self.needs_fetch(id).then_some(id)
+        self.schemas.unknown_schema(payload)
     }
 
     /// Fetch the writer schemas `ids` not seen before (or not found a while ago).
@@ -146,17 +207,10 @@ impl<T: DeserializeOwned> WireDecoder<T> {
     /// behind a lock fetches with [`WireDecoder::resolver`] without holding it, then
     /// installs the answer.
     pub fn install(&mut self, id: u32, text: Option<&str>) {
-        let plan = match text {
-            None => {
-                self.not_found_at.insert(id, std::time::Instant::now());
-                Err(DecodeError::UnknownSchema(id))
-            }
-            Some(text) => {
-                self.not_found_at.remove(&id);
-                self.plan_for(id, text)
-            }
-        };
-        self.plans.insert(id, plan);
+        let (reader_schema, reader_canonical) = (self.reader_schema, &self.reader_canonical);
+        (self.schemas).install(id, text, |text| {
+            plan_for(reader_schema, reader_canonical, id, text)
+        });
     }
 
     /// Where writer schemas are fetched from.
@@ -164,27 +218,10 @@ impl<T: DeserializeOwned> WireDecoder<T> {
         &self.resolver
     }
 
-    fn plan_for(&self, id: u32, text: &str) -> Result<Plan, DecodeError> {
-        let incompatible = |reason: String| DecodeError::IncompatibleSchema { id, reason };
-        let writer = leak_schema(text).map_err(|e| incompatible(e.to_string()))?;
-        SchemaCompatibility::can_read(writer, self.reader_schema)
-            .map_err(|e| incompatible(e.to_string()))?;
-        let direct = writer.canonical_form() == self.reader_canonical;
-        let reader = if direct {
-            GenericDatumReader::builder(writer).build()
-        } else {
-            GenericDatumReader::builder(writer)
-                .reader_schema(self.reader_schema)
-                .build()
-        }
-        .map_err(|e| incompatible(e.to_string()))?;
-        Ok(Plan { reader, direct })
-    }
-
     /// True when records with writer schema `id` were written with the reader schema itself
     /// (prepared, compatible and identical in canonical form).
     pub fn writes_reader_schema(&self, id: u32) -> bool {
-        matches!(self.plans.get(&id), Some(Ok(p)) if p.direct)
+        matches!(self.schemas.get(id), Some(Ok(p)) if p.direct)
     }
 
     /// Decode one record. The writer schema must have been [`prepare`](Self::prepare)d;
@@ -196,12 +233,7 @@ impl<T: DeserializeOwned> WireDecoder<T> {
                 limit: self.max_record_bytes,
             });
         }
-        let (id, mut datum) = split_wire(payload)?;
-        let plan = match self.plans.get(&id) {
-            Some(Ok(p)) => p,
-            Some(Err(e)) => return Err(e.clone()),
-            None => return Err(DecodeError::UnknownSchema(id)),
-        };
+        let (id, plan, mut datum) = self.schemas.plan_of(payload)?;
         let malformed = |e: apache_avro::Error| DecodeError::Malformed {
             id,
             reason: e.to_string(),
@@ -220,6 +252,29 @@ impl<T: DeserializeOwned> WireDecoder<T> {
         }
         Ok(value)
     }
+}
+
+/// How records of writer schema `text` (id `id`) are read as `reader_schema`.
+fn plan_for(
+    reader_schema: &'static Schema,
+    reader_canonical: &str,
+    id: u32,
+    text: &str,
+) -> Result<Plan, DecodeError> {
+    let incompatible = |reason: String| DecodeError::IncompatibleSchema { id, reason };
+    let writer = leak_schema(text).map_err(|e| incompatible(e.to_string()))?;
+    SchemaCompatibility::can_read(writer, reader_schema)
+        .map_err(|e| incompatible(e.to_string()))?;
+    let direct = writer.canonical_form() == reader_canonical;
+    let reader = if direct {
+        GenericDatumReader::builder(writer).build()
+    } else {
+        GenericDatumReader::builder(writer)
+            .reader_schema(reader_schema)
+            .build()
+    }
+    .map_err(|e| incompatible(e.to_string()))?;
+    Ok(Plan { reader, direct })
 }
 
 /// Encodes `T` as Confluent-framed Avro under a fixed schema id.
@@ -388,7 +443,7 @@ impl EventDecoder {
 
     /// How long "schema not found" is believed ([`NOT_FOUND_RETRY`] by default).
     pub fn set_not_found_retry(&mut self, d: std::time::Duration) {
-        self.inner.not_found_retry = d;
+        self.inner.schemas.not_found_retry = d;
     }
 
     pub async fn prepare<'a>(

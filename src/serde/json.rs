@@ -245,9 +245,9 @@ pub struct JsonDecoder {
     max_record_bytes: usize,
 }
 
-/// A mapped field as found in a record.
+/// A mapped field as found in a record (JSON, or an Avro datum: `super::avro_mapped`).
 #[derive(Debug, Clone, PartialEq)]
-enum Scalar<'a> {
+pub(super) enum Scalar<'a> {
     Int(i64),
     Float(f64),
     Str(Cow<'a, str>),
@@ -302,29 +302,44 @@ impl JsonDecoder {
 
     /// Decode and validate one read event; ids borrow from `payload` where they can.
     pub fn decode_ref<'a>(&self, payload: Option<&'a [u8]>) -> Result<EventRef<'a>, DecodeError> {
-        let mut c = self.capture(payload)?;
-        let ids = self.mapping.ids;
+        self.capture(payload)?.read_event()
+    }
+
+    /// Decode and validate one message event (positions are seqs).
+    pub fn decode_message(&self, payload: Option<&[u8]>) -> Result<MessageEvent, DecodeError> {
+        self.capture(payload)?.message_event()
+    }
+}
+
+impl<'a, 'm> Captured<'a, 'm> {
+    /// The fields of one record as found (JSON, or an Avro datum), read through `mapping`.
+    pub(super) fn new(found: [Option<Scalar<'a>>; ROLES], mapping: &'m FieldMapping) -> Self {
+        Self { found, mapping }
+    }
+
+    /// The read event these fields make, validated.
+    pub(super) fn read_event(self) -> Result<EventRef<'a>, DecodeError> {
+        let mut c = self;
+        let ids = c.mapping.ids;
         let reader = typed_id(Role::Reader, c.required(Role::Reader)?, ids.user)?;
         let conversation = typed_id(
             Role::Conversation,
             c.required(Role::Conversation)?,
             ids.conversation,
         )?;
-        let unit = self.mapping.time_unit;
-        let message_seq = match self.mapping.position {
+        let unit = c.mapping.time_unit;
+        let message_seq = match c.mapping.position {
             PositionKind::Seq => seq(Role::Position, c.required(Role::Position)?)?,
             PositionKind::Timestamp => micros(Role::Position, c.required(Role::Position)?, unit)?,
             PositionKind::MessageId => 0,
         };
         let read_at_ms = match c.take(Role::ReadAt) {
             Some(v) => micros(Role::ReadAt, v, unit)?.div_euclid(1000),
-            None if self.mapping.position == PositionKind::Timestamp => {
-                message_seq.div_euclid(1000)
-            }
+            None if c.mapping.position == PositionKind::Timestamp => message_seq.div_euclid(1000),
             None => 0,
         };
         let message_id = c.message_id()?;
-        if self.mapping.position == PositionKind::MessageId && message_id.is_none() {
+        if c.mapping.position == PositionKind::MessageId && message_id.is_none() {
             return Err(c.missing(Role::MessageId));
         }
         let mut e = super::avro::validate(EventRef {
@@ -336,16 +351,16 @@ impl JsonDecoder {
             device_id: c.text(Role::Device)?,
             read_at_ms,
         })?;
-        if self.mapping.position == PositionKind::MessageId {
+        if c.mapping.position == PositionKind::MessageId {
             e.message_seq = UNRESOLVED_SEQ;
         }
         Ok(e)
     }
 
-    /// Decode and validate one message event (positions are seqs).
-    pub fn decode_message(&self, payload: Option<&[u8]>) -> Result<MessageEvent, DecodeError> {
-        let mut c = self.capture(payload)?;
-        let ids = self.mapping.ids;
+    /// The message event these fields make, validated.
+    pub(super) fn message_event(self) -> Result<MessageEvent, DecodeError> {
+        let mut c = self;
+        let ids = c.mapping.ids;
         let conversation = typed_id(
             Role::Conversation,
             c.required(Role::Conversation)?,
@@ -354,7 +369,7 @@ impl JsonDecoder {
         let message_seq = seq(Role::Position, c.required(Role::Position)?)?;
         let sender = typed_id(Role::Sender, c.required(Role::Sender)?, ids.user)?;
         let sent_at_ms = match c.take(Role::SentAt) {
-            Some(v) => micros(Role::SentAt, v, self.mapping.time_unit)?.div_euclid(1000),
+            Some(v) => micros(Role::SentAt, v, c.mapping.time_unit)?.div_euclid(1000),
             None => 0,
         };
         let mentions = match c.take(Role::Mentions) {
@@ -393,7 +408,7 @@ impl JsonDecoder {
 }
 
 /// The mapped fields of one record, with the mapping's defaults for the missing ones.
-struct Captured<'a, 'm> {
+pub(super) struct Captured<'a, 'm> {
     found: [Option<Scalar<'a>>; ROLES],
     mapping: &'m FieldMapping,
 }

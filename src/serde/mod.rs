@@ -9,6 +9,7 @@
 //!   [`ReadEventDecoder`] is a source's decoder by its format.
 
 pub mod avro;
+pub mod avro_mapped;
 pub mod fast;
 pub mod json;
 pub mod message;
@@ -139,6 +140,8 @@ pub enum SerdeError {
 pub enum SourceDecoder<A> {
     Avro(A),
     Json(Box<json::JsonDecoder>),
+    /// Avro of the users' own schema, through a field mapping.
+    AvroMapped(Box<avro_mapped::AvroMappedDecoder>),
 }
 
 /// The read events' decoder of a source.
@@ -159,18 +162,25 @@ impl<A: AvroSource> SourceDecoder<A> {
         match self {
             Self::Avro(d) => d.max_record_bytes(),
             Self::Json(d) => d.max_record_bytes(),
+            Self::AvroMapped(d) => d.max_record_bytes(),
         }
     }
 
     /// Whether writer schema `id` must be fetched (never for JSON: no schema is read).
     pub fn needs_fetch(&self, id: u32) -> bool {
-        matches!(self, Self::Avro(d) if d.needs_fetch(id))
+        match self {
+            Self::Avro(d) => d.needs_fetch(id),
+            Self::AvroMapped(d) => d.needs_fetch(id),
+            Self::Json(_) => false,
+        }
     }
 
     /// The registry's answer for writer schema `id`.
     pub fn install(&mut self, id: u32, text: Option<&str>) {
-        if let Self::Avro(d) = self {
-            d.install(id, text);
+        match self {
+            Self::Avro(d) => d.install(id, text),
+            Self::AvroMapped(d) => d.install(id, text),
+            Self::Json(_) => {}
         }
     }
 
@@ -178,6 +188,7 @@ impl<A: AvroSource> SourceDecoder<A> {
     pub fn unknown_schema(&self, payload: Option<&[u8]>) -> Option<u32> {
         match self {
             Self::Avro(d) => d.unknown_schema(payload),
+            Self::AvroMapped(d) => d.unknown_schema(payload),
             Self::Json(_) => None,
         }
     }
@@ -192,6 +203,7 @@ impl ReadEventDecoder {
         match self {
             Self::Avro(d) => d.decode_ref(payload),
             Self::Json(d) => d.decode_ref(payload),
+            Self::AvroMapped(d) => d.decode_ref(payload),
         }
     }
 }
@@ -205,6 +217,7 @@ impl MessageEventDecoder {
         match self {
             Self::Avro(d) => d.decode(payload),
             Self::Json(d) => d.decode_message(payload),
+            Self::AvroMapped(d) => d.decode_message(payload),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::{
     BadRecords, KafkaSink, KeyedBy, OnBadRecord, Partitioner, PostgresSink, ProcessingGuarantee,
-    ReadStateNode, ResolveSpec, Source, SourceFormat, Store, StoreKind, Topology, TopologyError,
+    ReadStateNode, ResolveSpec, Source, Store, StoreKind, Topology, TopologyError,
     DEFAULT_CACHE_MAX_ENTRIES, READ_STATE_KIND,
 };
 use crate::config::{self, SinkSpec, TopologySpec};
@@ -204,8 +204,10 @@ fn check_message_ids_resolve(
             format!("{}.position", at(&reads.name)),
             "message_id positions are resolved through a source with records = \"message-events\" (co-partitioned, mapping message_id): there is none",
         ),
-        Some((m, SourceFormat::Json(mapping)))
-            if mapping.paths[Role::MessageId as usize].is_none() =>
+        Some((m, format))
+            if format
+                .mapping()
+                .is_some_and(|mapping| mapping.paths[Role::MessageId as usize].is_none()) =>
         {
             errs.push(
                 format!("{}.fields.message_id", at(&m.name)),
@@ -259,7 +261,7 @@ fn check_co_partitioning(
 /// With a message source, read positions are compared with message seqs.
 fn check_positions_meet_seqs(spec: &TopologySpec, sources: &[Source], errs: &mut Errors) {
     for s in sources {
-        let SourceFormat::Json(m) = &s.format else {
+        let Some(m) = s.format.mapping() else {
             continue;
         };
         if m.position == PositionKind::Timestamp {
@@ -441,9 +443,9 @@ struct Inputs<'a> {
 
 /// The read source whose positions are message ids (at most one read source exists).
 fn resolving_source(sources: &[Source]) -> Option<&Source> {
-    sources.iter().find(
-        |s| matches!(&s.format, SourceFormat::Json(m) if m.position == PositionKind::MessageId),
-    )
+    sources
+        .iter()
+        .find(|s| matches!(s.format.mapping(), Some(m) if m.position == PositionKind::MessageId))
 }
 
 fn processor(
@@ -532,8 +534,8 @@ fn resolve_spec(
         crate::processor::DEFAULT_MAX_WAITING_READS,
         10_000_000,
     );
-    let fallback_to_read_at = matches!(&reads.format,
-        SourceFormat::Json(m) if m.paths[Role::ReadAt as usize].is_some());
+    let fallback_to_read_at =
+        matches!(reads.format.mapping(), Some(m) if m.paths[Role::ReadAt as usize].is_some());
     Some(ResolveSpec {
         wait,
         max_waiting,

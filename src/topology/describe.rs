@@ -302,7 +302,7 @@ fn describe_store(o: &mut String, store: &super::Store, cache_unit: &str) {
 /// A JSON source's mapping, as `; reader <- path, ...; position timestamp (s)`.
 fn mapping(format: &crate::topology::SourceFormat) -> String {
     use crate::serde::json::{PositionKind, Role};
-    let crate::topology::SourceFormat::Json(m) = format else {
+    let Some(m) = format.mapping() else {
         return String::new();
     };
     let fields: Vec<String> = Role::ALL

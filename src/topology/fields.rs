@@ -16,12 +16,18 @@ pub(super) fn source_format(
     errs: &mut Errors,
 ) -> SourceFormat {
     let wire_header = match s.format.as_deref() {
+        None | Some("avro-confluent") if s.fields.is_some() => false,
         None | Some("avro-confluent") => {
-            refuse_json_fields(at, s, "for JSON formats only", errs);
+            refuse_json_fields(
+                at,
+                s,
+                "for mapped sources only (JSON, or Avro with fields)",
+                errs,
+            );
             if ids.conversation != IdType::I64 || ids.user != IdType::I64 {
                 errs.push(
                     format!("{at}.format"),
-                    "Avro sources carry long conversation and user ids (schemas/read_event.avsc, message_event.avsc): [ids] other than i64 need format = \"json\" or \"json-schema\"",
+                    "readstate's Avro schemas carry long conversation and user ids (schemas/read_event.avsc, message_event.avsc): [ids] other than i64 need [source.fields] mapping your own schema's fields, or a JSON format",
                 );
             }
             return SourceFormat::AvroConfluent;
@@ -36,6 +42,7 @@ pub(super) fn source_format(
             return SourceFormat::AvroConfluent;
         }
     };
+    let avro = matches!(s.format.as_deref(), None | Some("avro-confluent"));
     let kind = match is_messages {
         true => Kind::Messages,
         false => Kind::Reads,
@@ -53,7 +60,10 @@ pub(super) fn source_format(
     mapping.time_unit = time_unit(at, s, errs);
     paths(at, s, kind, &mut mapping, errs);
     defaults(at, s, kind, &mut mapping, errs);
-    SourceFormat::Json(Box::new(mapping))
+    match avro {
+        true => SourceFormat::AvroMapped(Box::new(mapping)),
+        false => SourceFormat::Json(Box::new(mapping)),
+    }
 }
 
 /// `[ids]`: the type of each kind of id (i64 conversations and users, string message ids
@@ -307,11 +317,17 @@ topic = "updates"
             "{errs:?}"
         );
         let avro = JSON_SOURCE.replace("format = \"json\"", "format = \"avro-confluent\"");
-        let errs = compile(&avro).unwrap_err();
+        let t = compile(&avro).unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(matches!(t.sources[0].format, SourceFormat::AvroMapped(_)));
+        let unmapped = avro.replace(
+            "[source.fields]\nreader = \"reader_id\"\nconversation = \"conversation_id\"\nposition = \"read_at\"\nmessage_id = \"msg_id\"\n",
+            "",
+        );
+        let errs = compile(&unmapped).unwrap_err();
         assert_eq!(
             errs.len(),
-            4,
-            "fields, defaults, position, time_unit: {errs:?}"
+            3,
+            "defaults, position, time_unit without fields: {errs:?}"
         );
     }
 

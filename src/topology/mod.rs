@@ -119,12 +119,22 @@ pub enum SourceFormat {
     AvroConfluent,
     /// JSON (plain, or framed as Confluent's JSON Schema wire format), mapped by fields.
     Json(Box<FieldMapping>),
+    /// Avro in the Confluent wire format of the users' own schema, mapped by fields.
+    AvroMapped(Box<FieldMapping>),
 }
 
 impl SourceFormat {
+    /// The field mapping of a mapped source (JSON, or Avro of the users' schema).
+    pub fn mapping(&self) -> Option<&FieldMapping> {
+        match self {
+            SourceFormat::AvroConfluent => None,
+            SourceFormat::Json(m) | SourceFormat::AvroMapped(m) => Some(m),
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
-            SourceFormat::AvroConfluent => "avro-confluent",
+            SourceFormat::AvroConfluent | SourceFormat::AvroMapped(_) => "avro-confluent",
             SourceFormat::Json(m) if m.wire_header => "json-schema",
             SourceFormat::Json(_) => "json",
         }

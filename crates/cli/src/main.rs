@@ -844,6 +844,9 @@ fn check_registered_schemas(
                 schema_check::check_avro(s, &schema, reader)
             }
             readstate::topology::SourceFormat::Json(_) => schema_check::check(s, &schema),
+            readstate::topology::SourceFormat::AvroMapped(_) => {
+                schema_check::check_avro_mapping(s, &schema)
+            }
         });
     }
     Ok(errors)

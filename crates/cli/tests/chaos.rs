@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use db::Db;
 use kafka::suffix;
-use process::{signal, terminate_logged};
+use process::{signal, terminate_logged_past_upstream_abort};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::Message;
@@ -202,7 +202,7 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
     nodes[1] = s.spawn(1);
     pause(Duration::from_secs(3));
     eprintln!("chaos: SIGTERM node 2, restart");
-    terminate_logged(&mut nodes[2], "node 2", || s.tail(2));
+    terminate_logged_past_upstream_abort(&mut nodes[2], "node 2", || s.tail(2));
     nodes[2] = s.spawn(2);
     pause(Duration::from_secs(3));
     eprintln!("chaos: SIGSTOP node 0 past the session timeout, then SIGCONT");
@@ -225,7 +225,7 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
         Duration::from_secs(60),
         || std::fs::read_to_string(&log3).is_ok_and(|l| l.contains("task restored")),
     );
-    terminate_logged(&mut extra, "node 3", || s.tail(3));
+    terminate_logged_past_upstream_abort(&mut extra, "node 3", || s.tail(3));
     eprintln!("chaos: PostgreSQL refuses connections for 8 s");
     s.db.block();
     pause(Duration::from_secs(8));
@@ -247,7 +247,7 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
         },
     );
     for (i, c) in nodes.iter_mut().enumerate() {
-        terminate_logged(c, &format!("node {i}"), || s.tail(i));
+        terminate_logged_past_upstream_abort(c, &format!("node {i}"), || s.tail(i));
     }
     let log0 = s.log_since(0, stopped_at);
     assert!(

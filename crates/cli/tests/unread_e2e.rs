@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use chat::{produce, topology_text, ChatTopics};
 use kafka::suffix;
-use process::{signal, terminate, terminate_logged, wait_log};
+use process::{signal, terminate, wait_log};
 use rdkafka::message::Headers;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -645,8 +645,8 @@ fn sigstop_past_the_session_timeout_then_sigcont_keeps_every_count_exact() {
     signal(&a, "CONT");
     env.produce(&w.arrivals[cuts[1]..]);
     let (updates, _) = env.await_outputs(&w);
-    terminate_logged(&mut a, "A", process::log_in(dir_a.path()));
-    terminate_logged(&mut b, "B", process::log_in(dir_b.path()));
+    process::terminate_logged_past_upstream_abort(&mut a, "A", process::log_in(dir_a.path()));
+    process::terminate_logged_past_upstream_abort(&mut b, "B", process::log_in(dir_b.path()));
     assert!(
         taken_over >= std::time::Duration::from_secs(3),
         "B took A's tasks only after A's session timed out ({taken_over:?})"

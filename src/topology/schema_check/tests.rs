@@ -111,3 +111,52 @@ fn an_avro_writer_schema_must_be_readable_as_readstates() {
         errors[0].message
     );
 }
+
+/// An Avro source mapped by fields: each path through records (named types referenced by
+/// name, optional unions) must exist in the writer schema with a usable type.
+#[test]
+fn a_mapped_avro_source_is_checked_against_its_writer_schema() {
+    let mut s = source();
+    let SourceFormat::Json(m) = &s.format else {
+        panic!("json-schema source")
+    };
+    s.format = SourceFormat::AvroMapped(m.clone());
+    let schema = |reader: &str, read_at: &str| {
+        format!(
+            r#"{{"type": "record", "name": "Receipt", "namespace": "svc", "fields": [
+              {{"name": "reader_id", "type": "{reader}"}},
+              {{"name": "conversation_id", "type": "string"}},
+              {{"name": "read_at", "type": {read_at}}},
+              {{"name": "msg_id", "type": ["null", {{"type": "string", "logicalType": "uuid"}}]}},
+              {{"name": "sender_id", "type": "string"}},
+              {{"name": "client", "type": {{"type": "record", "name": "Client", "fields": [
+                {{"name": "device_id", "type": ["null", "string"]}}]}}}},
+              {{"name": "other_client", "type": ["null", "svc.Client"]}}
+            ]}}"#
+        )
+    };
+    let fits = schema(
+        "string",
+        r#"{"type": "long", "logicalType": "timestamp-millis"}"#,
+    );
+    assert_eq!(check_avro_mapping(&s, &fits), Vec::new());
+    let bad = schema("boolean", r#""bytes""#).replace("\"client\"", "\"device\"");
+    let errors = check_avro_mapping(&s, &bad);
+    let mut got: Vec<(&str, &str)> = errors
+        .iter()
+        .map(|e| (e.at.as_str(), e.message.as_str()))
+        .collect();
+    got.sort();
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(got[0].0, "source \"events\".fields.device");
+    assert!(got[0].1.contains("no field \"client\""), "{got:?}");
+    assert_eq!(got[1].0, "source \"events\".fields.position");
+    assert!(got[1].1.contains("it is bytes"), "{got:?}");
+    assert_eq!(got[2].0, "source \"events\".fields.reader");
+    assert!(got[2].1.contains("it is boolean"), "{got:?}");
+    // A named type referenced by name: the path goes through it.
+    let by_name = fits
+        .replace("\"client\", \"type\": {", "\"unused\", \"type\": {")
+        .replace("\"other_client\"", "\"client\"");
+    assert_eq!(check_avro_mapping(&s, &by_name), Vec::new());
+}

@@ -66,6 +66,8 @@ pub const RESTORE_BATCH: usize = 100_000;
 pub struct RunSummary {
     /// When the final commit at shutdown completed (before stores and clients close).
     pub final_commit_at: Option<Instant>,
+    /// Source records consumed (a repartitioned event once, not again from the internal
+    /// topic it is read back from).
     pub records_consumed: u64,
     /// Records re-keyed into the repartition topic (sub-topology 0).
     pub records_forwarded: u64,

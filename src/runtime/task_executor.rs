@@ -79,6 +79,8 @@ pub(super) struct TaskExecutor {
     guarantee: ProcessingGuarantee,
     /// Where each task topic's records go: the compiled graph's source → processor input.
     routes: Vec<Route>,
+    /// The repartition topic read back (see [`ExecutorParts::repartitioned`]).
+    repartitioned: Option<String>,
     /// The changelog topic of each store of a task (indexed as `Topology::stores()`).
     changelogs: Vec<Option<String>>,
     /// The sources' deserializers (writer schemas, repartition keys), and the park and
@@ -101,6 +103,9 @@ pub(super) struct TaskExecutor {
 pub(super) struct ExecutorParts {
     pub(super) guarantee: ProcessingGuarantee,
     pub(super) routes: Vec<Route>,
+    /// The internal topic repartitioned records are read back from, if any: its records
+    /// entered readstate once already (counted when consumed from their source).
+    pub(super) repartitioned: Option<String>,
     pub(super) changelogs: Vec<Option<String>>,
     pub(super) serdes: Arc<dyn SourceSerdes>,
     pub(super) sinks: Vec<String>,
@@ -117,6 +122,7 @@ impl TaskExecutor {
         Self {
             guarantee: p.guarantee,
             routes: p.routes,
+            repartitioned: p.repartitioned,
             changelogs: p.changelogs,
             schemas: SchemaGate::new(p.serdes, p.rt),
             sinks: p.sinks,
@@ -158,12 +164,15 @@ impl TaskExecutor {
         // Group by task and input (the graph's route of the record's topic), keeping order
         // within each; forward what needs repartitioning.
         let mut batches: BTreeMap<(i32, InputId), Vec<SourceRecord<'_>>> = BTreeMap::new();
-        let mut accepted = 0u64;
+        let (mut accepted, mut entered) = (0u64, 0u64);
         for m in msgs {
             if !Self::accepts(tasks, parking, m) {
                 continue;
             }
             accepted += 1;
+            if self.repartitioned.as_deref() != Some(m.topic()) {
+                entered += 1;
+            }
             let Some(input) = Graph::route(&self.routes, m.topic()).map(|r| r.input) else {
                 self.forward(tasks, m);
                 continue;
@@ -173,8 +182,9 @@ impl TaskExecutor {
             batch.push(source_record(m, origin));
         }
         // Records dropped here (parked, revoked) are consumed again later, and counted then.
-        self.summary.records_consumed += accepted;
-        Progress::add(&self.progress.records_consumed, accepted);
+        // A repartitioned event counts once: when consumed from its source.
+        self.summary.records_consumed += entered;
+        Progress::add(&self.progress.records_consumed, entered);
         metrics::counter!("readstate_events_consumed_total").increment(accepted);
         for ((p, input), recs) in batches {
             self.process_input(tasks, p, input, &recs)?;

@@ -127,6 +127,7 @@ impl TaskManager {
         let executor = TaskExecutor::new(ExecutorParts {
             guarantee: t.guarantee,
             routes: graph.routes(),
+            repartitioned: source.repartition_topic.as_ref().map(|t| t.0.clone()),
             sinks: graph.sink_topics().iter().map(|t| t.0.clone()).collect(),
             collector: RecordCollector::for_topology(config, &state, changelogs.clone())?,
             changelogs,

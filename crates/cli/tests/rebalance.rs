@@ -62,6 +62,30 @@ fn repartitioned_source_with_instances_joining_and_leaving() {
     assert_eq!(distinct.len(), garbage);
 }
 
+/// A repartitioned event is consumed twice (from its source, then from the repartition
+/// topic) but counted once: an instance that consumed N source records says N, so that a
+/// wait on the count means the source was read, not half of it.
+#[test]
+fn a_repartitioned_event_is_counted_once() {
+    let env = Env::keyed_by(Some("reader_id"));
+    let events = zipf_workload(8, 3_000);
+    let want = oracle(&events);
+    let dir = tempfile::tempdir().unwrap();
+    let a = env.start_in(dir.path());
+    let garbage = env.produce(&events, 300);
+    env.read_updates(&want);
+    // Every poison pill consumed too (each is a dead letter once consumed).
+    let dlq = format!("{}-dlq", env.app);
+    env.read_until(&dlq, |_| (), |d: &[()]| d.len() >= garbage);
+    let s = a.stop();
+    assert_eq!(
+        s.records_consumed as usize,
+        events.len() + garbage,
+        "source records, each once: {s:?}"
+    );
+    assert!(s.records_forwarded >= events.len() as u64, "{s:?}");
+}
+
 #[test]
 fn real_broker_instances_joining_and_leaving_converge() {
     instances_joining_and_leaving(Env::real());

@@ -314,6 +314,8 @@ pub fn install() -> Result<PrometheusHandle, TelemetryError> {
 /// batch, not per event.
 #[derive(Debug, Default)]
 pub struct Progress {
+    /// Every record consumed, a repartitioned event twice (from its source, then from the
+    /// repartition topic); `RunSummary::records_consumed` counts it once.
     pub records_consumed: AtomicU64,
     pub updates_emitted: AtomicU64,
     pub dead_letters: AtomicU64,

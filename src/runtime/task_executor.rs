@@ -182,9 +182,10 @@ impl TaskExecutor {
             batch.push(source_record(m, origin));
         }
         // Records dropped here (parked, revoked) are consumed again later, and counted then.
-        // A repartitioned event counts once: when consumed from its source.
+        // The summary counts a repartitioned event once (when consumed from its source);
+        // the live progress counts every record consumed (the demo and bench pace on it).
         self.summary.records_consumed += entered;
-        Progress::add(&self.progress.records_consumed, entered);
+        Progress::add(&self.progress.records_consumed, accepted);
         metrics::counter!("readstate_events_consumed_total").increment(accepted);
         for ((p, input), recs) in batches {
             self.process_input(tasks, p, input, &recs)?;

@@ -9,6 +9,24 @@ use std::borrow::Cow;
 
 use crate::ids::{ConversationId, Id, ReaderId, SenderId};
 
+/// A read receipt for a sender (`schemas/sender_receipt.avsc`): `reader_id` has read
+/// `sender_id`'s messages in `conversation_id` up to `message_seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SenderReceipt {
+    pub sender_id: SenderId,
+    pub conversation_id: ConversationId,
+    pub reader_id: ReaderId,
+    /// The highest of the sender's messages the reader's pointer passed.
+    pub message_seq: i64,
+    pub message_id: Option<String>,
+    pub read_at_ms: i64,
+    pub device_id: Option<String>,
+    /// The advance reached past the window of recent messages (older messages of the
+    /// sender were read too, not named here).
+    pub covers_older: bool,
+    pub emitted_at_ms: i64,
+}
+
 /// "Reader R read conversation C up to message S, on device D."
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ReadEvent {

@@ -74,6 +74,8 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("readstate_bad_record_stops_total", Kind::Counter, "Instance stops by on_bad_record = fail or by the dead-letter circuit breaker."),
     ("readstate_updates_emitted_total", Kind::Counter, "Coalesced updates produced to the output topic."),
     ("readstate_messages_folded_total", Kind::Counter, "Message events folded into conversation heads, by result (counted, duplicate, late: below the window)."),
+    ("readstate_reads_by_message_id_total", Kind::Counter, "Reads positioned by message id, by result: immediate (message known), waited, and how waits ended (after_wait, fallback to read_at, unresolved: dead letter)."),
+    ("readstate_sender_receipts_emitted_total", Kind::Counter, "Read receipts for senders produced to the sender-receipts topic (one per sender of the messages an emitted advance passed)."),
     ("readstate_head_updates_emitted_total", Kind::Counter, "Conversation-head updates produced to the conversation-heads topic."),
     ("readstate_records_processed_total", Kind::Counter, "Records given to a typed processor (processor::typed)."),
     ("readstate_records_forwarded_total", Kind::Counter, "Records a typed processor forwarded to its sinks."),

@@ -25,10 +25,12 @@ use crate::ids::{ConversationId, IdType};
 use crate::kafka::partitioner::Partitioner;
 use crate::serde::avro_mapped::AvroMappedDecoder;
 use crate::serde::json::JsonDecoder;
+use crate::serde::message::SenderReceiptEncoder;
 use crate::serde::registry::SchemaResolver;
 use crate::serde::{
-    conversation_head_schema, receipt_update_schema, DecodeError, EventDecoder, HeadEncoder,
-    MessageDecoder, MessageEventDecoder, ReadEventDecoder, SerdeError, UpdateEncoder,
+    conversation_head_schema, receipt_update_schema, sender_receipt_schema, DecodeError,
+    EventDecoder, HeadEncoder, MessageDecoder, MessageEventDecoder, ReadEventDecoder, SerdeError,
+    UpdateEncoder,
 };
 use crate::state::restore::StoreRestorer;
 use crate::state::{KeyValueStore, StoreBatch, StoreError};
@@ -66,6 +68,7 @@ pub struct ReadStateSerdes {
     messages: Option<(String, RwLock<MessageEventDecoder>)>,
     updates: UpdateEncoder,
     heads: Option<HeadEncoder>,
+    senders: Option<SenderReceiptEncoder>,
 }
 
 impl ReadStateSerdes {
@@ -88,6 +91,14 @@ impl ReadStateSerdes {
             Some(h) => {
                 let subject = format!("{}-value", h.topic);
                 let schema = conversation_head_schema(&t.ids);
+                Some(register_with_retry(&*resolver, &subject, &schema, shutdown).await?)
+            }
+            None => None,
+        };
+        let senders = match &t.sender_receipts_output {
+            Some(s) => {
+                let subject = format!("{}-value", s.topic);
+                let schema = sender_receipt_schema(&t.ids);
                 Some(register_with_retry(&*resolver, &subject, &schema, shutdown).await?)
             }
             None => None,
@@ -116,6 +127,7 @@ impl ReadStateSerdes {
             messages,
             updates,
             heads,
+            senders,
         })
     }
 
@@ -266,6 +278,8 @@ pub struct ReadStateSupplier {
     partitioners: Vec<Partitioner>,
     /// With reads positioned by message id: how they wait, and the message id type.
     resolve: Option<(ResolveSpec, IdType)>,
+    /// With a sender-receipts sink: the message id type.
+    sender_receipts: Option<IdType>,
 }
 
 /// Where the node's inputs come from and its outputs go, from the compiled graph.
@@ -274,6 +288,7 @@ struct Wiring {
     messages: Option<InputId>,
     receipts: SinkId,
     heads: Option<SinkId>,
+    senders: Option<SinkId>,
 }
 
 impl Wiring {
@@ -297,6 +312,7 @@ impl Wiring {
             messages,
             receipts: sink(Output::Receipts).expect("a read-state node has a receipts sink"),
             heads: sink(Output::ConversationHeads),
+            senders: sink(Output::SenderReceipts),
         }
     }
 }
@@ -313,6 +329,8 @@ impl ReadStateSupplier {
             wiring: Wiring::of(topology),
             partitioners: input_partitioners(topology),
             resolve: node.resolve.map(|r| (r, topology.ids.message)),
+            sender_receipts: (topology.sender_receipts_output.as_ref())
+                .map(|_| topology.ids.message),
         }
     }
 
@@ -329,6 +347,9 @@ impl ReadStateSupplier {
         }
         if let Some((spec, message_ids)) = &self.resolve {
             p.enable_resolve(spec, *message_ids)?;
+        }
+        if let Some(message_ids) = self.sender_receipts {
+            p.enable_sender_receipts(message_ids)?;
         }
         Ok(p)
     }
@@ -527,6 +548,13 @@ impl ReadStateNode {
                 });
             }
         }
+        if let (Some(sink), Some(encoder)) = (self.wiring.senders, &self.serdes.senders) {
+            for r in &typed.sender_receipts {
+                // Keyed by sender: a sender's receipts reach one gateway partition.
+                let by_sender = |k: &mut Vec<u8>| r.sender_id.0.write_key(k);
+                outputs.push(sink, by_sender, |v| encoder.encode_receipt_into(r, v));
+            }
+        }
     }
 }
 
@@ -596,6 +624,12 @@ impl Processor for ReadStateNode {
             counter("readstate_events_replayed_skipped_total", s.replayed),
             counter("readstate_updates_emitted_total", s.updates_emitted),
         ];
+        if self.wiring.senders.is_some() {
+            counters.push(counter(
+                "readstate_sender_receipts_emitted_total",
+                s.sender_receipts_emitted,
+            ));
+        }
         if let Some(m) = self.inner.message_stats() {
             for (result, value) in [
                 ("counted", m.counted),

@@ -24,7 +24,8 @@ use super::unread::{positions_budget, Heads, MessageStats};
 use super::ProcessorError;
 use crate::ids::{ConversationId, Id, IdType, Origin};
 use crate::model::{
-    EventRef, HeadUpdate, MessageEvent, ReadEvent, ReceiptUpdate, StateKey, UnreadCounts,
+    EventRef, HeadUpdate, MessageEvent, ReadEvent, ReceiptUpdate, SenderReceipt, StateKey,
+    UnreadCounts,
 };
 use crate::serde::json::UNRESOLVED_SEQ;
 use crate::state::cache::RecordCache;
@@ -61,6 +62,8 @@ pub struct ProcessStats {
     /// Records skipped because their key had already folded that source offset.
     pub replayed: u64,
     pub updates_emitted: u64,
+    /// Receipts for senders emitted (a sender-receipts sink).
+    pub sender_receipts_emitted: u64,
     pub cache_misses: u64,
     pub flushes: u64,
 }
@@ -73,6 +76,9 @@ pub struct ReadStateFlush {
     pub updates: Vec<ReceiptUpdate>,
     /// Conversation-head updates (topologies with a message source).
     pub heads: Vec<HeadUpdate>,
+    /// Read receipts for the senders of the messages each emitted advance passed
+    /// (topologies with a sender-receipts sink).
+    pub sender_receipts: Vec<SenderReceipt>,
     /// The store parts, one per store of the task (indexed as `Topology::stores()`); its
     /// outputs are filled by the node that encodes `updates` and `heads`.
     pub flush: FlushOutput,
@@ -104,6 +110,8 @@ pub struct ReadStateProcessor {
     heads: Option<Heads>,
     /// Reads waiting for the messages they name, when reads are positioned by message id.
     resolver: Option<Resolver>,
+    /// Whether each emitted advance also yields receipts for the senders it passed.
+    sender_receipts: bool,
 }
 
 /// Resolution of reads positioned by message id (see [`super::resolve`]).
@@ -129,6 +137,7 @@ impl ReadStateProcessor {
             stats: ProcessStats::default(),
             heads: None,
             resolver: None,
+            sender_receipts: false,
         };
         p.reload_pending()?;
         Ok(p)
@@ -164,6 +173,15 @@ impl ReadStateProcessor {
             fallback: spec.fallback_to_read_at,
             message_ids,
         });
+        Ok(())
+    }
+
+    /// Emit, with each advance, a receipt for each sender of the messages it passed (their
+    /// ids of type `message_ids` kept in the heads). Needs [`Self::enable_unread`] first.
+    pub fn enable_sender_receipts(&mut self, message_ids: IdType) -> Result<(), ProcessorError> {
+        let heads = self.heads.as_mut().ok_or(ProcessorError::NoMessageSource)?;
+        heads.enable_index(message_ids);
+        self.sender_receipts = true;
         Ok(())
     }
 
@@ -414,6 +432,7 @@ impl ReadStateProcessor {
         }
         self.emit_due(now_ms, &mut out);
         self.stats.updates_emitted += out.updates.len() as u64;
+        self.stats.sender_receipts_emitted += out.sender_receipts.len() as u64;
         out
     }
 
@@ -441,7 +460,12 @@ impl ReadStateProcessor {
                 if let Some(heads) = &self.heads {
                     update.counts =
                         Some(heads.counts(&key.conversation, &key.reader, state.last_read_seq));
+                    if self.sender_receipts {
+                        let from = state.emitted_seq;
+                        heads.sender_receipts(&key, from, state, now_ms, &mut out.sender_receipts);
+                    }
                 }
+                state.emitted_seq = state.last_read_seq;
                 out.updates.push(update);
                 state.emitted_version = state.version;
                 state.last_emit_ms = now_ms;

@@ -11,9 +11,10 @@ use hashbrown::{HashMap, HashSet};
 
 use super::read_state::StoreFlush;
 use crate::ids::{ConversationId, Id, IdType, Origin, ReaderId};
-use crate::model::{HeadUpdate, MessageEvent, UnreadCounts};
+use crate::model::{HeadUpdate, MessageEvent, SenderReceipt, StateKey, UnreadCounts};
 use crate::state::codec::{self, EntryCodec};
 use crate::state::head::{ConversationHead, MessageFold};
+use crate::state::ReadState;
 use crate::state::{KeyValueStore, StoreError};
 
 /// How many recent message positions a conversation head keeps (the topology's
@@ -181,6 +182,36 @@ impl Heads {
             .get(conversation)
             .map(|h| h.counts(reader, pointer))
             .unwrap_or_default()
+    }
+
+    /// The sender receipts of `reader`'s advance in `conversation` from `from` to the
+    /// pointer of `state`, emitted at `now_ms`, appended to `out` (one per sender of the
+    /// messages passed; the head must be loaded).
+    pub fn sender_receipts(
+        &self,
+        key: &StateKey,
+        from: i64,
+        state: &ReadState,
+        now_ms: i64,
+        out: &mut Vec<SenderReceipt>,
+    ) {
+        let Some(head) = self.entries.get(&key.conversation) else {
+            return;
+        };
+        let (senders, covers_older) = head.read_senders(&key.reader, from, state.last_read_seq);
+        for (sender, seq, id) in senders {
+            out.push(SenderReceipt {
+                sender_id: sender,
+                conversation_id: key.conversation.clone(),
+                reader_id: key.reader.clone(),
+                message_seq: seq,
+                message_id: id.map(|id| id.to_string()),
+                read_at_ms: state.read_at_ms,
+                device_id: state.device_id.as_deref().map(str::to_owned),
+                covers_older,
+                emitted_at_ms: now_ms,
+            });
+        }
     }
 
     /// Write the dirty heads into the heads store's flush (sorted by key, every one

@@ -347,7 +347,7 @@ fn prepare_topics(config: &RunConfig) -> Result<i32, RuntimeError> {
     let mut names: Vec<&str> = t.sources.iter().map(|s| s.topic.as_str()).collect();
     names.extend(internal.iter().map(|(n, _)| n.as_str()));
     names.push(t.output.topic.as_str());
-    if let Some(h) = &t.heads_output {
+    for h in t.heads_output.iter().chain(&t.sender_receipts_output) {
         names.push(h.topic.as_str());
     }
     // Last: not created, only checked against the read events' partitioning.
@@ -402,7 +402,8 @@ fn prepare_topics(config: &RunConfig) -> Result<i32, RuntimeError> {
             replication: config.replication,
         })
         .collect();
-    for topic in std::iter::once(&t.output).chain(&t.heads_output) {
+    let outputs = std::iter::once(&t.output).chain(&t.heads_output);
+    for topic in outputs.chain(&t.sender_receipts_output) {
         wanted.push(TopicRequest {
             name: topic.topic.0.clone(),
             partitions,

@@ -184,7 +184,7 @@ fn put_opt_long(out: &mut Vec<u8>, v: Option<i64>) {
 }
 
 #[inline]
-fn put_opt_string(out: &mut Vec<u8>, v: Option<&str>) {
+pub(crate) fn put_opt_string(out: &mut Vec<u8>, v: Option<&str>) {
     match v {
         Some(s) => {
             put_long(out, 1);

@@ -7,11 +7,11 @@ use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
 use super::avro::{WireDecoder, WireEncoder, MAX_ID_LEN};
-use super::fast::{put_id, put_long};
+use super::fast::{put_id, put_long, put_opt_string};
 use super::registry::SchemaResolver;
 use super::{write_wire_header, DecodeError, SerdeError};
 use crate::ids::{ConversationId, Id, ReaderId, SenderId};
-use crate::model::{HeadUpdate, MessageEvent, MAX_MENTIONS};
+use crate::model::{HeadUpdate, MessageEvent, SenderReceipt, MAX_MENTIONS};
 
 /// Serde mirror of `message_event.avsc` (encoding: generators, tests, upstream examples).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -207,6 +207,59 @@ impl From<AvroConversationHead> for HeadUpdate {
     }
 }
 
+/// Serde mirror of `sender_receipt.avsc` (consumers, tests).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename = "SenderReceipt")]
+pub struct AvroSenderReceipt {
+    pub sender_id: Id,
+    pub conversation_id: Id,
+    pub reader_id: Id,
+    pub message_seq: i64,
+    pub message_id: Option<String>,
+    pub read_at: i64,
+    pub device_id: Option<String>,
+    pub covers_older: bool,
+    pub emitted_at: i64,
+}
+
+impl From<AvroSenderReceipt> for SenderReceipt {
+    fn from(r: AvroSenderReceipt) -> Self {
+        Self {
+            sender_id: SenderId::from(r.sender_id),
+            conversation_id: ConversationId::from(r.conversation_id),
+            reader_id: ReaderId::from(r.reader_id),
+            message_seq: r.message_seq,
+            message_id: r.message_id,
+            read_at_ms: r.read_at,
+            device_id: r.device_id,
+            covers_older: r.covers_older,
+            emitted_at_ms: r.emitted_at,
+        }
+    }
+}
+
+/// Encodes sender receipts for their output topic.
+pub type SenderReceiptEncoder = WireEncoder<AvroSenderReceipt>;
+/// Decodes sender receipts (push gateways, tests).
+pub type SenderReceiptDecoder = WireDecoder<AvroSenderReceipt>;
+
+impl SenderReceiptEncoder {
+    /// Append the framed receipt to `out` (the bytes apache-avro writes for
+    /// `sender_receipt.avsc` with the topology's id types).
+    pub fn encode_receipt_into(&self, r: &SenderReceipt, out: &mut Vec<u8>) {
+        write_wire_header(out, self.schema_id());
+        put_id(out, &r.sender_id.0);
+        put_id(out, &r.conversation_id.0);
+        put_id(out, &r.reader_id.0);
+        put_long(out, r.message_seq);
+        put_opt_string(out, r.message_id.as_deref());
+        put_long(out, r.read_at_ms);
+        put_opt_string(out, r.device_id.as_deref());
+        out.push(u8::from(r.covers_older));
+        put_long(out, r.emitted_at_ms);
+    }
+}
+
 /// Encodes conversation-head updates for their output topic.
 pub type HeadEncoder = WireEncoder<AvroConversationHead>;
 /// Decodes conversation-head updates (the PostgreSQL sink, tests).
@@ -291,6 +344,67 @@ mod tests {
             d.decode(Some(&[0, 0, 0])).unwrap_err().reason(),
             "not_wire_format"
         );
+    }
+
+    /// The fast encoder writes what apache-avro reads with the schema of the topology's
+    /// id types: integer ids, and string ids with UUID message ids.
+    #[test]
+    fn sender_receipts_decode_with_their_generated_schemas() {
+        use crate::ids::{IdType, IdTypes};
+        let text = |s: &str| Id::text(s).unwrap();
+        let uuid = "550e8400-e29b-41d4-a716-446655440000";
+        let cases = [
+            (IdTypes::default(), Id::int(7), Id::int(3), Some("m-9")),
+            (
+                IdTypes {
+                    conversation: IdType::String,
+                    user: IdType::String,
+                    message: IdType::Uuid,
+                },
+                text("user123"),
+                text("conv789"),
+                Some(uuid),
+            ),
+        ];
+        for (ids, user, conv, msg) in cases {
+            let r = SenderReceipt {
+                sender_id: SenderId(user.clone()),
+                conversation_id: ConversationId(conv),
+                reader_id: ReaderId(user),
+                message_seq: 9,
+                message_id: msg.map(str::to_owned),
+                read_at_ms: 1_700_000_000_000,
+                device_id: None,
+                covers_older: true,
+                emitted_at_ms: 5,
+            };
+            let schema = crate::serde::sender_receipt_schema(&ids);
+            let enc = SenderReceiptEncoder::new(&schema, 11).unwrap();
+            let mut out = Vec::new();
+            enc.encode_receipt_into(&r, &mut out);
+            let parsed = apache_avro::Schema::parse_str(&schema).unwrap();
+            let reader = apache_avro::reader::datum::GenericDatumReader::builder(&parsed)
+                .build()
+                .unwrap();
+            let mut datum = &out[5..];
+            let v = reader.read_value(&mut datum).unwrap();
+            assert!(datum.is_empty(), "{ids:?}: the whole record read");
+            let apache_avro::types::Value::Record(fields) = v else {
+                panic!("a record")
+            };
+            let field = |n: &str| fields.iter().find(|(k, _)| k == n).unwrap().1.clone();
+            assert_eq!(field("message_seq"), apache_avro::types::Value::Long(9));
+            assert_eq!(
+                field("covers_older"),
+                apache_avro::types::Value::Boolean(true)
+            );
+            if ids.message == IdType::Uuid {
+                let apache_avro::types::Value::Union(1, m) = field("message_id") else {
+                    panic!("a message id")
+                };
+                assert_eq!(*m, apache_avro::types::Value::Uuid(uuid.parse().unwrap()));
+            }
+        }
     }
 
     #[test]

@@ -31,6 +31,23 @@ pub const MESSAGE_EVENT_SCHEMA: &str = include_str!("../../schemas/message_event
 /// The Avro schema of conversation-head updates (the writer schema of their output topic).
 pub const CONVERSATION_HEAD_SCHEMA: &str = include_str!("../../schemas/conversation_head.avsc");
 
+/// The Avro schema of sender receipts (the writer schema of their output topic).
+pub const SENDER_RECEIPT_SCHEMA: &str = include_str!("../../schemas/sender_receipt.avsc");
+
+/// The sender-receipt schema for a topology's id types (see [`receipt_update_schema`]).
+pub fn sender_receipt_schema(ids: &IdTypes) -> String {
+    retype(
+        SENDER_RECEIPT_SCHEMA,
+        ids,
+        &[
+            ("sender_id", ids.user, Shape::Plain),
+            ("conversation_id", ids.conversation, Shape::Plain),
+            ("reader_id", ids.user, Shape::Plain),
+            ("message_id", ids.message, Shape::Nullable),
+        ],
+    )
+}
+
 /// The receipt-update schema for a topology's id types: [`RECEIPT_UPDATE_SCHEMA`] itself
 /// for the default types, else with `conversation_id`, `reader_id`, `sender_id` and
 /// `message_id` of the declared types (strings, `uuid` as Avro's logical type).

@@ -258,6 +258,9 @@ pub struct ReadState {
     pub version: i64,
     /// Version of the last emitted update (`0`: none yet).
     pub emitted_version: i64,
+    /// The pointer of the last emitted update (`-1`: none yet): an emitted advance went
+    /// from it to `last_read_seq` (sender receipts name the messages in between).
+    pub emitted_seq: i64,
     /// Wall-clock millis of the last emitted update (`i64::MIN`: never).
     pub last_emit_ms: i64,
     pub events_total: i64,
@@ -278,6 +281,7 @@ impl Default for ReadState {
             read_at_ms: 0,
             version: 0,
             emitted_version: 0,
+            emitted_seq: -1,
             last_emit_ms: i64::MIN,
             events_total: 0,
             stale_total: 0,
@@ -292,6 +296,9 @@ impl Default for ReadState {
 const FORMAT_V1: u8 = 1;
 /// Sender id in [`Id`]'s value form (any id type).
 const FORMAT_V2: u8 = 2;
+/// Added to the format when `emitted_seq` follows the marks: only while an advance is
+/// held back (otherwise it is the pointer, or -1 before the first emit).
+const WITH_EMITTED_SEQ: u8 = 2;
 
 impl ReadState {
     /// True when the pointer advanced beyond what was last emitted.
@@ -322,7 +329,14 @@ impl ReadState {
     /// Append the binary form to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let int_sender = self.sender_id.as_ref().is_none_or(|s| s.as_int().is_some());
-        out.push(if int_sender { FORMAT_V1 } else { FORMAT_V2 });
+        let derived = self.emitted_seq
+            == derived_emitted_seq(self.version, self.emitted_version, self.last_read_seq);
+        let format = if int_sender { FORMAT_V1 } else { FORMAT_V2 };
+        out.push(if derived {
+            format
+        } else {
+            format + WITH_EMITTED_SEQ
+        });
         for v in [
             self.last_read_seq,
             self.read_at_ms,
@@ -353,6 +367,9 @@ impl ReadState {
             out.extend_from_slice(&src.to_le_bytes());
             out.extend_from_slice(&off.to_le_bytes());
         }
+        if !derived {
+            out.extend_from_slice(&self.emitted_seq.to_le_bytes());
+        }
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -374,6 +391,9 @@ impl ReadState {
             stale_total: v.nums[6],
             events_since_emit: v.nums[7],
             stale_since_emit: v.nums[8],
+            emitted_seq: v
+                .emitted_seq
+                .unwrap_or_else(|| derived_emitted_seq(v.nums[2], v.nums[3], v.nums[0])),
             sender_id: v.sender_id.clone(),
             message_id: v.message_id.map(CompactString::from),
             device_id: v.device_id.map(CompactString::from),
@@ -394,6 +414,8 @@ struct ValueView<'a> {
     /// last_read_seq, read_at_ms, version, emitted_version, last_emit_ms, events_total,
     /// stale_total, events_since_emit, stale_since_emit: the encoding's order.
     nums: [i64; 9],
+    /// Written only while an advance is held back.
+    emitted_seq: Option<i64>,
     sender_id: Option<SenderId>,
     message_id: Option<&'a str>,
     device_id: Option<&'a str>,
@@ -403,9 +425,15 @@ struct ValueView<'a> {
 impl<'a> ValueView<'a> {
     fn parse(bytes: &'a [u8]) -> Result<Self, String> {
         let mut r = Reader { b: bytes, pos: 0 };
-        let fmt = r.u8()?;
+        let written = r.u8()?;
+        let with_emitted_seq = written > FORMAT_V2;
+        let fmt = if with_emitted_seq {
+            written - WITH_EMITTED_SEQ
+        } else {
+            written
+        };
         if fmt != FORMAT_V1 && fmt != FORMAT_V2 {
-            return Err(format!("unknown state format {fmt}"));
+            return Err(format!("unknown state format {written}"));
         }
         let mut nums = [0i64; 9];
         for n in &mut nums {
@@ -423,11 +451,16 @@ impl<'a> ValueView<'a> {
             return Err(format!("mark count {n} exceeds value size"));
         }
         let marks = r.take(n * 12)?;
+        let emitted_seq = match with_emitted_seq {
+            true => Some(r.i64()?),
+            false => None,
+        };
         if r.pos != bytes.len() {
             return Err(format!("{} trailing bytes", bytes.len() - r.pos));
         }
         Ok(Self {
             nums,
+            emitted_seq,
             sender_id,
             message_id,
             device_id,
@@ -442,6 +475,15 @@ impl<'a> ValueView<'a> {
                 i64::from_le_bytes(m[4..].try_into().expect("8 bytes")),
             )
         })
+    }
+}
+
+/// `emitted_seq` where the value does not carry it: the pointer once everything was
+/// emitted, else -1 (nothing emitted yet, or a value written before it was kept).
+fn derived_emitted_seq(version: i64, emitted_version: i64, last_read_seq: i64) -> i64 {
+    match version == emitted_version && emitted_version > 0 {
+        true => last_read_seq,
+        false => -1,
     }
 }
 
@@ -580,10 +622,14 @@ mod tests {
         fn value_roundtrip(seq in any::<i64>(), v in 0i64..1000, mid in proptest::option::of(".{0,40}"),
                            dev in proptest::option::of("[a-z0-9]{0,12}"), sender in proptest::option::of(any::<i64>()),
                            text_sender in proptest::option::of("[a-z0-9]{0,12}"),
-                           marks in proptest::collection::vec(any::<(u32, i64)>(), 0..5)) {
+                           marks in proptest::collection::vec(any::<(u32, i64)>(), 0..5),
+                           emitted in prop_oneof![Just(-1i64), any::<i64>()], emitted_all in any::<bool>()) {
+            // Everything emitted (emitted_seq then derived, not written) or an advance held.
+            let (version, emitted_version) = if emitted_all { (v, v) } else { (v, v / 2) };
+            let emitted_seq = if emitted_all && v > 0 { seq } else { emitted };
             let s = ReadState {
                 last_read_seq: seq, message_id: mid.map(Into::into), sender_id: sender.map(SenderId::from), device_id: dev.map(Into::into),
-                read_at_ms: 17, version: v, emitted_version: v / 2, last_emit_ms: -3,
+                read_at_ms: 17, version, emitted_version, emitted_seq, last_emit_ms: -3,
                 events_total: 9, stale_total: 2, events_since_emit: 4, stale_since_emit: 1, marks: marks.into(),
             };
             prop_assert_eq!(ReadState::decode(&s.to_bytes()).unwrap(), s.clone());

@@ -187,6 +187,30 @@ impl ConversationHead {
         Some(self.window[i].seq)
     }
 
+    /// The senders (other than `reader`) of the window's messages in `(from, to]`, each with
+    /// the highest of its messages there and that message's id (when indexed), newest
+    /// first; and whether `(from, to]` reaches below the window (older messages were read
+    /// too, their senders unknown here).
+    pub fn read_senders(
+        &self,
+        reader: &ReaderId,
+        from: i64,
+        to: i64,
+    ) -> (Vec<(SenderId, i64, Option<Id>)>, bool) {
+        let start = self.window.partition_point(|p| p.seq <= from);
+        let end = self.window.partition_point(|p| p.seq <= to);
+        let mut out: Vec<(SenderId, i64, Option<Id>)> = Vec::new();
+        for i in (start..end).rev() {
+            let p = &self.window[i];
+            if p.sender.0 == reader.0 || out.iter().any(|(s, _, _)| *s == p.sender) {
+                continue;
+            }
+            let id = self.index.get(i).and_then(|r| r.id.clone());
+            out.push((p.sender.clone(), p.seq, id));
+        }
+        (out, from < self.floor_seq)
+    }
+
     /// The highest seq of a window message sent at or before `read_at_ms`, and its id (a
     /// read's time standing in for the message it names).
     pub fn message_sent_by(&self, read_at_ms: i64) -> Option<(i64, Option<&Id>)> {

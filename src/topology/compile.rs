@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::graph::Output;
 use super::{
     BadRecords, KafkaSink, KeyedBy, OnBadRecord, Partitioner, PostgresSink, ProcessingGuarantee,
     ReadStateNode, ResolveSpec, Source, Store, StoreKind, Topology, TopologyError,
@@ -54,6 +55,7 @@ pub(super) fn compile_spec(
         processor,
         output: kafka.receipts.into_iter().next()?,
         heads_output: kafka.heads.into_iter().next(),
+        sender_receipts_output: kafka.senders.into_iter().next(),
         postgres,
         heads_postgres,
         ids,
@@ -666,6 +668,7 @@ fn check_custom_sources(spec: &TopologySpec, processors: &[ReadStateNode], errs:
 struct KafkaSinks<'a> {
     receipts: Vec<KafkaSink>,
     heads: Vec<KafkaSink>,
+    senders: Vec<KafkaSink>,
     postgres: Vec<(usize, &'a SinkSpec)>,
 }
 
@@ -678,6 +681,7 @@ fn kafka_sinks<'a>(
     let mut out = KafkaSinks {
         receipts: Vec::new(),
         heads: Vec::new(),
+        senders: Vec::new(),
         postgres: Vec::new(),
     };
     for (i, s) in spec.sink.iter().enumerate() {
@@ -687,12 +691,13 @@ fn kafka_sinks<'a>(
         match s.kind.as_deref() {
             Some("kafka") => {
                 let named = (name, input);
-                if let Some((sink, to_heads)) =
+                if let Some((sink, output)) =
                     kafka_sink(&at, s, named, processors, has_messages, errs)
                 {
-                    match to_heads {
-                        true => out.heads.push(sink),
-                        false => out.receipts.push(sink),
+                    match output {
+                        Output::ConversationHeads => out.heads.push(sink),
+                        Output::SenderReceipts => out.senders.push(sink),
+                        Output::Receipts => out.receipts.push(sink),
                     }
                 }
             }
@@ -719,10 +724,16 @@ fn kafka_sinks<'a>(
             "at most one kafka sink with output = \"conversation-heads\"",
         );
     }
+    if out.senders.len() > 1 {
+        errs.push(
+            "sink",
+            "at most one kafka sink with output = \"sender-receipts\"",
+        );
+    }
     out
 }
 
-/// A kafka sink, and whether it carries conversation heads (not receipts).
+/// A kafka sink, and what it carries.
 fn kafka_sink(
     at: &str,
     s: &SinkSpec,
@@ -730,7 +741,7 @@ fn kafka_sink(
     processors: &[ReadStateNode],
     has_messages: bool,
     errs: &mut Errors,
-) -> Option<(KafkaSink, bool)> {
+) -> Option<(KafkaSink, Output)> {
     let topic = errs.required(at, "topic", &s.topic);
     if let Some(t) = topic {
         check_topic(errs, &format!("{at}.topic"), t);
@@ -747,21 +758,25 @@ fn kafka_sink(
             errs.push(format!("{at}.input"), format!("no processor named {inp:?}"));
         }
     }
-    let to_heads = match s.output.as_deref() {
-        None | Some("receipts") => false,
-        Some("conversation-heads") => true,
+    let output = match s.output.as_deref() {
+        None | Some("receipts") => Output::Receipts,
+        Some("conversation-heads") => Output::ConversationHeads,
+        Some("sender-receipts") => Output::SenderReceipts,
         Some(o) => {
             errs.push(
                 format!("{at}.output"),
-                format!("unknown output {o:?} (receipts or conversation-heads)"),
+                format!("unknown output {o:?} (receipts, conversation-heads or sender-receipts)"),
             );
-            false
+            Output::Receipts
         }
     };
-    if to_heads && !has_messages {
+    if output != Output::Receipts && !has_messages {
         errs.push(
             format!("{at}.output"),
-            "conversation-heads needs a source with records = \"message-events\"",
+            format!(
+                "{} needs a source with records = \"message-events\"",
+                s.output.as_deref().unwrap_or_default()
+            ),
         );
     }
     let sink = KafkaSink {
@@ -769,7 +784,7 @@ fn kafka_sink(
         input: input?.into(),
         topic: TopicName(topic?.into()),
     };
-    Some((sink, to_heads))
+    Some((sink, output))
 }
 
 /// The postgres sinks of receipts and of conversation heads (at most one each).

@@ -164,7 +164,7 @@ pub fn describe(t: &Topology) -> String {
         let _ = writeln!(o, "    <-- {}", m.name);
     }
     let _ = writeln!(o, "    --> {}", t.output.name);
-    if let Some(h) = &t.heads_output {
+    for h in t.heads_output.iter().chain(&t.sender_receipts_output) {
         let _ = writeln!(o, "    --> {}", h.name);
     }
     let _ = writeln!(
@@ -181,19 +181,14 @@ pub fn describe(t: &Topology) -> String {
     );
     let _ = writeln!(o, "    <-- {}", p.name);
     if let Some(h) = &t.heads_output {
-        let _ = writeln!(
-            o,
-            "  Sink: {} (topic: {}, conversation heads keyed by conversation_id, format avro-confluent)",
-            h.name, h.topic
-        );
+        let what = "conversation heads keyed by conversation_id";
         let schema = crate::serde::conversation_head_schema(&t.ids);
-        let _ = writeln!(
-            o,
-            "    value schema (subject {}-value): {}",
-            h.topic,
-            id_fields(&schema)
-        );
-        let _ = writeln!(o, "    <-- {}", p.name);
+        output_sink(&mut o, h, what, &schema, &p.name);
+    }
+    if let Some(h) = &t.sender_receipts_output {
+        let what = "read receipts for senders keyed by sender_id, one per sender of the messages an emitted advance passed";
+        let schema = crate::serde::sender_receipt_schema(&t.ids);
+        output_sink(&mut o, h, what, &schema, &p.name);
     }
     let _ = writeln!(o, "Stores:");
     describe_store(&mut o, &t.store, "entries");
@@ -297,6 +292,22 @@ fn describe_store(o: &mut String, store: &super::Store, cache_unit: &str) {
             let _ = writeln!(o, "    changelog: none (state is lost with the node)");
         }
     }
+}
+
+/// A second output's sink: what it carries, its value schema's id fields, its processor.
+fn output_sink(o: &mut String, h: &super::KafkaSink, what: &str, schema: &str, from: &str) {
+    let _ = writeln!(
+        o,
+        "  Sink: {} (topic: {}, {what}, format avro-confluent)",
+        h.name, h.topic
+    );
+    let _ = writeln!(
+        o,
+        "    value schema (subject {}-value): {}",
+        h.topic,
+        id_fields(schema)
+    );
+    let _ = writeln!(o, "    <-- {from}");
 }
 
 /// A JSON source's mapping, as `; reader <- path, ...; position timestamp (s)`.

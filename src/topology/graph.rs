@@ -42,6 +42,9 @@ pub enum Output {
     Receipts,
     /// Conversation-head updates (one per changed conversation per flush).
     ConversationHeads,
+    /// Read receipts for senders, keyed by sender (one per sender, conversation and
+    /// reader per emitted advance).
+    SenderReceipts,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,11 +102,13 @@ impl Graph {
             let node = g.add(store.name.as_str(), NodeKind::Store { index, changelog });
             g.edges.push((processor, node));
         }
-        let sinks = std::iter::once((&t.output, Output::Receipts)).chain(
-            t.heads_output
-                .iter()
-                .map(|h| (h, Output::ConversationHeads)),
-        );
+        let sinks = std::iter::once((&t.output, Output::Receipts))
+            .chain(
+                t.heads_output
+                    .iter()
+                    .map(|h| (h, Output::ConversationHeads)),
+            )
+            .chain((t.sender_receipts_output.iter()).map(|h| (h, Output::SenderReceipts)));
         for (sink, output) in sinks {
             let topic = sink.topic.clone();
             let node = g.add(&sink.name, NodeKind::Sink { topic, output });

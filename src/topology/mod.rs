@@ -313,6 +313,9 @@ pub struct Topology {
     /// Where conversation-head updates go (a message source and a kafka sink with
     /// `output = "conversation-heads"`).
     pub heads_output: Option<KafkaSink>,
+    /// Where read receipts for senders go, keyed by sender (a message source and a kafka
+    /// sink with `output = "sender-receipts"`).
+    pub sender_receipts_output: Option<KafkaSink>,
     pub postgres: Option<PostgresSink>,
     /// The PostgreSQL sink of the conversation-heads topic (`conversation_heads`).
     pub heads_postgres: Option<PostgresSink>,

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use db::Db;
 use kafka::suffix;
-use process::{signal, terminate_logged_past_upstream_abort};
+use process::{signal, terminate_logged_past_upstream_abort, KillOnDrop};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::Message;
@@ -181,7 +181,8 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
     let s = Scenario::new();
     let events = zipf_workload(21, n);
     let want = oracle(&events);
-    let mut nodes: Vec<Child> = (0..3).map(|i| s.spawn(i)).collect();
+    // Killed if the test fails: a failed run leaves no instance behind.
+    let mut nodes: Vec<KillOnDrop> = (0..3).map(|i| KillOnDrop(s.spawn(i))).collect();
     let producer = kafka::produce_paced(
         s.mock.bootstrap_servers(),
         s.source.clone(),
@@ -192,18 +193,18 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
         s.output_records() > 0
     });
     eprintln!("chaos: kill -9 node 0, restart");
-    kill9(&mut nodes[0]);
+    kill9(&mut nodes[0].0);
     let restarted_at = s.log_len(0);
-    nodes[0] = s.spawn(0);
+    nodes[0] = KillOnDrop(s.spawn(0));
     pause(Duration::from_secs(3));
     eprintln!("chaos: kill -9 node 1, delete its state, restart");
-    kill9(&mut nodes[1]);
+    kill9(&mut nodes[1].0);
     std::fs::remove_dir_all(s.node_dir(1)).unwrap();
-    nodes[1] = s.spawn(1);
+    nodes[1] = KillOnDrop(s.spawn(1));
     pause(Duration::from_secs(3));
     eprintln!("chaos: SIGTERM node 2, restart");
-    terminate_logged_past_upstream_abort(&mut nodes[2], "node 2", || s.tail(2));
-    nodes[2] = s.spawn(2);
+    terminate_logged_past_upstream_abort(&mut nodes[2].0, "node 2", || s.tail(2));
+    nodes[2] = KillOnDrop(s.spawn(2));
     pause(Duration::from_secs(3));
     eprintln!("chaos: SIGSTOP node 0 past the session timeout, then SIGCONT");
     wait_for(
@@ -213,11 +214,11 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
         || s.log_since(0, restarted_at).contains("task restored"),
     );
     let stopped_at = s.log_len(0);
-    signal(&nodes[0], "STOP");
+    signal(&nodes[0].0, "STOP");
     pause(Duration::from_millis(SESSION_TIMEOUT_MS * 2));
-    signal(&nodes[0], "CONT");
+    signal(&nodes[0].0, "CONT");
     eprintln!("chaos: node 3 joins, then leaves");
-    let mut extra = s.spawn(3);
+    let mut extra = KillOnDrop(s.spawn(3));
     let log3 = s.root.path().join("node-3.log");
     wait_for(
         &s,
@@ -225,7 +226,7 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
         Duration::from_secs(60),
         || std::fs::read_to_string(&log3).is_ok_and(|l| l.contains("task restored")),
     );
-    terminate_logged_past_upstream_abort(&mut extra, "node 3", || s.tail(3));
+    terminate_logged_past_upstream_abort(&mut extra.0, "node 3", || s.tail(3));
     eprintln!("chaos: PostgreSQL refuses connections for 8 s");
     s.db.block();
     pause(Duration::from_secs(8));
@@ -247,7 +248,7 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
         },
     );
     for (i, c) in nodes.iter_mut().enumerate() {
-        terminate_logged_past_upstream_abort(c, &format!("node {i}"), || s.tail(i));
+        terminate_logged_past_upstream_abort(&mut c.0, &format!("node {i}"), || s.tail(i));
     }
     let log0 = s.log_since(0, stopped_at);
     assert!(

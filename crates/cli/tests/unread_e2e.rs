@@ -111,24 +111,39 @@ impl Env {
         produce(&self.brokers.clone(), &self.t, events);
     }
 
+    /// Wait (bounded) until the conversation-heads topic shows every message.
+    fn await_heads(&self, w: &ChatWorkload) -> Vec<HeadUpdate> {
+        let reg = Arc::new(LocalRegistry::new());
+        let mut hdec = HeadDecoder::new(reg, CONVERSATION_HEAD_SCHEMA).unwrap();
+        let mut h = vec![0u8];
+        h.extend_from_slice(&LOCAL_CONVERSATION_HEAD_ID.to_be_bytes());
+        futures::executor::block_on(hdec.prepare(std::iter::once(Some(h.as_slice())))).unwrap();
+        kafka::read_until(
+            &self.brokers,
+            &self.t.heads,
+            |m| HeadUpdate::from(hdec.decode(m.payload().unwrap()).unwrap()),
+            |hs: &[HeadUpdate]| {
+                let mut count: HashMap<ConversationId, i64> = HashMap::new();
+                for h in hs {
+                    let e = count.entry(h.conversation_id.clone()).or_insert(0);
+                    *e = (*e).max(h.message_count);
+                }
+                w.messages
+                    .iter()
+                    .all(|(c, ms)| count.get(c) == Some(&(ms.len() as i64)))
+            },
+        )
+    }
+
     /// Wait (bounded) until the outputs show every pointer and every message: each key's
     /// last receipt has the oracle's pointer, each conversation's last head its count.
     fn await_outputs(&self, w: &ChatWorkload) -> (Vec<ReceiptUpdate>, Vec<HeadUpdate>) {
         let brokers = self.brokers.clone();
         let reg = Arc::new(LocalRegistry::new());
-        let mut dec = UpdateDecoder::new(reg.clone(), RECEIPT_UPDATE_SCHEMA).unwrap();
-        let mut hdec = HeadDecoder::new(reg, CONVERSATION_HEAD_SCHEMA).unwrap();
-        let header = |id: u32| {
-            let mut h = vec![0u8];
-            h.extend_from_slice(&id.to_be_bytes());
-            h
-        };
-        let (u, h) = (
-            header(LOCAL_RECEIPT_UPDATE_ID),
-            header(LOCAL_CONVERSATION_HEAD_ID),
-        );
+        let mut dec = UpdateDecoder::new(reg, RECEIPT_UPDATE_SCHEMA).unwrap();
+        let mut u = vec![0u8];
+        u.extend_from_slice(&LOCAL_RECEIPT_UPDATE_ID.to_be_bytes());
         futures::executor::block_on(dec.prepare(std::iter::once(Some(u.as_slice())))).unwrap();
-        futures::executor::block_on(hdec.prepare(std::iter::once(Some(h.as_slice())))).unwrap();
         let updates = kafka::read_until(
             &brokers,
             &self.t.updates,
@@ -142,22 +157,7 @@ impl Env {
                 w.pointers.iter().all(|(k, p)| last.get(k) == Some(p))
             },
         );
-        let heads = kafka::read_until(
-            &brokers,
-            &self.t.heads,
-            |m| HeadUpdate::from(hdec.decode(m.payload().unwrap()).unwrap()),
-            |hs: &[HeadUpdate]| {
-                let mut count: HashMap<ConversationId, i64> = HashMap::new();
-                for h in hs {
-                    let e = count.entry(h.conversation_id.clone()).or_insert(0);
-                    *e = (*e).max(h.message_count);
-                }
-                w.messages
-                    .iter()
-                    .all(|(c, ms)| count.get(c) == Some(&(ms.len() as i64)))
-            },
-        );
-        (updates, heads)
+        (updates, self.await_heads(w))
     }
 }
 
@@ -333,22 +333,130 @@ fn instances_joining_and_leaving(env: Env) {
     check_stored_counts(&dir_b.path().join(&env.app), &w);
 }
 
+/// Read receipts for senders (issue 24, part 1) through `readstate run` on Apache Kafka,
+/// killed with SIGKILL mid-stream and restarted: the messages first (every read then finds
+/// its messages' senders), then the reads. On the sender-receipts topic, keyed by sender,
+/// every sender learns for every reader exactly the highest of its messages at or below
+/// that reader's pointer, and no receipt names more than the reader read or another
+/// sender's message (at least once: the kill may repeat some).
+#[test]
+fn real_broker_sender_receipts_across_a_kill_9_equal_the_oracle() {
+    let env = Env::real();
+    let w = generate(&ChatSpec {
+        conversations: 20,
+        max_members: 20,
+        ..spec(17)
+    });
+    let senders = format!("senders-{}", env.app);
+    let file = env.state.path().join("topology.toml");
+    let sink = format!(
+        "[[sink]]\nname = \"senders\"\nkind = \"kafka\"\ninput = \"read-state\"\noutput = \"sender-receipts\"\ntopic = \"{senders}\"\n"
+    );
+    let text = topology_text(&env.app, env.state.path(), &env.t, &sink);
+    std::fs::write(&file, text).unwrap();
+    let spawn = || spawn_run(&env, &file);
+    let (messages, reads): (Vec<ChatEvent>, Vec<ChatEvent>) =
+        (w.arrivals.iter().cloned()).partition(|e| matches!(e, ChatEvent::Message(_)));
+    let mut child = process::KillOnDrop(spawn());
+    env.produce(&messages);
+    env.await_heads(&w);
+    let (first, second) = reads.split_at(reads.len() / 2);
+    env.produce(first);
+    kafka::read_until(&env.brokers, &senders, |_| (), |d: &[()]| d.len() >= 50);
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    env.produce(second);
+    let mut child = process::KillOnDrop(spawn());
+    env.await_outputs(&w);
+    let want = sender_oracle(&w);
+    let schema = apache_avro::Schema::parse_str(readstate::serde::SENDER_RECEIPT_SCHEMA).unwrap();
+    let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+        .build()
+        .unwrap();
+    let got = kafka::read_until(
+        &env.brokers,
+        &senders,
+        |m| {
+            let mut datum = &m.payload().unwrap()[5..];
+            let v = reader.read_value(&mut datum).unwrap();
+            let r: readstate::serde::message::AvroSenderReceipt =
+                apache_avro::from_value(&v).unwrap();
+            let key = std::str::from_utf8(m.key().unwrap()).unwrap().to_owned();
+            (key, readstate::model::SenderReceipt::from(r))
+        },
+        |got: &[(String, readstate::model::SenderReceipt)]| {
+            let mut best: HashMap<(i64, i64, i64), i64> = HashMap::new();
+            for (_, r) in got {
+                let t = (
+                    r.sender_id.as_int().unwrap(),
+                    r.conversation_id.as_int().unwrap(),
+                    r.reader_id.as_int().unwrap(),
+                );
+                let b = best.entry(t).or_insert(-1);
+                *b = (*b).max(r.message_seq);
+            }
+            best == want
+        },
+    );
+    terminate(&mut child.0);
+    for (key, r) in &got {
+        assert_eq!(key, &r.sender_id.to_string(), "keyed by sender");
+        let pointer = w.pointers[&StateKey {
+            conversation: r.conversation_id.clone(),
+            reader: r.reader_id.clone(),
+        }];
+        assert!(r.message_seq <= pointer, "{r:?}");
+        let m = (w.messages[&r.conversation_id].iter())
+            .find(|m| m.message_seq == r.message_seq)
+            .unwrap();
+        assert_eq!((&m.sender_id, &m.message_id), (&r.sender_id, &r.message_id));
+    }
+    eprintln!(
+        "{} sender receipts for {} (sender, conversation, reader)",
+        got.len(),
+        want.len()
+    );
+}
+
+/// `readstate run` of `file` against `env`'s broker, its stdout discarded.
+fn spawn_run(env: &Env, file: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
+        .args(["run", "--local-schemas", "--topology"])
+        .arg(file)
+        .env("KAFKA_BROKERS", env.brokers.clone())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Per (sender, conversation, reader): the highest of the sender's messages at or below the
+/// reader's final pointer.
+fn sender_oracle(w: &ChatWorkload) -> HashMap<(i64, i64, i64), i64> {
+    let mut want = HashMap::new();
+    for (key, pointer) in &w.pointers {
+        for m in &w.messages[&key.conversation] {
+            if m.message_seq <= *pointer && m.sender_id.0 != key.reader.0 {
+                let t = (
+                    m.sender_id.as_int().unwrap(),
+                    key.conversation.as_int().unwrap(),
+                    key.reader.as_int().unwrap(),
+                );
+                let b = want.entry(t).or_insert(-1);
+                *b = (*b).max(m.message_seq);
+            }
+        }
+    }
+    want
+}
+
 #[test]
 fn kill_9_mid_stream_then_restart_keeps_every_count_exact() {
     let env = Env::new(PARTS);
     let w = generate(&spec(12));
     let file = env.state.path().join("topology.toml");
     std::fs::write(&file, env.topology_text(env.state.path())).unwrap();
-    let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
-            .args(["run", "--local-schemas", "--topology"])
-            .arg(&file)
-            .env("KAFKA_BROKERS", env.brokers.clone())
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let spawn = || spawn_run(&env, &file);
     let (first, second) = w.arrivals.split_at(w.arrivals.len() / 2);
     env.produce(first);
     let mut child = spawn();

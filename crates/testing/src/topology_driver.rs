@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use readstate::ids::{Origin, TaskId};
 use readstate::model::{
-    HeadUpdate, MessageEvent, ReadEvent, ReceiptUpdate, StateKey, UnreadCounts,
+    HeadUpdate, MessageEvent, ReadEvent, ReceiptUpdate, SenderReceipt, StateKey, UnreadCounts,
 };
 use readstate::processor::resolve::ResolveStats;
 use readstate::processor::{
@@ -25,7 +25,9 @@ use readstate::processor::{
     SourceSerdes,
 };
 use readstate::serde::avro::{AvroReadEvent, EventEncoder, UpdateDecoder};
-use readstate::serde::message::{AvroMessageEvent, HeadDecoder, MessageEncoder};
+use readstate::serde::message::{
+    AvroMessageEvent, HeadDecoder, MessageEncoder, SenderReceiptDecoder,
+};
 use readstate::serde::registry::{
     LocalRegistry, SchemaResolver, LOCAL_MESSAGE_EVENT_ID, LOCAL_READ_EVENT_ID,
 };
@@ -81,6 +83,7 @@ pub struct TopologyTestDriver {
     /// Consumers' decoders of the output topics.
     update_decoder: UpdateDecoder,
     head_decoder: HeadDecoder,
+    sender_decoder: SenderReceiptDecoder,
     encoder: EventEncoder,
     message_encoder: MessageEncoder,
     rt: tokio::runtime::Runtime,
@@ -89,6 +92,7 @@ pub struct TopologyTestDriver {
     last_flush_ms: i64,
     outputs: Vec<ReceiptUpdate>,
     heads: Vec<HeadUpdate>,
+    sender_receipts: Vec<SenderReceipt>,
     dead_letters: Vec<DeadLetter>,
     flushes: u64,
     /// The input topics' partition count, when set: the tasks check where records were
@@ -146,8 +150,13 @@ impl TopologyTestDriver {
             )
             .expect("generated schema parses"),
             head_decoder: HeadDecoder::new(
-                resolver,
+                resolver.clone(),
                 &readstate::serde::conversation_head_schema(&topology.ids),
+            )
+            .expect("generated schema parses"),
+            sender_decoder: SenderReceiptDecoder::new(
+                resolver,
+                &readstate::serde::sender_receipt_schema(&topology.ids),
             )
             .expect("generated schema parses"),
             rt,
@@ -162,6 +171,7 @@ impl TopologyTestDriver {
             last_flush_ms: START_MS,
             outputs: Vec::new(),
             heads: Vec::new(),
+            sender_receipts: Vec::new(),
             dead_letters: Vec::new(),
             flushes: 0,
             partition_count: None,
@@ -376,8 +386,23 @@ impl TopologyTestDriver {
                     let h = d.decode(value).expect("the sink's own encoding decodes");
                     self.heads.push(h.into());
                 }
+                Output::SenderReceipts => {
+                    let d = &mut self.sender_decoder;
+                    self.rt
+                        .block_on(d.prepare(std::iter::once(Some(value))))
+                        .expect("the schema registry answers");
+                    let r = d.decode(value).expect("the sink's own encoding decodes");
+                    let key = std::str::from_utf8(_key).expect("a sender key is text");
+                    assert_eq!(key, r.sender_id.to_string(), "keyed by sender");
+                    self.sender_receipts.push(r.into());
+                }
             }
         }
+    }
+
+    /// Take the receipts for senders emitted so far.
+    pub fn read_sender_receipts(&mut self) -> Vec<SenderReceipt> {
+        std::mem::take(&mut self.sender_receipts)
     }
 
     /// Advance the wall clock; flushes when a commit interval has passed (like the runtime).

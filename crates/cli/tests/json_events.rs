@@ -251,7 +251,16 @@ fn two_instances_one_killed(env: Env, client: Client, db: Option<&Db>) {
     a.kill().unwrap();
     a.wait().unwrap();
     bad += produce(&env, client, second, 500);
-    let updates = env.read_typed_updates(&want, &IDS);
+    // A survivor that stopped (or stalled) explains a read that times out: say how it
+    // is and how its log ends.
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        env.read_typed_updates(&want, &IDS)
+    }));
+    let updates = read.unwrap_or_else(|panic| {
+        let log = readstate_testing::process::log_tail(&dir_b.path().join("readstate.log"), 60);
+        eprintln!("B is {:?}; its log ends:\n{log}", b.try_wait());
+        std::panic::resume_unwind(panic)
+    });
     let dlq = format!("{}-dlq", env.app);
     // Dead letters are at least once, like every output: the killed instance's uncommitted
     // ones are written again by the other. One per bad source record, by its position.

@@ -36,16 +36,27 @@ type Triple = (SenderId, ConversationId, ReaderId);
 #[test]
 fn every_sender_learns_the_highest_of_its_messages_each_reader_read() {
     // Without and with a minimum emit interval: an advance held back over flushes (and
-    // crashes) still names every message from the last emitted pointer on.
-    for (seed, min_emit) in [(31, "0s"), (32, "0s"), (33, "3s"), (34, "3s")] {
+    // crashes) still names every message from the last emitted pointer on. With
+    // reordering, reads arrive before the messages they cover: a message that arrives
+    // after an emitted read passed it is owed by that reader to its sender.
+    let runs = [
+        (31, "0s", 0.0),
+        (32, "0s", 0.0),
+        (33, "3s", 0.0),
+        (34, "3s", 0.0),
+        (35, "0s", 0.3),
+        (36, "0s", 0.3),
+        (37, "3s", 0.3),
+        (38, "3s", 0.3),
+    ];
+    let mut read_before = 0;
+    for (seed, min_emit, reorder_rate) in runs {
         let w = generate(&ChatSpec {
             seed,
             conversations: 16,
             max_members: 12,
             max_messages: 60,
-            // In order per conversation: a read never arrives before its message here
-            // (a late message names no reader: see README "Receipts for senders").
-            reorder_rate: 0.0,
+            reorder_rate,
             duplicate_rate: 0.05,
             ..Default::default()
         });
@@ -109,6 +120,7 @@ fn every_sender_learns_the_highest_of_its_messages_each_reader_read() {
         d.flush();
         got.extend(d.read_sender_receipts());
         check(&w, &got);
+        read_before += d.message_stats().read_before;
         if !crashes {
             // Without replays each receipt is news: a sender hears of a reader's progress
             // over its messages once, never the same message twice.
@@ -124,6 +136,10 @@ fn every_sender_learns_the_highest_of_its_messages_each_reader_read() {
             }
         }
     }
+    assert!(
+        read_before > 50,
+        "{read_before} messages arrived after a read past them"
+    );
 }
 
 fn check(

@@ -21,7 +21,7 @@ use super::resolve::UNRESOLVED_MESSAGE;
 use super::restorers::{HeadsRestorer, ReadStateRestorer};
 use super::ProcessorError;
 use crate::backoff::Backoff;
-use crate::ids::{ConversationId, IdType};
+use crate::ids::{ConversationId, IdType, IdTypes};
 use crate::kafka::partitioner::Partitioner;
 use crate::serde::avro_mapped::AvroMappedDecoder;
 use crate::serde::json::JsonDecoder;
@@ -279,7 +279,7 @@ pub struct ReadStateSupplier {
     /// With reads positioned by message id: how they wait, and the message id type.
     resolve: Option<(ResolveSpec, IdType)>,
     /// With a sender-receipts sink: the message id type.
-    sender_receipts: Option<IdType>,
+    sender_receipts: Option<IdTypes>,
 }
 
 /// Where the node's inputs come from and its outputs go, from the compiled graph.
@@ -329,8 +329,7 @@ impl ReadStateSupplier {
             wiring: Wiring::of(topology),
             partitioners: input_partitioners(topology),
             resolve: node.resolve.map(|r| (r, topology.ids.message)),
-            sender_receipts: (topology.sender_receipts_output.as_ref())
-                .map(|_| topology.ids.message),
+            sender_receipts: (topology.sender_receipts_output.as_ref()).map(|_| topology.ids),
         }
     }
 
@@ -348,8 +347,8 @@ impl ReadStateSupplier {
         if let Some((spec, message_ids)) = &self.resolve {
             p.enable_resolve(spec, *message_ids)?;
         }
-        if let Some(message_ids) = self.sender_receipts {
-            p.enable_sender_receipts(message_ids)?;
+        if let Some(ids) = self.sender_receipts {
+            p.enable_sender_receipts(ids)?;
         }
         Ok(p)
     }
@@ -628,6 +627,11 @@ impl Processor for ReadStateNode {
             counters.push(counter(
                 "readstate_sender_receipts_emitted_total",
                 s.sender_receipts_emitted,
+            ));
+            let read_before = self.inner.message_stats().map_or(0, |m| m.read_before);
+            counters.push(counter(
+                "readstate_messages_read_before_arrival_total",
+                read_before,
             ));
         }
         if let Some(m) = self.inner.message_stats() {

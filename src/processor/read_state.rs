@@ -22,7 +22,7 @@ use super::punctuation::DueQueue;
 use super::resolve::{ResolveStats, Waiting, WaitingRead, UNRESOLVED_MESSAGE};
 use super::unread::{positions_budget, Heads, MessageStats};
 use super::ProcessorError;
-use crate::ids::{ConversationId, Id, IdType, Origin};
+use crate::ids::{ConversationId, Id, IdType, IdTypes, Origin, ReaderId, SenderId};
 use crate::model::{
     EventRef, HeadUpdate, MessageEvent, ReadEvent, ReceiptUpdate, SenderReceipt, StateKey,
     UnreadCounts,
@@ -110,8 +110,10 @@ pub struct ReadStateProcessor {
     heads: Option<Heads>,
     /// Reads waiting for the messages they name, when reads are positioned by message id.
     resolver: Option<Resolver>,
-    /// Whether each emitted advance also yields receipts for the senders it passed.
-    sender_receipts: bool,
+    /// With receipts for senders: the readers' id type (scans of a conversation's
+    /// readers), and the receipts owed for messages that arrived after a read past them,
+    /// held until the next flush.
+    sender_receipts: Option<(IdType, Vec<SenderReceipt>)>,
 }
 
 /// Resolution of reads positioned by message id (see [`super::resolve`]).
@@ -137,7 +139,7 @@ impl ReadStateProcessor {
             stats: ProcessStats::default(),
             heads: None,
             resolver: None,
-            sender_receipts: false,
+            sender_receipts: None,
         };
         p.reload_pending()?;
         Ok(p)
@@ -177,11 +179,15 @@ impl ReadStateProcessor {
     }
 
     /// Emit, with each advance, a receipt for each sender of the messages it passed (their
-    /// ids of type `message_ids` kept in the heads). Needs [`Self::enable_unread`] first.
-    pub fn enable_sender_receipts(&mut self, message_ids: IdType) -> Result<(), ProcessorError> {
+    /// ids of type `ids.message` kept in the heads), and for a message that arrives after
+    /// an emitted advance passed it, a receipt from each such reader (found by a scan of
+    /// the conversation's readers, ids of type `ids.user`). Needs [`Self::enable_unread`]
+    /// first.
+    pub fn enable_sender_receipts(&mut self, ids: IdTypes) -> Result<(), ProcessorError> {
         let heads = self.heads.as_mut().ok_or(ProcessorError::NoMessageSource)?;
-        heads.enable_index(message_ids);
-        self.sender_receipts = true;
+        heads.enable_index(ids.message);
+        heads.enable_read_high();
+        self.sender_receipts = Some((ids.user, Vec::new()));
         Ok(())
     }
 
@@ -330,6 +336,9 @@ impl ReadStateProcessor {
     ) -> Result<(), ProcessorError> {
         let heads = self.heads.as_mut().ok_or(ProcessorError::NoMessageSource)?;
         heads.process(messages)?;
+        if let Some((readers, owed)) = &mut self.sender_receipts {
+            heads.receipts_read_before(&*self.store, *readers, owed)?;
+        }
         let Some(r) = &mut self.resolver else {
             return Ok(());
         };
@@ -417,8 +426,11 @@ impl ReadStateProcessor {
     /// time; it stamps updates and drives the minimum emit interval.
     pub fn prepare_flush(&mut self, now_ms: i64) -> ReadStateFlush {
         let mut out = ReadStateFlush::for_stores(self.store_count());
-        if let Some(heads) = &mut self.heads {
-            heads.flush(now_ms, &mut out.flush.stores[HEADS_STORE], &mut out.heads);
+        if let Some((_, owed)) = &mut self.sender_receipts {
+            out.sender_receipts.append(owed);
+            for r in &mut out.sender_receipts {
+                r.emitted_at_ms = now_ms;
+            }
         }
         if let Some(r) = &mut self.resolver {
             r.waiting.flush(&mut out.flush.stores[HEADS_STORE]);
@@ -431,6 +443,11 @@ impl ReadStateProcessor {
             self.flush_key(key, now_ms, &mut out);
         }
         self.emit_due(now_ms, &mut out);
+        if let Some(heads) = &mut self.heads {
+            // After the keys: their emitted pointers raise the heads' `read_high`.
+            heads.flush(now_ms, &mut out.flush.stores[HEADS_STORE], &mut out.heads);
+        }
+        coalesce_sender_receipts(&mut out.sender_receipts);
         self.stats.updates_emitted += out.updates.len() as u64;
         self.stats.sender_receipts_emitted += out.sender_receipts.len() as u64;
         out
@@ -457,12 +474,13 @@ impl ReadStateProcessor {
             let due = self.policy.due_at(state);
             if due <= now_ms {
                 let mut update = state.to_update(key.clone(), now_ms);
-                if let Some(heads) = &self.heads {
+                if let Some(heads) = &mut self.heads {
                     update.counts =
                         Some(heads.counts(&key.conversation, &key.reader, state.last_read_seq));
-                    if self.sender_receipts {
+                    if self.sender_receipts.is_some() {
                         let from = state.emitted_seq;
                         heads.sender_receipts(&key, from, state, now_ms, &mut out.sender_receipts);
+                        heads.note_emitted(&key.conversation, state.last_read_seq);
                     }
                 }
                 state.emitted_seq = state.last_read_seq;
@@ -506,6 +524,9 @@ impl ReadStateProcessor {
     /// made durable): the task continues from its store as after a crash.
     pub fn reset_to_store(&mut self) -> Result<(), ProcessorError> {
         self.cache.clear();
+        if let Some((_, owed)) = &mut self.sender_receipts {
+            owed.clear();
+        }
         if let Some(heads) = &mut self.heads {
             heads.clear();
             if let Some(r) = &mut self.resolver {
@@ -604,6 +625,32 @@ impl ReadStateProcessor {
     pub fn pending_len(&self) -> usize {
         self.pending.len()
     }
+}
+
+/// At most one receipt per (sender, conversation, reader) in a flush: the highest message
+/// (a message that arrived after a read past it can be owed beside a later advance's).
+fn coalesce_sender_receipts(receipts: &mut Vec<SenderReceipt>) {
+    if receipts.len() < 2 {
+        return;
+    }
+    let mut best: hashbrown::HashMap<(&SenderId, &ConversationId, &ReaderId), (usize, i64)> =
+        hashbrown::HashMap::with_capacity(receipts.len());
+    for (i, r) in receipts.iter().enumerate() {
+        let k = (&r.sender_id, &r.conversation_id, &r.reader_id);
+        let e = best.entry(k).or_insert((i, r.message_seq));
+        if r.message_seq > e.1 {
+            *e = (i, r.message_seq);
+        }
+    }
+    if best.len() == receipts.len() {
+        return;
+    }
+    let keep: hashbrown::HashSet<usize> = best.into_values().map(|(i, _)| i).collect();
+    let mut i = 0;
+    receipts.retain(|_| {
+        i += 1;
+        keep.contains(&(i - 1))
+    });
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

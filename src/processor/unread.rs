@@ -10,9 +10,9 @@
 use hashbrown::{HashMap, HashSet};
 
 use super::read_state::StoreFlush;
-use crate::ids::{ConversationId, Id, IdType, Origin, ReaderId};
+use crate::ids::{ConversationId, Id, IdType, Origin, ReaderId, SenderId};
 use crate::model::{HeadUpdate, MessageEvent, SenderReceipt, StateKey, UnreadCounts};
-use crate::state::codec::{self, EntryCodec};
+use crate::state::codec::{self, EntryCodec, StoreKey, TAG_STATE};
 use crate::state::head::{ConversationHead, MessageFold};
 use crate::state::ReadState;
 use crate::state::{KeyValueStore, StoreError};
@@ -35,6 +35,9 @@ pub struct MessageStats {
     pub duplicates: u64,
     pub late: u64,
     pub replayed: u64,
+    /// Messages that arrived after an emitted read had passed them (receipts for senders
+    /// only): each one scans its conversation's readers at most once.
+    pub read_before: u64,
     /// Conversation-head updates emitted.
     pub heads_emitted: u64,
     /// Head values written (store and changelog), one per dirty conversation per flush.
@@ -55,7 +58,19 @@ pub struct Heads {
     /// When reads name messages by id: the message id type, and every window message's
     /// id is kept (the message index).
     index: Option<IdType>,
+    /// With receipts for senders: each head keeps the highest emitted read pointer, and
+    /// the messages folded at or below it since the last flush are listed here.
+    read_before: Option<Vec<ReadBefore>>,
     stats: MessageStats,
+}
+
+/// A message that arrived after some reader's emitted update had passed it: its sender is
+/// owed receipts by those readers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadBefore {
+    pub conversation: ConversationId,
+    pub sender: SenderId,
+    pub seq: i64,
 }
 
 impl Heads {
@@ -67,6 +82,7 @@ impl Heads {
             dirty: HashSet::new(),
             budget: budget.max(1),
             index: None,
+            read_before: None,
             stats: MessageStats::default(),
         }
     }
@@ -75,6 +91,32 @@ impl Heads {
     /// messages by id.
     pub fn enable_index(&mut self, ty: IdType) {
         self.index = Some(ty);
+    }
+
+    /// Keep each head's highest emitted read pointer ([`Self::note_emitted`]) and list the
+    /// messages that arrive at or below it ([`Self::take_read_before`]).
+    pub fn enable_read_high(&mut self) {
+        self.read_before = Some(Vec::new());
+    }
+
+    /// A reader's update emitted `pointer` in `conversation` (its head loaded).
+    pub fn note_emitted(&mut self, conversation: &ConversationId, pointer: i64) {
+        if self.read_before.is_none() {
+            return;
+        }
+        if let Some(h) = self.entries.get_mut(conversation) {
+            if h.note_emitted(pointer) {
+                self.dirty.insert(conversation.clone());
+            }
+        }
+    }
+
+    /// The messages folded since the last call at or below a pointer already emitted.
+    pub fn take_read_before(&mut self) -> Vec<ReadBefore> {
+        self.read_before
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// The index form of a message's id (`None` without an index).
@@ -154,6 +196,16 @@ impl Heads {
             match head.fold_indexed(m, *origin, self.cap, index) {
                 MessageFold::Counted => {
                     self.stats.counted += 1;
+                    if let Some(late) =
+                        (self.read_before.as_mut()).filter(|_| m.message_seq <= head.read_high)
+                    {
+                        self.stats.read_before += 1;
+                        late.push(ReadBefore {
+                            conversation: m.conversation_id.clone(),
+                            sender: m.sender_id.clone(),
+                            seq: m.message_seq,
+                        });
+                    }
                     self.dirty.insert(m.conversation_id.clone());
                 }
                 MessageFold::Duplicate => {
@@ -200,18 +252,47 @@ impl Heads {
         };
         let (senders, covers_older) = head.read_senders(&key.reader, from, state.last_read_seq);
         for (sender, seq, id) in senders {
-            out.push(SenderReceipt {
-                sender_id: sender,
-                conversation_id: key.conversation.clone(),
-                reader_id: key.reader.clone(),
-                message_seq: seq,
-                message_id: id.map(|id| id.to_string()),
-                read_at_ms: state.read_at_ms,
-                device_id: state.device_id.as_deref().map(str::to_owned),
-                covers_older,
-                emitted_at_ms: now_ms,
-            });
+            out.push(receipt(key, sender, seq, id, state, covers_older, now_ms));
         }
+    }
+
+    /// The receipts owed for the messages that arrived after a read past them (listed
+    /// since the last call, see [`Self::enable_read_high`]), appended to `out`: one scan of
+    /// the read-state `states` (readers' ids of type `readers`) per conversation. Reader R
+    /// owes sender S a receipt for such a message when R's emitted pointer passed it and
+    /// it is now the highest of S's messages R read (a later one was named already).
+    /// `emitted_at_ms` is left for the flush to stamp.
+    pub fn receipts_read_before(
+        &mut self,
+        states: &dyn KeyValueStore,
+        readers: IdType,
+        out: &mut Vec<SenderReceipt>,
+    ) -> Result<(), StoreError> {
+        let mut late = self.take_read_before();
+        if late.is_empty() {
+            return Ok(());
+        }
+        late.sort_unstable_by(|a, b| (&a.conversation, a.seq).cmp(&(&b.conversation, b.seq)));
+        for group in late.chunk_by(|a, b| a.conversation == b.conversation) {
+            let c = &group[0].conversation;
+            let Some(head) = self.entries.get(c) else {
+                continue;
+            };
+            let prefix = StoreKey::conversation_prefix(TAG_STATE, c, readers);
+            for (k, v) in states.scan_prefix(&prefix)? {
+                let Some((TAG_STATE, key)) = StoreKey::decode(&k) else {
+                    continue;
+                };
+                let state =
+                    codec::ReadStates::decode_value(&v).map_err(|reason| StoreError::Corrupt {
+                        store: states.name().clone(),
+                        key: k.clone(),
+                        reason,
+                    })?;
+                owed_receipts(head, group, &key, &state, out);
+            }
+        }
+        Ok(())
     }
 
     /// Write the dirty heads into the heads store's flush (sorted by key, every one
@@ -247,6 +328,7 @@ impl Heads {
     pub fn clear(&mut self) {
         self.entries.clear();
         self.dirty.clear();
+        self.take_read_before();
     }
 
     pub fn get(&self, conversation: &ConversationId) -> Option<&ConversationHead> {
@@ -254,10 +336,56 @@ impl Heads {
     }
 }
 
+/// What reader `key.reader` (state `state`) owes the senders of `late` (messages of its
+/// conversation, ascending), by [`Heads::receipts_read_before`]'s rule.
+fn owed_receipts(
+    head: &ConversationHead,
+    late: &[ReadBefore],
+    key: &StateKey,
+    state: &ReadState,
+    out: &mut Vec<SenderReceipt>,
+) {
+    let pointer = state.emitted_seq;
+    for (i, m) in late.iter().enumerate() {
+        let repeat = late[..i].iter().any(|o| o.sender == m.sender);
+        if m.seq > pointer || m.sender.0 == key.reader.0 || repeat {
+            continue;
+        }
+        let Some((seq, id)) = head.highest_of_sender(&m.sender, pointer) else {
+            continue;
+        };
+        if late.iter().any(|o| o.sender == m.sender && o.seq == seq) {
+            out.push(receipt(key, m.sender.clone(), seq, id, state, false, 0));
+        }
+    }
+}
+
+/// A receipt for `sender` from the reader of `key` at `state`.
+fn receipt(
+    key: &StateKey,
+    sender: SenderId,
+    seq: i64,
+    id: Option<Id>,
+    state: &ReadState,
+    covers_older: bool,
+    now_ms: i64,
+) -> SenderReceipt {
+    SenderReceipt {
+        sender_id: sender,
+        conversation_id: key.conversation.clone(),
+        reader_id: key.reader.clone(),
+        message_seq: seq,
+        message_id: id.map(|id| id.to_string()),
+        read_at_ms: state.read_at_ms,
+        device_id: state.device_id.as_deref().map(str::to_owned),
+        covers_older,
+        emitted_at_ms: now_ms,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::SenderId;
     use crate::state::memory::InMemoryStore;
 
     #[test]

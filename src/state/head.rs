@@ -87,6 +87,10 @@ pub struct ConversationHead {
     pub index: Vec<MessageRef>,
     /// Highest message-topic offset folded per origin partition.
     pub marks: Marks,
+    /// With receipts for senders: the highest pointer any reader's emitted update reached
+    /// (`-1`: none). A message folded at or below it arrived after a read past it: its
+    /// sender's receipts are found by a scan of the conversation's readers.
+    pub read_high: i64,
 }
 
 impl Default for ConversationHead {
@@ -101,6 +105,7 @@ impl Default for ConversationHead {
             window: Vec::new(),
             index: Vec::new(),
             marks: Marks::new(),
+            read_high: -1,
         }
     }
 }
@@ -150,6 +155,9 @@ impl ConversationHead {
                 .resize(self.window.len() - 1, MessageRef::UNKNOWN);
             let sent_at_ms = m.sent_at_ms;
             self.index.insert(i, MessageRef { id, sent_at_ms });
+        } else if !self.index.is_empty() {
+            // Indexed before (another topology): keep the index aligned with the window.
+            self.index.insert(i, MessageRef::UNKNOWN);
         }
         self.message_count += 1;
         self.version += 1;
@@ -209,6 +217,27 @@ impl ConversationHead {
             out.push((p.sender.clone(), p.seq, id));
         }
         (out, from < self.floor_seq)
+    }
+
+    /// The highest of `sender`'s window messages at or below `upto`, and its id (when
+    /// indexed).
+    pub fn highest_of_sender(&self, sender: &SenderId, upto: i64) -> Option<(i64, Option<Id>)> {
+        let end = self.window.partition_point(|p| p.seq <= upto);
+        let i = self.window[..end]
+            .iter()
+            .rposition(|p| p.sender == *sender)?;
+        Some((
+            self.window[i].seq,
+            self.index.get(i).and_then(|r| r.id.clone()),
+        ))
+    }
+
+    /// A reader's emitted pointer reached `pointer`: raise [`Self::read_high`]; whether it
+    /// rose.
+    pub fn note_emitted(&mut self, pointer: i64) -> bool {
+        let rose = pointer > self.read_high;
+        self.read_high = self.read_high.max(pointer);
+        rose
     }
 
     /// The highest seq of a window message sent at or before `read_at_ms`, and its id (a
@@ -279,6 +308,7 @@ impl ConversationHead {
             p.sender.as_int().is_some() && p.mentions.iter().all(|r| r.as_int().is_some())
         });
         let format = match (ints, self.index.is_empty()) {
+            _ if self.read_high >= 0 => FORMAT_V4,
             (_, false) => FORMAT_V3,
             (true, true) => FORMAT_V1,
             (false, true) => FORMAT_V2,
@@ -315,7 +345,12 @@ impl ConversationHead {
                 put_id(out, &r.0);
             }
         }
-        for r in &self.index {
+        if format < FORMAT_V3 {
+            return;
+        }
+        let unknown = std::iter::repeat(&MessageRef::UNKNOWN);
+        let index = self.index.iter().chain(unknown).take(self.window.len());
+        for r in index {
             match &r.id {
                 Some(id) => {
                     out.push(1);
@@ -324,6 +359,9 @@ impl ConversationHead {
                 None => out.push(0),
             }
             put_var(out, r.sent_at_ms);
+        }
+        if format == FORMAT_V4 {
+            put_var(out, self.read_high);
         }
     }
 
@@ -337,7 +375,7 @@ impl ConversationHead {
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         let mut r = VarReader::new(bytes);
         let format = r.byte()?;
-        if !(FORMAT_V1..=FORMAT_V3).contains(&format) {
+        if !(FORMAT_V1..=FORMAT_V4).contains(&format) {
             return Err(format!("unknown conversation-head format {format}"));
         }
         let mut h = ConversationHead {
@@ -375,7 +413,7 @@ impl ConversationHead {
                 mentions,
             });
         }
-        if format == FORMAT_V3 {
+        if format >= FORMAT_V3 {
             h.index.reserve(n);
             for _ in 0..n {
                 let id = match r.byte()? {
@@ -386,6 +424,9 @@ impl ConversationHead {
                 let sent_at_ms = r.var()?;
                 h.index.push(MessageRef { id, sent_at_ms });
             }
+        }
+        if format == FORMAT_V4 {
+            h.read_high = r.var()?;
         }
         if r.at != bytes.len() {
             return Err(format!(
@@ -407,6 +448,9 @@ const FORMAT_V2: u8 = 2;
 /// As [`FORMAT_V2`], then each window message's id (a flag byte, then the id) and send
 /// time: the message index.
 const FORMAT_V3: u8 = 3;
+/// As [`FORMAT_V3`] (the index always present, one entry per window message), then the
+/// highest emitted read pointer ([`ConversationHead::read_high`]): receipts for senders.
+const FORMAT_V4: u8 = 4;
 
 /// The most mentioned users a window keeps (bounding a head's memory when messages name
 /// many users): four per position, and at least one message's worth.
@@ -622,6 +666,20 @@ mod tests {
                 }
             }
             prop_assert_eq!(ConversationHead::decode(&h.to_bytes()).unwrap(), h);
+        }
+
+        /// With receipts for senders (format 4): the highest emitted read pointer follows
+        /// an index of one entry per window message (unindexed ones read back unknown).
+        #[test]
+        fn read_high_roundtrips_with_the_index(h in arb_head(), high in 0i64..1 << 40) {
+            let mut h = h;
+            h.read_high = high;
+            let back = ConversationHead::decode(&h.to_bytes()).unwrap();
+            prop_assert_eq!(back.read_high, high);
+            prop_assert_eq!(back.index.len(), h.window.len());
+            prop_assert!(back.index.iter().all(|r| *r == MessageRef::UNKNOWN));
+            h.index = back.index.clone();
+            prop_assert_eq!(back, h);
         }
 
         #[test]

@@ -547,6 +547,7 @@ impl TopologyTestDriver {
                 s.duplicates += x.duplicates;
                 s.late += x.late;
                 s.replayed += x.replayed;
+                s.read_before += x.read_before;
                 s.heads_emitted += x.heads_emitted;
                 s.head_writes += x.head_writes;
             }

@@ -257,7 +257,8 @@ fn reset_sink_offsets(topology: &Topology, opts: &ResetOptions) -> Result<String
         .build()
         .map_err(|e| SinkError::Fatal(format!("tokio runtime: {e}")))?;
     let mut lines = Vec::new();
-    for sink in std::iter::once(pg).chain(&topology.heads_postgres) {
+    let sinks = std::iter::once(pg).chain(&topology.heads_postgres);
+    for sink in sinks.chain(&topology.senders_postgres) {
         let topic = sink.topic.as_str();
         let group = &sink.consumer_group;
         let n = rt.block_on(table.delete_offsets(group, topic, opts.dry_run))?;

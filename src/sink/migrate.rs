@@ -44,6 +44,13 @@ pub const HEAD_MIGRATIONS: &[Migration] = &[Migration {
     sql: include_str!("../../migrations/heads/0001_conversation_heads.sql"),
 }];
 
+/// The migrations of a sender-receipts table (`migrations/sender_receipts/`).
+pub const SENDER_RECEIPT_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "sender_receipts/0001_sender_receipts.sql",
+    sql: include_str!("../../migrations/sender_receipts/0001_sender_receipts.sql"),
+}];
+
 /// Advisory lock key serialising migrations ("readstat" in ASCII).
 const LOCK_KEY: i64 = 0x7265_6164_7374_6174;
 
@@ -87,13 +94,14 @@ fn db(e: tokio_postgres::Error) -> SinkError {
     SinkError::from_db(&e)
 }
 
-/// Apply every migration not yet applied for the receipts table `table` with ids of
-/// `ids`' types; returns the versions applied now.
+/// Apply every migration of `migrations` not yet applied for the table `table` with ids
+/// of `ids`' types; returns the versions applied now.
 pub async fn migrate(
     client: &mut Client,
     table: &str,
     ids: &IdTypes,
     columns: &[(&str, IdType)],
+    migrations: &'static [Migration],
 ) -> Result<Vec<i32>, SinkError> {
     check_id_columns(client, table, columns).await?;
     let render = |m: &Migration| render(m, table, ids);
@@ -101,7 +109,7 @@ pub async fn migrate(
         client,
         Plan {
             table,
-            migrations: MIGRATIONS,
+            migrations,
             render: &render,
         },
     )
@@ -276,14 +284,21 @@ mod tests {
         files.sort();
         let known: Vec<&str> = MIGRATIONS.iter().map(|m| m.name).collect();
         assert_eq!(files, known);
-        let heads = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/heads");
-        let mut files: Vec<String> = std::fs::read_dir(heads)
-            .unwrap()
-            .map(|e| format!("heads/{}", e.unwrap().file_name().to_string_lossy()))
-            .collect();
-        files.sort();
-        let known: Vec<&str> = HEAD_MIGRATIONS.iter().map(|m| m.name).collect();
-        assert_eq!(files, known);
+        for (dir, set) in [
+            ("heads", HEAD_MIGRATIONS),
+            ("sender_receipts", SENDER_RECEIPT_MIGRATIONS),
+        ] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("migrations")
+                .join(dir);
+            let mut files: Vec<String> = std::fs::read_dir(path)
+                .unwrap()
+                .map(|e| format!("{dir}/{}", e.unwrap().file_name().to_string_lossy()))
+                .collect();
+            files.sort();
+            let known: Vec<&str> = set.iter().map(|m| m.name).collect();
+            assert_eq!(files, known);
+        }
         for (i, m) in MIGRATIONS.iter().enumerate() {
             assert_eq!(m.version as usize, i + 1);
             assert!(m.name.starts_with(&format!("{:04}_", m.version)));

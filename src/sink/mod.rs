@@ -1,4 +1,5 @@
-//! The PostgreSQL sink: the output topic, batched, into `read_receipts` (and the
+//! The PostgreSQL sink: the output topic, batched, into `read_receipts` (the sender-receipts
+//! topic into `sender_receipts`, and the
 //! conversation-heads topic into `conversation_heads`), exactly once.
 //!
 //! - [`migrate`]: the SQL in `migrations/`, applied once each and checked before start.
@@ -151,6 +152,19 @@ pub fn heads_from_topology(
     url: &str,
 ) -> Result<Option<SinkConfig<crate::model::HeadUpdate>>, SinkError> {
     match &topology.heads_postgres {
+        Some(pg) => sink_config(topology, pg, kafka, resolver, url).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The sender-receipts sink of `topology` (table `sender_receipts`), when it has one.
+pub fn senders_from_topology(
+    topology: &crate::topology::Topology,
+    kafka: crate::kafka::KafkaSettings,
+    resolver: std::sync::Arc<dyn crate::serde::registry::SchemaResolver>,
+    url: &str,
+) -> Result<Option<SinkConfig<crate::model::SenderReceipt>>, SinkError> {
+    match &topology.senders_postgres {
         Some(pg) => sink_config(topology, pg, kafka, resolver, url).map(Some),
         None => Ok(None),
     }

@@ -1,6 +1,7 @@
 //! What the sink writes: a [`SinkRow`] is a keyed, versioned record of an output topic with
 //! its table's upsert. Receipt updates go to `read_receipts`, conversation-head updates to
-//! `conversation_heads`; batching, fencing and retries are the same for both.
+//! `conversation_heads`, receipts for senders to `sender_receipts`; batching, fencing and
+//! retries are the same for all.
 
 use std::hash::Hash;
 
@@ -8,9 +9,10 @@ use serde::de::DeserializeOwned;
 use tokio_postgres::types::ToSql;
 
 use crate::ids::{ConversationId, Id, IdType, IdTypes};
-use crate::model::{HeadUpdate, ReceiptUpdate, StateKey};
+use crate::ids::{ReaderId, SenderId};
+use crate::model::{HeadUpdate, ReceiptUpdate, SenderReceipt, StateKey};
 use crate::serde::avro::AvroReceiptUpdate;
-use crate::serde::message::AvroConversationHead;
+use crate::serde::message::{AvroConversationHead, AvroSenderReceipt};
 
 /// Column arrays bound to an upsert (the shape `unnest` takes).
 pub type Columns = Vec<Box<dyn ToSql + Sync + Send>>;
@@ -29,8 +31,8 @@ pub trait SinkRow: Clone + Send + Sync + std::fmt::Debug + 'static {
     fn id_columns(ids: &IdTypes) -> Vec<(&'static str, IdType)>;
     fn key(&self) -> Self::Key;
     fn version(&self) -> i64;
-    /// The conversation: the record key on the topics.
-    fn conversation(&self) -> &ConversationId;
+    /// The record key on its topic (a rejected row's dead letter carries it).
+    fn record_key(&self) -> String;
     /// The version-guarded set-based upsert into `table` (parameters: [`Self::columns`]).
     fn upsert_sql(table: &str, ids: &IdTypes) -> String;
     fn columns(rows: &[Self], ids: &IdTypes) -> Columns;
@@ -60,8 +62,8 @@ impl SinkRow for ReceiptUpdate {
         ReceiptUpdate::key(self)
     }
 
-    fn conversation(&self) -> &ConversationId {
-        &self.conversation_id
+    fn record_key(&self) -> String {
+        self.conversation_id.to_string()
     }
 
     fn version(&self) -> i64 {
@@ -154,8 +156,8 @@ impl SinkRow for HeadUpdate {
         self.conversation_id.clone()
     }
 
-    fn conversation(&self) -> &ConversationId {
-        &self.conversation_id
+    fn record_key(&self) -> String {
+        self.conversation_id.to_string()
     }
 
     fn version(&self) -> i64 {
@@ -228,6 +230,112 @@ impl SinkRow for HeadUpdate {
             "recent_seqs": self.recent_seqs.len(),
         })
         .to_string()
+    }
+}
+
+impl SinkRow for SenderReceipt {
+    type Key = (SenderId, ConversationId, ReaderId);
+    type Avro = AvroSenderReceipt;
+    const MIGRATIONS: &'static [super::migrate::Migration] =
+        super::migrate::SENDER_RECEIPT_MIGRATIONS;
+
+    fn schema(ids: &IdTypes) -> String {
+        crate::serde::sender_receipt_schema(ids)
+    }
+
+    fn id_columns(ids: &IdTypes) -> Vec<(&'static str, IdType)> {
+        vec![
+            ("sender_id", ids.user),
+            ("conversation_id", ids.conversation),
+            ("reader_id", ids.user),
+            ("message_id", ids.message),
+        ]
+    }
+
+    fn key(&self) -> Self::Key {
+        (
+            self.sender_id.clone(),
+            self.conversation_id.clone(),
+            self.reader_id.clone(),
+        )
+    }
+
+    /// The highest of the sender's messages read only grows with the reader's pointer.
+    fn version(&self) -> i64 {
+        self.message_seq
+    }
+
+    fn record_key(&self) -> String {
+        self.sender_id.to_string()
+    }
+
+    fn upsert_sql(table: &str, ids: &IdTypes) -> String {
+        let (sd, c, rd) = (
+            param(1, ids.user),
+            param(2, ids.conversation),
+            param(3, ids.user),
+        );
+        let m = param(5, ids.message);
+        format!(
+            "INSERT INTO {table} AS s (sender_id, conversation_id, reader_id, message_seq,
+                message_id, read_at, device_id, covers_older, updated_at)
+         SELECT sd, c, rd, q, m, timestamptz 'epoch' + ra * interval '1 millisecond', d, co,
+                now()
+         FROM unnest({sd}, {c}, {rd}, $4::int8[], {m}, $6::int8[], $7::text[], $8::bool[])
+              AS t(sd, c, rd, q, m, ra, d, co)
+         ON CONFLICT (sender_id, conversation_id, reader_id) DO UPDATE SET
+                message_seq = EXCLUDED.message_seq, message_id = EXCLUDED.message_id,
+                read_at = EXCLUDED.read_at, device_id = EXCLUDED.device_id,
+                covers_older = EXCLUDED.covers_older, updated_at = EXCLUDED.updated_at
+         WHERE s.message_seq < EXCLUDED.message_seq"
+        )
+    }
+
+    fn columns(rows: &[Self], ids: &IdTypes) -> Columns {
+        vec![
+            id_column(ids.user, rows.iter().map(|r| Some(&r.sender_id.0))),
+            id_column(
+                ids.conversation,
+                rows.iter().map(|r| Some(&r.conversation_id.0)),
+            ),
+            id_column(ids.user, rows.iter().map(|r| Some(&r.reader_id.0))),
+            Box::new(rows.iter().map(|r| r.message_seq).collect::<Vec<_>>()),
+            text_id_column(ids.message, rows.iter().map(|r| r.message_id.as_deref())),
+            Box::new(rows.iter().map(|r| r.read_at_ms).collect::<Vec<_>>()),
+            Box::new(rows.iter().map(|r| r.device_id.clone()).collect::<Vec<_>>()),
+            Box::new(rows.iter().map(|r| r.covers_older).collect::<Vec<_>>()),
+        ]
+    }
+
+    fn to_json(&self) -> String {
+        serde_json::json!({
+            "sender_id": self.sender_id.0,
+            "conversation_id": self.conversation_id.0,
+            "reader_id": self.reader_id.0,
+            "message_seq": self.message_seq,
+            "message_id": self.message_id,
+            "read_at_ms": self.read_at_ms,
+            "device_id": self.device_id,
+            "covers_older": self.covers_older,
+        })
+        .to_string()
+    }
+}
+
+/// A column of ids carried as text (message ids), bound as `ty`'s parameter type: integer
+/// ids parsed (text that is not one binds NULL, refused by no column).
+fn text_id_column<'a>(
+    ty: IdType,
+    ids: impl Iterator<Item = Option<&'a str>>,
+) -> Box<dyn ToSql + Sync + Send> {
+    match ty {
+        IdType::I64 => Box::new(
+            ids.map(|i| i.and_then(|s| s.parse::<i64>().ok()))
+                .collect::<Vec<_>>(),
+        ),
+        IdType::String | IdType::Uuid => {
+            Box::new(ids.map(|i| i.map(str::to_owned)).collect::<Vec<_>>())
+        }
     }
 }
 

@@ -706,7 +706,7 @@ impl<R: SinkRow> Sink<R> {
                         topic: self.cfg.topic.clone(),
                         partition: w.row_partitions[i],
                         offset: w.row_offsets[i],
-                        key: Some(u.conversation().to_string().into_bytes()),
+                        key: Some(u.record_key().into_bytes()),
                         value: Some(u.to_json().into_bytes()),
                         reason: "rejected_by_database",
                         error,

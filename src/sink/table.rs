@@ -257,7 +257,7 @@ impl<R: SinkRow> PostgresTable<R> {
     pub async fn migrate(&self) -> Result<Vec<i32>, SinkError> {
         let mut client = self.direct().await?;
         let columns = R::id_columns(&self.ids);
-        super::migrate::migrate(&mut client, &self.table, &self.ids, &columns)
+        super::migrate::migrate(&mut client, &self.table, &self.ids, &columns, R::MIGRATIONS)
             .await
             .map_err(|e| self.at(e))
     }

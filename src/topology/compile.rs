@@ -31,7 +31,7 @@ pub(super) fn compile_spec(
     check_inputs(spec, &processors, &sources, messages.as_ref(), errs);
     check_custom_sources(spec, &processors, errs);
     let kafka = kafka_sinks(spec, &processors, messages.is_some(), errs);
-    let (postgres, heads_postgres) = postgres_sinks(&kafka, &app.prefix, errs);
+    let pg = postgres_sinks(&kafka, &app.prefix, errs);
     let processor = processors.into_iter().next()?;
     let store = stores.iter().find(|s| s.name == processor.store)?.clone();
     let heads_store = match &processor.heads_store {
@@ -56,8 +56,9 @@ pub(super) fn compile_spec(
         output: kafka.receipts.into_iter().next()?,
         heads_output: kafka.heads.into_iter().next(),
         sender_receipts_output: kafka.senders.into_iter().next(),
-        postgres,
-        heads_postgres,
+        postgres: pg.receipts,
+        heads_postgres: pg.heads,
+        senders_postgres: pg.senders,
         ids,
     })
 }
@@ -787,21 +788,37 @@ fn kafka_sink(
     Some((sink, output))
 }
 
-/// The postgres sinks of receipts and of conversation heads (at most one each).
-fn postgres_sinks(
-    kafka: &KafkaSinks<'_>,
-    app: &str,
-    errs: &mut Errors,
-) -> (Option<PostgresSink>, Option<PostgresSink>) {
-    let mut pg = None;
-    let mut heads_pg = None;
+/// What a postgres sink's table holds: the kafka sink it consumes decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PgTable {
+    Receipts,
+    Heads,
+    SenderReceipts,
+}
+
+/// The postgres sinks of a topology, at most one per kind of table.
+#[derive(Default)]
+struct PostgresSinks {
+    receipts: Option<PostgresSink>,
+    heads: Option<PostgresSink>,
+    senders: Option<PostgresSink>,
+}
+
+/// The postgres sinks of receipts, of conversation heads and of sender receipts (at most
+/// one each).
+fn postgres_sinks(kafka: &KafkaSinks<'_>, app: &str, errs: &mut Errors) -> PostgresSinks {
+    let mut pg = PostgresSinks::default();
     for (i, s) in &kafka.postgres {
         let at = format!("sink[{i}]");
         let input = s.input.as_deref();
-        let receipts = input.and_then(|inp| kafka.receipts.iter().find(|k| k.name == inp));
-        let of_heads = input.and_then(|inp| kafka.heads.iter().find(|k| k.name == inp));
-        let topic = receipts.or(of_heads).map(|k| k.topic.clone());
-        if let (None, Some(inp)) = (&topic, input) {
+        let find = |ks: &[KafkaSink], kind| {
+            let k = ks.iter().find(|k| Some(k.name.as_str()) == input)?;
+            Some((k.topic.clone(), kind))
+        };
+        let found = find(&kafka.receipts, PgTable::Receipts)
+            .or_else(|| find(&kafka.heads, PgTable::Heads))
+            .or_else(|| find(&kafka.senders, PgTable::SenderReceipts));
+        if let (None, Some(inp)) = (&found, input) {
             errs.push(
                 format!("{at}.input"),
                 format!(
@@ -809,20 +826,22 @@ fn postgres_sinks(
                 ),
             );
         }
-        let slot = match of_heads.is_some() {
-            true => &mut heads_pg,
-            false => &mut pg,
+        let kind = found.as_ref().map_or(PgTable::Receipts, |(_, k)| *k);
+        let slot = match kind {
+            PgTable::Receipts => &mut pg.receipts,
+            PgTable::Heads => &mut pg.heads,
+            PgTable::SenderReceipts => &mut pg.senders,
         };
         if slot.is_some() {
             errs.push(at.clone(), "at most one postgres sink per kafka sink");
         }
-        let sink = postgres_sink(&at, s, of_heads.is_some(), app, errs);
-        if let (Some(sink), Some(topic)) = (sink, topic) {
+        let sink = postgres_sink(&at, s, kind, app, errs);
+        if let (Some(sink), Some((topic, _))) = (sink, found) {
             *slot = Some(PostgresSink { topic, ..sink });
         }
     }
-    if let Some(h) = &mut heads_pg {
-        match &pg {
+    if let Some(h) = &mut pg.heads {
+        match &pg.receipts {
             Some(r) => h.receipts_table = r.table.clone(),
             None => errs.push(
                 "sink",
@@ -830,14 +849,23 @@ fn postgres_sinks(
             ),
         }
     }
-    (pg, heads_pg)
+    if let Some(s) = &mut pg.senders {
+        match &pg.receipts {
+            Some(r) => s.receipts_table = r.table.clone(),
+            None => errs.push(
+                "sink",
+                "a postgres sink of sender receipts needs the receipts' postgres sink (its offsets and read_by function live beside the receipts table)",
+            ),
+        }
+    }
+    pg
 }
 
 /// One postgres sink's settings (its topic is its input's, filled in by the caller).
 fn postgres_sink(
     at: &str,
     s: &SinkSpec,
-    of_heads: bool,
+    kind: PgTable,
     app: &str,
     errs: &mut Errors,
 ) -> Option<PostgresSink> {
@@ -858,9 +886,10 @@ fn postgres_sink(
         &s.statement_timeout,
         Duration::from_secs(30),
     );
-    let (default_table, group) = match of_heads {
-        true => ("conversation_heads", format!("{app}-pg-heads-sink")),
-        false => ("read_receipts", format!("{app}-pg-sink")),
+    let (default_table, group) = match kind {
+        PgTable::Heads => ("conversation_heads", format!("{app}-pg-heads-sink")),
+        PgTable::Receipts => ("read_receipts", format!("{app}-pg-sink")),
+        PgTable::SenderReceipts => ("sender_receipts", format!("{app}-pg-senders-sink")),
     };
     let table = s.table.clone().unwrap_or_else(|| default_table.into());
     let plain = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.';

@@ -195,7 +195,8 @@ pub fn describe(t: &Topology) -> String {
     if let Some(h) = &t.heads_store {
         describe_store(&mut o, h, "message positions");
     }
-    for pg in t.postgres.iter().chain(&t.heads_postgres) {
+    let pgs = t.postgres.iter().chain(&t.heads_postgres);
+    for pg in pgs.chain(&t.senders_postgres) {
         let _ = writeln!(
             o,
             "Postgres sink: {} (consumer group {}, reads {})",
@@ -215,6 +216,16 @@ pub fn describe(t: &Topology) -> String {
                 "runs as `readstate sink`"
             }
         );
+        if t.senders_postgres
+            .as_ref()
+            .is_some_and(|h| h.name == pg.name)
+        {
+            let _ = writeln!(
+                o,
+                "  catch-up: one row per (sender, conversation, reader), index {}_by_sender_updated (sender_id, updated_at)",
+                pg.table
+            );
+        }
         if t.heads_postgres.as_ref().is_some_and(|h| h.name == pg.name) {
             let _ = writeln!(
                 o,

@@ -319,6 +319,8 @@ pub struct Topology {
     pub postgres: Option<PostgresSink>,
     /// The PostgreSQL sink of the conversation-heads topic (`conversation_heads`).
     pub heads_postgres: Option<PostgresSink>,
+    /// The PostgreSQL sink of the sender-receipts topic (catch-up for offline senders).
+    pub senders_postgres: Option<PostgresSink>,
     /// The id types (`[ids]`): decoding, store keys, output schemas and table columns.
     pub ids: IdTypes,
 }

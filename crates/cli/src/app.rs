@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use readstate::model::{HeadUpdate, ReceiptUpdate};
+use readstate::model::{HeadUpdate, ReceiptUpdate, SenderReceipt};
 use readstate::runtime::{check_state_dir, run, RunConfig, RunSummary, RuntimeError};
 use readstate::sink::{run_sink, SinkConfig, SinkError, SinkRow, SinkSummary};
 use readstate::telemetry::{serve, Health, Server, TelemetryError};
@@ -190,6 +190,7 @@ impl RunningApp {
 pub struct PostgresSinks {
     receipts: Option<SinkConfig<ReceiptUpdate>>,
     heads: Option<SinkConfig<HeadUpdate>>,
+    senders: Option<SinkConfig<SenderReceipt>>,
 }
 
 impl PostgresSinks {
@@ -213,9 +214,20 @@ impl PostgresSinks {
                 h.health = config.health.clone();
                 h
             });
+        let senders =
+            readstate::sink::senders_from_topology(t, kafka.clone(), resolver.clone(), url)
+                .map_err(|source| AppError::Sink {
+                    name: "pg-senders-sink",
+                    source,
+                })?
+                .map(|mut s| {
+                    s.health = config.health.clone();
+                    s
+                });
         Ok(Self {
             receipts: Some(receipts),
             heads,
+            senders,
         })
     }
 
@@ -228,6 +240,9 @@ impl PostgresSinks {
         if let Some(h) = &mut self.heads {
             h.topics_ready = Some(ready.clone());
         }
+        if let Some(s) = &mut self.senders {
+            s.topics_ready = Some(ready.clone());
+        }
         self
     }
 
@@ -239,6 +254,9 @@ impl PostgresSinks {
         }
         if let Some(cfg) = self.heads {
             threads.push(SinkThread::spawn("pg-heads-sink", cfg, shutdown.clone())?);
+        }
+        if let Some(cfg) = self.senders {
+            threads.push(SinkThread::spawn("pg-senders-sink", cfg, shutdown.clone())?);
         }
         Ok(threads)
     }

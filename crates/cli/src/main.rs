@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use readstate::kafka::KafkaSettings;
-use readstate::model::HeadUpdate;
+use readstate::model::{HeadUpdate, SenderReceipt};
 use readstate::runtime::RunConfig;
 use readstate::serde::registry::SchemaResolver;
 use readstate::serde::{ConfluentRegistry, LocalRegistry};
@@ -871,6 +871,12 @@ fn migrate_command(args: MigrateArgs) -> anyhow::Result<()> {
             .with_ids(topology.ids);
         let applied = rt.block_on(heads.migrate_heads(&h.receipts_table))?;
         report_migrations(&h.table, &applied);
+    }
+    if let Some(s) = &topology.senders_postgres {
+        let senders = PostgresTable::<SenderReceipt>::open(&url, &s.table, 1, s.statement_timeout)?
+            .with_ids(topology.ids);
+        let applied = rt.block_on(senders.migrate())?;
+        report_migrations(&s.table, &applied);
     }
     Ok(())
 }

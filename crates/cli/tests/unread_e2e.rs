@@ -403,11 +403,11 @@ fn real_broker_sender_receipts_across_a_kill_9_equal_the_oracle() {
             let r: readstate::serde::message::AvroSenderReceipt =
                 apache_avro::from_value(&v).unwrap();
             let key = std::str::from_utf8(m.key().unwrap()).unwrap().to_owned();
-            (key, readstate::model::SenderReceipt::from(r))
+            (key, m.partition(), readstate::model::SenderReceipt::from(r))
         },
-        |got: &[(String, readstate::model::SenderReceipt)]| {
+        |got: &[(String, i32, readstate::model::SenderReceipt)]| {
             let mut best: HashMap<(i64, i64, i64), i64> = HashMap::new();
-            for (_, r) in got {
+            for (_, _, r) in got {
                 let t = (
                     r.sender_id.as_int().unwrap(),
                     r.conversation_id.as_int().unwrap(),
@@ -420,7 +420,21 @@ fn real_broker_sender_receipts_across_a_kill_9_equal_the_oracle() {
         },
     );
     terminate(&mut child.0);
-    for (key, r) in &got {
+    // A gateway consuming one partition sees all of its senders' receipts and no other
+    // sender's: each sender's receipts are on one partition.
+    let mut home: HashMap<i64, i32> = HashMap::new();
+    for (_, p, r) in &got {
+        let at = *home.entry(r.sender_id.as_int().unwrap()).or_insert(*p);
+        assert_eq!(at, *p, "sender {} on partitions {at} and {p}", r.sender_id);
+    }
+    assert!(
+        home.values()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            > 1,
+        "senders spread over partitions"
+    );
+    for (key, _, r) in &got {
         assert_eq!(key, &r.sender_id.to_string(), "keyed by sender");
         let pointer = w.pointers[&StateKey {
             conversation: r.conversation_id.clone(),

@@ -22,31 +22,11 @@ use rdkafka::producer::DefaultProducerContext;
 use readstate::model::SenderReceipt;
 use readstate::sink::PostgresTable;
 use readstate_testing::wait_until_explained;
-use readstate_tools::loadgen::chat::{generate, ChatSpec, ChatWorkload};
+use readstate_tools::loadgen::chat::{generate, ChatSpec};
 
 const PARTS: i32 = 4;
 
 type Triple = (i64, i64, i64);
-
-/// Per (sender, conversation, reader): the highest of the sender's messages at or below
-/// the reader's final pointer.
-fn oracle(w: &ChatWorkload) -> HashMap<Triple, i64> {
-    let mut want = HashMap::new();
-    for (key, pointer) in &w.pointers {
-        for m in &w.messages[&key.conversation] {
-            if m.message_seq <= *pointer && m.sender_id.0 != key.reader.0 {
-                let t = (
-                    m.sender_id.as_int().unwrap(),
-                    key.conversation.as_int().unwrap(),
-                    key.reader.as_int().unwrap(),
-                );
-                let b = want.entry(t).or_insert(-1);
-                *b = (*b).max(m.message_seq);
-            }
-        }
-    }
-    want
-}
 
 fn rows(db: &Db) -> Option<HashMap<Triple, i64>> {
     let c = db.connect(&db.url).ok()?;
@@ -129,7 +109,7 @@ linger = "200ms"
     });
     produce(&brokers, &t, &w.arrivals);
     let mut child = KillOnDrop(cli(&["run", "--local-schemas"]).spawn().unwrap());
-    let want = oracle(&w);
+    let want = chat::sender_oracle(&w);
     assert!(want.len() > 500, "{} triples", want.len());
     let last = std::cell::RefCell::new(None);
     wait_until_explained(

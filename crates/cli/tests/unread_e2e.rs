@@ -389,7 +389,7 @@ fn real_broker_sender_receipts_across_a_kill_9_equal_the_oracle() {
     env.await_pointers(&w);
     env.produce(&late_messages);
     env.await_heads(&w);
-    let want = sender_oracle(&w);
+    let want = readstate_testing::chat::sender_oracle(&w);
     let schema = apache_avro::Schema::parse_str(readstate::serde::SENDER_RECEIPT_SCHEMA).unwrap();
     let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
         .build()
@@ -463,26 +463,6 @@ fn spawn_run(env: &Env, file: &std::path::Path) -> std::process::Child {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap()
-}
-
-/// Per (sender, conversation, reader): the highest of the sender's messages at or below the
-/// reader's final pointer.
-fn sender_oracle(w: &ChatWorkload) -> HashMap<(i64, i64, i64), i64> {
-    let mut want = HashMap::new();
-    for (key, pointer) in &w.pointers {
-        for m in &w.messages[&key.conversation] {
-            if m.message_seq <= *pointer && m.sender_id.0 != key.reader.0 {
-                let t = (
-                    m.sender_id.as_int().unwrap(),
-                    key.conversation.as_int().unwrap(),
-                    key.reader.as_int().unwrap(),
-                );
-                let b = want.entry(t).or_insert(-1);
-                *b = (*b).max(m.message_seq);
-            }
-        }
-    }
-    want
 }
 
 #[test]

@@ -224,3 +224,26 @@ pub fn produce_json(brokers: &str, t: &ChatTopics, events: &[ChatEvent]) {
     }
     kafka::flush(&p);
 }
+
+/// The receipts every sender should hold: per (sender, conversation, reader), the highest
+/// of the sender's messages at or below the reader's final pointer (the reader's own
+/// messages excluded). Integer ids.
+pub fn sender_oracle(
+    w: &readstate_tools::loadgen::chat::ChatWorkload,
+) -> std::collections::HashMap<(i64, i64, i64), i64> {
+    let mut want = std::collections::HashMap::new();
+    for (key, pointer) in &w.pointers {
+        for m in &w.messages[&key.conversation] {
+            if m.message_seq <= *pointer && m.sender_id.0 != key.reader.0 {
+                let t = (
+                    m.sender_id.as_int().unwrap(),
+                    key.conversation.as_int().unwrap(),
+                    key.reader.as_int().unwrap(),
+                );
+                let b = want.entry(t).or_insert(-1);
+                *b = (*b).max(m.message_seq);
+            }
+        }
+    }
+    want
+}

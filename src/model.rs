@@ -27,6 +27,19 @@ pub struct SenderReceipt {
     pub emitted_at_ms: i64,
 }
 
+/// Read by N of M (`schemas/read_by.avsc`): of the `members` of `conversation_id`,
+/// `read_by` have read `sender_id`'s latest message there.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReadBy {
+    pub sender_id: SenderId,
+    pub conversation_id: ConversationId,
+    pub message_seq: i64,
+    pub message_id: Option<String>,
+    pub read_by: i64,
+    pub members: i64,
+    pub emitted_at_ms: i64,
+}
+
 /// "Reader R read conversation C up to message S, on device D."
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ReadEvent {

@@ -76,6 +76,8 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("readstate_messages_folded_total", Kind::Counter, "Message events folded into conversation heads, by result (counted, duplicate, late: below the window)."),
     ("readstate_reads_by_message_id_total", Kind::Counter, "Reads positioned by message id, by result: immediate (message known), waited, and how waits ended (after_wait, fallback to read_at, unresolved: dead letter)."),
     ("readstate_sender_receipts_emitted_total", Kind::Counter, "Read receipts for senders produced to the sender-receipts topic (one per sender of the messages an emitted advance passed)."),
+    ("readstate_read_by_emitted_total", Kind::Counter, "Read-by (N of M) records produced for the senders' latest messages (members source)."),
+    ("readstate_member_lists_total", Kind::Counter, "Member lists applied from the members source."),
     ("readstate_messages_read_before_arrival_total", Kind::Counter, "Messages that arrived after an emitted read had passed them (sender receipts): each one's readers are found by a scan of its conversation and owe its sender a receipt."),
     ("readstate_head_updates_emitted_total", Kind::Counter, "Conversation-head updates produced to the conversation-heads topic."),
     ("readstate_records_processed_total", Kind::Counter, "Records given to a typed processor (processor::typed)."),

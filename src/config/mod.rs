@@ -131,6 +131,9 @@ pub struct ProcessorSpec {
     /// With a read source positioned by message id: reads each task keeps waiting at
     /// most (default 100,000); beyond it the oldest stop waiting early.
     pub max_waiting_reads: Option<i64>,
+    /// With a members source: groups with more members than this get read-by aggregates
+    /// only, no per-reader receipts for senders (default 100).
+    pub large_group_members: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -278,6 +281,7 @@ const SECTIONS: &[Section] = &[
             ("unread_cap", Type::Int),
             ("message_wait", Type::Str),
             ("max_waiting_reads", Type::Int),
+            ("large_group_members", Type::Int),
         ],
     ),
     (

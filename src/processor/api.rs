@@ -45,6 +45,8 @@ pub struct SinkId(pub usize);
 pub enum RecordKind {
     ReadEvents,
     MessageEvents,
+    /// A conversation's member list (a table: the latest per conversation holds).
+    Members,
 }
 
 /// The record-cache budget of one task (its share of the instance's).

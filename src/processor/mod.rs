@@ -7,6 +7,7 @@
 //! API to write processors with: typed records, `forward`, named stores, punctuation.
 
 pub mod api;
+pub mod groups;
 pub mod node;
 pub mod punctuation;
 pub mod read_state;

@@ -25,12 +25,13 @@ use crate::ids::{ConversationId, IdType, IdTypes};
 use crate::kafka::partitioner::Partitioner;
 use crate::serde::avro_mapped::AvroMappedDecoder;
 use crate::serde::json::JsonDecoder;
-use crate::serde::message::SenderReceiptEncoder;
+use crate::serde::members::decode_members;
+use crate::serde::message::{ReadByEncoder, SenderReceiptEncoder};
 use crate::serde::registry::SchemaResolver;
 use crate::serde::{
-    conversation_head_schema, receipt_update_schema, sender_receipt_schema, DecodeError,
-    EventDecoder, HeadEncoder, MessageDecoder, MessageEventDecoder, ReadEventDecoder, SerdeError,
-    UpdateEncoder,
+    conversation_head_schema, read_by_schema, receipt_update_schema, sender_receipt_schema,
+    DecodeError, EventDecoder, HeadEncoder, MessageDecoder, MessageEventDecoder, ReadEventDecoder,
+    SerdeError, UpdateEncoder,
 };
 use crate::state::restore::StoreRestorer;
 use crate::state::{KeyValueStore, StoreBatch, StoreError};
@@ -69,6 +70,10 @@ pub struct ReadStateSerdes {
     updates: UpdateEncoder,
     heads: Option<HeadEncoder>,
     senders: Option<SenderReceiptEncoder>,
+    read_by: Option<ReadByEncoder>,
+    /// With a members source: its topic (JSON member lists), and the id types.
+    members: Option<String>,
+    ids: IdTypes,
 }
 
 impl ReadStateSerdes {
@@ -103,6 +108,14 @@ impl ReadStateSerdes {
             }
             None => None,
         };
+        let read_by = match &t.read_by_output {
+            Some(s) => {
+                let subject = format!("{}-value", s.topic);
+                let schema = read_by_schema(&t.ids);
+                Some(register_with_retry(&*resolver, &subject, &schema, shutdown).await?)
+            }
+            None => None,
+        };
         let messages = match &t.messages {
             Some(m) => Some((
                 m.topic.0.clone(),
@@ -128,6 +141,9 @@ impl ReadStateSerdes {
             updates,
             heads,
             senders,
+            read_by,
+            members: t.members.as_ref().map(|m| m.topic.0.clone()),
+            ids: t.ids,
         })
     }
 
@@ -195,6 +211,9 @@ impl SourceSerdes for ReadStateSerdes {
     }
 
     fn unknown_schema(&self, topic: &str, value: Option<&[u8]>) -> Option<u32> {
+        if self.members.as_deref() == Some(topic) {
+            return None; // JSON
+        }
         match &self.messages {
             Some((t, d)) if t == topic => d.read().expect("decoder lock").unknown_schema(value),
             _ => self
@@ -226,6 +245,9 @@ impl SourceSerdes for ReadStateSerdes {
         self.reads.read().expect("decoder lock").max_record_bytes()
     }
 }
+
+/// The most members one member list may name (a larger one is a dead letter).
+pub const MAX_MEMBERS: usize = 100_000;
 
 /// The decoder of a message source, by its format.
 fn message_decoder(
@@ -280,15 +302,19 @@ pub struct ReadStateSupplier {
     resolve: Option<(ResolveSpec, IdType)>,
     /// With a sender-receipts sink: the message id type.
     sender_receipts: Option<IdTypes>,
+    /// With a members source: the size above which groups get read-by only.
+    large_group_members: Option<usize>,
 }
 
 /// Where the node's inputs come from and its outputs go, from the compiled graph.
 #[derive(Debug, Clone, Copy)]
 struct Wiring {
     messages: Option<InputId>,
+    members: Option<InputId>,
     receipts: SinkId,
     heads: Option<SinkId>,
     senders: Option<SinkId>,
+    read_by: Option<SinkId>,
 }
 
 impl Wiring {
@@ -298,6 +324,9 @@ impl Wiring {
             .routes()
             .iter()
             .find(|r| r.records == RecordKind::MessageEvents)
+            .map(|r| r.input);
+        let members = (g.routes().iter())
+            .find(|r| r.records == RecordKind::Members)
             .map(|r| r.input);
         let sinks: Vec<Output> = g
             .nodes
@@ -310,9 +339,11 @@ impl Wiring {
         let sink = |o: Output| sinks.iter().position(|s| *s == o).map(SinkId);
         Self {
             messages,
+            members,
             receipts: sink(Output::Receipts).expect("a read-state node has a receipts sink"),
             heads: sink(Output::ConversationHeads),
             senders: sink(Output::SenderReceipts),
+            read_by: sink(Output::ReadBy),
         }
     }
 }
@@ -330,6 +361,7 @@ impl ReadStateSupplier {
             partitioners: input_partitioners(topology),
             resolve: node.resolve.map(|r| (r, topology.ids.message)),
             sender_receipts: (topology.sender_receipts_output.as_ref()).map(|_| topology.ids),
+            large_group_members: node.large_group_members,
         }
     }
 
@@ -346,6 +378,9 @@ impl ReadStateSupplier {
         }
         if let Some((spec, message_ids)) = &self.resolve {
             p.enable_resolve(spec, *message_ids)?;
+        }
+        if let Some(large) = self.large_group_members {
+            p.enable_groups(large, ctx.cache.positions.max(large * 4))?;
         }
         if let Some(ids) = self.sender_receipts {
             p.enable_sender_receipts(ids)?;
@@ -488,6 +523,28 @@ impl ReadStateNode {
         self.inner.process_messages(&messages, time, dead_letters)
     }
 
+    fn process_members(
+        &mut self,
+        input: InputId,
+        records: &[SourceRecord<'_>],
+        dead_letters: &mut Vec<DeadLetter>,
+    ) -> Result<(), ProcessorError> {
+        let max = self.serdes.max_record_bytes();
+        let ids = self.serdes.ids;
+        let mut lists = Vec::with_capacity(records.len());
+        let mut key = Vec::new();
+        for r in records {
+            match decode_members(r.key, r.value, &ids, MAX_MEMBERS) {
+                Ok(l) => match self.misplaced(input, &l.conversation, r, &mut key) {
+                    None => lists.push(l),
+                    Some(why) => dead_letters.push(misrouted(r, why, max)),
+                },
+                Err(e) => dead_letters.push(dead_letter(r, &e, max)),
+            }
+        }
+        self.inner.process_members(&lists)
+    }
+
     fn process_reads(
         &mut self,
         input: InputId,
@@ -547,6 +604,12 @@ impl ReadStateNode {
                 });
             }
         }
+        if let (Some(sink), Some(encoder)) = (self.wiring.read_by, &self.serdes.read_by) {
+            for r in &typed.read_by {
+                let by_sender = |k: &mut Vec<u8>| r.sender_id.0.write_key(k);
+                outputs.push(sink, by_sender, |v| encoder.encode_read_by_into(r, v));
+            }
+        }
         if let (Some(sink), Some(encoder)) = (self.wiring.senders, &self.serdes.senders) {
             for r in &typed.sender_receipts {
                 // Keyed by sender: a sender's receipts reach one gateway partition.
@@ -577,6 +640,8 @@ impl Processor for ReadStateNode {
     ) -> Result<(), ProcessorError> {
         if Some(input) == self.wiring.messages {
             self.process_messages(input, records, dead_letters)
+        } else if Some(input) == self.wiring.members {
+            self.process_members(input, records, dead_letters)
         } else {
             self.process_reads(input, records, dead_letters)
         }
@@ -633,6 +698,13 @@ impl Processor for ReadStateNode {
                 "readstate_messages_read_before_arrival_total",
                 read_before,
             ));
+        }
+        if let Some(g) = self.inner.group_stats() {
+            counters.push(counter(
+                "readstate_read_by_emitted_total",
+                g.read_by_emitted,
+            ));
+            counters.push(counter("readstate_member_lists_total", g.member_lists));
         }
         if let Some(m) = self.inner.message_stats() {
             for (result, value) in [

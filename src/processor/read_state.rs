@@ -15,19 +15,22 @@
 //!   after a restart.
 
 use compact_str::CompactString;
+use hashbrown::HashMap;
 
 use super::api::FlushOutput;
 pub use super::api::StoreFlush;
+use super::groups::{Group, GroupCodec, GroupStats, Groups};
 use super::punctuation::DueQueue;
 use super::resolve::{ResolveStats, Waiting, WaitingRead, UNRESOLVED_MESSAGE};
 use super::unread::{positions_budget, Heads, MessageStats};
 use super::ProcessorError;
 use crate::ids::{ConversationId, Id, IdType, IdTypes, Origin, ReaderId, SenderId};
 use crate::model::{
-    EventRef, HeadUpdate, MessageEvent, ReadEvent, ReceiptUpdate, SenderReceipt, StateKey,
+    EventRef, HeadUpdate, MessageEvent, ReadBy, ReadEvent, ReceiptUpdate, SenderReceipt, StateKey,
     UnreadCounts,
 };
 use crate::serde::json::UNRESOLVED_SEQ;
+use crate::serde::members::MemberList;
 use crate::state::cache::RecordCache;
 use crate::state::codec::{self, EntryCodec, ReadStates, StoreKey, TAG_PENDING};
 use crate::state::head::ConversationHead;
@@ -79,6 +82,9 @@ pub struct ReadStateFlush {
     /// Read receipts for the senders of the messages each emitted advance passed
     /// (topologies with a sender-receipts sink).
     pub sender_receipts: Vec<SenderReceipt>,
+    /// Read by N of M for the senders' latest messages (topologies with a members
+    /// source).
+    pub read_by: Vec<ReadBy>,
     /// The store parts, one per store of the task (indexed as `Topology::stores()`); its
     /// outputs are filled by the node that encodes `updates` and `heads`.
     pub flush: FlushOutput,
@@ -114,6 +120,8 @@ pub struct ReadStateProcessor {
     /// readers), and the receipts owed for messages that arrived after a read past them,
     /// held until the next flush.
     sender_receipts: Option<(IdType, Vec<SenderReceipt>)>,
+    /// Members and read by N of M, when the topology has a members source.
+    groups: Option<Groups>,
 }
 
 /// Resolution of reads positioned by message id (see [`super::resolve`]).
@@ -140,6 +148,7 @@ impl ReadStateProcessor {
             heads: None,
             resolver: None,
             sender_receipts: None,
+            groups: None,
         };
         p.reload_pending()?;
         Ok(p)
@@ -188,6 +197,125 @@ impl ReadStateProcessor {
         heads.enable_index(ids.message);
         heads.enable_read_high();
         self.sender_receipts = Some((ids.user, Vec::new()));
+        Ok(())
+    }
+
+    /// Keep the conversations' members (a members source) and count read by N of M for
+    /// the senders' latest messages; groups above `large` members get no per-reader
+    /// receipts for senders. Loaded groups hold up to `budget` members between flushes.
+    /// Needs [`Self::enable_unread`] first.
+    pub fn enable_groups(&mut self, large: usize, budget: usize) -> Result<(), ProcessorError> {
+        if self.heads.is_none() {
+            return Err(ProcessorError::NoMessageSource);
+        }
+        self.groups = Some(Groups::new(large, budget));
+        Ok(())
+    }
+
+    pub fn group_stats(&self) -> Option<GroupStats> {
+        self.groups.as_ref().map(Groups::stats)
+    }
+
+    /// The loaded group of a conversation (tests, queries).
+    pub fn group(&self, conversation: &ConversationId) -> Option<&Group> {
+        self.groups.as_ref()?.get(conversation)
+    }
+
+    /// Apply member lists (a members source's records, in order): each conversation's
+    /// members become its list's.
+    pub fn process_members(&mut self, lists: &[MemberList]) -> Result<(), ProcessorError> {
+        if self.groups.is_none() {
+            return Err(ProcessorError::NoMessageSource);
+        }
+        let convs = || lists.iter().map(|l| l.conversation.clone());
+        if let Some(heads) = &mut self.heads {
+            heads.ensure_loaded(convs())?;
+        }
+        self.load_groups(convs())?;
+        for list in lists {
+            let joining = self
+                .groups
+                .as_ref()
+                .map(|g| g.joining(list))
+                .unwrap_or_default();
+            let pointers = self.pointers_of(&list.conversation, &joining)?;
+            let at: HashMap<&ReaderId, i64> = joining.iter().zip(pointers).collect();
+            if let Some(groups) = &mut self.groups {
+                groups.apply(list, |m| at.get(m).copied().unwrap_or(-1));
+            }
+        }
+        Ok(())
+    }
+
+    /// Load the groups of `conversations` not loaded yet: their stored values and their
+    /// members' pointers (cached or stored read states).
+    fn load_groups(
+        &mut self,
+        conversations: impl Iterator<Item = ConversationId>,
+    ) -> Result<(), ProcessorError> {
+        let (Some(groups), Some(heads)) = (&self.groups, &self.heads) else {
+            return Ok(());
+        };
+        let missing = groups.missing(conversations);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let values = codec::load::<GroupCodec>(heads.store(), &missing)?;
+        for (c, v) in missing.into_iter().zip(values) {
+            let members = v.as_ref().map(|v| v.members.as_slice()).unwrap_or_default();
+            let pointers = self.pointers_of(&c, members)?;
+            if let Some(groups) = &mut self.groups {
+                groups.install(c, v, &pointers);
+            }
+        }
+        Ok(())
+    }
+
+    /// The read pointers of `members` in `conversation` (`-1` for none), from the cache or
+    /// else the store (one `multi_get`).
+    fn pointers_of(
+        &self,
+        conversation: &ConversationId,
+        members: &[ReaderId],
+    ) -> Result<Vec<i64>, ProcessorError> {
+        let keys: Vec<StateKey> = (members.iter())
+            .map(|m| StateKey {
+                conversation: conversation.clone(),
+                reader: m.clone(),
+            })
+            .collect();
+        let uncached: Vec<StateKey> = (keys.iter())
+            .filter(|k| self.cache.get(k).is_none())
+            .cloned()
+            .collect();
+        let stored = codec::load::<ReadStates>(&*self.store, &uncached)?;
+        let stored: HashMap<&StateKey, i64> = (uncached.iter())
+            .zip(stored)
+            .map(|(k, s)| (k, s.map_or(-1, |s| s.last_read_seq)))
+            .collect();
+        Ok(keys
+            .iter()
+            .map(|k| match self.cache.get(k) {
+                Some(s) => s.last_read_seq,
+                None => stored.get(k).copied().unwrap_or(-1),
+            })
+            .collect())
+    }
+
+    /// After reads folded: their members' pointers move in their groups.
+    fn follow_groups(&mut self, keys: &[StateKey]) -> Result<(), ProcessorError> {
+        if self.groups.is_none() {
+            return Ok(());
+        }
+        self.load_groups(keys.iter().map(|k| k.conversation.clone()))?;
+        let Some(groups) = &mut self.groups else {
+            return Ok(());
+        };
+        for k in keys {
+            if let Some(s) = self.cache.get(k) {
+                groups.advance(k, s.last_read_seq);
+            }
+        }
         Ok(())
     }
 
@@ -317,6 +445,10 @@ impl ReadStateProcessor {
         if let Some(heads) = &mut self.heads {
             heads.ensure_loaded(reads.iter().map(|e| e.conversation_id.clone()))?;
         }
+        if self.groups.is_some() {
+            let keys: Vec<StateKey> = reads.iter().map(ReadEvent::key).collect();
+            self.follow_groups(&keys)?;
+        }
         Ok(())
     }
 
@@ -338,6 +470,14 @@ impl ReadStateProcessor {
         heads.process(messages)?;
         if let Some((readers, owed)) = &mut self.sender_receipts {
             heads.receipts_read_before(&*self.store, *readers, owed)?;
+        }
+        if self.groups.is_some() {
+            self.load_groups(messages.iter().map(|(m, _)| m.conversation_id.clone()))?;
+            if let Some(groups) = &mut self.groups {
+                for (m, _) in messages {
+                    groups.touch(&m.conversation_id);
+                }
+            }
         }
         let Some(r) = &mut self.resolver else {
             return Ok(());
@@ -393,6 +533,10 @@ impl ReadStateProcessor {
             // The heads the flush derives these readers' counts from.
             heads.ensure_loaded(events.iter().map(|(e, _)| e.conversation_id.clone()))?;
         }
+        if self.groups.is_some() {
+            let keys: Vec<StateKey> = events.iter().map(|(e, _)| e.key()).collect();
+            self.follow_groups(&keys)?;
+        }
         Ok(())
     }
 
@@ -431,6 +575,10 @@ impl ReadStateProcessor {
             for r in &mut out.sender_receipts {
                 r.emitted_at_ms = now_ms;
             }
+            if let Some(groups) = &self.groups {
+                // Large groups get the read-by aggregate only.
+                (out.sender_receipts).retain(|r| !groups.is_large(&r.conversation_id));
+            }
         }
         if let Some(r) = &mut self.resolver {
             r.waiting.flush(&mut out.flush.stores[HEADS_STORE]);
@@ -443,6 +591,10 @@ impl ReadStateProcessor {
             self.flush_key(key, now_ms, &mut out);
         }
         self.emit_due(now_ms, &mut out);
+        if let (Some(groups), Some(heads)) = (&mut self.groups, &self.heads) {
+            let store = &mut out.flush.stores[HEADS_STORE];
+            groups.flush(now_ms, |c| heads.get(c), &mut out.read_by, store);
+        }
         if let Some(heads) = &mut self.heads {
             // After the keys: their emitted pointers raise the heads' `read_high`.
             heads.flush(now_ms, &mut out.flush.stores[HEADS_STORE], &mut out.heads);
@@ -478,8 +630,13 @@ impl ReadStateProcessor {
                     update.counts =
                         Some(heads.counts(&key.conversation, &key.reader, state.last_read_seq));
                     if self.sender_receipts.is_some() {
-                        let from = state.emitted_seq;
-                        heads.sender_receipts(&key, from, state, now_ms, &mut out.sender_receipts);
+                        let large =
+                            (self.groups.as_ref()).is_some_and(|g| g.is_large(&key.conversation));
+                        if !large {
+                            let from = state.emitted_seq;
+                            let receipts = &mut out.sender_receipts;
+                            heads.sender_receipts(&key, from, state, now_ms, receipts);
+                        }
                         heads.note_emitted(&key.conversation, state.last_read_seq);
                     }
                 }
@@ -517,6 +674,9 @@ impl ReadStateProcessor {
         if let Some(heads) = &mut self.heads {
             heads.end_flush(self.pending.keys().map(|k| k.conversation.clone()));
         }
+        if let Some(groups) = &mut self.groups {
+            groups.end_flush(self.pending.keys().map(|k| k.conversation.clone()));
+        }
         Ok(())
     }
 
@@ -526,6 +686,9 @@ impl ReadStateProcessor {
         self.cache.clear();
         if let Some((_, owed)) = &mut self.sender_receipts {
             owed.clear();
+        }
+        if let Some(groups) = &mut self.groups {
+            groups.clear();
         }
         if let Some(heads) = &mut self.heads {
             heads.clear();

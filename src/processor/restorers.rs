@@ -3,6 +3,7 @@
 
 use hashbrown::HashSet;
 
+use super::groups::GroupCodec;
 use super::resolve::WaitingRead;
 use crate::model::StateKey;
 use crate::state::codec::{EntryCodec, Heads, ReadState, ReadStates, StoreKey, TAG_PENDING};
@@ -113,8 +114,13 @@ impl StoreRestorer for HeadsRestorer {
             if let Some(k) = WaitingRead::decode_key(key) {
                 return value.map_or(Ok(()), |v| WaitingRead::decode(k, v).map(|_| ()));
             }
+            if GroupCodec::decode_key(key).is_some() {
+                return value.map_or(Ok(()), |v| GroupCodec::decode_value(v).map(|_| ()));
+            }
             if Heads::decode_key(key).is_none() {
-                return Err("changelog key is not a conversation-head or waiting-read key".into());
+                return Err(
+                    "changelog key is not a conversation-head, group or waiting-read key".into(),
+                );
             }
             value.map_or(Ok(()), |v| Heads::decode_value(v).map(|_| ()))
         })

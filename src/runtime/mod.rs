@@ -261,13 +261,14 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
     );
     let mut consumer_config = config.kafka.consumer(t.application_id.as_str());
     let consumer_protocol = config.kafka.consumer_protocol();
-    if t.messages.is_some() && !consumer_protocol {
+    let sides = t.side_sources();
+    if !sides.is_empty() && !consumer_protocol {
         // Co-partitioning: the range assignor gives each member the same partition numbers
         // of every topic with the same partition count (all members subscribe to both).
         // Rebalances are eager: every task is revoked (committed, closed) and reassigned.
         consumer_config.set("partition.assignment.strategy", "range");
     }
-    if t.messages.is_some()
+    if !sides.is_empty()
         && consumer_protocol
         && consumer_config.get("group.remote.assignor").is_none()
     {
@@ -293,7 +294,7 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
             .iter()
             .filter_map(|s| s.repartition_topic.as_ref().map(|r| r.0.clone())),
     );
-    topics.extend(t.messages.as_ref().map(|m| m.topic.0.clone()));
+    topics.extend(sides.iter().map(|m| m.topic.0.clone()));
     consumer
         .subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())
         .map_err(KafkaError::from)?;
@@ -342,18 +343,18 @@ fn prepare_topics(config: &RunConfig) -> Result<i32, RuntimeError> {
         .build()
         .map_err(RuntimeError::Tokio)?;
     let t = &config.topology;
+    let sides = t.side_sources();
     let md_timeout = Duration::from_secs(10);
     let internal = t.internal_topics();
     let mut names: Vec<&str> = t.sources.iter().map(|s| s.topic.as_str()).collect();
     names.extend(internal.iter().map(|(n, _)| n.as_str()));
     names.push(t.output.topic.as_str());
-    for h in t.heads_output.iter().chain(&t.sender_receipts_output) {
+    let outputs = t.heads_output.iter().chain(&t.sender_receipts_output);
+    for h in outputs.chain(&t.read_by_output) {
         names.push(h.topic.as_str());
     }
     // Last: not created, only checked against the read events' partitioning.
-    if let Some(m) = &t.messages {
-        names.push(m.topic.as_str());
-    }
+    names.extend(sides.iter().map(|m| m.topic.as_str()));
     let compacted: Vec<String> = internal
         .iter()
         .filter(|(_, c)| *c)
@@ -387,8 +388,9 @@ fn prepare_topics(config: &RunConfig) -> Result<i32, RuntimeError> {
         None => Default::default(),
     };
     let partitions = source_partitions(t, &counts)?;
-    if let Some(m) = &t.messages {
-        check_message_partitions(m, counts.last().copied().flatten(), partitions, t)?;
+    let side_counts = &counts[counts.len() - sides.len()..];
+    for (m, count) in sides.iter().zip(side_counts) {
+        check_message_partitions(m, *count, partitions, t)?;
     }
     let dlq = &t.dead_letter_topic.0;
     let mut wanted: Vec<TopicRequest> = internal
@@ -403,7 +405,8 @@ fn prepare_topics(config: &RunConfig) -> Result<i32, RuntimeError> {
         })
         .collect();
     let outputs = std::iter::once(&t.output).chain(&t.heads_output);
-    for topic in outputs.chain(&t.sender_receipts_output) {
+    let outputs = outputs.chain(&t.sender_receipts_output);
+    for topic in outputs.chain(&t.read_by_output) {
         wanted.push(TopicRequest {
             name: topic.topic.0.clone(),
             partitions,
@@ -477,8 +480,9 @@ fn source_partitions(t: &Topology, counts: &[Option<i32>]) -> Result<i32, Runtim
     partitions.ok_or_else(|| RuntimeError::Unsupported("a topology without sources".into()))
 }
 
-/// The message topic must exist with the read events' partition count: task p reads
-/// partition p of both, so a conversation's messages and reads meet in one task.
+/// A co-partitioned source's topic (messages, members) must exist with the read events'
+/// partition count: task p reads partition p of each, so a conversation's records meet
+/// in one task.
 fn check_message_partitions(
     m: &crate::topology::Source,
     count: Option<i32>,
@@ -488,12 +492,12 @@ fn check_message_partitions(
     let reads = &t.sources[0].topic;
     match count {
         None => Err(RuntimeError::MissingTopic(format!(
-            "message source topic {} (create it with {partitions} partitions, like {reads})",
-            m.topic
+            "source topic {} of source {:?} (create it with {partitions} partitions, like {reads})",
+            m.topic, m.name
         ))),
         Some(n) if n != partitions => Err(RuntimeError::Partitioning(format!(
-            "message source topic {} has {n} partitions but {reads} has {partitions}: co-partitioned sources need the same partition count (and the same key, conversation_id, and partitioner)",
-            m.topic
+            "source topic {} of source {:?} has {n} partitions but {reads} has {partitions}: co-partitioned sources need the same partition count (and the same key, conversation_id, and partitioner)",
+            m.topic, m.name
         ))),
         Some(_) => Ok(()),
     }

@@ -148,7 +148,7 @@ impl TaskManager {
             updater: StateUpdater::new(state, reader, u32::from(forwarding.is_some())),
             tasks: Tasks::new(
                 task_topic,
-                t.messages.as_ref().map(|m| m.topic.0.clone()),
+                t.side_sources().iter().map(|m| m.topic.0.clone()).collect(),
                 forwarding,
             ),
             parking: Parking::default(),
@@ -281,7 +281,7 @@ impl TaskManager {
                 continue;
             }
             self.updater.queue(*p);
-            let tps = std::iter::once((topic.clone(), *p)).chain(self.tasks.message_partition(*p));
+            let tps = std::iter::once((topic.clone(), *p)).chain(self.tasks.side_partitions(*p));
             for tp in tps {
                 self.parking.mark(tp.clone(), ParkReason::Restoring, None);
                 pause.push(tp);
@@ -345,10 +345,10 @@ impl TaskManager {
         self.share_cache_budget();
         let tp = (self.tasks.task_topic().to_owned(), id.partition);
         self.parking.unpark(consumer, &tp)?;
-        match self.tasks.message_partition(id.partition) {
-            Some(mp) => self.parking.unpark(consumer, &mp),
-            None => Ok(()),
+        for sp in self.tasks.side_partitions(id.partition) {
+            self.parking.unpark(consumer, &sp)?;
         }
+        Ok(())
     }
 
     fn update_readiness(&mut self) {

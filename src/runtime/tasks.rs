@@ -26,24 +26,25 @@ pub(super) struct Forwarding {
 pub(super) struct Tasks {
     /// The topic the stateful tasks consume (the source, or its repartition topic).
     task_topic: String,
-    /// The topic co-partitioned with `task_topic`: task p reads partition p of both.
-    message_topic: Option<String>,
+    /// The topics co-partitioned with `task_topic` (messages, members): task p reads
+    /// partition p of each.
+    sides: Vec<String>,
     pub(super) running: BTreeMap<i32, RunningTask>,
     pub(super) forwarding: Option<Forwarding>,
-    /// Halves of co-partitioned pairs held without their other half (KIP-848's
-    /// incremental assignment may give one before the other): parked until it comes.
+    /// Parts of co-partitioned groups held without the rest (KIP-848's incremental
+    /// assignment may give one before another): parked until the group is complete.
     lone: BTreeSet<TopicPartition>,
 }
 
 impl Tasks {
     pub(super) fn new(
         task_topic: String,
-        message_topic: Option<String>,
+        sides: Vec<String>,
         forwarding: Option<Forwarding>,
     ) -> Self {
         Self {
             task_topic,
-            message_topic,
+            sides,
             running: BTreeMap::new(),
             forwarding,
             lone: BTreeSet::new(),
@@ -54,19 +55,18 @@ impl Tasks {
         &self.task_topic
     }
 
-    pub(super) fn message_topic(&self) -> Option<&str> {
-        self.message_topic.as_deref()
+    /// The task topic and its co-partitioned topics.
+    fn group(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.task_topic).chain(&self.sides)
     }
 
-    /// With a message source, both topics' partitions must come together (the range
-    /// assignor guarantees it when every member subscribes to both with equal counts).
+    /// With co-partitioned sources, every topic's partitions must come together (the
+    /// range assignor guarantees it when every member subscribes to all with equal
+    /// counts).
     pub(super) fn check_co_partitioned(
         &self,
         parts: &[TopicPartition],
     ) -> Result<(), RuntimeError> {
-        let Some(mt) = self.message_topic() else {
-            return Ok(());
-        };
         let of = |topic: &str| -> BTreeSet<i32> {
             parts
                 .iter()
@@ -75,70 +75,70 @@ impl Tasks {
                 .collect()
         };
         let task_topic = self.task_topic();
-        let (reads, messages) = (of(task_topic), of(mt));
-        if reads == messages {
-            return Ok(());
+        let reads = of(task_topic);
+        for side in &self.sides {
+            let other = of(side);
+            if other != reads {
+                return Err(RuntimeError::Fatal(format!(
+                    "co-partitioning broken: this instance was assigned partitions {reads:?} of {task_topic} but {other:?} of {side}; every instance of the group must run the same topology (all co-partitioned topics subscribed, range assignment) and the topics must have the same partition count"
+                )));
+            }
         }
-        Err(RuntimeError::Fatal(format!(
-            "co-partitioning broken: this instance was assigned partitions {reads:?} of {task_topic} but {messages:?} of {mt}; every instance of the group must run the same topology (both topics subscribed, range assignment) and both topics must have the same partition count"
-        )))
+        Ok(())
     }
 
-    /// The other half of a co-partitioned pair (None without a message source, or for a
-    /// forwarded source partition).
-    fn partner(&self, tp: &TopicPartition) -> Option<TopicPartition> {
-        let mt = self.message_topic.as_ref()?;
-        if tp.0 == self.task_topic {
-            Some((mt.clone(), tp.1))
-        } else if tp.0 == *mt {
-            Some((self.task_topic.clone(), tp.1))
-        } else {
-            None
-        }
-    }
-
-    /// Pair newly assigned partitions: the partitions to take on (forwarded ones, and the
-    /// task partitions whose pair is now complete), and the halves still alone (to park
-    /// until their other half comes).
+    /// Group newly assigned partitions: the partitions to take on (forwarded ones, and the
+    /// task partitions whose group of co-partitioned partitions is now complete), and the
+    /// parts still alone (to park until the rest comes).
     pub(super) fn pair(
         &mut self,
         parts: &[TopicPartition],
     ) -> (Vec<TopicPartition>, Vec<TopicPartition>) {
-        let (mut take, mut lone) = (Vec::new(), Vec::new());
+        let (mut take, mut fresh) = (Vec::new(), Vec::new());
         for tp in parts {
-            let Some(other) = self.partner(tp) else {
+            if !self.is_task_topic(&tp.0) {
                 take.push(tp.clone());
-                continue;
-            };
-            let task = if tp.0 == self.task_topic { tp } else { &other };
-            if self.lone.remove(&other) {
-                take.push(task.clone());
-            } else if parts.contains(&other) {
-                // Both halves in this assignment: taken once, at the task topic's.
-                if task == tp {
-                    take.push(tp.clone());
-                }
             } else if self.lone.insert(tp.clone()) {
-                lone.push(tp.clone());
+                fresh.push(tp.clone());
             }
         }
-        (take, lone)
+        let grouped: Vec<i32> = (parts.iter())
+            .filter(|tp| self.is_task_topic(&tp.0))
+            .map(|tp| tp.1)
+            .collect();
+        for p in grouped {
+            let members: Vec<TopicPartition> = self.group().map(|t| (t.clone(), p)).collect();
+            if members.iter().all(|m| self.lone.contains(m)) {
+                for m in &members {
+                    self.lone.remove(m);
+                }
+                take.push((self.task_topic.clone(), p));
+            }
+        }
+        fresh.retain(|tp| self.lone.contains(tp));
+        (take, fresh)
     }
 
-    /// Partitions revoked: the task partitions touched (either half revoked), and the
-    /// other halves still assigned, now alone (to park until their pair comes back).
+    /// Partitions revoked: the task partitions touched (any part of their group revoked),
+    /// and the other parts still assigned, now alone (to park until the group is back).
     pub(super) fn unpair(&mut self, parts: &[TopicPartition]) -> (Vec<i32>, Vec<TopicPartition>) {
         let (mut touched, mut alone) = (Vec::new(), Vec::new());
         for tp in parts {
             if self.lone.remove(tp) {
                 continue;
             }
-            let Some(other) = self.partner(tp) else {
+            if self.sides.is_empty() || !self.is_task_topic(&tp.0) {
                 continue;
-            };
+            }
             touched.push(tp.1);
-            if !parts.contains(&other) && self.lone.insert(other.clone()) {
-                alone.push(other);
+            let others: Vec<TopicPartition> = (self.group())
+                .filter(|t| **t != tp.0)
+                .map(|t| (t.clone(), tp.1))
+                .collect();
+            for other in others {
+                if !parts.contains(&other) && self.lone.insert(other.clone()) {
+                    alone.push(other);
+                }
             }
         }
         touched.sort_unstable();
@@ -146,14 +146,14 @@ impl Tasks {
         (touched, alone)
     }
 
-    /// The co-partitioned message topic's partition joining task partition `p`.
-    pub(super) fn message_partition(&self, p: i32) -> Option<TopicPartition> {
-        self.message_topic.as_ref().map(|t| (t.clone(), p))
+    /// The co-partitioned topics' partitions joining task partition `p`.
+    pub(super) fn side_partitions(&self, p: i32) -> Vec<TopicPartition> {
+        self.sides.iter().map(|t| (t.clone(), p)).collect()
     }
 
-    /// A record of a task's topic (the read events' or the co-partitioned messages').
+    /// A record of a task's topic (the read events' or a co-partitioned one's).
     pub(super) fn is_task_topic(&self, topic: &str) -> bool {
-        topic == self.task_topic || self.message_topic.as_deref() == Some(topic)
+        topic == self.task_topic || self.sides.iter().any(|t| t == topic)
     }
 
     /// Whether this instance processes `tp` now (a running task's or a forwarded one).
@@ -173,12 +173,10 @@ impl Tasks {
             .keys()
             .map(|p| (self.task_topic.clone(), *p))
             .collect();
-        let messages: Vec<TopicPartition> = self
-            .running
-            .keys()
-            .filter_map(|p| self.message_partition(*p))
+        let sides: Vec<TopicPartition> = (self.running.keys())
+            .flat_map(|p| self.side_partitions(*p))
             .collect();
-        v.extend(messages);
+        v.extend(sides);
         if let Some(f) = &self.forwarding {
             v.extend(f.partitions.iter().map(|p| (f.source_topic.clone(), *p)));
         }
@@ -245,7 +243,7 @@ mod tests {
     /// held; a revoked half closes the task and leaves the other alone.
     #[test]
     fn pairs_complete_across_assignments_and_split_on_revoke() {
-        let mut t = Tasks::new("reads".into(), Some("msgs".into()), None);
+        let mut t = Tasks::new("reads".into(), vec!["msgs".into()], None);
         let (take, lone) = t.pair(&[tp("reads", 0), tp("msgs", 0), tp("reads", 1)]);
         assert_eq!((take, lone), (vec![tp("reads", 0)], vec![tp("reads", 1)]));
         let (take, lone) = t.pair(&[tp("msgs", 1), tp("msgs", 2)]);
@@ -254,9 +252,26 @@ mod tests {
         assert_eq!((touched, alone), (vec![0], vec![tp("reads", 0)]));
         let (take, lone) = t.pair(&[tp("msgs", 0)]);
         assert_eq!((take, lone), (vec![tp("reads", 0)], vec![]));
-        let mut plain = Tasks::new("reads".into(), None, None);
+        let mut plain = Tasks::new("reads".into(), vec![], None);
         let parts = [tp("reads", 0), tp("reads", 1)];
         assert_eq!(plain.pair(&parts), (parts.to_vec(), vec![]));
         assert_eq!(plain.unpair(&parts), (vec![], vec![]));
+    }
+
+    /// Three co-partitioned topics (reads, messages, members): a task starts once all
+    /// three of its partitions are held, in any order.
+    #[test]
+    fn groups_of_three_complete_in_any_order() {
+        let mut t = Tasks::new("reads".into(), vec!["msgs".into(), "members".into()], None);
+        let (take, lone) = t.pair(&[tp("msgs", 0), tp("reads", 0)]);
+        assert_eq!((take, lone), (vec![], vec![tp("msgs", 0), tp("reads", 0)]));
+        let (take, lone) = t.pair(&[tp("members", 0), tp("members", 1)]);
+        assert_eq!((take, lone), (vec![tp("reads", 0)], vec![tp("members", 1)]));
+        let (touched, alone) = t.unpair(&[tp("members", 0)]);
+        assert_eq!(touched, vec![0]);
+        assert_eq!(alone, vec![tp("reads", 0), tp("msgs", 0)]);
+        assert!(t
+            .check_co_partitioned(&[tp("reads", 0), tp("msgs", 0), tp("members", 1)])
+            .is_err());
     }
 }

@@ -11,7 +11,7 @@ use super::fast::{put_id, put_long, put_opt_string};
 use super::registry::SchemaResolver;
 use super::{write_wire_header, DecodeError, SerdeError};
 use crate::ids::{ConversationId, Id, ReaderId, SenderId};
-use crate::model::{HeadUpdate, MessageEvent, SenderReceipt, MAX_MENTIONS};
+use crate::model::{HeadUpdate, MessageEvent, ReadBy, SenderReceipt, MAX_MENTIONS};
 
 /// Serde mirror of `message_event.avsc` (encoding: generators, tests, upstream examples).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -256,6 +256,53 @@ impl SenderReceiptEncoder {
         put_long(out, r.read_at_ms);
         put_opt_string(out, r.device_id.as_deref());
         out.push(u8::from(r.covers_older));
+        put_long(out, r.emitted_at_ms);
+    }
+}
+
+/// Serde mirror of `read_by.avsc` (consumers, tests).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename = "ReadBy")]
+pub struct AvroReadBy {
+    pub sender_id: Id,
+    pub conversation_id: Id,
+    pub message_seq: i64,
+    pub message_id: Option<String>,
+    pub read_by: i64,
+    pub members: i64,
+    pub emitted_at: i64,
+}
+
+impl From<AvroReadBy> for ReadBy {
+    fn from(r: AvroReadBy) -> Self {
+        Self {
+            sender_id: SenderId::from(r.sender_id),
+            conversation_id: ConversationId::from(r.conversation_id),
+            message_seq: r.message_seq,
+            message_id: r.message_id,
+            read_by: r.read_by,
+            members: r.members,
+            emitted_at_ms: r.emitted_at,
+        }
+    }
+}
+
+/// Encodes read-by records for their output topic.
+pub type ReadByEncoder = WireEncoder<AvroReadBy>;
+/// Decodes read-by records (gateways, tests).
+pub type ReadByDecoder = WireDecoder<AvroReadBy>;
+
+impl ReadByEncoder {
+    /// Append the framed record to `out` (the bytes apache-avro writes for `read_by.avsc`
+    /// with the topology's id types).
+    pub fn encode_read_by_into(&self, r: &ReadBy, out: &mut Vec<u8>) {
+        write_wire_header(out, self.schema_id());
+        put_id(out, &r.sender_id.0);
+        put_id(out, &r.conversation_id.0);
+        put_long(out, r.message_seq);
+        put_opt_string(out, r.message_id.as_deref());
+        put_long(out, r.read_by);
+        put_long(out, r.members);
         put_long(out, r.emitted_at_ms);
     }
 }

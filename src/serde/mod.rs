@@ -12,6 +12,7 @@ pub mod avro;
 pub mod avro_mapped;
 pub mod fast;
 pub mod json;
+pub mod members;
 pub mod message;
 pub mod registry;
 
@@ -43,6 +44,22 @@ pub fn sender_receipt_schema(ids: &IdTypes) -> String {
             ("sender_id", ids.user, Shape::Plain),
             ("conversation_id", ids.conversation, Shape::Plain),
             ("reader_id", ids.user, Shape::Plain),
+            ("message_id", ids.message, Shape::Nullable),
+        ],
+    )
+}
+
+/// Read by N of M (`schemas/read_by.avsc`).
+pub const READ_BY_SCHEMA: &str = include_str!("../../schemas/read_by.avsc");
+
+/// The read-by schema for a topology's id types (see [`receipt_update_schema`]).
+pub fn read_by_schema(ids: &IdTypes) -> String {
+    retype(
+        READ_BY_SCHEMA,
+        ids,
+        &[
+            ("sender_id", ids.user, Shape::Plain),
+            ("conversation_id", ids.conversation, Shape::Plain),
             ("message_id", ids.message, Shape::Nullable),
         ],
     )

@@ -23,6 +23,9 @@ pub const TAG_STATE: u8 = b's';
 pub const TAG_PENDING: u8 = b'p';
 /// Tag of a conversation head (`state::head`); the reader half of its key is zero.
 pub const TAG_HEAD: u8 = b'h';
+/// Tag of a conversation's members and its last emitted read-by figures
+/// (`processor::groups`); the reader half of its key is zero.
+pub const TAG_GROUP: u8 = b'g';
 
 const SIGN: u64 = 1 << 63;
 /// Set on the tag of a key whose ids are not both integers (see [`StoreKey`]).
@@ -69,6 +72,10 @@ impl StoreKey {
 
     pub fn head(conversation: &ConversationId) -> Self {
         Self::of(TAG_HEAD, &conversation.0, &Id::int(0))
+    }
+
+    pub fn group(conversation: &ConversationId) -> Self {
+        Self::of(TAG_GROUP, &conversation.0, &Id::int(0))
     }
 
     /// The prefix shared by every reader of `conversation` under `tag`, where readers'

@@ -526,7 +526,7 @@ impl<'a> VarReader<'a> {
     }
 
     /// A count of items of at least one byte each, checked against the bytes left.
-    fn len(&mut self) -> Result<usize, String> {
+    pub(crate) fn len(&mut self) -> Result<usize, String> {
         let n = usize::try_from(self.var()?).map_err(|_| "negative length")?;
         self.check_len(n)?;
         Ok(n)

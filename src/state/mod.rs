@@ -10,6 +10,7 @@ pub mod cache;
 pub mod codec;
 pub mod head;
 pub mod memory;
+pub mod order_stats;
 pub mod restore;
 pub mod rocks;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::graph::Output;
 use super::{
     BadRecords, KafkaSink, KeyedBy, OnBadRecord, Partitioner, PostgresSink, ProcessingGuarantee,
-    ReadStateNode, ResolveSpec, Source, Store, StoreKind, Topology, TopologyError,
+    ReadStateNode, ResolveSpec, Source, SourceFormat, Store, StoreKind, Topology, TopologyError,
     DEFAULT_CACHE_MAX_ENTRIES, READ_STATE_KIND,
 };
 use crate::config::{self, SinkSpec, TopologySpec};
@@ -25,12 +25,20 @@ pub(super) fn compile_spec(
     let app = application(spec, errs);
     let ids = super::fields::id_types(spec, errs);
     let (sources, messages) = sources(spec, &app.prefix, &ids, errs);
+    let members = members_source(spec, &sources, messages.as_ref(), errs);
     let stores = stores(spec, &app.prefix, errs);
     let resolving = resolving_source(&sources);
     let processors = processors(spec, kinds, messages.as_ref(), resolving, &stores, errs);
-    check_inputs(spec, &processors, &sources, messages.as_ref(), errs);
+    let sides: Vec<Source> = messages.iter().chain(&members).cloned().collect();
+    check_inputs(spec, &processors, &sources, &sides, errs);
     check_custom_sources(spec, &processors, errs);
-    let kafka = kafka_sinks(spec, &processors, messages.is_some(), errs);
+    let kafka = kafka_sinks(
+        spec,
+        &processors,
+        messages.is_some(),
+        members.is_some(),
+        errs,
+    );
     let pg = postgres_sinks(&kafka, &app.prefix, errs);
     let processor = processors.into_iter().next()?;
     let store = stores.iter().find(|s| s.name == processor.store)?.clone();
@@ -59,6 +67,8 @@ pub(super) fn compile_spec(
         postgres: pg.receipts,
         heads_postgres: pg.heads,
         senders_postgres: pg.senders,
+        members,
+        read_by_output: kafka.read_by.into_iter().next(),
         ids,
     })
 }
@@ -139,6 +149,9 @@ fn sources(
     let mut sources: Vec<Source> = Vec::new();
     let mut messages: Option<Source> = None;
     for (i, s) in spec.source.iter().enumerate() {
+        if s.records.as_deref() == Some(MEMBERS) {
+            continue;
+        }
         let at = format!("source[{i}]");
         let name = errs.required(&at, "name", &s.name);
         let topic = errs.required(&at, "topic", &s.topic);
@@ -183,6 +196,84 @@ fn sources(
     }
     check_message_ids_resolve(spec, &sources, messages.as_ref(), errs);
     (sources, messages)
+}
+
+/// `records` of a members source.
+const MEMBERS: &str = "members";
+
+/// The members source (`records = "members"`): a compacted table topic keyed by
+/// conversation, each value the conversation's member list in JSON, co-partitioned with
+/// the reads and the messages (at most one; it needs the message source).
+fn members_source(
+    spec: &TopologySpec,
+    sources: &[Source],
+    messages: Option<&Source>,
+    errs: &mut Errors,
+) -> Option<Source> {
+    let mut found: Option<Source> = None;
+    for (i, s) in spec.source.iter().enumerate() {
+        if s.records.as_deref() != Some(MEMBERS) {
+            continue;
+        }
+        let at = format!("source[{i}]");
+        let name = errs.required(&at, "name", &s.name);
+        let topic = errs.required(&at, "topic", &s.topic);
+        if let Some(t) = topic {
+            check_topic(errs, &format!("{at}.topic"), t);
+        }
+        if found.is_some() {
+            errs.push(format!("{at}.records"), "at most one members source");
+        }
+        if messages.is_none() {
+            errs.push(
+                format!("{at}.records"),
+                "a members source needs a source with records = \"message-events\" (read by N of M is counted for the senders' messages)",
+            );
+        }
+        if s.keyed_by
+            .as_deref()
+            .is_some_and(|k| k != "conversation_id")
+        {
+            errs.push(
+                format!("{at}.keyed_by"),
+                "members are a table keyed by conversation_id, read co-partitioned with the read events",
+            );
+        }
+        if s.format.as_deref().is_some_and(|f| f != "json") {
+            errs.push(
+                format!("{at}.format"),
+                "members are JSON: a list of member ids, or an object whose \"members\" is one",
+            );
+        }
+        errs.refuse_set(
+            &at,
+            [
+                ("fields", s.fields.is_some()),
+                ("position", s.position.is_some()),
+            ],
+            "does not apply to a members source (its value is the member list)",
+        );
+        let (Some(name), Some(topic)) = (name, topic) else {
+            continue;
+        };
+        if sources.iter().chain(messages).any(|x| x.name == name) {
+            errs.push(
+                format!("{at}.name"),
+                format!("duplicate source name {name:?}"),
+            );
+        }
+        let source = Source {
+            name: name.to_owned(),
+            topic: TopicName(topic.to_owned()),
+            keyed_by: KeyedBy::ConversationId,
+            repartition_topic: None,
+            partitioner: partitioner(&at, s, errs),
+            format: SourceFormat::AvroConfluent,
+        };
+        check_co_partitioning(spec, sources, &source, errs);
+        found = Some(source);
+    }
+    found
 }
 
 /// Reads positioned by message id need the messages that name those ids.
@@ -494,6 +585,20 @@ fn processor(
     );
     let resolving = resolving.filter(|r| inputs.contains(&r.name));
     let resolve = resolve_spec(at, p, resolving, errs);
+    let has_members = spec.source.iter().any(|s| {
+        s.records.as_deref() == Some(MEMBERS) && s.name.as_ref().is_some_and(|n| inputs.contains(n))
+    });
+    let large_group_members = match (has_members, p.large_group_members) {
+        (false, Some(_)) => {
+            errs.push(
+                format!("{at}.large_group_members"),
+                "only applies with a members source among the inputs",
+            );
+            None
+        }
+        (false, None) => None,
+        (true, n) => Some(errs.positive(&format!("{at}.large_group_members"), n, 100, 1_000_000)),
+    };
     Some(ReadStateNode {
         name: name?.to_owned(),
         kind: kind.to_owned(),
@@ -503,6 +608,7 @@ fn processor(
         min_emit_interval,
         unread_cap,
         resolve,
+        large_group_members,
     })
 }
 
@@ -615,13 +721,14 @@ fn check_inputs(
     spec: &TopologySpec,
     processors: &[ReadStateNode],
     sources: &[Source],
-    messages: Option<&Source>,
+    sides: &[Source],
     errs: &mut Errors,
 ) {
+    let messages = sides.first();
     let inputs_resolve = processors.iter().all(|p| {
         p.inputs
             .iter()
-            .all(|i| sources.iter().chain(messages).any(|s| &s.name == i))
+            .all(|i| sources.iter().chain(sides).any(|s| &s.name == i))
     });
     if sources.is_empty() && !spec.source.is_empty() && messages.is_some() {
         errs.push(
@@ -630,7 +737,7 @@ fn check_inputs(
         );
     }
     if let (Some(p), true) = (processors.first(), inputs_resolve) {
-        for s in sources.iter().chain(messages) {
+        for s in sources.iter().chain(sides) {
             if !p.inputs.contains(&s.name) {
                 errs.push(
                     format!("source {:?}", s.name),
@@ -670,6 +777,7 @@ struct KafkaSinks<'a> {
     receipts: Vec<KafkaSink>,
     heads: Vec<KafkaSink>,
     senders: Vec<KafkaSink>,
+    read_by: Vec<KafkaSink>,
     postgres: Vec<(usize, &'a SinkSpec)>,
 }
 
@@ -677,12 +785,14 @@ fn kafka_sinks<'a>(
     spec: &'a TopologySpec,
     processors: &[ReadStateNode],
     has_messages: bool,
+    has_members: bool,
     errs: &mut Errors,
 ) -> KafkaSinks<'a> {
     let mut out = KafkaSinks {
         receipts: Vec::new(),
         heads: Vec::new(),
         senders: Vec::new(),
+        read_by: Vec::new(),
         postgres: Vec::new(),
     };
     for (i, s) in spec.sink.iter().enumerate() {
@@ -695,9 +805,16 @@ fn kafka_sinks<'a>(
                 if let Some((sink, output)) =
                     kafka_sink(&at, s, named, processors, has_messages, errs)
                 {
+                    if output == Output::ReadBy && !has_members {
+                        errs.push(
+                            format!("{at}.output"),
+                            "read-by needs a source with records = \"members\"",
+                        );
+                    }
                     match output {
                         Output::ConversationHeads => out.heads.push(sink),
                         Output::SenderReceipts => out.senders.push(sink),
+                        Output::ReadBy => out.read_by.push(sink),
                         Output::Receipts => out.receipts.push(sink),
                     }
                 }
@@ -731,6 +848,9 @@ fn kafka_sinks<'a>(
             "at most one kafka sink with output = \"sender-receipts\"",
         );
     }
+    if out.read_by.len() > 1 {
+        errs.push("sink", "at most one kafka sink with output = \"read-by\"");
+    }
     out
 }
 
@@ -763,10 +883,11 @@ fn kafka_sink(
         None | Some("receipts") => Output::Receipts,
         Some("conversation-heads") => Output::ConversationHeads,
         Some("sender-receipts") => Output::SenderReceipts,
+        Some("read-by") => Output::ReadBy,
         Some(o) => {
             errs.push(
                 format!("{at}.output"),
-                format!("unknown output {o:?} (receipts, conversation-heads or sender-receipts)"),
+                format!("unknown output {o:?} (receipts, conversation-heads, sender-receipts or read-by)"),
             );
             Output::Receipts
         }

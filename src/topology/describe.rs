@@ -120,6 +120,14 @@ pub fn describe(t: &Topology) -> String {
         );
         let _ = writeln!(o, "    --> {}", t.processor.name);
     }
+    if let Some(m) = &t.members {
+        let _ = writeln!(
+            o,
+            "  Source: {} (topics: [{}], member lists (JSON) keyed by conversation_id, read as a table, placed by {}, co-partitioned: partition p joins task p)",
+            m.name, m.topic, m.partitioner
+        );
+        let _ = writeln!(o, "    --> {}", t.processor.name);
+    }
     let p = &t.processor;
     let emit = if p.min_emit_interval.is_zero() {
         "one update per key per flush".to_owned()
@@ -145,10 +153,14 @@ pub fn describe(t: &Topology) -> String {
         ),
         None => String::new(),
     };
+    let groups = match p.large_group_members {
+        Some(n) => format!(", read by N of M per group (groups above {n} members: no per-reader receipts for senders)"),
+        None => String::new(),
+    };
     let stores: Vec<&str> = t.stores().iter().map(|s| s.name.as_str()).collect();
     let _ = writeln!(
         o,
-        "  Processor: {} (kind: read-state, stores: [{}], {emit}{unread}{resolve})",
+        "  Processor: {} (kind: read-state, stores: [{}], {emit}{unread}{resolve}{groups})",
         p.name,
         stores.join(", ")
     );
@@ -160,11 +172,12 @@ pub fn describe(t: &Topology) -> String {
         };
         let _ = writeln!(o, "    <-- {from}");
     }
-    if let Some(m) = &t.messages {
+    for m in t.side_sources() {
         let _ = writeln!(o, "    <-- {}", m.name);
     }
     let _ = writeln!(o, "    --> {}", t.output.name);
-    for h in t.heads_output.iter().chain(&t.sender_receipts_output) {
+    let outputs = t.heads_output.iter().chain(&t.sender_receipts_output);
+    for h in outputs.chain(&t.read_by_output) {
         let _ = writeln!(o, "    --> {}", h.name);
     }
     let _ = writeln!(
@@ -188,6 +201,11 @@ pub fn describe(t: &Topology) -> String {
     if let Some(h) = &t.sender_receipts_output {
         let what = "read receipts for senders keyed by sender_id, one per sender of the messages an emitted advance passed";
         let schema = crate::serde::sender_receipt_schema(&t.ids);
+        output_sink(&mut o, h, what, &schema, &p.name);
+    }
+    if let Some(h) = &t.read_by_output {
+        let what = "read by N of M for each sender's latest message, keyed by sender_id";
+        let schema = crate::serde::read_by_schema(&t.ids);
         output_sink(&mut o, h, what, &schema, &p.name);
     }
     let _ = writeln!(o, "Stores:");

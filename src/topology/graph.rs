@@ -45,6 +45,9 @@ pub enum Output {
     /// Read receipts for senders, keyed by sender (one per sender, conversation and
     /// reader per emitted advance).
     SenderReceipts,
+    /// "Read by N of M" for each sender's latest message, keyed by sender (when N or M
+    /// changed, at most one per sender and conversation per flush).
+    ReadBy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,8 +86,10 @@ impl Graph {
             },
         );
         for input in &t.processor.inputs {
-            let (topic, records) = match &t.messages {
-                Some(m) if &m.name == input => (m.topic.clone(), RecordKind::MessageEvents),
+            let members = t.members.as_ref().filter(|m| &m.name == input);
+            let (topic, records) = match (&t.messages, members) {
+                (_, Some(m)) => (m.topic.clone(), RecordKind::Members),
+                (Some(m), _) if &m.name == input => (m.topic.clone(), RecordKind::MessageEvents),
                 _ => {
                     let s = t
                         .sources
@@ -108,7 +113,8 @@ impl Graph {
                     .iter()
                     .map(|h| (h, Output::ConversationHeads)),
             )
-            .chain((t.sender_receipts_output.iter()).map(|h| (h, Output::SenderReceipts)));
+            .chain((t.sender_receipts_output.iter()).map(|h| (h, Output::SenderReceipts)))
+            .chain((t.read_by_output.iter()).map(|h| (h, Output::ReadBy)));
         for (sink, output) in sinks {
             let topic = sink.topic.clone();
             let node = g.add(&sink.name, NodeKind::Sink { topic, output });

@@ -211,6 +211,9 @@ pub struct ReadStateNode {
     /// Set when a read source's positions are message ids: how reads wait for the
     /// messages they name.
     pub resolve: Option<ResolveSpec>,
+    /// Set with a members source: groups with more members get read-by aggregates only,
+    /// no per-reader receipts for senders.
+    pub large_group_members: Option<usize>,
 }
 
 /// How reads positioned by message id wait for their messages (`processor::resolve`).
@@ -321,11 +324,23 @@ pub struct Topology {
     pub heads_postgres: Option<PostgresSink>,
     /// The PostgreSQL sink of the sender-receipts topic (catch-up for offline senders).
     pub senders_postgres: Option<PostgresSink>,
+    /// The conversations' members: a compacted table topic keyed by conversation, each
+    /// value the member list (`records = "members"`), co-partitioned with the reads.
+    pub members: Option<Source>,
+    /// Where "read by N of M" goes, keyed by sender (a members source and a kafka sink
+    /// with `output = "read-by"`).
+    pub read_by_output: Option<KafkaSink>,
     /// The id types (`[ids]`): decoding, store keys, output schemas and table columns.
     pub ids: IdTypes,
 }
 
 impl Topology {
+    /// The sources read co-partitioned with the read events, beside them in each task:
+    /// the message source, then the members source.
+    pub fn side_sources(&self) -> Vec<&Source> {
+        self.messages.iter().chain(&self.members).collect()
+    }
+
     /// Read, parse and compile a topology file.
     pub fn from_file(path: &Path) -> Result<Self, CompileError> {
         let text = std::fs::read_to_string(path).map_err(|error| CompileError::Io {

@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use readstate::ids::{Origin, TaskId};
+use readstate::ids::{ConversationId, Origin, ReaderId, TaskId};
 use readstate::model::{
-    HeadUpdate, MessageEvent, ReadEvent, ReceiptUpdate, SenderReceipt, StateKey, UnreadCounts,
+    HeadUpdate, MessageEvent, ReadBy, ReadEvent, ReceiptUpdate, SenderReceipt, StateKey,
+    UnreadCounts,
 };
 use readstate::processor::resolve::ResolveStats;
 use readstate::processor::{
@@ -26,7 +27,7 @@ use readstate::processor::{
 };
 use readstate::serde::avro::{AvroReadEvent, EventEncoder, UpdateDecoder};
 use readstate::serde::message::{
-    AvroMessageEvent, HeadDecoder, MessageEncoder, SenderReceiptDecoder,
+    AvroMessageEvent, HeadDecoder, MessageEncoder, ReadByDecoder, SenderReceiptDecoder,
 };
 use readstate::serde::registry::{
     LocalRegistry, SchemaResolver, LOCAL_MESSAGE_EVENT_ID, LOCAL_READ_EVENT_ID,
@@ -56,6 +57,9 @@ struct PartitionState {
     /// The same two for the partition of the co-partitioned message topic.
     messages_consumed: i64,
     messages_committed: i64,
+    /// And for the partition of the members topic.
+    members_consumed: i64,
+    members_committed: i64,
 }
 
 impl PartitionState {
@@ -66,6 +70,8 @@ impl PartitionState {
             committed: 0,
             messages_consumed: 0,
             messages_committed: 0,
+            members_consumed: 0,
+            members_committed: 0,
         }
     }
 }
@@ -84,6 +90,7 @@ pub struct TopologyTestDriver {
     update_decoder: UpdateDecoder,
     head_decoder: HeadDecoder,
     sender_decoder: SenderReceiptDecoder,
+    read_by_decoder: ReadByDecoder,
     encoder: EventEncoder,
     message_encoder: MessageEncoder,
     rt: tokio::runtime::Runtime,
@@ -93,6 +100,7 @@ pub struct TopologyTestDriver {
     outputs: Vec<ReceiptUpdate>,
     heads: Vec<HeadUpdate>,
     sender_receipts: Vec<SenderReceipt>,
+    read_by: Vec<ReadBy>,
     dead_letters: Vec<DeadLetter>,
     flushes: u64,
     /// The input topics' partition count, when set: the tasks check where records were
@@ -155,8 +163,13 @@ impl TopologyTestDriver {
             )
             .expect("generated schema parses"),
             sender_decoder: SenderReceiptDecoder::new(
-                resolver,
+                resolver.clone(),
                 &readstate::serde::sender_receipt_schema(&topology.ids),
+            )
+            .expect("generated schema parses"),
+            read_by_decoder: ReadByDecoder::new(
+                resolver,
+                &readstate::serde::read_by_schema(&topology.ids),
             )
             .expect("generated schema parses"),
             rt,
@@ -172,6 +185,7 @@ impl TopologyTestDriver {
             outputs: Vec::new(),
             heads: Vec::new(),
             sender_receipts: Vec::new(),
+            read_by: Vec::new(),
             dead_letters: Vec::new(),
             flushes: 0,
             partition_count: None,
@@ -328,34 +342,102 @@ impl TopologyTestDriver {
 
     /// Pipe one raw record value of the message topic.
     pub fn pipe_message_raw(&mut self, partition: i32, offset: i64, value: Option<&[u8]>) {
-        let topic = self
-            .topology
-            .messages
-            .as_ref()
+        let topic = (self.topology.messages.as_ref())
             .expect("the topology has a message source")
             .topic
             .as_str()
             .to_owned();
-        let rec = SourceRecord {
-            topic: &topic,
+        self.pipe_side(
+            RecordKind::MessageEvents,
+            &topic,
             partition,
             offset,
-            key: None,
+            None,
+            value,
+        );
+    }
+
+    /// Pipe one record of the members topic into `partition`: the member list of
+    /// `conversation` (JSON), or a tombstone (`None`). The topology must have a members
+    /// source.
+    pub fn pipe_members(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        conversation: &ConversationId,
+        members: Option<&[ReaderId]>,
+    ) {
+        let json = members.map(|ms| {
+            let ids: Vec<String> = ms.iter().map(|m| m.to_string()).collect();
+            serde_json::json!({ "members": ids }).to_string()
+        });
+        let key = conversation.to_string();
+        let value = json.as_deref().map(str::as_bytes);
+        self.pipe_members_raw(partition, offset, Some(key.as_bytes()), value);
+    }
+
+    /// Pipe one raw record of the members topic.
+    pub fn pipe_members_raw(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) {
+        let topic = (self.topology.members.as_ref())
+            .expect("the topology has a members source")
+            .topic
+            .as_str()
+            .to_owned();
+        self.pipe_side(RecordKind::Members, &topic, partition, offset, key, value);
+    }
+
+    /// Pipe one record of a co-partitioned topic (messages or members) into its task.
+    fn pipe_side(
+        &mut self,
+        kind: RecordKind,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) {
+        let rec = SourceRecord {
+            topic,
+            partition,
+            offset,
+            key,
             value,
             origin: Origin {
-                source: Origin::source_id(&topic, partition),
+                source: Origin::source_id(topic, partition),
                 offset,
             },
             timestamp: Some(self.now_ms),
         };
         self.prepare(std::slice::from_ref(&rec));
-        let input = self.input_of(RecordKind::MessageEvents);
+        let input = self.input_of(kind);
         self.open_partition(partition);
         let ps = self.partitions.get_mut(&partition).expect("open");
-        ps.messages_consumed = ps.messages_consumed.max(offset + 1);
+        let consumed = match kind {
+            RecordKind::Members => &mut ps.members_consumed,
+            _ => &mut ps.messages_consumed,
+        };
+        *consumed = (*consumed).max(offset + 1);
         let task = ps.task.as_mut().expect("open");
         task.process(input, &[rec], &mut self.dead_letters)
-            .expect("process messages");
+            .expect("process");
+    }
+
+    /// Next offset to consume in `partition` of the members topic after the last commit.
+    pub fn committed_members_offset(&self, partition: i32) -> i64 {
+        self.partitions
+            .get(&partition)
+            .map_or(0, |p| p.members_committed)
+    }
+
+    /// Take the read-by records emitted so far.
+    pub fn read_read_by(&mut self) -> Vec<ReadBy> {
+        std::mem::take(&mut self.read_by)
     }
 
     /// Fetch the writer schemas the records need (as the runtime does before processing).
@@ -396,6 +478,16 @@ impl TopologyTestDriver {
                     assert_eq!(key, r.sender_id.to_string(), "keyed by sender");
                     self.sender_receipts.push(r.into());
                 }
+                Output::ReadBy => {
+                    let d = &mut self.read_by_decoder;
+                    self.rt
+                        .block_on(d.prepare(std::iter::once(Some(value))))
+                        .expect("the schema registry answers");
+                    let r = d.decode(value).expect("the sink's own encoding decodes");
+                    let key = std::str::from_utf8(_key).expect("a sender key is text");
+                    assert_eq!(key, r.sender_id.to_string(), "keyed by sender");
+                    self.read_by.push(r.into());
+                }
             }
         }
     }
@@ -431,6 +523,7 @@ impl TopologyTestDriver {
                 .expect("commit flush");
             ps.committed = ps.consumed;
             ps.messages_committed = ps.messages_consumed;
+            ps.members_committed = ps.members_consumed;
         }
         self.last_flush_ms = now;
         self.flushes += 1;
@@ -445,6 +538,7 @@ impl TopologyTestDriver {
             }
             ps.consumed = ps.committed;
             ps.messages_consumed = ps.messages_committed;
+            ps.members_consumed = ps.members_committed;
         }
     }
 
@@ -501,6 +595,7 @@ impl TopologyTestDriver {
             ps.task = Some(reopened);
             ps.consumed = ps.committed;
             ps.messages_consumed = ps.messages_committed;
+            ps.members_consumed = ps.members_committed;
         }
     }
 

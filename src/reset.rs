@@ -258,7 +258,8 @@ fn reset_sink_offsets(topology: &Topology, opts: &ResetOptions) -> Result<String
         .map_err(|e| SinkError::Fatal(format!("tokio runtime: {e}")))?;
     let mut lines = Vec::new();
     let sinks = std::iter::once(pg).chain(&topology.heads_postgres);
-    for sink in sinks.chain(&topology.senders_postgres) {
+    let sinks = sinks.chain(&topology.senders_postgres);
+    for sink in sinks.chain(&topology.members_postgres) {
         let topic = sink.topic.as_str();
         let group = &sink.consumer_group;
         let n = rt.block_on(table.delete_offsets(group, topic, opts.dry_run))?;

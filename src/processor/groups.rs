@@ -359,40 +359,35 @@ fn read_by(
     now_ms: i64,
     out: &mut Vec<ReadBy>,
 ) {
-    let mut seen: Vec<(SenderId, i64, Option<String>)> = Vec::new();
+    let mut seen: HashSet<&SenderId> = HashSet::new();
+    let members = g.members() as i64;
+    let mut emitted = Vec::with_capacity(g.emitted.len());
     for (i, p) in head.window.iter().enumerate().rev() {
-        if seen.iter().any(|(s, _, _)| *s == p.sender) {
+        if !seen.insert(&p.sender) {
             continue;
         }
-        let id = (head.index.get(i))
-            .and_then(|r| r.id.as_ref())
-            .map(|id| id.to_string());
-        seen.push((p.sender.clone(), p.seq, id));
-    }
-    let members = g.members() as i64;
-    let mut emitted = Vec::with_capacity(seen.len());
-    for (sender, seq, id) in seen {
-        let read_by = g.read_by(seq) as i64;
         let now = Emitted {
-            sender: sender.clone(),
-            seq,
-            read_by,
+            sender: p.sender.clone(),
+            seq: p.seq,
+            read_by: g.read_by(p.seq) as i64,
             members,
         };
-        if !g.emitted.contains(&now) {
+        let before = g.emitted.binary_search_by(|e| e.sender.cmp(&p.sender));
+        if before.map_or(true, |at| g.emitted[at] != now) {
+            let id = (head.index.get(i)).and_then(|r| r.id.as_ref());
             out.push(ReadBy {
-                sender_id: sender,
+                sender_id: p.sender.clone(),
                 conversation_id: c.clone(),
-                message_seq: seq,
-                message_id: id,
-                read_by,
+                message_seq: p.seq,
+                message_id: id.map(|id| id.to_string()),
+                read_by: now.read_by,
                 members,
                 emitted_at_ms: now_ms,
             });
         }
         emitted.push(now);
     }
-    emitted.sort_by(|a, b| a.sender.cmp(&b.sender));
+    emitted.sort_unstable_by(|a, b| a.sender.cmp(&b.sender));
     g.emitted = emitted;
 }
 

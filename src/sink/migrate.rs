@@ -51,6 +51,14 @@ pub const SENDER_RECEIPT_MIGRATIONS: &[Migration] = &[Migration {
     sql: include_str!("../../migrations/sender_receipts/0001_sender_receipts.sql"),
 }];
 
+/// The migrations of a members table (`migrations/members/`); `{{receipts_table}}` stands
+/// for the receipts table its read-by function reads.
+pub const MEMBER_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "members/0001_conversation_members.sql",
+    sql: include_str!("../../migrations/members/0001_conversation_members.sql"),
+}];
+
 /// Advisory lock key serialising migrations ("readstat" in ASCII).
 const LOCK_KEY: i64 = 0x7265_6164_7374_6174;
 
@@ -116,14 +124,15 @@ pub async fn migrate(
     .await
 }
 
-/// Apply the migrations of the conversation-heads table `table`, whose view reads
-/// `receipts_table`.
-pub async fn migrate_heads(
+/// Apply `migrations` to the table `table` whose SQL reads `receipts_table` (a
+/// conversation-heads or members table).
+pub async fn migrate_beside(
     client: &mut Client,
     table: &str,
     receipts_table: &str,
     ids: &IdTypes,
     columns: &[(&str, IdType)],
+    migrations: &'static [Migration],
 ) -> Result<Vec<i32>, SinkError> {
     check_id_columns(client, table, columns).await?;
     let render =
@@ -132,7 +141,7 @@ pub async fn migrate_heads(
         client,
         Plan {
             table,
-            migrations: HEAD_MIGRATIONS,
+            migrations,
             render: &render,
         },
     )
@@ -287,6 +296,7 @@ mod tests {
         for (dir, set) in [
             ("heads", HEAD_MIGRATIONS),
             ("sender_receipts", SENDER_RECEIPT_MIGRATIONS),
+            ("members", MEMBER_MIGRATIONS),
         ] {
             let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("migrations")

@@ -170,6 +170,19 @@ pub fn senders_from_topology(
     }
 }
 
+/// The members sink of `topology` (table `conversation_members`), when it has one.
+pub fn members_from_topology(
+    topology: &crate::topology::Topology,
+    kafka: crate::kafka::KafkaSettings,
+    resolver: std::sync::Arc<dyn crate::serde::registry::SchemaResolver>,
+    url: &str,
+) -> Result<Option<SinkConfig<row::MemberListRow>>, SinkError> {
+    match &topology.members_postgres {
+        Some(pg) => sink_config(topology, pg, kafka, resolver, url).map(Some),
+        None => Ok(None),
+    }
+}
+
 fn sink_config<R: SinkRow>(
     topology: &crate::topology::Topology,
     pg: &crate::topology::PostgresSink,

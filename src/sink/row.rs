@@ -4,9 +4,15 @@
 //! retries are the same for all.
 
 use std::hash::Hash;
+use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use tokio_postgres::types::ToSql;
+
+use crate::serde::avro::WireDecoder;
+use crate::serde::registry::SchemaResolver;
+use crate::serde::{DecodeError, SerdeError};
 
 use crate::ids::{ConversationId, Id, IdType, IdTypes};
 use crate::ids::{ReaderId, SenderId};
@@ -17,16 +23,61 @@ use crate::serde::message::{AvroConversationHead, AvroSenderReceipt};
 /// Column arrays bound to an upsert (the shape `unnest` takes).
 pub type Columns = Vec<Box<dyn ToSql + Sync + Send>>;
 
+/// How the sink reads its topic's records into rows.
+pub trait RowDecoder<R>: Send {
+    /// Fetch what decoding `value` needs (an Avro writer schema).
+    fn prepare<'a>(&'a mut self, value: &'a [u8]) -> BoxFuture<'a, Result<(), SerdeError>>;
+    /// The row of the record at `offset` (`value` `None`: a tombstone).
+    fn decode(
+        &self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        offset: i64,
+    ) -> Result<R, DecodeError>;
+}
+
+/// Rows of an Avro output topic (Confluent wire format), through the serde mirror `A`.
+pub struct AvroRows<A> {
+    inner: WireDecoder<A>,
+}
+
+impl<A: DeserializeOwned> AvroRows<A> {
+    /// Boxed, for [`SinkRow::decoder`]: `schema` is the topic's reader schema.
+    pub fn boxed<R>(
+        resolver: Arc<dyn SchemaResolver>,
+        schema: &str,
+    ) -> Result<Box<dyn RowDecoder<R>>, SerdeError>
+    where
+        A: Into<R> + Send + 'static,
+    {
+        Ok(Box::new(Self {
+            inner: WireDecoder::new(resolver, schema)?,
+        }))
+    }
+}
+
+impl<R, A: DeserializeOwned + Into<R> + Send> RowDecoder<R> for AvroRows<A> {
+    fn prepare<'a>(&'a mut self, value: &'a [u8]) -> BoxFuture<'a, Result<(), SerdeError>> {
+        Box::pin(self.inner.prepare(std::iter::once(Some(value))))
+    }
+
+    fn decode(&self, _: Option<&[u8]>, value: Option<&[u8]>, _: i64) -> Result<R, DecodeError> {
+        let value = value.ok_or(DecodeError::EmptyValue)?;
+        self.inner.decode(value).map(Into::into)
+    }
+}
+
 pub trait SinkRow: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// One row per key: the highest version wins.
     type Key: Hash + Eq + Clone + Send + Sync + std::fmt::Debug;
-    /// The serde mirror of the topic's Avro schema.
-    type Avro: DeserializeOwned + Into<Self>;
     /// The migrations its table needs.
     const MIGRATIONS: &'static [super::migrate::Migration];
 
-    /// The reader schema of the topic, for the topology's id types.
-    fn schema(ids: &IdTypes) -> String;
+    /// How its topic's records are read, for the topology's id types.
+    fn decoder(
+        resolver: Arc<dyn SchemaResolver>,
+        ids: &IdTypes,
+    ) -> Result<Box<dyn RowDecoder<Self>>, SerdeError>;
     /// The table's id columns and their declared types (checked against an existing table).
     fn id_columns(ids: &IdTypes) -> Vec<(&'static str, IdType)>;
     fn key(&self) -> Self::Key;
@@ -42,11 +93,13 @@ pub trait SinkRow: Clone + Send + Sync + std::fmt::Debug + 'static {
 
 impl SinkRow for ReceiptUpdate {
     type Key = StateKey;
-    type Avro = AvroReceiptUpdate;
     const MIGRATIONS: &'static [super::migrate::Migration] = super::migrate::MIGRATIONS;
 
-    fn schema(ids: &IdTypes) -> String {
-        crate::serde::receipt_update_schema(ids)
+    fn decoder(
+        resolver: Arc<dyn SchemaResolver>,
+        ids: &IdTypes,
+    ) -> Result<Box<dyn RowDecoder<Self>>, SerdeError> {
+        AvroRows::<AvroReceiptUpdate>::boxed(resolver, &crate::serde::receipt_update_schema(ids))
     }
 
     fn id_columns(ids: &IdTypes) -> Vec<(&'static str, IdType)> {
@@ -141,11 +194,14 @@ impl SinkRow for ReceiptUpdate {
 
 impl SinkRow for HeadUpdate {
     type Key = ConversationId;
-    type Avro = AvroConversationHead;
     const MIGRATIONS: &'static [super::migrate::Migration] = super::migrate::HEAD_MIGRATIONS;
 
-    fn schema(ids: &IdTypes) -> String {
-        crate::serde::conversation_head_schema(ids)
+    fn decoder(
+        resolver: Arc<dyn SchemaResolver>,
+        ids: &IdTypes,
+    ) -> Result<Box<dyn RowDecoder<Self>>, SerdeError> {
+        let schema = crate::serde::conversation_head_schema(ids);
+        AvroRows::<AvroConversationHead>::boxed(resolver, &schema)
     }
 
     fn id_columns(ids: &IdTypes) -> Vec<(&'static str, IdType)> {
@@ -235,12 +291,15 @@ impl SinkRow for HeadUpdate {
 
 impl SinkRow for SenderReceipt {
     type Key = (SenderId, ConversationId, ReaderId);
-    type Avro = AvroSenderReceipt;
     const MIGRATIONS: &'static [super::migrate::Migration] =
         super::migrate::SENDER_RECEIPT_MIGRATIONS;
 
-    fn schema(ids: &IdTypes) -> String {
-        crate::serde::sender_receipt_schema(ids)
+    fn decoder(
+        resolver: Arc<dyn SchemaResolver>,
+        ids: &IdTypes,
+    ) -> Result<Box<dyn RowDecoder<Self>>, SerdeError> {
+        let schema = crate::serde::sender_receipt_schema(ids);
+        AvroRows::<AvroSenderReceipt>::boxed(resolver, &schema)
     }
 
     fn id_columns(ids: &IdTypes) -> Vec<(&'static str, IdType)> {
@@ -317,6 +376,108 @@ impl SinkRow for SenderReceipt {
             "read_at_ms": self.read_at_ms,
             "device_id": self.device_id,
             "covers_older": self.covers_older,
+        })
+        .to_string()
+    }
+}
+
+/// A conversation's member list, from the members source (JSON): one row per
+/// conversation, its version the record's offset (a conversation's lists are in one
+/// partition, in order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberListRow {
+    pub conversation_id: ConversationId,
+    pub members: Vec<ReaderId>,
+    pub offset: i64,
+}
+
+/// Member lists (JSON, conversation from the key), for the members table.
+pub struct MemberListRows {
+    ids: IdTypes,
+}
+
+impl RowDecoder<MemberListRow> for MemberListRows {
+    fn prepare<'a>(&'a mut self, _: &'a [u8]) -> BoxFuture<'a, Result<(), SerdeError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn decode(
+        &self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        offset: i64,
+    ) -> Result<MemberListRow, DecodeError> {
+        let max = crate::processor::node::MAX_MEMBERS;
+        let list = crate::serde::members::decode_members(key, value, &self.ids, max)?;
+        Ok(MemberListRow {
+            conversation_id: list.conversation,
+            members: list.members,
+            offset,
+        })
+    }
+}
+
+impl SinkRow for MemberListRow {
+    type Key = ConversationId;
+    const MIGRATIONS: &'static [super::migrate::Migration] = super::migrate::MEMBER_MIGRATIONS;
+
+    fn decoder(
+        _: Arc<dyn SchemaResolver>,
+        ids: &IdTypes,
+    ) -> Result<Box<dyn RowDecoder<Self>>, SerdeError> {
+        Ok(Box::new(MemberListRows { ids: *ids }))
+    }
+
+    fn id_columns(ids: &IdTypes) -> Vec<(&'static str, IdType)> {
+        vec![("conversation_id", ids.conversation)]
+    }
+
+    fn key(&self) -> ConversationId {
+        self.conversation_id.clone()
+    }
+
+    fn version(&self) -> i64 {
+        self.offset
+    }
+
+    fn record_key(&self) -> String {
+        self.conversation_id.to_string()
+    }
+
+    /// Arrays of arrays do not unnest: each row's members travel as one JSON document.
+    fn upsert_sql(table: &str, ids: &IdTypes) -> String {
+        let c = param(1, ids.conversation);
+        let users = ids.user.sql();
+        format!(
+            "INSERT INTO {table} AS m (conversation_id, members, version, updated_at)
+         SELECT c, ARRAY(SELECT jsonb_array_elements_text(ms)::{users}), v, now()
+         FROM unnest({c}, $2::jsonb[], $3::int8[]) AS t(c, ms, v)
+         ON CONFLICT (conversation_id) DO UPDATE SET
+                members = EXCLUDED.members, version = EXCLUDED.version,
+                updated_at = EXCLUDED.updated_at
+         WHERE m.version < EXCLUDED.version"
+        )
+    }
+
+    fn columns(rows: &[Self], ids: &IdTypes) -> Columns {
+        let lists: Vec<serde_json::Value> = (rows.iter())
+            .map(|r| serde_json::json!(r.members.iter().map(|m| m.to_string()).collect::<Vec<_>>()))
+            .collect();
+        vec![
+            id_column(
+                ids.conversation,
+                rows.iter().map(|r| Some(&r.conversation_id.0)),
+            ),
+            Box::new(lists),
+            Box::new(rows.iter().map(|r| r.offset).collect::<Vec<_>>()),
+        ]
+    }
+
+    fn to_json(&self) -> String {
+        serde_json::json!({
+            "conversation_id": self.conversation_id.0,
+            "members": self.members.len(),
+            "offset": self.offset,
         })
         .to_string()
     }

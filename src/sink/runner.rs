@@ -29,7 +29,7 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use super::batch::{Batcher, WriteBatch};
 use super::lag::{Consumed, ConsumedAt, LagProbe, Positions, Written};
-use super::row::SinkRow;
+use super::row::{RowDecoder, SinkRow};
 use super::table::ReceiptTable;
 use super::SinkError;
 use crate::backoff::Backoff;
@@ -39,7 +39,6 @@ use crate::model::ReceiptUpdate;
 use crate::runtime::dead_letter_log::{
     flush_dead_letter_log, log_dead_letter, LogLimiter, DEAD_LETTER_LOGS_PER_SECOND,
 };
-use crate::serde::avro::WireDecoder;
 use crate::serde::registry::SchemaResolver;
 use crate::serde::SerdeError;
 use crate::task::{DeadLetter, SourceRecord};
@@ -166,7 +165,7 @@ struct Sink<R: SinkRow> {
     cfg: SinkConfig<R>,
     consumer: BaseConsumer<SinkContext>,
     producer: FutureProducer,
-    decoder: WireDecoder<R::Avro>,
+    decoder: Box<dyn RowDecoder<R>>,
     /// Stored `next_offset` per owned partition (-1: none).
     owned: BTreeMap<i32, i64>,
     /// Assigned partitions not claimed yet (the database was unreachable): paused.
@@ -210,7 +209,7 @@ impl<R: SinkRow> Sink<R> {
             })
             .map_err(KafkaError::from)?;
         let producer: FutureProducer = cfg.kafka.producer().create().map_err(KafkaError::from)?;
-        let decoder = WireDecoder::new(cfg.resolver.clone(), &R::schema(&cfg.table.ids()))?;
+        let decoder = R::decoder(cfg.resolver.clone(), &cfg.table.ids())?;
         let positions = Positions::default();
         let lag = LagProbe::start(
             &cfg.kafka,
@@ -521,7 +520,10 @@ impl<R: SinkRow> Sink<R> {
         self.unwritten(partition);
         self.summary.records += 1;
         metrics::counter!("readstate_sink_records_total").increment(1);
-        let update = match self.decode(payload.as_deref(), shutdown).await? {
+        let update = match self
+            .decode(key.as_deref(), payload.as_deref(), offset, shutdown)
+            .await?
+        {
             Ok(u) => Some(u),
             Err((reason, error)) => {
                 let rec = SourceRecord {
@@ -546,15 +548,14 @@ impl<R: SinkRow> Sink<R> {
     /// Decode one output record; a registry outage is retried, never a dead letter.
     async fn decode(
         &mut self,
+        key: Option<&[u8]>,
         payload: Option<&[u8]>,
+        offset: i64,
         shutdown: &AtomicBool,
     ) -> Result<Result<R, (&'static str, String)>, SinkError> {
-        let Some(bytes) = payload else {
-            return Ok(Err(("empty", "record has no value".into())));
-        };
         let mut backoff = sink_backoff();
-        loop {
-            match self.decoder.prepare(std::iter::once(Some(bytes))).await {
+        while let Some(bytes) = payload {
+            match self.decoder.prepare(bytes).await {
                 Ok(()) => break,
                 Err(SerdeError::RegistryUnavailable(e)) if !shutdown.load(Ordering::Relaxed) => {
                     let wait = backoff.fail();
@@ -564,8 +565,8 @@ impl<R: SinkRow> Sink<R> {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(match self.decoder.decode(bytes) {
-            Ok(u) => Ok(u.into()),
+        Ok(match self.decoder.decode(key, payload, offset) {
+            Ok(u) => Ok(u),
             Err(e) => Err((e.reason(), e.to_string())),
         })
     }

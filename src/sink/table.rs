@@ -262,17 +262,18 @@ impl<R: SinkRow> PostgresTable<R> {
             .map_err(|e| self.at(e))
     }
 
-    /// Apply the migrations of a conversation-heads table, and of its view over
-    /// `receipts_table`; returns the versions applied now.
-    pub async fn migrate_heads(&self, receipts_table: &str) -> Result<Vec<i32>, SinkError> {
+    /// Apply the migrations of a table whose SQL reads `receipts_table` (conversation
+    /// heads, members); returns the versions applied now.
+    pub async fn migrate_beside(&self, receipts_table: &str) -> Result<Vec<i32>, SinkError> {
         let mut client = self.direct().await?;
         let columns = R::id_columns(&self.ids);
-        super::migrate::migrate_heads(
+        super::migrate::migrate_beside(
             &mut client,
             &self.table,
             receipts_table,
             &self.ids,
             &columns,
+            R::MIGRATIONS,
         )
         .await
         .map_err(|e| self.at(e))

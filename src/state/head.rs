@@ -208,9 +208,16 @@ impl ConversationHead {
         let start = self.window.partition_point(|p| p.seq <= from);
         let end = self.window.partition_point(|p| p.seq <= to);
         let mut out: Vec<(SenderId, i64, Option<Id>)> = Vec::new();
+        // Long ranges: a set, so that a read over many messages stays linear in them.
+        let mut seen: Option<hashbrown::HashSet<&SenderId>> =
+            (end - start > 16).then(hashbrown::HashSet::new);
         for i in (start..end).rev() {
             let p = &self.window[i];
-            if p.sender.0 == reader.0 || out.iter().any(|(s, _, _)| *s == p.sender) {
+            let repeat = match &mut seen {
+                Some(set) => !set.insert(&p.sender),
+                None => out.iter().any(|(s, _, _)| *s == p.sender),
+            };
+            if p.sender.0 == reader.0 || repeat {
                 continue;
             }
             let id = self.index.get(i).and_then(|r| r.id.clone());

@@ -39,7 +39,7 @@ pub(super) fn compile_spec(
         members.is_some(),
         errs,
     );
-    let pg = postgres_sinks(&kafka, &app.prefix, errs);
+    let pg = postgres_sinks(&kafka, members.as_ref(), &app.prefix, errs);
     let processor = processors.into_iter().next()?;
     let store = stores.iter().find(|s| s.name == processor.store)?.clone();
     let heads_store = match &processor.heads_store {
@@ -67,6 +67,7 @@ pub(super) fn compile_spec(
         postgres: pg.receipts,
         heads_postgres: pg.heads,
         senders_postgres: pg.senders,
+        members_postgres: pg.members,
         members,
         read_by_output: kafka.read_by.into_iter().next(),
         ids,
@@ -915,6 +916,7 @@ enum PgTable {
     Receipts,
     Heads,
     SenderReceipts,
+    Members,
 }
 
 /// The postgres sinks of a topology, at most one per kind of table.
@@ -923,11 +925,17 @@ struct PostgresSinks {
     receipts: Option<PostgresSink>,
     heads: Option<PostgresSink>,
     senders: Option<PostgresSink>,
+    members: Option<PostgresSink>,
 }
 
-/// The postgres sinks of receipts, of conversation heads and of sender receipts (at most
-/// one each).
-fn postgres_sinks(kafka: &KafkaSinks<'_>, app: &str, errs: &mut Errors) -> PostgresSinks {
+/// The postgres sinks of receipts, of conversation heads, of sender receipts and of the
+/// members source's lists (at most one each).
+fn postgres_sinks(
+    kafka: &KafkaSinks<'_>,
+    members: Option<&Source>,
+    app: &str,
+    errs: &mut Errors,
+) -> PostgresSinks {
     let mut pg = PostgresSinks::default();
     for (i, s) in &kafka.postgres {
         let at = format!("sink[{i}]");
@@ -938,12 +946,16 @@ fn postgres_sinks(kafka: &KafkaSinks<'_>, app: &str, errs: &mut Errors) -> Postg
         };
         let found = find(&kafka.receipts, PgTable::Receipts)
             .or_else(|| find(&kafka.heads, PgTable::Heads))
-            .or_else(|| find(&kafka.senders, PgTable::SenderReceipts));
+            .or_else(|| find(&kafka.senders, PgTable::SenderReceipts))
+            .or_else(|| {
+                let m = members.filter(|m| Some(m.name.as_str()) == input)?;
+                Some((m.topic.clone(), PgTable::Members))
+            });
         if let (None, Some(inp)) = (&found, input) {
             errs.push(
                 format!("{at}.input"),
                 format!(
-                    "no kafka sink named {inp:?} (a postgres sink consumes a kafka sink's topic)"
+                    "no kafka sink or members source named {inp:?} (a postgres sink consumes a kafka sink's topic, or the member lists)"
                 ),
             );
         }
@@ -952,6 +964,7 @@ fn postgres_sinks(kafka: &KafkaSinks<'_>, app: &str, errs: &mut Errors) -> Postg
             PgTable::Receipts => &mut pg.receipts,
             PgTable::Heads => &mut pg.heads,
             PgTable::SenderReceipts => &mut pg.senders,
+            PgTable::Members => &mut pg.members,
         };
         if slot.is_some() {
             errs.push(at.clone(), "at most one postgres sink per kafka sink");
@@ -970,12 +983,19 @@ fn postgres_sinks(kafka: &KafkaSinks<'_>, app: &str, errs: &mut Errors) -> Postg
             ),
         }
     }
-    if let Some(s) = &mut pg.senders {
+    let beside = [
+        (&mut pg.senders, "sender receipts"),
+        (&mut pg.members, "member lists"),
+    ];
+    for (sink, what) in beside {
+        let Some(s) = sink else {
+            continue;
+        };
         match &pg.receipts {
             Some(r) => s.receipts_table = r.table.clone(),
             None => errs.push(
                 "sink",
-                "a postgres sink of sender receipts needs the receipts' postgres sink (its offsets and read_by function live beside the receipts table)",
+                format!("a postgres sink of {what} needs the receipts' postgres sink (its offsets live beside the receipts table, and the members' read_by function reads it)"),
             ),
         }
     }
@@ -1011,6 +1031,7 @@ fn postgres_sink(
         PgTable::Heads => ("conversation_heads", format!("{app}-pg-heads-sink")),
         PgTable::Receipts => ("read_receipts", format!("{app}-pg-sink")),
         PgTable::SenderReceipts => ("sender_receipts", format!("{app}-pg-senders-sink")),
+        PgTable::Members => ("conversation_members", format!("{app}-pg-members-sink")),
     };
     let table = s.table.clone().unwrap_or_else(|| default_table.into());
     let plain = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.';

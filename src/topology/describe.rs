@@ -214,7 +214,8 @@ pub fn describe(t: &Topology) -> String {
         describe_store(&mut o, h, "message positions");
     }
     let pgs = t.postgres.iter().chain(&t.heads_postgres);
-    for pg in pgs.chain(&t.senders_postgres) {
+    let pgs = pgs.chain(&t.senders_postgres);
+    for pg in pgs.chain(&t.members_postgres) {
         let _ = writeln!(
             o,
             "Postgres sink: {} (consumer group {}, reads {})",
@@ -241,6 +242,16 @@ pub fn describe(t: &Topology) -> String {
             let _ = writeln!(
                 o,
                 "  catch-up: one row per (sender, conversation, reader), index {}_by_sender_updated (sender_id, updated_at)",
+                pg.table
+            );
+        }
+        if t.members_postgres
+            .as_ref()
+            .is_some_and(|h| h.name == pg.name)
+        {
+            let _ = writeln!(
+                o,
+                "  one row per conversation (its member list); read by N of M: function {}_read_by(conversation, position)",
                 pg.table
             );
         }

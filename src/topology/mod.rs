@@ -324,6 +324,9 @@ pub struct Topology {
     pub heads_postgres: Option<PostgresSink>,
     /// The PostgreSQL sink of the sender-receipts topic (catch-up for offline senders).
     pub senders_postgres: Option<PostgresSink>,
+    /// The PostgreSQL sink of the members source (`conversation_members`, with its
+    /// read-by function).
+    pub members_postgres: Option<PostgresSink>,
     /// The conversations' members: a compacted table topic keyed by conversation, each
     /// value the member list (`records = "members"`), co-partitioned with the reads.
     pub members: Option<Source>,

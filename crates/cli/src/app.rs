@@ -20,6 +20,7 @@ use std::thread::JoinHandle;
 
 use readstate::model::{HeadUpdate, ReceiptUpdate, SenderReceipt};
 use readstate::runtime::{check_state_dir, run, RunConfig, RunSummary, RuntimeError};
+use readstate::sink::row::MemberListRow;
 use readstate::sink::{run_sink, SinkConfig, SinkError, SinkRow, SinkSummary};
 use readstate::telemetry::{serve, Health, Server, TelemetryError};
 
@@ -191,6 +192,7 @@ pub struct PostgresSinks {
     receipts: Option<SinkConfig<ReceiptUpdate>>,
     heads: Option<SinkConfig<HeadUpdate>>,
     senders: Option<SinkConfig<SenderReceipt>>,
+    members: Option<SinkConfig<MemberListRow>>,
 }
 
 impl PostgresSinks {
@@ -205,29 +207,40 @@ impl PostgresSinks {
         let mut receipts = readstate::sink::from_topology(t, kafka.clone(), resolver.clone(), url)
             .map_err(sink_error)?;
         receipts.health = config.health.clone();
-        let heads = readstate::sink::heads_from_topology(t, kafka.clone(), resolver.clone(), url)
-            .map_err(|source| AppError::Sink {
-                name: "pg-heads-sink",
-                source,
-            })?
-            .map(|mut h| {
-                h.health = config.health.clone();
-                h
-            });
-        let senders =
-            readstate::sink::senders_from_topology(t, kafka.clone(), resolver.clone(), url)
-                .map_err(|source| AppError::Sink {
-                    name: "pg-senders-sink",
-                    source,
-                })?
-                .map(|mut s| {
-                    s.health = config.health.clone();
-                    s
-                });
+        // Each optional sink, reporting on the instance's health, its errors named.
+        fn optional<R: SinkRow>(
+            name: &'static str,
+            built: Result<Option<SinkConfig<R>>, SinkError>,
+            config: &RunConfig,
+        ) -> Result<Option<SinkConfig<R>>, AppError> {
+            let mut sink = built.map_err(|source| AppError::Sink { name, source })?;
+            if let Some(s) = &mut sink {
+                s.health = config.health.clone();
+            }
+            Ok(sink)
+        }
+        use readstate::sink::{heads_from_topology, members_from_topology, senders_from_topology};
+        let (k, r) = (|| kafka.clone(), || resolver.clone());
+        let heads = optional(
+            "pg-heads-sink",
+            heads_from_topology(t, k(), r(), url),
+            config,
+        )?;
+        let senders = optional(
+            "pg-senders-sink",
+            senders_from_topology(t, k(), r(), url),
+            config,
+        )?;
+        let members = optional(
+            "pg-members-sink",
+            members_from_topology(t, k(), r(), url),
+            config,
+        )?;
         Ok(Self {
             receipts: Some(receipts),
             heads,
             senders,
+            members,
         })
     }
 
@@ -241,6 +254,9 @@ impl PostgresSinks {
             h.topics_ready = Some(ready.clone());
         }
         if let Some(s) = &mut self.senders {
+            s.topics_ready = Some(ready.clone());
+        }
+        if let Some(s) = &mut self.members {
             s.topics_ready = Some(ready.clone());
         }
         self
@@ -257,6 +273,9 @@ impl PostgresSinks {
         }
         if let Some(cfg) = self.senders {
             threads.push(SinkThread::spawn("pg-senders-sink", cfg, shutdown.clone())?);
+        }
+        if let Some(cfg) = self.members {
+            threads.push(SinkThread::spawn("pg-members-sink", cfg, shutdown.clone())?);
         }
         Ok(threads)
     }

@@ -13,6 +13,7 @@ use readstate::model::{HeadUpdate, SenderReceipt};
 use readstate::runtime::RunConfig;
 use readstate::serde::registry::SchemaResolver;
 use readstate::serde::{ConfluentRegistry, LocalRegistry};
+use readstate::sink::row::MemberListRow;
 use readstate::sink::PostgresTable;
 use readstate::topology::{describe, Topology};
 use readstate_cli::{App, PostgresSinks};
@@ -142,8 +143,8 @@ struct BenchArgs {
     /// Connections the sink figures write on at once (the topology's pool_size).
     #[arg(long, default_value_t = 2)]
     sink_connections: usize,
-    /// Only these figures (comma-separated: keys, core, json, ids, unread, e2e, versus,
-    /// startup, restore, sink); all by default.
+    /// Only these figures (comma-separated: keys, core, json, ids, unread, senders, e2e,
+    /// versus, startup, restore, sink); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run the end-to-end figure on this Kafka (e.g. what `scripts/kafka start` prints)
@@ -606,6 +607,11 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", bench::unread::writes_per_message(10_000)?.render());
         println!("{}", bench::unread::both_sources(2_000)?.render());
     }
+    if want("senders") {
+        for f in bench::unread::sender_outputs(2_000)? {
+            println!("{}", f.render());
+        }
+    }
     // Before the figures that leave large changelogs for the broker to compact.
     match &args.brokers {
         Some(brokers) if want("startup") => {
@@ -869,8 +875,14 @@ fn migrate_command(args: MigrateArgs) -> anyhow::Result<()> {
     if let Some(h) = &topology.heads_postgres {
         let heads = PostgresTable::<HeadUpdate>::open(&url, &h.table, 1, h.statement_timeout)?
             .with_ids(topology.ids);
-        let applied = rt.block_on(heads.migrate_heads(&h.receipts_table))?;
+        let applied = rt.block_on(heads.migrate_beside(&h.receipts_table))?;
         report_migrations(&h.table, &applied);
+    }
+    if let Some(m) = &topology.members_postgres {
+        let members = PostgresTable::<MemberListRow>::open(&url, &m.table, 1, m.statement_timeout)?
+            .with_ids(topology.ids);
+        let applied = rt.block_on(members.migrate_beside(&m.receipts_table))?;
+        report_migrations(&m.table, &applied);
     }
     if let Some(s) = &topology.senders_postgres {
         let senders = PostgresTable::<SenderReceipt>::open(&url, &s.table, 1, s.statement_timeout)?

@@ -4,9 +4,12 @@
 //! (joins of members who never read, leaves, a deleted list) come before, during and after
 //! the kill. Per (sender, conversation), the last read-by record equals the oracle of the
 //! final state: the sender's latest message, N = members whose final pointer reaches it,
-//! M = final members.
+//! M = final members. PostgreSQL (the embedded sinks) agrees: `sender_receipts` holds
+//! every sender's oracle receipts, and `conversation_members_read_by(conversation,
+//! position)` gives the same N and M from the members and receipts tables.
 
 use readstate_testing::chat;
+use readstate_testing::db::Db;
 use readstate_testing::kafka;
 use readstate_testing::process;
 
@@ -99,8 +102,41 @@ fn real_broker_read_by_n_of_m_across_a_kill_9_and_a_restart_equals_the_oracle() 
         max_messages: 60,
         ..Default::default()
     });
+    let db = Db::create();
     let extra = format!(
-        "[[source]]\nname = \"members\"\ntopic = \"{members_topic}\"\nrecords = \"members\"\n[[sink]]\nname = \"read-by\"\nkind = \"kafka\"\ninput = \"read-state\"\noutput = \"read-by\"\ntopic = \"{read_by_topic}\"\n"
+        r#"
+[[source]]
+name = "members"
+topic = "{members_topic}"
+records = "members"
+[[sink]]
+name = "read-by"
+kind = "kafka"
+input = "read-state"
+output = "read-by"
+topic = "{read_by_topic}"
+[[sink]]
+name = "senders"
+kind = "kafka"
+input = "read-state"
+output = "sender-receipts"
+topic = "senders-{s}"
+[[sink]]
+name = "pg"
+kind = "postgres"
+input = "updates"
+linger = "200ms"
+[[sink]]
+name = "pg-senders"
+kind = "postgres"
+input = "senders"
+linger = "200ms"
+[[sink]]
+name = "pg-members"
+kind = "postgres"
+input = "members"
+linger = "200ms"
+"#
     );
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let spawn = |dir: &std::path::Path| {
@@ -110,6 +146,14 @@ fn real_broker_read_by_n_of_m_across_a_kill_9_and_a_restart_equals_the_oracle() 
         );
         let file = dir.join("topology.toml");
         std::fs::write(&file, text).unwrap();
+        let migrated = std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
+            .args(["migrate", "--topology"])
+            .arg(&file)
+            .env("DATABASE_URL", &db.url)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(migrated.success(), "readstate migrate");
         std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
             .args(["run", "--local-schemas", "--topology"])
             .arg(&file)
@@ -120,6 +164,7 @@ fn real_broker_read_by_n_of_m_across_a_kill_9_and_a_restart_equals_the_oracle() 
                 "heartbeat.interval.ms=500",
             ])
             .env("KAFKA_BROKERS", &brokers)
+            .env("DATABASE_URL", &db.url)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(dir.join("readstate.log")).unwrap())
@@ -195,6 +240,25 @@ fn real_broker_read_by_n_of_m_across_a_kill_9_and_a_restart_equals_the_oracle() 
         },
         |got: &[(String, i32, ReadBy)]| last(got) == want,
     );
+    let senders = chat::sender_oracle(&w);
+    readstate_testing::wait_until_explained(
+        "PostgreSQL's sender_receipts and read_by to equal the oracle",
+        std::time::Duration::from_secs(120),
+        || (in_postgres(&db, &want) == (senders.clone(), want.clone())).then_some(()),
+        || {
+            let (s, r) = in_postgres(&db, &want);
+            format!(
+                "sender_receipts: {} rows of {} ({} equal); read_by: {} of {} equal",
+                s.len(),
+                senders.len(),
+                s.iter()
+                    .filter(|(k, v)| senders.get(*k) == Some(*v))
+                    .count(),
+                r.iter().filter(|(k, v)| want.get(*k) == Some(*v)).count(),
+                want.len()
+            )
+        },
+    );
     terminate(&mut a.0);
     terminate(&mut b.0);
     let mut home: HashMap<String, i32> = HashMap::new();
@@ -216,6 +280,32 @@ fn real_broker_read_by_n_of_m_across_a_kill_9_and_a_restart_equals_the_oracle() 
         got.len(),
         want.len()
     );
+}
+
+/// PostgreSQL's view: every `sender_receipts` row, and for each (sender, conversation) of
+/// `want` the read-by function's figures at its message.
+fn in_postgres(db: &Db, want: &Figures) -> (HashMap<(i64, i64, i64), i64>, Figures) {
+    let Ok(c) = db.connect(&db.url) else {
+        return Default::default();
+    };
+    let rows = db.rt.block_on(c.query(
+        "SELECT sender_id, conversation_id, reader_id, message_seq FROM sender_receipts",
+        &[],
+    ));
+    let senders = (rows.iter().flatten())
+        .map(|r| ((r.get(0), r.get(1), r.get(2)), r.get(3)))
+        .collect();
+    let mut figures = HashMap::new();
+    for ((s, conv), (seq, _, _)) in want {
+        let row = db.rt.block_on(c.query_one(
+            "SELECT read_by, members FROM conversation_members_read_by($1, $2)",
+            &[conv, seq],
+        ));
+        if let Ok(r) = row {
+            figures.insert((*s, *conv), (*seq, r.get(0), r.get(1)));
+        }
+    }
+    (senders, figures)
 }
 
 /// The last record per (sender, conversation), in topic order (one partition per sender).

@@ -8,8 +8,10 @@ use super::{BenchError, Figure, Target};
 use crate::loadgen::chat::{generate, ChatEvent, ChatSpec};
 use readstate::ids::{ConversationId, Origin, ReaderId, SenderId, StoreName};
 use readstate::model::{MessageEvent, ReadEvent};
+use readstate::processor::groups::DEFAULT_LARGE_GROUP_MEMBERS;
 use readstate::processor::{EmitPolicy, ReadStateProcessor, DEFAULT_UNREAD_CAP};
 use readstate::serde::avro::{AvroReadEvent, EventEncoder};
+use readstate::serde::members::MemberList;
 use readstate::serde::message::{AvroMessageEvent, MessageEncoder};
 use readstate::serde::registry::{LocalRegistry, LOCAL_MESSAGE_EVENT_ID, LOCAL_READ_EVENT_ID};
 use readstate::serde::{EventDecoder, MessageDecoder, MESSAGE_EVENT_SCHEMA, READ_EVENT_SCHEMA};
@@ -97,6 +99,26 @@ pub fn writes_per_message(messages: i64) -> Result<Figure, BenchError> {
 /// wire bytes → decode → fold (reads into pointers, messages into heads) → flush with
 /// receipt counts, on one thread, in poll batches of the runtime's size.
 pub fn both_sources(conversations: u64) -> Result<Figure, BenchError> {
+    core_with_messages(conversations, false)
+}
+
+/// The same core figure with receipts for senders and read by N of M on (every
+/// conversation's member list applied first, large-group rule at its default), then off,
+/// in one run: the cost of the senders' outputs.
+pub fn sender_outputs(conversations: u64) -> Result<Vec<Figure>, BenchError> {
+    let on = core_with_messages(conversations, true)?;
+    let off = core_with_messages(conversations, false)?;
+    let ratio = Figure {
+        name: "sender receipts and read-by on / off".into(),
+        value: on.value / off.value,
+        unit: "x events/s",
+        target: None,
+        note: "measured in one run; below 1 is the cost".into(),
+    };
+    Ok(vec![on, off, ratio])
+}
+
+fn core_with_messages(conversations: u64, senders: bool) -> Result<Figure, BenchError> {
     let w = generate(&ChatSpec {
         seed: 3,
         conversations,
@@ -121,6 +143,21 @@ pub fn both_sources(conversations: u64) -> Result<Figure, BenchError> {
     let messages = records.iter().filter(|(m, _)| *m).count();
     let dir = tempfile::tempdir().map_err(|e| BenchError::Other(e.to_string()))?;
     let mut task = task(dir.path())?;
+    if senders {
+        task.enable_groups(DEFAULT_LARGE_GROUP_MEMBERS, 4 * DEFAULT_UNREAD_CAP)?;
+        task.enable_sender_receipts(readstate::ids::IdTypes::default())?;
+        let lists: Vec<MemberList> = (w.members.iter())
+            .map(|(c, ms)| {
+                let mut members = ms.clone();
+                members.sort_unstable();
+                MemberList {
+                    conversation: c.clone(),
+                    members,
+                }
+            })
+            .collect();
+        task.process_members(&lists)?;
+    }
     let registry = Arc::new(LocalRegistry::new());
     let mut reads_dec = EventDecoder::new(registry.clone())?;
     let mut msgs_dec = MessageDecoder::with_max_record_bytes(registry, 65536)?;
@@ -128,7 +165,7 @@ pub fn both_sources(conversations: u64) -> Result<Figure, BenchError> {
     futures::executor::block_on(reads_dec.prepare(first(false).into_iter()))?;
     futures::executor::block_on(msgs_dec.prepare(first(true).into_iter()))?;
     let mut dead = 0usize;
-    let (mut updates, mut heads) = (0usize, 0usize);
+    let (mut updates, mut heads, mut receipts, mut read_by) = (0usize, 0usize, 0usize, 0usize);
     let started = Instant::now();
     for (chunk_no, chunk) in records.chunks(10_000).enumerate() {
         let base = (chunk_no * 10_000) as i64;
@@ -161,17 +198,23 @@ pub fn both_sources(conversations: u64) -> Result<Figure, BenchError> {
             let mut out = task.prepare_flush(0);
             updates += out.updates.len();
             heads += out.heads.len();
+            receipts += out.sender_receipts.len();
+            read_by += out.read_by.len();
             task.commit_flush(out.flush.take_batches(), &[])?;
         }
     }
+    let name = match senders {
+        true => "core with messages and reads, sender receipts and read-by on",
+        false => "core with messages and reads",
+    };
     let secs = started.elapsed().as_secs_f64();
     Ok(Figure {
-        name: "core with messages and reads".into(),
+        name: name.into(),
         value: records.len() as f64 / secs,
         unit: "events/s",
         target: None,
         note: format!(
-            "{} events ({messages} messages, {} reads) in {conversations} conversations of up to 200 members; a flush per 100,000 events: {updates} receipt updates with counts, {heads} head updates; {} dead letters",
+            "{} events ({messages} messages, {} reads) in {conversations} conversations of up to 200 members; a flush per 100,000 events: {updates} receipt updates with counts, {heads} head updates, {receipts} sender receipts, {read_by} read-by records; {} dead letters",
             records.len(),
             records.len() - messages,
             dead

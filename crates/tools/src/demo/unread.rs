@@ -167,7 +167,7 @@ pub fn run_unread_demo(cfg: UnreadDemoConfig) -> Result<UnreadDemoReport, DemoEr
         1,
         Duration::from_secs(30),
     )?;
-    rt.block_on(heads_table.migrate_heads("read_receipts"))?;
+    rt.block_on(heads_table.migrate_beside("read_receipts"))?;
     eprintln!(
         "==> PostgreSQL database {} migrated (read_receipts, conversation_heads)",
         cfg.database_name

@@ -348,7 +348,7 @@ fn check_co_partitioning(
         };
         errs.push(
             format!("source[{i}].partitioner"),
-            format!("co-partitioned sources need one partitioner: the read events of {:?} {how} {reads}, the message events declare {}; a conversation's reads and messages would meet in different tasks", s.name, messages.partitioner),
+            format!("co-partitioned sources need one partitioner: the read events of {:?} {how} {reads}, {:?} declares {}; a conversation's records would meet in different tasks", s.name, messages.name, messages.partitioner),
         );
     }
 }

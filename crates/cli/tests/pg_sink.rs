@@ -391,8 +391,9 @@ fn outage_mid_stream_pauses_then_catches_up_without_regression() {
 
     // A watcher samples the table and checks that no version ever goes down.
     let watching = Arc::new(AtomicBool::new(true));
+    let sampled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let watcher = {
-        let (url, watching) = (db.url.clone(), watching.clone());
+        let (url, watching, sampled) = (db.url.clone(), watching.clone(), sampled.clone());
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -412,6 +413,7 @@ fn outage_mid_stream_pauses_then_catches_up_without_regression() {
                 });
                 if let Ok(rows) = rows {
                     samples += 1;
+                    sampled.fetch_add(1, Ordering::Relaxed);
                     for r in rows {
                         let v: i64 = r.get(2);
                         let prev = seen.insert((r.get(0), r.get(1)), v).unwrap_or(0);
@@ -448,6 +450,14 @@ fn outage_mid_stream_pauses_then_catches_up_without_regression() {
         "the lag to fall back to zero",
         Duration::from_secs(60),
         || lag() == 0,
+    );
+    // The watcher samples the caught-up table too (the catch-up can take less than its
+    // sampling period: a fixed count of samples by then was a race).
+    let before = sampled.load(Ordering::Relaxed);
+    wait_for(
+        "the watcher to sample the caught-up table",
+        Duration::from_secs(30),
+        || sampled.load(Ordering::Relaxed) >= before + 3,
     );
     watching.store(false, Ordering::Relaxed);
     let samples = watcher.join().expect("no row regressed");

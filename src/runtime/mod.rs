@@ -327,8 +327,10 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
     };
     tracing::info!("tasks closed; leaving the group");
     thread.consumer.unsubscribe();
-    drop(thread);
-    tracing::info!("consumer closed");
+    let what = format!("stream thread of {}", t.application_id);
+    if crate::kafka::close_within(&what, thread, crate::kafka::CONSUMER_CLOSE_TIMEOUT) {
+        tracing::info!("consumer closed");
+    }
     result.map(|_| summary)
 }
 

@@ -157,7 +157,10 @@ pub fn run_sink<R: SinkRow>(
         let mut sink = Sink::<R>::new(config)?;
         let r = sink.run(&shutdown).await;
         sink.consumer.unsubscribe();
-        r.map(|_| sink.summary)
+        let summary = r.map(|_| std::mem::take(&mut sink.summary));
+        let what = format!("sink {}", sink.cfg.group);
+        crate::kafka::close_within(&what, sink.consumer, crate::kafka::CONSUMER_CLOSE_TIMEOUT);
+        summary
     })
 }
 

@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/IBM/sarama"
 )
@@ -36,13 +38,18 @@ func main() {
 	}
 	sent := 0
 	// Every acknowledgement and every error is read here until AsyncClose closes both
-	// channels (Close would drain them itself, racing these counts).
+	// channels (Close would drain them itself, racing these counts). `pending` counts the
+	// records not yet acknowledged or failed: the producer is closed only once it is zero,
+	// because Sarama fails a record whose retry (after a transient broker error) comes
+	// after AsyncClose with "producer in process of shutting down".
+	var pending sync.WaitGroup
 	acks := make(chan int)
 	errs := make(chan []error)
 	go func() {
 		acked := 0
 		for range producer.Successes() {
 			acked++
+			pending.Done()
 		}
 		acks <- acked
 	}()
@@ -50,6 +57,7 @@ func main() {
 		var failed []error
 		for e := range producer.Errors() {
 			failed = append(failed, e.Err)
+			pending.Done()
 		}
 		errs <- failed
 	}()
@@ -61,12 +69,23 @@ func main() {
 			fmt.Fprintf(os.Stderr, "sarama-producer: line %d has no tab\n", sent+1)
 			os.Exit(2)
 		}
+		pending.Add(1)
 		producer.Input() <- &sarama.ProducerMessage{
 			Topic: *topic,
 			Key:   sarama.StringEncoder(key),
 			Value: sarama.StringEncoder(value),
 		}
 		sent++
+	}
+	settled := make(chan struct{})
+	go func() {
+		pending.Wait()
+		close(settled)
+	}()
+	select {
+	case <-settled:
+	case <-time.After(2 * time.Minute):
+		fmt.Fprintln(os.Stderr, "sarama-producer: records still unacknowledged after 2 minutes; closing")
 	}
 	producer.AsyncClose()
 	acked, failed := <-acks, <-errs

@@ -2,14 +2,16 @@
 //! under, and whether a pause (a long gap between polls, or a commit that took as long) may
 //! have let the group move on without it. Time comes from an injectable [`Clock`].
 //!
-//! The decisions here are pure; probing the coordinator (committing the last committed
-//! offsets again) and losing tasks are the task manager's.
+//! The monitor decides, and probes the coordinator (committing the last committed offsets
+//! again); acting on a [`Verdict`] (losing tasks, requeueing them) is the task manager's.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::TopicPartitionList;
 
 use crate::backoff::Clock;
 
@@ -30,6 +32,36 @@ pub(super) enum MemberIdCheck {
     Changed { was: String, now: String },
     /// No member id now: rejoining.
     Rejoining,
+}
+
+/// What a member check or a probe of the coordinator concluded, for the task manager to
+/// act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Verdict {
+    Kept,
+    /// Not known now (rejoining, rebalancing, the coordinator unreachable): no commit.
+    Unknown,
+    /// The client began rejoining while a probe's commit went through: no commit, and
+    /// nothing to lose yet (the rebalance revokes what is gone).
+    Rejoining,
+    /// librdkafka rejoined under a new member id: every task is lost (librdkafka revokes
+    /// the lost assignment and assigns again, so nothing is requeued).
+    Rejoined(String),
+    /// librdkafka reports the assignment lost.
+    AssignmentLost,
+    /// The coordinator refused the probe: this member was removed; every task is lost
+    /// and the partitions still assigned are queued again.
+    Removed(String),
+}
+
+impl Verdict {
+    pub(super) fn membership(&self) -> Membership {
+        match self {
+            Verdict::Kept => Membership::Kept,
+            Verdict::Unknown => Membership::Unknown,
+            _ => Membership::Lost,
+        }
+    }
 }
 
 /// Why tasks are lost, which decides whether their stores are kept.
@@ -142,6 +174,70 @@ impl MembershipMonitor {
 
     pub(super) fn assigned_under(&mut self, member: Option<String>) {
         self.member = member;
+    }
+
+    /// The member id now against the one the tasks were assigned under (with no task
+    /// running, membership is not in question): changed means the client lost its
+    /// membership and rejoined (librdkafka resets the member id after a session timeout);
+    /// none yet means it is rejoining.
+    pub(super) fn member_verdict(&self, idle: bool, now: Option<String>) -> Verdict {
+        if idle {
+            return Verdict::Kept;
+        }
+        match self.check_member(now) {
+            MemberIdCheck::Changed { was, now } => {
+                Verdict::Rejoined(format!("group member id changed from {was} to {now}"))
+            }
+            MemberIdCheck::Rejoining => Verdict::Unknown,
+            MemberIdCheck::Same => Verdict::Kept,
+        }
+    }
+
+    /// Commit, once more, the offsets already `committed`: the group coordinator refuses
+    /// it if this member was removed. Any failure other than a refusal leaves the answer
+    /// unknown (a commit is postponed, and the probe repeated next time).
+    pub(super) fn probe<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        committed: &TopicPartitionList,
+        idle: bool,
+    ) -> Verdict {
+        if consumer.assignment_lost() {
+            return Verdict::AssignmentLost;
+        }
+        let member = || crate::kafka::member_id(consumer);
+        match self.member_verdict(idle, member()) {
+            Verdict::Kept => {}
+            other => return other,
+        }
+        if committed.count() == 0 {
+            self.verified();
+            return Verdict::Kept;
+        }
+        match consumer.commit(committed, CommitMode::Sync) {
+            // The client may have rejoined (a new member id) while the commit waited.
+            Ok(()) => match self.member_verdict(idle, member()) {
+                Verdict::Kept => {
+                    tracing::info!("membership verified after a long gap between polls");
+                    self.verified();
+                    Verdict::Kept
+                }
+                Verdict::Unknown => Verdict::Rejoining,
+                other => other,
+            },
+            Err(e) if refusal(&e) == Some(Refusal::Gone) => {
+                Verdict::Removed(format!("membership probe refused: {e}"))
+            }
+            Err(e) if refusal(&e) == Some(Refusal::Rebalancing) => {
+                // Still a member: the rebalance tells what stays owned.
+                tracing::info!(error = %e, "membership probe refused while the group rebalances; commit postponed");
+                Verdict::Unknown
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "membership probe failed; commit postponed");
+                Verdict::Unknown
+            }
+        }
     }
 
     /// Compare the member id now with the one the tasks were assigned under.

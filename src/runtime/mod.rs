@@ -24,6 +24,7 @@ pub(crate) mod dead_letter_log;
 mod membership;
 mod offsets;
 mod parking;
+mod readiness;
 mod record_collector;
 mod repartition_purger;
 mod repeat_log;

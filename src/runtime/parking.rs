@@ -53,6 +53,7 @@ pub(super) struct Parking {
 }
 
 impl Parking {
+    #[cfg(test)]
     pub(super) fn is_empty(&self) -> bool {
         self.parked.is_empty()
     }
@@ -137,6 +138,22 @@ impl Parking {
         }
     }
 
+    /// Whether tasks run (`running`: their partitions of `task_topic`) and every one of
+    /// them is parked until the registry answers.
+    pub(super) fn all_wait_for_registry<'a>(
+        &self,
+        task_topic: &str,
+        mut running: impl Iterator<Item = &'a i32>,
+    ) -> bool {
+        let parked = self.parked_for(ParkReason::Registry);
+        let mut any = false;
+        let all = running.all(|p| {
+            any = true;
+            parked.iter().any(|(t, q)| t == task_topic && q == p)
+        });
+        any && all
+    }
+
     /// The partitions parked for `reason`.
     pub(super) fn parked_for(&self, reason: ParkReason) -> Vec<TopicPartition> {
         self.parked
@@ -183,6 +200,35 @@ impl Parking {
 
 /// Seek a partition back to `offset` (records after it are read again); failing leaves
 /// the position unknown, which is fatal.
+impl Parking {
+    /// Partitions queued again after their tasks were lost: each goes back to its last
+    /// committed offset in `rewinds` (when its partition resumes, if parked, else now),
+    /// and `pause` is paused.
+    pub(super) fn requeue<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        parts: &[TopicPartition],
+        rewinds: &HashMap<TopicPartition, i64>,
+        pause: &[TopicPartition],
+    ) -> Result<(), RuntimeError> {
+        for tp in parts {
+            let Some(&offset) = rewinds.get(tp) else {
+                continue;
+            };
+            if !self.set_rewind(tp, offset) {
+                rewind(consumer, tp, offset)?;
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in pause {
+            tpl.add_partition(t, *p);
+        }
+        consumer
+            .pause(&tpl)
+            .map_err(|e| RuntimeError::Fatal(format!("cannot pause requeued partitions: {e}")))
+    }
+}
+
 pub(super) fn rewind<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     tp: &TopicPartition,

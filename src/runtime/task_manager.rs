@@ -19,16 +19,15 @@
 //! fetched are dropped, and the partition is rewound to the first of them when it resumes.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 
 use super::changelog_reader::ChangelogReader;
 use super::dead_letter_log::DeadLetterQueue;
-use super::membership::{refusal, Loss, MemberIdCheck, Membership, MembershipMonitor, Refusal};
+use super::membership::{Loss, Membership, MembershipMonitor, Verdict};
 use super::offsets::TopicPartition;
-use super::parking::{rewind, ParkReason, Parking};
+use super::parking::{ParkReason, Parking};
+use super::readiness::{Readiness, TaskStates};
 use super::record_collector::RecordCollector;
 use super::repartition_purger::RepartitionPurger;
 use super::state_manager::StateManager;
@@ -38,7 +37,7 @@ use super::tasks::{Forwarding, RunningTask, Tasks};
 use super::{RunConfig, RunSummary, RuntimeError};
 use crate::processor::{BuiltNode, CacheBudget, ProcessorContext, ProcessorSupplier};
 use crate::task::StreamTask;
-use crate::telemetry::{series, Health, NotReady};
+use crate::telemetry::series;
 use crate::topology::graph::Graph;
 
 /// What happened to tasks over the instance's life (the lifecycle half of a
@@ -70,9 +69,7 @@ pub(super) struct TaskManager {
     counts: LifecycleCounts,
     /// Whose per-task and per-partition series this instance's are.
     pub(super) owner: series::Owner,
-    health: Arc<Health>,
-    /// The group has assigned partitions (even none) since the tasks were last lost.
-    has_assignment: bool,
+    readiness: Readiness,
     /// Set when tasks are in an unknown state: the poll loop stops the instance.
     pub(super) fatal: Option<String>,
     /// An error inside a rebalance callback (which cannot return one): the poll loop
@@ -160,8 +157,7 @@ impl TaskManager {
             .with_consumer_protocol(config.kafka.consumer_protocol()),
             counts: LifecycleCounts::default(),
             owner,
-            health: config.health.clone(),
-            has_assignment: false,
+            readiness: Readiness::new(config.health.clone()),
             fatal: None,
             deferred: None,
         })
@@ -232,7 +228,7 @@ impl TaskManager {
         parts: &[TopicPartition],
         member: Option<String>,
     ) -> Vec<TopicPartition> {
-        self.has_assignment = true;
+        self.readiness.assigned();
         self.membership.assigned_under(member);
         if !self.membership.is_consumer_protocol() {
             // The classic protocol's range assignment gives both halves of a pair at once.
@@ -286,7 +282,7 @@ impl TaskManager {
                 self.parking.mark(tp.clone(), ParkReason::Restoring, None);
                 pause.push(tp);
             }
-            self.health.set_not_ready(NotReady::Restoring);
+            self.readiness.restoring();
         }
         pause
     }
@@ -358,33 +354,13 @@ impl TaskManager {
         self.update_ready();
     }
 
-    /// Ready once the group has given us an assignment (even an empty one; none since
-    /// every task was lost is no assignment), every assigned task has restored, and not
-    /// every running task waits for the schema registry.
     fn update_ready(&self) {
-        let why = if !self.has_assignment {
-            Some(NotReady::NoAssignment)
-        } else if self.updater.is_busy() {
-            Some(NotReady::Restoring)
-        } else if self.all_wait_for_registry() {
-            Some(NotReady::SchemaRegistry)
-        } else {
-            None
-        };
-        match why {
-            Some(why) => self.health.set_not_ready(why),
-            None => self.health.set_ready(true),
-        }
-    }
-
-    /// Whether tasks run and every one of them is parked until the registry answers.
-    fn all_wait_for_registry(&self) -> bool {
-        if self.parking.is_empty() || self.tasks.running.is_empty() {
-            return false;
-        }
-        let parked = self.parking.parked_for(ParkReason::Registry);
-        let task_topic = self.tasks.task_topic();
-        (self.tasks.running.keys()).all(|p| parked.iter().any(|(t, q)| t == task_topic && q == p))
+        let running = self.tasks.running.keys();
+        self.readiness.update(TaskStates {
+            restoring: self.updater.is_busy(),
+            all_wait_for_registry: (self.parking)
+                .all_wait_for_registry(self.tasks.task_topic(), running),
+        });
     }
 
     /// Remove the per-task and per-partition series of tasks this instance no longer has
@@ -499,24 +475,10 @@ impl TaskManager {
             }
         };
         let pause = self.take_on(&parts);
-        self.has_assignment = true;
+        self.readiness.assigned();
         self.update_readiness();
-        for tp in &parts {
-            let Some(&offset) = rewinds.get(tp) else {
-                continue;
-            };
-            if !self.parking.set_rewind(tp, offset) {
-                if let Err(e) = rewind(consumer, tp, offset) {
-                    self.fatal = Some(e.to_string());
-                }
-            }
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (t, p) in &pause {
-            tpl.add_partition(t, *p);
-        }
-        if let Err(e) = consumer.pause(&tpl) {
-            self.fatal = Some(format!("cannot pause requeued partitions: {e}"));
+        if let Err(e) = self.parking.requeue(consumer, &parts, &rewinds, &pause) {
+            self.fatal = Some(e.to_string());
         }
         self.membership.suspect();
     }
@@ -553,7 +515,7 @@ impl TaskManager {
         self.parking.clear();
         self.membership.verified();
         // Nothing runs until the group assigns partitions again (or they are requeued).
-        self.has_assignment = false;
+        self.readiness.unassigned();
         self.counts.tasks_lost += lost.len() as u64;
         metrics::counter!("readstate_tasks_lost_total").increment(lost.len() as u64);
         let tasks: Vec<String> = lost.iter().map(ToString::to_string).collect();
@@ -666,74 +628,41 @@ impl TaskManager {
         self.probe_membership(consumer) == Membership::Kept
     }
 
-    /// The member id now against the one the tasks were assigned under: changed means
-    /// the client lost its membership and rejoined (librdkafka resets the member id after
-    /// a session timeout), so every task is lost; none yet means it is rejoining.
+    /// The member id now against the one the tasks were assigned under, acted on.
     pub(super) fn member_check<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
     ) -> Membership {
-        if self.tasks.is_idle() {
-            return Membership::Kept;
-        }
-        match self
-            .membership
-            .check_member(crate::kafka::member_id(consumer))
-        {
-            MemberIdCheck::Changed { was, now } => {
-                let why = format!("group member id changed from {was} to {now}");
-                // librdkafka revokes the lost assignment and assigns again: no requeue.
-                self.lose_all(&why, Loss::Left);
-                self.membership.assigned_under(None);
-                Membership::Lost
-            }
-            MemberIdCheck::Rejoining => Membership::Unknown,
-            MemberIdCheck::Same => Membership::Kept,
-        }
+        let member = crate::kafka::member_id(consumer);
+        let verdict = self.membership.member_verdict(self.tasks.is_idle(), member);
+        self.act_on(consumer, verdict)
     }
 
-    /// Commit, once more, the offsets already committed: the group coordinator refuses it
-    /// if this member was removed. On refusal every task is lost; on any other failure the
-    /// answer is unknown (a commit is postponed, and the probe repeated next time).
+    /// Probe the coordinator (see [`MembershipMonitor::probe`]), and act on its verdict.
     pub(super) fn probe_membership<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
     ) -> Membership {
-        if consumer.assignment_lost() {
-            self.assignment_lost(consumer, "the consumer reports its assignment lost");
-            return Membership::Lost;
-        }
-        match self.member_check(consumer) {
-            Membership::Kept => {}
-            other => return other,
-        }
-        let tpl = self.executor.offsets.committed_list();
-        if tpl.count() == 0 {
-            self.membership.verified();
-            return Membership::Kept;
-        }
-        match consumer.commit(&tpl, CommitMode::Sync) {
-            // The client may have rejoined (a new member id) while the commit waited.
-            Ok(()) if self.member_check(consumer) != Membership::Kept => Membership::Lost,
-            Ok(()) => {
-                tracing::info!("membership verified after a long gap between polls");
-                self.membership.verified();
-                Membership::Kept
+        let committed = self.executor.offsets.committed_list();
+        let idle = self.tasks.is_idle();
+        let verdict = self.membership.probe(consumer, &committed, idle);
+        self.act_on(consumer, verdict)
+    }
+
+    /// Lose the tasks a membership verdict says are lost.
+    fn act_on<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, v: Verdict) -> Membership {
+        match &v {
+            Verdict::Kept | Verdict::Unknown | Verdict::Rejoining => {}
+            Verdict::Rejoined(why) => {
+                self.lose_all(why, Loss::Left);
+                self.membership.assigned_under(None);
             }
-            Err(e) if refusal(&e) == Some(Refusal::Gone) => {
-                self.lose_all_and_requeue(consumer, &format!("membership probe refused: {e}"));
-                Membership::Lost
+            Verdict::AssignmentLost => {
+                self.assignment_lost(consumer, "the consumer reports its assignment lost");
             }
-            Err(e) if refusal(&e) == Some(Refusal::Rebalancing) => {
-                // Still a member: the rebalance tells what stays owned.
-                tracing::info!(error = %e, "membership probe refused while the group rebalances; commit postponed");
-                Membership::Unknown
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "membership probe failed; commit postponed");
-                Membership::Unknown
-            }
+            Verdict::Removed(why) => self.lose_all_and_requeue(consumer, why),
         }
+        v.membership()
     }
 
     /// Close every task after the final commit (clean) or without it (after a failure).

@@ -162,7 +162,7 @@ impl SinkRow for ReceiptUpdate {
             ),
             id_column(ids.user, rows.iter().map(|u| Some(&u.reader_id.0))),
             Box::new(longs(|u| u.last_read_seq)),
-            Box::new(owned(|u| u.message_id.clone())),
+            text_id_column(ids.message, rows.iter().map(|u| u.message_id.as_deref())),
             id_column(
                 ids.user,
                 rows.iter().map(|u| u.sender_id.as_ref().map(|s| &s.0)),

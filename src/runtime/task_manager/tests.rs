@@ -7,6 +7,8 @@ use crate::kafka::KafkaSettings;
 use crate::serde::LocalRegistry;
 use crate::state::{put_checkpoint, StoreBatch};
 use rdkafka::mocking::MockCluster;
+use rdkafka::TopicPartitionList;
+use std::sync::Arc;
 
 fn manager(brokers: &str, dir: &std::path::Path) -> TaskManager {
     let text = format!(
@@ -87,7 +89,7 @@ fn assign_open_corrupted_and_lost() {
         tm.restore_step(&consumer).unwrap();
     }
     assert!(tm.parking.is_empty(), "resumed once restored");
-    assert!(tm.health.is_ready(), "assigned and restored");
+    assert!(tm.readiness.is_ready(), "assigned and restored");
     assert_eq!(
         tm.summary().tasks_corrupted,
         1,
@@ -115,7 +117,7 @@ fn assign_open_corrupted_and_lost() {
     tm.lose_all("test", Loss::Left);
     assert!(tm.tasks.running.is_empty());
     assert!(
-        !tm.health.is_ready(),
+        !tm.readiness.is_ready(),
         "nothing runs until the next assignment"
     );
     assert_eq!(tm.summary().tasks_lost, 4);

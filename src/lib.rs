@@ -2,6 +2,15 @@
 //!
 //! # Layout
 //!
+//! This crate is the library's one name: it re-exports three crates under the paths
+//! users write (`readstate::processor`, `readstate::runtime`, `readstate::sink`, ...):
+//!
+//! - `readstate-core` (`crates/core`): every module below but `runtime`, `sink` and
+//!   `reset`: the processor API and what it stands on;
+//! - `readstate-runtime` (`crates/runtime`): `runtime`, which builds on the core only;
+//! - `readstate-sink` (`crates/sink`): `sink`, which builds on the core only;
+//! - `reset` lives here: it reaches across all three.
+//!
 //! The data path, in order (see `ARCHITECTURE.md` for the commit protocol):
 //!
 //! - [`backoff`]: the one `Backoff` (cap, jitter) of every retry loop, and the `Clock` seam
@@ -43,23 +52,17 @@
 //!   sink offsets, local state).
 //! - [`telemetry`]: the Prometheus recorder and `/metrics`, `/health`, `/ready`.
 //!
-//! Outside this crate (the workspace, see `ARCHITECTURE.md`): `crates/cli` is the
+//! Outside the library (the workspace, see `ARCHITECTURE.md`): `crates/cli` is the
 //! `readstate` binary (`App`, the composition root, and the command line) with the
 //! end-to-end tests that start it; `crates/tools` holds the dev-only tools (loadgen, demo,
 //! bench); `crates/testing` holds `TopologyTestDriver`, `TaskDriver`, the one bounded wait
 //! and the test fixtures.
 
-pub mod backoff;
-pub mod config;
-pub mod ids;
-pub mod kafka;
-pub mod model;
-pub mod processor;
+pub use readstate_core::{
+    backoff, config, dead_letter_log, ids, kafka, model, processor, serde, state, task, telemetry,
+    topology,
+};
+pub use readstate_runtime as runtime;
+pub use readstate_sink as sink;
+
 pub mod reset;
-pub mod runtime;
-pub mod serde;
-pub mod sink;
-pub mod state;
-pub mod task;
-pub mod telemetry;
-pub mod topology;

@@ -950,7 +950,7 @@ fn run_observed(file: &str, env: &[(&str, &str)], log: &std::path::Path) -> std:
     let args = ["run", "--local-schemas", "--topology", file];
     cli(&args, env)
         .args(["--metrics-addr", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn,readstate::telemetry=info")
+        .env("RUST_LOG", "warn,readstate_core::telemetry=info")
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap()
@@ -1301,7 +1301,7 @@ fn sink_lag_is_zero_when_written_and_grows_while_postgres_is_down() {
         ],
         &env.env(),
     )
-    .env("RUST_LOG", "warn,readstate::telemetry=info")
+    .env("RUST_LOG", "warn,readstate_core::telemetry=info")
     .stderr(std::fs::File::create(&log).unwrap())
     .spawn()
     .unwrap();

@@ -79,7 +79,7 @@ fn measure(
         .transpose()
         .map_err(|e| BenchError::Other(format!("READSTATE_STARTUP_LOG: {e}")))?;
     let filter = std::env::var("READSTATE_STARTUP_RUST_LOG").unwrap_or_else(|_| {
-        "error,readstate::runtime=debug,readstate::runtime::dead_letter_log=error".into()
+        "error,readstate_runtime=debug,readstate_core::dead_letter_log=error".into()
     });
     cmd.env("RUST_LOG", filter)
         .args(["--log-format", "json"])
@@ -200,7 +200,7 @@ mod tests {
 
     #[test]
     fn a_startup_line_gives_its_message_and_time() {
-        let line = r#"{"timestamp":"2026-11-29T17:00:00.000001Z","level":"DEBUG","fields":{"message":"stores opened","tasks":32,"startup_ms":412},"target":"readstate::runtime::task_manager"}"#;
+        let line = r#"{"timestamp":"2026-11-29T17:00:00.000001Z","level":"DEBUG","fields":{"message":"stores opened","tasks":32,"startup_ms":412},"target":"readstate_runtime::task_manager"}"#;
         assert_eq!(parse_mark(line), Some(("stores opened".to_owned(), 412)));
         let other = r#"{"fields":{"message":"committed","tasks":3},"target":"x"}"#;
         assert_eq!(parse_mark(other), None);

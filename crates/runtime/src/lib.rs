@@ -1,5 +1,11 @@
-//! `readstate run`: one instance of the application in its consumer group, in Kafka
-//! Streams' runtime roles, one module each:
+//! readstate-runtime: `readstate run`, one instance of the application in its consumer
+//! group. It builds on `readstate-core` (the processor API, stores, tasks, the topology's
+//! graph) and knows no domain type.
+//!
+//! # Layout
+//!
+//! Kafka Streams' runtime roles, one module (and one type) each; the crate root holds
+//! `run` and its `RunConfig`:
 //!
 //! - [`stream_thread`]: the poll loop (StreamThread) and the rebalance callbacks;
 //! - [`task_manager`]: the task lifecycle: assign, revoke (clean), lost (dirty), corrupted
@@ -19,8 +25,15 @@
 //! - [`changelog_reader`]: incremental restores between polls (StoreChangelogReader);
 //! - [`repartition_purger`]: deletes repartition records below the committed offsets.
 
+// The core's modules, at this crate's root as in the core's.
+use readstate_core::{
+    backoff, dead_letter_log, ids, kafka, processor, serde, state, task, telemetry, topology,
+};
+// Only the tests name a domain type (to check what the built-in node stored).
+#[cfg(test)]
+use readstate_core::model;
+
 mod changelog_reader;
-pub(crate) mod dead_letter_log;
 mod membership;
 mod offsets;
 mod parking;

@@ -27,12 +27,12 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "0001_read_receipts.sql",
-        sql: include_str!("../../migrations/0001_read_receipts.sql"),
+        sql: include_str!("../../../migrations/0001_read_receipts.sql"),
     },
     Migration {
         version: 2,
         name: "0002_sink_offsets.sql",
-        sql: include_str!("../../migrations/0002_sink_offsets.sql"),
+        sql: include_str!("../../../migrations/0002_sink_offsets.sql"),
     },
 ];
 
@@ -41,14 +41,14 @@ pub const MIGRATIONS: &[Migration] = &[
 pub const HEAD_MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "heads/0001_conversation_heads.sql",
-    sql: include_str!("../../migrations/heads/0001_conversation_heads.sql"),
+    sql: include_str!("../../../migrations/heads/0001_conversation_heads.sql"),
 }];
 
 /// The migrations of a sender-receipts table (`migrations/sender_receipts/`).
 pub const SENDER_RECEIPT_MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "sender_receipts/0001_sender_receipts.sql",
-    sql: include_str!("../../migrations/sender_receipts/0001_sender_receipts.sql"),
+    sql: include_str!("../../../migrations/sender_receipts/0001_sender_receipts.sql"),
 }];
 
 /// The migrations of a members table (`migrations/members/`); `{{receipts_table}}` stands
@@ -56,7 +56,7 @@ pub const SENDER_RECEIPT_MIGRATIONS: &[Migration] = &[Migration {
 pub const MEMBER_MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "members/0001_conversation_members.sql",
-    sql: include_str!("../../migrations/members/0001_conversation_members.sql"),
+    sql: include_str!("../../../migrations/members/0001_conversation_members.sql"),
 }];
 
 /// Advisory lock key serialising migrations ("readstat" in ASCII).
@@ -284,7 +284,7 @@ mod tests {
 
     #[test]
     fn every_file_in_migrations_is_compiled_in_and_in_order() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations");
         let mut files: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -299,7 +299,7 @@ mod tests {
             ("members", MEMBER_MIGRATIONS),
         ] {
             let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("migrations")
+                .join("../../migrations")
                 .join(dir);
             let mut files: Vec<String> = std::fs::read_dir(path)
                 .unwrap()

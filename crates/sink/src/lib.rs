@@ -1,6 +1,8 @@
-//! The PostgreSQL sink: the output topic, batched, into `read_receipts` (the sender-receipts
-//! topic into `sender_receipts`, and the
-//! conversation-heads topic into `conversation_heads`), exactly once.
+//! readstate-sink: the PostgreSQL sink: the output topic, batched, into `read_receipts`
+//! (the sender-receipts topic into `sender_receipts`, the conversation-heads topic into
+//! `conversation_heads`, the members topic into `conversation_members`), exactly once.
+//!
+//! # Layout
 //!
 //! - [`migrate`]: the SQL in `migrations/`, applied once each and checked before start.
 //! - [`batch`]: the in-memory batch: one row per key (highest version), and per partition
@@ -16,6 +18,11 @@
 //!   topic.
 //!
 //! Errors are classified once, here, at the sink's boundary ([`classify`]).
+
+// The core's modules, at this crate's root as in the core's.
+use readstate_core::{
+    backoff, dead_letter_log, ids, kafka, model, processor, serde, task, telemetry, topology,
+};
 
 pub mod batch;
 pub mod connect;

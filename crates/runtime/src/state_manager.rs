@@ -209,9 +209,10 @@ mod tests {
     #[test]
     fn wiping_a_store_leaves_it_empty_on_the_next_open() {
         let dir = tempfile::tempdir().unwrap();
-        let t =
-            crate::topology::compile(include_str!("../../topologies/read_state_with_unread.toml"))
-                .unwrap();
+        let t = crate::topology::compile(include_str!(
+            "../../../topologies/read_state_with_unread.toml"
+        ))
+        .unwrap();
         let specs: Vec<Store> = t.stores().into_iter().cloned().collect();
         let sm = StateManager::new(dir.path().join("app"), specs);
         let id = TaskId::new(0, 3);

@@ -202,7 +202,10 @@ mod tests {
 
     #[test]
     fn both_sources_route_to_one_processor_with_two_stores() {
-        let t = compile(include_str!("../../topologies/read_state_with_unread.toml")).unwrap();
+        let t = compile(include_str!(
+            "../../../../topologies/read_state_with_unread.toml"
+        ))
+        .unwrap();
         let g = Graph::compile(&t);
         let routes = g.routes();
         assert_eq!(routes.len(), 2);
@@ -261,7 +264,7 @@ mod tests {
 
     #[test]
     fn a_repartitioned_source_routes_from_its_repartition_topic() {
-        let text = include_str!("../../topologies/read_receipts.toml");
+        let text = include_str!("../../../../topologies/read_receipts.toml");
         let t = compile(text).unwrap();
         let routes = Graph::compile(&t).routes();
         assert_eq!(routes.len(), 1);

@@ -11,9 +11,9 @@ use crate::task::DeadLetter;
 
 /// Dead letters logged one by one per second; beyond that they are counted and summed up
 /// (the metric and the DLQ itself have every one).
-pub(crate) const DEAD_LETTER_LOGS_PER_SECOND: u32 = 10;
+pub const DEAD_LETTER_LOGS_PER_SECOND: u32 = 10;
 
-pub(crate) fn log_dead_letter(d: &DeadLetter, limit: &mut LogLimiter) {
+pub fn log_dead_letter(d: &DeadLetter, limit: &mut LogLimiter) {
     let (log, suppressed) = limit.admit(Instant::now());
     report_suppressed(suppressed);
     if log {
@@ -33,14 +33,14 @@ fn report_suppressed(suppressed: u64) {
 
 /// Called from the poll loop: reports the dead letters not logged in a window that has
 /// closed, even when no other dead letter comes.
-pub(crate) fn flush_dead_letter_log(limit: &mut LogLimiter) {
+pub fn flush_dead_letter_log(limit: &mut LogLimiter) {
     report_suppressed(limit.tick(Instant::now()));
 }
 
 /// At most `per_second` log lines per one-second window; the rest are counted and
 /// reported when the next window opens (or by [`LogLimiter::tick`]).
 #[derive(Debug)]
-pub(crate) struct LogLimiter {
+pub struct LogLimiter {
     per_second: u32,
     window: Option<Instant>,
     logged: u32,
@@ -48,7 +48,7 @@ pub(crate) struct LogLimiter {
 }
 
 impl LogLimiter {
-    pub(crate) fn new(per_second: u32) -> Self {
+    pub fn new(per_second: u32) -> Self {
         Self {
             per_second,
             window: None,
@@ -91,14 +91,14 @@ impl LogLimiter {
 
 /// Why the circuit breaker stopped the instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Tripped {
+pub struct Tripped {
     pub records: u64,
     pub dead: u64,
 }
 
 /// Dead letters against records consumed, over a sliding window of ten buckets.
 #[derive(Debug)]
-pub(crate) struct DeadLetterBreaker {
+pub struct DeadLetterBreaker {
     policy: BadRecords,
     bucket: Duration,
     /// (bucket start, records, dead letters), oldest first.
@@ -108,7 +108,7 @@ pub(crate) struct DeadLetterBreaker {
 impl DeadLetterBreaker {
     const BUCKETS: u32 = 10;
 
-    pub(crate) fn new(policy: BadRecords) -> Self {
+    pub fn new(policy: BadRecords) -> Self {
         Self {
             policy,
             bucket: policy.window / Self::BUCKETS,
@@ -117,7 +117,7 @@ impl DeadLetterBreaker {
     }
 
     /// Count a batch; `Some` when the window's share of dead letters is over the limit.
-    pub(crate) fn record(&mut self, now: Instant, records: u64, dead: u64) -> Option<Tripped> {
+    pub fn record(&mut self, now: Instant, records: u64, dead: u64) -> Option<Tripped> {
         if self.policy.max_ratio >= 1.0 {
             return None;
         }
@@ -151,7 +151,7 @@ impl DeadLetterBreaker {
 /// produced with the commit's outputs, and judged against `on_bad_record` and the circuit
 /// breaker after each polled batch.
 #[derive(Debug)]
-pub(crate) struct DeadLetterQueue {
+pub struct DeadLetterQueue {
     pending: Vec<DeadLetter>,
     log: LogLimiter,
     breaker: DeadLetterBreaker,
@@ -161,7 +161,7 @@ pub(crate) struct DeadLetterQueue {
 }
 
 impl DeadLetterQueue {
-    pub(crate) fn new(policy: BadRecords, topic: String) -> Self {
+    pub fn new(policy: BadRecords, topic: String) -> Self {
         Self {
             pending: Vec::new(),
             log: LogLimiter::new(DEAD_LETTER_LOGS_PER_SECOND),
@@ -171,49 +171,53 @@ impl DeadLetterQueue {
         }
     }
 
-    pub(crate) fn topic(&self) -> &str {
+    pub fn topic(&self) -> &str {
         &self.topic
     }
 
     /// Where a batch's dead letters are added (log them with [`DeadLetterQueue::log_since`]).
-    pub(crate) fn pending_mut(&mut self) -> &mut Vec<DeadLetter> {
+    pub fn pending_mut(&mut self) -> &mut Vec<DeadLetter> {
         &mut self.pending
     }
 
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.pending.len()
     }
 
-    pub(crate) fn push(&mut self, d: DeadLetter) {
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    pub fn push(&mut self, d: DeadLetter) {
         log_dead_letter(&d, &mut self.log);
         self.pending.push(d);
     }
 
     /// Log the dead letters added since there were `before`.
-    pub(crate) fn log_since(&mut self, before: usize) {
+    pub fn log_since(&mut self, before: usize) {
         for d in &self.pending[before..] {
             log_dead_letter(d, &mut self.log);
         }
     }
 
     /// Report the lines suppressed in a window that has closed (from the poll loop).
-    pub(crate) fn tick(&mut self) {
+    pub fn tick(&mut self) {
         flush_dead_letter_log(&mut self.log);
     }
 
     /// The dead letters to produce with this commit.
-    pub(crate) fn take(&mut self) -> Vec<DeadLetter> {
+    pub fn take(&mut self) -> Vec<DeadLetter> {
         std::mem::take(&mut self.pending)
     }
 
     /// Forget them (their records are read again).
-    pub(crate) fn clear(&mut self) {
+    pub fn clear(&mut self) {
         self.pending.clear();
     }
 
     /// After a batch of `records` that added the dead letters from `before` on: why the
     /// instance must stop (`on_bad_record = "fail"`, or the circuit breaker), if it must.
-    pub(crate) fn judge(&mut self, now: Instant, records: u64, before: usize) -> Option<String> {
+    pub fn judge(&mut self, now: Instant, records: u64, before: usize) -> Option<String> {
         let new = &self.pending[before..];
         let policy = self.policy;
         match (policy.on_bad_record, new.first()) {

@@ -534,7 +534,7 @@ topic = "chat.receipt-updates"
     /// (a repartitioned read source is placed by readstate's murmur2).
     #[test]
     fn co_partitioned_sources_need_one_partitioner() {
-        let unread = include_str!("../../topologies/read_state_with_unread.toml");
+        let unread = include_str!("../../../../topologies/read_state_with_unread.toml");
         let t = compile(unread).unwrap();
         assert_eq!(t.sources[0].partitioner, Partitioner::Murmur2);
         let declared = "partitioner = \"murmur2\"";

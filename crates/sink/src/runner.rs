@@ -33,12 +33,12 @@ use super::row::{RowDecoder, SinkRow};
 use super::table::ReceiptTable;
 use super::SinkError;
 use crate::backoff::Backoff;
+use crate::dead_letter_log::{
+    flush_dead_letter_log, log_dead_letter, LogLimiter, DEAD_LETTER_LOGS_PER_SECOND,
+};
 use crate::ids::Origin;
 use crate::kafka::{dead_letter_headers, KafkaError, KafkaSettings};
 use crate::model::ReceiptUpdate;
-use crate::runtime::dead_letter_log::{
-    flush_dead_letter_log, log_dead_letter, LogLimiter, DEAD_LETTER_LOGS_PER_SECOND,
-};
 use crate::serde::registry::SchemaResolver;
 use crate::serde::SerdeError;
 use crate::task::{DeadLetter, SourceRecord};

@@ -23,17 +23,18 @@ pub use message::{HeadEncoder, MessageDecoder};
 pub use registry::{ConfluentRegistry, LocalRegistry, SchemaResolver};
 
 /// The Avro schema of read events (the reader schema).
-pub const READ_EVENT_SCHEMA: &str = include_str!("../../schemas/read_event.avsc");
+pub const READ_EVENT_SCHEMA: &str = include_str!("../../../../schemas/read_event.avsc");
 /// The Avro schema of receipt updates (the writer schema of the output topic).
-pub const RECEIPT_UPDATE_SCHEMA: &str = include_str!("../../schemas/receipt_update.avsc");
+pub const RECEIPT_UPDATE_SCHEMA: &str = include_str!("../../../../schemas/receipt_update.avsc");
 
 /// The Avro schema of message events (the reader schema of a message source).
-pub const MESSAGE_EVENT_SCHEMA: &str = include_str!("../../schemas/message_event.avsc");
+pub const MESSAGE_EVENT_SCHEMA: &str = include_str!("../../../../schemas/message_event.avsc");
 /// The Avro schema of conversation-head updates (the writer schema of their output topic).
-pub const CONVERSATION_HEAD_SCHEMA: &str = include_str!("../../schemas/conversation_head.avsc");
+pub const CONVERSATION_HEAD_SCHEMA: &str =
+    include_str!("../../../../schemas/conversation_head.avsc");
 
 /// The Avro schema of sender receipts (the writer schema of their output topic).
-pub const SENDER_RECEIPT_SCHEMA: &str = include_str!("../../schemas/sender_receipt.avsc");
+pub const SENDER_RECEIPT_SCHEMA: &str = include_str!("../../../../schemas/sender_receipt.avsc");
 
 /// The sender-receipt schema for a topology's id types (see [`receipt_update_schema`]).
 pub fn sender_receipt_schema(ids: &IdTypes) -> String {
@@ -50,7 +51,7 @@ pub fn sender_receipt_schema(ids: &IdTypes) -> String {
 }
 
 /// Read by N of M (`schemas/read_by.avsc`).
-pub const READ_BY_SCHEMA: &str = include_str!("../../schemas/read_by.avsc");
+pub const READ_BY_SCHEMA: &str = include_str!("../../../../schemas/read_by.avsc");
 
 /// The read-by schema for a topology's id types (see [`receipt_update_schema`]).
 pub fn read_by_schema(ids: &IdTypes) -> String {

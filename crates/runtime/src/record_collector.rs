@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::message::DeliveryResult;
@@ -198,6 +198,26 @@ impl ProducerContext for DeliveryTracker {
     }
 }
 
+/// `call` (a transactional call), again while it fails retriably, at most
+/// [`TXN_ATTEMPTS`] times in all.
+fn retry_retriable(
+    what: &str,
+    mut call: impl FnMut() -> Result<(), rdkafka::error::KafkaError>,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let mut attempt = 1;
+    loop {
+        match call() {
+            Err(rdkafka::error::KafkaError::Transaction(e))
+                if e.is_retriable() && attempt < TXN_ATTEMPTS =>
+            {
+                tracing::info!(error = %e, attempt, "{what} of the transaction failed retriably; calling it again");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Why a transaction did not commit.
 #[derive(Debug)]
 pub enum TxnError {
@@ -234,9 +254,18 @@ struct Transactional {
     id: String,
     /// A transaction is open (begun at the first record after the last commit).
     open: Cell<bool>,
+    /// Why the producer cannot go on (a begin or an abort that failed): the next commit
+    /// reports it as [`TxnError::Fenced`], so that the producer is made again. Seen on a
+    /// 3-broker cluster when a leader was killed: an abort that timed out left the
+    /// producer refusing every later begin_transaction ("invalid state").
+    broken: RefCell<Option<String>>,
 }
 
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Commits and aborts retried after a retriable failure (a timeout while a leader moves
+/// or the cluster is away): librdkafka keeps such a commit in progress, and refuses
+/// every other transactional call until it is called again and completes.
+const TXN_ATTEMPTS: u32 = 3;
 
 /// Every produce of one instance.
 pub struct RecordCollector {
@@ -314,6 +343,7 @@ impl RecordCollector {
             txn: transactional_id.map(|id| Transactional {
                 id,
                 open: Cell::new(false),
+                broken: RefCell::new(None),
             }),
             settings: settings.clone(),
             changelog_topics,
@@ -330,9 +360,14 @@ impl RecordCollector {
     fn begin_if_needed(&self) -> Result<(), String> {
         match &self.txn {
             Some(t) if !t.open.get() => {
-                self.producer
-                    .begin_transaction()
-                    .map_err(|e| format!("begin transaction: {e}"))?;
+                if let Some(why) = t.broken.borrow().as_ref() {
+                    return Err(why.clone());
+                }
+                if let Err(e) = self.producer.begin_transaction() {
+                    let why = format!("begin transaction: {e}");
+                    t.broken.replace(Some(why.clone()));
+                    return Err(why);
+                }
                 t.open.set(true);
                 Ok(())
             }
@@ -349,7 +384,11 @@ impl RecordCollector {
         group: &ConsumerGroupMetadata,
     ) -> Result<(), TxnError> {
         let t = self.txn.as_ref().expect("a transactional collector");
-        self.begin_if_needed().map_err(TxnError::Aborted)?;
+        self.begin_if_needed()
+            .map_err(|why| match t.broken.borrow().is_some() {
+                true => TxnError::Fenced(format!("producer unusable ({why}): it is made again")),
+                false => TxnError::Aborted(why),
+            })?;
         let classify = |e: KafkaError, refused: Option<Refusal>| -> TxnError {
             let text = e.to_string();
             match (&e, refused) {
@@ -374,8 +413,7 @@ impl RecordCollector {
             Ok(())
         };
         let result = sent.and_then(|()| {
-            self.producer
-                .commit_transaction(TXN_TIMEOUT)
+            self.commit_open()
                 .map_err(|e| classify(KafkaError::from(e), None))
         });
         match result {
@@ -390,7 +428,13 @@ impl RecordCollector {
                     self.abort();
                 }
                 t.open.set(false);
-                Err(e)
+                match t.broken.borrow().as_ref() {
+                    // The abort failed too: the producer is made again.
+                    Some(why) if !matches!(e, TxnError::Fenced(_)) => {
+                        Err(TxnError::Fenced(format!("{e}; then {why}")))
+                    }
+                    _ => Err(e),
+                }
             }
         }
     }
@@ -400,13 +444,27 @@ impl RecordCollector {
     pub fn abort(&self) {
         if let Some(t) = &self.txn {
             if t.open.get() {
-                if let Err(e) = self.producer.abort_transaction(TXN_TIMEOUT) {
-                    tracing::warn!(error = %e, "aborting the transaction failed");
+                if let Err(why) = self.abort_open() {
+                    tracing::warn!(error = %why, "aborting the transaction failed: the producer is made again at the next commit");
+                    t.broken.replace(Some(why));
                 }
                 t.open.set(false);
             }
             self.producer.context().forget_failures();
         }
+    }
+
+    /// Commit the open transaction, again after a retriable failure, at most
+    /// [`TXN_ATTEMPTS`] times.
+    fn commit_open(&self) -> Result<(), rdkafka::error::KafkaError> {
+        retry_retriable("commit", || self.producer.commit_transaction(TXN_TIMEOUT))
+    }
+
+    /// Abort the open transaction, again after a retriable failure, at most
+    /// [`TXN_ATTEMPTS`] times.
+    fn abort_open(&self) -> Result<(), String> {
+        retry_retriable("abort", || self.producer.abort_transaction(TXN_TIMEOUT))
+            .map_err(|e| format!("abort transaction: {e}"))
     }
 
     /// Enqueue a record (waiting while the local queue is full). A record the client

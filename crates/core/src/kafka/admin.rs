@@ -268,11 +268,13 @@ pub async fn describe_policies(
         }
     };
     for (topic, r) in topics.iter().zip(results) {
-        if let Ok(resource) = r {
-            let policy = resource
-                .get("cleanup.policy")
-                .and_then(|e| e.value.clone())
-                .unwrap_or_default();
+        // A broker that knows the topic always gives its policy (its default, "delete",
+        // included); none means the answering broker did not know the topic's config yet
+        // (on a cluster, a topic another instance created a moment ago): unknown, not "".
+        let policy = r
+            .ok()
+            .and_then(|res| res.get("cleanup.policy")?.value.clone());
+        if let Some(policy) = policy {
             policies.known.insert((*topic).to_owned(), policy);
         }
     }

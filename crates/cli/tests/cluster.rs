@@ -121,7 +121,7 @@ fn under_fault(cluster: &mut Cluster, fault: Fault, eos: bool, seed: u64) {
 /// One cluster for the whole suite (three JVMs are the machine's limit); the faults run
 /// one after the other on it, each with its own application, topics and database.
 #[test]
-#[ignore = "not in scripts/test yet: a leader kill can expire an instance's output records (MessageTimedOut well inside message.timeout.ms) and stop it; after the cluster's outage a changelog still without a leader 10 s later stops an instance at its restore; run it with --ignored"]
+#[ignore = "not in scripts/test yet: a leader kill can expire an instance's output records (message.timeout.ms is the session timeout unless set) and stop it; after the cluster's outage a changelog still without a leader 10 s later stops an instance at its restore; run it with --ignored"]
 fn real_cluster_survives_leader_kills_rolling_restarts_and_an_outage() {
     let mut cluster = Cluster::start(3);
     let faults = [

@@ -329,19 +329,11 @@ proptest! {
 #[test]
 fn misrouted_reads_are_dead_letters_and_fold_nothing() {
     use readstate::kafka::partitioner::Partitioner;
-    let text = topology_text(
-        "test-app",
-        "1s",
-        "./state",
-        "read-events",
-        "receipt-updates",
-        "0s",
-    )
-    .replace(
-        "topic = \"read-events\"",
-        "topic = \"read-events\"\npartitioner = \"fnv1a\"",
-    );
-    let t = readstate::topology::compile(&text).unwrap();
+    let t = Shipped::load("read_receipts.toml")
+        .set("source.read-events.partitioner", "fnv1a")
+        .set("processor.read-state.min_emit_interval", "0s")
+        .without("sink.postgres")
+        .compile();
     let mut d = TopologyTestDriver::new(t).with_partition_count(8);
     let placed = |c: i64| Partitioner::Fnv1a.partition(c.to_string().as_bytes(), 8);
     let (mut right, mut wrong) = (Vec::new(), Vec::new());

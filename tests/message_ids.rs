@@ -13,7 +13,9 @@ use readstate::ids::{ConversationId, ReaderId};
 use readstate::model::StateKey;
 use readstate::processor::resolve::ResolveStats;
 use readstate::topology::{compile, Topology};
-use readstate_testing::chat::{chat_json, json_message_id_topology_text, ChatTopics};
+use readstate_testing::chat::{
+    chat_json, json_message_id_fixture, json_message_id_topology_text, ChatTopics,
+};
 use readstate_testing::{DriverStores, TopologyTestDriver};
 use readstate_tools::loadgen::chat::{generate, ChatEvent, ChatSpec, ChatWorkload};
 
@@ -267,8 +269,12 @@ fn a_read_whose_message_never_comes_falls_back_to_read_at_or_is_a_dead_letter() 
 /// Without `read_at` mapped, a read whose message never comes is a dead letter.
 #[test]
 fn without_read_at_an_unresolved_read_is_a_dead_letter() {
-    let text = json_message_id_topology_text("m", ".".as_ref(), &ChatTopics::new("t"), "5s", "")
-        .replace(", read_at = \"at\"", "");
+    let text = json_message_id_fixture("m", ".".as_ref(), &ChatTopics::new("t"), "5s")
+        .set_toml(
+            "source.read-events.fields",
+            r#"{ reader = "user", conversation = "conv", message_id = "msg", device = "device" }"#,
+        )
+        .text();
     let mut d = driver(compile(&text).unwrap());
     let p = partition(&ConversationId::from(7));
     let t0 = d.now_ms();

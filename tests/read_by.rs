@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use readstate::ids::{ConversationId, ReaderId, SenderId};
 use readstate::model::{MessageEvent, ReadBy, ReadEvent, SenderReceipt, StateKey};
 use readstate::topology::compile;
-use readstate_testing::chat::{topology_text, ChatTopics};
+use readstate_testing::chat::{self, ChatTopics};
 use readstate_testing::{DriverStores, TopologyTestDriver};
 use readstate_tools::loadgen::chat::{generate, ChatEvent, ChatSpec};
 
@@ -48,20 +48,15 @@ input = "read-state"
 output = "read-by"
 topic = "read-by"
 "#;
-    topology_text(
-        "groups",
-        std::path::Path::new("./unused"),
-        &ChatTopics::new("t"),
-        extra,
-    )
-    .replace(
-        "inputs = [\"reads\", \"messages\"]",
-        "inputs = [\"reads\", \"messages\", \"members\"]",
-    )
-    .replace(
-        "unread_cap = 1000",
-        &format!("unread_cap = 1000\nlarge_group_members = {LARGE}"),
-    )
+    let dir = std::path::Path::new("./unused");
+    chat::fixture("groups", dir, &ChatTopics::new("t"))
+        .with_tables(extra)
+        .set(
+            "processor.read-state.inputs",
+            vec!["read-events", "message-events", "members"],
+        )
+        .set("processor.read-state.large_group_members", LARGE as i64)
+        .text()
 }
 
 /// One arrival: a chat event, or a member list (`None`: deleted).

@@ -12,7 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use readstate::ids::{ConversationId, ReaderId, SenderId};
 use readstate::topology::compile;
-use readstate_testing::chat::{topology_text, ChatTopics};
+use readstate_testing::chat::{self, ChatTopics};
 use readstate_testing::{DriverStores, TopologyTestDriver};
 use readstate_tools::loadgen::chat::{generate, ChatEvent, ChatSpec};
 
@@ -61,10 +61,10 @@ fn every_sender_learns_the_highest_of_its_messages_each_reader_read() {
             ..Default::default()
         });
         let dir = std::path::Path::new("./unused");
-        let text = topology_text("senders", dir, &ChatTopics::new("t"), SENDERS_SINK).replace(
-            "unread_cap = 1000",
-            &format!("unread_cap = 1000\nmin_emit_interval = \"{min_emit}\""),
-        );
+        let text = chat::fixture("senders", dir, &ChatTopics::new("t"))
+            .with_tables(SENDERS_SINK)
+            .set("processor.read-state.min_emit_interval", min_emit)
+            .text();
         let mut d = TopologyTestDriver::with(
             compile(&text).unwrap(),
             DriverStores::Memory,
@@ -208,14 +208,11 @@ fn check(
 #[test]
 fn a_sender_receipts_sink_needs_a_message_source() {
     let dir = std::path::Path::new("./unused");
-    let text = topology_text("senders", dir, &ChatTopics::new("t"), SENDERS_SINK);
-    let without = text
-        .replace(
-            "[[source]]\nname = \"messages\"",
-            "[[unused]]\nname = \"messages\"",
-        )
-        .replace("records = \"message-events\"\n", "")
-        .replace("inputs = [\"reads\", \"messages\"]", "inputs = [\"reads\"]");
+    let without = chat::fixture("senders", dir, &ChatTopics::new("t"))
+        .with_tables(SENDERS_SINK)
+        .without("source.message-events")
+        .set("processor.read-state.inputs", vec!["read-events"])
+        .text();
     let errs = compile(&without).unwrap_err();
     let sink = errs
         .iter()

@@ -9,50 +9,21 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use readstate::ids::{ConversationId, Id, ReaderId, SenderId};
 use readstate::model::{MessageEvent, StateKey};
-use readstate::topology::{compile, Topology};
+use readstate::topology::Topology;
+use readstate_testing::chat::{self, ChatTopics};
 use readstate_testing::{DriverStores, TopologyTestDriver};
 use readstate_tools::loadgen::chat::{generate, ChatEvent, ChatSpec, ChatWorkload};
 
 const PARTS: i32 = 3;
 
+/// `topologies/read_state_with_unread.toml` with `unread_cap` and `min_emit_interval`
+/// set (commit interval 1 s, as shipped).
 fn unread_topology(cap: usize, min_emit: &str) -> Topology {
-    compile(&format!(
-        r#"
-[application]
-id = "unread-test"
-[[source]]
-name = "reads"
-topic = "reads"
-[[source]]
-name = "messages"
-topic = "messages"
-records = "message-events"
-[[store]]
-name = "read-state"
-[[store]]
-name = "head-state"
-[[processor]]
-name = "read-state"
-kind = "read-state"
-inputs = ["reads", "messages"]
-store = "read-state"
-heads_store = "head-state"
-min_emit_interval = "{min_emit}"
-unread_cap = {cap}
-[[sink]]
-name = "updates"
-kind = "kafka"
-input = "read-state"
-topic = "updates"
-[[sink]]
-name = "heads"
-kind = "kafka"
-input = "read-state"
-output = "conversation-heads"
-topic = "heads"
-"#
-    ))
-    .expect("unread topology compiles")
+    chat::fixture("unread-test", "./state".as_ref(), &ChatTopics::new("t"))
+        .set("application.commit_interval", "1s")
+        .set("processor.read-state.unread_cap", cap as i64)
+        .set("processor.read-state.min_emit_interval", min_emit)
+        .compile()
 }
 
 fn partition(c: &ConversationId) -> i32 {

@@ -154,6 +154,13 @@ struct BenchArgs {
     /// The end-to-end figure under exactly_once_v2 (needs a real broker to mean anything).
     #[arg(long)]
     exactly_once: bool,
+    #[command(flatten)]
+    versus: VersusArgs,
+}
+
+/// The "versus" figure's settings (readstate against the Kafka Streams yardstick).
+#[derive(clap::Args)]
+struct VersusArgs {
     /// For the "versus" figure (needs --brokers): a file with the classpath of the Kafka
     /// Streams application in bench/kafka-streams (scripts/bench builds it with Maven).
     #[arg(long)]
@@ -640,9 +647,11 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
             bench::end_to_end(&e2e, args.partitions, &on)?.render()
         );
     }
-    if let (Some(brokers), Some(cp), true) =
-        (&args.brokers, &args.kafka_streams_classpath, want("versus"))
-    {
+    if let (Some(brokers), Some(cp), true) = (
+        &args.brokers,
+        &args.versus.kafka_streams_classpath,
+        want("versus"),
+    ) {
         let classes = cp.parent().map(|d| d.join("classes")).unwrap_or_default();
         let deps =
             std::fs::read_to_string(cp).with_context(|| format!("reading {}", cp.display()))?;
@@ -650,19 +659,18 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
             java: "java".into(),
             classpath: format!("{}:{}", classes.display(), deps.trim()),
             schemas: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../schemas")),
-            jvm_options: args
-                .kafka_streams_jvm
+            jvm_options: (args.versus.kafka_streams_jvm)
                 .split_whitespace()
                 .map(str::to_owned)
                 .collect(),
         };
         let plan = bench::versus::Plan {
-            partitions: args.versus_partitions,
-            topic: args.versus_topic.clone(),
-            readstate_only: args.versus_readstate_only,
+            partitions: args.versus.versus_partitions,
+            topic: args.versus.versus_topic.clone(),
+            readstate_only: args.versus.versus_readstate_only,
             guarantees: match (
-                args.versus_at_least_once_only,
-                args.versus_exactly_once_only,
+                args.versus.versus_at_least_once_only,
+                args.versus.versus_exactly_once_only,
             ) {
                 (true, _) => vec!["at_least_once"],
                 (_, true) => vec!["exactly_once_v2"],

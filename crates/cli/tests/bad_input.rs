@@ -132,8 +132,8 @@ fn registry_down_longer_than_max_poll_interval_parks_and_resumes() {
     );
     assert!(reg.failed() > 1, "the outage was met and retried");
     assert_eq!(s.dead_letters, 0, "{s:?}");
-    assert_eq!(s.assignments, 1, "no rebalance: {s:?}");
-    assert_eq!(s.tasks_lost, 0, "{s:?}");
+    assert_eq!(s.lifecycle.assignments, 1, "no rebalance: {s:?}");
+    assert_eq!(s.lifecycle.tasks_lost, 0, "{s:?}");
     check_output_monotonic(&updates, &want);
     check_final_state(&env, &want);
 }

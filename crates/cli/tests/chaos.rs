@@ -65,7 +65,7 @@ impl Scenario {
         }
         let root = tempfile::tempdir().unwrap();
         let text = format!(
-            "{}\n[[sink]]\nname = \"postgres\"\nkind = \"postgres\"\ninput = \"updates\"\nbatch_size = 500\nlinger = \"100ms\"\n",
+            "{}\n[[sink]]\nname = \"postgres\"\nkind = \"postgres\"\ninput = \"receipt-updates\"\nbatch_size = 500\nlinger = \"100ms\"\n",
             topology_text(&app, "200ms", "./unused", &source, &output, "0s")
         );
         let topology = root.path().join("topology.toml");

@@ -65,7 +65,7 @@ fn under_fault(cluster: &mut Cluster, fault: Fault, eos: bool, seed: u64) {
     let events = zipf_workload(seed, 16_000);
     let want = oracle(&events);
     let file = env.state.path().join("topology.toml");
-    let sink = "[[sink]]\nname = \"postgres\"\nkind = \"postgres\"\ninput = \"updates\"\nbatch_size = 200\nlinger = \"50ms\"\n";
+    let sink = "[[sink]]\nname = \"postgres\"\nkind = \"postgres\"\ninput = \"receipt-updates\"\nbatch_size = 200\nlinger = \"50ms\"\n";
     std::fs::write(&file, format!("{}\n{sink}", env.topology_text())).unwrap();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let args = ["--replication", "3", "--database-url", db.url.as_str()];

@@ -34,7 +34,7 @@ fn real_broker_exactly_once_kill9_between_produce_and_commit() {
     std::fs::write(&file, env.topology_text_with_commit("10m")).unwrap();
     env.produce(first, 0);
     let mut child = spawn_cli_in(&env, &file, env.state.path(), &[]);
-    let repartition = format!("{}-events-repartition", env.app);
+    let repartition = env.repartition_topic();
     wait_for(
         "the first run to forward its records",
         Duration::from_secs(60),

@@ -27,7 +27,7 @@ fn sigkill_between_forward_and_commit_keeps_counts_exact() {
     let events = zipf_workload(6, 12_000);
     let (first, second) = events.split_at(events.len() / 2);
     let want = oracle(&events);
-    let repartition = format!("{}-events-repartition", env.app);
+    let repartition = env.repartition_topic();
     let file = env.state.path().join("topology.toml");
     // First run: no commit for 10 minutes, so nothing it forwards is committed.
     std::fs::write(&file, env.topology_text_with_commit("10m")).unwrap();

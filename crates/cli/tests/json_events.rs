@@ -72,33 +72,22 @@ fn json_of(e: &ReadEvent) -> String {
     )
 }
 
-const PG_SINK: &str = r#"
-[[sink]]
-name = "pg"
-kind = "postgres"
-input = "updates"
-batch_size = 200
-linger = "100ms"
-"#;
-
+/// `topologies/json_read_receipts.toml` (string and UUID ids, FNV-1a, read_at as the
+/// position) on the environment's topics, its source named `read-events` as the
+/// environment's internal topics are; with its PostgreSQL sink (into the `read_receipts`
+/// table, in small, quick batches) or without.
 fn topology(env: &Env, postgres: bool) -> String {
-    let topic = format!("topic = \"{}\"", env.source);
-    let mut text = env.topology_text().replace(
-        &topic,
-        &format!(
-            r#"{topic}
-format = "json"
-partitioner = "fnv1a"
-position = "timestamp"
-time_unit = "s"
-fields = {{ reader = "reader_id", conversation = "conversation_id", position = "read_at", message_id = "msg_id", sender = "sender_id", device = "device_id" }}
-defaults = {{ device = "unknown" }}"#
-        ),
-    );
-    if postgres {
-        text += PG_SINK;
+    let t = Shipped::load("json_read_receipts.toml")
+        .rename("source.read-receipt-events", "read-events")
+        .into_env(env, "read-events", "receipt-updates");
+    match postgres {
+        true => t
+            .set("sink.postgres.table", "read_receipts")
+            .set("sink.postgres.batch_size", 200)
+            .set("sink.postgres.linger", "100ms"),
+        false => t.without("sink.postgres"),
     }
-    text + "\n[ids]\nconversation = \"string\"\nuser = \"string\"\nmessage = \"uuid\"\n"
+    .text()
 }
 
 /// Who produces the events, placing them with FNV-1a.

@@ -487,7 +487,7 @@ fn sink_topology_from(
     source: &str,
 ) -> std::path::PathBuf {
     let text = format!(
-        "{}\n[[sink]]\nname = \"postgres\"\nkind = \"postgres\"\ninput = \"updates\"\nbatch_size = {batch}\nlinger = \"50ms\"\n",
+        "{}\n[[sink]]\nname = \"postgres\"\nkind = \"postgres\"\ninput = \"receipt-updates\"\nbatch_size = {batch}\nlinger = \"50ms\"\n",
         topology_text(
             &k.app,
             "200ms",
@@ -804,18 +804,25 @@ impl RealBroker {
         }
     }
 
-    /// A topology file in `dir` with the embedded sink; `commit` may carry more
-    /// `[application]` lines.
+    /// A topology file in `dir` with the embedded sink, under `guarantee`.
     fn topology_file(
         &self,
         dir: &std::path::Path,
-        commit: &str,
+        guarantee: &str,
         state: &std::path::Path,
     ) -> String {
-        let text = format!(
-            "{}\n[[sink]]\nname = \"postgres\"\nkind = \"postgres\"\ninput = \"updates\"\nbatch_size = 200\nlinger = \"50ms\"\n",
-            topology_text(&self.app, commit, &state.display().to_string(), &self.source, &self.output, "0s")
-        );
+        let state = state.display().to_string();
+        let text = Shipped::load("read_receipts.toml")
+            .set("application.id", self.app.as_str())
+            .set("application.commit_interval", "200ms")
+            .set("application.state_dir", state)
+            .set("application.processing_guarantee", guarantee)
+            .set("source.read-events.topic", self.source.as_str())
+            .set("sink.receipt-updates.topic", self.output.as_str())
+            .set("processor.read-state.min_emit_interval", "0s")
+            .set("sink.postgres.batch_size", 200)
+            .set("sink.postgres.linger", "50ms")
+            .text();
         let file = dir.join("topology.toml");
         std::fs::write(&file, text).unwrap();
         file.display().to_string()
@@ -839,8 +846,7 @@ fn real_broker_exactly_once_run_killed_and_restarted_then_postgres_equals_the_or
     let (brokers, source, output) = (rb.brokers.clone(), rb.source.clone(), rb.output.clone());
     kafka::create_topic(&brokers, &source, PARTS, &[]);
     let dir = tempfile::tempdir().unwrap();
-    let eos = "200ms\"\nprocessing_guarantee = \"exactly_once_v2";
-    let file = rb.topology_file(dir.path(), eos, dir.path());
+    let file = rb.topology_file(dir.path(), "exactly_once_v2", dir.path());
     let env = rb.env();
     let events = zipf_workload(41, 12_000);
     let (first, second) = events.split_at(events.len() / 2);
@@ -975,7 +981,7 @@ fn real_broker_recreated_output_topic_stops_the_sink_until_reset() {
     kafka::create_topic(&brokers, &output, PARTS, &[]);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let file = rb.topology_file(dir.path(), "200ms", &state);
+    let file = rb.topology_file(dir.path(), "at_least_once", &state);
     let env = rb.env();
     let events = zipf_workload(43, 4_000);
     let want = oracle(&events);
@@ -1105,7 +1111,7 @@ fn real_broker_first_start_with_the_embedded_sink_logs_no_error() {
     let rb = RealBroker::new();
     kafka::create_topic(&rb.brokers, &rb.source, PARTS, &[]);
     let dir = tempfile::tempdir().unwrap();
-    let file = rb.topology_file(dir.path(), "200ms", &dir.path().join("state"));
+    let file = rb.topology_file(dir.path(), "at_least_once", &dir.path().join("state"));
     let events = zipf_workload(61, 2_000);
     let want = oracle(&events);
     let p = kafka::producer(&rb.brokers);

@@ -15,7 +15,7 @@ use readstate_testing::process;
 
 use std::collections::{BTreeSet, HashMap};
 
-use chat::{produce, topology_text, ChatTopics};
+use chat::{produce, ChatTopics};
 use kafka::suffix;
 use process::{terminate, KillOnDrop};
 use rdkafka::producer::BaseRecord;
@@ -124,7 +124,7 @@ topic = "senders-{s}"
 [[sink]]
 name = "pg"
 kind = "postgres"
-input = "updates"
+input = "receipt-updates"
 linger = "200ms"
 [[sink]]
 name = "pg-senders"
@@ -140,10 +140,11 @@ linger = "200ms"
     );
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let spawn = |dir: &std::path::Path| {
-        let text = topology_text(&app, dir, &t, &extra).replace(
-            "inputs = [\"reads\", \"messages\"]",
-            "inputs = [\"reads\", \"messages\", \"members\"]",
-        );
+        let inputs = vec!["read-events", "message-events", "members"];
+        let text = chat::fixture(&app, dir, &t)
+            .with_tables(&extra)
+            .set("processor.read-state.inputs", inputs)
+            .text();
         let file = dir.join("topology.toml");
         std::fs::write(&file, text).unwrap();
         let migrated = std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))

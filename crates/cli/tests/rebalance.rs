@@ -112,7 +112,7 @@ fn real_broker_repartition_topic_is_created_and_purged_below_the_committed_offse
     let a = launch(cfg);
     env.produce(&events, 0);
     env.read_updates(&want);
-    let repartition = format!("{}-events-repartition", env.app);
+    let repartition = env.repartition_topic();
     let brokers = env.brokers();
     let low = |p: i32| -> (i64, i64) {
         let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
@@ -232,11 +232,17 @@ fn refused_commits_are_postponed(mut env: Env, eos: bool) {
         );
     }
     let s = a.stop();
-    assert!(s.commits_postponed >= 4, "every refusal postponed: {s:?}");
+    assert!(
+        s.lifecycle.commits_postponed >= 4,
+        "every refusal postponed: {s:?}"
+    );
     // librdkafka itself reports the assignment lost after an IllegalGeneration refusal
     // (the member id unchanged): the tasks are closed and assigned again, their stores kept.
-    assert_eq!(s.restored_records, 0, "no store wiped or restored: {s:?}");
-    assert_eq!(s.tasks_corrupted, 0, "{s:?}");
+    assert_eq!(
+        s.lifecycle.restored_records, 0,
+        "no store wiped or restored: {s:?}"
+    );
+    assert_eq!(s.lifecycle.tasks_corrupted, 0, "{s:?}");
     check_output_monotonic(&updates, &want);
     check_final_state(&env, &want);
 }
@@ -291,15 +297,19 @@ fn rebalance_costs(env: Env, protocol: &str) {
     let sb = b.stop();
     eprintln!(
         "rebalance costs ({protocol}): join {join_pause:?} until both run tasks, leave {leave_pause:?} until B runs all; A restored {} records, B {} ({} assignments); tasks lost {}+{}",
-        sa.restored_records, sb.restored_records, sb.assignments, sa.tasks_lost, sb.tasks_lost
+        sa.lifecycle.restored_records, sb.lifecycle.restored_records, sb.lifecycle.assignments, sa.lifecycle.tasks_lost, sb.lifecycle.tasks_lost
     );
     assert_eq!(
-        sa.restored_records, 0,
+        sa.lifecycle.restored_records, 0,
         "A's staying tasks restore nothing: {sa:?}"
     );
-    assert_eq!((sa.tasks_lost, sb.tasks_lost), (0, 0), "{sa:?} {sb:?}");
+    assert_eq!(
+        (sa.lifecycle.tasks_lost, sb.lifecycle.tasks_lost),
+        (0, 0),
+        "{sa:?} {sb:?}"
+    );
     assert!(
-        sb.restored_records > 0,
+        sb.lifecycle.restored_records > 0,
         "B restored what it took over: {sb:?}"
     );
     check_output_monotonic(&updates, &want);

@@ -48,9 +48,9 @@ fn deleting_the_state_directory_costs_only_a_restore() {
         .parse()
         .unwrap();
     // The recorder is per process (earlier tests counted too): at least this instance's.
-    assert!(restored >= s2.restored_records as f64);
+    assert!(restored >= s2.lifecycle.restored_records as f64);
     assert!(
-        s2.restored_records > 0,
+        s2.lifecycle.restored_records > 0,
         "state came back from the changelog"
     );
     assert_eq!(
@@ -88,9 +88,12 @@ fn restore_larger_than_one_step_keeps_polling_and_the_membership() {
         changelog > 4 * 50,
         "the restore took many steps ({changelog} records)"
     );
-    assert_eq!(s.restored_records as i64, changelog, "{s:?}");
-    assert_eq!(s.assignments, 1, "no rebalance during the restore: {s:?}");
-    assert_eq!(s.tasks_lost, 0, "{s:?}");
+    assert_eq!(s.lifecycle.restored_records as i64, changelog, "{s:?}");
+    assert_eq!(
+        s.lifecycle.assignments, 1,
+        "no rebalance during the restore: {s:?}"
+    );
+    assert_eq!(s.lifecycle.tasks_lost, 0, "{s:?}");
     check_output_monotonic(&updates, &want);
     let stored = env.stored_states_in(fresh.path());
     assert_states_match(&want, |k| stored.get(k).cloned());
@@ -131,7 +134,7 @@ fn a_checkpoint_beyond_the_changelog_end_is_wiped_and_restored() {
         health.is_ready()
     });
     let s = b.stop();
-    assert_eq!(s.tasks_corrupted, PARTS as u64, "{s:?}");
+    assert_eq!(s.lifecycle.tasks_corrupted, PARTS as u64, "{s:?}");
     check_final_state(&env, &want);
 }
 
@@ -167,9 +170,9 @@ fn real_broker_restore_from_a_compacted_changelog_is_exact() {
     let s = b.stop();
     eprintln!(
         "compaction kept {kept} of {written} changelog records; restored {}",
-        s.restored_records
+        s.lifecycle.restored_records
     );
-    assert!(s.restored_records as i64 <= kept, "{s:?}");
+    assert!(s.lifecycle.restored_records as i64 <= kept, "{s:?}");
     let stored = env.stored_states_in(fresh.path());
     assert_eq!(stored.len(), want.len());
     assert_states_match(&want, |k| stored.get(k).cloned());

@@ -73,7 +73,7 @@ topic = "{senders}"
 [[sink]]
 name = "pg"
 kind = "postgres"
-input = "updates"
+input = "receipt-updates"
 linger = "200ms"
 [[sink]]
 name = "pg-senders"

@@ -336,9 +336,12 @@ fn instances_joining_and_leaving(env: Env) {
     env.produce(chunks[2]);
     let (updates, _) = env.await_outputs(&w);
     let sb = b.stop();
-    assert!(sa.tasks_opened > 0 && sb.tasks_opened > 0, "{sa:?} {sb:?}");
     assert!(
-        sb.restored_records > 0,
+        sa.lifecycle.tasks_opened > 0 && sb.lifecycle.tasks_opened > 0,
+        "{sa:?} {sb:?}"
+    );
+    assert!(
+        sb.lifecycle.restored_records > 0,
         "B restored A's tasks, heads included: {sb:?}"
     );
     check_receipts(&updates, &w);
@@ -530,10 +533,9 @@ fn real_broker_reads_by_message_id_with_one_of_two_instances_killed() {
     let (first, second) = early.split_at(early.len() / 2);
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let spawn = |dir: &std::path::Path| {
-        let text = chat::json_message_id_topology_text(&env.app, dir, &env.t, "10m", "").replace(
-            &format!("topic = \"{}\"", env.t.reads),
-            &format!("topic = \"{}\"\nkeyed_by = \"reader_id\"", env.t.reads),
-        );
+        let text = chat::json_message_id_fixture(&env.app, dir, &env.t, "10m")
+            .set("source.read-events.keyed_by", "reader_id")
+            .text();
         let file = dir.join("topology.toml");
         std::fs::write(&file, text).unwrap();
         std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
@@ -681,7 +683,7 @@ fn misrouted_messages_are_dead_letters_never_folded() {
         assert_eq!(topic.as_deref(), Some(env.t.messages.as_str()));
         assert_eq!(reason.as_deref(), Some("misrouted"));
     }
-    assert!(summary.tasks_opened > 0, "{summary:?}");
+    assert!(summary.lifecycle.tasks_opened > 0, "{summary:?}");
     let (heads, states) = stored(&dir.path().join(&env.app));
     for c in &misrouted {
         assert!(
@@ -789,7 +791,7 @@ fn sigstop_past_the_session_timeout_then_sigcont_keeps_every_count_exact() {
         health.is_ready()
     });
     let sc = c.stop();
-    assert!(sc.restored_records > 0, "{sc:?}");
+    assert!(sc.lifecycle.restored_records > 0, "{sc:?}");
     check_stored_counts(&dir_c.path().join(&env.app), &w);
 }
 
@@ -805,7 +807,7 @@ fn a_head_store_that_does_not_match_its_changelog_is_wiped_and_restored_alone() 
     let a = launch(env.config(env.state.path()));
     env.await_outputs(&w.prefix(first.len()));
     let sa = a.stop();
-    assert_eq!(sa.tasks_corrupted, 0, "{sa:?}");
+    assert_eq!(sa.lifecycle.tasks_corrupted, 0, "{sa:?}");
     // Every head store claims a changelog position far beyond the end, and holds a head
     // no message made (it must not survive the wipe).
     let app_dir = env.state.path().join(&env.app);
@@ -840,10 +842,10 @@ fn a_head_store_that_does_not_match_its_changelog_is_wiped_and_restored_alone() 
     env.await_outputs(&w);
     let sb = b.stop();
     assert_eq!(
-        sb.tasks_corrupted, PARTS as u64,
+        sb.lifecycle.tasks_corrupted, PARTS as u64,
         "only the head stores were wiped: {sb:?}"
     );
-    assert!(sb.restored_records > 0, "{sb:?}");
+    assert!(sb.lifecycle.restored_records > 0, "{sb:?}");
     let (heads, _) = stored(&app_dir);
     assert!(
         !heads.contains_key(&stray),

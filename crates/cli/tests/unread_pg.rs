@@ -29,13 +29,13 @@ const PG_SINKS: &str = r#"
 [[sink]]
 name = "pg"
 kind = "postgres"
-input = "updates"
+input = "receipt-updates"
 batch_size = 200
 linger = "200ms"
 [[sink]]
 name = "pg-heads"
 kind = "postgres"
-input = "heads"
+input = "conversation-heads"
 batch_size = 200
 linger = "200ms"
 "#;

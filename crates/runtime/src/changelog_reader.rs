@@ -69,6 +69,23 @@ pub struct ChangelogReader {
 }
 
 impl ChangelogReader {
+    /// The reader of an instance of `config`'s topology (none when no store has a
+    /// changelog).
+    pub(super) fn for_topology(config: &super::RunConfig, owner: series::Owner) -> Option<Self> {
+        let t = &config.topology;
+        let changelogs = t.changelog_topics();
+        changelogs.iter().any(Option::is_some).then(|| {
+            let group = format!("{}-restore", t.application_id);
+            Self::new(
+                config.kafka.clone(),
+                group,
+                changelogs,
+                config.restore_batch,
+                owner,
+            )
+        })
+    }
+
     pub fn new(
         settings: KafkaSettings,
         group: String,

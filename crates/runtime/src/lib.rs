@@ -10,14 +10,20 @@
 //! - [`stream_thread`]: the poll loop (StreamThread) and the rebalance callbacks;
 //! - [`task_manager`]: the task lifecycle: assign, revoke (clean), lost (dirty), corrupted
 //!   (wipe + restore), fatal;
-//! - [`task_executor`]: processing, forwarding and the one commit protocol (TaskExecutor),
-//!   whose only at-least-once / exactly_once_v2 switch is its last step;
+//! - [`task_executor`]: processing, forwarding and committing (TaskExecutor): the core's
+//!   one commit protocol (`task::commit`) on a [`kafka_log`];
+//! - [`kafka_log`]: the commit protocol's log on Kafka (the collector, the consumer's
+//!   offset commit or the transaction);
+//! - [`active_task_creator`]: running tasks made over restored stores; the cache budget
+//!   shared among them (ActiveTaskCreator);
 //! - [`tasks`]: the running tasks by partition, and the forwarded source partitions;
 //! - [`membership`]: the member id and pause suspicion, on an injectable clock;
 //! - [`parking`]: partitions paused while restoring or waiting on the schema registry;
 //! - [`offsets`]: processed and committed source offsets, origin ids;
-//! - [`record_collector`]: every produce; acknowledged changelog offsets; send errors
-//!   surfaced at flush (RecordCollector);
+//! - [`record_collector`]: every produce; transactions; send errors surfaced at flush
+//!   (RecordCollector);
+//! - [`delivery_tracker`]: the collector's producer context: records in flight and
+//!   failed, acknowledged changelog offsets;
 //! - [`state_manager`]: where stores live, checkpoints judged against the changelog, wipes
 //!   (ProcessorStateManager);
 //! - [`state_updater`]: tasks assigned but not ready: stores opened, checkpoints judged,
@@ -33,7 +39,10 @@ use readstate_core::{
 #[cfg(test)]
 use readstate_core::model;
 
+mod active_task_creator;
 mod changelog_reader;
+mod delivery_tracker;
+mod kafka_log;
 mod membership;
 mod offsets;
 mod parking;
@@ -90,8 +99,17 @@ pub struct RunSummary {
     pub dead_letters: u64,
     pub updates_emitted: u64,
     pub changelog_records: u64,
-    pub restored_records: u64,
     pub commits: u64,
+    /// What happened to its tasks.
+    pub lifecycle: LifecycleCounts,
+}
+
+/// What happened to an instance's tasks over its life (the task manager's half of a
+/// [`RunSummary`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LifecycleCounts {
+    /// Changelog records restored into stores.
+    pub restored_records: u64,
     pub tasks_opened: u64,
     pub tasks_closed: u64,
     /// Assignments received from the group (the first one included).

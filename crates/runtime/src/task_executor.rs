@@ -1,42 +1,35 @@
 //! TaskExecutor (Kafka Streams' `TaskExecutor`): processing polled records in their
-//! tasks, and the one commit protocol of `ARCHITECTURE.md` over a set of tasks:
+//! tasks, and committing a set of tasks: the one commit protocol of `ARCHITECTURE.md`
+//! ([`commit::commit`], the same the test drivers run on memory) on a [`KafkaLog`].
 //!
-//! 1. prepare each task's flush (memory only);
-//! 2. produce outputs and dead letters (at-least-once: and wait for their acknowledgements);
-//! 3. produce changelog records;
-//! 4. complete the commit: at-least-once waits for every acknowledgement, writes each store
-//!    batch with its checkpoint, then commits the source offsets; exactly_once_v2 commits one
-//!    transaction holding the records and the offsets, then writes the store batches.
-//!
-//! Step 4 is the only place where the two guarantees differ. The executor reports what
-//! happened as a [`CommitOutcome`]; losing tasks and stopping the instance are the task
-//! manager's decisions.
+//! The executor reports what a commit did as a [`CommitOutcome`]; losing tasks and
+//! stopping the instance are the task manager's decisions.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
-use rdkafka::producer::BaseRecord;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::Message;
 
 use super::dead_letter_log::DeadLetterQueue;
-use super::membership::{refusal, Refusal};
+use super::kafka_log::{KafkaLog, Refused};
 use super::offsets::{SourceOffsets, TopicPartition};
 use super::parking::{rewind, Parking};
 use super::record_collector::{RecordCollector, TxnError};
 use super::repartition_purger::RepartitionPurger;
 use super::schema_gate::SchemaGate;
-use super::tasks::Tasks;
-use super::{RunSummary, RuntimeError};
+use super::state_manager::StateManager;
+use super::tasks::{Forwarding, Tasks};
+use super::{RunConfig, RunSummary, RuntimeError};
 use crate::ids::Origin;
-use crate::kafka::dead_letter_headers;
-use crate::processor::{FlushOutput, InputId, SourceSerdes};
+use crate::processor::{InputId, SourceSerdes};
+use crate::task::commit;
 use crate::task::{DeadLetter, SourceRecord};
 use crate::telemetry::{series, Progress};
 use crate::topology::graph::{Graph, Route};
-use crate::topology::ProcessingGuarantee;
+use crate::topology::{ProcessingGuarantee, Source};
 
 /// A commit the group refused while it rebalances: counted and told once, at INFO (it is
 /// expected, and costs nothing but the wait).
@@ -79,7 +72,8 @@ pub(super) struct TaskExecutor {
     guarantee: ProcessingGuarantee,
     /// Where each task topic's records go: the compiled graph's source → processor input.
     routes: Vec<Route>,
-    /// The repartition topic read back (see [`ExecutorParts::repartitioned`]).
+    /// The internal topic repartitioned records are read back from, if any: its records
+    /// entered readstate once already (counted when consumed from their source).
     repartitioned: Option<String>,
     /// The changelog topic of each store of a task (indexed as `Topology::stores()`).
     changelogs: Vec<Option<String>>,
@@ -99,41 +93,35 @@ pub(super) struct TaskExecutor {
     owner: series::Owner,
 }
 
-/// What the executor is made of (`TaskManager::new` builds it from the run's config).
-pub(super) struct ExecutorParts {
-    pub(super) guarantee: ProcessingGuarantee,
-    pub(super) routes: Vec<Route>,
-    /// The internal topic repartitioned records are read back from, if any: its records
-    /// entered readstate once already (counted when consumed from their source).
-    pub(super) repartitioned: Option<String>,
-    pub(super) changelogs: Vec<Option<String>>,
-    pub(super) serdes: Arc<dyn SourceSerdes>,
-    pub(super) sinks: Vec<String>,
-    pub(super) collector: RecordCollector,
-    pub(super) purger: Option<(String, RepartitionPurger)>,
-    pub(super) dead_letters: DeadLetterQueue,
-    pub(super) progress: Arc<Progress>,
-    pub(super) rt: tokio::runtime::Runtime,
-    pub(super) owner: series::Owner,
-}
-
 impl TaskExecutor {
-    pub(super) fn new(p: ExecutorParts) -> Self {
-        Self {
-            guarantee: p.guarantee,
-            routes: p.routes,
-            repartitioned: p.repartitioned,
-            changelogs: p.changelogs,
-            schemas: SchemaGate::new(p.serdes, p.rt),
-            sinks: p.sinks,
-            collector: p.collector,
-            purger: p.purger,
+    /// The executor of an instance of `config`'s topology, whose one source is `source`.
+    pub(super) fn for_topology(
+        config: &RunConfig,
+        source: &Source,
+        state: &StateManager,
+        serdes: Arc<dyn SourceSerdes>,
+        rt: tokio::runtime::Runtime,
+        owner: series::Owner,
+    ) -> Result<Self, RuntimeError> {
+        let t = &config.topology;
+        let graph = Graph::compile(t);
+        let changelogs = t.changelog_topics();
+        let task_topic = source.task_input_topic().0.clone();
+        Ok(Self {
+            guarantee: t.guarantee,
+            routes: graph.routes(),
+            repartitioned: source.repartition_topic.as_ref().map(|t| t.0.clone()),
+            sinks: graph.sink_topics().iter().map(|t| t.0.clone()).collect(),
+            collector: RecordCollector::for_topology(config, state, changelogs.clone())?,
+            changelogs,
+            schemas: SchemaGate::new(serdes, rt),
+            purger: RepartitionPurger::for_topology(config).map(|p| (task_topic, p)),
             offsets: SourceOffsets::default(),
-            dead_letters: p.dead_letters,
+            dead_letters: DeadLetterQueue::new(t.bad_records, t.dead_letter_topic.0.clone()),
             summary: RunSummary::default(),
-            progress: p.progress,
-            owner: p.owner,
-        }
+            progress: config.progress.clone(),
+            owner,
+        })
     }
 
     /// Whether records of this partition are processed now; a parked one remembers the
@@ -224,12 +212,7 @@ impl TaskExecutor {
     /// written by readstate) counts as originating where it is.
     fn origin_of(&mut self, tasks: &Tasks, m: &BorrowedMessage<'_>) -> Origin {
         let carried = match tasks.forwarding.is_some() {
-            true => m.headers().and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == Origin::HEADER)
-                    .and_then(|h| h.value)
-                    .and_then(Origin::from_bytes)
-            }),
+            true => Forwarding::carried_origin(m),
             false => None,
         };
         carried.unwrap_or_else(|| Origin {
@@ -262,17 +245,7 @@ impl TaskExecutor {
         let mut key = Vec::with_capacity(24);
         match (self.schemas.serdes()).repartition_key(m.topic(), m.payload(), &mut key) {
             Ok(()) => {
-                let headers = OwnedHeaders::new().insert(Header {
-                    key: Origin::HEADER,
-                    value: Some(&origin.to_bytes()),
-                });
-                let mut rec = BaseRecord::to(&f.repartition_topic)
-                    .key(&key[..])
-                    .headers(headers);
-                if let Some(v) = m.payload() {
-                    rec = rec.payload(v);
-                }
-                self.collector.send(rec);
+                self.collector.send(f.record(&key, m.payload(), origin));
                 self.summary.records_forwarded += 1;
                 metrics::counter!("readstate_repartition_records_total").increment(1);
             }
@@ -287,9 +260,10 @@ impl TaskExecutor {
             .advance(m.topic(), p, m.offset(), m.offset() + 1);
     }
 
-    /// The commit protocol for the tasks of `parts` (under exactly_once_v2, for every
-    /// owned task: one transaction holds every task's records). A produce or store
-    /// failure is returned (the caller resets the tasks and stops the instance).
+    /// The commit protocol ([`commit::commit`] on a [`KafkaLog`]) for the tasks of
+    /// `parts` (under exactly_once_v2, for every owned task: one transaction holds every
+    /// task's records). A produce or store failure is returned (the caller resets the
+    /// tasks and stops the instance).
     pub(super) fn commit<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
@@ -297,207 +271,92 @@ impl TaskExecutor {
         parts: &[TopicPartition],
     ) -> Result<CommitOutcome, RuntimeError> {
         let started = Instant::now();
-        let eos = self.guarantee == ProcessingGuarantee::ExactlyOnceV2;
-        let parts = if eos { tasks.owned() } else { parts.to_vec() };
-        let flushed = self.prepare_all(tasks, &parts);
-        for (_, out) in &flushed {
-            self.send_outputs(out);
-        }
-        self.send_dead_letters();
-        if !eos {
-            // Outputs (and the records forwarded since the last commit) before changelog.
-            self.collector.flush()?;
-        }
-        self.collector.clear_changelog_offsets();
-        self.send_changelog(&flushed);
-        let outcome = match self.guarantee {
-            ProcessingGuarantee::AtLeastOnce => {
-                self.collector.flush()?;
-                self.store_all(tasks, flushed)?;
-                self.commit_offsets(consumer, &parts)
+        let parts = match self.is_exactly_once() {
+            true => tasks.owned(),
+            false => parts.to_vec(),
+        };
+        let (offsets, entries) = self.offsets.to_commit(&parts);
+        let dead = self.dead_letters.take();
+        self.summary.dead_letters += dead.len() as u64;
+        Progress::add(&self.progress.dead_letters, dead.len() as u64);
+        let mut log = KafkaLog {
+            collector: &self.collector,
+            consumer,
+            sinks: &self.sinks,
+            changelogs: &self.changelogs,
+            dead_letter_topic: self.dead_letters.topic(),
+            offsets,
+            committed: false,
+        };
+        let mut running = tasks.of(&parts);
+        let done = commit::commit(&mut log, self.guarantee, &mut running, &dead, now_ms());
+        let committed = log.committed;
+        drop(running);
+        let report = done?;
+        self.summary.changelog_records += report.changelog_records;
+        let outcome = match report.refused {
+            None => {
+                if committed {
+                    self.committed_now(entries);
+                }
+                CommitOutcome::Committed
             }
-            ProcessingGuarantee::ExactlyOnceV2 => {
-                self.commit_transaction(consumer, tasks, &parts, flushed)?
-            }
+            Some(refused) => self.refused(consumer, tasks, &parts, refused)?,
         };
         if outcome == CommitOutcome::Committed {
             self.summary.commits += 1;
-            self.refresh_summary(tasks);
+            for t in tasks.running.values_mut() {
+                t.report(&mut self.summary, &self.progress, self.owner);
+            }
             metrics::histogram!("readstate_commit_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
-            tracing::debug!(tasks = parts.len(), elapsed = ?started.elapsed(), "committed");
+            tracing::debug!(tasks = report.tasks, elapsed = ?started.elapsed(), "committed");
         }
         Ok(outcome)
     }
 
-    /// Step 4 under exactly_once_v2: the transaction with the source offsets and the
-    /// group's metadata; the stores are written only after it committed, so a store is
-    /// never ahead of what its changelog committed.
-    fn commit_transaction<C: ConsumerContext>(
+    /// What a refused completion means: offsets postponed while the group rebalances, the
+    /// tasks lost with the membership, or (exactly_once_v2) an aborted transaction, after
+    /// which the tasks go back to their stores and the partitions to their committed
+    /// offsets.
+    fn refused<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
         tasks: &mut Tasks,
         parts: &[TopicPartition],
-        flushed: Vec<(i32, FlushOutput)>,
+        refused: Refused,
     ) -> Result<CommitOutcome, RuntimeError> {
-        let (tpl, entries) = self.offsets.to_commit(parts);
-        let group = consumer
-            .group_metadata()
-            .ok_or(RuntimeError::NoGroupMetadata)?;
         let failed = || metrics::counter!("readstate_commits_failed_total").increment(1);
-        match self.collector.commit_transaction(&tpl, &group) {
-            Ok(()) => {
-                self.store_all(tasks, flushed)?;
-                self.committed_now(entries);
-                Ok(CommitOutcome::Committed)
+        Ok(match refused {
+            Refused::Rebalancing(why) => {
+                postponed(&why);
+                CommitOutcome::Postponed { why }
             }
-            Err(TxnError::Aborted(e)) => {
+            Refused::Gone(why) => {
+                failed();
+                CommitOutcome::Lost { why, requeue: true }
+            }
+            Refused::Transaction(TxnError::Aborted(e)) => {
                 tracing::warn!(error = %e, "transaction aborted: tasks resume from their stores and the committed offsets");
                 failed();
                 self.rewind_to_committed(consumer, tasks, parts)?;
-                Ok(CommitOutcome::Aborted)
+                CommitOutcome::Aborted
             }
-            Err(TxnError::Rebalancing(e)) => {
+            Refused::Transaction(TxnError::Rebalancing(e)) => {
                 postponed(&e);
                 self.rewind_to_committed(consumer, tasks, parts)?;
-                Ok(CommitOutcome::Postponed { why: e })
+                CommitOutcome::Postponed { why: e }
             }
-            Err(e @ TxnError::Migrated(_)) => {
+            Refused::Transaction(e @ TxnError::Migrated(_)) => {
                 failed();
                 let why = e.to_string();
-                Ok(CommitOutcome::Lost { why, requeue: true })
+                CommitOutcome::Lost { why, requeue: true }
             }
-            Err(e @ TxnError::Fenced(_)) => {
+            Refused::Transaction(e @ TxnError::Fenced(_)) => {
                 failed();
-                Ok(CommitOutcome::Fenced { why: e.to_string() })
+                CommitOutcome::Fenced { why: e.to_string() }
             }
-        }
-    }
-
-    /// Step 4 under at-least-once, last: the source offsets. A refusal while the group
-    /// rebalances postpones them; one because this member left the group loses every
-    /// task; other failures are left to the next commit (replay marks make a replay
-    /// harmless).
-    fn commit_offsets<C: ConsumerContext>(
-        &mut self,
-        consumer: &BaseConsumer<C>,
-        parts: &[TopicPartition],
-    ) -> CommitOutcome {
-        let (tpl, entries) = self.offsets.to_commit(parts);
-        if tpl.count() == 0 {
-            return CommitOutcome::Committed;
-        }
-        match consumer.commit(&tpl, CommitMode::Sync) {
-            Ok(()) => self.committed_now(entries),
-            Err(e) => match refusal(&e) {
-                Some(Refusal::Rebalancing) => {
-                    let why = e.to_string();
-                    postponed(&why);
-                    return CommitOutcome::Postponed { why };
-                }
-                Some(Refusal::Gone) => {
-                    metrics::counter!("readstate_commits_failed_total").increment(1);
-                    let why = format!("offset commit refused: {e}");
-                    return CommitOutcome::Lost { why, requeue: true };
-                }
-                None => {
-                    metrics::counter!("readstate_commits_failed_total").increment(1);
-                    tracing::warn!(error = %e, "offset commit failed; the next commit covers it");
-                }
-            },
-        }
-        CommitOutcome::Committed
-    }
-
-    /// Step 1 for every running task of `parts` (memory only).
-    fn prepare_all(
-        &mut self,
-        tasks: &mut Tasks,
-        parts: &[TopicPartition],
-    ) -> Vec<(i32, FlushOutput)> {
-        let now = now_ms();
-        let mut flushed: Vec<(i32, FlushOutput)> = Vec::with_capacity(parts.len());
-        for (topic, p) in parts {
-            if topic != tasks.task_topic() {
-                continue;
-            }
-            let Some(t) = tasks.running.get_mut(p) else {
-                continue;
-            };
-            let flush_started = Instant::now();
-            let out = t.task.prepare_flush(now);
-            metrics::histogram!("readstate_flush_duration_seconds")
-                .record(flush_started.elapsed().as_secs_f64());
-            flushed.push((*p, out));
-        }
-        flushed
-    }
-
-    /// A flush's outputs to their sink nodes' topics.
-    fn send_outputs(&mut self, out: &FlushOutput) {
-        for (sink, key, value) in out.outputs.iter() {
-            let rec = BaseRecord::to(self.sinks[sink.0].as_str())
-                .key(key)
-                .payload(value);
-            self.collector.send(rec);
-        }
-    }
-
-    fn send_dead_letters(&mut self) {
-        for d in self.dead_letters.take() {
-            let headers = dead_letter_headers(&d);
-            let mut rec: BaseRecord<'_, [u8], [u8]> =
-                BaseRecord::to(self.dead_letters.topic()).headers(headers);
-            if let Some(k) = d.key.as_deref() {
-                rec = rec.key(k);
-            }
-            if let Some(v) = d.value.as_deref() {
-                rec = rec.payload(v);
-            }
-            self.collector.send(rec);
-            self.summary.dead_letters += 1;
-            Progress::add(&self.progress.dead_letters, 1);
-        }
-    }
-
-    /// Each store's changelog records to its own changelog topic, partition p of task p.
-    fn send_changelog(&mut self, flushed: &[(i32, FlushOutput)]) {
-        for (p, out) in flushed {
-            for (store, topic) in out.stores.iter().zip(&self.changelogs) {
-                let Some(topic) = topic else {
-                    continue;
-                };
-                for (k, v) in store.changelog() {
-                    let mut rec: BaseRecord<'_, [u8], [u8]> =
-                        BaseRecord::to(topic.as_str()).partition(*p).key(k);
-                    if let Some(v) = v {
-                        rec = rec.payload(v);
-                    }
-                    self.collector.send(rec);
-                }
-                let n = store.changelog_len() as u64;
-                self.summary.changelog_records += n;
-                metrics::counter!("readstate_changelog_records_written_total").increment(n);
-            }
-        }
-    }
-
-    /// The store batches, each with its checkpoint (the offset after the records just
-    /// acknowledged on its changelog).
-    fn store_all(
-        &mut self,
-        tasks: &mut Tasks,
-        flushed: Vec<(i32, FlushOutput)>,
-    ) -> Result<(), RuntimeError> {
-        let highs = self.collector.take_changelog_offsets();
-        for (p, mut out) in flushed {
-            let checkpoints: Vec<Option<i64>> = (0..out.stores.len())
-                .map(|i| highs.get(&(i, p)).map(|o| o + 1))
-                .collect();
-            let t = tasks.running.get_mut(&p).expect("task flushed above");
-            t.task.commit_flush(out.take_batches(), &checkpoints)?;
-        }
-        Ok(())
+        })
     }
 
     /// Offsets are committed: remember them, and let the repartition topics go below them.
@@ -579,40 +438,6 @@ impl TaskExecutor {
             self.collector.close();
         } else {
             self.collector.abandon();
-        }
-    }
-
-    /// Summary and metrics after a commit: counters advance by what the running tasks did
-    /// since the last commit; gauges are per task (bounded by the partition count).
-    fn refresh_summary(&mut self, tasks: &mut Tasks) {
-        for t in tasks.running.values_mut() {
-            let stats = t.task.stats();
-            t.reported.resize(stats.counters.len(), 0);
-            for (c, was) in stats.counters.iter().zip(t.reported.iter_mut()) {
-                let d = c.value.saturating_sub(*was);
-                *was = c.value;
-                match c.label {
-                    Some((k, v)) => metrics::counter!(c.name, k => v).increment(d),
-                    None => metrics::counter!(c.name).increment(d),
-                }
-                match c.name {
-                    "readstate_events_folded_total" => self.summary.events_folded += d,
-                    "readstate_events_replayed_skipped_total" => self.summary.replayed_skipped += d,
-                    "readstate_updates_emitted_total" => {
-                        self.summary.updates_emitted += d;
-                        Progress::add(&self.progress.updates_emitted, d);
-                    }
-                    _ => {}
-                }
-            }
-            let id = t.task.id().to_string();
-            for store in t.task.processor().stores() {
-                let labels = [("task", id.as_str()), ("store", store.name().as_str())];
-                let keys = store.approximate_num_keys() as f64;
-                series::set(self.owner, "readstate_store_estimated_keys", &labels, keys);
-                let bytes = store.approximate_size_bytes() as f64;
-                series::set(self.owner, "readstate_store_size_bytes", &labels, bytes);
-            }
         }
     }
 }

@@ -18,48 +18,24 @@
 //! registry cannot resolve their records; records of a parked partition that were already
 //! fetched are dropped, and the partition is rewound to the first of them when it resumes.
 
-use std::collections::BTreeSet;
-
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 
+use super::active_task_creator::ActiveTaskCreator;
 use super::changelog_reader::ChangelogReader;
-use super::dead_letter_log::DeadLetterQueue;
 use super::membership::{Loss, Membership, MembershipMonitor, Verdict};
 use super::offsets::TopicPartition;
 use super::parking::{ParkReason, Parking};
 use super::readiness::{Readiness, TaskStates};
-use super::record_collector::RecordCollector;
-use super::repartition_purger::RepartitionPurger;
 use super::state_manager::StateManager;
 use super::state_updater::{ReadyTask, StateUpdater};
-use super::task_executor::{CommitOutcome, ExecutorParts, TaskExecutor};
-use super::tasks::{Forwarding, RunningTask, Tasks};
-use super::{RunConfig, RunSummary, RuntimeError};
-use crate::processor::{BuiltNode, CacheBudget, ProcessorContext, ProcessorSupplier};
-use crate::task::StreamTask;
+use super::task_executor::{CommitOutcome, TaskExecutor};
+use super::tasks::Tasks;
+use super::{LifecycleCounts, RunConfig, RunSummary, RuntimeError};
+use crate::processor::{BuiltNode, CacheBudget};
 use crate::telemetry::series;
-use crate::topology::graph::Graph;
-
-/// What happened to tasks over the instance's life (the lifecycle half of a
-/// [`RunSummary`]).
-#[derive(Debug, Clone, Copy, Default)]
-struct LifecycleCounts {
-    restored_records: u64,
-    tasks_opened: u64,
-    tasks_closed: u64,
-    assignments: u64,
-    tasks_lost: u64,
-    commits_postponed: u64,
-}
 
 pub(super) struct TaskManager {
-    /// Makes each task's processor (init with its restored stores).
-    supplier: Box<dyn ProcessorSupplier>,
-    /// The instance's record-cache budget, shared equally by its running tasks.
-    cache: CacheBudget,
-    /// The input topics' partition count, once the topics are checked: processors check
-    /// with it where producers put their records.
-    partitions: Option<i32>,
+    creator: ActiveTaskCreator,
     pub(super) tasks: Tasks,
     /// Tasks assigned but not ready: opening, restoring.
     updater: StateUpdater,
@@ -80,7 +56,7 @@ pub(super) struct TaskManager {
 impl TaskManager {
     /// The input topics' partition count (checked before the group is joined).
     pub(super) fn set_partitions(&mut self, partitions: i32) {
-        self.partitions = Some(partitions);
+        self.creator.set_partitions(partitions);
     }
 
     pub(super) fn new(
@@ -89,67 +65,30 @@ impl TaskManager {
         rt: tokio::runtime::Runtime,
     ) -> Result<Self, RuntimeError> {
         let t = &config.topology;
-        let changelogs: Vec<Option<String>> = t
-            .stores()
-            .iter()
-            .map(|s| s.changelog_topic.as_ref().map(|c| c.0.clone()))
-            .collect();
         let [source] = t.sources.as_slice() else {
             return Err(RuntimeError::Unsupported(format!(
                 "{} sources feed one store; run supports one source per topology",
                 t.sources.len()
             )));
         };
-        let forwarding = source.repartition_topic.as_ref().map(|r| Forwarding {
-            source_topic: source.topic.0.clone(),
-            repartition_topic: r.0.clone(),
-            partitions: BTreeSet::new(),
-        });
         let owner = series::Owner::new();
-        let reader = changelogs.iter().any(Option::is_some).then(|| {
-            ChangelogReader::new(
-                config.kafka.clone(),
-                format!("{}-restore", t.application_id),
-                changelogs.clone(),
-                config.restore_batch,
-                owner,
-            )
-        });
         let state = StateManager::new(
             config.state_dir.join(t.application_id.as_str()),
             t.stores().into_iter().cloned().collect(),
         );
-        let task_topic = source.task_input_topic().0.clone();
-        let graph = Graph::compile(t);
-        let executor = TaskExecutor::new(ExecutorParts {
-            guarantee: t.guarantee,
-            routes: graph.routes(),
-            repartitioned: source.repartition_topic.as_ref().map(|t| t.0.clone()),
-            sinks: graph.sink_topics().iter().map(|t| t.0.clone()).collect(),
-            collector: RecordCollector::for_topology(config, &state, changelogs.clone())?,
-            changelogs,
-            serdes: node.serdes,
-            purger: RepartitionPurger::for_topology(config).map(|p| (task_topic.clone(), p)),
-            dead_letters: DeadLetterQueue::new(t.bad_records, t.dead_letter_topic.0.clone()),
-            progress: config.progress.clone(),
-            rt,
-            owner,
-        });
+        let tasks = Tasks::for_source(source, t);
+        let reader = ChangelogReader::for_topology(config, owner);
+        let forwarded = u32::from(tasks.forwarding.is_some());
+        let cache = CacheBudget {
+            entries: t.store.cache_max_entries,
+            positions: t.heads_store.as_ref().map_or(0, |h| h.cache_max_entries),
+        };
         Ok(Self {
-            supplier: node.supplier,
-            cache: CacheBudget {
-                entries: t.store.cache_max_entries,
-                positions: t.heads_store.as_ref().map_or(0, |h| h.cache_max_entries),
-            },
-            partitions: None,
-            updater: StateUpdater::new(state, reader, u32::from(forwarding.is_some())),
-            tasks: Tasks::new(
-                task_topic,
-                t.side_sources().iter().map(|m| m.topic.0.clone()).collect(),
-                forwarding,
-            ),
+            creator: ActiveTaskCreator::new(node.supplier, cache),
+            executor: TaskExecutor::for_topology(config, source, &state, node.serdes, rt, owner)?,
+            updater: StateUpdater::new(state, reader, forwarded),
+            tasks,
             parking: Parking::default(),
-            executor,
             membership: MembershipMonitor::new(
                 config.clock.clone(),
                 config.kafka.session_timeout(),
@@ -164,15 +103,12 @@ impl TaskManager {
     }
 
     pub(super) fn summary(&self) -> RunSummary {
-        let c = self.counts;
-        RunSummary {
-            restored_records: c.restored_records,
-            tasks_opened: c.tasks_opened,
-            tasks_closed: c.tasks_closed,
-            assignments: c.assignments,
-            tasks_lost: c.tasks_lost,
-            commits_postponed: c.commits_postponed,
+        let lifecycle = LifecycleCounts {
             tasks_corrupted: self.updater.corrupted,
+            ..self.counts
+        };
+        RunSummary {
+            lifecycle,
             ..self.executor.summary.clone()
         }
     }
@@ -293,7 +229,7 @@ impl TaskManager {
         &mut self,
         consumer: &BaseConsumer<C>,
     ) -> Result<(), RuntimeError> {
-        for ready in self.updater.open_queued(&*self.supplier)? {
+        for ready in self.updater.open_queued(self.creator.supplier())? {
             self.start_task(consumer, ready)?;
         }
         self.update_readiness();
@@ -325,20 +261,10 @@ impl TaskManager {
     ) -> Result<(), RuntimeError> {
         let id = ready.id;
         self.counts.restored_records += ready.records;
-        let ctx = ProcessorContext {
-            task: id,
-            stores: ready.stores,
-            cache: self.cache.share(self.tasks.running.len() + 1),
-            partitions: self.partitions,
-        };
-        let processor = self.supplier.init(ctx)?;
-        let task = RunningTask {
-            task: StreamTask::new(id, processor),
-            reported: Default::default(),
-        };
+        let task = self.creator.create(ready, self.tasks.running.len())?;
         self.tasks.running.insert(id.partition, task);
         self.counts.tasks_opened += 1;
-        self.share_cache_budget();
+        self.creator.share_cache(&mut self.tasks);
         let tp = (self.tasks.task_topic().to_owned(), id.partition);
         self.parking.unpark(consumer, &tp)?;
         for sp in self.tasks.side_partitions(id.partition) {
@@ -377,15 +303,6 @@ impl TaskManager {
             "readstate_restore_remaining_records",
         ] {
             series::retain(self.owner, name, "task", |t| live.contains(t));
-        }
-    }
-
-    /// `cache_max_entries` is the instance's record-cache budget (as Kafka Streams'
-    /// `statestore.cache.max.bytes`): each running task gets an equal share.
-    fn share_cache_budget(&mut self) {
-        let share = self.cache.share(self.tasks.running.len());
-        for t in self.tasks.running.values_mut() {
-            t.task.processor_mut().set_cache_budget(share);
         }
     }
 
@@ -441,7 +358,7 @@ impl TaskManager {
                 self.fatal = Some(format!("cannot pause a co-partitioned half: {e}"));
             }
         }
-        self.share_cache_budget();
+        self.creator.share_cache(&mut self.tasks);
         self.update_readiness();
         tracing::info!(partitions = ?revoked, "revoked partitions closed");
     }

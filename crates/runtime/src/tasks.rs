@@ -4,9 +4,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::producer::BaseRecord;
+use rdkafka::Message;
+
 use super::offsets::TopicPartition;
-use super::RuntimeError;
+use super::{RunSummary, RuntimeError};
+use crate::ids::Origin;
 use crate::task::StreamTask;
+use crate::telemetry::series::{self, Owner};
+use crate::telemetry::Progress;
+use crate::topology::{Source, Topology};
 
 pub(super) struct RunningTask {
     pub(super) task: StreamTask,
@@ -21,6 +29,73 @@ pub(super) struct Forwarding {
     pub(super) repartition_topic: String,
     /// Assigned partitions of the source topic.
     pub(super) partitions: BTreeSet<i32>,
+}
+
+impl RunningTask {
+    /// Summary and metrics after a commit: counters advance by what the task did since the
+    /// last report; gauges are per task (bounded by the partition count).
+    pub(super) fn report(&mut self, summary: &mut RunSummary, progress: &Progress, owner: Owner) {
+        let stats = self.task.stats();
+        self.reported.resize(stats.counters.len(), 0);
+        for (c, was) in stats.counters.iter().zip(self.reported.iter_mut()) {
+            let d = c.value.saturating_sub(*was);
+            *was = c.value;
+            match c.label {
+                Some((k, v)) => metrics::counter!(c.name, k => v).increment(d),
+                None => metrics::counter!(c.name).increment(d),
+            }
+            match c.name {
+                "readstate_events_folded_total" => summary.events_folded += d,
+                "readstate_events_replayed_skipped_total" => summary.replayed_skipped += d,
+                "readstate_updates_emitted_total" => {
+                    summary.updates_emitted += d;
+                    Progress::add(&progress.updates_emitted, d);
+                }
+                _ => {}
+            }
+        }
+        let id = self.task.id().to_string();
+        for store in self.task.processor().stores() {
+            let labels = [("task", id.as_str()), ("store", store.name().as_str())];
+            let keys = store.approximate_num_keys() as f64;
+            series::set(owner, "readstate_store_estimated_keys", &labels, keys);
+            let bytes = store.approximate_size_bytes() as f64;
+            series::set(owner, "readstate_store_size_bytes", &labels, bytes);
+        }
+    }
+}
+
+impl Forwarding {
+    /// The repartition record of a source record: re-keyed (`key`), its origin in a header.
+    pub(super) fn record<'a>(
+        &'a self,
+        key: &'a [u8],
+        value: Option<&'a [u8]>,
+        origin: Origin,
+    ) -> BaseRecord<'a, [u8], [u8]> {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: Origin::HEADER,
+            value: Some(&origin.to_bytes()),
+        });
+        let rec = BaseRecord::to(&self.repartition_topic)
+            .key(key)
+            .headers(headers);
+        match value {
+            Some(v) => rec.payload(v),
+            None => rec,
+        }
+    }
+
+    /// The origin a repartitioned record carries in its header (none when it was not
+    /// written by readstate).
+    pub(super) fn carried_origin(m: &BorrowedMessage<'_>) -> Option<Origin> {
+        m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == Origin::HEADER)
+                .and_then(|h| h.value)
+                .and_then(Origin::from_bytes)
+        })
+    }
 }
 
 pub(super) struct Tasks {
@@ -49,6 +124,18 @@ impl Tasks {
             forwarding,
             lone: BTreeSet::new(),
         }
+    }
+
+    /// The tasks of `t`, whose one source is `source` (forwarded to its repartition topic
+    /// when it has one).
+    pub(super) fn for_source(source: &Source, t: &Topology) -> Self {
+        let forwarding = source.repartition_topic.as_ref().map(|r| Forwarding {
+            source_topic: source.topic.0.clone(),
+            repartition_topic: r.0.clone(),
+            partitions: BTreeSet::new(),
+        });
+        let sides = t.side_sources().iter().map(|m| m.topic.0.clone()).collect();
+        Self::new(source.task_input_topic().0.clone(), sides, forwarding)
     }
 
     pub(super) fn task_topic(&self) -> &str {
@@ -190,6 +277,18 @@ impl Tasks {
                 .forwarding
                 .as_ref()
                 .is_none_or(|f| f.partitions.is_empty())
+    }
+
+    /// The running tasks of `parts` (task partition, task), in partition order.
+    pub(super) fn of(&mut self, parts: &[TopicPartition]) -> Vec<(i32, &mut StreamTask)> {
+        let wanted: BTreeSet<i32> = (parts.iter())
+            .filter(|(t, _)| *t == self.task_topic)
+            .map(|(_, p)| *p)
+            .collect();
+        (self.running.iter_mut())
+            .filter(|(p, _)| wanted.contains(p))
+            .map(|(p, t)| (*p, &mut t.task))
+            .collect()
     }
 
     /// True when some task's cache holds so many dirty keys that it should flush now.

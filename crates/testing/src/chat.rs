@@ -8,6 +8,7 @@ use readstate::serde::registry::{LOCAL_MESSAGE_EVENT_ID, LOCAL_READ_EVENT_ID};
 use readstate::serde::{MESSAGE_EVENT_SCHEMA, READ_EVENT_SCHEMA};
 use readstate_tools::loadgen::chat::ChatEvent;
 
+use crate::fixtures::Shipped;
 use crate::kafka;
 
 /// The topics of one test.
@@ -33,56 +34,32 @@ impl ChatTopics {
     }
 }
 
-/// A topology reading both topics into one processor (unread_cap 1000), with the receipts
-/// and conversation-heads outputs; `extra` is appended (e.g. postgres sinks).
+/// `topologies/read_state_with_unread.toml` on the test's topics: its sources
+/// `read-events` and `message-events` read both into one processor (unread_cap 1000), its
+/// sinks `receipt-updates` and `conversation-heads` write the receipts and heads; a 200 ms
+/// commit interval, no minimum emit interval, and without its PostgreSQL sinks.
+pub fn fixture(app: &str, state_dir: &std::path::Path, t: &ChatTopics) -> Shipped {
+    Shipped::load("read_state_with_unread.toml")
+        .set("application.id", app)
+        .set("application.commit_interval", "200ms")
+        .set("application.state_dir", state_dir.display().to_string())
+        .set("source.read-events.topic", t.reads.as_str())
+        .set("source.message-events.topic", t.messages.as_str())
+        .set("sink.receipt-updates.topic", t.updates.as_str())
+        .set("sink.conversation-heads.topic", t.heads.as_str())
+        .set("processor.read-state.min_emit_interval", "0s")
+        .without("sink.postgres")
+        .without("sink.postgres-heads")
+}
+
+/// The text of [`fixture`], with the tables of `extra` added (e.g. postgres sinks).
 pub fn topology_text(
     app: &str,
     state_dir: &std::path::Path,
     t: &ChatTopics,
     extra: &str,
 ) -> String {
-    format!(
-        r#"
-[application]
-id = "{app}"
-commit_interval = "200ms"
-state_dir = "{dir}"
-[[source]]
-name = "reads"
-topic = "{reads}"
-[[source]]
-name = "messages"
-topic = "{messages}"
-records = "message-events"
-[[store]]
-name = "read-state"
-[[store]]
-name = "head-state"
-[[processor]]
-name = "read-state"
-kind = "read-state"
-inputs = ["reads", "messages"]
-store = "read-state"
-heads_store = "head-state"
-unread_cap = 1000
-[[sink]]
-name = "updates"
-kind = "kafka"
-input = "read-state"
-topic = "{updates}"
-[[sink]]
-name = "heads"
-kind = "kafka"
-input = "read-state"
-output = "conversation-heads"
-topic = "{heads}"
-{extra}"#,
-        dir = state_dir.display(),
-        reads = t.reads,
-        messages = t.messages,
-        updates = t.updates,
-        heads = t.heads,
-    )
+    fixture(app, state_dir, t).with_tables(extra).text()
 }
 
 /// Produce chat events, each keyed by its conversation to its own topic.
@@ -119,34 +96,51 @@ pub fn produce_with(brokers: &str, t: &ChatTopics, events: &[ChatEvent], partiti
     kafka::flush(&pm);
 }
 
-/// [`topology_text`] with both sources in a service's own JSON shape (see
-/// [`produce_json`]), mapped by fields.
+/// [`fixture`] with both sources in a service's own JSON shape (see [`produce_json`]),
+/// mapped by fields.
+pub fn json_fixture(app: &str, state_dir: &std::path::Path, t: &ChatTopics) -> Shipped {
+    fixture(app, state_dir, t)
+        .set("source.read-events.format", "json")
+        .set_toml(
+            "source.read-events.fields",
+            r#"{ reader = "user", conversation = "conv", position = "seq", device = "device", read_at = "at" }"#,
+        )
+        .set("source.message-events.format", "json")
+        .set_toml(
+            "source.message-events.fields",
+            r#"{ conversation = "conv", position = "seq", message_id = "id", sender = "from.id", sent_at = "sent_at", mentions = "mentions", mention_everyone = "everyone" }"#,
+        )
+}
+
+/// The text of [`json_fixture`], with the tables of `extra` added.
 pub fn json_topology_text(
     app: &str,
     state_dir: &std::path::Path,
     t: &ChatTopics,
     extra: &str,
 ) -> String {
-    let reads = format!("topic = \"{}\"", t.reads);
-    let messages = format!("topic = \"{}\"", t.messages);
-    topology_text(app, state_dir, t, extra)
-        .replace(
-            &reads,
-            &format!(
-                "{reads}\nformat = \"json\"\nfields = {{ reader = \"user\", conversation = \"conv\", position = \"seq\", device = \"device\", read_at = \"at\" }}"
-            ),
-        )
-        .replace(
-            &messages,
-            &format!(
-                "{messages}\nformat = \"json\"\nfields = {{ conversation = \"conv\", position = \"seq\", message_id = \"id\", sender = \"from.id\", sent_at = \"sent_at\", mentions = \"mentions\", mention_everyone = \"everyone\" }}"
-            ),
-        )
+    json_fixture(app, state_dir, t).with_tables(extra).text()
 }
 
-/// [`json_topology_text`] with the reads naming their message by id (`msg`) instead of a
-/// seq: `position = "message_id"`, resolved through the message source, each read waiting
-/// up to `wait` of message time for its message.
+/// [`json_fixture`] with the reads naming their message by id (`msg`) instead of a seq:
+/// `position = "message_id"`, resolved through the message source, each read waiting up
+/// to `wait` of message time for its message.
+pub fn json_message_id_fixture(
+    app: &str,
+    state_dir: &std::path::Path,
+    t: &ChatTopics,
+    wait: &str,
+) -> Shipped {
+    json_fixture(app, state_dir, t)
+        .set("source.read-events.position", "message_id")
+        .set_toml(
+            "source.read-events.fields",
+            r#"{ reader = "user", conversation = "conv", message_id = "msg", device = "device", read_at = "at" }"#,
+        )
+        .set("processor.read-state.message_wait", wait)
+}
+
+/// The text of [`json_message_id_fixture`], with the tables of `extra` added.
 pub fn json_message_id_topology_text(
     app: &str,
     state_dir: &std::path::Path,
@@ -154,16 +148,9 @@ pub fn json_message_id_topology_text(
     wait: &str,
     extra: &str,
 ) -> String {
-    json_topology_text(app, state_dir, t, extra)
-        .replace(
-            r#"fields = { reader = "user", conversation = "conv", position = "seq","#,
-            r#"position = "message_id"
-fields = { reader = "user", conversation = "conv", message_id = "msg","#,
-        )
-        .replace(
-            "unread_cap = 1000",
-            &format!("unread_cap = 1000\nmessage_wait = \"{wait}\""),
-        )
+    json_message_id_fixture(app, state_dir, t, wait)
+        .with_tables(extra)
+        .text()
 }
 
 /// A chat event in the JSON shape of [`json_topology_text`].

@@ -13,7 +13,146 @@ use readstate::model::{ReadEvent, ReceiptUpdate, StateKey};
 use readstate::state::ReadState;
 use readstate::topology::{compile, Topology};
 
-/// The text of a minimal topology.
+/// A topology file of `topologies/`, edited for one test: the test's own names (application
+/// id, topics, state dir) and settings set by path, what it does not run removed. Tests
+/// start from the files users are given rather than from copies of them, so a shipped
+/// file that stops compiling or changes a default fails the tests that rest on it.
+///
+/// A path is `table.key` (`application.id`) or `array.name.key` for an entry of an array
+/// of tables found by its `name` (`source.read-events.topic`). A path that names nothing
+/// panics: a test never edits a key it believes is there and is not.
+#[derive(Debug, Clone)]
+pub struct Shipped {
+    file: String,
+    doc: toml::Table,
+}
+
+impl Shipped {
+    /// `topologies/<file>` as shipped.
+    pub fn load(file: &str) -> Self {
+        let path = format!("{}/../../topologies/{file}", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let doc = text.parse().unwrap_or_else(|e| panic!("{path}: {e}"));
+        Self {
+            file: file.to_owned(),
+            doc,
+        }
+    }
+
+    /// Set the value at `path` (a key that is not there yet is added to its table).
+    pub fn set(mut self, path: &str, value: impl Into<toml::Value>) -> Self {
+        let (table, key) = self.parent(path);
+        table.insert(key, value.into());
+        self
+    }
+
+    /// Set the value at `path` to `value`, written in TOML (`{ reader = "user" }`).
+    pub fn set_toml(self, path: &str, value: &str) -> Self {
+        let doc: toml::Table = format!("v = {value}")
+            .parse()
+            .unwrap_or_else(|e| panic!("{value}: {e}"));
+        let v = doc.get("v").expect("parsed above").clone();
+        self.set(path, v)
+    }
+
+    /// Remove the key at `path`, or the array entry it names (`sink.postgres`).
+    pub fn without(mut self, path: &str) -> Self {
+        let file = self.file.clone();
+        let mut parts: Vec<&str> = path.split('.').collect();
+        let last = parts.pop().expect("a path has a segment");
+        if let [array] = parts.as_slice() {
+            if let Some(toml::Value::Array(entries)) = self.doc.get_mut(*array) {
+                let before = entries.len();
+                entries.retain(|e| e.get("name").and_then(|n| n.as_str()) != Some(last));
+                assert!(entries.len() < before, "{file}: no {path}");
+                return self;
+            }
+        }
+        let (table, key) = self.parent(path);
+        assert!(table.remove(&key).is_some(), "{file}: no {path}");
+        self
+    }
+
+    /// Rename the array entry at `path` (`source.read-receipt-events`) to `name`, and every
+    /// reference to it (`inputs` and `input` of the other entries).
+    pub fn rename(mut self, path: &str, name: &str) -> Self {
+        let (array, old) = path.split_once('.').expect("array.name");
+        let old = old.to_owned();
+        self = self.set(&format!("{array}.{old}.name"), name);
+        let renamed = |v: &mut toml::Value| {
+            if v.as_str() == Some(old.as_str()) {
+                *v = toml::Value::from(name);
+            }
+        };
+        for (_, v) in self.doc.iter_mut() {
+            let Some(entries) = v.as_array_mut() else {
+                continue;
+            };
+            for e in entries.iter_mut().filter_map(toml::Value::as_table_mut) {
+                e.get_mut("input").map(renamed);
+                if let Some(inputs) = e.get_mut("inputs").and_then(toml::Value::as_array_mut) {
+                    inputs.iter_mut().for_each(renamed);
+                }
+            }
+        }
+        self
+    }
+
+    /// Add the tables of `text` (TOML): entries of arrays of tables are appended to the
+    /// shipped ones, other keys set.
+    pub fn with_tables(mut self, text: &str) -> Self {
+        let extra: toml::Table = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
+        for (k, v) in extra {
+            match (self.doc.get_mut(&k), v) {
+                (Some(toml::Value::Array(have)), toml::Value::Array(more)) => have.extend(more),
+                (_, v) => {
+                    self.doc.insert(k, v);
+                }
+            }
+        }
+        self
+    }
+
+    /// The edited topology's text.
+    pub fn text(&self) -> String {
+        toml::to_string(&self.doc).expect("a TOML table serializes")
+    }
+
+    /// The edited topology, compiled.
+    pub fn compile(&self) -> Topology {
+        compile(&self.text()).unwrap_or_else(|e| panic!("{} as edited: {e:?}", self.file))
+    }
+
+    /// The table that holds `path`'s last key, and that key.
+    fn parent(&mut self, path: &str) -> (&mut toml::Table, String) {
+        let file = self.file.clone();
+        let mut parts = path.split('.').peekable();
+        let mut table = &mut self.doc;
+        loop {
+            let part = parts.next().expect("a path has a segment");
+            if parts.peek().is_none() {
+                return (table, part.to_owned());
+            }
+            table = match table.get_mut(part) {
+                Some(toml::Value::Table(t)) => t,
+                Some(toml::Value::Array(entries)) => {
+                    let name = parts.next().expect("an array entry is named");
+                    assert!(parts.peek().is_some(), "{file}: {path} names no key");
+                    entries
+                        .iter_mut()
+                        .filter_map(toml::Value::as_table_mut)
+                        .find(|e| e.get("name").and_then(|n| n.as_str()) == Some(name))
+                        .unwrap_or_else(|| panic!("{file}: no {part} named {name} ({path})"))
+                }
+                _ => panic!("{file}: no table {part} ({path})"),
+            };
+        }
+    }
+}
+
+/// The text of a minimal topology: `topologies/read_receipts.toml` (its source
+/// `read-events`, its sink `receipt-updates`) with the test's names, without its
+/// PostgreSQL sink.
 pub fn topology_text(
     app: &str,
     commit: &str,
@@ -22,30 +161,15 @@ pub fn topology_text(
     output: &str,
     min_emit: &str,
 ) -> String {
-    format!(
-        r#"
-[application]
-id = "{app}"
-commit_interval = "{commit}"
-state_dir = "{state_dir}"
-[[source]]
-name = "events"
-topic = "{source}"
-[[store]]
-name = "read-state"
-[[processor]]
-name = "read-state"
-kind = "read-state"
-inputs = ["events"]
-store = "read-state"
-min_emit_interval = "{min_emit}"
-[[sink]]
-name = "updates"
-kind = "kafka"
-input = "read-state"
-topic = "{output}"
-"#
-    )
+    Shipped::load("read_receipts.toml")
+        .set("application.id", app)
+        .set("application.commit_interval", commit)
+        .set("application.state_dir", state_dir)
+        .set("source.read-events.topic", source)
+        .set("sink.receipt-updates.topic", output)
+        .set("processor.read-state.min_emit_interval", min_emit)
+        .without("sink.postgres")
+        .text()
 }
 
 /// A minimal topology with the given minimum emit interval ("0s" for none).

@@ -1,10 +1,11 @@
 //! A driver for any processor node, through the byte-level seam the runtime drives: pipe
 //! raw records into one task, advance the wall clock (a commit every commit interval: the
-//! processor's flush with its due punctuations, outputs "acknowledged", each store's
-//! changelog records appended to an in-memory changelog whose next offset is the store's
-//! checkpoint, then the store batches written), read the outputs by sink, inspect stores
-//! and changelogs, and crash the task: its stores are lost and restored from their
-//! changelogs through the supplier's own restorers, as a new owner would.
+//! runtime's commit protocol, [`commit::commit`], on an in-memory log: the processor's
+//! flush with its due punctuations, outputs "acknowledged", each store's changelog records
+//! appended to an in-memory changelog whose next offset is the store's checkpoint, then the
+//! store batches written), read the outputs by sink, inspect stores and changelogs, and
+//! crash the task: its stores are lost and restored from their changelogs through the
+//! supplier's own restorers, as a new owner would.
 
 use std::time::Duration;
 
@@ -12,22 +13,24 @@ use readstate::ids::{Origin, StoreName, TaskId};
 use readstate::processor::{CacheBudget, InputId, ProcessorContext, ProcessorSupplier, SinkId};
 use readstate::state::memory::InMemoryStore;
 use readstate::state::{read_checkpoint, KeyValueStore};
+use readstate::task::commit::{self, MemoryLog};
 use readstate::task::{DeadLetter, SourceRecord, StreamTask};
+use readstate::topology::ProcessingGuarantee;
 
 use crate::topology_driver::START_MS;
 
 /// One output record: its sink, key and value.
 pub type Output = (SinkId, Vec<u8>, Vec<u8>);
 
-/// A changelog record (`None`: a tombstone).
-pub type ChangelogRecord = (Vec<u8>, Option<Vec<u8>>);
+pub use readstate::task::commit::ChangelogRecord;
 
 pub struct TaskDriver {
     supplier: Box<dyn ProcessorSupplier>,
     stores: Vec<StoreName>,
     task: StreamTask,
-    changelogs: Vec<Vec<ChangelogRecord>>,
-    outputs: Vec<Output>,
+    /// Outputs, dead letters and changelogs as the commits wrote them.
+    log: MemoryLog,
+    /// Every dead letter of processing (those of commits so far also in `log`).
     dead_letters: Vec<DeadLetter>,
     now_ms: i64,
     last_commit_ms: i64,
@@ -49,10 +52,9 @@ impl TaskDriver {
         let task = Self::init(&*supplier, fresh);
         Self {
             supplier,
-            changelogs: vec![Vec::new(); stores.len()],
             stores,
             task,
-            outputs: Vec::new(),
+            log: MemoryLog::default(),
             dead_letters: Vec::new(),
             now_ms: START_MS,
             last_commit_ms: START_MS,
@@ -125,27 +127,14 @@ impl TaskDriver {
         }
     }
 
-    /// The commit protocol now: flush (due wall-clock punctuations included), outputs,
-    /// changelogs, then each store's batch with its checkpoint.
+    /// The commit protocol now (at-least-once): flush (due wall-clock punctuations
+    /// included), outputs, changelogs, then each store's batch with its checkpoint.
     pub fn commit(&mut self) {
-        let mut out = self.task.prepare_flush(self.now_ms);
-        self.outputs.extend(
-            out.outputs
-                .iter()
-                .map(|(s, k, v)| (s, k.to_vec(), v.to_vec())),
-        );
-        let mut checkpoints = Vec::with_capacity(out.stores.len());
-        for (store, log) in out.stores.iter().zip(&mut self.changelogs) {
-            log.extend(
-                store
-                    .changelog()
-                    .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))),
-            );
-            checkpoints.push(Some(log.len() as i64));
-        }
-        self.task
-            .commit_flush(out.take_batches(), &checkpoints)
-            .expect("commit");
+        let unsent = &self.dead_letters[self.log.dead_letters().len()..];
+        let guarantee = ProcessingGuarantee::AtLeastOnce;
+        let mut tasks = [(0, &mut self.task)];
+        commit::commit(&mut self.log, guarantee, &mut tasks, unsent, self.now_ms)
+            .expect("the in-memory log commits");
         self.last_commit_ms = self.now_ms;
     }
 
@@ -157,7 +146,7 @@ impl TaskDriver {
         let mut restored = Vec::with_capacity(stores.len());
         for (i, mut store) in stores.into_iter().enumerate() {
             let mut restorer = self.supplier.restorer(i, &*store).expect("a restorer");
-            let log = &self.changelogs[i];
+            let log = self.log.changelog(i, 0);
             let mut records = log.iter().map(|(k, v)| (&k[..], v.as_deref()));
             restorer
                 .restore(&mut *store, &mut records, log.len() as i64)
@@ -170,7 +159,8 @@ impl TaskDriver {
 
     /// Take the outputs of the commits so far.
     pub fn read_outputs(&mut self) -> Vec<Output> {
-        std::mem::take(&mut self.outputs)
+        let sent = self.log.take_outputs().into_iter();
+        sent.map(|(_, sink, k, v)| (sink, k, v)).collect()
     }
 
     pub fn dead_letters(&self) -> &[DeadLetter] {
@@ -189,6 +179,6 @@ impl TaskDriver {
 
     /// Store `index`'s changelog so far.
     pub fn changelog(&self, index: usize) -> &[ChangelogRecord] {
-        &self.changelogs[index]
+        self.log.changelog(index, 0)
     }
 }

@@ -20,10 +20,10 @@ use readstate::model::{
     UnreadCounts,
 };
 use readstate::processor::resolve::ResolveStats;
+use readstate::processor::SinkId;
 use readstate::processor::{
-    CacheBudget, FlushOutput, InputId, MessageStats, ProcessStats, ProcessorContext,
-    ProcessorSupplier, ReadStateProcessor, ReadStateSerdes, ReadStateSupplier, RecordKind,
-    SourceSerdes,
+    CacheBudget, InputId, MessageStats, ProcessStats, ProcessorContext, ProcessorSupplier,
+    ReadStateProcessor, ReadStateSerdes, ReadStateSupplier, RecordKind, SourceSerdes,
 };
 use readstate::serde::avro::{AvroReadEvent, EventEncoder, UpdateDecoder};
 use readstate::serde::message::{
@@ -37,9 +37,10 @@ use readstate::state::head::ConversationHead;
 use readstate::state::memory::InMemoryStore;
 use readstate::state::rocks::RocksDbStore;
 use readstate::state::{KeyValueStore, ReadState};
+use readstate::task::commit::{self, CrashPoint, MemoryLog, MemoryLogError};
 use readstate::task::{DeadLetter, SourceRecord, StreamTask};
 use readstate::topology::graph::{Graph, NodeKind, Output, Route};
-use readstate::topology::{Store, Topology};
+use readstate::topology::{ProcessingGuarantee, Store, Topology};
 
 /// Where the driver's stores live.
 #[derive(Debug, Clone)]
@@ -80,32 +81,122 @@ pub struct TopologyTestDriver {
     topology: Topology,
     /// The compiled graph's routes: which processor input each source's records go to.
     routes: Vec<Route>,
-    /// What each sink node (by `SinkId`) receives.
-    sinks: Vec<Output>,
     stores: DriverStores,
     /// The node's source serdes and its supplier, as `readstate run` builds them.
     serdes: Arc<ReadStateSerdes>,
     supplier: ReadStateSupplier,
-    /// Consumers' decoders of the output topics.
-    update_decoder: UpdateDecoder,
-    head_decoder: HeadDecoder,
-    sender_decoder: SenderReceiptDecoder,
-    read_by_decoder: ReadByDecoder,
+    /// The output topics as their consumers read them.
+    output: OutputReader,
     encoder: EventEncoder,
     message_encoder: MessageEncoder,
     rt: tokio::runtime::Runtime,
     partitions: BTreeMap<i32, PartitionState>,
     now_ms: i64,
     last_flush_ms: i64,
-    outputs: Vec<ReceiptUpdate>,
-    heads: Vec<HeadUpdate>,
-    sender_receipts: Vec<SenderReceipt>,
-    read_by: Vec<ReadBy>,
+    /// Every dead letter of processing (those of commits so far sent to `log` too).
     dead_letters: Vec<DeadLetter>,
-    flushes: u64,
+    /// What the commit protocol writes: outputs, dead letters, changelogs, offset commits.
+    log: MemoryLog,
     /// The input topics' partition count, when set: the tasks check where records were
     /// put (`misrouted` dead letters), as under `readstate run`.
     partition_count: Option<i32>,
+}
+
+/// The output topics as their consumers read them: each sink node's records decoded with
+/// the consumers' decoders, kept until the test takes them.
+struct OutputReader {
+    /// What each sink node (by `SinkId`) receives.
+    sinks: Vec<Output>,
+    update_decoder: UpdateDecoder,
+    head_decoder: HeadDecoder,
+    sender_decoder: SenderReceiptDecoder,
+    read_by_decoder: ReadByDecoder,
+    updates: Vec<ReceiptUpdate>,
+    heads: Vec<HeadUpdate>,
+    sender_receipts: Vec<SenderReceipt>,
+    read_by: Vec<ReadBy>,
+}
+
+impl OutputReader {
+    fn new(graph: &Graph, topology: &Topology, resolver: Arc<dyn SchemaResolver>) -> Self {
+        let ids = &topology.ids;
+        Self {
+            sinks: graph
+                .nodes
+                .iter()
+                .filter_map(|n| match &n.kind {
+                    NodeKind::Sink { output, .. } => Some(*output),
+                    _ => None,
+                })
+                .collect(),
+            update_decoder: UpdateDecoder::new(
+                resolver.clone(),
+                &readstate::serde::receipt_update_schema(ids),
+            )
+            .expect("generated schema parses"),
+            head_decoder: HeadDecoder::new(
+                resolver.clone(),
+                &readstate::serde::conversation_head_schema(ids),
+            )
+            .expect("generated schema parses"),
+            sender_decoder: SenderReceiptDecoder::new(
+                resolver.clone(),
+                &readstate::serde::sender_receipt_schema(ids),
+            )
+            .expect("generated schema parses"),
+            read_by_decoder: ReadByDecoder::new(resolver, &readstate::serde::read_by_schema(ids))
+                .expect("generated schema parses"),
+            updates: Vec::new(),
+            heads: Vec::new(),
+            sender_receipts: Vec::new(),
+            read_by: Vec::new(),
+        }
+    }
+
+    /// Read a flush's outputs back as the consumers of the output topics would.
+    fn collect(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        outputs: Vec<(i32, SinkId, Vec<u8>, Vec<u8>)>,
+    ) {
+        for (_, sink, _key, value) in &outputs {
+            let (_key, value) = (&_key[..], &value[..]);
+            match self.sinks[sink.0] {
+                Output::Receipts => {
+                    let d = &mut self.update_decoder;
+                    rt.block_on(d.prepare(std::iter::once(Some(value))))
+                        .expect("the schema registry answers");
+                    let u = d.decode(value).expect("the sink's own encoding decodes");
+                    self.updates.push(u.into());
+                }
+                Output::ConversationHeads => {
+                    let d = &mut self.head_decoder;
+                    rt.block_on(d.prepare(std::iter::once(Some(value))))
+                        .expect("the schema registry answers");
+                    let h = d.decode(value).expect("the sink's own encoding decodes");
+                    self.heads.push(h.into());
+                }
+                Output::SenderReceipts => {
+                    let d = &mut self.sender_decoder;
+                    rt.block_on(d.prepare(std::iter::once(Some(value))))
+                        .expect("the schema registry answers");
+                    let r = d.decode(value).expect("the sink's own encoding decodes");
+                    let key = std::str::from_utf8(_key).expect("a sender key is text");
+                    assert_eq!(key, r.sender_id.to_string(), "keyed by sender");
+                    self.sender_receipts.push(r.into());
+                }
+                Output::ReadBy => {
+                    let d = &mut self.read_by_decoder;
+                    rt.block_on(d.prepare(std::iter::once(Some(value))))
+                        .expect("the schema registry answers");
+                    let r = d.decode(value).expect("the sink's own encoding decodes");
+                    let key = std::str::from_utf8(_key).expect("a sender key is text");
+                    assert_eq!(key, r.sender_id.to_string(), "keyed by sender");
+                    self.read_by.push(r.into());
+                }
+            }
+        }
+    }
 }
 
 /// The driver's wall clock starts here (2023-11-14T22:13:20Z).
@@ -142,36 +233,9 @@ impl TopologyTestDriver {
         let graph = Graph::compile(&topology);
         Self {
             routes: graph.routes(),
-            sinks: graph
-                .nodes
-                .iter()
-                .filter_map(|n| match &n.kind {
-                    NodeKind::Sink { output, .. } => Some(*output),
-                    _ => None,
-                })
-                .collect(),
+            output: OutputReader::new(&graph, &topology, resolver),
             supplier: ReadStateSupplier::new(&topology, serdes.clone()),
             serdes,
-            update_decoder: UpdateDecoder::new(
-                resolver.clone(),
-                &readstate::serde::receipt_update_schema(&topology.ids),
-            )
-            .expect("generated schema parses"),
-            head_decoder: HeadDecoder::new(
-                resolver.clone(),
-                &readstate::serde::conversation_head_schema(&topology.ids),
-            )
-            .expect("generated schema parses"),
-            sender_decoder: SenderReceiptDecoder::new(
-                resolver.clone(),
-                &readstate::serde::sender_receipt_schema(&topology.ids),
-            )
-            .expect("generated schema parses"),
-            read_by_decoder: ReadByDecoder::new(
-                resolver,
-                &readstate::serde::read_by_schema(&topology.ids),
-            )
-            .expect("generated schema parses"),
             rt,
             topology,
             stores,
@@ -182,12 +246,8 @@ impl TopologyTestDriver {
             partitions: BTreeMap::new(),
             now_ms: START_MS,
             last_flush_ms: START_MS,
-            outputs: Vec::new(),
-            heads: Vec::new(),
-            sender_receipts: Vec::new(),
-            read_by: Vec::new(),
             dead_letters: Vec::new(),
-            flushes: 0,
+            log: MemoryLog::default(),
             partition_count: None,
         }
     }
@@ -437,7 +497,7 @@ impl TopologyTestDriver {
 
     /// Take the read-by records emitted so far.
     pub fn read_read_by(&mut self) -> Vec<ReadBy> {
-        std::mem::take(&mut self.read_by)
+        std::mem::take(&mut self.output.read_by)
     }
 
     /// Fetch the writer schemas the records need (as the runtime does before processing).
@@ -448,53 +508,9 @@ impl TopologyTestDriver {
             .expect("the schema registry answers");
     }
 
-    /// Read a flush's outputs back as the consumers of the output topics would.
-    fn collect(&mut self, out: &FlushOutput) {
-        for (sink, _key, value) in out.outputs.iter() {
-            match self.sinks[sink.0] {
-                Output::Receipts => {
-                    let d = &mut self.update_decoder;
-                    self.rt
-                        .block_on(d.prepare(std::iter::once(Some(value))))
-                        .expect("the schema registry answers");
-                    let u = d.decode(value).expect("the sink's own encoding decodes");
-                    self.outputs.push(u.into());
-                }
-                Output::ConversationHeads => {
-                    let d = &mut self.head_decoder;
-                    self.rt
-                        .block_on(d.prepare(std::iter::once(Some(value))))
-                        .expect("the schema registry answers");
-                    let h = d.decode(value).expect("the sink's own encoding decodes");
-                    self.heads.push(h.into());
-                }
-                Output::SenderReceipts => {
-                    let d = &mut self.sender_decoder;
-                    self.rt
-                        .block_on(d.prepare(std::iter::once(Some(value))))
-                        .expect("the schema registry answers");
-                    let r = d.decode(value).expect("the sink's own encoding decodes");
-                    let key = std::str::from_utf8(_key).expect("a sender key is text");
-                    assert_eq!(key, r.sender_id.to_string(), "keyed by sender");
-                    self.sender_receipts.push(r.into());
-                }
-                Output::ReadBy => {
-                    let d = &mut self.read_by_decoder;
-                    self.rt
-                        .block_on(d.prepare(std::iter::once(Some(value))))
-                        .expect("the schema registry answers");
-                    let r = d.decode(value).expect("the sink's own encoding decodes");
-                    let key = std::str::from_utf8(_key).expect("a sender key is text");
-                    assert_eq!(key, r.sender_id.to_string(), "keyed by sender");
-                    self.read_by.push(r.into());
-                }
-            }
-        }
-    }
-
     /// Take the receipts for senders emitted so far.
     pub fn read_sender_receipts(&mut self) -> Vec<SenderReceipt> {
-        std::mem::take(&mut self.sender_receipts)
+        std::mem::take(&mut self.output.sender_receipts)
     }
 
     /// Advance the wall clock; flushes when a commit interval has passed (like the runtime).
@@ -509,24 +525,30 @@ impl TopologyTestDriver {
         self.now_ms
     }
 
-    /// Flush and commit every task now.
+    /// Flush and commit every task now, through the runtime's commit protocol
+    /// (at-least-once) on the in-memory log.
     pub fn flush(&mut self) {
-        let now = self.now_ms;
-        let parts: Vec<i32> = self.partitions.keys().copied().collect();
-        for p in parts {
-            let Some(mut out) = self.flush_task(p, now) else {
-                continue;
-            };
-            let ps = self.partitions.get_mut(&p).expect("listed above");
-            let task = ps.task.as_mut().expect("flushed above");
-            task.commit_flush(out.take_batches(), &[])
-                .expect("commit flush");
-            ps.committed = ps.consumed;
-            ps.messages_committed = ps.messages_consumed;
-            ps.members_committed = ps.members_consumed;
+        if self.commit().is_ok() {
+            for ps in self.partitions.values_mut() {
+                ps.committed = ps.consumed;
+                ps.messages_committed = ps.messages_consumed;
+                ps.members_committed = ps.members_consumed;
+            }
         }
-        self.last_flush_ms = now;
-        self.flushes += 1;
+        self.last_flush_ms = self.now_ms;
+    }
+
+    /// The commit protocol over every open task; the outputs it sent are read back (they
+    /// reached their topics even when the commit then failed).
+    fn commit(&mut self) -> Result<(), MemoryLogError> {
+        let mut tasks: Vec<(i32, &mut StreamTask)> = (self.partitions.iter_mut())
+            .filter_map(|(p, ps)| ps.task.as_mut().map(|t| (*p, t)))
+            .collect();
+        let unsent = &self.dead_letters[self.log.dead_letters().len()..];
+        let guarantee = ProcessingGuarantee::AtLeastOnce;
+        let r = commit::commit(&mut self.log, guarantee, &mut tasks, unsent, self.now_ms);
+        self.output.collect(&self.rt, self.log.take_outputs());
+        r.map(|_| ())
     }
 
     /// Simulate a crash before the next flush: everything not committed is lost; the
@@ -543,38 +565,21 @@ impl TopologyTestDriver {
     }
 
     /// Simulate a crash in the middle of a flush: the updates reached the output topic, but
-    /// the store batch and the offset commit did not happen.
+    /// the changelog, the store batch and the offset commit did not happen.
     pub fn crash_after_output(&mut self) {
-        let now = self.now_ms;
-        let parts: Vec<i32> = self.partitions.keys().copied().collect();
-        for p in parts {
-            self.flush_task(p, now);
-        }
+        self.log.crash_at(CrashPoint::AfterOutputs);
+        let crashed = self.commit();
+        assert!(crashed.is_err(), "the commit crashed after its outputs");
         self.crash();
-    }
-
-    /// Flush partition `p`'s task (if open) and read its outputs back.
-    fn flush_task(&mut self, p: i32, now: i64) -> Option<FlushOutput> {
-        let task = self.partitions.get_mut(&p)?.task.as_mut()?;
-        let out = task.prepare_flush(now);
-        self.collect(&out);
-        Some(out)
     }
 
     /// Simulate a crash between the store write and the offset commit (steps 4 and 5 of
     /// the commit protocol): outputs and state are durable, the offsets are not, so the
     /// records since the last commit are consumed again; replay marks must skip them.
     pub fn crash_after_store(&mut self) {
-        let now = self.now_ms;
-        let parts: Vec<i32> = self.partitions.keys().copied().collect();
-        for p in parts {
-            if let Some(mut out) = self.flush_task(p, now) {
-                let task = self.partitions.get_mut(&p).and_then(|ps| ps.task.as_mut());
-                task.expect("flushed above")
-                    .commit_flush(out.take_batches(), &[])
-                    .expect("commit flush");
-            }
-        }
+        self.log.crash_at(CrashPoint::AfterStores);
+        let crashed = self.commit();
+        assert!(crashed.is_err(), "the commit crashed after its stores");
         self.crash();
     }
 
@@ -613,7 +618,7 @@ impl TopologyTestDriver {
 
     /// Take the conversation-head updates emitted so far.
     pub fn read_heads(&mut self) -> Vec<HeadUpdate> {
-        std::mem::take(&mut self.heads)
+        std::mem::take(&mut self.output.heads)
     }
 
     /// A reader's unread and mention counts now, from their task (message source only).
@@ -668,7 +673,7 @@ impl TopologyTestDriver {
 
     /// Take the updates emitted so far.
     pub fn read_output(&mut self) -> Vec<ReceiptUpdate> {
-        std::mem::take(&mut self.outputs)
+        std::mem::take(&mut self.output.updates)
     }
 
     pub fn dead_letters(&self) -> &[DeadLetter] {

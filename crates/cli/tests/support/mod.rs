@@ -94,7 +94,7 @@ impl Env {
         // The mock broker does not answer CreateTopics: internal topics are made here.
         if keyed_by.is_some() {
             env.broker
-                .create_topic(&format!("{}-events-repartition", env.app), PARTS, &[]);
+                .create_topic(&env.repartition_topic(), PARTS, &[]);
         }
         let changelog = format!("{}-read-state-changelog", env.app);
         env.broker.create_topic(&changelog, PARTS, &[]);
@@ -155,25 +155,23 @@ impl Env {
     }
 
     pub fn topology_text_with_commit(&self, commit_interval: &str) -> String {
-        let commit_interval = match self.eos {
-            true => format!("{commit_interval}\"\nprocessing_guarantee = \"exactly_once_v2"),
-            false => commit_interval.to_owned(),
-        };
-        let text = topology_text(
-            &self.app,
-            &commit_interval,
-            &self.state.path().display().to_string(),
-            &self.source,
-            &self.output,
-            "0s",
-        );
-        match self.keyed_by {
-            Some(k) => text.replace(
-                &format!("topic = \"{}\"", self.source),
-                &format!("topic = \"{}\"\nkeyed_by = \"{k}\"", self.source),
-            ),
-            None => text,
-        }
+        self.fixture("read_receipts.toml", "read-events", "receipt-updates")
+            .set("application.commit_interval", commit_interval)
+            .without("sink.postgres")
+            .text()
+    }
+
+    /// `topologies/<file>` with this environment's names and settings: its `source` and
+    /// `output` nodes on the environment's topics, the source keyed as the environment's,
+    /// a 200 ms commit interval, no minimum emit interval.
+    pub fn fixture(&self, file: &str, source: &str, output: &str) -> Shipped {
+        Shipped::load(file).into_env(self, source, output)
+    }
+
+    /// The internal topic a source keyed by another field is repartitioned through (its
+    /// source `read-events` in `topologies/read_receipts.toml`).
+    pub fn repartition_topic(&self) -> String {
+        format!("{}-read-events-repartition", self.app)
     }
 
     /// Sub-topology of the stateful tasks: 1 behind a repartition, else 0.
@@ -375,6 +373,36 @@ impl Env {
     }
 }
 
+/// A shipped topology put on an [`Env`].
+pub trait IntoEnv {
+    /// Its `source` and `output` nodes on the environment's topics, the source keyed as the
+    /// environment's, a 200 ms commit interval, no minimum emit interval.
+    fn into_env(self, env: &Env, source: &str, output: &str) -> Shipped;
+}
+
+impl IntoEnv for Shipped {
+    fn into_env(self, env: &Env, source: &str, output: &str) -> Shipped {
+        let guarantee = match env.eos {
+            true => "exactly_once_v2",
+            false => "at_least_once",
+        };
+        self.set("application.id", env.app.as_str())
+            .set("application.commit_interval", "200ms")
+            .set(
+                "application.state_dir",
+                env.state.path().display().to_string(),
+            )
+            .set("application.processing_guarantee", guarantee)
+            .set(&format!("source.{source}.topic"), env.source.as_str())
+            .set(
+                &format!("source.{source}.keyed_by"),
+                env.keyed_by.unwrap_or("conversation_id"),
+            )
+            .set(&format!("sink.{output}.topic"), env.output.as_str())
+            .set("processor.read-state.min_emit_interval", "0s")
+    }
+}
+
 /// A header's value as text.
 pub fn header(m: &rdkafka::message::BorrowedMessage<'_>, name: &str) -> Option<String> {
     use rdkafka::message::Headers;
@@ -505,7 +533,7 @@ pub fn instances_joining_and_leaving(env: Env) {
     let updates = env.read_updates(&want);
     let sb = b.stop();
     assert!(
-        sa.tasks_opened > 0 && sb.tasks_opened > 0,
+        sa.lifecycle.tasks_opened > 0 && sb.lifecycle.tasks_opened > 0,
         "both instances ran tasks: {sa:?} {sb:?}"
     );
     check_output_monotonic(&updates, &want);
@@ -643,7 +671,7 @@ pub fn check_restored_state(env: &Env, want: &HashMap<StateKey, Expected>) {
     );
     let s = inst.stop();
     assert_eq!(
-        s.tasks_opened, PARTS as u64,
+        s.lifecycle.tasks_opened, PARTS as u64,
         "it owned every partition: {s:?}"
     );
     let stored = env.stored_states_in(dir.path());

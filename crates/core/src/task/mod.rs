@@ -2,8 +2,11 @@
 //!
 //! A [`StreamTask`] hands a batch of source records to its processor (which decodes,
 //! validates and folds them, and turns the undecodable into dead letters); flushing is
-//! delegated to its processor too (see `ARCHITECTURE.md`
-//! for the order in which a flush's outputs become durable).
+//! delegated to its processor too. [`commit`] is the commit protocol over a set of tasks
+//! (see `ARCHITECTURE.md` for the order in which a flush's outputs become durable), which
+//! the runtime runs on Kafka and the test drivers on memory.
+
+pub mod commit;
 
 use crate::ids::{Origin, TaskId};
 use crate::processor::{

@@ -380,6 +380,14 @@ impl Topology {
             .collect()
     }
 
+    /// The changelog topic of each store of a task (indexed as [`Topology::stores`]).
+    pub fn changelog_topics(&self) -> Vec<Option<String>> {
+        self.stores()
+            .iter()
+            .map(|s| s.changelog_topic.as_ref().map(|c| c.0.clone()))
+            .collect()
+    }
+
     /// Topics the stream tasks consume (after repartitioning).
     pub fn task_input_topics(&self) -> Vec<TopicName> {
         self.sources

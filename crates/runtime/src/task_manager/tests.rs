@@ -91,7 +91,7 @@ fn assign_open_corrupted_and_lost() {
     assert!(tm.parking.is_empty(), "resumed once restored");
     assert!(tm.readiness.is_ready(), "assigned and restored");
     assert_eq!(
-        tm.summary().tasks_corrupted,
+        tm.summary().lifecycle.tasks_corrupted,
         1,
         "the checkpoint beyond the end"
     );
@@ -108,9 +108,9 @@ fn assign_open_corrupted_and_lost() {
     while tm.tasks.running.len() < 2 {
         tm.restore_step(&consumer).unwrap();
     }
-    assert_eq!(tm.summary().restored_records, 0);
+    assert_eq!(tm.summary().lifecycle.restored_records, 0);
     assert_eq!(
-        tm.summary().tasks_corrupted,
+        tm.summary().lifecycle.tasks_corrupted,
         1,
         "kept stores are not corrupted"
     );
@@ -120,6 +120,6 @@ fn assign_open_corrupted_and_lost() {
         !tm.readiness.is_ready(),
         "nothing runs until the next assignment"
     );
-    assert_eq!(tm.summary().tasks_lost, 4);
+    assert_eq!(tm.summary().lifecycle.tasks_lost, 4);
     assert!(dirs.iter().all(|d| !d.exists()), "lost stores are wiped");
 }

@@ -325,12 +325,64 @@ proptest! {
 
 /// With the partition count known (as under `readstate run`), a read event on a partition
 /// its source's declared partitioner (here Sarama's FNV-1a) would not pick for its
-/// conversation is a `misrouted` dead letter and changes no state; the rest fold.
+/// conversation is folded by the task of the partition it belongs on (`on_misrouted =
+/// "repartition"`): each key lives in one task, every state equals the oracle over all events,
+/// nothing is a dead letter, and a replay of the partitions the misrouted reads were found
+/// on folds nothing twice (their origin travels with them).
+#[test]
+fn misrouted_reads_are_rerouted_to_the_task_that_owns_their_conversation() {
+    use readstate::kafka::partitioner::Partitioner;
+    let t = Shipped::load("read_receipts.toml")
+        .set("source.read-events.partitioner", "fnv1a")
+        .set("source.read-events.on_misrouted", "repartition")
+        .set("processor.read-state.min_emit_interval", "0s")
+        .without("sink.postgres")
+        .compile();
+    let mut d = TopologyTestDriver::new(t).with_partition_count(8);
+    let placed = |c: i64| Partitioner::Fnv1a.partition(c.to_string().as_bytes(), 8);
+    let (mut all, mut wrong) = (Vec::new(), Vec::new());
+    for c in 0..40i64 {
+        let p = placed(c);
+        let elsewhere = (p + 1 + (c as i32 % 7)) % 8;
+        let here = event(c, 1, 10 + c, "phone");
+        // An advance of a key the owning task holds, and a key of its own.
+        let misrouted = [event(c, 1, 20 + c, "laptop"), event(c, 2, 5, "phone")];
+        d.pipe_event(p, c, &here);
+        all.push(here);
+        for (i, e) in misrouted.into_iter().enumerate() {
+            let offset = 100 + 2 * c + i as i64;
+            d.pipe_event(elsewhere, offset, &e);
+            wrong.push((elsewhere, offset, e.clone()));
+            all.push(e);
+        }
+    }
+    for (p, offset, e) in &wrong {
+        d.pipe_event(*p, *offset, e);
+    }
+    d.flush();
+    assert_matches_oracle(&d, &all);
+    assert!(d.dead_letters().is_empty(), "{:?}", d.dead_letters());
+    for c in 0..40 {
+        let owner = d.stores(placed(c)).into_iter().next().expect("owner open");
+        for reader in [1, 2] {
+            let k = readstate::state::codec::StoreKey::state(&key(c, reader));
+            assert!(
+                owner.get(k.as_bytes()).unwrap().is_some(),
+                "({c}, {reader}) in the task of partition {}",
+                placed(c)
+            );
+        }
+    }
+}
+
+/// With `on_misrouted = "dead-letter"` (a single source's default), a misrouted read is a
+/// `misrouted` dead letter and changes no state; the rest fold.
 #[test]
 fn misrouted_reads_are_dead_letters_and_fold_nothing() {
     use readstate::kafka::partitioner::Partitioner;
     let t = Shipped::load("read_receipts.toml")
         .set("source.read-events.partitioner", "fnv1a")
+        .set("source.read-events.on_misrouted", "dead-letter")
         .set("processor.read-state.min_emit_interval", "0s")
         .without("sink.postgres")
         .compile();

@@ -12,6 +12,7 @@
 use readstate_testing::db;
 use readstate_testing::kafka;
 use readstate_testing::process;
+use readstate_testing::process::SpawnGuarded;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -55,13 +56,8 @@ impl Scenario {
         let s = suffix();
         let app = format!("chaos-{s}");
         let (source, output) = (format!("events-{s}"), format!("updates-{s}"));
-        for (t, n) in [
-            (source.clone(), PARTS),
-            (output.clone(), PARTS),
-            (format!("{app}-read-state-changelog"), PARTS),
-            (format!("{app}-dlq"), 1),
-        ] {
-            mock.create_topic(&t, n, 1).unwrap();
+        for t in [&source, &output] {
+            mock.create_topic(t, PARTS, 1).unwrap();
         }
         let root = tempfile::tempdir().unwrap();
         let text = format!(
@@ -70,6 +66,8 @@ impl Scenario {
         );
         let topology = root.path().join("topology.toml");
         std::fs::write(&topology, &text).unwrap();
+        let compiled = readstate::topology::compile(&text).unwrap();
+        readstate_testing::kafka::create_internal_topics(&mock, &compiled, PARTS);
         let db = Db::create();
         db.migrate();
         Self {
@@ -89,7 +87,7 @@ impl Scenario {
     }
 
     /// `readstate run` number `n` (its own state directory and log file).
-    fn spawn(&self, n: usize) -> Child {
+    fn spawn(&self, n: usize) -> KillOnDrop {
         let dir = self.node_dir(n);
         std::fs::create_dir_all(&dir).unwrap();
         let log = std::fs::OpenOptions::new()
@@ -110,8 +108,7 @@ impl Scenario {
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log)
-            .spawn()
-            .unwrap()
+            .spawn_guarded()
     }
 
     /// The last 6 KB of node `n`'s log.
@@ -182,7 +179,7 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
     let events = zipf_workload(21, n);
     let want = oracle(&events);
     // Killed if the test fails: a failed run leaves no instance behind.
-    let mut nodes: Vec<KillOnDrop> = (0..3).map(|i| KillOnDrop(s.spawn(i))).collect();
+    let mut nodes: Vec<KillOnDrop> = (0..3).map(|i| s.spawn(i)).collect();
     let producer = kafka::produce_paced(
         s.mock.bootstrap_servers(),
         s.source.clone(),
@@ -195,16 +192,16 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
     eprintln!("chaos: kill -9 node 0, restart");
     kill9(&mut nodes[0].0);
     let restarted_at = s.log_len(0);
-    nodes[0] = KillOnDrop(s.spawn(0));
+    nodes[0] = s.spawn(0);
     pause(Duration::from_secs(3));
     eprintln!("chaos: kill -9 node 1, delete its state, restart");
     kill9(&mut nodes[1].0);
     std::fs::remove_dir_all(s.node_dir(1)).unwrap();
-    nodes[1] = KillOnDrop(s.spawn(1));
+    nodes[1] = s.spawn(1);
     pause(Duration::from_secs(3));
     eprintln!("chaos: SIGTERM node 2, restart");
     terminate_logged_past_upstream_abort(&mut nodes[2].0, "node 2", || s.tail(2));
-    nodes[2] = KillOnDrop(s.spawn(2));
+    nodes[2] = s.spawn(2);
     pause(Duration::from_secs(3));
     eprintln!("chaos: SIGSTOP node 0 past the session timeout, then SIGCONT");
     wait_for(
@@ -218,7 +215,7 @@ fn chaos_three_instances_with_kills_pauses_wipes_and_a_database_outage() {
     pause(Duration::from_millis(SESSION_TIMEOUT_MS * 2));
     signal(&nodes[0].0, "CONT");
     eprintln!("chaos: node 3 joins, then leaves");
-    let mut extra = KillOnDrop(s.spawn(3));
+    let mut extra = s.spawn(3);
     let log3 = s.root.path().join("node-3.log");
     wait_for(
         &s,

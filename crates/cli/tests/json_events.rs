@@ -227,12 +227,7 @@ fn two_instances_one_killed(env: Env, client: Client, db: Option<&Db>) {
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // The survivor takes the killed instance's partitions once its session times out: 6 s,
     // not the default 45 s, which left a CI run's 90 s read window too short.
-    let quick = [
-        "-X",
-        "session.timeout.ms=6000",
-        "-X",
-        "heartbeat.interval.ms=500",
-    ];
+    let quick = readstate_testing::process::QUICK_FAILOVER;
     let mut a = spawn_cli_with(&env, &file, dir_a.path(), &quick, &vars);
     let mut b = spawn_cli_with(&env, &file, dir_b.path(), &quick, &vars);
     let mut bad = produce(&env, client, first, 500);

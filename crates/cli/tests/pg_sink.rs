@@ -5,6 +5,7 @@
 
 use readstate_testing::db;
 use readstate_testing::kafka;
+use readstate_testing::process::{KillOnDrop, SpawnGuarded};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,6 +59,13 @@ impl Kafka {
 
     fn brokers(&self) -> String {
         self.mock.bootstrap_servers()
+    }
+
+    /// The stream's internal topics besides the dead letters: the mock does not answer
+    /// CreateTopics.
+    fn create_stream_topics(&self) {
+        let changelog = format!("{}-read-state-changelog", self.app);
+        self.mock.create_topic(&changelog, PARTS, 1).unwrap();
     }
 
     fn group(&self) -> String {
@@ -290,9 +298,7 @@ fn end_to_end_run_then_sink_matches_the_oracle() {
     db.migrate();
     let source = format!("events-{}", suffix());
     k.mock.create_topic(&source, PARTS, 1).unwrap();
-    k.mock
-        .create_topic(&format!("{}-read-state-changelog", k.app), PARTS, 1)
-        .unwrap();
+    k.create_stream_topics();
     let state = tempfile::tempdir().unwrap();
     let topology = compile(&topology_text(
         &k.app,
@@ -594,8 +600,7 @@ fn sigkill_sink_then_restart_applies_every_batch_exactly_once() {
     let spawn = || {
         cli(&["sink", "--local-schemas", "--topology", file], &env)
             .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
+            .spawn_guarded()
     };
     let mut child = spawn();
     let mut applied = 0;
@@ -738,9 +743,7 @@ fn run_started_while_postgres_is_down_processes_the_stream_and_the_sink_catches_
     db.block();
     let source = format!("events-{}", suffix());
     k.mock.create_topic(&source, PARTS, 1).unwrap();
-    k.mock
-        .create_topic(&format!("{}-read-state-changelog", k.app), PARTS, 1)
-        .unwrap();
+    k.create_stream_topics();
     let events = workload(12, 600, 8);
     let p = kafka::producer(&k.brokers());
     kafka::send_events(&p, &source, &events);
@@ -753,9 +756,7 @@ fn run_started_while_postgres_is_down_processes_the_stream_and_the_sink_catches_
         ("DATABASE_URL", db.url.as_str()),
         ("KAFKA_BROKERS", brokers.as_str()),
     ];
-    let mut child = cli(&["run", "--local-schemas", "--topology", &file], &env)
-        .spawn()
-        .unwrap();
+    let mut child = cli(&["run", "--local-schemas", "--topology", &file], &env).spawn_guarded();
     let want = oracle(&events);
     settle(
         "updates on the output topic while PostgreSQL is down",
@@ -854,9 +855,7 @@ fn real_broker_exactly_once_run_killed_and_restarted_then_postgres_equals_the_or
     let p = kafka::producer(&brokers);
     kafka::send_events(&p, &source, first);
     kafka::flush(&p);
-    let mut child = cli(&["run", "--local-schemas", "--topology", &file], &env)
-        .spawn()
-        .unwrap();
+    let mut child = cli(&["run", "--local-schemas", "--topology", &file], &env).spawn_guarded();
     let half = oracle(first);
     settle("the first half in PostgreSQL", || {
         let rows = db.rows().unwrap_or_default();
@@ -952,14 +951,13 @@ fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
 }
 
 /// `readstate run` serving telemetry on 127.0.0.1:0, its log (with the address) in `log`.
-fn run_observed(file: &str, env: &[(&str, &str)], log: &std::path::Path) -> std::process::Child {
+fn run_observed(file: &str, env: &[(&str, &str)], log: &std::path::Path) -> KillOnDrop {
     let args = ["run", "--local-schemas", "--topology", file];
     cli(&args, env)
         .args(["--metrics-addr", "127.0.0.1:0"])
         .env("RUST_LOG", "warn,readstate_core::telemetry=info")
         .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
+        .spawn_guarded()
 }
 
 /// The output topic recreated while PostgreSQL kept the sink's offsets (the compose stack's
@@ -998,8 +996,7 @@ fn real_broker_recreated_output_topic_stops_the_sink_until_reset() {
     let run = || {
         cli(&["run", "--local-schemas", "--topology", &file], &env)
             .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
+            .spawn_guarded()
     };
     let mut child = run();
     settle("PostgreSQL to match the oracle", rows_match);
@@ -1120,8 +1117,7 @@ fn real_broker_first_start_with_the_embedded_sink_logs_no_error() {
     let log = dir.path().join("run.log");
     let mut child = cli(&["run", "--local-schemas", "--topology", &file], &rb.env())
         .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+        .spawn_guarded();
     settle("PostgreSQL to match the oracle", || {
         let rows = rb.db.rows().unwrap_or_default();
         rows.len() == want.len()
@@ -1309,8 +1305,7 @@ fn sink_lag_is_zero_when_written_and_grows_while_postgres_is_down() {
     )
     .env("RUST_LOG", "warn,readstate_core::telemetry=info")
     .stderr(std::fs::File::create(&log).unwrap())
-    .spawn()
-    .unwrap();
+    .spawn_guarded();
     // The lag summed over partitions, once every partition has its series.
     let lag = || -> Option<i64> {
         let page = scrape_logged(&log)?;

@@ -12,12 +12,13 @@ use readstate_testing::chat;
 use readstate_testing::db::Db;
 use readstate_testing::kafka;
 use readstate_testing::process;
+use readstate_testing::process::SpawnGuarded;
 
 use std::collections::{BTreeSet, HashMap};
 
 use chat::{produce, ChatTopics};
 use kafka::suffix;
-use process::{terminate, KillOnDrop};
+use process::terminate;
 use rdkafka::producer::BaseRecord;
 use rdkafka::Message;
 use readstate::ids::{ConversationId, ReaderId};
@@ -158,19 +159,13 @@ linger = "200ms"
         std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
             .args(["run", "--local-schemas", "--topology"])
             .arg(&file)
-            .args([
-                "-X",
-                "session.timeout.ms=6000",
-                "-X",
-                "heartbeat.interval.ms=500",
-            ])
+            .args(readstate_testing::process::QUICK_FAILOVER)
             .env("KAFKA_BROKERS", &brokers)
             .env("DATABASE_URL", &db.url)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(dir.join("readstate.log")).unwrap())
-            .spawn()
-            .unwrap()
+            .spawn_guarded()
     };
     // Every conversation's members, and one who never reads.
     let mut members: HashMap<ConversationId, BTreeSet<ReaderId>> = (w.members.iter())
@@ -187,8 +182,8 @@ linger = "200ms"
         .map(|c| (c.clone(), Some(&members[c])))
         .collect();
     produce_members(&brokers, &members_topic, &all);
-    let mut a = KillOnDrop(spawn(dir_a.path()));
-    let mut b = KillOnDrop(spawn(dir_b.path()));
+    let mut a = spawn(dir_a.path());
+    let mut b = spawn(dir_b.path());
     let (first, second) = w.arrivals.split_at(w.arrivals.len() / 2);
     produce(&brokers, &t, first);
     kafka::read_until(&brokers, &read_by_topic, |_| (), |d: &[()]| d.len() >= 50);
@@ -212,7 +207,7 @@ linger = "200ms"
         .collect();
     produce_members(&brokers, &members_topic, &lists);
     produce(&brokers, &t, second);
-    let mut a = KillOnDrop(spawn(dir_a.path()));
+    let mut a = spawn(dir_a.path());
     // After the restart: another join, and one conversation's list deleted.
     members
         .get_mut(&convs[1])

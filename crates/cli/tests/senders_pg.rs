@@ -9,6 +9,7 @@ use readstate_testing::chat;
 use readstate_testing::db;
 use readstate_testing::kafka;
 use readstate_testing::process;
+use readstate_testing::process::SpawnGuarded;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use std::time::Duration;
 use chat::{produce, topology_text, ChatTopics};
 use db::Db;
 use kafka::suffix;
-use process::{terminate, KillOnDrop};
+use process::terminate;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use readstate::model::SenderReceipt;
@@ -55,8 +56,8 @@ fn postgres_sender_receipts_equal_the_oracle_with_reads_before_their_messages() 
     for name in t.all().into_iter().chain([senders.as_str()]) {
         mock.create_topic(name, PARTS, 1).unwrap();
     }
-    for store in ["read-state", "head-state"] {
-        mock.create_topic(&format!("{app}-{store}-changelog"), PARTS, 1)
+    for internal in readstate_testing::chat::INTERNAL_TOPICS {
+        mock.create_topic(&format!("{app}-{internal}"), PARTS, 1)
             .unwrap();
     }
     mock.create_topic(&format!("{app}-dlq"), 1, 1).unwrap();
@@ -108,7 +109,7 @@ linger = "200ms"
         ..Default::default()
     });
     produce(&brokers, &t, &w.arrivals);
-    let mut child = KillOnDrop(cli(&["run", "--local-schemas"]).spawn().unwrap());
+    let mut child = cli(&["run", "--local-schemas"]).spawn_guarded();
     let want = chat::sender_oracle(&w);
     assert!(want.len() > 500, "{} triples", want.len());
     let last = std::cell::RefCell::new(None);

@@ -6,6 +6,7 @@
 use readstate_testing::chat;
 use readstate_testing::kafka;
 use readstate_testing::process;
+use readstate_testing::process::SpawnGuarded;
 use readstate_testing::wait;
 
 use std::collections::HashMap;
@@ -57,9 +58,9 @@ impl Env {
         }
         mock.create_topic(&env.t.messages, message_partitions, 1)
             .unwrap();
-        for store in ["read-state", "head-state"] {
-            let changelog = format!("{}-{store}-changelog", env.app);
-            mock.create_topic(&changelog, PARTS, 1).unwrap();
+        for internal in readstate_testing::chat::INTERNAL_TOPICS {
+            let topic = format!("{}-{internal}", env.app);
+            mock.create_topic(&topic, PARTS, 1).unwrap();
         }
         mock.create_topic(&format!("{}-dlq", env.app), 1, 1)
             .unwrap();
@@ -97,7 +98,11 @@ impl Env {
     }
 
     fn config(&self, state_dir: &std::path::Path) -> RunConfig {
-        let topology = compile(&self.topology_text(state_dir)).unwrap();
+        self.config_of(&self.topology_text(state_dir), state_dir)
+    }
+
+    fn config_of(&self, text: &str, state_dir: &std::path::Path) -> RunConfig {
+        let topology = compile(text).unwrap();
         let props: Vec<String> = self.props.iter().map(|p| p.to_string()).collect();
         let kafka = KafkaSettings::new(self.brokers.clone())
             .with_properties(&props)
@@ -379,7 +384,7 @@ fn real_broker_sender_receipts_across_a_kill_9_equal_the_oracle() {
     let (late_messages, messages): (Vec<ChatEvent>, Vec<ChatEvent>) =
         messages.into_iter().partition(|e| late(e.conversation()));
     assert!(!late_messages.is_empty() && !messages.is_empty());
-    let mut child = process::KillOnDrop(spawn());
+    let mut child = spawn();
     env.produce(&messages);
     env.await_heads_of(&w, |c| !late(c));
     let (first, second) = reads.split_at(reads.len() / 2);
@@ -388,7 +393,7 @@ fn real_broker_sender_receipts_across_a_kill_9_equal_the_oracle() {
     child.0.kill().unwrap();
     child.0.wait().unwrap();
     env.produce(second);
-    let mut child = process::KillOnDrop(spawn());
+    let mut child = spawn();
     env.await_pointers(&w);
     env.produce(&late_messages);
     env.await_heads(&w);
@@ -457,15 +462,14 @@ fn real_broker_sender_receipts_across_a_kill_9_equal_the_oracle() {
 }
 
 /// `readstate run` of `file` against `env`'s broker, its stdout discarded.
-fn spawn_run(env: &Env, file: &std::path::Path) -> std::process::Child {
+fn spawn_run(env: &Env, file: &std::path::Path) -> process::KillOnDrop {
     std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
         .args(["run", "--local-schemas", "--topology"])
         .arg(file)
         .env("KAFKA_BROKERS", env.brokers.clone())
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
+        .spawn_guarded()
 }
 
 #[test]
@@ -536,24 +540,7 @@ fn real_broker_reads_by_message_id_with_one_of_two_instances_killed() {
         let text = chat::json_message_id_fixture(&env.app, dir, &env.t, "10m")
             .set("source.read-events.keyed_by", "reader_id")
             .text();
-        let file = dir.join("topology.toml");
-        std::fs::write(&file, text).unwrap();
-        std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
-            .args(["run", "--local-schemas", "--topology"])
-            .arg(&file)
-            // The survivor takes the killed one's tasks within seconds, not 45.
-            .args([
-                "-X",
-                "session.timeout.ms=6000",
-                "-X",
-                "heartbeat.interval.ms=500",
-            ])
-            .env("KAFKA_BROKERS", env.brokers.clone())
-            .env("RUST_LOG", "warn,readstate=info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.join("readstate.log")).unwrap())
-            .spawn()
-            .unwrap()
+        spawn_failing_over(&env, dir, &text)
     };
     let mut a = spawn(dir_a.path());
     let mut b = spawn(dir_b.path());
@@ -588,6 +575,22 @@ fn real_broker_reads_by_message_id_with_one_of_two_instances_killed() {
     );
 }
 
+/// A `readstate run` of `text` in `dir` (its log there) whose group notices a killed
+/// member within seconds, not 45.
+fn spawn_failing_over(env: &Env, dir: &std::path::Path, text: &str) -> process::KillOnDrop {
+    let file = dir.join("topology.toml");
+    std::fs::write(&file, text).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
+        .args(["run", "--local-schemas", "--topology"])
+        .arg(&file)
+        .args(readstate_testing::process::QUICK_FAILOVER)
+        .env("KAFKA_BROKERS", env.brokers.clone())
+        .env("RUST_LOG", "warn,readstate=info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("readstate.log")).unwrap())
+        .spawn_guarded()
+}
+
 /// Reads (JSON, keyed by reader) with Sarama, then messages (JSON, keyed by conversation).
 fn produce_by_message_id(env: &Env, events: &[ChatEvent]) {
     let (reads, messages): (Vec<ChatEvent>, Vec<ChatEvent>) = events
@@ -605,20 +608,9 @@ fn produce_by_message_id(env: &Env, events: &[ChatEvent]) {
     chat::produce_json(&env.brokers, &env.t, &messages);
 }
 
-/// Messages produced with librdkafka's default partitioner (CRC-32) and reads with
-/// murmur2: most conversations' messages land on another partition than their reads.
-/// Every such message is a `misrouted` dead letter, none is folded into a task that does
-/// not own its conversation: the conversations placed alike get exact counts, the others
-/// no head at all (never wrong counts), and every pointer is exact. The oracle of where
-/// each record went is the topics themselves, read back.
-#[test]
-fn misrouted_messages_are_dead_letters_never_folded() {
-    let env = Env::new(PARTS);
-    let w = generate(&ChatSpec {
-        conversations: 100,
-        ..spec(13)
-    });
-    chat::produce_with(&env.brokers, &env.t, &w.arrivals, "consistent_random");
+/// Where each message went, read back from the topics: the conversations whose messages
+/// landed on another partition than their reads, and the messages of those.
+fn misrouted_messages(env: &Env) -> (std::collections::HashSet<i64>, usize) {
     let partition_of = |topic: &str| -> Vec<(i64, i32)> {
         kafka::read_all(&env.brokers, topic, |m| {
             let key = std::str::from_utf8(m.key().unwrap()).unwrap();
@@ -632,10 +624,120 @@ fn misrouted_messages_are_dead_letters_never_folded() {
         .filter(|(c, p)| reads.get(c).is_some_and(|r| r != p))
         .map(|(c, _)| *c)
         .collect();
-    let dead = messages
-        .iter()
+    let n = (messages.iter())
         .filter(|(c, _)| misrouted.contains(c))
         .count();
+    (misrouted, n)
+}
+
+/// Messages produced with librdkafka's default partitioner (CRC-32) and reads with
+/// murmur2: most conversations' messages land on another partition than their reads.
+/// By default (`on_misrouted = "repartition"`) each such message is produced to the
+/// partition its conversation belongs on (the message source's rerouted topic) and folded
+/// there: every count and pointer equals the oracle over all messages, and nothing is a
+/// dead letter.
+#[test]
+fn misrouted_messages_are_rerouted_and_counts_are_exact() {
+    let env = Env::new(PARTS);
+    let w = generate(&ChatSpec {
+        conversations: 100,
+        ..spec(13)
+    });
+    chat::produce_with(&env.brokers, &env.t, &w.arrivals, "consistent_random");
+    let (misrouted, n) = misrouted_messages(&env);
+    assert!(
+        !misrouted.is_empty() && misrouted.len() < w.messages.len(),
+        "the partitioners disagree on some conversations, not all: {misrouted:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let inst = launch(env.config(dir.path()));
+    env.await_outputs(&w);
+    let summary = inst.stop();
+    // At least once: a record rerouted again after a rewind is folded once (its origin).
+    assert!(
+        summary.records_rerouted >= n as u64,
+        "{n} misrouted: {summary:?}"
+    );
+    assert_eq!(summary.dead_letters, 0, "{summary:?}");
+    let rerouted = format!("{}-message-events-rerouted", env.app);
+    let through: i64 = kafka::end_offsets(&env.brokers, &rerouted).iter().sum();
+    assert!(
+        through >= n as i64,
+        "{through} offsets for {n} misrouted messages"
+    );
+    let (heads, _) = stored(&dir.path().join(&env.app));
+    for c in &misrouted {
+        assert!(heads.contains_key(&ConversationId::from(*c)), "head of {c}");
+    }
+    check_stored_counts(&dir.path().join(&env.app), &w);
+}
+
+/// The same on Apache Kafka under exactly_once_v2, with one of two `readstate run`
+/// processes killed (SIGKILL) halfway: the rerouted messages go out in the transactions
+/// that commit the offsets they were found at, and the survivor folds every one of them
+/// once. Every pointer and every member's counts equal the oracle over all messages; no
+/// message is a dead letter.
+#[test]
+fn real_broker_exactly_once_rerouted_messages_across_a_kill_9_keep_counts_exact() {
+    let env = Env::real();
+    let w = generate(&ChatSpec {
+        conversations: 100,
+        ..spec(17)
+    });
+    let (first, second) = w.arrivals.split_at(w.arrivals.len() / 2);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let spawn = |dir: &std::path::Path| {
+        let text = chat::fixture(&env.app, dir, &env.t)
+            .set("application.processing_guarantee", "exactly_once_v2")
+            .text();
+        spawn_failing_over(&env, dir, &text)
+    };
+    let mut a = spawn(dir_a.path());
+    let mut b = spawn(dir_b.path());
+    chat::produce_with(&env.brokers, &env.t, first, "consistent_random");
+    kafka::read_until(
+        &env.brokers,
+        &env.t.updates,
+        |_| (),
+        |d: &[()]| d.len() >= 50,
+    );
+    a.kill().unwrap();
+    a.wait().unwrap();
+    chat::produce_with(&env.brokers, &env.t, second, "consistent_random");
+    let (updates, _) = env.await_outputs(&w);
+    terminate(&mut b);
+    let (misrouted, n) = misrouted_messages(&env);
+    assert!(!misrouted.is_empty(), "the partitioners disagree on some");
+    // Records of the rerouted topic below the committed offsets are purged (as a
+    // repartition topic's): its end offsets say what went through it.
+    let rerouted = format!("{}-message-events-rerouted", env.app);
+    let through: i64 = kafka::end_offsets(&env.brokers, &rerouted).iter().sum();
+    assert!(
+        through >= n as i64,
+        "{through} offsets for {n} misrouted messages"
+    );
+    check_receipts(&updates, &w);
+    check_stored_counts(&dir_b.path().join(&env.app), &w);
+    let dlq = format!("{}-dlq", env.app);
+    assert!(
+        !kafka::topic_exists(&env.brokers, &dlq) || kafka::count_records(&env.brokers, &dlq) == 0,
+        "no message is a dead letter"
+    );
+}
+
+/// The same with `on_misrouted = "dead-letter"`: every misrouted message is a `misrouted`
+/// dead letter, none is folded into a task that does not own its conversation: the
+/// conversations placed alike get exact counts, the others no head at all (never wrong
+/// counts), and every pointer is exact.
+#[test]
+fn misrouted_messages_are_dead_letters_never_folded() {
+    let env = Env::new(PARTS);
+    let w = generate(&ChatSpec {
+        conversations: 100,
+        ..spec(13)
+    });
+    chat::produce_with(&env.brokers, &env.t, &w.arrivals, "consistent_random");
+    let (misrouted, dead) = misrouted_messages(&env);
     assert!(
         !misrouted.is_empty() && misrouted.len() < w.messages.len(),
         "the partitioners disagree on some conversations, not all: {misrouted:?}"
@@ -646,7 +748,10 @@ fn misrouted_messages_are_dead_letters_never_folded() {
         .messages
         .retain(|c, _| !misrouted.contains(&c.as_int().unwrap()));
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = env.config(dir.path());
+    let text = chat::fixture(&env.app, dir.path(), &env.t)
+        .set("source.message-events.on_misrouted", "dead-letter")
+        .text();
+    let mut cfg = env.config_of(&text, dir.path());
     cfg.topology.bad_records.max_ratio = 1.0;
     let inst = launch(cfg);
     env.await_outputs(&routed);
@@ -721,24 +826,18 @@ fn a_message_topic_with_another_partition_count_is_refused_by_name() {
 
 /// `readstate run` as a child process with its own state directory, a short session
 /// timeout, and its log in `<state_dir>/readstate.log`.
-fn spawn_in(env: &Env, file: &std::path::Path, state_dir: &std::path::Path) -> std::process::Child {
+fn spawn_in(env: &Env, file: &std::path::Path, state_dir: &std::path::Path) -> process::KillOnDrop {
     std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
         .args(["run", "--local-schemas", "--topology"])
         .arg(file)
         .arg("--state-dir")
         .arg(state_dir)
-        .args([
-            "-X",
-            "session.timeout.ms=6000",
-            "-X",
-            "heartbeat.interval.ms=500",
-        ])
+        .args(readstate_testing::process::QUICK_FAILOVER)
         .env("KAFKA_BROKERS", &env.brokers)
         .env("RUST_LOG", "warn,readstate=info")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(state_dir.join("readstate.log")).unwrap())
-        .spawn()
-        .unwrap()
+        .spawn_guarded()
 }
 
 /// A paused past its session timeout while B takes its tasks over, then resumed: A must

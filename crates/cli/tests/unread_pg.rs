@@ -8,6 +8,7 @@ use readstate_testing::chat;
 use readstate_testing::db;
 use readstate_testing::kafka;
 use readstate_testing::process;
+use readstate_testing::process::SpawnGuarded;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use chat::{produce, topology_text, ChatTopics};
 use db::Db;
 use kafka::suffix;
-use process::{log_tail, terminate, KillOnDrop};
+use process::{log_tail, terminate};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use readstate::ids::IdTypes;
@@ -191,8 +192,8 @@ fn counts_in_postgres_equal_the_oracle(shape: Shape) {
     for name in t.all() {
         mock.create_topic(name, PARTS, 1).unwrap();
     }
-    for store in ["read-state", "head-state"] {
-        mock.create_topic(&format!("{app}-{store}-changelog"), PARTS, 1)
+    for internal in readstate_testing::chat::INTERNAL_TOPICS {
+        mock.create_topic(&format!("{app}-{internal}"), PARTS, 1)
             .unwrap();
     }
     mock.create_topic(&format!("{app}-dlq"), 1, 1).unwrap();
@@ -248,13 +249,10 @@ fn counts_in_postgres_equal_the_oracle(shape: Shape) {
         }
     }
     let log = state.path().join("readstate.log");
-    let mut child = KillOnDrop(
-        cli(&["run", "--local-schemas"])
-            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = cli(&["run", "--local-schemas"])
+        .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn_guarded();
     let want = expected(&w);
     let last = std::cell::RefCell::new(None);
     let got = wait_until_explained(

@@ -84,6 +84,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("readstate_records_forwarded_total", Kind::Counter, "Records a typed processor forwarded to its sinks."),
     ("readstate_punctuations_total", Kind::Counter, "Punctuations run by typed processors."),
     ("readstate_repartition_records_total", Kind::Counter, "Records forwarded to a repartition topic."),
+    ("readstate_rerouted_records_total", Kind::Counter, "Misrouted records produced to the partition they belong on (a rerouted topic)."),
     ("readstate_repartition_purges_total", Kind::Counter, "DeleteRecords requests that removed repartition records below the committed offsets."),
     ("readstate_flush_duration_seconds", Kind::Histogram, "Preparing one task's flush, seconds."),
     ("readstate_commit_duration_seconds", Kind::Histogram, "One whole commit (outputs, changelog, stores, offsets), seconds."),

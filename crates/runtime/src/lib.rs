@@ -29,7 +29,8 @@
 //! - [`state_updater`]: tasks assigned but not ready: stores opened, checkpoints judged,
 //!   restores advanced between polls (DefaultStateUpdater);
 //! - [`changelog_reader`]: incremental restores between polls (StoreChangelogReader);
-//! - [`repartition_purger`]: deletes repartition records below the committed offsets.
+//! - [`repartition_purger`]: deletes repartition records below the committed offsets;
+//! - [`rerouter`]: produces misrouted records to the partitions they belong on.
 
 // The core's modules, at this crate's root as in the core's.
 use readstate_core::{
@@ -50,6 +51,7 @@ mod readiness;
 mod record_collector;
 mod repartition_purger;
 mod repeat_log;
+mod rerouter;
 mod schema_gate;
 mod state_manager;
 mod state_updater;
@@ -94,6 +96,8 @@ pub struct RunSummary {
     pub records_consumed: u64,
     /// Records re-keyed into the repartition topic (sub-topology 0).
     pub records_forwarded: u64,
+    /// Misrouted records produced to the partitions they belong on (rerouted topics).
+    pub records_rerouted: u64,
     pub events_folded: u64,
     pub replayed_skipped: u64,
     pub dead_letters: u64,
@@ -293,16 +297,17 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
     );
     let mut consumer_config = config.kafka.consumer(t.application_id.as_str());
     let consumer_protocol = config.kafka.consumer_protocol();
+    // Co-partitioned topics beside the task topic: message and members sources, and the
+    // rerouted topics.
     let sides = t.side_sources();
-    if !sides.is_empty() && !consumer_protocol {
+    let co_partitioned = !sides.is_empty() || !t.rerouted_topics().is_empty();
+    if co_partitioned && !consumer_protocol {
         // Co-partitioning: the range assignor gives each member the same partition numbers
         // of every topic with the same partition count (all members subscribe to both).
         // Rebalances are eager: every task is revoked (committed, closed) and reassigned.
         consumer_config.set("partition.assignment.strategy", "range");
     }
-    if !sides.is_empty()
-        && consumer_protocol
-        && consumer_config.get("group.remote.assignor").is_none()
+    if co_partitioned && consumer_protocol && consumer_config.get("group.remote.assignor").is_none()
     {
         // The coordinator's range assignor keeps the same partition numbers of co-
         // partitioned topics together; its incremental assignment may still give one half
@@ -327,6 +332,7 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
             .filter_map(|s| s.repartition_topic.as_ref().map(|r| r.0.clone())),
     );
     topics.extend(sides.iter().map(|m| m.topic.0.clone()));
+    topics.extend(t.rerouted_topics().into_iter().map(|r| r.0));
     consumer
         .subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())
         .map_err(KafkaError::from)?;

@@ -1,7 +1,8 @@
 //! Repartition purging: as Kafka Streams does (`repartition.purge.interval.ms`), records of
 //! the repartition topics below the committed offsets are deleted (DeleteRecords), so an
-//! internal topic holds only what is not processed yet. The requests run on a thread of
-//! their own: the commit path only hands over the offsets, at most once per interval.
+//! internal topic holds only what is not processed yet; the rerouted topics (misrouted
+//! records on their way) are purged alike. The requests run on a thread of their own: the
+//! commit path only hands over the offsets, at most once per interval.
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -10,7 +11,9 @@ use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::offsets::TopicPartition;
 use crate::kafka::KafkaSettings;
+use crate::topology::Source;
 
 /// Offsets below which a repartition topic's records may go: (topic, partition, offset).
 type Purge = Vec<(String, i32, i64)>;
@@ -22,14 +25,45 @@ pub(super) struct RepartitionPurger {
     last: Option<Instant>,
 }
 
-impl RepartitionPurger {
-    /// A purger when `config`'s topology forwards through a repartition topic.
-    pub(super) fn for_topology(config: &super::RunConfig) -> Option<Self> {
-        (config.topology.sources.iter())
-            .any(|s| s.repartition_topic.is_some())
-            .then(|| Self::new(&config.kafka, config.repartition_purge_interval))
+/// What an executor purges: the repartition topic its tasks read (if any) and the
+/// rerouted topics. The purger (its thread and admin client) starts with the first
+/// committed offset above 0 on one of them: most topologies never reroute a record.
+pub(super) struct Purging {
+    repartition: Option<String>,
+    settings: KafkaSettings,
+    interval: Duration,
+    purger: Option<RepartitionPurger>,
+}
+
+impl Purging {
+    pub(super) fn new(config: &super::RunConfig, source: &Source) -> Self {
+        Self {
+            repartition: source.repartition_topic.as_ref().map(|r| r.0.clone()),
+            settings: config.kafka.clone(),
+            interval: config.repartition_purge_interval,
+            purger: None,
+        }
     }
 
+    /// Offsets just committed: those of the purged topics are passed on.
+    pub(super) fn offer(&mut self, committed: &[(TopicPartition, i64)], rerouted: &[String]) {
+        let purged = |t: &String| self.repartition.as_ref() == Some(t) || rerouted.contains(t);
+        let below: Purge = (committed.iter())
+            .filter(|((t, _), o)| *o > 0 && purged(t))
+            .map(|((t, p), o)| (t.clone(), *p, *o))
+            .collect();
+        if below.is_empty() {
+            return;
+        }
+        let (settings, interval) = (&self.settings, self.interval);
+        (self
+            .purger
+            .get_or_insert_with(|| RepartitionPurger::new(settings, interval)))
+        .offer(below.into_iter());
+    }
+}
+
+impl RepartitionPurger {
     pub(super) fn new(settings: &KafkaSettings, interval: Duration) -> Self {
         let (tx, rx) = mpsc::channel::<Purge>();
         let admin: Option<AdminClient<DefaultClientContext>> = match settings

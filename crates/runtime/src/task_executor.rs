@@ -18,7 +18,8 @@ use super::kafka_log::{KafkaLog, Refused};
 use super::offsets::{SourceOffsets, TopicPartition};
 use super::parking::{rewind, Parking};
 use super::record_collector::{RecordCollector, TxnError};
-use super::repartition_purger::RepartitionPurger;
+use super::repartition_purger::Purging;
+use super::rerouter::Rerouter;
 use super::schema_gate::SchemaGate;
 use super::state_manager::StateManager;
 use super::tasks::{Forwarding, Tasks};
@@ -83,8 +84,11 @@ pub(super) struct TaskExecutor {
     /// The topic of each sink node, by `SinkId`.
     sinks: Vec<String>,
     collector: RecordCollector,
-    /// Deletes records of the repartition topic (the first) below the committed offsets.
-    purger: Option<(String, RepartitionPurger)>,
+    /// Produces the records the tasks found misrouted to where they belong.
+    rerouter: Rerouter,
+    /// Deletes records of the internal topics the tasks read (repartition, rerouted)
+    /// below the committed offsets; made once there is something to delete.
+    purger: Purging,
     pub(super) offsets: SourceOffsets,
     pub(super) dead_letters: DeadLetterQueue,
     pub(super) summary: RunSummary,
@@ -106,7 +110,6 @@ impl TaskExecutor {
         let t = &config.topology;
         let graph = Graph::compile(t);
         let changelogs = t.changelog_topics();
-        let task_topic = source.task_input_topic().0.clone();
         Ok(Self {
             guarantee: t.guarantee,
             routes: graph.routes(),
@@ -115,7 +118,8 @@ impl TaskExecutor {
             collector: RecordCollector::for_topology(config, state, changelogs.clone())?,
             changelogs,
             schemas: SchemaGate::new(serdes, rt),
-            purger: RepartitionPurger::for_topology(config).map(|p| (task_topic, p)),
+            purger: Purging::new(config, source),
+            rerouter: Rerouter::for_topology(t),
             offsets: SourceOffsets::default(),
             dead_letters: DeadLetterQueue::new(t.bad_records, t.dead_letter_topic.0.clone()),
             summary: RunSummary::default(),
@@ -158,14 +162,14 @@ impl TaskExecutor {
                 continue;
             }
             accepted += 1;
-            if self.repartitioned.as_deref() != Some(m.topic()) {
+            if !self.carries_origin(m.topic()) {
                 entered += 1;
             }
             let Some(input) = Graph::route(&self.routes, m.topic()).map(|r| r.input) else {
                 self.forward(tasks, m);
                 continue;
             };
-            let origin = self.origin_of(tasks, m);
+            let origin = self.origin_of(m);
             let batch = batches.entry((m.partition(), input)).or_default();
             batch.push(source_record(m, origin));
         }
@@ -202,16 +206,23 @@ impl TaskExecutor {
         let task = &mut tasks.running.get_mut(&p).expect("accepted above").task;
         task.process(input, recs, self.dead_letters.pending_mut())?;
         self.dead_letters.log_since(before);
+        self.summary.records_rerouted += self.rerouter.send(task, &self.collector);
         let first = recs[0].offset;
         let next = recs.last().expect("non-empty").offset + 1;
         self.offsets.advance(recs[0].topic, p, first, next);
         Ok(())
     }
 
-    /// Through a repartition topic the origin rides in a header; a record without one (not
-    /// written by readstate) counts as originating where it is.
-    fn origin_of(&mut self, tasks: &Tasks, m: &BorrowedMessage<'_>) -> Origin {
-        let carried = match tasks.forwarding.is_some() {
+    /// Whether records of `topic` entered readstate before (repartitioned or rerouted):
+    /// their origin rides in a header, and they were counted when first consumed.
+    fn carries_origin(&self, topic: &str) -> bool {
+        self.repartitioned.as_deref() == Some(topic) || self.rerouter.is_rerouted_topic(topic)
+    }
+
+    /// Through a repartition or rerouted topic the origin rides in a header; a record
+    /// without one (not written by readstate) counts as originating where it is.
+    fn origin_of(&mut self, m: &BorrowedMessage<'_>) -> Origin {
+        let carried = match self.carries_origin(m.topic()) {
             true => Forwarding::carried_origin(m),
             false => None,
         };
@@ -359,16 +370,9 @@ impl TaskExecutor {
         })
     }
 
-    /// Offsets are committed: remember them, and let the repartition topics go below them.
+    /// Offsets are committed: remember them, and let the internal topics go below them.
     fn committed_now(&mut self, entries: Vec<(TopicPartition, i64)>) {
-        if let Some((topic, purger)) = &mut self.purger {
-            purger.offer(
-                entries
-                    .iter()
-                    .filter(|((t, _), _)| t == topic)
-                    .map(|((t, p), o)| (t.clone(), *p, *o)),
-            );
-        }
+        self.purger.offer(&entries, self.rerouter.topics());
         self.offsets.committed_now(entries);
     }
 

@@ -134,7 +134,10 @@ impl Tasks {
             repartition_topic: r.0.clone(),
             partitions: BTreeSet::new(),
         });
-        let sides = t.side_sources().iter().map(|m| m.topic.0.clone()).collect();
+        let mut sides: Vec<String> = t.side_sources().iter().map(|m| m.topic.0.clone()).collect();
+        // Created with the sources' partition count: misrouted records come back on the
+        // partition they belong on.
+        sides.extend(t.rerouted_topics().into_iter().map(|r| r.0));
         Self::new(source.task_input_topic().0.clone(), sides, forwarding)
     }
 

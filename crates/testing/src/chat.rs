@@ -11,6 +11,16 @@ use readstate_tools::loadgen::chat::ChatEvent;
 use crate::fixtures::Shipped;
 use crate::kafka;
 
+/// The internal topics of the chat topologies (`read_state_with_unread.toml`) but the dead
+/// letters', after `<application id>-`: what a test makes on a mock cluster, which does
+/// not answer CreateTopics.
+pub const INTERNAL_TOPICS: [&str; 4] = [
+    "read-state-changelog",
+    "head-state-changelog",
+    "read-events-rerouted",
+    "message-events-rerouted",
+];
+
 /// The topics of one test.
 pub struct ChatTopics {
     pub reads: String,

@@ -352,3 +352,21 @@ pub fn sarama_produce(brokers: &str, topic: &str, records: &[(String, String)]) 
     let said = String::from_utf8_lossy(&out.stdout);
     assert_eq!(said.trim(), format!("produced {} records", records.len()));
 }
+
+/// Create `t`'s internal topics on a mock cluster (which does not answer CreateTopics),
+/// as `readstate run` would: `partitions` each (the sources' count), one for the dead
+/// letters. A topic that exists already is left as it is.
+pub fn create_internal_topics<C: ProducerContext>(
+    mock: &rdkafka::mocking::MockCluster<'_, C>,
+    t: &readstate::topology::Topology,
+    partitions: i32,
+) {
+    for (topic, _) in t.internal_topics() {
+        let n = match topic == t.dead_letter_topic {
+            true => 1,
+            false => partitions,
+        };
+        mock.create_topic(topic.as_str(), n, 1)
+            .unwrap_or_else(|e| panic!("creating {topic} on the mock cluster: {e}"));
+    }
+}

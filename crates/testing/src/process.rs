@@ -92,8 +92,24 @@ pub fn wait_log(path: &std::path::Path, needle: &str) {
     );
 }
 
-/// A child process killed if the test ends (or panics) while it still runs.
+/// A child process killed if the test ends (or panics) while it still runs: a failing
+/// test leaves no `readstate run` behind to log into later tests' output. It is used as
+/// the child itself (`Deref`).
 pub struct KillOnDrop(pub std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
@@ -116,3 +132,27 @@ pub fn log_in(dir: &std::path::Path) -> impl Fn() -> String {
     let path = dir.join("readstate.log");
     move || log_tail(&path, 200)
 }
+
+/// `Command::spawn` for tests: the child held in a [`KillOnDrop`], a failure to start it
+/// naming the program.
+pub trait SpawnGuarded {
+    fn spawn_guarded(&mut self) -> KillOnDrop;
+}
+
+impl SpawnGuarded for std::process::Command {
+    fn spawn_guarded(&mut self) -> KillOnDrop {
+        match self.spawn() {
+            Ok(child) => KillOnDrop(child),
+            Err(e) => panic!("starting {:?}: {e}", self.get_program()),
+        }
+    }
+}
+
+/// `readstate run` arguments for a group that notices a killed member within seconds,
+/// not librdkafka's default 45 s.
+pub const QUICK_FAILOVER: [&str; 4] = [
+    "-X",
+    "session.timeout.ms=6000",
+    "-X",
+    "heartbeat.interval.ms=500",
+];

@@ -61,6 +61,9 @@ struct PartitionState {
     /// And for the partition of the members topic.
     members_consumed: i64,
     members_committed: i64,
+    /// Next offset of the records rerouted to this partition (one sequence over the
+    /// rerouted topics).
+    rerouted_next: i64,
 }
 
 impl PartitionState {
@@ -73,6 +76,7 @@ impl PartitionState {
             messages_committed: 0,
             members_consumed: 0,
             members_committed: 0,
+            rerouted_next: 0,
         }
     }
 }
@@ -98,7 +102,7 @@ pub struct TopologyTestDriver {
     /// What the commit protocol writes: outputs, dead letters, changelogs, offset commits.
     log: MemoryLog,
     /// The input topics' partition count, when set: the tasks check where records were
-    /// put (`misrouted` dead letters), as under `readstate run`.
+    /// put (misrouted ones rerouted, or `misrouted` dead letters), as under `readstate run`.
     partition_count: Option<i32>,
 }
 
@@ -253,7 +257,9 @@ impl TopologyTestDriver {
     }
 
     /// Tell the tasks the input topics' partition count (before piping): each record is
-    /// then checked against its source's partitioner, as `readstate run` does.
+    /// then checked against its source's partitioner, as `readstate run` does. One found
+    /// elsewhere is folded by the task of the partition it belongs on (its source's
+    /// `on_misrouted = "repartition"`, the default), or is a `misrouted` dead letter.
     pub fn with_partition_count(mut self, partitions: i32) -> Self {
         assert!(self.partitions.is_empty(), "set before the first record");
         self.partition_count = Some(partitions);
@@ -388,6 +394,40 @@ impl TopologyTestDriver {
         let task = ps.task.as_mut().expect("open");
         task.process(input, &recs, &mut self.dead_letters)
             .expect("process");
+        self.reroute(partition);
+    }
+
+    /// What the task of `partition` found misrouted (with the partition count set), piped
+    /// at once into the tasks of the partitions it belongs on, as records of its source's
+    /// rerouted topic. (`readstate run` produces them there with the next commit, and the
+    /// owning task reads them back.)
+    fn reroute(&mut self, partition: i32) {
+        let mut rerouted = Vec::new();
+        let ps = self.partitions.get_mut(&partition).expect("open");
+        ps.task
+            .as_mut()
+            .expect("open")
+            .drain_rerouted(&mut rerouted);
+        for r in rerouted {
+            let input = Graph::route(&self.routes, &r.topic)
+                .expect("a rerouted topic routes to its source's input")
+                .input;
+            self.open_partition(r.partition);
+            let ps = self.partitions.get_mut(&r.partition).expect("open");
+            let rec = SourceRecord {
+                topic: &r.topic,
+                partition: r.partition,
+                offset: ps.rerouted_next,
+                key: r.key.as_deref(),
+                value: r.value.as_deref(),
+                origin: r.origin,
+                timestamp: r.timestamp,
+            };
+            ps.rerouted_next += 1;
+            let task = ps.task.as_mut().expect("open");
+            task.process(input, &[rec], &mut self.dead_letters)
+                .expect("process");
+        }
     }
 
     /// Encode `message` (local schema id) and pipe it into the co-partitioned message
@@ -486,6 +526,7 @@ impl TopologyTestDriver {
         let task = ps.task.as_mut().expect("open");
         task.process(input, &[rec], &mut self.dead_letters)
             .expect("process");
+        self.reroute(partition);
     }
 
     /// Next offset to consume in `partition` of the members topic after the last commit.

@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use kafka::{send, suffix};
-use process::{signal, terminate, terminate_logged, wait_log};
+use process::{signal, terminate, terminate_logged, wait_log, KillOnDrop, SpawnGuarded};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::BaseRecord;
 use rdkafka::Message;
@@ -92,14 +92,22 @@ impl Env {
         let broker = Broker::Mock(MockCluster::new(1).unwrap());
         let env = Self::on(broker, keyed_by);
         // The mock broker does not answer CreateTopics: internal topics are made here.
-        if keyed_by.is_some() {
-            env.broker
-                .create_topic(&env.repartition_topic(), PARTS, &[]);
-        }
-        let changelog = format!("{}-read-state-changelog", env.app);
-        env.broker.create_topic(&changelog, PARTS, &[]);
-        env.broker.create_topic(&format!("{}-dlq", env.app), 1, &[]);
+        env.create_internal_topics(&env.topology());
         env
+    }
+
+    /// The internal topics of `t` (repartition, rerouted, changelogs, dead letters), as
+    /// `readstate run` creates them: the sources' partition count (one for the dead
+    /// letters).
+    pub fn create_internal_topics(&self, t: &Topology) {
+        for (topic, _) in t.internal_topics() {
+            let parts = if topic == t.dead_letter_topic {
+                1
+            } else {
+                PARTS
+            };
+            self.broker.create_topic(topic.as_str(), parts, &[]);
+        }
     }
 
     /// On the real broker: only the source and output topics exist; readstate creates
@@ -487,15 +495,14 @@ pub fn check_output_monotonic(updates: &[ReceiptUpdate], want: &HashMap<StateKey
     }
 }
 
-pub fn spawn_cli(env: &Env, topology: &std::path::Path) -> std::process::Child {
+pub fn spawn_cli(env: &Env, topology: &std::path::Path) -> KillOnDrop {
     std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
         .args(["run", "--local-schemas", "--topology"])
         .arg(topology)
         .env("KAFKA_BROKERS", env.brokers())
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
+        .spawn_guarded()
 }
 
 pub fn sigkill_mid_stream_then_restart(env: Env, seed: u64) {
@@ -601,7 +608,7 @@ pub fn spawn_cli_in(
     topology: &std::path::Path,
     state_dir: &std::path::Path,
     extra: &[&str],
-) -> std::process::Child {
+) -> KillOnDrop {
     spawn_cli_with(env, topology, state_dir, extra, &[])
 }
 
@@ -612,7 +619,7 @@ pub fn spawn_cli_with(
     state_dir: &std::path::Path,
     extra: &[&str],
     vars: &[(&str, &str)],
-) -> std::process::Child {
+) -> KillOnDrop {
     std::process::Command::new(env!("CARGO_BIN_EXE_readstate"))
         .envs(vars.iter().copied())
         .args(["run", "--local-schemas", "--topology"])
@@ -628,8 +635,7 @@ pub fn spawn_cli_with(
         )
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(state_dir.join("readstate.log")).unwrap())
-        .spawn()
-        .unwrap()
+        .spawn_guarded()
 }
 
 /// Per key, in changelog order: pointer, version and event count never go down.

@@ -85,9 +85,15 @@ pub struct SourceSpec {
     /// The partitioner the source's producers use, over the conversation id as text:
     /// "murmur2" (default: Java clients, readstate), "crc32" (librdkafka's `consistent`),
     /// "consistent_random" (librdkafka's default) or "fnv1a" (Sarama). Every record a task
-    /// folds is checked against it; one on another partition is a dead letter
-    /// (`misrouted`).
+    /// folds is checked against it; see `on_misrouted` for one found on another partition.
     pub partitioner: Option<String>,
+    /// A record found on another partition than `partitioner` puts its conversation on:
+    /// "repartition" (produced to the internal topic `<id>-<name>-rerouted`, on the
+    /// partition it belongs on, and folded by the task that owns its conversation) or
+    /// "dead-letter" (reason `misrouted`). Default: "repartition" in a topology with a
+    /// message or members source, "dead-letter" with a single source (whose rebalances
+    /// would otherwise be eager: see `Source::rerouted_topic`).
+    pub on_misrouted: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -249,6 +255,7 @@ const SECTIONS: &[Section] = &[
             ("format", Type::Str),
             ("records", Type::Str),
             ("partitioner", Type::Str),
+            ("on_misrouted", Type::Str),
             ("fields", Type::StrTable),
             ("defaults", Type::ValueTable),
             ("position", Type::Str),

@@ -29,7 +29,7 @@ use crate::ids::TaskId;
 use crate::serde::{DecodeError, SerdeError};
 use crate::state::restore::{RawRestorer, StoreRestorer};
 use crate::state::{BatchOp, KeyValueStore, StoreBatch, StoreError};
-use crate::task::{DeadLetter, SourceRecord};
+use crate::task::{DeadLetter, Rerouted, SourceRecord};
 
 /// Which input of a processor a batch comes from: its source's position in the node's
 /// `inputs`.
@@ -241,6 +241,12 @@ pub trait Processor: Send {
         records: &[SourceRecord<'_>],
         dead_letters: &mut Vec<DeadLetter>,
     ) -> Result<(), ProcessorError>;
+
+    /// Records of the `process` calls since the last drain that were found on a
+    /// partition their key does not belong on, appended to `out`: nothing of them was
+    /// folded here, and the runtime produces them to where they belong with this task's
+    /// next commit. A processor that does not check where records are has none.
+    fn drain_rerouted(&mut self, _out: &mut Vec<Rerouted>) {}
 
     /// The outputs and store writes of everything processed since the last flush, and of
     /// the work due at `now_ms` (punctuation; memory only: see [`Processor::commit`]).

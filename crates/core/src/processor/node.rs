@@ -35,9 +35,9 @@ use crate::serde::{
 };
 use crate::state::restore::StoreRestorer;
 use crate::state::{KeyValueStore, StoreBatch, StoreError};
-use crate::task::{DeadLetter, SourceRecord};
+use crate::task::{DeadLetter, Rerouted, SourceRecord};
 use crate::topology::graph::{Graph, NodeKind, Output};
-use crate::topology::{ResolveSpec, SourceFormat, Topology};
+use crate::topology::{ResolveSpec, Source, SourceFormat, Topology};
 
 /// A processor node, ready to run: what makes its tasks' processors, and its sources'
 /// deserializers (shared by the tasks).
@@ -65,14 +65,14 @@ pub async fn build(
 pub struct ReadStateSerdes {
     resolver: Arc<dyn SchemaResolver>,
     reads: RwLock<ReadEventDecoder>,
-    /// With a message source: its topic and decoder.
-    messages: Option<(String, RwLock<MessageEventDecoder>)>,
+    /// With a message source: it (its topics) and its decoder.
+    messages: Option<(Source, RwLock<MessageEventDecoder>)>,
     updates: UpdateEncoder,
     heads: Option<HeadEncoder>,
     senders: Option<SenderReceiptEncoder>,
     read_by: Option<ReadByEncoder>,
-    /// With a members source: its topic (JSON member lists), and the id types.
-    members: Option<String>,
+    /// With a members source: it (JSON member lists, no decoder), and the id types.
+    members: Option<Source>,
     ids: IdTypes,
 }
 
@@ -117,10 +117,7 @@ impl ReadStateSerdes {
             None => None,
         };
         let messages = match &t.messages {
-            Some(m) => Some((
-                m.topic.0.clone(),
-                RwLock::new(message_decoder(m, &resolver, max)?),
-            )),
+            Some(m) => Some((m.clone(), RwLock::new(message_decoder(m, &resolver, max)?))),
             None => None,
         };
         let reads = match t.sources.first().map(|s| &s.format) {
@@ -142,13 +139,15 @@ impl ReadStateSerdes {
             heads,
             senders,
             read_by,
-            members: t.members.as_ref().map(|m| m.topic.0.clone()),
+            members: t.members.clone(),
             ids: t.ids,
         })
     }
 
     fn is_message_topic(&self, topic: &str) -> bool {
-        self.messages.as_ref().is_some_and(|(t, _)| t == topic)
+        self.messages
+            .as_ref()
+            .is_some_and(|(s, _)| s.feeds_from(topic))
     }
 
     /// The ids either decoder has not resolved.
@@ -211,11 +210,13 @@ impl SourceSerdes for ReadStateSerdes {
     }
 
     fn unknown_schema(&self, topic: &str, value: Option<&[u8]>) -> Option<u32> {
-        if self.members.as_deref() == Some(topic) {
+        if self.members.as_ref().is_some_and(|s| s.feeds_from(topic)) {
             return None; // JSON
         }
         match &self.messages {
-            Some((t, d)) if t == topic => d.read().expect("decoder lock").unknown_schema(value),
+            Some((s, d)) if s.feeds_from(topic) => {
+                d.read().expect("decoder lock").unknown_schema(value)
+            }
             _ => self
                 .reads
                 .read()
@@ -296,8 +297,9 @@ pub struct ReadStateSupplier {
     unread_cap: Option<usize>,
     serdes: Arc<ReadStateSerdes>,
     wiring: Wiring,
-    /// Per input: the partitioner that placed its records.
-    partitioners: Vec<Partitioner>,
+    /// Per input: the partitioner that placed its records, and the topic its misrouted
+    /// records are rerouted to (none: they are dead letters).
+    partitioners: Vec<(Partitioner, Option<String>)>,
     /// With reads positioned by message id: how they wait, and the message id type.
     resolve: Option<(ResolveSpec, IdType)>,
     /// With a sender-receipts sink: the message id type.
@@ -389,24 +391,22 @@ impl ReadStateSupplier {
     }
 }
 
-/// Per input of the node (the graph's routes): the partitioner that placed its records.
-fn input_partitioners(t: &Topology) -> Vec<Partitioner> {
-    let sources = t
-        .sources
-        .iter()
-        .map(|s| (s.task_input_topic(), s.task_input_partitioner()));
-    let messages = t.messages.iter().map(|m| (&m.topic, m.partitioner));
-    let by_topic: Vec<_> = sources.chain(messages).collect();
-    Graph::compile(t)
-        .routes()
-        .iter()
-        .map(|r| {
-            by_topic
-                .iter()
-                .find(|(topic, _)| **topic == r.topic)
-                .map_or_else(Partitioner::default, |(_, p)| *p)
-        })
-        .collect()
+/// Per input of the node (the graph's routes): the partitioner that placed its records,
+/// and its source's rerouted topic.
+fn input_partitioners(t: &Topology) -> Vec<(Partitioner, Option<String>)> {
+    let sources: Vec<&Source> = t.sources.iter().chain(t.side_sources()).collect();
+    let mut by_input: Vec<(Partitioner, Option<String>)> = Vec::new();
+    for r in Graph::compile(t).routes() {
+        if r.input.0 < by_input.len() {
+            continue;
+        }
+        let source = sources.iter().find(|s| s.feeds_from(r.topic.as_str()));
+        by_input.push(source.map_or_else(Default::default, |s| {
+            let rerouted = s.rerouted_topic.as_ref().map(|r| r.0.clone());
+            (s.task_input_partitioner(), rerouted)
+        }));
+    }
+    by_input
 }
 
 impl ProcessorSupplier for ReadStateSupplier {
@@ -414,6 +414,7 @@ impl ProcessorSupplier for ReadStateSupplier {
         let routing = ctx.partitions.map(|partitions| Routing {
             partitions,
             by_input: self.partitioners.clone(),
+            rerouted: Vec::new(),
         });
         Ok(Box::new(ReadStateNode {
             inner: self.open(ctx)?,
@@ -448,50 +449,62 @@ pub struct ReadStateNode {
 }
 
 /// Where producers put a conversation's records: checked for every record, so that one
-/// placed by another partitioner (or key) is a dead letter, never folded into a task that
-/// does not own its conversation.
+/// placed by another partitioner (or key) is never folded into a task that does not own
+/// its conversation. It is rerouted to the partition it belongs on (its source's rerouted
+/// topic), or a `misrouted` dead letter.
 #[derive(Debug, Clone)]
 struct Routing {
     partitions: i32,
-    by_input: Vec<Partitioner>,
+    /// Per input: its partitioner and rerouted topic.
+    by_input: Vec<(Partitioner, Option<String>)>,
+    /// Set aside since the last drain.
+    rerouted: Vec<Rerouted>,
 }
 
 impl Routing {
-    /// Why `r`, a record of `input` about conversation `c`, is not where it belongs.
-    fn misplaced(
-        &self,
+    /// Whether `r`, a record of `input` about conversation `c`, is where it belongs; one
+    /// that is not is set aside (rerouted, or a dead letter in `dead_letters`).
+    fn admit(
+        &mut self,
         input: InputId,
         c: &ConversationId,
         r: &SourceRecord<'_>,
         key: &mut Vec<u8>,
-    ) -> Option<String> {
-        let partitioner = self.by_input.get(input.0).copied().unwrap_or_default();
+        dead_letters: &mut Vec<DeadLetter>,
+    ) -> bool {
+        let (partitioner, rerouted) = match self.by_input.get(input.0) {
+            Some((p, t)) => (*p, t.as_deref()),
+            None => (Partitioner::default(), None),
+        };
         key.clear();
         c.0.write_key(key);
         let expected = partitioner.partition(key, self.partitions);
-        (expected != r.partition).then(|| {
-            format!(
-                "conversation {c} belongs on partition {expected} of {} ({} over the conversation id, {} partitions), found on partition {}: its producer used another partitioner or key",
-                r.topic, partitioner, self.partitions, r.partition
-            )
-        })
+        if expected == r.partition {
+            return true;
+        }
+        let why = format!(
+            "conversation {c} belongs on partition {expected} of {} ({} over the conversation id, {} partitions), found on partition {}: its producer used another partitioner or key",
+            r.topic, partitioner, self.partitions, r.partition
+        );
+        match rerouted {
+            // Never around again: a record of the rerouted topic was placed by readstate.
+            Some(topic) if topic != r.topic => {
+                (self.rerouted).push(Rerouted::from_record(r, topic, expected, why))
+            }
+            _ => dead_letters.push(misrouted(r, why, MISROUTED_LETTER_BYTES)),
+        }
+        false
     }
 }
+
+/// The most of a misrouted record's value its dead letter carries (it was decoded: it is
+/// within the record size limit).
+const MISROUTED_LETTER_BYTES: usize = usize::MAX;
 
 impl ReadStateNode {
     /// The processor (interactive queries: the test driver, benchmarks).
     pub fn processor(&self) -> &ReadStateProcessor {
         &self.inner
-    }
-
-    fn misplaced(
-        &self,
-        input: InputId,
-        c: &ConversationId,
-        r: &SourceRecord<'_>,
-        key: &mut Vec<u8>,
-    ) -> Option<String> {
-        self.routing.as_ref()?.misplaced(input, c, r, key)
     }
 
     fn process_messages(
@@ -512,10 +525,14 @@ impl ReadStateNode {
         let time = records.iter().filter_map(|r| r.timestamp).max();
         for r in records {
             match decoder.decode(r.value) {
-                Ok(m) => match self.misplaced(input, &m.conversation_id, r, &mut key) {
-                    None => messages.push((m, r.origin)),
-                    Some(why) => dead_letters.push(misrouted(r, why, max)),
-                },
+                Ok(m) => {
+                    let c = &m.conversation_id;
+                    if (self.routing.as_mut())
+                        .is_none_or(|at| at.admit(input, c, r, &mut key, dead_letters))
+                    {
+                        messages.push((m, r.origin));
+                    }
+                }
                 Err(e) => dead_letters.push(dead_letter(r, &e, max)),
             }
         }
@@ -535,10 +552,14 @@ impl ReadStateNode {
         let mut key = Vec::new();
         for r in records {
             match decode_members(r.key, r.value, &ids, MAX_MEMBERS) {
-                Ok(l) => match self.misplaced(input, &l.conversation, r, &mut key) {
-                    None => lists.push(l),
-                    Some(why) => dead_letters.push(misrouted(r, why, max)),
-                },
+                Ok(l) => {
+                    let c = &l.conversation;
+                    if (self.routing.as_mut())
+                        .is_none_or(|at| at.admit(input, c, r, &mut key, dead_letters))
+                    {
+                        lists.push(l);
+                    }
+                }
                 Err(e) => dead_letters.push(dead_letter(r, &e, max)),
             }
         }
@@ -561,15 +582,17 @@ impl ReadStateNode {
         let mut key = Vec::new();
         for (i, r) in records.iter().enumerate() {
             match decoder.decode_ref(r.value) {
-                Ok(e) => match self.misplaced(input, &e.conversation_id, r, &mut key) {
-                    None => {
+                Ok(e) => {
+                    let c = &e.conversation_id;
+                    if (self.routing.as_mut())
+                        .is_none_or(|at| at.admit(input, c, r, &mut key, dead_letters))
+                    {
                         events.push((e, r.origin));
                         if resolves {
                             at.push(i);
                         }
                     }
-                    Some(why) => dead_letters.push(misrouted(r, why, max)),
-                },
+                }
                 Err(e) => dead_letters.push(dead_letter(r, &e, max)),
             }
         }
@@ -644,6 +667,12 @@ impl Processor for ReadStateNode {
             self.process_members(input, records, dead_letters)
         } else {
             self.process_reads(input, records, dead_letters)
+        }
+    }
+
+    fn drain_rerouted(&mut self, out: &mut Vec<Rerouted>) {
+        if let Some(routing) = &mut self.routing {
+            out.append(&mut routing.rerouted);
         }
     }
 

@@ -46,6 +46,39 @@ pub struct DeadLetter {
     pub value_truncated_from: Option<usize>,
 }
 
+/// A record found on a partition its key does not belong on, set aside by its processor
+/// to be produced to `topic` (its source's rerouted topic) on `partition`, where the task
+/// that owns its key reads it. Its origin rides along, so that a replay of the partition
+/// it was found on is still recognised where it is folded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rerouted {
+    pub topic: String,
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub origin: Origin,
+    pub timestamp: Option<i64>,
+    /// Where it was found (topic, partition, offset), and why it belongs elsewhere.
+    pub found: (String, i32, i64),
+    pub why: String,
+}
+
+impl Rerouted {
+    /// `r`, whole, for `partition` of `topic`.
+    pub fn from_record(r: &SourceRecord<'_>, topic: &str, partition: i32, why: String) -> Self {
+        Self {
+            topic: topic.to_owned(),
+            partition,
+            key: r.key.map(<[u8]>::to_vec),
+            value: r.value.map(<[u8]>::to_vec),
+            origin: r.origin,
+            timestamp: r.timestamp,
+            found: (r.topic.to_owned(), r.partition, r.offset),
+            why,
+        }
+    }
+}
+
 /// The most of a record's key a dead letter carries.
 pub const DEAD_LETTER_MAX_KEY_BYTES: usize = 1024;
 
@@ -107,6 +140,12 @@ impl StreamTask {
         dead_letters: &mut Vec<DeadLetter>,
     ) -> Result<(), ProcessorError> {
         self.processor.process(input, records, dead_letters)
+    }
+
+    /// The records the processor set aside as misrouted since the last call (see
+    /// [`Processor::drain_rerouted`]), appended to `out`.
+    pub fn drain_rerouted(&mut self, out: &mut Vec<Rerouted>) {
+        self.processor.drain_rerouted(out)
     }
 
     pub fn prepare_flush(&mut self, now_ms: i64) -> FlushOutput {

@@ -25,7 +25,7 @@ pub(super) fn compile_spec(
     let app = application(spec, errs);
     let ids = super::fields::id_types(spec, errs);
     let (sources, messages) = sources(spec, &app.prefix, &ids, errs);
-    let members = members_source(spec, &sources, messages.as_ref(), errs);
+    let members = members_source(spec, &app.prefix, &sources, messages.as_ref(), errs);
     let stores = stores(spec, &app.prefix, errs);
     let resolving = resolving_source(&sources);
     let processors = processors(spec, kinds, messages.as_ref(), resolving, &stores, errs);
@@ -149,6 +149,9 @@ fn sources(
     }
     let mut sources: Vec<Source> = Vec::new();
     let mut messages: Option<Source> = None;
+    // Whether the tasks read co-partitioned topics (see `rerouted_topic`).
+    let sides = (spec.source.iter())
+        .any(|s| matches!(s.records.as_deref(), Some("message-events" | MEMBERS)));
     for (i, s) in spec.source.iter().enumerate() {
         if s.records.as_deref() == Some(MEMBERS) {
             continue;
@@ -176,14 +179,16 @@ fn sources(
                 format!("duplicate source name {name:?}"),
             );
         }
-        let repartition_topic = (keyed_by != KeyedBy::ConversationId)
-            .then(|| TopicName(format!("{app}-{name}-repartition")));
+        let repartitioned = keyed_by != KeyedBy::ConversationId;
+        let repartition_topic =
+            repartitioned.then(|| TopicName(format!("{app}-{name}-repartition")));
         let source = Source {
             name: name.to_owned(),
             topic: TopicName(topic.to_owned()),
             keyed_by,
             repartition_topic,
             partitioner: partitioner(&at, s, errs),
+            rerouted_topic: rerouted_topic(&at, s, app, name, repartitioned, errs, sides),
             format: super::fields::source_format(&at, s, is_messages, ids, errs),
         };
         match is_messages {
@@ -207,6 +212,7 @@ const MEMBERS: &str = "members";
 /// the reads and the messages (at most one; it needs the message source).
 fn members_source(
     spec: &TopologySpec,
+    app: &str,
     sources: &[Source],
     messages: Option<&Source>,
     errs: &mut Errors,
@@ -269,6 +275,7 @@ fn members_source(
             keyed_by: KeyedBy::ConversationId,
             repartition_topic: None,
             partitioner: partitioner(&at, s, errs),
+            rerouted_topic: rerouted_topic(&at, s, app, name, false, errs, true),
             format: SourceFormat::AvroConfluent,
         };
         check_co_partitioning(spec, sources, &source, errs);
@@ -322,6 +329,43 @@ fn partitioner(at: &str, s: &config::SourceSpec, errs: &mut Errors) -> Partition
             Partitioner::default()
         }
     }
+}
+
+/// Where the source's misrouted records go (`on_misrouted`): its rerouted topic, or none
+/// (dead letters). A repartitioned source is placed by readstate itself: never misrouted.
+///
+/// The default is to reroute where the tasks read co-partitioned topics already (a
+/// message or members source: the range assignor keeps partition p of each on one
+/// instance). A single source defaults to dead letters: its rerouted topic would be
+/// co-partitioned with it, and its rebalances eager (range) instead of cooperative.
+fn rerouted_topic(
+    at: &str,
+    s: &config::SourceSpec,
+    app: &str,
+    name: &str,
+    repartitioned: bool,
+    errs: &mut Errors,
+    co_partitioned: bool,
+) -> Option<TopicName> {
+    let reroute = match s.on_misrouted.as_deref() {
+        None => co_partitioned,
+        Some("repartition") => true,
+        Some("dead-letter") => false,
+        Some(other) => {
+            errs.push(
+                format!("{at}.on_misrouted"),
+                format!("unknown value {other:?}: \"repartition\" or \"dead-letter\""),
+            );
+            false
+        }
+    };
+    if repartitioned && s.on_misrouted.is_some() {
+        errs.push(
+            format!("{at}.on_misrouted"),
+            "does not apply to a repartitioned source (keyed_by is not conversation_id): readstate places its records itself",
+        );
+    }
+    (reroute && !repartitioned).then(|| TopicName(format!("{app}-{name}-rerouted")))
 }
 
 /// A conversation's messages and reads meet in one task only if both were placed by one

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use super::{StoreKind, Topology};
+use super::{Source, StoreKind, Topology};
 
 /// Render the topology: sources → processors → stores → sinks, then internal topics.
 pub fn describe(t: &Topology) -> String {
@@ -101,10 +101,11 @@ pub fn describe(t: &Topology) -> String {
             None => {
                 let _ = writeln!(
                     o,
-                    "  Source: {} (topics: [{}], keyed by conversation_id, placed by {}, format {}{})",
+                    "  Source: {} (topics: [{}], keyed by conversation_id, placed by {}, {}, format {}{})",
                     s.name,
-                    s.topic,
+                    topics(s),
                     s.partitioner,
+                    misrouted(s),
                     s.format.name(),
                     mapping(&s.format)
                 );
@@ -115,16 +116,16 @@ pub fn describe(t: &Topology) -> String {
     if let Some(m) = &t.messages {
         let _ = writeln!(
             o,
-            "  Source: {} (topics: [{}], message events keyed by conversation_id, placed by {}, co-partitioned: partition p joins task p)",
-            m.name, m.topic, m.partitioner
+            "  Source: {} (topics: [{}], message events keyed by conversation_id, placed by {}, {}, co-partitioned: partition p joins task p)",
+            m.name, topics(m), m.partitioner, misrouted(m)
         );
         let _ = writeln!(o, "    --> {}", t.processor.name);
     }
     if let Some(m) = &t.members {
         let _ = writeln!(
             o,
-            "  Source: {} (topics: [{}], member lists (JSON) keyed by conversation_id, read as a table, placed by {}, co-partitioned: partition p joins task p)",
-            m.name, m.topic, m.partitioner
+            "  Source: {} (topics: [{}], member lists (JSON) keyed by conversation_id, read as a table, placed by {}, {}, co-partitioned: partition p joins task p)",
+            m.name, topics(m), m.partitioner, misrouted(m)
         );
         let _ = writeln!(o, "    --> {}", t.processor.name);
     }
@@ -264,17 +265,36 @@ pub fn describe(t: &Topology) -> String {
         }
     }
     let _ = writeln!(o, "Internal topics:");
+    let rerouted = t.rerouted_topics();
     for (topic, compacted) in t.internal_topics() {
         let what = if compacted {
             "compacted changelog"
         } else if topic == t.dead_letter_topic {
             "dead letters"
+        } else if rerouted.contains(&topic) {
+            "misrouted records, on the partitions they belong on"
         } else {
             "repartition"
         };
         let _ = writeln!(o, "  {topic} ({what})");
     }
     o
+}
+
+/// The topics a source node reads: its topic, and its rerouted topic.
+fn topics(s: &Source) -> String {
+    match &s.rerouted_topic {
+        Some(r) => format!("{}, {r}", s.topic),
+        None => s.topic.to_string(),
+    }
+}
+
+/// What happens to a record of `s` on another partition than its conversation's.
+fn misrouted(s: &Source) -> &'static str {
+    match s.rerouted_topic {
+        Some(_) => "misrouted records rerouted",
+        None => "misrouted records dead-lettered",
+    }
 }
 
 /// The record name and id fields of a generated output schema, e.g.

@@ -15,9 +15,11 @@ pub struct NodeId(pub usize);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeKind {
     /// Records of `topic` as the stream tasks consume them (the repartition topic of a
-    /// repartitioned source).
+    /// repartitioned source), and of its `rerouted` topic (records readstate moved to the
+    /// partition they belong on).
     Source {
         topic: TopicName,
+        rerouted: Option<TopicName>,
         records: RecordKind,
     },
     Processor {
@@ -87,19 +89,24 @@ impl Graph {
         );
         for input in &t.processor.inputs {
             let members = t.members.as_ref().filter(|m| &m.name == input);
-            let (topic, records) = match (&t.messages, members) {
-                (_, Some(m)) => (m.topic.clone(), RecordKind::Members),
-                (Some(m), _) if &m.name == input => (m.topic.clone(), RecordKind::MessageEvents),
+            let (s, records) = match (&t.messages, members) {
+                (_, Some(m)) => (m, RecordKind::Members),
+                (Some(m), _) if &m.name == input => (m, RecordKind::MessageEvents),
                 _ => {
                     let s = t
                         .sources
                         .iter()
                         .find(|s| &s.name == input)
                         .expect("compiled inputs name sources");
-                    (s.task_input_topic().clone(), RecordKind::ReadEvents)
+                    (s, RecordKind::ReadEvents)
                 }
             };
-            let source = g.add(input, NodeKind::Source { topic, records });
+            let kind = NodeKind::Source {
+                topic: s.task_input_topic().clone(),
+                rerouted: s.rerouted_topic.clone(),
+                records,
+            };
+            let source = g.add(input, kind);
             g.edges.push((source, processor));
         }
         for (index, store) in t.stores().into_iter().enumerate() {
@@ -131,14 +138,26 @@ impl Graph {
         NodeId(self.nodes.len() - 1)
     }
 
-    /// Every task topic with the processor input its records go to, in input order.
+    /// Every task topic with the processor input its records go to, in input order (a
+    /// source's rerouted topic goes to the same input as the source).
     pub fn routes(&self) -> Vec<Route> {
         let mut routes = Vec::new();
-        for (from, _) in &self.edges {
-            if let NodeKind::Source { topic, records } = &self.nodes[from.0].kind {
+        let sources = self
+            .edges
+            .iter()
+            .filter_map(|(from, _)| match &self.nodes[from.0].kind {
+                NodeKind::Source {
+                    topic,
+                    rerouted,
+                    records,
+                } => Some((topic, rerouted, records)),
+                _ => None,
+            });
+        for (i, (topic, rerouted, records)) in sources.enumerate() {
+            for topic in std::iter::once(topic).chain(rerouted) {
                 routes.push(Route {
                     topic: topic.clone(),
-                    input: InputId(routes.len()),
+                    input: InputId(i),
                     records: *records,
                 });
             }
@@ -208,14 +227,26 @@ mod tests {
         .unwrap();
         let g = Graph::compile(&t);
         let routes = g.routes();
-        assert_eq!(routes.len(), 2);
+        let seen: Vec<_> = (routes.iter())
+            .map(|r| (r.topic.as_str(), r.input, r.records))
+            .collect();
         assert_eq!(
-            (routes[0].topic.as_str(), routes[0].input, routes[0].records),
-            ("chat.read-events", InputId(0), RecordKind::ReadEvents)
-        );
-        assert_eq!(
-            (routes[1].topic.as_str(), routes[1].input, routes[1].records),
-            ("chat.message-events", InputId(1), RecordKind::MessageEvents)
+            seen,
+            [
+                ("chat.read-events", InputId(0), RecordKind::ReadEvents),
+                (
+                    "read-state-unread-read-events-rerouted",
+                    InputId(0),
+                    RecordKind::ReadEvents
+                ),
+                ("chat.message-events", InputId(1), RecordKind::MessageEvents),
+                (
+                    "read-state-unread-message-events-rerouted",
+                    InputId(1),
+                    RecordKind::MessageEvents
+                ),
+            ],
+            "each source's rerouted topic goes to the source's input"
         );
         assert_eq!(
             Graph::route(&routes, "chat.message-events").map(|r| r.input),
@@ -264,10 +295,12 @@ mod tests {
 
     #[test]
     fn a_repartitioned_source_routes_from_its_repartition_topic() {
-        let text = include_str!("../../../../topologies/read_receipts.toml");
+        let text = include_str!("../../../../topologies/json_read_receipts.toml");
         let t = compile(text).unwrap();
         let routes = Graph::compile(&t).routes();
-        assert_eq!(routes.len(), 1);
+        assert_eq!(routes.len(), 1, "placed by readstate: no rerouted topic");
+        let repartition = t.sources[0].repartition_topic.as_ref();
+        assert_eq!(Some(&routes[0].topic), repartition);
         assert_eq!(&routes[0].topic, t.sources[0].task_input_topic());
         assert_eq!(routes[0].records, RecordKind::ReadEvents);
         let g = Graph::compile(&t);

@@ -107,6 +107,10 @@ pub struct Source {
     pub repartition_topic: Option<TopicName>,
     /// The partitioner of the source's producers (over the conversation id as text).
     pub partitioner: Partitioner,
+    /// Where a record found on another partition than `partitioner` puts it is produced,
+    /// on the partition it belongs on (`on_misrouted = "repartition"`, the default for a
+    /// source read as it is); `None`: such a record is a `misrouted` dead letter.
+    pub rerouted_topic: Option<TopicName>,
     /// How its values are written.
     pub format: SourceFormat,
 }
@@ -154,6 +158,16 @@ impl Source {
     /// The topic the processor's tasks read for this source.
     pub fn task_input_topic(&self) -> &TopicName {
         self.repartition_topic.as_ref().unwrap_or(&self.topic)
+    }
+
+    /// Whether `topic` is one the tasks read this source's records from (its task input
+    /// topic, or its rerouted topic).
+    pub fn feeds_from(&self, topic: &str) -> bool {
+        self.task_input_topic().as_str() == topic
+            || self
+                .rerouted_topic
+                .as_ref()
+                .is_some_and(|r| r.as_str() == topic)
     }
 }
 
@@ -363,6 +377,7 @@ impl Topology {
             .iter()
             .filter_map(|s| s.repartition_topic.clone().map(|r| (r, false)))
             .collect();
+        t.extend(self.rerouted_topics().into_iter().map(|r| (r, false)));
         for s in self.stores() {
             if let Some(c) = &s.changelog_topic {
                 t.push((c.clone(), true));
@@ -385,6 +400,16 @@ impl Topology {
         self.stores()
             .iter()
             .map(|s| s.changelog_topic.as_ref().map(|c| c.0.clone()))
+            .collect()
+    }
+
+    /// The internal topics misrouted records are produced to, one per source read as it is
+    /// (`on_misrouted = "repartition"`): co-partitioned with the task input topics, task p
+    /// reads partition p of each.
+    pub fn rerouted_topics(&self) -> Vec<TopicName> {
+        (self.sources.iter())
+            .chain(self.side_sources())
+            .filter_map(|s| s.rerouted_topic.clone())
             .collect()
     }
 
@@ -466,6 +491,55 @@ topic = "chat.receipt-updates"
             t.task_input_topics(),
             vec![TopicName::from("chat.read-events")]
         );
+        let internal: Vec<(String, bool)> = (t.internal_topics().into_iter())
+            .map(|(n, c)| (n.0, c))
+            .collect();
+        assert_eq!(
+            internal,
+            [
+                ("rr-read-state-changelog".to_owned(), true),
+                ("rr-dlq".to_owned(), false)
+            ]
+        );
+    }
+
+    #[test]
+    fn misrouted_records_are_rerouted_where_asked_for_or_co_partitioned() {
+        // A single source: dead letters by default (no co-partitioned rerouted topic).
+        assert!(compile(GOOD).unwrap().rerouted_topics().is_empty());
+        let rerouted = GOOD.replace(
+            "topic = \"chat.read-events\"",
+            "topic = \"chat.read-events\"\non_misrouted = \"repartition\"",
+        );
+        let t = compile(&rerouted).unwrap();
+        assert_eq!(t.rerouted_topics(), [TopicName::from("rr-events-rerouted")]);
+        assert!(t.sources[0].feeds_from("rr-events-rerouted"));
+        assert!(t
+            .internal_topics()
+            .contains(&(TopicName::from("rr-events-rerouted"), false)));
+        // With a message source, every source read as it is reroutes by default.
+        let unread = include_str!("../../../../topologies/read_state_with_unread.toml");
+        let names: Vec<String> = (compile(unread).unwrap().rerouted_topics().into_iter())
+            .map(|t| t.0)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "read-state-unread-read-events-rerouted",
+                "read-state-unread-message-events-rerouted"
+            ]
+        );
+        let dead = rerouted.replace("repartition", "dead-letter");
+        assert!(compile(&dead).unwrap().rerouted_topics().is_empty());
+        let errs = compile(&dead.replace("dead-letter", "drop")).unwrap_err();
+        assert_eq!(errs[0].at, "source[0].on_misrouted", "{errs:?}");
+        assert!(errs[0].message.contains("\"repartition\""), "{errs:?}");
+        // A repartitioned source is placed by readstate: never misrouted.
+        let keyed = dead.replace("on_misrouted", "keyed_by = \"reader_id\"\non_misrouted");
+        let errs = compile(&keyed).unwrap_err();
+        assert_eq!(errs[0].at, "source[0].on_misrouted", "{errs:?}");
+        let t = compile(&keyed.replace("on_misrouted = \"dead-letter\"", "")).unwrap();
+        assert!(t.rerouted_topics().is_empty(), "{:?}", t.rerouted_topics());
     }
 
     #[test]

@@ -182,6 +182,8 @@ pub fn run_unread_demo(cfg: UnreadDemoConfig) -> Result<UnreadDemoReport, DemoEr
         HEADS,
         &format!("{APP}-read-state-changelog"),
         &format!("{APP}-head-state-changelog"),
+        &format!("{APP}-read-events-rerouted"),
+        &format!("{APP}-message-events-rerouted"),
     ] {
         mock.create_topic(t, cfg.partitions, 1)?;
     }

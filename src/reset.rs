@@ -3,8 +3,8 @@
 //!
 //! With every instance stopped it moves the group's committed offsets on the source topics
 //! (to the earliest, the latest, or the first offset at a time), deletes the internal
-//! topics (changelogs and repartition topics; they are recreated empty at the next start)
-//! and, when asked, the PostgreSQL sink's stored offsets and the local state directory.
+//! topics (changelogs, repartition and rerouted topics; they are recreated empty at the
+//! next start) and, when asked, the PostgreSQL sink's stored offsets and the local state directory.
 //! It refuses while the group (or the sink's group) has members.
 
 use std::path::PathBuf;

@@ -144,7 +144,8 @@ struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     sink_connections: usize,
     /// Only these figures (comma-separated: keys, core, json, ids, unread, senders, e2e,
-    /// versus, startup, restore, sink); all by default.
+    /// versus, startup, restore, sink); all by default. `latency` and `sink-outage`
+    /// (minutes long, need --brokers and DATABASE_URL) run only when named.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run the end-to-end figure on this Kafka (e.g. what `scripts/kafka start` prints)
@@ -156,6 +157,29 @@ struct BenchArgs {
     exactly_once: bool,
     #[command(flatten)]
     versus: VersusArgs,
+    #[command(flatten)]
+    long_runs: LongRunArgs,
+}
+
+/// The settings of the figures that run for minutes on a real broker ("latency",
+/// "sink-outage").
+#[derive(clap::Args)]
+struct LongRunArgs {
+    /// Read events per second of the "latency" figures, one run each.
+    #[arg(long, value_delimiter = ',', default_values_t = [10_000, 50_000, 100_000])]
+    latency_rates: Vec<u64>,
+    /// Seconds of production per rate of the "latency" figures.
+    #[arg(long, default_value_t = 30)]
+    latency_seconds: u64,
+    /// Read events per second produced throughout the "sink-outage" figure.
+    #[arg(long, default_value_t = 5_000)]
+    outage_rate: u64,
+    /// Seconds PostgreSQL refuses connections in the "sink-outage" figure.
+    #[arg(long, default_value_t = 300)]
+    outage_seconds: u64,
+    /// Seconds of steady state before the outage, and of production after it.
+    #[arg(long, default_value_t = 60)]
+    outage_margin_seconds: u64,
 }
 
 /// The "versus" figure's settings (readstate against the Kafka Streams yardstick).
@@ -704,6 +728,52 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
         None => println!("sink figures skipped: set DATABASE_URL"),
+    }
+    if args.only.iter().any(|o| o == "latency") {
+        latency(&args)?;
+    }
+    if args.only.iter().any(|o| o == "sink-outage") {
+        sink_outage(&args, &spec)?;
+    }
+    Ok(())
+}
+
+/// The "latency" figures, when named in --only.
+fn latency(args: &BenchArgs) -> anyhow::Result<()> {
+    let (Some(brokers), Some(url)) = (&args.brokers, &args.database_url) else {
+        println!("latency figures skipped: need --brokers and DATABASE_URL (scripts/bench)");
+        return Ok(());
+    };
+    let l = readstate_tools::bench::latency::Latency {
+        rates: args.long_runs.latency_rates.clone(),
+        duration: Duration::from_secs(args.long_runs.latency_seconds),
+        partitions: 8,
+    };
+    for f in readstate_tools::bench::latency::latency(brokers, url, &l)? {
+        println!("{}", f.render());
+    }
+    Ok(())
+}
+
+/// The "sink-outage" figure, when named in --only.
+fn sink_outage(
+    args: &BenchArgs,
+    spec: &readstate_tools::loadgen::WorkloadSpec,
+) -> anyhow::Result<()> {
+    let (Some(brokers), Some(url)) = (&args.brokers, &args.database_url) else {
+        println!("sink-outage figure skipped: needs --brokers and DATABASE_URL (scripts/bench)");
+        return Ok(());
+    };
+    let margin = Duration::from_secs(args.long_runs.outage_margin_seconds);
+    let o = readstate_tools::bench::outage::Outage {
+        rate: args.long_runs.outage_rate,
+        before: margin,
+        outage: Duration::from_secs(args.long_runs.outage_seconds),
+        after: margin,
+        partitions: 8,
+    };
+    for f in readstate_tools::bench::outage::sink_outage(brokers, url, spec, &o)? {
+        println!("{}", f.render());
     }
     Ok(())
 }

@@ -21,6 +21,9 @@ use super::repeat_log::{RepeatLog, REPEAT_INTERVAL};
 use super::task_manager::TaskManager;
 use super::RuntimeError;
 
+/// The longest a poll waits for its first record (shorter when a commit is due sooner).
+const POLL_WAIT: Duration = Duration::from_millis(100);
+
 /// Consumer context: hands rebalances to the task manager.
 pub(super) struct RebalanceHandler {
     pub(super) tasks: Arc<Mutex<TaskManager>>,
@@ -131,13 +134,15 @@ pub(super) struct StreamThread {
 impl StreamThread {
     /// Run until `shutdown` is set or an error stops the instance.
     pub(super) fn run(&self, shutdown: &AtomicBool) -> Result<(), RuntimeError> {
-        let mut last_commit = Instant::now();
+        // As Kafka Streams: the interval runs from a commit's start, so commits come every
+        // interval, not every interval plus the commit's own duration.
+        let mut next_commit = Instant::now() + self.commit_interval;
         let mut first_record = true;
         let mut errors = RepeatLog::new(REPEAT_INTERVAL);
         // Start-up work before the first poll (topic checks) is no gap between polls.
         self.tasks.lock().expect("task manager lock").started();
         while !shutdown.load(Ordering::Relaxed) {
-            let batch = self.poll();
+            let batch = self.poll(next_commit);
             let mut tasks = self.tasks.lock().expect("task manager lock");
             tasks.polled();
             if let Some(e) = tasks.deferred.take() {
@@ -163,18 +168,24 @@ impl StreamThread {
             drop(msgs);
             tasks.executor.dead_letters.tick();
             let requested = self.commit_now.swap(false, Ordering::Relaxed);
-            if requested || last_commit.elapsed() >= self.commit_interval || tasks.needs_flush() {
+            if requested || Instant::now() >= next_commit || tasks.needs_flush() {
+                let started = Instant::now();
                 tasks.commit_all(&self.consumer)?;
-                last_commit = Instant::now();
+                next_commit = started + self.commit_interval;
             }
             check_fatal(&tasks)?;
         }
         Ok(())
     }
 
-    fn poll(&self) -> Vec<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>> {
+    /// A batch of records: waits at most 100 ms for the first, and not past `commit_at`.
+    fn poll(
+        &self,
+        commit_at: Instant,
+    ) -> Vec<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>> {
         let mut batch = Vec::new();
-        if let Some(first) = self.consumer.poll(Duration::from_millis(100)) {
+        let wait = (commit_at.saturating_duration_since(Instant::now())).min(POLL_WAIT);
+        if let Some(first) = self.consumer.poll(wait) {
             batch.push(first);
             while batch.len() < self.max_poll_records {
                 match self.consumer.poll(Duration::ZERO) {

@@ -186,7 +186,7 @@ pub fn with_database(url: &str, db: &str) -> String {
 
 /// One connection, with the URL's TLS settings; errors name the target, never the
 /// password.
-async fn connect(url: &str) -> Result<tokio_postgres::Client, DemoError> {
+pub(crate) async fn connect(url: &str) -> Result<tokio_postgres::Client, DemoError> {
     let db =
         readstate::sink::connect::parse(url).map_err(|e| DemoError::Database(e.to_string()))?;
     let (client, conn) = db.config.connect(db.tls).await.map_err(|e| {
@@ -197,7 +197,7 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client, DemoError> {
     Ok(client)
 }
 
-async fn admin(url: &str, sql: &str) -> Result<(), DemoError> {
+pub(crate) async fn admin(url: &str, sql: &str) -> Result<(), DemoError> {
     let client = connect(url).await?;
     client
         .batch_execute(sql)
@@ -235,7 +235,11 @@ async fn table_rows(
 }
 
 /// Drop and create database `db` on the server of `url`; the URL of the new database.
-fn fresh_database(rt: &tokio::runtime::Runtime, url: &str, db: &str) -> Result<String, DemoError> {
+pub(crate) fn fresh_database(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    db: &str,
+) -> Result<String, DemoError> {
     if db.is_empty() || !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(DemoError::Other(format!(
             "{db:?} is not a plain database name"

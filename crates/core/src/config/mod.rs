@@ -65,7 +65,8 @@ pub struct SourceSpec {
     /// Which field the upstream record key holds: conversation_id (no repartition needed),
     /// or reader_id, sender_id, device_id, other (readstate repartitions by conversation).
     pub keyed_by: Option<String>,
-    /// Value format: "avro-confluent" (default, `read_event.avsc` or a compatible writer),
+    /// Value format: "avro-confluent" (default, `read_event.avsc` or a compatible writer;
+    /// "avro" is the same),
     /// "json" (plain JSON, mapped by `fields`) or "json-schema" (Confluent's JSON Schema
     /// wire format: a 5-byte header, then JSON mapped by `fields`).
     pub format: Option<String>,
@@ -353,7 +354,15 @@ pub fn parse(text: &str) -> Result<(TopologySpec, Vec<FieldError>), toml::de::Er
         }
         true
     });
-    let spec = toml::Value::Table(table).try_into()?;
+    let mut spec: TopologySpec = toml::Value::Table(table).try_into()?;
+    let formats = (spec.source.iter_mut().map(|s| &mut s.format))
+        .chain(spec.sink.iter_mut().map(|s| &mut s.format));
+    for format in formats {
+        if format.as_deref() == Some("avro") {
+            // The Confluent wire format is the only Avro framing readstate reads.
+            *format = Some("avro-confluent".to_owned());
+        }
+    }
     Ok((spec, errors))
 }
 

@@ -422,7 +422,7 @@ fn source_roles(at: &str, s: &config::SourceSpec, errs: &mut Errors) -> (KeyedBy
     let keyed_by = match s.keyed_by.as_deref() {
         None => KeyedBy::ConversationId,
         Some(k) => KeyedBy::parse(k).unwrap_or_else(|| {
-            errs.push(format!("{at}.keyed_by"), format!("unknown key {k:?} (one of conversation_id, reader_id, sender_id, device_id, other)"));
+            errs.push(format!("{at}.keyed_by"), format!("unknown key {k:?} (one of conversation_id, reader_id, sender_id, device_id, other, none)"));
             KeyedBy::ConversationId
         }),
     };

@@ -72,6 +72,8 @@ pub enum KeyedBy {
     SenderId,
     DeviceId,
     Other,
+    /// No key (null keys: the producer spread the records as it liked).
+    None,
 }
 
 impl KeyedBy {
@@ -82,6 +84,7 @@ impl KeyedBy {
             "sender_id" => Self::SenderId,
             "device_id" => Self::DeviceId,
             "other" => Self::Other,
+            "none" => Self::None,
             _ => return None,
         })
     }
@@ -93,6 +96,7 @@ impl KeyedBy {
             Self::SenderId => "sender_id",
             Self::DeviceId => "device_id",
             Self::Other => "other",
+            Self::None => "none",
         }
     }
 }
@@ -500,6 +504,21 @@ topic = "chat.receipt-updates"
                 ("rr-read-state-changelog".to_owned(), true),
                 ("rr-dlq".to_owned(), false)
             ]
+        );
+    }
+
+    #[test]
+    fn avro_names_the_confluent_wire_format_and_unkeyed_sources_are_repartitioned() {
+        let text = GOOD.replace(
+            "topic = \"chat.read-events\"",
+            "topic = \"chat.read-events\"\nformat = \"avro\"\nkeyed_by = \"none\"",
+        );
+        let t = compile(&text).unwrap();
+        assert_eq!(t.sources[0].format, SourceFormat::AvroConfluent);
+        assert_eq!(t.sources[0].keyed_by, KeyedBy::None);
+        assert_eq!(
+            t.sources[0].repartition_topic,
+            Some(TopicName::from("rr-events-repartition"))
         );
     }
 

@@ -17,6 +17,8 @@
 //! Figures are printed, never asserted: this machine is shared and noisy.
 
 pub mod ids;
+pub mod latency;
+pub mod outage;
 pub mod startup;
 pub mod unread;
 pub mod versus;

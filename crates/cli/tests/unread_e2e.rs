@@ -328,14 +328,25 @@ fn instances_joining_and_leaving(env: Env) {
     env.produce(chunks[0]);
     let b = launch(cfg_b);
     env.produce(chunks[1]);
-    // Both run tasks (under KIP-848, B holds both halves of a pair before its task runs).
-    let running = |p: &Arc<readstate::telemetry::Progress>| {
-        readstate::telemetry::Progress::get(&p.tasks_running)
-    };
+    // Both run tasks (under KIP-848, B holds both halves of a pair before its task runs),
+    // and A has committed updates of its own: its changelog holds what B must restore. (A
+    // stopped as soon as both ran tasks had sometimes consumed nothing yet: when both
+    // joined in one generation, B then had nothing of A's to restore.)
+    let (running, emitted) = (
+        |p: &Arc<readstate::telemetry::Progress>| {
+            readstate::telemetry::Progress::get(&p.tasks_running)
+        },
+        |p: &Arc<readstate::telemetry::Progress>| {
+            readstate::telemetry::Progress::get(&p.updates_emitted)
+        },
+    );
     wait::wait_for(
-        "A and B to share the tasks",
+        "A and B to share the tasks, A having committed updates",
         std::time::Duration::from_secs(90),
-        || running(&pa) > 0 && running(&pb) > 0 && running(&pa) + running(&pb) == PARTS as u64,
+        || {
+            let shared = running(&pa) > 0 && running(&pb) > 0;
+            shared && running(&pa) + running(&pb) == PARTS as u64 && emitted(&pa) > 0
+        },
     );
     let sa = a.stop();
     env.produce(chunks[2]);

@@ -619,6 +619,12 @@ fn produce_by_message_id(env: &Env, events: &[ChatEvent]) {
     chat::produce_json(&env.brokers, &env.t, &messages);
 }
 
+/// The chat topology with misrouted reads and messages rerouted.
+fn rerouting(t: readstate_testing::fixtures::Shipped) -> readstate_testing::fixtures::Shipped {
+    t.set("source.read-events.on_misrouted", "repartition")
+        .set("source.message-events.on_misrouted", "repartition")
+}
+
 /// Where each message went, read back from the topics: the conversations whose messages
 /// landed on another partition than their reads, and the messages of those.
 fn misrouted_messages(env: &Env) -> (std::collections::HashSet<i64>, usize) {
@@ -643,10 +649,10 @@ fn misrouted_messages(env: &Env) -> (std::collections::HashSet<i64>, usize) {
 
 /// Messages produced with librdkafka's default partitioner (CRC-32) and reads with
 /// murmur2: most conversations' messages land on another partition than their reads.
-/// By default (`on_misrouted = "repartition"`) each such message is produced to the
-/// partition its conversation belongs on (the message source's rerouted topic) and folded
-/// there: every count and pointer equals the oracle over all messages, and nothing is a
-/// dead letter.
+/// With `on_misrouted = "repartition"` on both sources, each such message is produced to
+/// the partition its conversation belongs on (the message source's rerouted topic) and
+/// folded there: every count and pointer equals the oracle over all messages, and nothing
+/// is a dead letter.
 #[test]
 fn misrouted_messages_are_rerouted_and_counts_are_exact() {
     let env = Env::new(PARTS);
@@ -661,7 +667,8 @@ fn misrouted_messages_are_rerouted_and_counts_are_exact() {
         "the partitioners disagree on some conversations, not all: {misrouted:?}"
     );
     let dir = tempfile::tempdir().unwrap();
-    let inst = launch(env.config(dir.path()));
+    let text = rerouting(chat::fixture(&env.app, dir.path(), &env.t)).text();
+    let inst = launch(env.config_of(&text, dir.path()));
     env.await_outputs(&w);
     let summary = inst.stop();
     // At least once: a record rerouted again after a rewind is folded once (its origin).
@@ -698,7 +705,7 @@ fn real_broker_exactly_once_rerouted_messages_across_a_kill_9_keep_counts_exact(
     let (first, second) = w.arrivals.split_at(w.arrivals.len() / 2);
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let spawn = |dir: &std::path::Path| {
-        let text = chat::fixture(&env.app, dir, &env.t)
+        let text = rerouting(chat::fixture(&env.app, dir, &env.t))
             .set("application.processing_guarantee", "exactly_once_v2")
             .text();
         spawn_failing_over(&env, dir, &text)
@@ -736,7 +743,7 @@ fn real_broker_exactly_once_rerouted_messages_across_a_kill_9_keep_counts_exact(
     );
 }
 
-/// The same with `on_misrouted = "dead-letter"`: every misrouted message is a `misrouted`
+/// The same with `on_misrouted = "dead-letter"` (the default): every misrouted message is a `misrouted`
 /// dead letter, none is folded into a task that does not own its conversation: the
 /// conversations placed alike get exact counts, the others no head at all (never wrong
 /// counts), and every pointer is exact.

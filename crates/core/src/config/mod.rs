@@ -91,9 +91,7 @@ pub struct SourceSpec {
     /// A record found on another partition than `partitioner` puts its conversation on:
     /// "repartition" (produced to the internal topic `<id>-<name>-rerouted`, on the
     /// partition it belongs on, and folded by the task that owns its conversation) or
-    /// "dead-letter" (reason `misrouted`). Default: "repartition" in a topology with a
-    /// message or members source, "dead-letter" with a single source (whose rebalances
-    /// would otherwise be eager: see `Source::rerouted_topic`).
+    /// "dead-letter" (reason `misrouted`, the default).
     pub on_misrouted: Option<String>,
 }
 

@@ -149,9 +149,6 @@ fn sources(
     }
     let mut sources: Vec<Source> = Vec::new();
     let mut messages: Option<Source> = None;
-    // Whether the tasks read co-partitioned topics (see `rerouted_topic`).
-    let sides = (spec.source.iter())
-        .any(|s| matches!(s.records.as_deref(), Some("message-events" | MEMBERS)));
     for (i, s) in spec.source.iter().enumerate() {
         if s.records.as_deref() == Some(MEMBERS) {
             continue;
@@ -188,7 +185,7 @@ fn sources(
             keyed_by,
             repartition_topic,
             partitioner: partitioner(&at, s, errs),
-            rerouted_topic: rerouted_topic(&at, s, app, name, repartitioned, errs, sides),
+            rerouted_topic: rerouted_topic(&at, s, app, name, repartitioned, errs),
             format: super::fields::source_format(&at, s, is_messages, ids, errs),
         };
         match is_messages {
@@ -275,7 +272,7 @@ fn members_source(
             keyed_by: KeyedBy::ConversationId,
             repartition_topic: None,
             partitioner: partitioner(&at, s, errs),
-            rerouted_topic: rerouted_topic(&at, s, app, name, false, errs, true),
+            rerouted_topic: rerouted_topic(&at, s, app, name, false, errs),
             format: SourceFormat::AvroConfluent,
         };
         check_co_partitioning(spec, sources, &source, errs);
@@ -334,10 +331,10 @@ fn partitioner(at: &str, s: &config::SourceSpec, errs: &mut Errors) -> Partition
 /// Where the source's misrouted records go (`on_misrouted`): its rerouted topic, or none
 /// (dead letters). A repartitioned source is placed by readstate itself: never misrouted.
 ///
-/// The default is to reroute where the tasks read co-partitioned topics already (a
-/// message or members source: the range assignor keeps partition p of each on one
-/// instance). A single source defaults to dead letters: its rerouted topic would be
-/// co-partitioned with it, and its rebalances eager (range) instead of cooperative.
+/// The default is dead letters. Rerouting adds a co-partitioned topic to the tasks: a
+/// single source's rebalances turn eager (range) instead of cooperative, and in a join and
+/// leave test of a message topology (4 co-partitioned topics on the mock broker) one
+/// instance sometimes ran its tasks without consuming, a cause not found yet.
 fn rerouted_topic(
     at: &str,
     s: &config::SourceSpec,
@@ -345,10 +342,9 @@ fn rerouted_topic(
     name: &str,
     repartitioned: bool,
     errs: &mut Errors,
-    co_partitioned: bool,
 ) -> Option<TopicName> {
     let reroute = match s.on_misrouted.as_deref() {
-        None => co_partitioned,
+        None => false,
         Some("repartition") => true,
         Some("dead-letter") => false,
         Some(other) => {

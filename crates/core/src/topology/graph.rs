@@ -221,10 +221,11 @@ mod tests {
 
     #[test]
     fn both_sources_route_to_one_processor_with_two_stores() {
-        let t = compile(include_str!(
-            "../../../../topologies/read_state_with_unread.toml"
-        ))
-        .unwrap();
+        let text = include_str!("../../../../topologies/read_state_with_unread.toml").replace(
+            "partitioner = \"murmur2\"",
+            "partitioner = \"murmur2\"\non_misrouted = \"repartition\"",
+        );
+        let t = compile(&text).unwrap();
         let g = Graph::compile(&t);
         let routes = g.routes();
         let seen: Vec<_> = (routes.iter())

@@ -112,8 +112,8 @@ pub struct Source {
     /// The partitioner of the source's producers (over the conversation id as text).
     pub partitioner: Partitioner,
     /// Where a record found on another partition than `partitioner` puts it is produced,
-    /// on the partition it belongs on (`on_misrouted = "repartition"`, the default for a
-    /// source read as it is); `None`: such a record is a `misrouted` dead letter.
+    /// on the partition it belongs on (`on_misrouted = "repartition"`); `None` (the
+    /// default): such a record is a `misrouted` dead letter.
     pub rerouted_topic: Option<TopicName>,
     /// How its values are written.
     pub format: SourceFormat,
@@ -523,8 +523,8 @@ topic = "chat.receipt-updates"
     }
 
     #[test]
-    fn misrouted_records_are_rerouted_where_asked_for_or_co_partitioned() {
-        // A single source: dead letters by default (no co-partitioned rerouted topic).
+    fn misrouted_records_are_rerouted_where_asked_for() {
+        // Dead letters by default (no co-partitioned rerouted topic).
         assert!(compile(GOOD).unwrap().rerouted_topics().is_empty());
         let rerouted = GOOD.replace(
             "topic = \"chat.read-events\"",
@@ -536,9 +536,18 @@ topic = "chat.receipt-updates"
         assert!(t
             .internal_topics()
             .contains(&(TopicName::from("rr-events-rerouted"), false)));
-        // With a message source, every source read as it is reroutes by default.
-        let unread = include_str!("../../../../topologies/read_state_with_unread.toml");
-        let names: Vec<String> = (compile(unread).unwrap().rerouted_topics().into_iter())
+        // With a message source too, each source reroutes when asked.
+        let unread = include_str!("../../../../topologies/read_state_with_unread.toml").replace(
+            "partitioner = \"murmur2\"",
+            "partitioner = \"murmur2\"\non_misrouted = \"repartition\"",
+        );
+        assert!(compile(include_str!(
+            "../../../../topologies/read_state_with_unread.toml"
+        ))
+        .unwrap()
+        .rerouted_topics()
+        .is_empty());
+        let names: Vec<String> = (compile(&unread).unwrap().rerouted_topics().into_iter())
             .map(|t| t.0)
             .collect();
         assert_eq!(

@@ -51,6 +51,7 @@
 //! - [`reset`]: `readstate reset`, the application reset tool (offsets, internal topics,
 //!   sink offsets, local state).
 //! - [`telemetry`]: the Prometheus recorder and `/metrics`, `/health`, `/ready`.
+//! - [`query`]: interactive queries of the read-state stores, and their HTTP API.
 //!
 //! Outside the library (the workspace, see `ARCHITECTURE.md`): `crates/cli` is the
 //! `readstate` binary (`App`, the composition root, and the command line) with the
@@ -59,8 +60,8 @@
 //! and the test fixtures.
 
 pub use readstate_core::{
-    backoff, config, dead_letter_log, ids, kafka, model, processor, serde, state, task, telemetry,
-    topology,
+    backoff, config, dead_letter_log, ids, kafka, model, processor, query, serde, state, task,
+    telemetry, topology,
 };
 pub use readstate_runtime as runtime;
 pub use readstate_sink as sink;

@@ -19,10 +19,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use readstate::model::{HeadUpdate, ReceiptUpdate, SenderReceipt};
+use readstate::query::{self, ReadStateQueries};
 use readstate::runtime::{check_state_dir, run, RunConfig, RunSummary, RuntimeError};
 use readstate::sink::row::MemberListRow;
 use readstate::sink::{run_sink, SinkConfig, SinkError, SinkRow, SinkSummary};
-use readstate::telemetry::{serve, Health, Server, TelemetryError};
+use readstate::telemetry::{serve_with, Health, Server, TelemetryError};
+use readstate::topology::READ_STATE_KIND;
 
 /// Errors of composing and running an instance, by the part that failed.
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +114,7 @@ impl App {
             }
             _ => PostgresSinks::default(),
         };
-        let metrics = serve_metrics(self.metrics_addr, &config.health)?;
+        let metrics = serve_metrics(self.metrics_addr, &config)?;
         let shutdown = self.shutdown;
         let health = config.health.clone();
         let sinks = sinks.spawn(&shutdown)?;
@@ -317,14 +319,19 @@ impl SinkThread {
     }
 }
 
-fn serve_metrics(
-    addr: Option<SocketAddr>,
-    health: &Arc<Health>,
-) -> Result<Option<Server>, AppError> {
-    addr.map(|addr| {
-        serve(addr, health.clone()).map_err(|source| AppError::Telemetry { addr, source })
-    })
-    .transpose()
+/// `/metrics`, `/health`, `/ready` and, for a read-state topology, the read API.
+fn serve_metrics(addr: Option<SocketAddr>, config: &RunConfig) -> Result<Option<Server>, AppError> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let t = &config.topology;
+    let routes = match t.processor.kind == READ_STATE_KIND {
+        true => query::http::routes(Arc::new(ReadStateQueries::new(t, config.queryable.clone()))),
+        false => Default::default(),
+    };
+    serve_with(addr, config.health.clone(), routes)
+        .map(Some)
+        .map_err(|source| AppError::Telemetry { addr, source })
 }
 
 fn spawn<T: Send + 'static>(

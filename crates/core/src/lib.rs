@@ -21,6 +21,7 @@
 //!   (the runtime's and the sinks').
 //! - [`kafka`]: client settings, partitioners and internal-topic admin.
 //! - [`telemetry`]: the Prometheus recorder and `/metrics`, `/health`, `/ready`.
+//! - [`query`]: interactive queries of the read-state stores, and their HTTP API.
 
 pub mod backoff;
 pub mod config;
@@ -29,6 +30,7 @@ pub mod ids;
 pub mod kafka;
 pub mod model;
 pub mod processor;
+pub mod query;
 pub mod serde;
 pub mod state;
 pub mod task;

@@ -504,9 +504,18 @@ impl Server {
 
 /// Serve `/metrics`, `/health` and `/ready` on `addr` from a thread of its own.
 pub fn serve(addr: SocketAddr, health: Arc<Health>) -> Result<Server, TelemetryError> {
+    serve_with(addr, health, Router::new())
+}
+
+/// As [`serve`], with more routes beside them (the read API).
+pub fn serve_with(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    routes: Router,
+) -> Result<Server, TelemetryError> {
     let handle = install()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(2)
         .thread_name("metrics-http")
         .enable_all()
         .build()
@@ -524,7 +533,8 @@ pub fn serve(addr: SocketAddr, health: Arc<Health>) -> Result<Server, TelemetryE
         .with_state(Endpoints {
             handle: handle.clone(),
             health,
-        });
+        })
+        .merge(routes);
     rt.spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics endpoint stopped");

@@ -76,6 +76,7 @@ use crate::kafka::{KafkaError, KafkaSettings};
 use crate::processor::ProcessorRegistry;
 use crate::serde::registry::SchemaResolver;
 use crate::serde::SerdeError;
+use crate::state::queryable::QueryableStores;
 use crate::telemetry::{Health, Progress};
 use crate::topology::Topology;
 
@@ -226,6 +227,8 @@ pub struct RunConfig {
     /// Set once the topics are prepared (the output and internal topics exist): the
     /// embedded sinks subscribe only then.
     pub topics_ready: Arc<AtomicBool>,
+    /// The tasks' stores and positions, published for interactive queries.
+    pub queryable: Arc<QueryableStores>,
 }
 
 impl RunConfig {
@@ -249,6 +252,7 @@ impl RunConfig {
             clock: crate::backoff::system_clock(),
             registry: Arc::new(ProcessorRegistry::default()),
             topics_ready: Arc::new(AtomicBool::new(false)),
+            queryable: Arc::default(),
         }
     }
 }
@@ -289,6 +293,7 @@ fn run_instance(config: &RunConfig, shutdown: &AtomicBool) -> Result<RunSummary,
     config.topics_ready.store(true, Ordering::Relaxed);
     let mut tasks = tasks?;
     tasks.set_partitions(partitions);
+    config.queryable.set_partitions(partitions);
     let owner = tasks.owner;
     let tasks = Arc::new(Mutex::new(tasks));
     tracing::debug!(

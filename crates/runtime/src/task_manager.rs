@@ -32,6 +32,7 @@ use super::task_executor::{CommitOutcome, TaskExecutor};
 use super::tasks::Tasks;
 use super::{LifecycleCounts, RunConfig, RunSummary, RuntimeError};
 use crate::processor::{BuiltNode, CacheBudget};
+use crate::state::queryable::{Position, QueryableStores};
 use crate::telemetry::series;
 
 pub(super) struct TaskManager {
@@ -46,6 +47,8 @@ pub(super) struct TaskManager {
     /// Whose per-task and per-partition series this instance's are.
     pub(super) owner: series::Owner,
     readiness: Readiness,
+    /// What queries see of the tasks: published at each change and commit.
+    queryable: std::sync::Arc<QueryableStores>,
     /// Set when tasks are in an unknown state: the poll loop stops the instance.
     pub(super) fatal: Option<String>,
     /// An error inside a rebalance callback (which cannot return one): the poll loop
@@ -97,6 +100,7 @@ impl TaskManager {
             counts: LifecycleCounts::default(),
             owner,
             readiness: Readiness::new(config.health.clone()),
+            queryable: config.queryable.clone(),
             fatal: None,
             deferred: None,
         })
@@ -213,6 +217,7 @@ impl TaskManager {
                 continue;
             }
             self.updater.queue(*p);
+            self.queryable.restoring(*p);
             let tps = std::iter::once((topic.clone(), *p)).chain(self.tasks.side_partitions(*p));
             for tp in tps {
                 self.parking.mark(tp.clone(), ParkReason::Restoring, None);
@@ -262,6 +267,10 @@ impl TaskManager {
         let id = ready.id;
         self.counts.restored_records += ready.records;
         let task = self.creator.create(ready, self.tasks.running.len())?;
+        let stores = task.task.processor().stores();
+        let readers = stores.iter().map(|s| s.reader()).collect();
+        self.queryable
+            .running(id.partition, readers, self.committed_position(id.partition));
         self.tasks.running.insert(id.partition, task);
         self.counts.tasks_opened += 1;
         self.creator.share_cache(&mut self.tasks);
@@ -273,7 +282,29 @@ impl TaskManager {
         Ok(())
     }
 
+    /// Where the stores of task `p` are at least: its committed offsets.
+    fn committed_position(&self, p: i32) -> Position {
+        let offsets = &self.executor.offsets;
+        (self.tasks.inputs_of(p))
+            .filter_map(|tp| Some((offsets.committed(&tp)? - 1, tp)))
+            .map(|(at, tp)| (tp, at))
+            .collect()
+    }
+
+    /// Queries see the tasks a commit made durable at their new positions.
+    fn publish_committed(&self) {
+        let offsets = &self.executor.offsets;
+        let committed: Vec<_> = (self.tasks.running.keys())
+            .flat_map(|p| self.tasks.inputs_of(*p))
+            .filter_map(|tp| Some((offsets.committed(&tp)?, tp)))
+            .map(|(next, tp)| (tp, next))
+            .collect();
+        self.queryable.committed(&committed);
+    }
+
     fn update_readiness(&mut self) {
+        let (running, updater) = (&self.tasks.running, &self.updater);
+        (self.queryable).retain(|p| running.contains_key(&p) || updater.has(p));
         metrics::gauge!("readstate_tasks_assigned").set(self.tasks.running.len() as f64);
         self.executor.report_running(self.tasks.running.len());
         self.prune_series();
@@ -478,7 +509,11 @@ impl TaskManager {
         let rocks = self.updater.state().memory_bytes() as f64;
         metrics::gauge!("readstate_rocksdb_memory_bytes").set(rocks);
         match outcome {
-            Ok(CommitOutcome::Committed | CommitOutcome::Aborted) => Ok(()),
+            Ok(CommitOutcome::Committed) => {
+                self.publish_committed();
+                Ok(())
+            }
+            Ok(CommitOutcome::Aborted) => Ok(()),
             Ok(CommitOutcome::Postponed { why }) => {
                 self.counts.commits_postponed += 1;
                 tracing::debug!(reason = why, "commit postponed");
@@ -587,6 +622,7 @@ impl TaskManager {
         self.counts.tasks_closed += self.tasks.running.len() as u64;
         self.tasks.running.clear();
         self.updater.clear();
+        self.queryable.retain(|_| false);
         self.prune_series();
         self.executor.close(clean);
     }

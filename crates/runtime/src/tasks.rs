@@ -241,6 +241,12 @@ impl Tasks {
         self.sides.iter().map(|t| (t.clone(), p)).collect()
     }
 
+    /// Every input partition of task `p`: its task topic's and its co-partitioned ones.
+    pub(super) fn inputs_of(&self, p: i32) -> impl Iterator<Item = TopicPartition> + '_ {
+        let sides = self.sides.iter().map(move |t| (t.clone(), p));
+        std::iter::once((self.task_topic.clone(), p)).chain(sides)
+    }
+
     /// A record of a task's topic (the read events' or a co-partitioned one's).
     pub(super) fn is_task_topic(&self, topic: &str) -> bool {
         topic == self.task_topic || self.sides.iter().any(|t| t == topic)

@@ -11,6 +11,7 @@ pub mod codec;
 pub mod head;
 pub mod memory;
 pub mod order_stats;
+pub mod queryable;
 pub mod restore;
 pub mod rocks;
 
@@ -40,6 +41,8 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("store {store} is closed")]
+    Closed { store: StoreName },
 }
 
 /// A key and its value, as returned by scans.
@@ -173,6 +176,19 @@ pub trait KeyValueStore: Send {
     fn approximate_size_bytes(&self) -> u64;
     /// Make everything written so far durable (flush memtables).
     fn flush(&mut self) -> Result<(), StoreError>;
+    /// A read-only view of this store for other threads (interactive queries). It sees
+    /// every write once written, and answers [`StoreError::Closed`] once the store is
+    /// closed (closing waits for the reads in flight).
+    fn reader(&self) -> std::sync::Arc<dyn StoreReader>;
+}
+
+/// Reads of a store from any thread, while its task owns and writes it (Kafka Streams'
+/// `ReadOnlyKeyValueStore`).
+pub trait StoreReader: Send + Sync {
+    fn name(&self) -> &StoreName;
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// All entries whose key starts with `prefix`, in key order, at most `limit`.
+    fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<Entry>, StoreError>;
 }
 
 /// Key of the store's own metadata: the changelog offset its contents reflect.

@@ -2,13 +2,14 @@
 //! `<state.dir>/<application.id>/<task>/<store>`.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use rocksdb::{
     BlockBasedOptions, Cache, DBCompressionType, Options, WriteBatch, WriteBufferManager,
     WriteOptions, DB,
 };
 
-use super::{BatchOp, Entry, KeyValueStore, StoreBatch, StoreError};
+use super::{BatchOp, Entry, KeyValueStore, StoreBatch, StoreError, StoreReader};
 use crate::ids::StoreName;
 
 /// Tuning of a RocksDB store; every field has a bounded default so memory stays predictable.
@@ -70,8 +71,17 @@ impl RocksDbMemory {
 pub struct RocksDbStore {
     name: StoreName,
     path: PathBuf,
-    db: DB,
+    db: Arc<DB>,
+    /// The database as its readers see it: `None` once the store is dropped (the drop
+    /// waits for reads in flight, so the database closes with the store).
+    readable: Arc<RwLock<Option<Arc<DB>>>>,
     write_opts: WriteOptions,
+}
+
+impl Drop for RocksDbStore {
+    fn drop(&mut self) {
+        *self.readable.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
 }
 
 impl RocksDbStore {
@@ -118,9 +128,11 @@ impl RocksDbStore {
         })?;
         let mut write_opts = WriteOptions::default();
         write_opts.disable_wal(opts.disable_wal);
+        let db = Arc::new(db);
         Ok(Self {
             name,
             path: path.to_path_buf(),
+            readable: Arc::new(RwLock::new(Some(db.clone()))),
             db,
             write_opts,
         })
@@ -175,22 +187,7 @@ impl KeyValueStore for RocksDbStore {
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
-        let mut ro = rocksdb::ReadOptions::default();
-        // The fixed prefix extractor covers 9 bytes; shorter prefixes need a total-order scan.
-        ro.set_total_order_seek(prefix.len() < 9);
-        let mut out = Vec::new();
-        let it = self.db.iterator_opt(
-            rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward),
-            ro,
-        );
-        for item in it {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            if !k.starts_with(prefix) {
-                break;
-            }
-            out.push((k.into_vec(), v.into_vec()));
-        }
-        Ok(out)
+        scan(&self.db, prefix, usize::MAX).map_err(|e| self.err(e))
     }
 
     fn approximate_num_keys(&self) -> u64 {
@@ -220,6 +217,67 @@ impl KeyValueStore for RocksDbStore {
     fn flush(&mut self) -> Result<(), StoreError> {
         self.db.flush().map_err(|e| self.err(e))
     }
+
+    fn reader(&self) -> Arc<dyn StoreReader> {
+        Arc::new(RocksDbReader {
+            name: self.name.clone(),
+            db: self.readable.clone(),
+        })
+    }
+}
+
+/// Up to `limit` entries whose key starts with `prefix`, in key order.
+fn scan(db: &DB, prefix: &[u8], limit: usize) -> Result<Vec<Entry>, rocksdb::Error> {
+    let mut ro = rocksdb::ReadOptions::default();
+    // The fixed prefix extractor covers 9 bytes; shorter prefixes need a total-order scan.
+    ro.set_total_order_seek(prefix.len() < 9);
+    let mut out = Vec::new();
+    let it = db.iterator_opt(
+        rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward),
+        ro,
+    );
+    for item in it.take(limit) {
+        let (k, v) = item?;
+        if !k.starts_with(prefix) {
+            break;
+        }
+        out.push((k.into_vec(), v.into_vec()));
+    }
+    Ok(out)
+}
+
+/// The [`StoreReader`] of a [`RocksDbStore`]: reads hold the database open (a close waits
+/// for them); after the close they answer [`StoreError::Closed`].
+struct RocksDbReader {
+    name: StoreName,
+    db: Arc<RwLock<Option<Arc<DB>>>>,
+}
+
+impl RocksDbReader {
+    fn with<T>(&self, f: impl FnOnce(&DB) -> Result<T, rocksdb::Error>) -> Result<T, StoreError> {
+        let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
+        let db = guard.as_ref().ok_or_else(|| StoreError::Closed {
+            store: self.name.clone(),
+        })?;
+        f(db).map_err(|source| StoreError::Rocks {
+            store: self.name.clone(),
+            source,
+        })
+    }
+}
+
+impl StoreReader for RocksDbReader {
+    fn name(&self) -> &StoreName {
+        &self.name
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(|db| db.get(key))
+    }
+
+    fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<Entry>, StoreError> {
+        self.with(|db| scan(db, prefix, limit))
+    }
 }
 
 #[cfg(test)]
@@ -247,5 +305,25 @@ mod tests {
             vec![1, 3, 5, 7, 9]
         );
         assert_eq!(s.scan_prefix(b"s").unwrap().len(), 10);
+    }
+
+    #[test]
+    fn a_reader_sees_writes_and_does_not_keep_the_database_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let mut s = RocksDbStore::open("s".into(), &path, &RocksDbOptions::default()).unwrap();
+        let r = s.reader();
+        let mut b = StoreBatch::default();
+        for i in 0..4u8 {
+            b.put([b'k', i], [i]);
+        }
+        s.write(b).unwrap();
+        assert_eq!(r.get(b"k\x02").unwrap(), Some(vec![2]));
+        assert_eq!(r.scan_prefix(b"k", 3).unwrap().len(), 3, "limited");
+        drop(s);
+        assert!(matches!(r.get(b"k\x02"), Err(StoreError::Closed { .. })));
+        // Closed with the store, reader or not: it opens again in this process.
+        let s = RocksDbStore::open("s".into(), &path, &RocksDbOptions::default()).unwrap();
+        assert_eq!(s.get(b"k\x03").unwrap(), Some(vec![3]));
     }
 }

@@ -1,0 +1,221 @@
+//! The read API (issue 25) against instances started through `App` on the embedded broker:
+//! answers equal the oracle at the position they report, `min_position` reads your writes,
+//! a conversation is answered only by its owner (421 elsewhere), and bad requests get a
+//! 400 naming what is wrong.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use readstate::model::StateKey;
+use readstate::serde::LocalRegistry;
+use readstate_cli::App;
+use readstate_testing::fixtures::*;
+use readstate_testing::kafka;
+use serde_json::Value;
+use support::*;
+
+/// Start an instance serving the read API on 127.0.0.1:0.
+fn start_serving(env: &Env, dir: &std::path::Path) -> (Instance, SocketAddr) {
+    let cfg = env.config(dir, Arc::new(LocalRegistry::new()), &env.props);
+    let app = App::new(cfg)
+        .with_metrics("127.0.0.1:0".parse().unwrap())
+        .start()
+        .expect("instance starts");
+    let addr = app.metrics_addr().expect("serving");
+    (Instance(app), addr)
+}
+
+/// GET `path`: the status and the JSON body.
+fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
+    let raw = readstate_testing::http_get(addr, path).expect("the instance answers");
+    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = raw.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {raw}"));
+    (status, json)
+}
+
+/// The last offset of every partition of `topic` that has records.
+fn last_offsets(env: &Env) -> BTreeMap<i32, i64> {
+    (kafka::end_offsets(&env.brokers(), &env.source)
+        .into_iter()
+        .enumerate())
+    .filter(|(_, end)| *end > 0)
+    .map(|(p, end)| (p as i32, end - 1))
+    .collect()
+}
+
+/// One reader's state as the API gives it, after the source's `last` offsets.
+fn reader_at(addr: SocketAddr, env: &Env, k: &StateKey, last: &BTreeMap<i32, i64>) -> (u16, Value) {
+    let (c, r) = (&k.conversation, &k.reader);
+    let (status, body) = get(
+        addr,
+        &format!("/v1/conversations/{c}/readers/{r}?timeout_ms=30000"),
+    );
+    if status != 200 {
+        return (status, body);
+    }
+    let p = body["partition"].as_i64().unwrap() as i32;
+    let path = format!(
+        "/v1/conversations/{}/readers/{}?min_position={}:{p}:{}&timeout_ms=30000",
+        k.conversation, k.reader, env.source, last[&p]
+    );
+    get(addr, &path)
+}
+
+fn check_answer(k: &StateKey, x: &Expected, body: &Value, env: &Env, last: &BTreeMap<i32, i64>) {
+    let p = body["partition"].as_i64().unwrap() as i32;
+    let at = body["position"][&env.source][p.to_string()]
+        .as_i64()
+        .unwrap();
+    assert!(
+        at >= last[&p],
+        "{k:?}: position {at} before the asked {}",
+        last[&p]
+    );
+    assert_eq!(
+        body["last_read_seq"].as_i64(),
+        Some(x.max_seq),
+        "{k:?}: {body}"
+    );
+    assert_eq!(body["version"].as_i64(), Some(x.advances), "{k:?}: {body}");
+    assert_eq!(
+        body["events_total"].as_i64(),
+        Some(x.events),
+        "{k:?}: {body}"
+    );
+    assert_eq!(
+        body["device_id"].as_str(),
+        x.device_of_max.as_deref(),
+        "{k:?}"
+    );
+}
+
+#[test]
+fn answers_equal_the_oracle_at_their_position_and_read_your_writes() {
+    let env = Env::new();
+    let (inst, addr) = start_serving(&env, env.state.path());
+    let mut events = zipf_workload(41, 4_000);
+    env.produce(&events, 0);
+    let last = last_offsets(&env);
+    let want = oracle(&events);
+    wait_for(
+        "the instance to own every task",
+        Duration::from_secs(60),
+        || {
+            want.keys()
+                .all(|k| reader_at(addr, &env, k, &last).0 == 200)
+        },
+    );
+    for (k, x) in &want {
+        let (status, body) = reader_at(addr, &env, k, &last);
+        assert_eq!(status, 200, "{k:?}: {body}");
+        check_answer(k, x, &body, &env, &last);
+    }
+    // Read your writes: one more advance, asked for at the offset the producer got.
+    let k = want.keys().next().unwrap().clone();
+    let mut e = events.iter().find(|e| e.key() == k).unwrap().clone();
+    e.message_seq = want[&k].max_seq + 1;
+    e.device_id = Some("new-device".into());
+    env.produce(std::slice::from_ref(&e), 0);
+    events.push(e);
+    let last = last_offsets(&env);
+    let (status, body) = reader_at(addr, &env, &k, &last);
+    assert_eq!(status, 200, "{body}");
+    check_answer(&k, &oracle(&events)[&k], &body, &env, &last);
+    check_conversation_views(addr, &oracle(&events), &k);
+    inst.stop();
+}
+
+/// Every reader of `k`'s conversation, and read-by counts at a few positions.
+fn check_conversation_views(addr: SocketAddr, want: &HashMap<StateKey, Expected>, k: &StateKey) {
+    let c = &k.conversation;
+    let mut seqs: BTreeMap<String, i64> = (want.iter())
+        .filter(|(key, _)| key.conversation == *c)
+        .map(|(key, x)| (key.reader.to_string(), x.max_seq))
+        .collect();
+    let (status, body) = get(addr, &format!("/v1/conversations/{c}/readers"));
+    assert_eq!(status, 200, "{body}");
+    let got: BTreeMap<String, i64> = (body["readers"].as_array().unwrap().iter())
+        .map(|r| {
+            (
+                r["reader"].to_string(),
+                r["last_read_seq"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, seqs);
+    for seq in [0, 5, want[k].max_seq] {
+        let (status, body) = get(addr, &format!("/v1/conversations/{c}/read-by?seq={seq}"));
+        assert_eq!(status, 200, "{body}");
+        let n = seqs.values().filter(|s| **s >= seq).count() as i64;
+        assert_eq!(body["read_by"].as_i64(), Some(n), "seq {seq}: {body}");
+        assert_eq!(body["of"].as_i64(), Some(seqs.len() as i64));
+    }
+    seqs.clear();
+}
+
+#[test]
+fn only_the_owner_answers_and_bad_requests_are_named() {
+    let env = Env::new();
+    let events = zipf_workload(42, 1_000);
+    env.produce(&events, 0);
+    let last = last_offsets(&env);
+    let want = oracle(&events);
+    let dir_b = tempfile::tempdir().unwrap();
+    let (a, addr_a) = start_serving(&env, env.state.path());
+    let (b, addr_b) = start_serving(&env, dir_b.path());
+    // Once the group settles, each key is answered by one instance; the other says 421
+    // with the partition.
+    wait_for(
+        "every key answered by its one owner",
+        Duration::from_secs(90),
+        || {
+            want.iter().all(|(k, x)| {
+                let (sa, ba) = reader_at(addr_a, &env, k, &last);
+                let (sb, bb) = reader_at(addr_b, &env, k, &last);
+                let owner = match (sa, sb) {
+                    (200, 421) => (ba, bb),
+                    (421, 200) => (bb, ba),
+                    _ => return false,
+                };
+                check_answer(k, x, &owner.0, &env, &last);
+                owner.1["partition"] == owner.0["partition"]
+            })
+        },
+    );
+    for (path, says) in [
+        ("/v1/conversations/abc/readers/1", "conversation id"),
+        ("/v1/conversations/1/readers/abc", "reader id"),
+        ("/v1/conversations/1/readers?limit=0", "limit must be"),
+        (
+            "/v1/conversations/1/readers?colour=red",
+            "unknown parameter",
+        ),
+        ("/v1/conversations/1/read-by", "seq is required"),
+        ("/v1/conversations/1/read-by?seq=x", "seq must be"),
+        (
+            "/v1/conversations/1/readers/1?timeout_ms=-5",
+            "timeout_ms must be",
+        ),
+        (
+            "/v1/conversations/1/readers/1?min_position=x",
+            "not topic:partition:offset",
+        ),
+    ] {
+        let (status, body) = get(addr_a, path);
+        assert_eq!(status, 400, "{path}: {body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains(says), "{path}: {error}");
+    }
+    let doc = readstate_testing::http_get(addr_a, "/openapi.yaml").unwrap();
+    assert!(
+        doc.starts_with("HTTP/1.1 200") && doc.contains("openapi: 3"),
+        "{doc}"
+    );
+    b.stop();
+    a.stop();
+}

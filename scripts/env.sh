@@ -29,8 +29,11 @@ ensure_build_deps() {
 # What the tests use besides the build: promtool (checks /metrics, from Debian's prometheus),
 # openssl (the private PostgreSQL's TLS certificates) and dclint (validates
 # docker/compose.yaml against the Compose specification without a Docker engine; from npm,
-# into a cache outside the clone). Exports READSTATE_DCLINT.
+# into a cache outside the clone), and schemathesis (property-based tests of the read API
+# against docs/openapi.yaml; from PyPI, into a virtualenv in the same cache). Exports
+# READSTATE_DCLINT and READSTATE_SCHEMATHESIS.
 DCLINT_VERSION=3.1.0
+SCHEMATHESIS_VERSION=4.32.5
 ensure_test_tools() {
   ensure_packages prometheus openssl
   command -v npm >/dev/null 2>&1 || ensure_packages nodejs npm
@@ -41,6 +44,14 @@ ensure_test_tools() {
     npm install --silent --no-audit --no-fund --prefix "$tools" "dclint@$DCLINT_VERSION" >/dev/null
   fi
   export READSTATE_DCLINT="$tools/node_modules/.bin/dclint"
+  local st="$tools/schemathesis"
+  if ! "$st/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+    echo "==> installing schemathesis $SCHEMATHESIS_VERSION (PyPI)"
+    python3 -c "import ensurepip" 2>/dev/null || ensure_packages python3-venv
+    python3 -m venv "$st"
+    "$st/bin/pip" install --quiet "schemathesis==$SCHEMATHESIS_VERSION"
+  fi
+  export READSTATE_SCHEMATHESIS="$st/bin/schemathesis"
 }
 
 # PostgreSQL: install Debian's package if missing, then run a private server (its own data

@@ -103,6 +103,7 @@ pub fn reset(
         .into_iter()
         .filter(|(t, _)| *t != topology.dead_letter_topic)
         .map(|(t, _)| t.0)
+        .chain(std::iter::once(topology.instances_topic().0))
         .collect();
     let existing = existing_topics(&consumer, &internal)?;
     if !opts.dry_run && !existing.is_empty() {

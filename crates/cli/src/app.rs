@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use readstate::model::{HeadUpdate, ReceiptUpdate, SenderReceipt};
+use readstate::query::directory::{DirectoryThread, InstanceDirectory};
 use readstate::query::{self, ReadStateQueries};
 use readstate::runtime::{check_state_dir, run, RunConfig, RunSummary, RuntimeError};
 use readstate::sink::row::MemberListRow;
@@ -60,6 +61,9 @@ pub struct App {
     config: RunConfig,
     database_url: Option<String>,
     metrics_addr: Option<SocketAddr>,
+    /// Where other instances reach this one's read API (Kafka Streams'
+    /// `application.server`).
+    application_server: Option<String>,
     shutdown: Arc<AtomicBool>,
 }
 
@@ -72,6 +76,7 @@ impl App {
             config,
             database_url: None,
             metrics_addr: None,
+            application_server: None,
             shutdown: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -85,6 +90,13 @@ impl App {
     /// Serve `/metrics`, `/health` and `/ready` on `addr` (port 0 picks a free one).
     pub fn with_metrics(mut self, addr: SocketAddr) -> Self {
         self.metrics_addr = Some(addr);
+        self
+    }
+
+    /// The `host:port` other instances forward queries to (default: the metrics address
+    /// bound, if it is not a wildcard).
+    pub fn with_application_server(mut self, addr: impl Into<String>) -> Self {
+        self.application_server = Some(addr.into());
         self
     }
 
@@ -102,7 +114,7 @@ impl App {
 
     /// Check, build and start everything (see the module's order).
     pub fn start(self) -> Result<RunningApp, AppError> {
-        let config = self.config;
+        let mut config = self.config;
         let topology = &config.topology;
         check_state_dir(&config.state_dir.join(topology.application_id.as_str()))?;
         let sinks = match &topology.postgres {
@@ -114,10 +126,16 @@ impl App {
             }
             _ => PostgresSinks::default(),
         };
-        let metrics = serve_metrics(self.metrics_addr, &config)?;
+        let advertised = self.application_server.as_deref();
+        let (metrics, directory) = serve_metrics(self.metrics_addr, advertised, &config)?;
+        config.instance_directory = directory.is_some();
         let shutdown = self.shutdown;
         let health = config.health.clone();
         let sinks = sinks.spawn(&shutdown)?;
+        let directory = match directory {
+            Some(d) => Some(spawn_directory(&config, d, &shutdown)?),
+            None => None,
+        };
         let stop = shutdown.clone();
         let stream = spawn("stream-thread", move || run(config, stop)).inspect_err(|_| {
             shutdown.store(true, Ordering::Relaxed);
@@ -126,6 +144,7 @@ impl App {
             shutdown,
             stream,
             sinks,
+            directory,
             metrics,
             health,
         })
@@ -137,6 +156,8 @@ pub struct RunningApp {
     shutdown: Arc<AtomicBool>,
     stream: JoinHandle<Result<RunSummary, RuntimeError>>,
     sinks: Vec<SinkThread>,
+    /// Publishes this instance's partitions and reads the others' (with the read API).
+    directory: Option<JoinHandle<()>>,
     metrics: Option<Server>,
     health: Arc<Health>,
 }
@@ -180,6 +201,10 @@ impl RunningApp {
         for sink in self.sinks {
             let joined = sink.join();
             sinks = sinks.and(joined);
+        }
+        if let Some(d) = self.directory {
+            d.join()
+                .map_err(|_| AppError::Panicked("instance-directory"))?;
         }
         let summary = result??;
         sinks?;
@@ -319,19 +344,65 @@ impl SinkThread {
     }
 }
 
-/// `/metrics`, `/health`, `/ready` and, for a read-state topology, the read API.
-fn serve_metrics(addr: Option<SocketAddr>, config: &RunConfig) -> Result<Option<Server>, AppError> {
+/// `/metrics`, `/health`, `/ready` and, for a read-state topology, the read API with the
+/// directory of instances it routes by (advertised at `advertised`, else the bound
+/// address).
+fn serve_metrics(
+    addr: Option<SocketAddr>,
+    advertised: Option<&str>,
+    config: &RunConfig,
+) -> Result<(Option<Server>, Option<Arc<InstanceDirectory>>), AppError> {
     let Some(addr) = addr else {
-        return Ok(None);
+        return Ok((None, None));
     };
     let t = &config.topology;
-    let routes = match t.processor.kind == READ_STATE_KIND {
-        true => query::http::routes(Arc::new(ReadStateQueries::new(t, config.queryable.clone()))),
-        false => Default::default(),
+    let mut directory = None;
+    let routes = |bound: SocketAddr| {
+        if t.processor.kind != READ_STATE_KIND {
+            return Default::default();
+        }
+        let d = Arc::new(InstanceDirectory::new(advertise(bound, advertised)));
+        directory = Some(d.clone());
+        let queries = ReadStateQueries::new(t, config.queryable.clone());
+        query::http::routes(Arc::new(queries), Some(d))
     };
-    serve_with(addr, config.health.clone(), routes)
-        .map(Some)
-        .map_err(|source| AppError::Telemetry { addr, source })
+    let server = serve_with(addr, config.health.clone(), routes)
+        .map_err(|source| AppError::Telemetry { addr, source })?;
+    Ok((Some(server), directory))
+}
+
+/// The thread of the instance directory (`query::directory`): a failure to reach the
+/// brokers is logged, and queries not owned here get 421 without an owner.
+fn spawn_directory(
+    config: &RunConfig,
+    directory: Arc<InstanceDirectory>,
+    shutdown: &Arc<AtomicBool>,
+) -> Result<JoinHandle<()>, AppError> {
+    let thread = DirectoryThread {
+        directory,
+        stores: config.queryable.clone(),
+        topic: config.topology.instances_topic().0,
+        kafka: config.kafka.clone(),
+        topics_ready: config.topics_ready.clone(),
+    };
+    let stop = shutdown.clone();
+    spawn("instance-directory", move || {
+        if let Err(e) = thread.run(&stop) {
+            tracing::error!(error = %e, "instance directory stopped: queries owned elsewhere are not forwarded");
+        }
+    })
+}
+
+/// The address other instances reach the read API at.
+fn advertise(bound: SocketAddr, advertised: Option<&str>) -> String {
+    if let Some(a) = advertised {
+        return a.to_owned();
+    }
+    if bound.ip().is_unspecified() {
+        tracing::warn!(%bound, "the read API listens on every interface: set --application-server to the host:port other instances reach it at; 127.0.0.1 is advertised meanwhile");
+        return format!("127.0.0.1:{}", bound.port());
+    }
+    bound.to_string()
 }
 
 fn spawn<T: Send + 'static>(

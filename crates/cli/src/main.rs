@@ -436,9 +436,14 @@ struct RunArgs {
     /// Replication factor of internal topics readstate creates.
     #[arg(long, env = "READSTATE_REPLICATION", default_value_t = 1)]
     replication: i32,
-    /// Serve /metrics (Prometheus), /health and /ready on this address, e.g. 0.0.0.0:9464.
+    /// Serve /metrics (Prometheus), /health, /ready and the read API (README "Query read
+    /// state") on this address, e.g. 0.0.0.0:9464.
     #[arg(long, env = "METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// The host:port other instances reach this one's read API at (Kafka Streams'
+    /// application.server); default: the metrics address, if it is not a wildcard.
+    #[arg(long, env = "READSTATE_APPLICATION_SERVER")]
+    application_server: Option<String>,
 }
 
 /// `<application.id>-<host>-<pid>`: tells instances apart in the broker's logs and in
@@ -1014,6 +1019,9 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
     }
     if let Some(addr) = args.metrics_addr {
         app = app.with_metrics(addr);
+    }
+    if let Some(addr) = args.application_server {
+        app = app.with_application_server(addr);
     }
     let summary = app.start()?.join().context("readstate run")?;
     tracing::info!(?summary, "stopped");

@@ -504,14 +504,15 @@ impl Server {
 
 /// Serve `/metrics`, `/health` and `/ready` on `addr` from a thread of its own.
 pub fn serve(addr: SocketAddr, health: Arc<Health>) -> Result<Server, TelemetryError> {
-    serve_with(addr, health, Router::new())
+    serve_with(addr, health, |_| Router::new())
 }
 
-/// As [`serve`], with more routes beside them (the read API).
+/// As [`serve`], with more routes beside them (the read API), made once the address is
+/// bound.
 pub fn serve_with(
     addr: SocketAddr,
     health: Arc<Health>,
-    routes: Router,
+    routes: impl FnOnce(SocketAddr) -> Router,
 ) -> Result<Server, TelemetryError> {
     let handle = install()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -534,7 +535,7 @@ pub fn serve_with(
             handle: handle.clone(),
             health,
         })
-        .merge(routes);
+        .merge(routes(bound));
     rt.spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics endpoint stopped");

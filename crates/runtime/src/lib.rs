@@ -229,6 +229,8 @@ pub struct RunConfig {
     pub topics_ready: Arc<AtomicBool>,
     /// The tasks' stores and positions, published for interactive queries.
     pub queryable: Arc<QueryableStores>,
+    /// The read API is served: the instance directory's topic is prepared with the others.
+    pub instance_directory: bool,
 }
 
 impl RunConfig {
@@ -253,6 +255,7 @@ impl RunConfig {
             registry: Arc::new(ProcessorRegistry::default()),
             topics_ready: Arc::new(AtomicBool::new(false)),
             queryable: Arc::default(),
+            instance_directory: false,
         }
     }
 }
@@ -390,7 +393,10 @@ fn prepare_topics(config: &RunConfig) -> Result<i32, RuntimeError> {
     let t = &config.topology;
     let sides = t.side_sources();
     let md_timeout = Duration::from_secs(10);
-    let internal = t.internal_topics();
+    let mut internal = t.internal_topics();
+    if config.instance_directory {
+        internal.push((t.instances_topic(), true));
+    }
     let mut names: Vec<&str> = t.sources.iter().map(|s| s.topic.as_str()).collect();
     names.extend(internal.iter().map(|(n, _)| n.as_str()));
     names.push(t.output.topic.as_str());

@@ -7,6 +7,7 @@
 //! before the store, and stores only move forward). A query may ask for `min_position`
 //! (read-your-writes); it waits for the task's next commits up to its timeout.
 
+pub mod directory;
 pub mod http;
 
 use std::sync::Arc;
@@ -137,7 +138,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// The read-state queries of one instance's topology over its queryable stores.
 pub struct ReadStateQueries {
     stores: Arc<QueryableStores>,
-    ids: crate::ids::IdTypes,
+    pub(crate) ids: crate::ids::IdTypes,
     /// Where producers put a conversation's records (the tasks' partitions).
     partitioner: Partitioner,
     task_topic: String,
@@ -182,7 +183,7 @@ impl ReadStateQueries {
     pub fn min_position(&self, c: &ConversationId, text: &str) -> Result<Position, QueryError> {
         let p = self.partition_of(c)?;
         let mut out = Position::new();
-        for item in text.split(',').filter(|s| !s.is_empty()) {
+        for item in text.split(',') {
             let (topic, partition, offset) = parse_position_item(item)?;
             if !self.inputs.contains(&topic) {
                 return Err(QueryError::BadRequest(format!(

@@ -176,6 +176,8 @@ fn bad_requests_name_what_is_wrong() {
     let input = q.task_topic.clone();
     for (text, says) in [
         ("nope", "not topic:partition:offset"),
+        ("", "not topic:partition:offset"),
+        (&format!("{input}:{p}:1,") as &str, "not topic:partition:offset"),
         (
             &format!("{input}:{p}:-1") as &str,
             "not topic:partition:offset",

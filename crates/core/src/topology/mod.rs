@@ -391,6 +391,12 @@ impl Topology {
         t
     }
 
+    /// The directory of the instances serving the read API (`query::directory`): created
+    /// by `readstate run` when it serves the read API, not one of [`Self::internal_topics`].
+    pub fn instances_topic(&self) -> TopicName {
+        TopicName(format!("{}-instances", self.application_id))
+    }
+
     /// Every store of a task, in the order a task's stores are indexed (`state::TaskStores`): the
     /// read-state store, then the conversation-heads store.
     pub fn stores(&self) -> Vec<&Store> {

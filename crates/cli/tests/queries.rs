@@ -15,6 +15,7 @@ use readstate::serde::LocalRegistry;
 use readstate_cli::App;
 use readstate_testing::fixtures::*;
 use readstate_testing::kafka;
+use readstate_testing::process::terminate;
 use serde_json::Value;
 use support::*;
 
@@ -291,7 +292,12 @@ fn the_openapi_document_holds_under_property_based_testing() {
     );
     let out = std::process::Command::new(&st)
         .args(["run", &format!("http://{addr}/openapi.yaml")])
-        .args(["--checks", "all", "--exclude-checks", "positive_data_acceptance"])
+        .args([
+            "--checks",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance",
+        ])
         .args(["--max-examples", "60", "--workers", "1"])
         .args(["--phases", "examples,coverage,fuzzing"])
         .args(["--seed", "7", "--no-color"])
@@ -305,4 +311,131 @@ fn the_openapi_document_holds_under_property_based_testing() {
     );
     assert!(out.status.success(), "schemathesis found problems:\n{text}");
     inst.stop();
+}
+
+/// Per key, in the order of its partition's offsets: (offset, seq) of every read event
+/// the source topic holds (the independent oracle of answers at a position).
+fn events_by_offset(env: &Env) -> HashMap<StateKey, Vec<(i64, i64)>> {
+    use readstate::serde::avro::EventDecoder;
+    let mut decoder = EventDecoder::new(Arc::new(LocalRegistry::new())).unwrap();
+    let records = kafka::read_all(&env.brokers(), &env.source, |m| {
+        use rdkafka::Message;
+        (m.offset(), m.payload().unwrap().to_vec())
+    });
+    let mut out: HashMap<StateKey, Vec<(i64, i64)>> = HashMap::new();
+    for (offset, payload) in records {
+        futures::executor::block_on(decoder.prepare(std::iter::once(Some(payload.as_slice()))))
+            .unwrap();
+        let e = decoder.decode(Some(&payload)).unwrap();
+        out.entry(e.key())
+            .or_default()
+            .push((offset, e.message_seq));
+    }
+    for v in out.values_mut() {
+        v.sort_unstable();
+    }
+    out
+}
+
+/// The oracle's (max seq, advances) of `events` up to `offset` (all with `None`).
+fn oracle_at(events: &[(i64, i64)], offset: Option<i64>) -> (i64, i64) {
+    let (mut max, mut advances) = (-1, 0);
+    for (o, seq) in events {
+        if offset.is_some_and(|at| *o > at) {
+            break;
+        }
+        if *seq > max {
+            (max, advances) = (*seq, advances + 1);
+        }
+    }
+    (max, advances)
+}
+
+/// An answer reflects at least the position it claims, and no more than everything.
+fn check_at_position(env: &Env, k: &StateKey, status: u16, body: &Value, events: &[(i64, i64)]) {
+    let p = body["partition"].as_i64().map(|p| p.to_string());
+    let at = p.and_then(|p| body["position"][&env.source][p].as_i64());
+    // No position claimed (no commit yet): nothing is promised but the upper bound.
+    let (lo_seq, lo_adv) = at.map_or((-1, 0), |o| oracle_at(events, Some(o)));
+    let (hi_seq, hi_adv) = oracle_at(events, None);
+    match status {
+        200 => {
+            let (seq, version) = (
+                body["last_read_seq"].as_i64().unwrap(),
+                body["version"].as_i64().unwrap(),
+            );
+            assert!(
+                (lo_seq..=hi_seq).contains(&seq) && (lo_adv..=hi_adv).contains(&version),
+                "{k:?} at position {at:?}: seq {seq} v{version}, the oracle says at least seq {lo_seq} v{lo_adv}, at most seq {hi_seq} v{hi_adv}"
+            );
+        }
+        404 => assert_eq!(
+            lo_seq, -1,
+            "{k:?}: not found at position {at:?}, where the oracle has seq {lo_seq}"
+        ),
+        _ => {}
+    }
+}
+
+/// On Apache Kafka: two `readstate run` processes serve the read API while events arrive;
+/// one is killed with kill -9 and started again. Every answer either of them gives is the
+/// oracle's state at or after the position it reports; at the end `min_position` with the
+/// last offsets gives the final state through either instance.
+#[test]
+fn answers_hold_their_position_on_apache_kafka_through_a_kill_9() {
+    let env = Env::real();
+    let topology = env.state.path().join("topology.toml");
+    std::fs::write(&topology, env.topology_text()).unwrap();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let serve = ["--metrics-addr", "127.0.0.1:0"];
+    let spawn = |i: usize| {
+        let log = dirs[i].path().join("readstate.log");
+        let _ = std::fs::remove_file(&log);
+        let child = spawn_cli_in(&env, &topology, dirs[i].path(), &serve);
+        (child, metrics_addr(&log))
+    };
+    let (mut a, addr_a) = spawn(0);
+    let (mut b, mut addr_b) = spawn(1);
+    let events = zipf_workload(44, 8_000);
+    let keys: Vec<StateKey> = oracle(&events).into_keys().collect();
+    let producer = kafka::produce_paced(env.brokers(), env.source.clone(), events.clone(), 100);
+    let mut answers: Vec<(StateKey, u16, Value)> = Vec::new();
+    let mut ask = |addr: SocketAddr, k: &StateKey| {
+        let path = format!("/v1/conversations/{}/readers/{}", k.conversation, k.reader);
+        if let Ok(raw) = readstate_testing::http_get(addr, &path) {
+            let status: u16 = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
+            let body = raw.split("\r\n\r\n").nth(1).unwrap_or_default();
+            answers.push((k.clone(), status, serde_json::from_str(body).unwrap()));
+        }
+    };
+    // Asked throughout the production (bounded), alternately of each instance.
+    for (i, k) in keys.iter().cycle().take(200_000).enumerate() {
+        if i > 1_000 && producer.is_finished() {
+            break;
+        }
+        ask(if i % 2 == 0 { addr_a } else { addr_b }, k);
+        if i == 500 {
+            eprintln!("queries: kill -9 of instance B, then a restart");
+            b.0.kill().unwrap();
+            b.0.wait().unwrap();
+            (b, addr_b) = spawn(1);
+        }
+    }
+    producer.join().unwrap();
+    let last = last_offsets(&env);
+    let want = oracle(&events);
+    wait_for(
+        "both instances to answer every key at the end",
+        Duration::from_secs(120),
+        || all_answered(addr_a, &env, &want, &last) && all_answered(addr_b, &env, &want, &last),
+    );
+    let by_key = events_by_offset(&env);
+    let answered = answers.iter().filter(|(_, s, _)| *s == 200).count();
+    for (k, status, body) in &answers {
+        check_at_position(&env, k, *status, body, &by_key[k]);
+    }
+    eprintln!("queries: {} answers during the run ({answered} with a state), each at or after its position", answers.len());
+    assert!(answered > 100, "too few answers to judge: {answered}");
+    terminate(&mut b);
+    terminate(&mut a);
 }

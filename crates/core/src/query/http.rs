@@ -39,7 +39,10 @@ pub fn openapi_for(ids: &IdTypes) -> String {
     };
     OPENAPI
         .replace("{type: string} # ids.user", schema(ids.user))
-        .replace("{type: string} # ids.conversation", schema(ids.conversation))
+        .replace(
+            "{type: string} # ids.conversation",
+            schema(ids.conversation),
+        )
 }
 
 /// Set on a request one instance forwards to another: the owner answers, never forwards.
@@ -302,7 +305,11 @@ fn respond<T: Serialize>(r: Result<T, QueryError>) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, None, None)
         }
         QueryError::BadRequest(_) => (StatusCode::BAD_REQUEST, None, None),
-        QueryError::NotFound { position, .. } => (StatusCode::NOT_FOUND, None, Some(position)),
+        QueryError::NotFound {
+            partition,
+            position,
+            ..
+        } => (StatusCode::NOT_FOUND, Some(*partition), Some(position)),
         QueryError::NotOwned { partition, .. } => {
             (StatusCode::MISDIRECTED_REQUEST, Some(*partition), None)
         }

@@ -32,7 +32,11 @@ pub enum QueryError {
     BadRequest(String),
     /// Nothing stored under the key at this position (404).
     #[error("{what}")]
-    NotFound { what: String, position: Position },
+    NotFound {
+        what: String,
+        partition: i32,
+        position: Position,
+    },
     /// Another instance owns the partition, or nobody yet (421: ask the owner).
     #[error("partition {partition} of {topic} is not owned by this instance")]
     NotOwned { topic: String, partition: i32 },
@@ -263,6 +267,7 @@ impl ReadStateQueries {
         let Some(bytes) = store.get(key.as_bytes())? else {
             return Err(QueryError::NotFound {
                 what: format!("no read state of reader {r} in conversation {c}"),
+                partition: p,
                 position: view.position,
             });
         };

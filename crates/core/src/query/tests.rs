@@ -177,7 +177,10 @@ fn bad_requests_name_what_is_wrong() {
     for (text, says) in [
         ("nope", "not topic:partition:offset"),
         ("", "not topic:partition:offset"),
-        (&format!("{input}:{p}:1,") as &str, "not topic:partition:offset"),
+        (
+            &format!("{input}:{p}:1,") as &str,
+            "not topic:partition:offset",
+        ),
         (
             &format!("{input}:{p}:-1") as &str,
             "not topic:partition:offset",

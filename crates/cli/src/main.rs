@@ -145,7 +145,8 @@ struct BenchArgs {
     sink_connections: usize,
     /// Only these figures (comma-separated: keys, core, json, ids, unread, senders, e2e,
     /// versus, startup, restore, sink); all by default. `latency` and `sink-outage`
-    /// (minutes long, need --brokers and DATABASE_URL) run only when named.
+    /// (minutes long, need --brokers and DATABASE_URL) and `queries` (the read API, needs
+    /// --brokers) run only when named.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Run the end-to-end figure on this Kafka (e.g. what `scripts/kafka start` prints)
@@ -180,6 +181,18 @@ struct LongRunArgs {
     /// Seconds of steady state before the outage, and of production after it.
     #[arg(long, default_value_t = 60)]
     outage_margin_seconds: u64,
+    /// Requests per second of the "queries" latency figures (the read API).
+    #[arg(long, default_value_t = 20_000)]
+    query_rate: u64,
+    /// Seconds of each "queries" latency figure.
+    #[arg(long, default_value_t = 10)]
+    query_seconds: u64,
+    /// Read states in the store of the "queries" figures.
+    #[arg(long, default_value_t = 1_000_000)]
+    query_keys: u64,
+    /// Read events per second arriving during the "queries" figures.
+    #[arg(long, default_value_t = 5_000)]
+    query_input_rate: u64,
 }
 
 /// The "versus" figure's settings (readstate against the Kafka Streams yardstick).
@@ -739,6 +752,29 @@ fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.only.iter().any(|o| o == "sink-outage") {
         sink_outage(&args, &spec)?;
+    }
+    if args.only.iter().any(|o| o == "queries") {
+        queries(&args)?;
+    }
+    Ok(())
+}
+
+/// The read API's figures, when named in --only.
+fn queries(args: &BenchArgs) -> anyhow::Result<()> {
+    let Some(brokers) = &args.brokers else {
+        println!("queries figures skipped: need --brokers (scripts/bench)");
+        return Ok(());
+    };
+    let l = &args.long_runs;
+    let q = readstate_tools::bench::queries::Queries {
+        keys: l.query_keys,
+        rate: l.query_rate,
+        duration: Duration::from_secs(l.query_seconds),
+        input_rate: l.query_input_rate,
+        partitions: 8,
+    };
+    for f in readstate_tools::bench::queries::queries(brokers, &q)? {
+        println!("{}", f.render());
     }
     Ok(())
 }

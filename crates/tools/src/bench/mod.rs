@@ -19,6 +19,7 @@
 pub mod ids;
 pub mod latency;
 pub mod outage;
+pub mod queries;
 pub mod startup;
 pub mod unread;
 pub mod versus;

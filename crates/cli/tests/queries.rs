@@ -30,7 +30,10 @@ fn env() -> Env {
 
 /// Start an instance serving the read API on 127.0.0.1:0.
 fn start_serving(env: &Env, dir: &std::path::Path) -> (Instance, SocketAddr) {
-    let cfg = env.config(dir, Arc::new(LocalRegistry::new()), &env.props);
+    serve_config(env.config(dir, Arc::new(LocalRegistry::new()), &env.props))
+}
+
+fn serve_config(cfg: readstate::runtime::RunConfig) -> (Instance, SocketAddr) {
     let app = App::new(cfg)
         .with_metrics("127.0.0.1:0".parse().unwrap())
         .start()
@@ -41,7 +44,8 @@ fn start_serving(env: &Env, dir: &std::path::Path) -> (Instance, SocketAddr) {
 
 /// GET `path`: the status and the JSON body.
 fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
-    let raw = readstate_testing::http_get(addr, path).expect("the instance answers");
+    let raw = readstate_testing::http_get(addr, path)
+        .unwrap_or_else(|e| panic!("{addr}{path}: the instance does not answer: {e}"));
     let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
     let body = raw.split("\r\n\r\n").nth(1).unwrap_or_default();
     let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {raw}"));
@@ -63,14 +67,14 @@ fn reader_at(addr: SocketAddr, env: &Env, k: &StateKey, last: &BTreeMap<i32, i64
     let (c, r) = (&k.conversation, &k.reader);
     let (status, body) = get(
         addr,
-        &format!("/v1/conversations/{c}/readers/{r}?timeout_ms=30000"),
+        &format!("/v1/conversations/{c}/readers/{r}?timeout_ms=5000"),
     );
     if status != 200 {
         return (status, body);
     }
     let p = body["partition"].as_i64().unwrap() as i32;
     let path = format!(
-        "/v1/conversations/{}/readers/{}?min_position={}:{p}:{}&timeout_ms=30000",
+        "/v1/conversations/{}/readers/{}?min_position={}:{p}:{}&timeout_ms=5000",
         k.conversation, k.reader, env.source, last[&p]
     );
     get(addr, &path)
@@ -266,6 +270,64 @@ fn any_instance_answers_through_the_owner_and_bad_requests_are_named() {
     );
     c.stop();
     b.stop();
+    a.stop();
+}
+
+/// A partition that restores answers 503, or with `allow_stale` its stores as they are,
+/// flagged stale and never ahead of the oracle; once restored, the exact state again.
+#[test]
+fn a_restoring_partition_answers_stale_only_when_asked() {
+    let env = env();
+    let events = zipf_workload(45, 1_500);
+    env.produce(&events, 0);
+    let last = last_offsets(&env);
+    let want = oracle(&events);
+    let dir = tempfile::tempdir().unwrap();
+    let (a, addr) = start_serving(&env, dir.path());
+    wait_for("every key answered", Duration::from_secs(60), || {
+        all_answered(addr, &env, &want, &last)
+    });
+    a.stop();
+    // The state is gone: the next start restores every store from its changelog, a few
+    // records per step.
+    std::fs::remove_dir_all(dir.path().join(&env.app)).unwrap();
+    let mut cfg = env.config(dir.path(), Arc::new(LocalRegistry::new()), &env.props);
+    cfg.restore_batch = 10;
+    let (a, addr) = serve_config(cfg);
+    let (mut refused, mut stale) = (0, 0);
+    wait_for(
+        "a refusal and a stale answer while restoring",
+        Duration::from_secs(60),
+        || {
+            for (k, x) in &want {
+                let path = format!("/v1/conversations/{}/readers/{}", k.conversation, k.reader);
+                let (status, body) = get(addr, &path);
+                refused += usize::from(
+                    status == 503 && body["error"].as_str().unwrap().contains("restoring"),
+                );
+                let (status, body) = get(addr, &format!("{path}?allow_stale=true"));
+                if status == 200 && body["stale"] == true {
+                    let seq = body["last_read_seq"].as_i64().unwrap();
+                    assert!(
+                        seq <= x.max_seq,
+                        "{k:?}: stale seq {seq} ahead of the oracle's {}",
+                        x.max_seq
+                    );
+                    assert!(body["position"].as_object().unwrap().is_empty(), "{body}");
+                    stale += 1;
+                }
+                if refused > 0 && stale > 0 {
+                    return true;
+                }
+            }
+            false
+        },
+    );
+    wait_for(
+        "every key answered once restored",
+        Duration::from_secs(120),
+        || all_answered(addr, &env, &want, &last),
+    );
     a.stop();
 }
 

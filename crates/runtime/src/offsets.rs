@@ -87,6 +87,12 @@ impl SourceOffsets {
         self.committed.extend(entries);
     }
 
+    /// The group's committed offset of `tp` as the broker told it (kept unless this
+    /// instance committed since).
+    pub(super) fn learn_committed(&mut self, tp: TopicPartition, offset: i64) {
+        self.committed.entry(tp).or_insert(offset);
+    }
+
     /// Forget what was processed of `tp` but not committed (its records are read again).
     pub(super) fn drop_position(&mut self, tp: &TopicPartition) {
         if let Some(pos) = self.positions.get_mut(&tp.0) {

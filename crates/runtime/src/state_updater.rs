@@ -6,6 +6,7 @@
 //! is handed back, ready to run.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::changelog_reader::{ChangelogReader, Restored};
@@ -13,7 +14,7 @@ use super::state_manager::{check_checkpoint, CheckpointCheck, StateManager};
 use super::RuntimeError;
 use crate::ids::TaskId;
 use crate::processor::ProcessorSupplier;
-use crate::state::{read_checkpoint, KeyValueStore};
+use crate::state::{read_checkpoint, KeyValueStore, StoreReader};
 
 /// A task whose stores are all restored: ready to start.
 pub(super) struct ReadyTask {
@@ -36,6 +37,9 @@ pub(super) struct StateUpdater {
     restored: BTreeMap<i32, Vec<Option<Restored>>>,
     /// Stores wiped because their checkpoint lay outside their changelog.
     pub(super) corrupted: u64,
+    /// Readers of the stores of tasks not ready yet, by partition (indexed as the task's
+    /// stores): stale reads while they restore.
+    opened: BTreeMap<i32, Vec<Option<Arc<dyn StoreReader>>>>,
 }
 
 impl StateUpdater {
@@ -51,6 +55,7 @@ impl StateUpdater {
             to_open: Vec::new(),
             restored: BTreeMap::new(),
             corrupted: 0,
+            opened: BTreeMap::new(),
         }
     }
 
@@ -129,6 +134,7 @@ impl StateUpdater {
         index: usize,
         store: Box<dyn KeyValueStore>,
     ) -> Result<Option<Restored>, RuntimeError> {
+        self.note_opened(id.partition, index, &*store);
         let Some(reader) = self.reader.as_mut().filter(|r| r.has_changelog(index)) else {
             return Ok(Some(Restored {
                 task: id,
@@ -147,12 +153,25 @@ impl StateUpdater {
                 self.corrupted += 1;
                 drop(store);
                 self.state.wipe_store(id, index)?;
-                (self.state.open(id, index)?, low)
+                let store = self.state.open(id, index)?;
+                self.note_opened(id.partition, index, &*store);
+                (store, low)
             }
         };
         let restorer = supplier.restorer(index, &*store)?;
         let reader = self.reader.as_mut().expect("checked above");
         reader.register(id, index, store, restorer, from, high)
+    }
+
+    fn note_opened(&mut self, p: i32, index: usize, store: &dyn KeyValueStore) {
+        let n = self.state.stores().len();
+        let slots = (self.opened.entry(p)).or_insert_with(|| vec![None; n]);
+        slots[index] = Some(store.reader());
+    }
+
+    /// The readers of task `p`'s stores while it restores (every store opened).
+    pub(super) fn restoring_readers(&self, p: i32) -> Option<Vec<Arc<dyn StoreReader>>> {
+        self.opened.get(&p)?.iter().cloned().collect()
     }
 
     /// Apply one step of every running restore; the tasks that became ready.
@@ -184,6 +203,7 @@ impl StateUpdater {
             return None;
         }
         let done: Vec<Restored> = self.restored.remove(&p)?.into_iter().flatten().collect();
+        self.opened.remove(&p);
         let id = done[0].task;
         let records = done.iter().map(|r| r.records).sum();
         let elapsed = done.iter().map(|r| r.elapsed).max().unwrap_or_default();
@@ -201,6 +221,7 @@ impl StateUpdater {
     pub(super) fn revoke(&mut self, p: i32) {
         self.to_open.retain(|q| *q != p);
         self.restored.remove(&p);
+        self.opened.remove(&p);
         if let Some(r) = self.reader.as_mut() {
             r.remove(p);
         }
@@ -242,11 +263,13 @@ impl StateUpdater {
             }
         }
         self.to_open.clear();
+        self.opened.clear();
         (lost, failed)
     }
 
     /// Nothing more will be opened (shutdown).
     pub(super) fn clear(&mut self) {
         self.to_open.clear();
+        self.opened.clear();
     }
 }

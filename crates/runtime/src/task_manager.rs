@@ -19,6 +19,7 @@
 //! fetched are dropped, and the partition is rewound to the first of them when it resumes.
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::TopicPartitionList;
 
 use super::active_task_creator::ActiveTaskCreator;
 use super::changelog_reader::ChangelogReader;
@@ -49,6 +50,9 @@ pub(super) struct TaskManager {
     readiness: Readiness,
     /// What queries see of the tasks: published at each change and commit.
     queryable: std::sync::Arc<QueryableStores>,
+    /// Input partitions whose committed offset was asked of the broker since the last
+    /// assignment (asked once, even when the group has none).
+    committed_asked: std::collections::BTreeSet<TopicPartition>,
     /// Set when tasks are in an unknown state: the poll loop stops the instance.
     pub(super) fatal: Option<String>,
     /// An error inside a rebalance callback (which cannot return one): the poll loop
@@ -101,6 +105,7 @@ impl TaskManager {
             owner,
             readiness: Readiness::new(config.health.clone()),
             queryable: config.queryable.clone(),
+            committed_asked: Default::default(),
             fatal: None,
             deferred: None,
         })
@@ -178,6 +183,7 @@ impl TaskManager {
             }
         }
         self.counts.assignments += 1;
+        self.committed_asked.clear();
         metrics::counter!("readstate_rebalances_total").increment(1);
         self.take_on(parts)
     }
@@ -217,7 +223,7 @@ impl TaskManager {
                 continue;
             }
             self.updater.queue(*p);
-            self.queryable.restoring(*p);
+            self.queryable.restoring(*p, Vec::new());
             let tps = std::iter::once((topic.clone(), *p)).chain(self.tasks.side_partitions(*p));
             for tp in tps {
                 self.parking.mark(tp.clone(), ParkReason::Restoring, None);
@@ -236,6 +242,12 @@ impl TaskManager {
     ) -> Result<(), RuntimeError> {
         for ready in self.updater.open_queued(self.creator.supplier())? {
             self.start_task(consumer, ready)?;
+        }
+        // Tasks restoring from now on can be read, stale, from their stores.
+        for p in self.queryable.restoring_partitions() {
+            if let Some(readers) = self.updater.restoring_readers(p) {
+                self.queryable.restoring(p, readers);
+            }
         }
         self.update_readiness();
         Ok(())
@@ -291,11 +303,37 @@ impl TaskManager {
             .collect()
     }
 
-    /// Queries see the tasks a commit made durable at their new positions.
-    fn publish_committed(&self) {
-        let offsets = &self.executor.offsets;
-        let committed: Vec<_> = (self.tasks.running.keys())
+    /// Queries see the tasks a commit made durable at their new positions: the offsets
+    /// they committed. A task that has committed nothing since it started (idle since a
+    /// restart) is at the group's committed offsets, asked of the broker once.
+    fn publish_committed<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        let inputs: Vec<TopicPartition> = (self.tasks.running.keys())
             .flat_map(|p| self.tasks.inputs_of(*p))
+            .collect();
+        let offsets = &mut self.executor.offsets;
+        let asked = &mut self.committed_asked;
+        let unknown: Vec<&TopicPartition> = (inputs.iter())
+            .filter(|tp| offsets.committed(tp).is_none() && asked.insert((*tp).clone()))
+            .collect();
+        if !unknown.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for (t, p) in &unknown {
+                tpl.add_partition(t, *p);
+            }
+            match consumer.committed_offsets(tpl, std::time::Duration::from_secs(2)) {
+                Ok(got) => {
+                    for e in got.elements() {
+                        if let rdkafka::Offset::Offset(o) = e.offset() {
+                            offsets.learn_committed((e.topic().to_owned(), e.partition()), o);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "committed offsets unknown: positions wait for a commit")
+                }
+            }
+        }
+        let committed: Vec<_> = (inputs.into_iter())
             .filter_map(|tp| Some((offsets.committed(&tp)?, tp)))
             .map(|(next, tp)| (tp, next))
             .collect();
@@ -455,6 +493,7 @@ impl TaskManager {
     ) -> std::collections::HashMap<TopicPartition, i64> {
         // Only what is owned now is a lost task (a repeated loss finds nothing).
         let committed = self.executor.abandon();
+        self.committed_asked.clear();
         let wipe = loss == Loss::Left && !self.executor.is_exactly_once();
         let (lost, failed) = self.updater.lose_all(self.tasks.clear(), wipe);
         if let Some(why) = failed {
@@ -510,7 +549,7 @@ impl TaskManager {
         metrics::gauge!("readstate_rocksdb_memory_bytes").set(rocks);
         match outcome {
             Ok(CommitOutcome::Committed) => {
-                self.publish_committed();
+                self.publish_committed(consumer);
                 Ok(())
             }
             Ok(CommitOutcome::Aborted) => Ok(()),

@@ -233,7 +233,7 @@ fn common(
     params: &HashMap<String, String>,
     own: &[&str],
 ) -> Result<(ConversationId, Freshness), QueryError> {
-    let mut known = vec!["min_position", "timeout_ms", "forward"];
+    let mut known = vec!["min_position", "timeout_ms", "forward", "allow_stale"];
     known.extend_from_slice(own);
     if let Some(k) = params.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(QueryError::BadRequest(format!(
@@ -241,13 +241,12 @@ fn common(
             known.join(", ")
         )));
     }
-    if let Some(v) = params
-        .get("forward")
-        .filter(|v| *v != "true" && *v != "false")
-    {
-        return Err(QueryError::BadRequest(format!(
-            "forward must be true or false, not {v:?}"
-        )));
+    for flag in ["forward", "allow_stale"] {
+        if let Some(v) = params.get(flag).filter(|v| *v != "true" && *v != "false") {
+            return Err(QueryError::BadRequest(format!(
+                "{flag} must be true or false, not {v:?}"
+            )));
+        }
     }
     let c = q.conversation(c)?;
     let min_position = match params.get("min_position") {
@@ -259,6 +258,7 @@ fn common(
     let fresh = Freshness {
         min_position,
         timeout,
+        allow_stale: params.get("allow_stale").is_some_and(|v| v == "true"),
     };
     Ok((c, fresh))
 }

@@ -67,6 +67,9 @@ pub struct Freshness {
     pub min_position: Position,
     /// How long to wait for `min_position`.
     pub timeout: Duration,
+    /// A task that restores may answer from its stores as they are (flagged stale),
+    /// when no `min_position` is asked.
+    pub allow_stale: bool,
 }
 
 /// One reader's state in a conversation, as stored.
@@ -98,6 +101,10 @@ pub struct Answer<T> {
     pub partition: i32,
     /// `{topic: {partition: offset}}`: the last offset of each input the answer reflects.
     pub position: PositionJson,
+    /// Read from a task that restores (asked with `allow_stale`): behind the inputs, by an
+    /// unknown amount; no position is claimed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stale: bool,
     #[serde(flatten)]
     pub value: T,
 }
@@ -229,7 +236,12 @@ impl ReadStateQueries {
                 topic: self.task_topic.clone(),
                 partition: p,
             })?;
-            if view.status == TaskStatus::Restoring && fresh.timeout.is_zero() {
+            let restoring = view.status == TaskStatus::Restoring;
+            let stale_ok = fresh.allow_stale && fresh.min_position.is_empty();
+            if restoring && stale_ok && !view.stores.is_empty() {
+                return Ok((p, view));
+            }
+            if restoring && fresh.timeout.is_zero() {
                 return Err(QueryError::Restoring { partition: p });
             }
             if view.status == TaskStatus::Running && reaches(&view.position, &fresh.min_position) {
@@ -419,6 +431,7 @@ fn answer<T>(c: &ConversationId, p: i32, view: &TaskView, value: T) -> Answer<T>
         conversation: c.0.clone(),
         partition: p,
         position: position_json(&view.position),
+        stale: view.status == TaskStatus::Restoring,
         value,
     }
 }

@@ -135,7 +135,7 @@ fn ownership_restores_and_positions_decide_whether_to_answer() {
     let r = ReaderId::from(1);
     let owned = block(q.reader_state(&c, &r, &now()));
     assert!(matches!(owned, Err(QueryError::NotOwned { partition, .. }) if partition == p));
-    stores.restoring(p);
+    stores.restoring(p, Vec::new());
     let restoring = block(q.reader_state(&c, &r, &now()));
     assert!(matches!(restoring, Err(QueryError::Restoring { .. })));
     stores.running(p, kv.iter().map(|s| s.reader()).collect(), Position::new());
@@ -144,6 +144,7 @@ fn ownership_restores_and_positions_decide_whether_to_answer() {
     let fresh = Freshness {
         min_position: q.min_position(&c, &text).unwrap(),
         timeout: Duration::from_millis(50),
+        allow_stale: false,
     };
     let behind = block(q.reader_state(&c, &r, &fresh));
     assert!(
@@ -165,6 +166,38 @@ fn ownership_restores_and_positions_decide_whether_to_answer() {
     assert!(
         matches!(answered, Err(QueryError::NotFound { ref position, .. }) if position[&(input.clone(), p)] == 10),
         "{answered:?}"
+    );
+}
+
+#[test]
+fn a_restoring_task_answers_stale_only_when_allowed() {
+    let c = ConversationId::from(7);
+    let (q, stores, mut kv, p) = setup(&c);
+    put_state(&mut kv[0], &c, 1, 3);
+    stores.restoring(p, kv.iter().map(|s| s.reader()).collect());
+    let r = ReaderId::from(1);
+    let strict = block(q.reader_state(&c, &r, &now()));
+    assert!(
+        matches!(strict, Err(QueryError::Restoring { .. })),
+        "{strict:?}"
+    );
+    let stale = Freshness {
+        allow_stale: true,
+        ..now()
+    };
+    let a = block(q.reader_state(&c, &r, &stale)).unwrap();
+    assert!(a.stale && a.position.is_empty());
+    assert_eq!(a.value.last_read_seq, 3);
+    // A position asked for cannot be promised by a task that restores.
+    let text = format!("{}:{p}:0", q.task_topic);
+    let asked = Freshness {
+        min_position: q.min_position(&c, &text).unwrap(),
+        ..stale
+    };
+    let behind = block(q.reader_state(&c, &r, &asked));
+    assert!(
+        matches!(behind, Err(QueryError::Restoring { .. })),
+        "{behind:?}"
     );
 }
 

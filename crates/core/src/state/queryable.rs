@@ -84,18 +84,24 @@ impl QueryableStores {
         self.partitions.store(partitions, Ordering::Release);
     }
 
-    /// Task `partition` restores its stores.
-    pub fn restoring(&self, partition: i32) {
+    /// Task `partition` restores its stores (`stores`, once opened; none before).
+    pub fn restoring(&self, partition: i32, stores: Vec<Arc<dyn StoreReader>>) {
         self.update(|t| {
-            t.insert(
-                partition,
-                TaskView {
-                    status: TaskStatus::Restoring,
-                    stores: Vec::new(),
-                    position: Position::new(),
-                },
-            );
+            let view = TaskView {
+                status: TaskStatus::Restoring,
+                stores,
+                position: Position::new(),
+            };
+            t.insert(partition, view);
         });
+    }
+
+    /// The partitions whose tasks restore.
+    pub fn restoring_partitions(&self) -> Vec<i32> {
+        (self.read().iter())
+            .filter(|(_, t)| t.status == TaskStatus::Restoring)
+            .map(|(p, _)| *p)
+            .collect()
     }
 
     /// Task `partition` runs over `stores`, which reflect at least `position`.
@@ -151,7 +157,7 @@ mod tests {
     fn tasks_restore_run_advance_and_go() {
         let q = QueryableStores::default();
         let mut rx = q.subscribe();
-        q.restoring(3);
+        q.restoring(3, Vec::new());
         assert_eq!(q.task(3).unwrap().status, TaskStatus::Restoring);
         assert!(rx.has_changed().unwrap());
         rx.mark_unchanged();

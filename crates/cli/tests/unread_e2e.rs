@@ -326,12 +326,6 @@ fn instances_joining_and_leaving(env: Env) {
     let (pa, pb) = (cfg_a.progress.clone(), cfg_b.progress.clone());
     let a = launch(cfg_a);
     env.produce(chunks[0]);
-    let b = launch(cfg_b);
-    env.produce(chunks[1]);
-    // Both run tasks (under KIP-848, B holds both halves of a pair before its task runs),
-    // and A has committed updates of its own: its changelog holds what B must restore. (A
-    // stopped as soon as both ran tasks had sometimes consumed nothing yet: when both
-    // joined in one generation, B then had nothing of A's to restore.)
     let (running, emitted) = (
         |p: &Arc<readstate::telemetry::Progress>| {
             readstate::telemetry::Progress::get(&p.tasks_running)
@@ -340,12 +334,24 @@ fn instances_joining_and_leaving(env: Env) {
             readstate::telemetry::Progress::get(&p.updates_emitted)
         },
     );
+    // A alone has committed updates of its own before B joins: its changelog holds what
+    // B must restore. (B launched at once joined A's first generation at times; when A's
+    // commits of that generation were refused by the rebalance and A kept its partitions,
+    // it had nothing new to emit, and the wait for its updates could not end.)
     wait::wait_for(
-        "A and B to share the tasks, A having committed updates",
+        "A to commit updates",
+        std::time::Duration::from_secs(90),
+        || emitted(&pa) > 0,
+    );
+    let b = launch(cfg_b);
+    env.produce(chunks[1]);
+    // Both run tasks (under KIP-848, B holds both halves of a pair before its task runs).
+    wait::wait_for(
+        "A and B to share the tasks",
         std::time::Duration::from_secs(90),
         || {
             let shared = running(&pa) > 0 && running(&pb) > 0;
-            shared && running(&pa) + running(&pb) == PARTS as u64 && emitted(&pa) > 0
+            shared && running(&pa) + running(&pb) == PARTS as u64
         },
     );
     let sa = a.stop();

@@ -558,7 +558,8 @@ fn bench_producer(
         );
     }
     let changelog = format!("{}-read-state-changelog", names.app);
-    for t in [&names.events, &names.updates, &changelog] {
+    let rerouted = format!("{}-events-rerouted", names.app);
+    for t in [&names.events, &names.updates, &changelog, &rerouted] {
         mock.create_topic(t, partitions, 1).map_err(other)?;
     }
     mock.create_topic(&format!("{}-dlq", names.app), 1, 1)

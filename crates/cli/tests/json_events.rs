@@ -77,14 +77,9 @@ fn json_of(e: &ReadEvent) -> String {
 /// environment's internal topics are; with its PostgreSQL sink (into the `read_receipts`
 /// table, in small, quick batches) or without.
 fn topology(env: &Env, postgres: bool) -> String {
-    let mut t = Shipped::load("json_read_receipts.toml")
+    let t = Shipped::load("json_read_receipts.toml")
         .rename("source.read-receipt-events", "read-events")
         .into_env(env, "read-events", "receipt-updates");
-    if env.keyed_by.is_none() {
-        // Read as they are: a record Sarama placed otherwise than readstate's FNV-1a would
-        // be a `misrouted` dead letter (which fails the test), not rerouted.
-        t = t.set("source.read-events.on_misrouted", "dead-letter");
-    }
     match postgres {
         true => t
             .set("sink.postgres.table", "read_receipts")

@@ -749,7 +749,7 @@ fn real_broker_exactly_once_rerouted_messages_across_a_kill_9_keep_counts_exact(
     );
 }
 
-/// The same with `on_misrouted = "dead-letter"`: every misrouted message is a `misrouted`
+/// The same with `on_misrouted = "dead-letter"` (the default): every misrouted message is a `misrouted`
 /// dead letter, none is folded into a task that does not own its conversation: the
 /// conversations placed alike get exact counts, the others no head at all (never wrong
 /// counts), and every pointer is exact.

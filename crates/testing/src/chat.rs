@@ -11,16 +11,14 @@ use readstate_tools::loadgen::chat::ChatEvent;
 use crate::fixtures::Shipped;
 use crate::kafka;
 
-/// The internal topics of the chat topologies (`read_state_with_unread.toml`, and
-/// `receipts_for_senders.toml`'s members source) but the dead letters', after
-/// `<application id>-`: what a test makes on a mock cluster, which does not answer
-/// CreateTopics.
-pub const INTERNAL_TOPICS: [&str; 5] = [
+/// The internal topics of the chat topologies (`read_state_with_unread.toml`) but the dead
+/// letters', after `<application id>-`: what a test makes on a mock cluster, which does
+/// not answer CreateTopics.
+pub const INTERNAL_TOPICS: [&str; 4] = [
     "read-state-changelog",
     "head-state-changelog",
     "read-events-rerouted",
     "message-events-rerouted",
-    "members-rerouted",
 ];
 
 /// The topics of one test.

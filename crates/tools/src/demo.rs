@@ -330,13 +330,10 @@ pub fn run_demo(cfg: DemoConfig) -> Result<DemoReport, DemoError> {
             for t in [source, output, &format!("{app}-read-state-changelog")] {
                 mock.create_topic(t, cfg.partitions, 1)?;
             }
-            // Keyed by sender, the JSON source is repartitioned; the Avro one, read as it
-            // is, reroutes misrouted records.
-            let internal = match cfg.json {
-                true => format!("{app}-read-events-repartition"),
-                false => format!("{app}-read-events-rerouted"),
-            };
-            mock.create_topic(&internal, cfg.partitions, 1)?;
+            if cfg.json {
+                let repartition = format!("{app}-read-events-repartition");
+                mock.create_topic(&repartition, cfg.partitions, 1)?;
+            }
             mock.create_topic(&format!("{app}-dlq"), 1, 1)?;
             eprintln!(
                 "==> embedded Kafka-protocol broker (MockCluster) on {brokers}, {} partitions",

@@ -89,9 +89,9 @@ pub struct SourceSpec {
     /// folds is checked against it; see `on_misrouted` for one found on another partition.
     pub partitioner: Option<String>,
     /// A record found on another partition than `partitioner` puts its conversation on:
-    /// "repartition" (the default: produced to the internal topic `<id>-<name>-rerouted`,
-    /// on the partition it belongs on, and folded by the task that owns its conversation)
-    /// or "dead-letter" (reason `misrouted`).
+    /// "repartition" (produced to the internal topic `<id>-<name>-rerouted`, on the
+    /// partition it belongs on, and folded by the task that owns its conversation) or
+    /// "dead-letter" (reason `misrouted`, the default).
     pub on_misrouted: Option<String>,
 }
 

@@ -3,8 +3,7 @@
 //! Co-partitioned sources meet in one task only if every producer put a conversation's
 //! records on the same partition. Each source declares the partitioner its producers use;
 //! a task checks every record it folds against it (see `processor::node`), and a record
-//! found elsewhere is rerouted to the partition it belongs on, or is a dead letter
-//! (`misrouted`), never folded into the wrong task.
+//! found elsewhere is a dead letter (`misrouted`), never folded into the wrong task.
 //!
 //! The functions follow the clients bit for bit; `tests::agrees_with_librdkafka` checks
 //! them against librdkafka's own partitioners through a producer.

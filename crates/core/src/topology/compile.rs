@@ -24,7 +24,7 @@ pub(super) fn compile_spec(
 ) -> Option<Topology> {
     let app = application(spec, errs);
     let ids = super::fields::id_types(spec, errs);
-    let (mut sources, messages) = sources(spec, &app.prefix, &ids, errs);
+    let (sources, messages) = sources(spec, &app.prefix, &ids, errs);
     let members = members_source(spec, &app.prefix, &sources, messages.as_ref(), errs);
     let stores = stores(spec, &app.prefix, errs);
     let resolving = resolving_source(&sources);
@@ -32,11 +32,6 @@ pub(super) fn compile_spec(
     let sides: Vec<Source> = messages.iter().chain(&members).cloned().collect();
     check_inputs(spec, &processors, &sources, &sides, errs);
     check_custom_sources(spec, &processors, errs);
-    if processors.iter().any(|p| p.kind != READ_STATE_KIND) {
-        // A custom processor's records are not checked for their partition: none is
-        // rerouted.
-        sources.iter_mut().for_each(|s| s.rerouted_topic = None);
-    }
     let kafka = kafka_sinks(
         spec,
         &processors,
@@ -333,12 +328,13 @@ fn partitioner(at: &str, s: &config::SourceSpec, errs: &mut Errors) -> Partition
     }
 }
 
-/// Where the source's misrouted records go (`on_misrouted`): its rerouted topic (the
-/// default), or none (dead letters). A repartitioned source is placed by readstate itself: never misrouted.
+/// Where the source's misrouted records go (`on_misrouted`): its rerouted topic, or none
+/// (dead letters). A repartitioned source is placed by readstate itself: never misrouted.
 ///
-/// The default is rerouting. It adds a co-partitioned topic to the tasks, so under the
-/// classic group protocol a single source's rebalances turn eager (range) instead of
-/// cooperative; `"dead-letter"` keeps them cooperative.
+/// The default is dead letters. Rerouting adds a co-partitioned topic to the tasks: a
+/// single source's rebalances turn eager (range) instead of cooperative, and in a join and
+/// leave test of a message topology (4 co-partitioned topics on the mock broker) one
+/// instance sometimes ran its tasks without consuming, a cause not found yet.
 fn rerouted_topic(
     at: &str,
     s: &config::SourceSpec,
@@ -348,7 +344,7 @@ fn rerouted_topic(
     errs: &mut Errors,
 ) -> Option<TopicName> {
     let reroute = match s.on_misrouted.as_deref() {
-        None => true,
+        None => false,
         Some("repartition") => true,
         Some("dead-letter") => false,
         Some(other) => {
@@ -807,7 +803,6 @@ fn check_custom_sources(spec: &TopologySpec, processors: &[ReadStateNode], errs:
                 ("keyed_by", s.keyed_by.is_some()),
                 ("records", s.records.is_some()),
                 ("partitioner", s.partitioner.is_some()),
-                ("on_misrouted", s.on_misrouted.is_some()),
             ];
             errs.refuse_set(
                 &format!("source[{i}]"),

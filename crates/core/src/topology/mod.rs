@@ -112,9 +112,8 @@ pub struct Source {
     /// The partitioner of the source's producers (over the conversation id as text).
     pub partitioner: Partitioner,
     /// Where a record found on another partition than `partitioner` puts it is produced,
-    /// on the partition it belongs on (`on_misrouted = "repartition"`, the default);
-    /// `None` (`"dead-letter"`, a repartitioned source, or a custom processor's): such a
-    /// record is a `misrouted` dead letter.
+    /// on the partition it belongs on (`on_misrouted = "repartition"`); `None` (the
+    /// default): such a record is a `misrouted` dead letter.
     pub rerouted_topic: Option<TopicName>,
     /// How its values are written.
     pub format: SourceFormat,
@@ -508,7 +507,6 @@ topic = "chat.receipt-updates"
         assert_eq!(
             internal,
             [
-                ("rr-events-rerouted".to_owned(), false),
                 ("rr-read-state-changelog".to_owned(), true),
                 ("rr-dlq".to_owned(), false)
             ]
@@ -531,28 +529,31 @@ topic = "chat.receipt-updates"
     }
 
     #[test]
-    fn misrouted_records_are_rerouted_unless_dead_letters_are_asked_for() {
-        // Rerouted by default, as when asked.
-        let default = compile(GOOD).unwrap().rerouted_topics();
-        assert_eq!(default, [TopicName::from("rr-events-rerouted")]);
+    fn misrouted_records_are_rerouted_where_asked_for() {
+        // Dead letters by default (no co-partitioned rerouted topic).
+        assert!(compile(GOOD).unwrap().rerouted_topics().is_empty());
         let rerouted = GOOD.replace(
             "topic = \"chat.read-events\"",
             "topic = \"chat.read-events\"\non_misrouted = \"repartition\"",
         );
         let t = compile(&rerouted).unwrap();
-        assert_eq!(t.rerouted_topics(), default);
+        assert_eq!(t.rerouted_topics(), [TopicName::from("rr-events-rerouted")]);
         assert!(t.sources[0].feeds_from("rr-events-rerouted"));
         assert!(t
             .internal_topics()
             .contains(&(TopicName::from("rr-events-rerouted"), false)));
-        // With a message source too, each source reroutes unless told otherwise.
-        let unread = include_str!("../../../../topologies/read_state_with_unread.toml");
-        let dead_letters = unread.replace(
+        // With a message source too, each source reroutes when asked.
+        let unread = include_str!("../../../../topologies/read_state_with_unread.toml").replace(
             "partitioner = \"murmur2\"",
-            "partitioner = \"murmur2\"\non_misrouted = \"dead-letter\"",
+            "partitioner = \"murmur2\"\non_misrouted = \"repartition\"",
         );
-        assert!(compile(&dead_letters).unwrap().rerouted_topics().is_empty());
-        let names: Vec<String> = (compile(unread).unwrap().rerouted_topics().into_iter())
+        assert!(compile(include_str!(
+            "../../../../topologies/read_state_with_unread.toml"
+        ))
+        .unwrap()
+        .rerouted_topics()
+        .is_empty());
+        let names: Vec<String> = (compile(&unread).unwrap().rerouted_topics().into_iter())
             .map(|t| t.0)
             .collect();
         assert_eq!(
@@ -618,9 +619,7 @@ topic = "chat.receipt-updates"
             .replace("kind = \"read-state\"", "kind = \"last-seen\"")
             .replace("min_emit_interval = \"30s\"\n", "");
         let kinds = [READ_STATE_KIND, "last-seen"];
-        let t = compile_with_kinds(&custom, &kinds).unwrap();
-        // Its records are not checked for their partition, so none is rerouted.
-        assert!(t.rerouted_topics().is_empty(), "{:?}", t.rerouted_topics());
+        assert!(compile_with_kinds(&custom, &kinds).is_ok());
         let keyed = custom.replace(
             "topic = \"chat.read-events\"",
             "topic = \"chat.read-events\"\nkeyed_by = \"sender_id\"\nformat = \"avro-confluent\"",
@@ -628,13 +627,6 @@ topic = "chat.receipt-updates"
         let errs = compile_with_kinds(&keyed, &kinds).unwrap_err();
         let ats: Vec<&str> = errs.iter().map(|e| e.at.as_str()).collect();
         assert_eq!(ats, ["source[0].format", "source[0].keyed_by"], "{errs:?}");
-        let rerouted = custom.replace(
-            "topic = \"chat.read-events\"",
-            "topic = \"chat.read-events\"\non_misrouted = \"repartition\"",
-        );
-        let errs = compile_with_kinds(&rerouted, &kinds).unwrap_err();
-        let ats: Vec<&str> = errs.iter().map(|e| e.at.as_str()).collect();
-        assert_eq!(ats, ["source[0].on_misrouted"], "{errs:?}");
     }
 
     #[test]

@@ -19,8 +19,6 @@ state_dir = "{}"
 [[source]]
 name = "events"
 topic = "src"
-# One topic per task: the lifecycle without a co-partitioned rerouted topic.
-on_misrouted = "dead-letter"
 [[store]]
 name = "read-state"
 [[processor]]

@@ -558,8 +558,7 @@ fn bench_producer(
         );
     }
     let changelog = format!("{}-read-state-changelog", names.app);
-    let rerouted = format!("{}-events-rerouted", names.app);
-    for t in [&names.events, &names.updates, &changelog, &rerouted] {
+    for t in [&names.events, &names.updates, &changelog] {
         mock.create_topic(t, partitions, 1).map_err(other)?;
     }
     mock.create_topic(&format!("{}-dlq", names.app), 1, 1)

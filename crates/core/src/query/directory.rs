@@ -9,18 +9,21 @@
 //! partition up publishes again without it, and one that stops cleanly publishes a
 //! tombstone. A view can be stale (a crashed instance's claim stands until the new owner
 //! claims the partition): the owner it names answers 421 if it does not own the partition,
-//! and the router asks again after the directory changes.
+//! and the router asks again after the directory changes. An instance reads its own claim
+//! back; one not read back in time (a produce lost in a broker outage) is published again,
+//! with backoff, rather than left until the instance's tasks next change.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
+use crate::backoff::Backoff;
 use crate::kafka::KafkaSettings;
 use crate::state::queryable::QueryableStores;
 
@@ -63,6 +66,12 @@ impl InstanceDirectory {
             .filter(|(_, (c, _))| c.partitions.contains(&partition))
             .max_by_key(|(_, (_, offset))| *offset)?;
         (*id != self.me).then(|| claim.address.clone())
+    }
+
+    /// The partitions the topic says `instance` claims now.
+    pub fn claim_of(&self, instance: &str) -> Option<BTreeSet<i32>> {
+        let claims = self.claims.read().unwrap_or_else(|e| e.into_inner());
+        claims.get(instance).map(|(c, _)| c.partitions.clone())
     }
 
     /// Notified at each record read.
@@ -108,6 +117,7 @@ impl DirectoryThread {
         let producer: BaseProducer = self.kafka.producer().create()?;
         let mut assigned = false;
         let mut published: Option<BTreeSet<i32>> = None;
+        let mut confirmation = Confirmation::new();
         let mut changes = self.stores.subscribe();
         while !shutdown.load(Ordering::Relaxed) {
             if !assigned {
@@ -118,11 +128,20 @@ impl DirectoryThread {
                 let owned: BTreeSet<i32> = self.stores.owned().into_iter().collect();
                 if published.as_ref() != Some(&owned) {
                     self.publish(&producer, Some(&owned));
+                    confirmation.published(&owned, Instant::now());
                     published = Some(owned);
                 }
             }
             producer.poll(Duration::ZERO);
             self.read(&consumer);
+            let read_back = self.directory.claim_of(&self.directory.me);
+            if let Some(owned) = &published {
+                if confirmation.republish_due(read_back.as_ref(), Instant::now()) {
+                    tracing::warn!(topic = %self.topic, partitions = ?owned, "this instance's claim was not read back from the directory: publishing it again");
+                    self.publish(&producer, Some(owned));
+                    confirmation.published(owned, Instant::now());
+                }
+            }
         }
         self.publish(&producer, None);
         let _ = producer.flush(Duration::from_secs(5));
@@ -200,9 +219,90 @@ impl DirectoryThread {
     }
 }
 
+/// How long an instance waits to read its own claim back before publishing it again (then
+/// doubling, up to [`CONFIRM_CAP`]).
+const CONFIRM_WAIT: Duration = Duration::from_secs(5);
+const CONFIRM_CAP: Duration = Duration::from_secs(60);
+
+/// Whether this instance's latest claim has been read back from the topic, and when to
+/// publish it again if not. Time is passed in, so the rule is tested without waiting.
+#[derive(Debug)]
+struct Confirmation {
+    /// The partitions last published (`None`: nothing yet).
+    claimed: Option<BTreeSet<i32>>,
+    confirmed: bool,
+    due: Option<Instant>,
+    backoff: Backoff,
+}
+
+impl Confirmation {
+    fn new() -> Self {
+        Self {
+            claimed: None,
+            confirmed: false,
+            due: None,
+            backoff: Backoff::new(CONFIRM_WAIT, CONFIRM_CAP),
+        }
+    }
+
+    /// `owned` was published at `now`: a new claim waits [`CONFIRM_WAIT`], the same one
+    /// published again waits twice as long as the last time.
+    fn published(&mut self, owned: &BTreeSet<i32>, now: Instant) {
+        if self.claimed.as_ref() != Some(owned) {
+            self.backoff.reset();
+            self.claimed = Some(owned.clone());
+        }
+        self.confirmed = false;
+        self.due = Some(now + self.backoff.fail());
+    }
+
+    /// Given what the topic says this instance claims, whether to publish again at `now`.
+    fn republish_due(&mut self, read_back: Option<&BTreeSet<i32>>, now: Instant) -> bool {
+        if self.claimed.is_some() && read_back == self.claimed.as_ref() {
+            self.confirmed = true;
+        }
+        !self.confirmed && self.due.is_some_and(|due| now >= due)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claim_not_read_back_is_published_again_with_backoff() {
+        let t0 = Instant::now();
+        let s = |secs: u64| t0 + Duration::from_secs(secs);
+        let owned: BTreeSet<i32> = [0, 2].into();
+        let mut c = Confirmation::new();
+        assert!(!c.republish_due(None, s(100)), "nothing published yet");
+        c.published(&owned, t0);
+        assert!(!c.republish_due(None, s(4)), "within the first wait");
+        assert!(c.republish_due(None, s(5)), "not read back in 5 s");
+        c.published(&owned, s(5));
+        assert!(!c.republish_due(None, s(14)), "the wait doubled");
+        assert!(c.republish_due(None, s(15)));
+        c.published(&owned, s(15));
+        // An older claim of other partitions read back is no confirmation.
+        let older: BTreeSet<i32> = [0].into();
+        assert!(
+            !c.republish_due(Some(&older), s(34)),
+            "the wait is 20 s now"
+        );
+        assert!(c.republish_due(Some(&older), s(35)));
+        c.published(&owned, s(35));
+        // Read back: never published again.
+        assert!(!c.republish_due(Some(&owned), s(36)));
+        assert!(!c.republish_due(None, s(1000)), "confirmed stays confirmed");
+        // A new claim starts from the first wait again.
+        let moved: BTreeSet<i32> = [1].into();
+        c.published(&moved, s(2000));
+        assert!(
+            !c.republish_due(Some(&owned), s(2004)),
+            "the old claim is no confirmation"
+        );
+        assert!(c.republish_due(Some(&owned), s(2005)));
+    }
 
     fn claim(address: &str, partitions: &[i32]) -> Option<Claim> {
         Some(Claim {

@@ -803,6 +803,7 @@ fn check_custom_sources(spec: &TopologySpec, processors: &[ReadStateNode], errs:
                 ("keyed_by", s.keyed_by.is_some()),
                 ("records", s.records.is_some()),
                 ("partitioner", s.partitioner.is_some()),
+                ("on_misrouted", s.on_misrouted.is_some()),
             ];
             errs.refuse_set(
                 &format!("source[{i}]"),

@@ -627,6 +627,14 @@ topic = "chat.receipt-updates"
         let errs = compile_with_kinds(&keyed, &kinds).unwrap_err();
         let ats: Vec<&str> = errs.iter().map(|e| e.at.as_str()).collect();
         assert_eq!(ats, ["source[0].format", "source[0].keyed_by"], "{errs:?}");
+        // Its records are not checked for their partition: nothing to reroute.
+        let rerouted = custom.replace(
+            "topic = \"chat.read-events\"",
+            "topic = \"chat.read-events\"\non_misrouted = \"repartition\"",
+        );
+        let errs = compile_with_kinds(&rerouted, &kinds).unwrap_err();
+        let ats: Vec<&str> = errs.iter().map(|e| e.at.as_str()).collect();
+        assert_eq!(ats, ["source[0].on_misrouted"], "{errs:?}");
     }
 
     #[test]

@@ -381,6 +381,7 @@ fn watermarks_with_retry(
 ) -> Result<(i64, i64), KafkaError> {
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(500));
     let mut resumed = false;
+    let started = Instant::now();
     loop {
         let e = match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
             Ok(w) => return Ok(w),
@@ -394,7 +395,17 @@ fn watermarks_with_retry(
         if Instant::now() + backoff.peek() >= deadline {
             return Err(e.into());
         }
-        tracing::debug!(topic, partition, error = %e, "changelog watermarks not answered yet");
+        // Said at INFO past a second: the caller (task open, also inside a rebalance
+        // callback) waits, and a wait this long is what a stalled instance shows.
+        let waited = started.elapsed();
+        match waited >= Duration::from_secs(1) {
+            true => {
+                tracing::info!(topic, partition, error = %e, ?waited, "changelog watermarks not answered yet")
+            }
+            false => {
+                tracing::debug!(topic, partition, error = %e, "changelog watermarks not answered yet")
+            }
+        }
         std::thread::sleep(backoff.fail());
     }
 }
